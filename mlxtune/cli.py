@@ -1,0 +1,228 @@
+"""The `mlxtune` command: parse options, call one library function, print its result.
+
+Errors: our own exceptions become `error: … / hint: …` and exit code 2 (bad input) or 1 (run failed), here and
+nowhere else; tracebacks only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from mlxtune import __version__
+from mlxtune.errors import MlxtuneError
+
+EXIT_INTERRUPTED = 130
+
+
+class MlxtuneGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MlxtuneError as exc:
+            if ctx.meta.get("mlxtune.debug"):
+                traceback.print_exc()
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # a bug of ours: say so briefly, keep the details behind --debug
+            if ctx.meta.get("mlxtune.debug"):
+                traceback.print_exc()
+            click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+            click.echo("hint: rerun with `mlxtune --debug ...` and report the traceback", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=MlxtuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mlxtune")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx, debug):
+    """On-device LLM finetuning with MLX: LoRA/DoRA/full finetunes, fuse, generate, chat.
+
+    \b
+    Example (the bundled model and data):
+      mlxtune lora --model examples/models/stories260K --data examples/data/wikisql --iters 100 --out runs/demo
+      mlxtune fuse runs/demo --out fused/demo
+      mlxtune generate fused/demo --prompt "table: players"
+    """
+    ctx.meta["mlxtune.debug"] = debug
+
+
+def _json_option(f):
+    return click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON on stdout.")(f)
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--model", help="Base model: a local directory or a Hugging Face repo id.")
+@click.option("--data", help="Directory with train/valid(/test).jsonl, or one .jsonl/.json file.")
+@click.option("--out", help="Run directory [default: runs/<model>-<time>].")
+@click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
+@click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint.")
+@click.option("--method", type=click.Choice(["lora", "dora", "full"]), help="Adapter type [default: lora].")
+@click.option("--layers", type=int, help="Adapt the last N blocks [default: all].")
+@click.option("--rank", type=int, help="LoRA rank [default: 8].")
+@click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / rank [default: 16].")
+@click.option("--dropout", type=float, help="LoRA dropout [default: 0].")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, help="Peak learning rate [default: 2e-4].")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR schedule after warmup [default: cosine].")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 5% of steps].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0].")
+@click.option("--grad-clip", type=float, help="Clip the gradient norm; 0 = off [default: 1.0].")
+@click.option("--iters", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=float, help="Passes over the training data [default: 1].")
+@click.option("--batch-size", type=int, help="Examples per micro-batch [default: 4].")
+@click.option("--grad-accumulation", type=int, help="Micro-batches per optimizer step [default: 1].")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
+@click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: 2048].")
+@click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
+@click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
+@click.option("--eval-every", type=int, help="Validation every N steps [default: 50].")
+@click.option("--val-batches", type=int, help="Validation batches per evaluation; -1 = all [default: 25].")
+@click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
+@click.option("--report-every", type=int, help="Log training metrics every N steps [default: 10].")
+@click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")
+@_json_option
+def lora(config_path, resume_dir, json_mode, **flags):
+    """Finetune a model with LoRA (or DoRA / full) on your data.
+
+    \b
+    Writes a run directory with config.yaml, adapters.safetensors + adapter_config.json
+    (loadable by `mlx_lm.generate --adapter-path`), metrics.jsonl and checkpoints/.
+
+    \b
+    Examples:
+      mlxtune lora --model examples/models/stories260K --data examples/data/wikisql --iters 100
+      mlxtune lora --config configs/quickstart.yaml --out runs/demo
+      mlxtune lora --resume runs/demo --iters 200     # continue (or extend) a stopped run
+    """
+    from mlxtune.settings import resolve_settings
+    from mlxtune.train.loop import finetune, resume_settings
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    if resume_dir:
+        settings = resume_settings(resume_dir, {k: flags[k] for k in ("iters", "epochs", "eval_every", "save_every",
+                                                                      "report_every", "val_batches")})
+    else:
+        settings = resolve_settings(config_path, flags)
+    result = finetune(settings, resume=bool(resume_dir), console=console)
+    if json_mode:
+        print_json(result.to_dict())
+    if result.stopped == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Directory for the fused model.")
+@click.option("--checkpoint", default="last", show_default=True, help="Adapter to fuse: last, best or a step number.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@_json_option
+def fuse(run_dir, out, checkpoint, overwrite, json_mode):
+    """Merge a run's adapter into its base model: a standalone MLX model directory.
+
+    The fused model is reloaded from disk and its logits compared with base + adapter on the run's
+    validation data; if they differ, nothing is kept.
+
+    \b
+    Example:
+      mlxtune fuse runs/demo --out fused/demo
+    """
+    from mlxtune.fuse import fuse_run
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    with console.status("fusing and verifying"):
+        result = fuse_run(run_dir, out, checkpoint=checkpoint, overwrite=overwrite)
+    if json_mode:
+        print_json(result.to_dict())
+    else:
+        console.print(f"fused model written to [cyan]{result.out}[/]")
+        console.print(f"verified: max |logit difference| {result.max_abs_diff:.2e} ≤ {result.tolerance:g} "
+                      f"over {result.checked_tokens} held-out tokens")
+
+
+def _template_flag(f):
+    return click.option("--template/--no-template", "use_template", default=None,
+                        help="Render the prompt with the chat template [default: when the model or run has one].")(f)
+
+
+@main.command()
+@click.argument("model_or_run", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("--max-tokens", "-m", default=100, show_default=True, type=int)
+@click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature; 0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+@_template_flag
+@_json_option
+def generate(model_or_run, prompt, max_tokens, temp, top_p, checkpoint, use_template, json_mode):
+    """Generate one completion from a model directory or a run (base + adapter).
+
+    \b
+    Examples:
+      mlxtune generate runs/demo --prompt "table: players"
+      mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8
+    """
+    from mlxtune.chat import generate_text, load_for_inference
+    from mlxtune.ui import print_json
+
+    loaded = load_for_inference(model_or_run, checkpoint)
+    stream = None if json_mode else (lambda text: click.echo(text, nl=False))
+    text = generate_text(loaded, prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                         use_template=use_template, on_text=stream)
+    if json_mode:
+        print_json({"prompt": prompt, "text": text, "model": loaded.source})
+    else:
+        click.echo()
+
+
+@main.command()
+@click.argument("model_or_run", type=click.Path())
+@click.option("--system", help="System prompt.")
+@click.option("--max-tokens", "-m", default=200, show_default=True, type=int)
+@click.option("--temp", default=0.7, show_default=True, type=float, help="Sampling temperature; 0 = greedy.")
+@click.option("--top-p", default=0.95, show_default=True, type=float)
+@click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
+    """Chat with a model or a run in the terminal; replies stream as they are generated.
+
+    Type a message and press Enter. /reset clears the conversation, /exit (or Ctrl-D) quits.
+    Reads messages from standard input, so it can be scripted too.
+
+    \b
+    Example:
+      mlxtune chat fused/demo --system "You answer in SQL."
+    """
+    from mlxtune.chat import chat_session, load_for_inference
+
+    interactive = sys.stdin.isatty()
+    loaded = load_for_inference(model_or_run, checkpoint)
+    if interactive:
+        click.echo(f"chatting with {loaded.source} — /reset clears, /exit or Ctrl-D quits", err=True)
+
+    def read_line():
+        if interactive:
+            click.echo(click.style(">>> ", bold=True), nl=False)
+        line = sys.stdin.readline()
+        return line if line else None
+
+    def write(text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    chat_session(loaded, read_line, write, system=system, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+                 on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
+
+
+if __name__ == "__main__":
+    main()

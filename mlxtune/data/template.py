@@ -1,0 +1,176 @@
+"""Render records to text and mark which tokens the loss covers.
+
+The supervised part is found in the *rendered* text (character spans of each assistant reply) and mapped to tokens
+through the tokenizer's offset mapping, so merges across the prompt/reply boundary can't shift the mask the way
+re-tokenizing pieces does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxtune.data.formats import Record
+from mlxtune.errors import UsageError
+
+# Used when a model has no chat template of its own (base models). Documented in the README; saved into fused
+# models so inference renders prompts exactly as training did. The EOS after each reply teaches the model to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'tool' %}### Tool:\n{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+@dataclass
+class TokenizedExample:
+    ids: np.ndarray  # int32 token ids
+    supervised: np.ndarray  # bool, True where the token is a target of the loss
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TemplateChoice:
+    template: str | None  # None for plain-text data
+    origin: str  # "model", "fallback", "file:<path>" or "none"
+
+
+def choose_template(tokenizer, kind: str, template_file: str | None = None) -> TemplateChoice:
+    if kind == "text":
+        return TemplateChoice(None, "none")
+    if template_file:
+        path = Path(template_file)
+        if not path.is_file():
+            raise UsageError(f"chat template file not found: {path}", "give a Jinja template file")
+        return TemplateChoice(path.read_text(encoding="utf-8"), f"file:{path}")
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return TemplateChoice(own, "model")
+    return TemplateChoice(FALLBACK_CHAT_TEMPLATE, "fallback")
+
+
+def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja errors, raise_exception() in templates
+        raise UsageError(f"chat template failed: {exc}", "check the messages' roles or pass --chat-template") from None
+
+
+def _supervised_spans(tokenizer, messages, template: str, rendered: str) -> list[tuple[int, int]]:
+    """Character spans of every assistant reply (with its end-of-turn marker) in `rendered`."""
+    spans = []
+    search_from = 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:index], template, add_generation_prompt=True) if index else ""
+        through = render_chat(tokenizer, messages[: index + 1], template)
+        if rendered.startswith(through) and through.startswith(before) and len(through) > len(before):
+            start, end = len(before), len(through)
+        else:
+            # Templates that rewrite earlier turns (e.g. strip reasoning): locate the reply text itself.
+            start = rendered.find(message["content"], search_from)
+            if start < 0:
+                raise UsageError("the chat template drops an assistant reply", "pass --chat-template")
+            end = start + len(message["content"])
+            eos = tokenizer.eos_token or ""
+            if eos and rendered.startswith(eos, end):
+                end += len(eos)
+        # The separator after the end-of-turn marker is the template's, not the reply's.
+        while end > start and rendered[end - 1].isspace():
+            end -= 1
+        spans.append((start, end))
+        search_from = end
+    return spans
+
+
+def _encode_with_offsets(tokenizer, text: str, add_special_tokens: bool):
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)
+    try:
+        encoded = backend(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise UsageError(
+            "this tokenizer has no offset mapping (a 'slow' tokenizer)",
+            "convert the model with a tokenizer.json (fast tokenizer)",
+        ) from None
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
+def tokenize_record(record: Record, tokenizer, template: str | None, train_on_prompt: bool) -> TokenizedExample:
+    if record.kind == "text":
+        ids = list(tokenizer.encode(record.text))
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        supervised = np.ones(len(ids), dtype=bool)
+        supervised[0] = False  # the first token is never predicted
+        return TokenizedExample(np.asarray(ids, dtype=np.int32), supervised, record.source)
+
+    messages = record.messages
+    if record.kind == "completion":
+        messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
+    rendered = render_chat(tokenizer, messages, template)
+    # Templates write their own BOS; the tokenizer must not add a second one.
+    bos = tokenizer.bos_token or ""
+    add_special = not (bos and rendered.startswith(bos))
+    ids, offsets = _encode_with_offsets(tokenizer, rendered, add_special)
+    if train_on_prompt:
+        spans = [(0, len(rendered))]
+    else:
+        spans = _supervised_spans(tokenizer, messages, template, rendered)
+    supervised = np.zeros(len(ids), dtype=bool)
+    for position, (start, end) in enumerate(offsets):
+        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
+            supervised[position] = True
+    supervised[0] = False
+    return TokenizedExample(np.asarray(ids, dtype=np.int32), supervised, record.source)
+
+
+@dataclass
+class LengthReport:
+    truncated: int = 0
+    dropped: int = 0
+    longest: int = 0
+    supervised_tokens_lost: int = 0
+
+
+def tokenize_records(
+    records: list[Record],
+    tokenizer,
+    template: str | None,
+    train_on_prompt: bool = False,
+    max_seq_length: int = 2048,
+    drop_long: bool = False,
+) -> tuple[list[TokenizedExample], LengthReport]:
+    """Tokenize all records; over-long ones are truncated (or dropped), and the report says how many."""
+    examples, report = [], LengthReport()
+    for record in records:
+        example = tokenize_record(record, tokenizer, template, train_on_prompt)
+        report.longest = max(report.longest, len(example))
+        if len(example) > max_seq_length:
+            lost = int(example.supervised[max_seq_length:].sum())
+            if drop_long:
+                report.dropped += 1
+                report.supervised_tokens_lost += int(example.supervised.sum())
+                continue
+            report.truncated += 1
+            report.supervised_tokens_lost += lost
+            example = TokenizedExample(example.ids[:max_seq_length], example.supervised[:max_seq_length], example.source)
+        if not example.supervised.any():
+            # Truncation removed the whole reply: training on it would teach nothing.
+            report.dropped += 1
+            continue
+        examples.append(example)
+    return examples, report

@@ -1,0 +1,137 @@
+"""One settings object per command, filled from defaults ← YAML (`--config`) ← flags.
+
+YAML keys and flag names are the same words (`learning_rate` ↔ `--learning-rate`). The resolved settings are
+saved in the run directory as `config.yaml`, so a run can always be repeated or resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlxtune.errors import UsageError
+
+METHODS = ("lora", "dora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class LoraSettings:
+    """Everything `mlxtune lora` needs. LoRA scale is `alpha / rank` (the PEFT meaning)."""
+
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None  # run directory; default runs/<model>-<timestamp>
+    method: str = "lora"
+    layers: int | None = None  # adapt the last N blocks; None = all blocks
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    learning_rate: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # None = 5% of the optimizer steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    iters: int | None = None  # optimizer steps; None = derived from epochs
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    grad_checkpoint: bool = False
+    max_seq_length: int = 2048
+    train_on_prompt: bool = False
+    chat_template: str | None = None  # a Jinja file that overrides the model's template
+    eval_every: int = 50
+    val_batches: int = 25  # -1 = the whole validation set
+    save_every: int = 100
+    report_every: int = 10
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self) -> "LoraSettings":
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        positive = {
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "grad_accumulation": self.grad_accumulation,
+            "max_seq_length": self.max_seq_length,
+            "eval_every": self.eval_every,
+            "save_every": self.save_every,
+            "report_every": self.report_every,
+        }
+        for name, value in positive.items():
+            if value is None or value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}", f"set --{name.replace('_', '-')}")
+        if self.iters is not None and self.iters < 1:
+            raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
+        if self.epochs <= 0:
+            raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
+        if self.layers is not None and self.layers < 1:
+            raise UsageError(f"layers must be at least 1, got {self.layers}", "omit --layers to adapt every block")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout")
+        if self.learning_rate <= 0:
+            raise UsageError(f"learning_rate must be positive, got {self.learning_rate}", "set --learning-rate")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+
+def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
+    """Read a YAML settings file, rejecting unknown keys with a suggestion."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}", "give the path of a YAML file with --config")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UsageError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})", "fix the YAML syntax") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of settings, got {type(values).__name__}", "write `key: value` lines")
+    known = _field_names(cls)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise UsageError(f"{path}: unknown setting {key!r}", hint)
+    return values
+
+
+def resolve_settings(config_path: str | Path | None, overrides: dict[str, Any], cls=LoraSettings):
+    """defaults ← YAML ← flags. `overrides` holds only the flags the user actually gave (None = not given)."""
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(read_yaml_config(config_path, cls))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = cls(**values)
+    except TypeError as exc:
+        raise UsageError(f"invalid settings: {exc}", "check the keys in your config file") from None
+    return settings.validate()
+
+
+def save_settings(settings, path: str | Path) -> None:
+    data = {k: v for k, v in settings.to_dict().items() if k != "extra" or v}
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def load_settings(path: str | Path, cls=LoraSettings):
+    return cls(**read_yaml_config(path, cls))

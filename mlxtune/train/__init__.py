@@ -1,0 +1,1 @@
+"""mlxtune's training engine: adapters (`adapters`), the step (`step`), the loop (`loop`), checkpoints (`checkpoint`)."""

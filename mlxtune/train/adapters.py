@@ -1,0 +1,51 @@
+"""Put LoRA/DoRA layers on a model (mlx-lm's layers) and describe them so `mlx_lm --adapter-path` loads them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlxtune.settings import LoraSettings
+
+
+def adapted_layer_count(model, settings: LoraSettings) -> int:
+    """Blocks to adapt: all by default; asking for more than the model has means all of them."""
+    total = len(model.layers)
+    return total if settings.layers is None else min(settings.layers, total)
+
+
+def adapter_config(model, settings: LoraSettings) -> dict:
+    """The adapter_config.json that mlx-lm (and mlxtune) read back."""
+    return {
+        "fine_tune_type": settings.method,
+        "num_layers": adapted_layer_count(model, settings),
+        "lora_parameters": {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout},
+        "alpha": settings.alpha,
+    }
+
+
+def attach_adapters(model, settings: LoraSettings) -> dict:
+    """Freeze the base and make the adapters (or, for `full`, the last blocks) trainable. Returns the config."""
+    config = adapter_config(model, settings)
+    model.freeze()
+    if settings.method == "full":
+        for block in model.layers[-config["num_layers"] :]:
+            block.unfreeze()
+    else:
+        linear_to_lora_layers(
+            model, config["num_layers"], config["lora_parameters"], use_dora=settings.method == "dora"
+        )
+    return config
+
+
+def trainable_weights(model) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; quantized weights count as their unpacked size."""
+    from mlx_lm.utils import get_total_parameters
+
+    trainable = sum(v.size for v in trainable_weights(model).values())
+    return trainable, get_total_parameters(model)

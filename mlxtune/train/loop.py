@@ -1,0 +1,324 @@
+"""The training loop, top to bottom: batch → gradients → update → log → evaluate → save."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxtune.data.batching import batches_per_epoch, training_batch
+from mlxtune.data.dataset import Datasets, load_datasets
+from mlxtune.errors import RunFailed, UsageError
+from mlxtune.evaluate import as_arrays, validation_loss
+from mlxtune.models import load_model, model_name, resolve_model
+from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.settings import LoraSettings, load_settings, save_settings
+from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
+from mlxtune.train.checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    save_adapter,
+    save_checkpoint,
+)
+from mlxtune.train.step import TrainStep, build_optimizer
+from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    steps: int
+    total_steps: int
+    initial_val_loss: float | None = None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    final_train_loss: float | None = None
+    tokens_per_second: float | None = None
+    supervised_tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    stopped: str = "completed"  # completed | interrupted
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_run_dir(model_path: Path) -> Path:
+    return Path("runs") / f"{model_name(model_path)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def total_optimizer_steps(settings: LoraSettings, n_train: int) -> int:
+    if settings.iters is not None:
+        return settings.iters
+    micro_batches = math.ceil(settings.epochs * batches_per_epoch(n_train, settings.batch_size))
+    return max(1, math.ceil(micro_batches / settings.grad_accumulation))
+
+
+def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> Path:
+    run_dir = Path(settings.out) if settings.out else default_run_dir(model_path)
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"run directory {run_dir} already exists", "use --resume to continue it, or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM finish the current step, save a checkpoint and stop; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _trim_metrics(path: Path, after_step: int) -> None:
+    """On resume, forget what was logged after the checkpoint we restart from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            and json.loads(line).get("step", 0) <= after_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> RunResult:
+    """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`."""
+    console = console or make_console()
+    settings.validate()
+    model_path = resolve_model(settings.model)
+    data_path = Path(settings.data) if settings.data else None
+    if data_path is None:
+        raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
+    run_dir = _prepare_run_dir(settings, model_path, resume)
+    settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
+
+    console.print(f"[bold]mlxtune[/] {settings.method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+    model, tokenizer, model_config = load_model(model_path)
+    if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in trainable_or_all(model)):
+        # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
+        model.set_dtype(mx.float32)
+        console.print("CPU backend: training in float32 (half-precision weights upcast)")
+    datasets = load_datasets(
+        data_path, tokenizer, max_seq_length=settings.max_seq_length, train_on_prompt=settings.train_on_prompt,
+        chat_template=settings.chat_template, seed=settings.seed,
+    )
+    for note in datasets.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+    mx.random.seed(settings.seed)
+    adapter_cfg = attach_adapters(model, settings)
+    if adapter_cfg["num_layers"] < (settings.layers or 0):
+        console.print(f"[yellow]note:[/] the model has {adapter_cfg['num_layers']} blocks; adapting all of them")
+    total_steps = total_optimizer_steps(settings, len(datasets.train))
+    optimizer = build_optimizer(settings, total_steps)
+
+    metrics_path = run_dir / METRICS_FILE
+    start_step = 0
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UsageError(f"no checkpoint to resume in {run_dir}", "start a new run without --resume")
+        start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
+        _trim_metrics(metrics_path, start_step)
+        console.print(f"resuming from {checkpoint.name} (step {start_step} of {total_steps})")
+    save_settings(settings, run_dir / CONFIG_FILE)
+    _write_run_info(run_dir, datasets, model_path, model_config, adapter_cfg)
+
+    trainable, total = parameter_counts(model)
+    if settings.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    _print_header(console, settings, datasets, trainable, total, total_steps)
+
+    result = RunResult(str(run_dir), start_step, total_steps, trainable_parameters=trainable, total_parameters=total,
+                       notes=list(datasets.notes))
+    trainer = TrainStep(model, optimizer, settings.grad_clip)
+    model.train()
+    history: list[float] = []
+    val_loss = math.nan
+    if start_step == 0 and datasets.valid:
+        val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches)
+        result.initial_val_loss = result.best_val_loss = val_loss
+        _append_metrics(metrics_path, {"step": 0, "val_loss": val_loss})
+        console.print(f"validation loss before training: {fmt_loss(val_loss)}")
+
+    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
+    step = start_step
+    with _StopRequest() as stop, training_progress(console) as progress:
+        task = progress.add_task("train", total=total_steps, completed=step, loss="—", val=fmt_loss(val_loss),
+                                 speed="—", memory="—", spark="")
+        while step < total_steps:
+            tic = time.perf_counter()
+            # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
+            mx.random.seed(settings.seed * 1_000_003 + step)
+            micro = [
+                training_batch(datasets.train, settings.batch_size, settings.seed,
+                               step * settings.grad_accumulation + k)
+                for k in range(settings.grad_accumulation)
+            ]
+            loss_sum, count, grads = trainer.accumulate([as_arrays(b) for b in micro])
+            loss = (loss_sum / count).item()
+            if not math.isfinite(loss):
+                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
+                raise RunFailed(
+                    f"the loss became {loss} at step {step + 1}; the last good weights (step {step}) are saved",
+                    "lower --learning-rate (or --grad-clip); with float16 weights, train in float32/bfloat16",
+                )
+            trainer.update(grads, count)
+            mx.eval(trainer.state)
+            step += 1
+            window["loss_sum"] += loss_sum.item()
+            window["count"] += count.item()
+            window["tokens"] += sum(b.tokens for b in micro)
+            window["seconds"] += time.perf_counter() - tic
+            window["steps"] += 1
+
+            if step % settings.report_every == 0 or step == total_steps:
+                train_loss = window["loss_sum"] / max(window["count"], 1.0)
+                history.append(train_loss)
+                record = {
+                    "step": step,
+                    "train_loss": train_loss,
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "tokens_per_second": window["tokens"] / window["seconds"],
+                    "supervised_tokens_per_second": window["count"] / window["seconds"],
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                }
+                _append_metrics(metrics_path, record)
+                result.final_train_loss = train_loss
+                result.tokens_per_second = record["tokens_per_second"]
+                result.supervised_tokens_per_second = record["supervised_tokens_per_second"]
+                result.peak_memory_gb = record["peak_memory_gb"]
+                progress.update(task, loss=fmt_loss(train_loss), speed=f"{record['tokens_per_second']:.0f}",
+                                memory=f"{record['peak_memory_gb']:.2f}GB", spark=sparkline(history))
+                window = dict.fromkeys(window, 0)
+
+            if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
+                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches)
+                _append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+                result.final_val_loss = val_loss
+                if result.best_val_loss is None or val_loss < result.best_val_loss:
+                    result.best_val_loss = val_loss
+                    _save_best(run_dir, model, adapter_cfg)
+                progress.update(task, val=fmt_loss(val_loss))
+
+            if step % settings.save_every == 0 or step == total_steps or stop.signal_name:
+                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
+            progress.update(task, completed=step)
+            result.steps = step
+            if stop.signal_name:
+                result.stopped = "interrupted"
+                console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
+                              f"continue with: mlxtune lora --resume {run_dir}")
+                break
+
+    atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+    _print_summary(console, result)
+    return result
+
+
+def trainable_or_all(model):
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
+def _save(run_dir: Path, model, optimizer, adapter_cfg: dict, step: int, total_steps: int) -> None:
+    weights = trainable_weights(model)
+    save_adapter(run_dir, weights, adapter_cfg)
+    save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, {"total_steps": total_steps})
+
+
+def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
+    best = run_dir / "best"
+    best.mkdir(exist_ok=True)
+    save_adapter(best, trainable_weights(model), adapter_cfg)
+
+
+def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_config: dict, adapter_cfg: dict):
+    info = {
+        "base_model": str(model_path),
+        "model_type": model_config.get("model_type"),
+        "data_kind": datasets.kind,
+        "template_origin": datasets.template.origin,
+        "train_examples": len(datasets.train),
+        "valid_examples": len(datasets.valid),
+        "adapter": adapter_cfg,
+    }
+    if datasets.template.template and datasets.template.origin != "model":
+        atomic_write_text(run_dir / TEMPLATE_FILE, datasets.template.template)
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
+
+
+def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int):
+    rows = [
+        ("method", f"{settings.method} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g})"
+         if settings.method != "full" else "full"),
+        ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
+        ("data", f"{datasets.kind}: {len(datasets.train)} train / {len(datasets.valid)} valid examples"),
+        ("template", datasets.template.origin),
+        ("steps", f"{steps} × {settings.batch_size * settings.grad_accumulation} examples, "
+                  f"lr {settings.learning_rate:g} {settings.schedule}"),
+        ("device", str(mx.default_device())),
+    ]
+    console.print(summary_table("run", rows))
+
+
+def _print_summary(console, result: RunResult) -> None:
+    rows = [
+        ("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
+        ("val loss", f"{fmt_loss(result.initial_val_loss)} → {fmt_loss(result.final_val_loss)} "
+                     f"(best {fmt_loss(result.best_val_loss)})"),
+        ("train loss", fmt_loss(result.final_train_loss)),
+        ("speed", f"{result.tokens_per_second or 0:.0f} tokens/s"),
+        ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
+        ("adapter", f"{result.run_dir}/adapters.safetensors"),
+    ]
+    console.print(summary_table("result", rows))
+
+
+def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
+    """Settings of an existing run, with `iters`/`epochs` and the like changed by `overrides`."""
+    config = Path(run_dir) / CONFIG_FILE
+    if not config.is_file():
+        raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
+    settings = load_settings(config)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(settings, key, value)
+    settings.out = str(run_dir)
+    return settings.validate()

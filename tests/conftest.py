@@ -1,0 +1,48 @@
+"""Shared fixtures: the bundled real model and data, and one real training run made through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is imported)
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "models" / "stories260K"
+WIKISQL = ROOT / "examples" / "data" / "wikisql"
+WWDC25 = ROOT / "tests" / "fixtures" / "wwdc25"
+MLXTUNE = [sys.executable, "-m", "mlxtune"]
+
+
+def run_cli(*args, input: str | None = None, cwd: Path | None = None, timeout: int = 600):
+    env = dict(os.environ, COLUMNS="120")
+    return subprocess.run(
+        [*MLXTUNE, *map(str, args)], input=input, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def wikisql_dir() -> Path:
+    return WIKISQL
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A short real LoRA run on stories260K + WikiSQL through the CLI (shared by the CLI, fuse and chat tests)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "demo"
+    result = run_cli(
+        "lora", "--model", MODEL, "--data", WIKISQL, "--out", run_dir, "--iters", 8, "--lr", "3e-3",
+        "--batch-size", 4, "--max-seq-length", 128, "--eval-every", 4, "--save-every", 4, "--report-every", 2,
+        "--val-batches", 2, "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    return run_dir, json.loads(result.stdout)

@@ -1,0 +1,128 @@
+"""Masking and parsing on real data and hand-written edge cases, with the real stories260K tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from conftest import MODEL, WWDC25
+from mlxtune.data import FALLBACK_CHAT_TEMPLATE, load_datasets, read_records
+from mlxtune.data.formats import parse_record
+from mlxtune.data.template import tokenize_record
+from mlxtune.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(MODEL)
+
+
+def _supervised_text(tokenizer, example):
+    return tokenizer.decode([int(t) for t, s in zip(example.ids, example.supervised) if s])
+
+
+def test_prompt_completion_supervises_exactly_the_completion_and_eos(tokenizer):
+    record = parse_record({"prompt": "What is 2+2?", "completion": "It is four."}, "x:1")
+    example = tokenize_record(record, tokenizer, FALLBACK_CHAT_TEMPLATE, train_on_prompt=False)
+    supervised = [int(t) for t, s in zip(example.ids, example.supervised) if s]
+    assert supervised[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(supervised[:-1]) == "It is four."
+
+
+def test_every_assistant_turn_is_supervised(tokenizer):
+    replies = ["First answer.", "Second one here.", "Third and last."]
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i, reply in enumerate(replies):
+        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": reply}]
+    example = tokenize_record(parse_record({"messages": messages}, "x:1"), tokenizer, FALLBACK_CHAT_TEMPLATE, False)
+    # split the supervised tokens into contiguous runs: one per assistant turn, each ending in EOS
+    runs, current = [], []
+    for token, supervised in zip(example.ids, example.supervised):
+        if supervised:
+            current.append(int(token))
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    assert len(runs) == 3
+    for run, reply in zip(runs, replies):
+        assert run[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(run[:-1]) == reply
+
+
+def test_train_on_prompt_supervises_everything_but_the_first_token(tokenizer):
+    record = parse_record({"prompt": "Hi", "completion": "Hello"}, "x:1")
+    example = tokenize_record(record, tokenizer, FALLBACK_CHAT_TEMPLATE, train_on_prompt=True)
+    assert not example.supervised[0] and example.supervised[1:].all()
+
+
+def test_text_records_get_bos_and_eos(tokenizer):
+    example = tokenize_record(parse_record({"text": "Once upon a time"}, "x:1"), tokenizer, None, False)
+    assert example.ids[0] == tokenizer.bos_token_id and example.ids[-1] == tokenizer.eos_token_id
+
+
+def test_wwdc25_loads_with_fallback_template_and_prompt_masking(tokenizer):
+    datasets = load_datasets(WWDC25, tokenizer, max_seq_length=4096)
+    assert datasets.kind == "completion" and datasets.template.origin == "fallback"
+    assert len(datasets.train) == 1800 and len(datasets.valid) == 144
+    first = json.loads((WWDC25 / "train.jsonl").read_text().splitlines()[0])
+    supervised = _supervised_text(tokenizer, datasets.train[0])
+    assert supervised.startswith(first["completion"][:40]) and first["prompt"] not in supervised
+
+
+def test_truncation_is_reported(tokenizer):
+    datasets = load_datasets(WWDC25, tokenizer, max_seq_length=128)
+    assert all(len(e) <= 128 for e in datasets.train)
+    assert any("truncated" in note and "supervised tokens lost" in note for note in datasets.notes)
+
+
+def test_single_file_gets_a_fixed_seed_validation_split(tmp_path, tokenizer):
+    data = tmp_path / "all.jsonl"
+    data.write_text("".join(json.dumps({"text": f"story number {i}"}) + "\n" for i in range(50)))
+    first = load_datasets(data, tokenizer)
+    second = load_datasets(data, tokenizer)
+    assert len(first.valid) == 5 and len(first.train) == 45
+    assert [e.source for e in first.valid] == [e.source for e in second.valid]
+    assert any("held out 5 of 50" in note for note in first.notes)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "a"}\n{"text": \n', ":2: invalid JSON"),
+        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', "mixed record formats"),
+        ('{"messages": [{"role": "wizard", "content": "x"}]}\n', ":1: message 1 has unknown role"),
+        ('{"prompt": "only a prompt"}\n', ":1: missing 'completion'"),
+        ('{"foo": 1}\n', ":1: unrecognised record"),
+        ("", "the file is empty"),
+        ('{"text": "   "}\n', ":1: empty text"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(UsageError) as error:
+        read_records(path)
+    assert str(path) in error.value.message and message in error.value.message
+
+
+def test_bom_crlf_json_array_and_content_parts(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert [r.text for r in read_records(bom)] == ["a", "b"]
+    array = tmp_path / "array.json"
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    array.write_text(json.dumps([{"messages": [{"role": "user", "content": parts},
+                                               {"role": "assistant", "content": "Hi"}]}]))
+    (record,) = read_records(array)
+    assert record.messages[0]["content"] == "Hello"
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    with pytest.raises(UsageError, match=r"train.jsonl:2: invalid UTF-8"):
+        read_records(path)

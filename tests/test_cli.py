@@ -1,0 +1,123 @@
+"""The whole flow through the real CLI in a subprocess, on the bundled real model."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load
+
+from conftest import MODEL, WIKISQL, run_cli
+
+PROBE = "table: 1-10015132-11\ncolumns: Player, No., Nationality\nQ: Who is number 5?\nA:"
+
+
+def _logits(model, tokenizer, text=PROBE):
+    return model(mx.array(tokenizer.encode(text))[None]).astype(mx.float32)
+
+
+def test_run_directory_holds_config_adapter_and_metrics(trained_run):
+    run_dir, result = trained_run
+    assert result["steps"] == 8 and result["stopped"] == "completed"
+    for name in ("config.yaml", "adapters.safetensors", "adapter_config.json", "metrics.jsonl", "run.json"):
+        assert (run_dir / name).is_file(), name
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter_config["num_layers"] == 5  # all blocks of the 5-block model
+    assert adapter_config["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.0}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train_loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    for r in train:
+        assert r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0 and np.isfinite(r["train_loss"])
+    val_steps = [r["step"] for r in records if "val_loss" in r]
+    assert val_steps == [0, 4, 8]
+    assert result["final_val_loss"] < result["initial_val_loss"]
+
+
+def test_adapter_loads_in_mlx_lm_and_changes_logits(trained_run):
+    run_dir, _ = trained_run
+    base, tokenizer = load(str(MODEL))
+    tuned, _ = load(str(MODEL), adapter_path=str(run_dir))
+    difference = mx.abs(_logits(tuned, tokenizer) - _logits(base, tokenizer)).max().item()
+    assert difference > 1e-2
+
+
+def test_fused_model_equals_base_plus_adapter(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "fused"
+    result = run_cli("fuse", run_dir, "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["max_abs_diff"] < 1e-4
+    fused, tokenizer = load(str(out))
+    with_adapter, _ = load(str(MODEL), adapter_path=str(run_dir))
+    assert not any("lora" in name for name, _ in __import__("mlx.utils").utils.tree_flatten(fused.parameters()))
+    assert mx.abs(_logits(fused, tokenizer) - _logits(with_adapter, tokenizer)).max().item() < 1e-4
+    # a second fuse into the same place is refused unless asked for
+    again = run_cli("fuse", run_dir, "--out", out)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_generate_prints_text_from_run_and_model(trained_run):
+    run_dir, _ = trained_run
+    for target in (run_dir, MODEL):
+        result = run_cli("generate", target, "--prompt", "Once upon a time", "--max-tokens", 12)
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.strip()) > 5
+
+
+def test_generate_json_is_greedy_and_deterministic(trained_run):
+    run_dir, _ = trained_run
+    outputs = [json.loads(run_cli("generate", run_dir, "-p", PROBE, "-m", 10, "--json").stdout)["text"]
+               for _ in range(2)]
+    assert outputs[0] == outputs[1] and outputs[0]
+
+
+def test_chat_answers_each_line_and_exits_on_eof(trained_run):
+    run_dir, _ = trained_run
+    result = run_cli("chat", run_dir, "--max-tokens", 8, "--temp", 0, input="hello\nhow are you?\n")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    replies = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(replies) >= 2
+    assert "fallback template" in result.stderr  # a base model: the fallback is said out loud
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no/such/dir", "--data", str(WIKISQL)], "model not found"),
+        (["--model", str(MODEL), "--data", "missing.jsonl"], "data not found"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line_error(args, message, tmp_path):
+    result = run_cli("lora", *args, "--out", tmp_path / "run", "--iters", 1)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    assert first.startswith("error:") and message in first
+
+
+def test_empty_data_file_exits_2(tmp_path):
+    empty = tmp_path / "train.jsonl"
+    empty.write_text("")
+    result = run_cli("lora", "--model", MODEL, "--data", empty, "--out", tmp_path / "run", "--iters", 1)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{empty}: the file is empty" in result.stderr
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": broken\n')
+    result = run_cli("lora", "--model", MODEL, "--data", data, "--out", tmp_path / "run", "--iters", 1)
+    assert result.returncode == 2
+    assert f"{data}:2: invalid JSON" in result.stderr
+
+
+def test_version_and_help_examples():
+    assert run_cli("--version").stdout.strip().startswith("mlxtune, version")
+    for command in ("lora", "fuse", "generate", "chat"):
+        help_text = run_cli(command, "--help").stdout
+        assert "Example" in help_text and f"mlxtune {command}" in help_text
