@@ -84,6 +84,9 @@ def _json_option(f):
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: 2048].")
 @click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
+@click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
+@click.option("--prompt-key", help="Field holding the prompt, e.g. question [default: auto-detected].")
+@click.option("--completion-key", help="Field holding the completion, e.g. answer [default: auto-detected].")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--eval-every", type=int, help="Validation every N steps [default: 50].")
 @click.option("--val-batches", type=int, help="Validation batches per evaluation; -1 = all [default: 25].")
@@ -222,6 +225,45 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
 
     chat_session(loaded, read_line, write, system=system, max_tokens=max_tokens, temperature=temp, top_p=top_p,
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
+
+
+@main.group()
+def data():
+    """Inspect datasets before training on them."""
+
+
+@data.command("check")
+@click.argument("path", type=click.Path())
+@click.option("--model", help="Measure in this model's tokens and render with its chat template.")
+@click.option("--show", default=0, show_default=True, type=int, help="Print N rendered examples, supervised part highlighted.")
+@click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Count examples longer than this.")
+@click.option("--train-on-prompt", is_flag=True, help="Measure as if the prompt were trained on too.")
+@click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
+@click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")
+@click.option("--completion-key", help="Field holding the completion [default: auto-detected].")
+@_json_option
+def data_check(path, model, show, max_seq_length, train_on_prompt, chat_template, prompt_key, completion_key,
+               json_mode):
+    """Check a dataset: format per file, counts, lengths, supervised share, duplicates and every problem.
+
+    Exits with 1 if any record has an error (each is listed as file:line with a fix).
+
+    \b
+    Examples:
+      mlxtune data check examples/data/wikisql
+      mlxtune data check tests/fixtures/wwdc25 --model examples/models/stories260K --show 2
+    """
+    from mlxtune.data.check import check_data
+    from mlxtune.ui import make_console, print_data_report, print_json
+
+    keys = (prompt_key or "prompt", completion_key or "completion") if (prompt_key or completion_key) else None
+    report = check_data(path, model, show=show, max_seq_length=max_seq_length, train_on_prompt=train_on_prompt,
+                        chat_template=chat_template, keys=keys)
+    if json_mode:
+        print_json(report.to_dict())
+    else:
+        print_data_report(make_console(), report, max_seq_length)
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

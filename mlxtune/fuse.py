@@ -29,13 +29,9 @@ class FuseResult:
 
 def _check_inputs(run, tokenizer) -> list[mx.array]:
     """Held-out token sequences from the run's own validation data (training data if it had none)."""
-    datasets = load_datasets(
-        run.settings.data, tokenizer, max_seq_length=min(run.settings.max_seq_length, 256),
-        train_on_prompt=run.settings.train_on_prompt, chat_template=run.settings.chat_template,
-        seed=run.settings.seed,
-    )
+    datasets = load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options())
     examples = (datasets.valid or datasets.train)[:CHECK_EXAMPLES]
-    return [mx.array(e.ids)[None] for e in examples]
+    return [mx.array(e.ids[:256])[None] for e in examples]
 
 
 def _logits(model, inputs: list[mx.array]) -> list[mx.array]:

@@ -44,6 +44,9 @@ class LoraSettings:
     grad_checkpoint: bool = False
     max_seq_length: int = 2048
     train_on_prompt: bool = False
+    drop_long: bool = False  # drop (instead of truncate) examples over max_seq_length
+    prompt_key: str | None = None  # custom prompt/completion field names, e.g. question/answer
+    completion_key: str | None = None
     chat_template: str | None = None  # a Jinja file that overrides the model's template
     eval_every: int = 50
     val_batches: int = 25  # -1 = the whole validation set
@@ -55,6 +58,18 @@ class LoraSettings:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def record_keys(self) -> tuple[str, str] | None:
+        if self.prompt_key is None and self.completion_key is None:
+            return None
+        return (self.prompt_key or "prompt", self.completion_key or "completion")
+
+    def dataset_options(self) -> dict:
+        """The keyword arguments of `load_datasets` these settings imply."""
+        return {"max_seq_length": self.max_seq_length, "train_on_prompt": self.train_on_prompt,
+                "chat_template": self.chat_template, "seed": self.seed, "drop_long": self.drop_long,
+                "keys": self.record_keys}
 
     def validate(self) -> "LoraSettings":
         if self.method not in METHODS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -70,3 +71,44 @@ def print_json(payload: dict) -> None:
 
 def fmt_loss(value: float | None) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def print_data_report(console: Console, report, max_seq_length: int) -> None:
+    from rich.text import Text
+
+    table = Table(title=f"{report.path} ({report.unit})", title_justify="left")
+    for column in ("split", "n", "min", "med", "p95", "max", "histogram", "sup", "dup", f">{max_seq_length}"):
+        table.add_column(column, justify="left" if column in ("split", "histogram") else "right", no_wrap=True)
+    for s in report.splits:
+        share = "—" if s.supervised_share is None else f"{100 * s.supervised_share:.0f}%"
+        over = str(s.over_max_length) if report.unit == "tokens" else "—"
+        table.add_row(s.split, str(s.records), str(s.lengths["min"]), f"{s.lengths['median']:.0f}",
+                      f"{s.lengths['p95']:.0f}", str(s.lengths["max"]), sparkline(s.histogram, 10),
+                      share, str(s.duplicates), over)
+    console.print(table)
+    console.print("format: " + ", ".join(f"{s.kind} ({Path(s.file).name})" for s in report.splits))
+    console.print("[dim]n records · lengths min/median/p95/max · sup = supervised share of tokens · "
+                  "dup = repeats of an earlier record[/]")
+    if report.template:
+        console.print(f"template: {report.template}")
+    if report.unit == "characters":
+        console.print("lengths are in characters: pass --model to measure in tokens and see the supervised share")
+    if report.overlap_train_valid:
+        console.print(f"[yellow]warning:[/] {report.overlap_train_valid} validation examples also appear in train")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    for example in report.examples:
+        console.rule(example["source"])
+        text = Text()
+        for piece, supervised in example["segments"]:
+            text.append(piece, style="bold green" if supervised else "dim")
+        console.print(text)
+    if report.examples:
+        console.rule("[bold green]green[/] = trained on (supervised), dim = context only")
+    if report.problems:
+        console.print(f"[red]{len(report.problems)} problem(s):[/]")
+        for problem in report.problems:
+            console.print(f"  [red]error:[/] {problem['message']}" + (f"  [dim]({problem['hint']})[/]"
+                                                                      if problem["hint"] else ""))
+    else:
+        console.print("[green]no problems found[/]")

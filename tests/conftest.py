@@ -6,7 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# The tokenization cache and model library of the tests live in a throwaway home (subprocesses inherit it).
+os.environ["MLXTUNE_HOME"] = tempfile.mkdtemp(prefix="mlxtune-test-home-")
 
 import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is imported)
 import pytest

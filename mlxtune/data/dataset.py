@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mlxtune.data import cache
 from mlxtune.data.formats import Record, find_splits, read_records
 from mlxtune.data.template import (
     LengthReport,
@@ -16,8 +19,10 @@ from mlxtune.data.template import (
     tokenize_records,
 )
 from mlxtune.errors import UsageError
+from mlxtune.paths import cache_dir
 
 VALID_FRACTION = 0.1
+HUB_DATASET = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -28,6 +33,8 @@ class Datasets:
     kind: str  # chat | completion | text
     template: TemplateChoice
     notes: list[str] = field(default_factory=list)  # what we decided for the user, to print
+    files: dict[str, str] = field(default_factory=dict)
+    from_cache: bool = False
 
 
 def split_validation(records: list[Record], seed: int) -> tuple[list[Record], list[Record]]:
@@ -50,21 +57,49 @@ def _length_note(split: str, report: LengthReport, max_seq_length: int) -> list[
             f"(longest {report.longest}); {report.supervised_tokens_lost} supervised tokens lost"
         )
     if report.dropped:
-        notes.append(f"{split}: {report.dropped} examples dropped (nothing left to learn after truncation)")
+        notes.append(
+            f"{split}: {report.dropped} examples dropped (longer than {max_seq_length} tokens with --drop-long, "
+            f"or nothing left to learn after truncation); {report.supervised_tokens_lost} supervised tokens lost"
+            if not report.truncated else f"{split}: {report.dropped} examples dropped (nothing left to learn)"
+        )
     return notes
 
 
-def load_datasets(
-    data: str | Path,
-    tokenizer,
-    *,
-    max_seq_length: int = 2048,
-    train_on_prompt: bool = False,
-    chat_template: str | None = None,
-    seed: int = 0,
-) -> Datasets:
-    files = find_splits(data)
-    records = {split: read_records(path) for split, path in files.items()}
+def resolve_data_path(data: str | Path) -> Path:
+    """A local path as it is; a Hugging Face dataset id (`org/name` or `hf:org/name`) exported to local JSONL."""
+    path = Path(data).expanduser()
+    text = str(data)
+    if path.exists() or not HUB_DATASET.match(text) or text.startswith((".", "/", "~")):
+        return path
+    return _export_hub_dataset(text.removeprefix("hf:"))
+
+
+def _export_hub_dataset(name: str) -> Path:
+    try:
+        import datasets as hf_datasets
+    except ImportError:
+        raise UsageError(f"data not found: {name} (not a local path; as a Hugging Face dataset it needs `datasets`)",
+                         "pip install 'mlxtune[datasets]', or give a local directory/file") from None
+    target = cache_dir("datasets") / name.replace("/", "--")
+    if (target / "train.jsonl").is_file():
+        return target
+    try:
+        loaded = hf_datasets.load_dataset(name)
+    except Exception as exc:  # not found, offline, gated
+        raise UsageError(f"could not load dataset {name}: {exc}".splitlines()[0],
+                         "check the name and network, or give a local directory") from None
+    target.mkdir(parents=True, exist_ok=True)
+    names = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+    for split, rows in loaded.items():
+        if split in names:
+            with open(target / f"{names[split]}.jsonl", "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    return target
+
+
+def read_splits(files: dict[str, Path], seed: int, keys=None, problems=None) -> tuple[dict[str, list[Record]], list[str]]:
+    records = {split: read_records(path, problems, keys) for split, path in files.items()}
     notes = []
     if "valid" not in records:
         records["train"], records["valid"] = split_validation(records["train"], seed)
@@ -75,6 +110,34 @@ def load_datasets(
             )
         else:
             notes.append("only one record: training without a validation set")
+    return records, notes
+
+
+def load_datasets(
+    data: str | Path,
+    tokenizer,
+    *,
+    max_seq_length: int = 2048,
+    train_on_prompt: bool = False,
+    chat_template: str | None = None,
+    seed: int = 0,
+    drop_long: bool = False,
+    keys: tuple[str, str] | None = None,
+    use_cache: bool = True,
+) -> Datasets:
+    files = find_splits(resolve_data_path(data))
+    template_text = Path(chat_template).read_text(encoding="utf-8") if chat_template and Path(chat_template).is_file() else chat_template
+    key_settings = {"max_seq_length": max_seq_length, "train_on_prompt": train_on_prompt, "seed": seed,
+                    "template": template_text, "drop_long": drop_long, "keys": keys}
+    key = cache.cache_key(files, tokenizer, key_settings) if use_cache else None
+    cached = cache.load_cached(key) if key else None
+    if cached is not None:
+        splits, meta = cached
+        template = TemplateChoice(meta["template"], meta["template_origin"])
+        return Datasets(splits.get("train", []), splits.get("valid", []), splits.get("test", []), meta["kind"],
+                        template, meta["notes"], {k: str(v) for k, v in files.items()}, from_cache=True)
+
+    records, notes = read_splits(files, seed, keys)
     kinds = {split: recs[0].kind for split, recs in records.items() if recs}
     if len(set(kinds.values())) > 1:
         detail = ", ".join(f"{split}={kind}" for split, kind in kinds.items())
@@ -86,10 +149,14 @@ def load_datasets(
     tokenized = {}
     for split in ("train", "valid", "test"):
         examples, report = tokenize_records(
-            records.get(split, []), tokenizer, template.template, train_on_prompt, max_seq_length
+            records.get(split, []), tokenizer, template.template, train_on_prompt, max_seq_length, drop_long
         )
         notes.extend(_length_note(split, report, max_seq_length))
         tokenized[split] = examples
     if not tokenized["train"]:
         raise UsageError(f"no usable training examples in {files['train']}", "check --max-seq-length and the data")
-    return Datasets(tokenized["train"], tokenized["valid"], tokenized["test"], kind, template, notes)
+    if key:
+        cache.save_cached(key, tokenized, {"splits": list(tokenized), "kind": kind, "template": template.template,
+                                           "template_origin": template.origin, "notes": notes})
+    return Datasets(tokenized["train"], tokenized["valid"], tokenized["test"], kind, template, notes,
+                    {k: str(v) for k, v in files.items()})

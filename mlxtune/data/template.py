@@ -19,11 +19,13 @@ from mlxtune.errors import UsageError
 # models so inference renders prompts exactly as training did. The EOS after each reply teaches the model to stop.
 FALLBACK_CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}### Tools:\n{{ tools | tojson }}\n\n{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'tool' %}### Tool:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{% elif message['role'] == 'assistant' %}### Assistant:\n{{ message['content'] }}"
+    "{% if message.get('tool_calls') %}{{ message['tool_calls'] | tojson }}{% endif %}{{ eos_token }}\n\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
@@ -60,24 +62,35 @@ def choose_template(tokenizer, kind: str, template_file: str | None = None) -> T
     return TemplateChoice(FALLBACK_CHAT_TEMPLATE, "fallback")
 
 
-def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False) -> str:
+def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False, tools=None) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
     except Exception as exc:  # jinja errors, raise_exception() in templates
         raise UsageError(f"chat template failed: {exc}", "check the messages' roles or pass --chat-template") from None
 
 
-def _supervised_spans(tokenizer, messages, template: str, rendered: str) -> list[tuple[int, int]]:
+def _render_or_empty(tokenizer, messages, template: str, tools) -> str:
+    """The prompt before an assistant turn; some templates refuse an empty conversation, which renders as ""."""
+    try:
+        return render_chat(tokenizer, messages, template, True, tools)
+    except UsageError:
+        if messages:
+            raise
+        return ""
+
+
+def _supervised_spans(tokenizer, messages, template: str, rendered: str, tools=None) -> list[tuple[int, int]]:
     """Character spans of every assistant reply (with its end-of-turn marker) in `rendered`."""
     spans = []
     search_from = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:index], template, add_generation_prompt=True) if index else ""
-        through = render_chat(tokenizer, messages[: index + 1], template)
+        before = _render_or_empty(tokenizer, messages[:index], template, tools)
+        through = render_chat(tokenizer, messages[: index + 1], template, False, tools)
         if rendered.startswith(through) and through.startswith(before) and len(through) > len(before):
             start, end = len(before), len(through)
         else:
@@ -121,7 +134,7 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
     messages = record.messages
     if record.kind == "completion":
         messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
-    rendered = render_chat(tokenizer, messages, template)
+    rendered = render_chat(tokenizer, messages, template, False, record.tools)
     # Templates write their own BOS; the tokenizer must not add a second one.
     bos = tokenizer.bos_token or ""
     add_special = not (bos and rendered.startswith(bos))
@@ -129,7 +142,7 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
     if train_on_prompt:
         spans = [(0, len(rendered))]
     else:
-        spans = _supervised_spans(tokenizer, messages, template, rendered)
+        spans = _supervised_spans(tokenizer, messages, template, rendered, record.tools)
     supervised = np.zeros(len(ids), dtype=bool)
     for position, (start, end) in enumerate(offsets):
         if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxtune.data.batching import batches_per_epoch, training_batch
-from mlxtune.data.dataset import Datasets, load_datasets
+from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.evaluate import as_arrays, validation_loss
 from mlxtune.models import load_model, model_name, resolve_model
@@ -119,9 +119,9 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     console = console or make_console()
     settings.validate()
     model_path = resolve_model(settings.model)
-    data_path = Path(settings.data) if settings.data else None
-    if data_path is None:
+    if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
+    data_path = resolve_data_path(settings.data)
     run_dir = _prepare_run_dir(settings, model_path, resume)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
@@ -131,10 +131,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
         console.print("CPU backend: training in float32 (half-precision weights upcast)")
-    datasets = load_datasets(
-        data_path, tokenizer, max_seq_length=settings.max_seq_length, train_on_prompt=settings.train_on_prompt,
-        chat_template=settings.chat_template, seed=settings.seed,
-    )
+    datasets = load_datasets(data_path, tokenizer, **settings.dataset_options())
     for note in datasets.notes:
         console.print(f"[yellow]note:[/] {note}")
 
