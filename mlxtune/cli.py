@@ -82,6 +82,8 @@ def _json_option(f):
 @click.option("--batch-size", type=int, help="Examples per micro-batch [default: 4].")
 @click.option("--grad-accumulation", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
+@click.option("--selective-loss/--full-loss", default=None,
+              help="Loss on supervised positions only, never materialising full logits [default: selective].")
 @click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: 2048].")
 @click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
 @click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
@@ -90,6 +92,8 @@ def _json_option(f):
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--eval-every", type=int, help="Validation every N steps [default: 50].")
 @click.option("--val-batches", type=int, help="Validation batches per evaluation; -1 = all [default: 25].")
+@click.option("--patience", type=int, help="Early stop after N evaluations without a better validation loss [default: off].")
+@click.option("--min-delta", type=float, help="Smallest validation-loss gain that counts for --patience [default: 0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
 @click.option("--report-every", type=int, help="Log training metrics every N steps [default: 10].")
 @click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")

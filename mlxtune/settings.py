@@ -42,6 +42,7 @@ class LoraSettings:
     batch_size: int = 4
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
+    selective_loss: bool = True  # head + cross-entropy on supervised positions only (falls back when unsupported)
     max_seq_length: int = 2048
     train_on_prompt: bool = False
     drop_long: bool = False  # drop (instead of truncate) examples over max_seq_length
@@ -50,6 +51,8 @@ class LoraSettings:
     chat_template: str | None = None  # a Jinja file that overrides the model's template
     eval_every: int = 50
     val_batches: int = 25  # -1 = the whole validation set
+    patience: int | None = None  # stop after this many evaluations without a better validation loss
+    min_delta: float = 0.0  # an improvement smaller than this doesn't count
     save_every: int = 100
     report_every: int = 10
     seed: int = 0
@@ -92,6 +95,8 @@ class LoraSettings:
             raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
         if self.epochs <= 0:
             raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"patience must be at least 1, got {self.patience}", "omit --patience to never stop early")
         if self.layers is not None and self.layers < 1:
             raise UsageError(f"layers must be at least 1, got {self.layers}", "omit --layers to adapt every block")
         if not 0.0 <= self.dropout < 1.0:

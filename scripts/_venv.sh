@@ -15,7 +15,8 @@ echo "==> installing mlxtune${extras:+[$extras]} into .venv"
 "$VENV_PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}" 2>&1 | grep -v '^WARNING: Location' || true
 "$VENV_PY" -c 'import mlxtune, mlx.core' || { echo "installation failed" >&2; exit 1; }
 if [ "$(uname -s)" = "Linux" ]; then
-  if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 /usr/lib*/libopenblas.so.0 >/dev/null 2>&1; then
+  # mlxtune's own search decides whether a usable OpenBLAS/BLIS is present.
+  if ! "$VENV_PY" -c 'import sys; from mlxtune.backend import find_blas; sys.exit(0 if find_blas() else 1)'; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && [ "${MLXTUNE_NO_APT:-}" != "1" ]; then
       echo "==> installing OpenBLAS (libopenblas0-pthread) so MLX's CPU matmuls are fast"
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 \

@@ -10,6 +10,7 @@ import numpy as np
 from mlxtune.data.template import TokenizedExample
 
 PAD_MULTIPLE = 32  # few distinct shapes keep the compiled step from recompiling every batch
+POSITIONS_MULTIPLE = 128  # the supervised-position list is padded too (with zero weights)
 
 
 @dataclass
@@ -19,6 +20,9 @@ class Batch:
     mask: np.ndarray  # [batch, length] float32, 1 where the target is supervised
     supervised_tokens: int
     tokens: int  # real (non-padding) input tokens
+    positions: np.ndarray  # flat indices (row * length + column) of supervised targets, padded
+    position_targets: np.ndarray  # the target token at each of those positions
+    position_weights: np.ndarray  # 1 for real positions, 0 for padding
 
 
 def make_batch(examples: list[TokenizedExample]) -> Batch:
@@ -32,7 +36,15 @@ def make_batch(examples: list[TokenizedExample]) -> Batch:
         inputs[row, :n] = example.ids[:-1]
         targets[row, :n] = example.ids[1:]
         mask[row, :n] = example.supervised[1:]
-    return Batch(inputs, targets, mask, int(mask.sum()), sum(len(e) - 1 for e in examples))
+    flat = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
+    padded = POSITIONS_MULTIPLE * max(1, math.ceil(len(flat) / POSITIONS_MULTIPLE))
+    positions = np.zeros(padded, np.int32)
+    positions[: len(flat)] = flat
+    weights = np.zeros(padded, np.float32)
+    weights[: len(flat)] = 1.0
+    position_targets = targets.reshape(-1)[positions]
+    return Batch(inputs, targets, mask, len(flat), sum(len(e) - 1 for e in examples), positions,
+                 position_targets, weights)
 
 
 def batches_per_epoch(n_examples: int, batch_size: int) -> int:

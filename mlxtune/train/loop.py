@@ -15,7 +15,8 @@ import mlx.core as mx
 from mlxtune.data.batching import batches_per_epoch, training_batch
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.errors import RunFailed, UsageError
-from mlxtune.evaluate import as_arrays, validation_loss
+from mlxtune.evaluate import validation_loss
+from mlxtune.train.loss import Loss
 from mlxtune.models import load_model, model_name, resolve_model
 from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
 from mlxtune.settings import LoraSettings, load_settings, save_settings
@@ -27,6 +28,7 @@ from mlxtune.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
+from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
 
@@ -41,13 +43,14 @@ class RunResult:
     initial_val_loss: float | None = None
     final_val_loss: float | None = None
     best_val_loss: float | None = None
+    best_step: int | None = None
     final_train_loss: float | None = None
     tokens_per_second: float | None = None
     supervised_tokens_per_second: float | None = None
     peak_memory_gb: float | None = None
     trainable_parameters: int = 0
     total_parameters: int = 0
-    stopped: str = "completed"  # completed | interrupted
+    stopped: str = "completed"  # completed | early-stopped | interrupted
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -159,20 +162,28 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-    _print_header(console, settings, datasets, trainable, total, total_steps)
 
     result = RunResult(str(run_dir), start_step, total_steps, trainable_parameters=trainable, total_parameters=total,
                        notes=list(datasets.notes))
-    trainer = TrainStep(model, optimizer, settings.grad_clip)
+    loss = Loss(model, settings.selective_loss)
+    if settings.selective_loss and not loss.selective:
+        console.print("[yellow]note:[/] this architecture's output head can't be applied separately: "
+                      "computing the loss over full logits")
+    _print_header(console, settings, datasets, trainable, total, total_steps,
+                  "selective (supervised positions only)" if loss.selective else "full logits")
+    trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
     history: list[float] = []
     val_loss = math.nan
     if start_step == 0 and datasets.valid:
-        val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches)
+        val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
         result.initial_val_loss = result.best_val_loss = val_loss
+        result.best_step = 0
+        _save_best(run_dir, model, adapter_cfg)
         _append_metrics(metrics_path, {"step": 0, "val_loss": val_loss})
         console.print(f"validation loss before training: {fmt_loss(val_loss)}")
 
+    evals_without_gain = 0
     window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
     step = start_step
     with _StopRequest() as stop, training_progress(console) as progress:
@@ -187,12 +198,12 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                                step * settings.grad_accumulation + k)
                 for k in range(settings.grad_accumulation)
             ]
-            loss_sum, count, grads = trainer.accumulate([as_arrays(b) for b in micro])
-            loss = (loss_sum / count).item()
-            if not math.isfinite(loss):
+            loss_sum, count, grads = trainer.accumulate(micro)
+            step_loss = (loss_sum / count).item()
+            if not math.isfinite(step_loss):
                 _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
                 raise RunFailed(
-                    f"the loss became {loss} at step {step + 1}; the last good weights (step {step}) are saved",
+                    f"the loss became {step_loss} at step {step + 1}; the last good weights (step {step}) are saved",
                     "lower --learning-rate (or --grad-clip); with float16 weights, train in float32/bfloat16",
                 )
             trainer.update(grads, count)
@@ -225,24 +236,35 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                 window = dict.fromkeys(window, 0)
 
             if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
-                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches)
+                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
                 _append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
                 result.final_val_loss = val_loss
-                if result.best_val_loss is None or val_loss < result.best_val_loss:
-                    result.best_val_loss = val_loss
+                if result.best_val_loss is None or val_loss < result.best_val_loss - settings.min_delta:
+                    result.best_val_loss, result.best_step, evals_without_gain = val_loss, step, 0
                     _save_best(run_dir, model, adapter_cfg)
+                else:
+                    evals_without_gain += 1
                 progress.update(task, val=fmt_loss(val_loss))
+                plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
+                if settings.patience and evals_without_gain >= settings.patience:
+                    result.stopped = "early-stopped"
 
-            if step % settings.save_every == 0 or step == total_steps or stop.signal_name:
+            if (step % settings.save_every == 0 or step == total_steps or stop.signal_name
+                    or result.stopped == "early-stopped"):
                 _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
             progress.update(task, completed=step)
             result.steps = step
+            if result.stopped == "early-stopped":
+                console.print(f"early stop: no validation gain in {settings.patience} evaluations; "
+                              f"best step {result.best_step} is in {run_dir / 'best'}")
+                break
             if stop.signal_name:
                 result.stopped = "interrupted"
                 console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
                               f"continue with: mlxtune lora --resume {run_dir}")
                 break
 
+    plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
     atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     _print_summary(console, result)
     return result
@@ -281,7 +303,8 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
     atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
 
 
-def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int):
+def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int,
+                  loss_mode: str):
     rows = [
         ("method", f"{settings.method} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g})"
          if settings.method != "full" else "full"),
@@ -290,6 +313,7 @@ def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable
         ("template", datasets.template.origin),
         ("steps", f"{steps} × {settings.batch_size * settings.grad_accumulation} examples, "
                   f"lr {settings.learning_rate:g} {settings.schedule}"),
+        ("loss", loss_mode),
         ("device", str(mx.default_device())),
     ]
     console.print(summary_table("run", rows))

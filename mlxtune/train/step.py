@@ -10,8 +10,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from mlxtune.evaluate import batch_loss_sum
+from mlxtune.data.batching import Batch
 from mlxtune.settings import LoraSettings
+from mlxtune.train.loss import Loss
 
 
 def learning_rate_schedule(settings: LoraSettings, total_steps: int):
@@ -53,15 +54,16 @@ def build_optimizer(settings: LoraSettings, total_steps: int) -> optim.Optimizer
 class TrainStep:
     """Compiled gradient and update functions sharing the model/optimizer/RNG state."""
 
-    def __init__(self, model, optimizer: optim.Optimizer, grad_clip: float):
+    def __init__(self, model, optimizer: optim.Optimizer, grad_clip: float, loss: Loss):
         self.model = model
         self.optimizer = optimizer
+        self.loss = loss
         self.state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, batch_loss_sum)
+        loss_and_grad = nn.value_and_grad(model, loss)
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def gradients(inputs, targets, mask):
-            (loss_sum, count), grads = loss_and_grad(model, inputs, targets, mask)
+        def gradients(*arrays):
+            (loss_sum, count), grads = loss_and_grad(model, *arrays)
             return loss_sum, count, grads
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
@@ -75,11 +77,11 @@ class TrainStep:
         self.gradients = gradients
         self.update = update
 
-    def accumulate(self, batches):
+    def accumulate(self, batches: list[Batch]):
         """Loss sum, token count and summed gradients over the micro-batches of one optimizer step."""
         total_loss, total_count, total_grads = None, None, None
-        for inputs, targets, mask in batches:
-            loss_sum, count, grads = self.gradients(inputs, targets, mask)
+        for batch in batches:
+            loss_sum, count, grads = self.gradients(*self.loss.arrays(batch))
             if total_grads is None:
                 total_loss, total_count, total_grads = loss_sum, count, grads
             else:

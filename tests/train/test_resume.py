@@ -94,3 +94,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(tmp_path):
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and int(checkpoint.name.split("-")[1]) >= 2
     assert "mlxtune lora --resume" in output
+
+
+def test_early_stopping_keeps_the_best_adapter(tmp_path):
+    # A learning rate far too high makes validation worse after the first evaluation: patience 1 stops there.
+    result = finetune(_settings(tmp_path / "early", iters=40, learning_rate=0.5, dropout=0.0, eval_every=2,
+                                patience=1, val_batches=2), console=make_console(quiet=True))
+    assert result.stopped == "early-stopped" and result.steps < 40
+    assert result.best_val_loss <= result.final_val_loss
+    best = mx.load(str(tmp_path / "early" / "best" / "adapters.safetensors"))
+    assert best.keys() == mx.load(str(tmp_path / "early" / "adapters.safetensors")).keys()
+    assert (tmp_path / "early" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

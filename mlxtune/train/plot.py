@@ -1,0 +1,40 @@
+"""loss.png: train and validation loss over steps, redrawn during and at the end of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
+    """Draw metrics.jsonl's losses; returns None when there is nothing to draw yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    train, valid = [], []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "train_loss" in record:
+            train.append((record["step"], record["train_loss"]))
+        if "val_loss" in record:
+            valid.append((record["step"], record["val_loss"]))
+    if not train and not valid:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="train", color="#1f77b4")
+    if valid:
+        axes.plot(*zip(*valid), label="validation", color="#d62728", marker="o", markersize=3)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (nats / supervised token)")
+    axes.set_title(title or "mlxtune")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(out_path)
+    return out_path

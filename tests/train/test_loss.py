@@ -1,0 +1,55 @@
+"""The selective loss equals the full masked cross-entropy, in value and in gradients."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm import load
+
+from conftest import MODEL, WWDC25
+from mlxtune import LoraSettings
+from mlxtune.data import load_datasets
+from mlxtune.data.batching import make_batch
+from mlxtune.train.adapters import attach_adapters
+from mlxtune.train.loss import Loss, full_loss_sum, supports_selective_loss
+
+
+def _model_and_batch():
+    model, tokenizer = load(str(MODEL))
+    attach_adapters(model, LoraSettings(rank=4))
+    # non-zero lora_b, so every adapter weight gets a gradient
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+    datasets = load_datasets(WWDC25, tokenizer, max_seq_length=300)
+    return model, make_batch(datasets.train[:3])  # prompt-masked examples of different lengths
+
+
+def test_stories260k_head_is_separable():
+    model, _ = load(str(MODEL))
+    assert supports_selective_loss(model)
+
+
+def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy():
+    model, batch = _model_and_batch()
+    selective = Loss(model, selective=True)
+    assert selective.selective
+    assert 0 < batch.supervised_tokens < batch.inputs.size  # masking really removes positions
+    grad_full = nn.value_and_grad(model, full_loss_sum)
+    grad_selective = nn.value_and_grad(model, selective)
+    (full_sum, full_count), full_grads = grad_full(model, mx.array(batch.inputs), mx.array(batch.targets),
+                                                   mx.array(batch.mask))
+    (sel_sum, sel_count), sel_grads = grad_selective(model, *selective.arrays(batch))
+    assert sel_count.item() == full_count.item() == batch.supervised_tokens
+    assert abs(sel_sum.item() - full_sum.item()) <= 1e-4 * abs(full_sum.item())
+    full_flat, sel_flat = dict(tree_flatten(full_grads)), dict(tree_flatten(sel_grads))
+    assert full_flat.keys() == sel_flat.keys()
+    for name, expected in full_flat.items():
+        expected, actual = np.array(expected), np.array(sel_flat[name])
+        assert np.abs(actual - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1e-6), name
+
+
+def test_full_loss_fallback_when_asked():
+    model, batch = _model_and_batch()
+    full = Loss(model, selective=False)
+    assert not full.selective and len(full.arrays(batch)) == 3
