@@ -80,6 +80,8 @@ def _json_option(f):
 @click.option("--iters", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float, help="Passes over the training data [default: 1].")
 @click.option("--batch-size", type=int, help="Examples per micro-batch [default: 4].")
+@click.option("--batch-tokens", type=int, help="Token budget per micro-batch [default: batch size × mean length when packing].")
+@click.option("--pack/--no-pack", default=None, help="Pack several examples per row, isolated by the attention mask [default: on where supported].")
 @click.option("--grad-accumulation", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--selective-loss/--full-loss", default=None,

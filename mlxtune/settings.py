@@ -40,6 +40,8 @@ class LoraSettings:
     iters: int | None = None  # optimizer steps; None = derived from epochs
     epochs: float = 1.0
     batch_size: int = 4
+    batch_tokens: int | None = None  # token budget per micro-batch; default (packing) = batch_size × mean length
+    pack: bool | None = None  # several examples per row, isolated by the mask; None = on where supported
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
     selective_loss: bool = True  # head + cross-entropy on supervised positions only (falls back when unsupported)
@@ -91,6 +93,8 @@ class LoraSettings:
         for name, value in positive.items():
             if value is None or value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}", f"set --{name.replace('_', '-')}")
+        if self.batch_tokens is not None and self.batch_tokens < 1:
+            raise UsageError(f"batch_tokens must be at least 1, got {self.batch_tokens}", "set --batch-tokens")
         if self.iters is not None and self.iters < 1:
             raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
         if self.epochs <= 0:

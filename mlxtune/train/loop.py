@@ -12,11 +12,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune.data.batching import batches_per_epoch, training_batch
+from mlxtune.data.batching import BatchPlan, batches_per_epoch, training_batch
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.evaluate import validation_loss
-from mlxtune.train.loss import Loss
+from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.models import load_model, model_name, resolve_model
 from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
 from mlxtune.settings import LoraSettings, load_settings, save_settings
@@ -61,11 +61,35 @@ def default_run_dir(model_path: Path) -> Path:
     return Path("runs") / f"{model_name(model_path)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def total_optimizer_steps(settings: LoraSettings, n_train: int) -> int:
+def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int:
     if settings.iters is not None:
         return settings.iters
-    micro_batches = math.ceil(settings.epochs * batches_per_epoch(n_train, settings.batch_size))
+    micro_batches = math.ceil(settings.epochs * batches_per_epoch(train, plan, settings.seed))
     return max(1, math.ceil(micro_batches / settings.grad_accumulation))
+
+
+def batch_plan(settings: LoraSettings, train, packing_supported: bool) -> tuple[BatchPlan, list[str]]:
+    """Packing where the model takes the mask (unless turned off); a token budget when packing or asked for."""
+    notes = []
+    pack = packing_supported if settings.pack is None else settings.pack
+    if pack and not packing_supported:
+        notes.append("this architecture's attention can't take the packing mask: padding instead of packing")
+        pack = False
+    if not pack and not settings.batch_tokens:
+        return BatchPlan(batch_size=settings.batch_size), notes
+    lengths = [len(e) for e in train]
+    budget = settings.batch_tokens or settings.batch_size * 64 * math.ceil(sum(lengths) / len(lengths) / 64)
+    longest = max(lengths)
+    row_length = max(min(settings.max_seq_length, budget), longest) if pack else longest
+    return BatchPlan(settings.batch_size, budget, pack, row_length), notes
+
+
+def _describe_plan(plan: BatchPlan) -> str:
+    if plan.pack:
+        return f"packed: {plan.batch_tokens} tokens per batch, rows of up to {plan.row_length}"
+    if plan.batch_tokens:
+        return f"length-bucketed: up to {plan.batch_tokens} tokens per batch (with padding)"
+    return f"{plan.batch_size} examples per batch (padded)"
 
 
 def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> Path:
@@ -142,7 +166,10 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     adapter_cfg = attach_adapters(model, settings)
     if adapter_cfg["num_layers"] < (settings.layers or 0):
         console.print(f"[yellow]note:[/] the model has {adapter_cfg['num_layers']} blocks; adapting all of them")
-    total_steps = total_optimizer_steps(settings, len(datasets.train))
+    plan, plan_notes = batch_plan(settings, datasets.train, supports_packing(model))
+    for note in plan_notes:
+        console.print(f"[yellow]note:[/] {note}")
+    total_steps = total_optimizer_steps(settings, datasets.train, plan)
     optimizer = build_optimizer(settings, total_steps)
 
     metrics_path = run_dir / METRICS_FILE
@@ -170,7 +197,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         console.print("[yellow]note:[/] this architecture's output head can't be applied separately: "
                       "computing the loss over full logits")
     _print_header(console, settings, datasets, trainable, total, total_steps,
-                  "selective (supervised positions only)" if loss.selective else "full logits")
+                  "selective (supervised positions only)" if loss.selective else "full logits", _describe_plan(plan))
     trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
     history: list[float] = []
@@ -194,8 +221,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
             # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
             mx.random.seed(settings.seed * 1_000_003 + step)
             micro = [
-                training_batch(datasets.train, settings.batch_size, settings.seed,
-                               step * settings.grad_accumulation + k)
+                training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k)
                 for k in range(settings.grad_accumulation)
             ]
             loss_sum, count, grads = trainer.accumulate(micro)
@@ -304,15 +330,16 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
 
 
 def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int,
-                  loss_mode: str):
+                  loss_mode: str, batching: str):
     rows = [
         ("method", f"{settings.method} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g})"
          if settings.method != "full" else "full"),
         ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
         ("data", f"{datasets.kind}: {len(datasets.train)} train / {len(datasets.valid)} valid examples"),
         ("template", datasets.template.origin),
-        ("steps", f"{steps} × {settings.batch_size * settings.grad_accumulation} examples, "
+        ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es), "
                   f"lr {settings.learning_rate:g} {settings.schedule}"),
+        ("batching", batching),
         ("loss", loss_mode),
         ("device", str(mx.default_device())),
     ]

@@ -17,9 +17,43 @@ from mlxtune.data.batching import Batch
 CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk
 
 
-def full_loss_sum(model, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+class SegmentMaskCache:
+    """A pass-through per-layer "cache" whose only job is to hand mlx-lm's attention our packing mask.
+
+    mlx-lm models build their mask with `create_attention_mask(h, cache)`, which asks `cache.make_mask(...)`;
+    with offset 0 and keys/values passed straight through, the forward pass is the ordinary training pass.
+    """
+
+    offset = 0
+
+    def __init__(self, segments: mx.array):
+        length = segments.shape[1]
+        same_example = segments[:, :, None] == segments[:, None, :]
+        causal = mx.tril(mx.ones((length, length), dtype=mx.bool_))
+        self.mask = (same_example & causal)[:, None]  # [rows, 1, length, length]
+
+    def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
+        if window_size is not None and window_size < length:
+            position = mx.arange(length)
+            in_window = (position[:, None] - position[None, :]) < window_size
+            return self.mask & in_window
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def packing_cache(model, segments: mx.array | None):
+    if segments is None:
+        return None
+    shared = SegmentMaskCache(segments)
+    return [shared] * len(model.layers)
+
+
+def full_loss_sum(model, inputs: mx.array, targets: mx.array, mask: mx.array,
+                  segments: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """Sum of the cross-entropy over supervised targets (full logits), and how many there are."""
-    logits = model(inputs).astype(mx.float32)
+    logits = model(inputs, cache=packing_cache(model, segments)).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, targets) * mask
     return losses.sum(), mask.sum()
 
@@ -64,8 +98,8 @@ def make_selective_loss_sum(head):
 
         return mx.checkpoint(loss_of_rows)(hidden_rows)
 
-    def selective_loss_sum(model, inputs, positions, targets, weights):
-        hidden = model.model(inputs)
+    def selective_loss_sum(model, inputs, positions, targets, weights, segments=None):
+        hidden = model.model(inputs, cache=packing_cache(model, segments))
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
         total = mx.array(0.0)
         for start in range(0, positions.shape[0], CHUNK_ROWS):
@@ -74,6 +108,20 @@ def make_selective_loss_sum(head):
         return total, weights.sum()
 
     return selective_loss_sum
+
+
+def supports_packing(model) -> bool:
+    """True when an example packed behind another gets the logits it gets alone (the mask reached attention)."""
+    first, second = [5, 9, 13, 17, 21], [3, 7, 11, 15, 19, 23]
+    try:
+        alone = model(mx.array([second])).astype(mx.float32)
+        packed = model(mx.array([first + second]),
+                       cache=packing_cache(model, mx.array([[1] * len(first) + [2] * len(second)])))
+        packed = packed[:, len(first):].astype(mx.float32)
+        scale = mx.abs(alone).max() + 1e-6
+        return bool((mx.abs(packed - alone).max() / scale).item() < 1e-3)
+    except Exception:  # an architecture whose forward doesn't take our cache objects
+        return False
 
 
 class Loss:
@@ -85,9 +133,11 @@ class Loss:
 
     def arrays(self, batch: Batch) -> tuple[mx.array, ...]:
         if self.selective:
-            return (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
-                    mx.array(batch.position_weights))
-        return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask)
+            arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
+                      mx.array(batch.position_weights))
+        else:
+            arrays = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        return arrays if batch.segments is None else (*arrays, mx.array(batch.segments))
 
     def __call__(self, model, *arrays):
         return self.function(model, *arrays)
