@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, render_chat
 from mlxtune.errors import UsageError
-from mlxtune.models import resolve_model
+from mlxtune.models import load_model, resolve_model
 from mlxtune.runs import is_run_dir, open_run
 
 # Base models trained on the fallback template tend to continue with the next "### User:" turn: stop there.
@@ -25,11 +25,9 @@ class LoadedModel:
 
 
 def load_for_inference(model_or_run: str | Path, checkpoint: str = "last") -> LoadedModel:
-    from mlx_lm.utils import load
-
     if is_run_dir(model_or_run):
         run = open_run(model_or_run)
-        model, tokenizer = load(str(run.base_model), adapter_path=str(run.adapter_dir(checkpoint)))
+        model, tokenizer, _ = load_model(run.base_model, run.adapter_dir(checkpoint))
         if run.data_kind == "text":
             template, origin = None, "none"
         elif run.chat_template:
@@ -39,7 +37,7 @@ def load_for_inference(model_or_run: str | Path, checkpoint: str = "last") -> Lo
         model.eval()
         return LoadedModel(model, tokenizer, template, origin, f"{run.base_model} + {run.path}")
     path = resolve_model(model_or_run)
-    model, tokenizer = load(str(path))
+    model, tokenizer, _ = load_model(path)
     own = getattr(tokenizer, "chat_template", None)
     return LoadedModel(model, tokenizer, own, "model" if own else "none", str(path))
 

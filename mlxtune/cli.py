@@ -6,12 +6,14 @@ nowhere else; tracebacks only with `--debug`.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
 import click
 
 from mlxtune import __version__
+from mlxtune.backend import BlasMismatch
 from mlxtune.errors import MlxtuneError
 
 EXIT_INTERRUPTED = 130
@@ -31,6 +33,12 @@ class MlxtuneGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except BlasMismatch as exc:
+            # The system BLAS gave wrong numbers: start again without it (it can't be unloaded in-process).
+            click.echo(f"warning: {exc} gave wrong matmul results; restarting without it (MLXTUNE_BLAS=none)",
+                       err=True)
+            os.execve(sys.executable, [sys.executable, "-m", "mlxtune", *sys.argv[1:]],
+                      {**os.environ, "MLXTUNE_BLAS": "none"})
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug of ours: say so briefly, keep the details behind --debug

@@ -11,6 +11,7 @@ from mlx.utils import tree_unflatten
 
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
+from mlxtune.models import load_model
 from mlxtune.runs import open_run
 
 CHECK_EXAMPLES = 8
@@ -43,7 +44,7 @@ def _logits(model, inputs: list[mx.array]) -> list[mx.array]:
 def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", overwrite: bool = False,
              console=None) -> FuseResult:
     """Write `out`, a standalone MLX model = base + adapter; refuse to keep it if its logits drift."""
-    from mlx_lm.utils import load, save
+    from mlx_lm.utils import save
 
     run = open_run(run_dir)
     out = Path(out)
@@ -52,7 +53,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", ove
             raise UsageError(f"output directory {out} already exists", "choose another --out or pass --overwrite")
         shutil.rmtree(out)
     adapter_dir = run.adapter_dir(checkpoint)
-    model, tokenizer, config = load(str(run.base_model), adapter_path=str(adapter_dir), return_config=True)
+    model, tokenizer, config = load_model(run.base_model, adapter_dir)
     model.eval()
     inputs = _check_inputs(run, tokenizer)
     expected = _logits(model, inputs)
@@ -64,7 +65,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", ove
         tokenizer._tokenizer.chat_template = run.chat_template
     save(out, run.base_model, model, tokenizer, config, donate_model=False)
 
-    reloaded, _ = load(str(out))
+    reloaded, _, _ = load_model(out)
     actual = _logits(reloaded, inputs)
     max_diff = max(mx.abs(a - e).max().item() for a, e in zip(actual, expected))
     half = any(v.dtype in (mx.float16, mx.bfloat16) for v in _floating(reloaded))

@@ -64,11 +64,16 @@ def _from_hub(repo_id: str) -> Path:
     return _check_model_dir(Path(local))
 
 
-def load_model(path: Path):
-    """(model, tokenizer, config) through mlx-lm, with its errors turned into ours."""
+def load_model(path: Path, adapter_path: Path | None = None):
+    """(model, tokenizer, config) through mlx-lm (with an adapter when given), with its errors turned into ours."""
     from mlx_lm.utils import load
+
+    from mlxtune.backend import check_blas
+
+    check_blas()
     try:
-        model, tokenizer, config = load(str(path), return_config=True)
+        model, tokenizer, config = load(str(path), return_config=True,
+                                        adapter_path=str(adapter_path) if adapter_path else None)
     except ValueError as exc:
         message = str(exc)
         if "not supported" in message.lower():

@@ -250,6 +250,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                     "learning_rate": optimizer.learning_rate.item(),
                     "tokens_per_second": window["tokens"] / window["seconds"],
                     "supervised_tokens_per_second": window["count"] / window["seconds"],
+                    "supervised_tokens": int(window["count"]),
                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 }
                 _append_metrics(metrics_path, record)

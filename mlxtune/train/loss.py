@@ -9,6 +9,8 @@ used instead.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -88,6 +90,20 @@ def supports_selective_loss(model) -> bool:
         return False
 
 
+_STREAMS: list = []
+
+
+def loss_streams() -> list:
+    """One stream per CPU core on the CPU backend; the default stream elsewhere (a GPU is parallel already)."""
+    if not _STREAMS:
+        if mx.default_device() == mx.cpu:
+            cores = max(1, min(os.cpu_count() or 1, 8))
+            _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(cores))
+        else:
+            _STREAMS.append(mx.default_stream(mx.default_device()))
+    return _STREAMS
+
+
 def make_selective_loss_sum(head):
     def chunk_loss(hidden_rows, targets, weights):
         # Recompute the chunk's logits in the backward pass instead of keeping them. Only the hidden rows are
@@ -101,10 +117,17 @@ def make_selective_loss_sum(head):
     def selective_loss_sum(model, inputs, positions, targets, weights, segments=None):
         hidden = model.model(inputs, cache=packing_cache(model, segments))
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
+        count = positions.shape[0]
+        streams = loss_streams()
+        # At least one chunk per stream: MLX's CPU elementwise kernels (the softmax's exp) are single-threaded,
+        # so spreading the chunks over one stream per core runs them in parallel.
+        chunk = min(CHUNK_ROWS, max(1, -(-count // len(streams))))
         total = mx.array(0.0)
-        for start in range(0, positions.shape[0], CHUNK_ROWS):
-            end = start + CHUNK_ROWS
-            total = total + chunk_loss(rows[start:end], targets[start:end], weights[start:end])
+        for number, start in enumerate(range(0, count, chunk)):
+            end = start + chunk
+            with mx.stream(streams[number % len(streams)]):
+                part = chunk_loss(rows[start:end], targets[start:end], weights[start:end])
+            total = total + part
         return total, weights.sum()
 
     return selective_loss_sum

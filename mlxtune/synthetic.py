@@ -1,0 +1,59 @@
+"""Models with real architecture shapes and random weights, for speed/memory benchmarks and architecture tests.
+
+Shapes matter there, not skill: the configs below are the published ones (layer count reducible to fit the time).
+The tokenizer is borrowed from the bundled stories260K (its ids fit any larger vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SHAPES = {
+    # HuggingFaceTB/SmolLM-135M
+    "smollm-135m": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+    },
+    # Qwen/Qwen2.5-0.5B
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": True,
+    },
+}
+
+BUNDLED_TOKENIZER = Path(__file__).resolve().parents[1] / "examples" / "models" / "stories260K"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def build_random_model(config: dict | str, out: str | Path, *, layers: int | None = None, seed: int = 0,
+                       chat_template: str | None = None, tokenizer_dir: str | Path = BUNDLED_TOKENIZER,
+                       **overrides) -> Path:
+    """Write an MLX model directory with `config`'s shapes (a SHAPES name or a dict) and random float32 weights."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    config = dict(SHAPES[config] if isinstance(config, str) else config)
+    if layers is not None:
+        config["num_hidden_layers"] = layers
+    config.update(overrides)
+    config.setdefault("architectures", ["LlamaForCausalLM"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.random.seed(seed)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    save_model(out, model)
+    save_config(dict(config), out / "config.json")
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, out / name)
+    if chat_template:
+        tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+        tokenizer_config["chat_template"] = chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out

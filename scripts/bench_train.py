@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""mlx_lm.lora vs mlxtune on the same model shape, data and hyper-parameters, side by side.
+
+Each tool trains in its own child process (peak RSS from the OS, peak MLX memory from MLX); both get the same
+optimized BLAS (mlxtune's hook, imported first), the same LoRA layers/rank/scale, learning rate, batch size and
+maximum length. Reported: supervised tokens/s (steps after the first two, which compile), peak memory, and the
+validation loss of both adapters measured by one evaluator on the same held-out examples.
+
+Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wikisql,qwen-wwdc25] [--iters 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"wwdc25": ROOT / "tests" / "fixtures" / "wwdc25", "wikisql": ROOT / "examples" / "data" / "wikisql"}
+MODELS = {"smollm": ("smollm-135m", 4), "qwen": ("qwen2.5-0.5b", 2)}  # shape, layers kept (time on 2 cores)
+WARMUP_STEPS = 2
+
+
+def child_mlx_lm(spec: dict) -> None:
+    """Runs inside the child: mlx_lm's own training (its loader, datasets, loop), reporting through its callback."""
+    import types
+
+    import mlxtune  # noqa: F401  (same BLAS as mlxtune)
+    import mlx.core as mx
+    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
+    from mlx_lm.tuner.datasets import load_dataset
+    from mlx_lm.tuner.trainer import TrainingCallback
+    from mlx_lm.utils import load
+
+    records = []
+
+    class Recorder(TrainingCallback):
+        def on_train_loss_report(self, info):
+            records.append(info)
+
+    args = dict(CONFIG_DEFAULTS)
+    args.update(model=spec["model"], data=spec["data"], train=True, iters=spec["iters"],
+                batch_size=spec["batch_size"], num_layers=-1, learning_rate=spec["learning_rate"],
+                steps_per_report=1, steps_per_eval=10**6, val_batches=1, save_every=10**6,
+                adapter_path=spec["adapter_path"], max_seq_length=spec["max_seq_length"],
+                mask_prompt=spec["mask_prompt"], lora_parameters={"rank": spec["rank"], "scale": spec["scale"],
+                                                                  "dropout": 0.0})
+    args = types.SimpleNamespace(**args)
+    mx.random.seed(0)
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = load_dataset(args, tokenizer)
+    train_model(args, model, train_set, valid_set, Recorder())
+    timed = records[WARMUP_STEPS:]
+    # One report per step. mlx_lm's tokens/s counts its loss mask, i.e. supervised tokens.
+    seconds = sum(1 / r["iterations_per_second"] for r in timed)
+    tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] for r in timed)
+    print(json.dumps({"supervised_tokens_per_second": tokens / seconds,
+                      "peak_memory_gb": max(r["peak_memory"] for r in records),
+                      "final_train_loss": records[-1]["train_loss"]}))
+
+
+def run_child(command: list[str]) -> tuple[dict, float, float]:
+    """Run one tool; returns (its JSON result, wall seconds, peak RSS in GB of that child)."""
+    wrapper = ("import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+               "sys.stderr.write(p.stderr[-3000:]) if p.returncode else None;"
+               "print(json.dumps({'rc': p.returncode, 'out': p.stdout,"
+               " 'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    tic = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    report = json.loads(done.stdout)
+    if report["rc"]:
+        raise SystemExit(f"{command[:4]} failed:\n{done.stderr}")
+    try:  # mlxtune --json: stdout is exactly the result
+        result = json.loads(report["out"])
+    except json.JSONDecodeError:  # the mlx_lm child: its own output, then our one-line result
+        result = json.loads(report["out"].strip().splitlines()[-1])
+    return result, wall, report["rss_kb"] / 1e6
+
+
+def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length: int) -> float:
+    code = f"""
+import json, mlxtune
+from mlx_lm import load
+from mlxtune.data import load_datasets
+from mlxtune.evaluate import validation_loss
+model, tokenizer = load({str(model_dir)!r}, adapter_path={str(adapter_dir)!r})
+valid = load_datasets({str(data)!r}, tokenizer, max_seq_length={max_seq_length}).valid[:32]
+print(json.dumps(validation_loss(model, valid, batch_size=4)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_length: int, lr: float) -> dict:
+    from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
+    from mlxtune.synthetic import build_random_model
+
+    model_key, data_key = case.split("-")
+    shape, layers = MODELS[model_key]
+    model_dir = work / f"{shape}-{layers}l"
+    if not (model_dir / "config.json").is_file():
+        build_random_model(shape, model_dir, layers=layers, chat_template=FALLBACK_CHAT_TEMPLATE)
+    data = DATA[data_key]
+    mask_prompt = data_key == "wwdc25"
+    common = {"model": str(model_dir), "data": str(data), "iters": iters, "batch_size": batch_size,
+              "learning_rate": lr, "max_seq_length": max_seq_length, "mask_prompt": mask_prompt, "rank": 8,
+              "scale": 2.0}
+
+    theirs_dir = work / f"{case}-mlx_lm"
+    spec = dict(common, adapter_path=str(theirs_dir))
+    theirs, theirs_wall, theirs_rss = run_child([sys.executable, __file__, "--child-mlx-lm", json.dumps(spec)])
+
+    ours_dir = work / f"{case}-mlxtune"
+    subprocess.run(["rm", "-rf", str(ours_dir)], check=True)
+    ours_json, ours_wall, ours_rss = run_child([
+        sys.executable, "-m", "mlxtune", "lora", "--model", str(model_dir), "--data", str(data), "--out",
+        str(ours_dir), "--iters", str(iters), "--batch-size", str(batch_size), "--lr", str(lr), "--rank", "8",
+        "--alpha", "16", "--max-seq-length", str(max_seq_length), "--report-every", "1", "--eval-every", "100000",
+        "--val-batches", "1", "--save-every", "100000", "--json",
+        *([] if mask_prompt else ["--train-on-prompt"]),
+    ])
+    records = [json.loads(line) for line in (ours_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "train_loss" in r][WARMUP_STEPS:]
+    # One report per step: per-step supervised tokens / per-step seconds, summed over the timed steps.
+    step_seconds = [r["supervised_tokens"] / r["supervised_tokens_per_second"] for r in timed]
+    ours_speed = sum(r["supervised_tokens"] for r in timed) / sum(step_seconds)
+    return {
+        "case": case, "shape": f"{shape} ({layers} layers)", "iters": iters,
+        "mlx_lm": {"supervised_tokens_per_second": theirs["supervised_tokens_per_second"],
+                   "peak_memory_gb": theirs["peak_memory_gb"], "peak_rss_gb": theirs_rss, "wall_s": theirs_wall,
+                   "val_loss": held_out_loss(model_dir, theirs_dir, data, max_seq_length)},
+        "mlxtune": {"supervised_tokens_per_second": ours_speed,
+                    "peak_memory_gb": max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r),
+                    "peak_rss_gb": ours_rss, "wall_s": ours_wall,
+                    "val_loss": held_out_loss(model_dir, ours_dir, data, max_seq_length)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="smollm-wwdc25,smollm-wikisql,qwen-wwdc25")
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-seq-length", type=int, default=512)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--work", default="/tmp/mlxtune-bench")
+    parser.add_argument("--json-out", help="also write the results here")
+    parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_mlx_lm:
+        child_mlx_lm(json.loads(args.child_mlx_lm))
+        return
+    sys.path.insert(0, str(ROOT))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate)
+               for case in args.cases.split(",")]
+    print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, iters {args.iters}, "
+          f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.learning_rate}, LoRA r8 scale 2, all layers")
+    header = ("| case | tool | supervised tok/s | peak MLX mem (GB) | peak RSS (GB) | val loss |\n"
+              "|---|---|---|---|---|---|")
+    print(header)
+    for r in results:
+        for tool in ("mlx_lm", "mlxtune"):
+            m = r[tool]
+            print(f"| {r['case']} ({r['shape']}) | {tool} | {m['supervised_tokens_per_second']:.0f} | "
+                  f"{m['peak_memory_gb']:.2f} | {m['peak_rss_gb']:.2f} | {m['val_loss']:.3f} |")
+        a, b = r["mlx_lm"], r["mlxtune"]
+        print(f"| {r['case']} | **ratio mlxtune/mlx_lm** | **{b['supervised_tokens_per_second'] / a['supervised_tokens_per_second']:.2f}×** | "
+              f"**{b['peak_memory_gb'] / a['peak_memory_gb']:.2f}×** | {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}× | "
+              f"{b['val_loss'] - a['val_loss']:+.3f} |")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
