@@ -77,6 +77,7 @@ def _json_option(f):
 @click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint.")
 @click.option("--method", type=click.Choice(["lora", "dora", "full"]), help="Adapter type [default: lora].")
 @click.option("--layers", type=int, help="Adapt the last N blocks [default: all].")
+@click.option("--target-modules", help="Comma-separated modules to adapt, e.g. self_attn.q_proj,self_attn.v_proj [default: every linear layer].")
 @click.option("--rank", type=int, help="LoRA rank [default: 8].")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / rank [default: 16].")
 @click.option("--dropout", type=float, help="LoRA dropout [default: 0].")
@@ -107,6 +108,8 @@ def _json_option(f):
 @click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
 @click.option("--report-every", type=int, help="Log training metrics every N steps [default: 10].")
 @click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")
+@click.option("--report-to", type=click.Choice(["wandb"]), help="Also log metrics to Weights & Biases (needs wandb).")
+@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: 4 on the CPU backend].")
 @_json_option
 def lora(config_path, resume_dir, json_mode, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
@@ -241,9 +244,55 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
 
 
+@main.command()
+@click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
+@_json_option
+def doctor(no_measure, json_mode):
+    """Show what this machine gives MLX: platform, memory, device, BLAS (with a measured matmul speed),
+    library versions and where models and caches live.
+
+    \b
+    Example:
+      mlxtune doctor --json
+    """
+    from mlxtune.doctor import diagnose
+    from mlxtune.ui import make_console, print_json, summary_table
+
+    report = diagnose(measure=not no_measure)
+    if json_mode:
+        print_json(report)
+        return
+    blas = report["blas"]
+    rows = [
+        ("platform", f"{report['platform']} · Python {report['python']}"),
+        ("cpu", f"{report['cpu']} ({report['cores']} cores)"),
+        ("memory", f"{report['memory_gb']:.1f} GB" if report["memory_gb"] else "unknown"),
+        ("mlx device", report["mlx_device"]),
+        ("metal", "yes · recommended working set "
+                  f"{report['metal'].get('recommended_working_set_gb', 0):.1f} GB" if report["metal"]["available"]
+         else "no (CPU backend)"),
+        ("blas", f"{blas['library'] or 'MLX built-in'} — {blas['status']}"
+                 + (f" (kernel {blas['openblas_coretype']})" if blas["openblas_coretype"] else "")),
+    ]
+    if "matmul_gflops" in report:
+        rows.append(("matmul", f"{report['matmul_gflops']:.1f} GFLOP/s (float32, 1024²)"))
+    rows += [
+        ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
+        ("model library", report["model_library"]),
+        ("hf cache", str(report["hf_cache"])),
+        ("network", "offline (HF_HUB_OFFLINE)" if report["offline"] else "online allowed"),
+    ]
+    make_console().print(summary_table("mlxtune doctor", rows))
+
+
 @main.group()
 def data():
-    """Inspect datasets before training on them."""
+    """Inspect datasets before training on them.
+
+    \b
+    Example:
+      mlxtune data check tests/fixtures/wwdc25 --model examples/models/stories260K --show 1
+    """
 
 
 @data.command("check")

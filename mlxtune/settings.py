@@ -29,6 +29,7 @@ class LoraSettings:
     out: str | None = None  # run directory; default runs/<model>-<timestamp>
     method: str = "lora"
     layers: int | None = None  # adapt the last N blocks; None = all blocks
+    target_modules: list[str] | None = None  # e.g. [self_attn.q_proj, self_attn.v_proj]; None = every linear layer
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -58,6 +59,8 @@ class LoraSettings:
     save_every: int = 100
     report_every: int = 10
     seed: int = 0
+    report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
+    cache_limit_gb: float | None = None  # MLX buffer cache; None = 4 GB on the CPU backend (MLX's default is small)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,6 +102,10 @@ class LoraSettings:
             raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
         if self.epochs <= 0:
             raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
+        if self.report_to not in (None, "wandb"):
+            raise UsageError(f"unknown report target {self.report_to!r}", "use --report-to wandb")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"patience must be at least 1, got {self.patience}", "omit --patience to never stop early")
         if self.layers is not None and self.layers < 1:
@@ -136,7 +143,25 @@ def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
             raise UsageError(f"{path}: unknown setting {key!r}", hint)
-    return values
+    return _coerce(cls, values, str(path))
+
+
+def _coerce(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """YAML reads `1e-4` as a string (it wants `1.0e-4`): convert numbers by the field's type, or say what's wrong."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    coerced = {}
+    for key, value in values.items():
+        kind = types.get(key, "")
+        if value is not None and kind.startswith(("float", "int")) and not isinstance(value, bool):
+            number = float if kind.startswith("float") else int
+            try:
+                value = number(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{source}: {key} must be a number, got {value!r}", f"e.g. {key}: 1") from None
+        elif value is not None and kind.startswith("bool") and not isinstance(value, bool):
+            raise UsageError(f"{source}: {key} must be true or false, got {value!r}", f"e.g. {key}: true")
+        coerced[key] = value
+    return coerced
 
 
 def resolve_settings(config_path: str | Path | None, overrides: dict[str, Any], cls=LoraSettings):

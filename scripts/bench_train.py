@@ -3,7 +3,8 @@
 
 Each tool trains in its own child process (peak RSS from the OS, peak MLX memory from MLX); both get the same
 optimized BLAS (mlxtune's hook, imported first), the same LoRA layers/rank/scale, learning rate, batch size and
-maximum length. Reported: supervised tokens/s (steps after the first two, which compile), peak memory, and the
+maximum length, and a constant learning rate (mlx_lm's default; mlxtune keeps its AdamW with bias correction).
+Reported: supervised tokens/s (steps after the first two, which compile), peak memory, and the
 validation loss of both adapters measured by one evaluator on the same held-out examples.
 
 Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wikisql,qwen-wwdc25] [--iters 12]
@@ -124,7 +125,7 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     ours_json, ours_wall, ours_rss = run_child([
         sys.executable, "-m", "mlxtune", "lora", "--model", str(model_dir), "--data", str(data), "--out",
         str(ours_dir), "--iters", str(iters), "--batch-size", str(batch_size), "--lr", str(lr), "--rank", "8",
-        "--alpha", "16", "--max-seq-length", str(max_seq_length), "--report-every", "1", "--eval-every", "100000",
+        "--alpha", "16", "--schedule", "constant", "--warmup-steps", "0", "--max-seq-length", str(max_seq_length), "--report-every", "1", "--eval-every", "100000",
         "--val-batches", "1", "--save-every", "100000", "--json",
         *([] if mask_prompt else ["--train-on-prompt"]),
     ])

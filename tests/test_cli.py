@@ -118,6 +118,16 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_version_and_help_examples():
     assert run_cli("--version").stdout.strip().startswith("mlxtune, version")
-    for command in ("lora", "fuse", "generate", "chat"):
+    for command in ("lora", "fuse", "generate", "chat", "doctor"):
         help_text = run_cli(command, "--help").stdout
         assert "Example" in help_text and f"mlxtune {command}" in help_text
+
+
+def test_doctor_reports_the_backend_and_a_measured_matmul_speed():
+    result = run_cli("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["versions"]["mlx"] and report["versions"]["mlx-lm"]
+    assert report["matmul_gflops"] > 0.5 and report["cores"] >= 1
+    assert "cpu" in report["mlx_device"] or report["metal"]["available"]
+    assert set(report["blas"]) == {"library", "status", "openblas_coretype"}

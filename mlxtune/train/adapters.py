@@ -17,16 +17,34 @@ def adapted_layer_count(model, settings: LoraSettings) -> int:
 
 def adapter_config(model, settings: LoraSettings) -> dict:
     """The adapter_config.json that mlx-lm (and mlxtune) read back."""
+    lora_parameters = {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout}
+    if settings.target_modules:
+        lora_parameters["keys"] = list(settings.target_modules)
     return {
         "fine_tune_type": settings.method,
         "num_layers": adapted_layer_count(model, settings),
-        "lora_parameters": {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout},
+        "lora_parameters": lora_parameters,
         "alpha": settings.alpha,
     }
 
 
+def check_target_modules(model, settings: LoraSettings) -> None:
+    """Every named module must exist in the blocks: a typo would otherwise train nothing."""
+    if not settings.target_modules:
+        return
+    from mlxtune.errors import UsageError
+
+    names = {name for name, _ in model.layers[0].named_modules()}
+    missing = [m for m in settings.target_modules if m not in names]
+    if missing:
+        linear = sorted(n for n, m in model.layers[0].named_modules() if hasattr(m, "weight") and "." in n)
+        raise UsageError(f"no module {', '.join(missing)} in this model's blocks",
+                         f"target modules here: {', '.join(linear)}")
+
+
 def attach_adapters(model, settings: LoraSettings) -> dict:
     """Freeze the base and make the adapters (or, for `full`, the last blocks) trainable. Returns the config."""
+    check_target_modules(model, settings)
     config = adapter_config(model, settings)
     model.freeze()
     if settings.method == "full":

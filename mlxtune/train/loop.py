@@ -28,6 +28,7 @@ from mlxtune.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
+from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
@@ -122,21 +123,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-
-
-def _trim_metrics(path: Path, after_step: int) -> None:
-    """On resume, forget what was logged after the checkpoint we restart from."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= after_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-
 def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
@@ -154,6 +140,10 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
 
     console.print(f"[bold]mlxtune[/] {settings.method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
     model, tokenizer, model_config = load_model(model_path)
+    cache_limit = settings.cache_limit_gb if settings.cache_limit_gb is not None else (4.0 if _on_cpu() else None)
+    if cache_limit is not None:
+        # MLX's default CPU buffer cache is small: big buffers would be page-faulted in again every step.
+        mx.set_cache_limit(int(cache_limit * 1e9))
     if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in trainable_or_all(model)):
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
@@ -173,13 +163,14 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     optimizer = build_optimizer(settings, total_steps)
 
     metrics_path = run_dir / METRICS_FILE
+    metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
     start_step = 0
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise UsageError(f"no checkpoint to resume in {run_dir}", "start a new run without --resume")
         start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-        _trim_metrics(metrics_path, start_step)
+        metrics.trim(start_step)
         console.print(f"resuming from {checkpoint.name} (step {start_step} of {total_steps})")
     save_settings(settings, run_dir / CONFIG_FILE)
     _write_run_info(run_dir, datasets, model_path, model_config, adapter_cfg)
@@ -196,7 +187,8 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     if settings.selective_loss and not loss.selective:
         console.print("[yellow]note:[/] this architecture's output head can't be applied separately: "
                       "computing the loss over full logits")
-    _print_header(console, settings, datasets, trainable, total, total_steps,
+    quantization = model_config.get("quantization")
+    _print_header(console, settings, datasets, trainable, total, total_steps, quantization,
                   "selective (supervised positions only)" if loss.selective else "full logits", _describe_plan(plan))
     trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
@@ -207,7 +199,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         result.initial_val_loss = result.best_val_loss = val_loss
         result.best_step = 0
         _save_best(run_dir, model, adapter_cfg)
-        _append_metrics(metrics_path, {"step": 0, "val_loss": val_loss})
+        metrics.write({"step": 0, "val_loss": val_loss})
         console.print(f"validation loss before training: {fmt_loss(val_loss)}")
 
     evals_without_gain = 0
@@ -253,7 +245,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                     "supervised_tokens": int(window["count"]),
                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
                 }
-                _append_metrics(metrics_path, record)
+                metrics.write(record)
                 result.final_train_loss = train_loss
                 result.tokens_per_second = record["tokens_per_second"]
                 result.supervised_tokens_per_second = record["supervised_tokens_per_second"]
@@ -264,7 +256,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
 
             if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
                 val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
-                _append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+                metrics.write({"step": step, "val_loss": val_loss})
                 result.final_val_loss = val_loss
                 if result.best_val_loss is None or val_loss < result.best_val_loss - settings.min_delta:
                     result.best_val_loss, result.best_step, evals_without_gain = val_loss, step, 0
@@ -291,6 +283,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                               f"continue with: mlxtune lora --resume {run_dir}")
                 break
 
+    metrics.close()
     plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
     atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
     _print_summary(console, result)
@@ -331,10 +324,13 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
 
 
 def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int,
-                  loss_mode: str, batching: str):
+                  quantization: dict | None, loss_mode: str, batching: str):
+    method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
+    base = f" on a {quantization.get('bits')}-bit base" if quantization else ""
+    targets = f", modules {','.join(settings.target_modules)}" if settings.target_modules else ""
     rows = [
-        ("method", f"{settings.method} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g})"
-         if settings.method != "full" else "full"),
+        ("method", f"{method}{base} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g}){targets}"
+         if settings.method != "full" else f"full{base}"),
         ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
         ("data", f"{datasets.kind}: {len(datasets.train)} train / {len(datasets.valid)} valid examples"),
         ("template", datasets.template.origin),
