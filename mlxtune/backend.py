@@ -24,6 +24,7 @@ CANDIDATES = (
 )
 
 _state = {"library": None, "reason": "not attempted", "checked": False, "coretype": None}
+_handle: list = []  # the loaded library, for thread settings
 
 # Debian's OpenBLAS 0.3.21 falls back to its slowest (Prescott) kernels on CPUs it doesn't recognise, such as
 # virtualised Xeons: ≈35 GFLOP/s instead of ≈200. The kernel is picked from the CPU's own flags, so it only uses
@@ -82,12 +83,26 @@ def enable_fast_blas() -> str | None:
         return None
     _choose_coretype(path)
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        _handle.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
     except OSError as exc:
         _state["reason"] = f"could not load {path}: {exc}"
         return None
     _state["library"], _state["reason"] = path, "loaded"
     return path
+
+
+def set_blas_threads(threads: int) -> bool:
+    """Use `threads` BLAS threads from now on (OpenBLAS or BLIS); False when no library of ours is loaded."""
+    if not _handle:
+        return False
+    library = _handle[0]
+    for setter in ("openblas_set_num_threads", "bli_thread_set_num_threads"):
+        function = getattr(library, setter, None)
+        if function is not None:
+            function(ctypes.c_int(int(threads)))
+            _state["threads"] = int(threads)
+            return True
+    return False
 
 
 def blas_status() -> dict:

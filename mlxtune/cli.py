@@ -70,7 +70,7 @@ def _json_option(f):
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--model", help="Base model: a local directory or a Hugging Face repo id.")
+@click.option("--model", help="Base model: a library name, a local directory or a hub id (pulled on first use) [default: Qwen/Qwen2.5-1.5B-Instruct, 4-bit].")
 @click.option("--data", help="Directory with train/valid(/test).jsonl, or one .jsonl/.json file.")
 @click.option("--out", help="Run directory [default: runs/<model>-<time>].")
 @click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
@@ -109,7 +109,8 @@ def _json_option(f):
 @click.option("--report-every", type=int, help="Log training metrics every N steps [default: 10].")
 @click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")
 @click.option("--report-to", type=click.Choice(["wandb"]), help="Also log metrics to Weights & Biases (needs wandb).")
-@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: 4 on the CPU backend].")
+@click.option("--threads", type=int, help="BLAS threads on the CPU backend [default: one per core].")
+@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: one training step's peak on the CPU backend].")
 @_json_option
 def lora(config_path, resume_dir, json_mode, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
@@ -145,35 +146,79 @@ def lora(config_path, resume_dir, json_mode, **flags):
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for the fused model.")
 @click.option("--checkpoint", default="last", show_default=True, help="Adapter to fuse: last, best or a step number.")
+@click.option("--quantize", "-q", type=click.Choice(["4", "8", "none"]), default="none", show_default=True,
+              help="Re-quantize the merged model (the merge itself is always done at full precision).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Quantization group size [default: the base's, else 64].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @_json_option
-def fuse(run_dir, out, checkpoint, overwrite, json_mode):
+def fuse(run_dir, out, checkpoint, quantize, group_size, overwrite, json_mode):
     """Merge a run's adapter into its base model: a standalone MLX model directory.
 
-    The fused model is reloaded from disk and its logits compared with base + adapter on the run's
-    validation data; if they differ, nothing is kept.
+    A quantized base is dequantized before the merge. The fused model is reloaded from disk and
+    compared with base + adapter on the run's validation data (logits, KL, loss). An unquantized
+    fuse that does not match is not kept; a re-quantized one reports how much of the finetune's
+    loss gain survives and warns below 90%.
 
     \b
-    Example:
+    Examples:
       mlxtune fuse runs/demo --out fused/demo
+      mlxtune fuse runs/demo --out fused/demo-q8 --quantize 8 --checkpoint best
     """
     from mlxtune.fuse import fuse_run
-    from mlxtune.ui import make_console, print_json
+    from mlxtune.ui import make_console, print_fuse_result, print_json
 
     console = make_console(json_mode)
     with console.status("fusing and verifying"):
-        result = fuse_run(run_dir, out, checkpoint=checkpoint, overwrite=overwrite)
+        result = fuse_run(run_dir, out, checkpoint=checkpoint, quantize=quantize,
+                          group_size=int(group_size) if group_size else None, overwrite=overwrite)
     if json_mode:
         print_json(result.to_dict())
     else:
-        console.print(f"fused model written to [cyan]{result.out}[/]")
-        console.print(f"verified: max |logit difference| {result.max_abs_diff:.2e} ≤ {result.tolerance:g} "
-                      f"over {result.checked_tokens} held-out tokens")
+        print_fuse_result(console, result)
 
 
 def _template_flag(f):
     return click.option("--template/--no-template", "use_template", default=None,
                         help="Render the prompt with the chat template [default: when the model or run has one].")(f)
+
+
+@main.command("export")
+@click.argument("run_or_model", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "gguf-adapter", "ollama", "lmstudio", "hf"]),
+              help="gguf: whole model for llama.cpp; gguf-adapter: the LoRA alone; ollama: GGUF + Modelfile; "
+                   "lmstudio: install into LM Studio; hf: safetensors for transformers.")
+@click.option("--out", type=click.Path(), help="Output file (.gguf) or directory [default: from the name; LM Studio's models folder for lmstudio].")
+@click.option("--outtype", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
+              help="GGUF tensor type (norms always stay f32).")
+@click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@_json_option
+def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, json_mode):
+    """Export a run (fused first, verified) or a model for other tools.
+
+    \b
+    Examples:
+      mlxtune export runs/demo --format gguf --out demo-f16.gguf
+      mlxtune export runs/demo --format gguf-adapter --out demo-lora.gguf
+      mlxtune export runs/demo --format ollama --out ollama/demo
+      mlxtune export runs/demo --format hf --out hf/demo
+      mlxtune export runs/demo --format lmstudio
+    """
+    from mlxtune.export import export
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    with console.status(f"exporting ({fmt})"):
+        result = export(run_or_model, fmt, out, outtype=outtype, checkpoint=checkpoint, overwrite=overwrite,
+                        console=console)
+    if json_mode:
+        print_json(result.to_dict())
+    else:
+        console.print(f"[green]written:[/] {result.path}")
+        for warning in result.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        if result.next_step:
+            console.print(f"next: {result.next_step}")
 
 
 @main.command()
@@ -242,6 +287,109 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
 
     chat_session(loaded, read_line, write, system=system, max_tokens=max_tokens, temperature=temp, top_p=top_p,
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--quantize", "-q", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
+              help="Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Weights per quantization group (smaller = more accurate, larger file).")
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Precision of unquantized tensors [default: the model's].")
+@click.option("--revision", help="Hub branch, tag or commit.")
+@click.option("--name", help="Library name [default: <repo name>-<quantization>].")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model that ships its own Python code.")
+@click.option("--force", is_flag=True, help="Convert again even if the library has it.")
+@_json_option
+def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_code, force, json_mode):
+    """Download a model from the Hugging Face hub (or take a local directory), convert it to MLX,
+    quantize it, and keep it in the model library.
+
+    \b
+    Examples:
+      mlxtune pull Qwen/Qwen2.5-0.5B-Instruct               # 4-bit, group size 64
+      mlxtune pull Qwen/Qwen2.5-0.5B-Instruct -q 8 --group-size 32
+      mlxtune pull ./my-hf-model --quantize none --dtype bf16
+    Then: mlxtune lora --model Qwen2.5-0.5B-Instruct-4bit --data ./data
+    """
+    from mlxtune.models import pull as pull_model
+    from mlxtune.ui import fmt_bytes, make_console, print_json
+
+    console = make_console(json_mode)
+    entry = pull_model(reference, quantize=quantize, group_size=int(group_size), dtype=dtype, revision=revision,
+                       trust_remote_code=trust_remote_code, name=name, force=force, console=console)
+    if json_mode:
+        print_json(entry.to_dict())
+    else:
+        console.print(f"[green]ready:[/] [bold]{entry.name}[/] ({entry.architecture}, {entry.quantization_label}, "
+                      f"{fmt_bytes(entry.size_bytes)}) at {entry.path}")
+        console.print(f"use it with: mlxtune lora --model {entry.name} --data ./data")
+
+
+@main.group(invoke_without_command=True)
+@_json_option
+@click.pass_context
+def models(ctx, json_mode):
+    """The local model library: list it (no subcommand), show one model, remove one.
+
+    \b
+    Examples:
+      mlxtune models
+      mlxtune models info stories260K-4bit
+      mlxtune models rm stories260K-4bit
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from mlxtune.models import library_dir, list_models
+    from mlxtune.ui import make_console, print_json, print_models_table
+
+    entries = list_models()
+    if json_mode:
+        print_json({"library": str(library_dir()), "models": [e.to_dict() for e in entries]})
+    elif not entries:
+        make_console().print(f"the library ({library_dir()}) is empty: `mlxtune pull ORG/NAME` adds a model")
+    else:
+        print_models_table(make_console(), entries)
+
+
+@models.command("info")
+@click.argument("name")
+@_json_option
+def models_info(name, json_mode):
+    """Config summary of a library model (or a model directory) and the memory it needs.
+
+    \b
+    Example:
+      mlxtune models info stories260K-4bit
+    """
+    from mlxtune.models import model_info
+    from mlxtune.ui import make_console, print_json, print_model_info
+
+    info = model_info(name)
+    if json_mode:
+        print_json(info)
+    else:
+        print_model_info(make_console(), info)
+
+
+@models.command("rm")
+@click.argument("name")
+@_json_option
+def models_rm(name, json_mode):
+    """Delete a model from the library.
+
+    \b
+    Example:
+      mlxtune models rm stories260K-4bit
+    """
+    from mlxtune.models import remove_model
+    from mlxtune.ui import fmt_bytes, make_console, print_json
+
+    entry = remove_model(name)
+    if json_mode:
+        print_json({"removed": entry.name, "freed_bytes": entry.size_bytes})
+    else:
+        make_console().print(f"removed {entry.name} ({fmt_bytes(entry.size_bytes)} freed)")
 
 
 @main.command()

@@ -60,7 +60,8 @@ class LoraSettings:
     report_every: int = 10
     seed: int = 0
     report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
-    cache_limit_gb: float | None = None  # MLX buffer cache; None = 4 GB on the CPU backend (MLX's default is small)
+    threads: int | None = None  # BLAS threads on the CPU backend; None = one per core (the library's default)
+    cache_limit_gb: float | None = None  # MLX buffer cache; None = one step's peak on the CPU backend
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,6 +109,10 @@ class LoraSettings:
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"patience must be at least 1, got {self.patience}", "omit --patience to never stop early")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1, got {self.threads}", "omit --threads to use every core")
+        if self.cache_limit_gb is not None and self.cache_limit_gb < 0:
+            raise UsageError(f"cache_limit_gb can't be negative, got {self.cache_limit_gb}", "set --cache-limit-gb")
         if self.layers is not None and self.layers < 1:
             raise UsageError(f"layers must be at least 1, got {self.layers}", "omit --layers to adapt every block")
         if not 0.0 <= self.dropout < 1.0:

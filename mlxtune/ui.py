@@ -112,3 +112,81 @@ def print_data_report(console: Console, report, max_seq_length: int) -> None:
                                                                       if problem["hint"] else ""))
     else:
         console.print("[green]no problems found[/]")
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def fmt_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def print_models_table(console: Console, entries) -> None:
+    table = Table(title="model library", title_justify="left")
+    longest = max(len(e.name) for e in entries)
+    for column in ("name", "arch", "params", "quant", "size", "added"):
+        table.add_column(column, no_wrap=True, min_width=longest if column == "name" else None)
+    wide = console.width >= 110
+    if wide:
+        table.add_column("source", overflow="fold")
+    for e in entries:
+        row = [e.name, e.architecture, fmt_count(e.parameters), e.quantization_label, fmt_bytes(e.size_bytes),
+               e.created[:10]]
+        table.add_row(*row, *([_short_source(e.source)] if wide else []))
+    console.print(table)
+    if not wide:  # long paths would squeeze the table to nothing in a narrow terminal
+        for e in entries:
+            console.print(f"[dim]{e.name} ← {_short_source(e.source)}[/]")
+
+
+def _short_source(source: str) -> str:
+    home = str(Path.home())
+    return "~" + source[len(home):] if source.startswith(home + "/") else source
+
+
+def print_fuse_result(console: Console, result) -> None:
+    quant = (f"{result.quantization['bits']}-bit, group {result.quantization['group_size']}"
+             if result.quantization else "none")
+    rows = [
+        ("written to", result.out),
+        ("quantization", quant),
+        ("checked", f"{result.checked_tokens} held-out tokens"),
+        ("max |Δ log-prob|", f"{result.max_abs_diff:.2e}"
+                             + (f" ≤ {result.tolerance:g} ✓" if result.tolerance is not None else "")),
+        ("mean KL", f"{result.mean_kl:.2e} nats"),
+        ("validation loss", f"base {fmt_loss(result.loss_base)} · base+adapter {fmt_loss(result.loss_adapter)} · "
+                            f"fused {fmt_loss(result.loss_fused)}"),
+        ("finetune kept", "—" if result.survival is None else f"{100 * result.survival:.1f}% of the loss gain"),
+    ]
+    console.print(summary_table("fuse", rows))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def print_model_info(console: Console, info: dict) -> None:
+    memory, quant = info["memory"], info["quantization"]
+    assumed = memory["assumptions"]
+    rows = [
+        ("path", info["path"]),
+        ("source", info["source"]),
+        ("architecture", f"{info['architecture']} · {info['layers']} layers · hidden {info['hidden_size']} · "
+                         f"{info['attention_heads']} heads ({info['kv_heads']} KV) · vocab {info['vocab_size']}"),
+        ("context", str(info["context_length"])),
+        ("quantization", f"{quant['bits']}-bit, group {quant['group_size']}" if quant else "none"),
+        ("size on disk", fmt_bytes(info["size_bytes"])),
+        ("chat template", "yes" if info["has_chat_template"] else "no (mlxtune's fallback template is used)"),
+        ("inference needs", f"≈{fmt_bytes(memory['inference_bytes'])} at {assumed['context']} tokens of context"),
+        ("LoRA needs", f"≈{fmt_bytes(memory['lora_bytes'])} (rank {assumed['rank']}, batch {assumed['batch_size']}"
+                       f" × {assumed['seq_len']} tokens)"),
+    ]
+    console.print(summary_table(info["name"], rows))

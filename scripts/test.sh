@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
 # Install mlxtune with its test extras into .venv and run the test suite. Extra arguments go to pytest.
+# The interop suite (tests/interop: llama.cpp and transformers load our exports) needs llama-cpp-python, which pip
+# builds from source once (~10 minutes on 2 cores, then cached); MLXTUNE_SKIP_INTEROP=1 leaves it out.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-source scripts/_venv.sh "test"
+extras="test"
+if [ "${MLXTUNE_SKIP_INTEROP:-}" != "1" ]; then
+  extras="test,interop"
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    # A CPU build of PyTorch first (plain `torch` on Linux resolves to the multi-GB CUDA build).
+    echo "==> installing PyTorch (CPU) for the transformers interop tests"
+    .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
+  fi
+  export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+  if [ "$(uname -m)" = "x86_64" ]; then
+    # No -march=native: on VMs that advertise AMX without enabling it, llama.cpp's native build dies with SIGILL
+    # in its Q8_0 kernels. AVX2/FMA/F16C run everywhere we test.
+    export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+  fi
+fi
+source scripts/_venv.sh "$extras"
 exec "$ROOT/.venv/bin/python" -m pytest "$@"

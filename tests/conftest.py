@@ -29,6 +29,20 @@ def run_cli(*args, input: str | None = None, cwd: Path | None = None, timeout: i
     )
 
 
+def mlx_greedy(model, ids: list[int], n: int = 32, eos: int | None = None) -> list[int]:
+    """Plain greedy decoding, recomputing the whole prefix each step (tiny models: exactness over speed)."""
+    import mlx.core as mx
+
+    tokens, out = list(ids), []
+    for _ in range(n):
+        token = int(mx.argmax(model(mx.array(tokens)[None])[0, -1]).item())
+        if token == eos:
+            break
+        out.append(token)
+        tokens.append(token)
+    return out
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return MODEL

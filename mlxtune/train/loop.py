@@ -17,7 +17,8 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
-from mlxtune.models import load_model, model_name, resolve_model
+from mlxtune.backend import set_blas_threads
+from mlxtune.models import DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE, load_model, model_name, resolve_model
 from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
 from mlxtune.settings import LoraSettings, load_settings, save_settings
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
@@ -56,6 +57,9 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CACHE_TO_PEAK = 1.0  # MLX buffer cache after the first step, as a share of that step's peak memory
 
 
 def default_run_dir(model_path: Path) -> Path:
@@ -131,19 +135,26 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`."""
     console = console or make_console()
     settings.validate()
-    model_path = resolve_model(settings.model)
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
+    if not settings.model:
+        console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/] "
+                      f"({DEFAULT_QUANTIZE}-bit, pulled once into the model library)")
+        settings.model = DEFAULT_BASE_MODEL
+    model_path = resolve_model(settings.model, console=console)
     data_path = resolve_data_path(settings.data)
     run_dir = _prepare_run_dir(settings, model_path, resume)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     console.print(f"[bold]mlxtune[/] {settings.method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
     model, tokenizer, model_config = load_model(model_path)
-    cache_limit = settings.cache_limit_gb if settings.cache_limit_gb is not None else (4.0 if _on_cpu() else None)
-    if cache_limit is not None:
-        # MLX's default CPU buffer cache is small: big buffers would be page-faulted in again every step.
-        mx.set_cache_limit(int(cache_limit * 1e9))
+    if settings.threads is not None and _on_cpu() and not set_blas_threads(settings.threads):
+        console.print("[yellow]note:[/] --threads applies to the system BLAS, which is not in use here")
+    if settings.cache_limit_gb is not None:
+        mx.set_cache_limit(int(settings.cache_limit_gb * 1e9))
+    # On the CPU backend, freed buffers that leave MLX's cache are page-faulted in again on the next step; after the
+    # first step the cache is sized to that step's peak, which keeps one step's buffers without growing further.
+    size_cache_after_first_step = settings.cache_limit_gb is None and _on_cpu()
     if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in trainable_or_all(model)):
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
@@ -227,6 +238,9 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
             trainer.update(grads, count)
             mx.eval(trainer.state)
             step += 1
+            if size_cache_after_first_step:
+                mx.set_cache_limit(int(mx.get_peak_memory() * CACHE_TO_PEAK))
+                size_cache_after_first_step = False
             window["loss_sum"] += loss_sum.item()
             window["count"] += count.item()
             window["tokens"] += sum(b.tokens for b in micro)

@@ -16,7 +16,8 @@ import mlx.nn as nn
 
 from mlxtune.data.batching import Batch
 
-CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk
+CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk, at most
+CHUNK_LOGITS_BYTES = 256 * 2**20  # and at most this much float32 logits per chunk (a 150k vocabulary: ~440 rows)
 
 
 class SegmentMaskCache:
@@ -104,7 +105,14 @@ def loss_streams() -> list:
     return _STREAMS
 
 
-def make_selective_loss_sum(head):
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk: the logits, their softmax and its gradient live at once, per stream."""
+    return max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))))
+
+
+def make_selective_loss_sum(head, vocab_size: int):
+    max_rows = chunk_rows(vocab_size)
+
     def chunk_loss(hidden_rows, targets, weights):
         # Recompute the chunk's logits in the backward pass instead of keeping them. Only the hidden rows are
         # arguments: the integer targets and the weights are constants of the chunk, not things to differentiate.
@@ -121,7 +129,7 @@ def make_selective_loss_sum(head):
         streams = loss_streams()
         # At least one chunk per stream: MLX's CPU elementwise kernels (the softmax's exp) are single-threaded,
         # so spreading the chunks over one stream per core runs them in parallel.
-        chunk = min(CHUNK_ROWS, max(1, -(-count // len(streams))))
+        chunk = min(max_rows, max(1, -(-count // len(streams))))
         total = mx.array(0.0)
         for number, start in enumerate(range(0, count, chunk)):
             end = start + chunk
@@ -152,7 +160,8 @@ class Loss:
 
     def __init__(self, model, selective: bool = True):
         self.selective = selective and supports_selective_loss(model)
-        self.function = make_selective_loss_sum(output_head(model)) if self.selective else full_loss_sum
+        vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or 32768
+        self.function = make_selective_loss_sum(output_head(model), vocab_size) if self.selective else full_loss_sum
 
     def arrays(self, batch: Batch) -> tuple[mx.array, ...]:
         if self.selective:

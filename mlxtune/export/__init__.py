@@ -1,0 +1,110 @@
+"""Exports of a run or a model: GGUF (full model or LoRA adapter), Ollama, LM Studio, Hugging Face safetensors.
+
+`export(...)` is what `mlxtune export` calls; each format lives in its own module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlxtune.errors import UsageError
+from mlxtune.runs import is_run_dir, open_run
+
+FORMATS = ("gguf", "gguf-adapter", "ollama", "lmstudio", "hf")
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: str  # the file or directory written
+    files: list[str] = field(default_factory=list)
+    next_step: str | None = None  # the command that uses it
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lmstudio_models_dir() -> Path:
+    """LM Studio's models folder: LMSTUDIO_MODELS_DIR, else ~/.lmstudio/models (or the older ~/.cache/lm-studio)."""
+    if os.environ.get("LMSTUDIO_MODELS_DIR"):
+        return Path(os.environ["LMSTUDIO_MODELS_DIR"]).expanduser()
+    legacy = Path.home() / ".cache" / "lm-studio" / "models"
+    current = Path.home() / ".lmstudio" / "models"
+    return legacy if legacy.is_dir() and not current.is_dir() else current
+
+
+def _default_name(run_or_model: str | Path) -> str:
+    return Path(str(run_or_model).rstrip("/")).name or "model"
+
+
+def _fresh(path: Path, overwrite: bool) -> None:
+    if path.exists():
+        if not overwrite:
+            raise UsageError(f"{path} already exists", "choose another --out or pass --overwrite")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, outtype: str = "f16",
+           checkpoint: str = "last", overwrite: bool = False, console=None) -> ExportResult:
+    """Write `run_or_model` in format `fmt` to `out` (a .gguf file for gguf/gguf-adapter, else a directory)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    name = _default_name(run_or_model)
+
+    if fmt == "gguf-adapter":
+        from mlxtune.export.gguf_adapter import export_gguf_adapter
+
+        if not is_run_dir(run_or_model):
+            raise UsageError(f"{run_or_model} is not a run directory", "gguf-adapter exports a run's adapter")
+        run = open_run(run_or_model)
+        target = Path(out or f"{name}-lora.gguf")
+        _fresh(target, overwrite)
+        export_gguf_adapter(run, target, checkpoint)
+        return ExportResult(fmt, str(target), [str(target)],
+                            f"llama-cli -m BASE.gguf --lora {target}   (BASE.gguf: mlxtune export "
+                            f"{run.base_model} --format gguf)")
+
+    from mlxtune.export.source import open_source
+
+    if fmt == "lmstudio":
+        target = Path(out) if out else lmstudio_models_dir() / "mlxtune" / name
+    elif fmt == "gguf":
+        target = Path(out or f"{name}-{outtype}.gguf")
+    else:
+        target = Path(out or f"{name}-{fmt}")
+    _fresh(target, overwrite)
+
+    with open_source(run_or_model, checkpoint, console) as source:
+        if fmt == "gguf":
+            from mlxtune.export.gguf import export_gguf
+
+            notes: list[str] = []
+            export_gguf(source, target, outtype, name=name, warnings=notes)
+            return ExportResult(fmt, str(target), [str(target)], f"llama-cli -m {target} -cnv", notes)
+        if fmt == "hf":
+            from mlxtune.export.hf import export_hf
+
+            export_hf(source, target)
+            return ExportResult(fmt, str(target), sorted(str(p) for p in target.iterdir()),
+                                f"AutoModelForCausalLM.from_pretrained({str(target)!r})")
+        if fmt == "ollama":
+            from mlxtune.export.gguf import export_gguf
+            from mlxtune.export.ollama import modelfile
+
+            target.mkdir(parents=True)
+            notes = []
+            gguf_file = export_gguf(source, target / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
+            context = (source.config.get("text_config") or source.config).get("max_position_embeddings")
+            text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context)
+            (target / "Modelfile").write_text(text, encoding="utf-8")
+            tag = name.lower().replace("_", "-")
+            return ExportResult(fmt, str(target), [str(gguf_file), str(target / "Modelfile")],
+                                f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}", notes)
+        # lmstudio: LM Studio runs MLX models directly on a Mac; install the (fused, full-precision) MLX model.
+        shutil.copytree(source.path, target, ignore=shutil.ignore_patterns("*.partial*"))
+        return ExportResult(fmt, str(target), sorted(str(p) for p in target.iterdir()),
+                            "open LM Studio: the model is listed under mlxtune/" + name)

@@ -1,0 +1,80 @@
+"""What every exporter starts from: a full-precision model (weights as a dict of arrays, config, tokenizer files).
+
+A run is fused first (verified, in a temporary directory); a quantized model is dequantized, because GGUF's own
+quantizations and transformers' loaders expect float weights.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlxtune.models import load_model, read_config, resolve_model
+from mlxtune.runs import is_run_dir
+
+DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
+
+
+@dataclass
+class ExportSource:
+    path: Path  # an MLX model directory (the fused one for a run)
+    config: dict  # without quantization keys
+    weights: dict[str, mx.array]  # HF-style names, float
+    tokenizer: object  # mlx-lm TokenizerWrapper
+    chat_template: str | None
+    origin: str  # what the user named
+
+
+@contextmanager
+def open_source(run_or_model: str | Path, checkpoint: str = "last", console=None):
+    """Yields an ExportSource; a run is fused into a temporary directory that is removed afterwards."""
+    from mlx_lm.utils import dequantize_model
+
+    temp = None
+    try:
+        if is_run_dir(run_or_model):
+            from mlxtune.fuse import fuse_run
+
+            temp = Path(tempfile.mkdtemp(prefix="mlxtune-export-"))
+            if console:
+                console.print(f"fusing {run_or_model} ({checkpoint}) before export")
+            fuse_run(run_or_model, temp / "fused", checkpoint=checkpoint)
+            path = temp / "fused"
+        else:
+            path = resolve_model(run_or_model, console=console)
+        model, tokenizer, _ = load_model(path)
+        dequantize_model(model)
+        config = dict(read_config(path))
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        weights = dict(tree_flatten(model.parameters()))
+        template = getattr(tokenizer, "chat_template", None)
+        template_file = path / "chat_template.jinja"
+        if template_file.is_file():
+            template = template_file.read_text(encoding="utf-8")
+        yield ExportSource(path, config, weights, tokenizer, template, str(run_or_model))
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def floating_dtype(weights: dict[str, mx.array]):
+    for value in weights.values():
+        if mx.issubdtype(value.dtype, mx.floating):
+            return value.dtype
+    return mx.float32
+
+
+def copy_tokenizer_files(source: ExportSource, out: Path) -> None:
+    source.tokenizer.save_pretrained(str(out))
+    for name in ("generation_config.json",):
+        if (source.path / name).is_file():
+            shutil.copy(source.path / name, out / name)
+    if source.chat_template:
+        (out / "chat_template.jinja").write_text(source.chat_template, encoding="utf-8")
