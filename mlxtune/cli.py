@@ -89,8 +89,8 @@ def _json_option(f):
 @click.option("--iters", type=int, help="Optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float, help="Passes over the training data [default: 1].")
 @click.option("--batch-size", type=int, help="Examples per micro-batch [default: 4].")
-@click.option("--batch-tokens", type=int, help="Token budget per micro-batch [default: batch size × mean length when packing].")
-@click.option("--pack/--no-pack", default=None, help="Pack several examples per row, isolated by the attention mask [default: on where supported].")
+@click.option("--batch-tokens", type=int, help="Token budget per micro-batch, filled with examples of similar length [default: batch size × mean length].")
+@click.option("--pack/--no-pack", default=None, help="--pack: several examples per row, isolated by the attention mask; --no-pack: fixed batches of --batch-size [default: length-bucketed token budget].")
 @click.option("--grad-accumulation", type=int, help="Micro-batches per optimizer step [default: 1].")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--selective-loss/--full-loss", default=None,
@@ -110,7 +110,7 @@ def _json_option(f):
 @click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")
 @click.option("--report-to", type=click.Choice(["wandb"]), help="Also log metrics to Weights & Biases (needs wandb).")
 @click.option("--threads", type=int, help="BLAS threads on the CPU backend [default: one per core].")
-@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: one training step's peak on the CPU backend].")
+@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: MLX's own].")
 @_json_option
 def lora(config_path, resume_dir, json_mode, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.

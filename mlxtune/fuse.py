@@ -124,21 +124,14 @@ def _log_probs(model, examples) -> list[mx.array]:
     return out
 
 
-def _dequantize_everything(model) -> None:
-    """Turn every remaining quantized layer (embeddings, heads, unadapted linears) back into a float one."""
-    from mlx_lm.utils import dequantize_model
-
-    dequantize_model(model)
-
-
 def _is_quantized(model) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
 
 
 def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", quantize: str = "none",
-             group_size: int | None = None, overwrite: bool = False, console=None) -> FuseResult:
+             group_size: int | None = None, overwrite: bool = False) -> FuseResult:
     """Write `out`, a standalone MLX model = base + adapter (optionally re-quantized), verified against the run."""
-    from mlx_lm.utils import quantize_model, save
+    from mlx_lm.utils import dequantize_model, quantize_model, save
 
     quantize = str(quantize).lower()
     if quantize not in QUANTIZE_CHOICES:
@@ -171,8 +164,8 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
-    if _is_quantized(model):
-        _dequantize_everything(model)
+    if _is_quantized(model):  # embeddings, heads and unadapted layers of a QLoRA base
+        dequantize_model(model)
     _cast_floating(model, stored_dtype)  # the base's own precision (float16 stays float16)
     config = dict(config)
     config.pop("quantization", None)

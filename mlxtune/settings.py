@@ -41,8 +41,8 @@ class LoraSettings:
     iters: int | None = None  # optimizer steps; None = derived from epochs
     epochs: float = 1.0
     batch_size: int = 4
-    batch_tokens: int | None = None  # token budget per micro-batch; default (packing) = batch_size × mean length
-    pack: bool | None = None  # several examples per row, isolated by the mask; None = on where supported
+    batch_tokens: int | None = None  # token budget per micro-batch; default = batch_size × mean length (rounded up to 64)
+    pack: bool | None = None  # True: several examples per row, isolated by the mask; None: length-bucketed budget; False + no budget: fixed batches
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
     selective_loss: bool = True  # head + cross-entropy on supervised positions only (falls back when unsupported)
@@ -61,7 +61,7 @@ class LoraSettings:
     seed: int = 0
     report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
     threads: int | None = None  # BLAS threads on the CPU backend; None = one per core (the library's default)
-    cache_limit_gb: float | None = None  # MLX buffer cache; None = one step's peak on the CPU backend
+    cache_limit_gb: float | None = None  # MLX buffer cache; None = MLX's default (measured: a bigger one only costs RSS)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -93,7 +93,11 @@ def run_child(command: list[str]) -> tuple[dict, float]:
     report = json.loads(done.stdout)
     if report["rc"]:
         raise SystemExit(f"{command[:4]} failed:\n{done.stderr}")
-    return json.loads(report["out"].strip().splitlines()[-1]), report["rss_kb"] / 1e6
+    try:  # mlxtune --json: stdout is exactly the result
+        result = json.loads(report["out"])
+    except json.JSONDecodeError:  # the PyTorch child: one JSON line at the end
+        result = json.loads(report["out"].strip().splitlines()[-1])
+    return result, report["rss_kb"] / 1e6
 
 
 def mlxtune_run(model_dir: Path, work: Path, args, dtype: str) -> tuple[dict, float]:

@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--quality-lr", type=float, default=1e-3, help="learning rate of the stories-wikisql case")
     parser.add_argument("--work", default="/tmp/mlxtune-bench")
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
@@ -174,6 +175,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    CASE_SETTINGS["stories-wikisql"]["learning_rate"] = args.quality_lr
     results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate)
                for case in args.cases.split(",")]
     print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, iters {args.iters}, "

@@ -230,3 +230,12 @@ def test_unsupported_architecture_names_close_supported_ones(tmp_path):
     assert result.returncode == 2
     assert "architecture 'lama' is not supported by mlx-lm" in result.stderr
     assert "llama" in result.stderr.split("hint:")[1]
+
+
+def test_lora_without_model_uses_the_default_base_and_says_how_to_get_it_offline(tmp_path):
+    (tmp_path / "hf").mkdir()
+    result = _run_with(_offline_env(tmp_path), "lora", "--data", WIKISQL, "--out", tmp_path / "run", "--iters", 1)
+    assert result.returncode == 2
+    assert "default base model Qwen/Qwen2.5-1.5B-Instruct" in " ".join(result.stdout.split())
+    assert "error: Qwen/Qwen2.5-1.5B-Instruct is not in the local Hugging Face cache" in result.stderr
+    assert not (tmp_path / "run").exists()

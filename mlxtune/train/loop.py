@@ -59,9 +59,6 @@ class RunResult:
         return asdict(self)
 
 
-CACHE_TO_PEAK = 1.0  # MLX buffer cache after the first step, as a share of that step's peak memory
-
-
 def default_run_dir(model_path: Path) -> Path:
     return Path("runs") / f"{model_name(model_path)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -74,13 +71,18 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
 
 
 def batch_plan(settings: LoraSettings, train, packing_supported: bool) -> tuple[BatchPlan, list[str]]:
-    """Packing where the model takes the mask (unless turned off); a token budget when packing or asked for."""
+    """A token budget filled with examples of similar length (default), packing with --pack, or a fixed count.
+
+    Length buckets waste almost no padding and keep attention on its fast causal path; packing removes the last
+    padding but needs an explicit block-diagonal mask, which measured slower on every benchmark case here
+    (docs/BENCHMARKS.md). --no-pack without --batch-tokens gives fixed batches of --batch-size examples.
+    """
     notes = []
-    pack = packing_supported if settings.pack is None else settings.pack
+    pack = bool(settings.pack)
     if pack and not packing_supported:
         notes.append("this architecture's attention can't take the packing mask: padding instead of packing")
         pack = False
-    if not pack and not settings.batch_tokens:
+    if settings.pack is False and not settings.batch_tokens:
         return BatchPlan(batch_size=settings.batch_size), notes
     lengths = [len(e) for e in train]
     budget = settings.batch_tokens or settings.batch_size * 64 * math.ceil(sum(lengths) / len(lengths) / 64)
@@ -152,9 +154,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         console.print("[yellow]note:[/] --threads applies to the system BLAS, which is not in use here")
     if settings.cache_limit_gb is not None:
         mx.set_cache_limit(int(settings.cache_limit_gb * 1e9))
-    # On the CPU backend, freed buffers that leave MLX's cache are page-faulted in again on the next step; after the
-    # first step the cache is sized to that step's peak, which keeps one step's buffers without growing further.
-    size_cache_after_first_step = settings.cache_limit_gb is None and _on_cpu()
+
     if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in trainable_or_all(model)):
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
@@ -238,9 +238,6 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
             trainer.update(grads, count)
             mx.eval(trainer.state)
             step += 1
-            if size_cache_after_first_step:
-                mx.set_cache_limit(int(mx.get_peak_memory() * CACHE_TO_PEAK))
-                size_cache_after_first_step = False
             window["loss_sum"] += loss_sum.item()
             window["count"] += count.item()
             window["tokens"] += sum(b.tokens for b in micro)

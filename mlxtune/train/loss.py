@@ -1,8 +1,9 @@
 """The loss, computed only where it counts.
 
 The selective path takes the final hidden states, gathers the supervised positions and applies the output head
-and cross-entropy to those rows only, chunk by chunk under `mx.checkpoint`, so the `[batch, seq, vocab]` logits
-are never materialised (for a 150k vocabulary they dominate memory). The head is found per model and checked
+and cross-entropy to those rows only, chunk by chunk (recomputed in the backward pass once the kept softmax would
+pass a memory budget), so the `[batch, seq, vocab]` logits are never materialised (for a 150k vocabulary they
+dominate memory). The head is found per model and checked
 against the model's own forward pass; where they disagree (logit soft-capping, scaling…) the full computation is
 used instead.
 """
@@ -17,7 +18,8 @@ import mlx.nn as nn
 from mlxtune.data.batching import Batch
 
 CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk, at most
-CHUNK_LOGITS_BYTES = 256 * 2**20  # and at most this much float32 logits per chunk (a 150k vocabulary: ~440 rows)
+KEPT_SOFTMAX_BYTES = 512 * 2**20  # float32 softmax kept for the backward pass, at most (else recomputed)
+CHUNK_LOGITS_BYTES = 64 * 2**20  # and at most this much float32 logits per chunk (a 150k vocabulary: ~110 rows)
 
 
 class SegmentMaskCache:
@@ -110,17 +112,42 @@ def chunk_rows(vocab_size: int) -> int:
     return max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))))
 
 
+@mx.custom_function
+def cross_entropy_sum(logits, targets, weights):
+    """Σ weights · cross-entropy, and the softmax it keeps for its own backward pass.
+
+    On MLX's CPU backend `exp` is single-threaded and dominates the loss; the stock cross-entropy runs it twice
+    (logsumexp forward, softmax backward). Here it runs once: the softmax computed for the loss is the gradient.
+    """
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exps = mx.exp(logits - top)
+    total = exps.sum(axis=-1, keepdims=True)
+    log_normalizer = (top + mx.log(total)).squeeze(-1)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+    return ((log_normalizer - picked) * weights).sum(), exps / total
+
+
+@cross_entropy_sum.vjp
+def _cross_entropy_sum_vjp(primals, cotangents, outputs):
+    logits, targets, weights = primals
+    probabilities = outputs[1]
+    one_hot = mx.arange(logits.shape[-1])[None, :] == targets[:, None]
+    grad = (probabilities - one_hot) * (cotangents[0] * weights)[:, None]
+    return grad.astype(logits.dtype), mx.zeros_like(targets), mx.zeros_like(weights)
+
+
 def make_selective_loss_sum(head, vocab_size: int):
     max_rows = chunk_rows(vocab_size)
 
-    def chunk_loss(hidden_rows, targets, weights):
+    def loss_of_rows(rows, targets, weights):
+        return cross_entropy_sum(head(rows).astype(mx.float32), targets, weights)[0]
+
+    def chunk_loss(hidden_rows, targets, weights, recompute: bool):
+        if not recompute:
+            return loss_of_rows(hidden_rows, targets, weights)
         # Recompute the chunk's logits in the backward pass instead of keeping them. Only the hidden rows are
         # arguments: the integer targets and the weights are constants of the chunk, not things to differentiate.
-        def loss_of_rows(rows):
-            logits = head(rows).astype(mx.float32)
-            return (nn.losses.cross_entropy(logits, targets) * weights).sum()
-
-        return mx.checkpoint(loss_of_rows)(hidden_rows)
+        return mx.checkpoint(lambda rows: loss_of_rows(rows, targets, weights))(hidden_rows)
 
     def selective_loss_sum(model, inputs, positions, targets, weights, segments=None):
         hidden = model.model(inputs, cache=packing_cache(model, segments))
@@ -130,11 +157,14 @@ def make_selective_loss_sum(head, vocab_size: int):
         # At least one chunk per stream: MLX's CPU elementwise kernels (the softmax's exp) are single-threaded,
         # so spreading the chunks over one stream per core runs them in parallel.
         chunk = min(max_rows, max(1, -(-count // len(streams))))
+        # Keeping every chunk's softmax for the backward pass saves recomputing head and softmax; past a budget
+        # the chunks are recomputed instead, so memory stays bounded whatever the batch.
+        recompute = count * vocab_size * 4 > KEPT_SOFTMAX_BYTES
         total = mx.array(0.0)
         for number, start in enumerate(range(0, count, chunk)):
             end = start + chunk
             with mx.stream(streams[number % len(streams)]):
-                part = chunk_loss(rows[start:end], targets[start:end], weights[start:end])
+                part = chunk_loss(rows[start:end], targets[start:end], weights[start:end], recompute)
             total = total + part
         return total, weights.sum()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm import load
 
@@ -30,7 +31,11 @@ def test_stories260k_head_is_separable():
     assert supports_selective_loss(model)
 
 
-def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy():
+@pytest.mark.parametrize("kept_softmax_bytes", [512 * 2**20, 0], ids=["softmax-kept", "recomputed"])
+def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy(kept_softmax_bytes, monkeypatch):
+    import mlxtune.train.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "KEPT_SOFTMAX_BYTES", kept_softmax_bytes)
     model, batch = _model_and_batch()
     selective = Loss(model, selective=True)
     assert selective.selective
