@@ -43,7 +43,8 @@ def default_warmup(settings: LoraSettings, total_steps: int) -> int:
 
 
 def build_optimizer(settings: LoraSettings, total_steps: int) -> optim.Optimizer:
-    # bias_correction=True: PyTorch's AdamW. MLX defaults to none, which shrinks the first steps' updates.
+    # bias_correction=True: PyTorch's AdamW. MLX defaults to none, which enlarges the first steps' updates
+    # (3.2× at step 1), so a learning rate would not mean what it means elsewhere.
     return optim.AdamW(
         learning_rate=learning_rate_schedule(settings, total_steps),
         weight_decay=settings.weight_decay,
