@@ -23,8 +23,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.evaluate import validation_loss
-from mlxtune.models import GROUP_SIZES, QUANTIZE_CHOICES, base_source, load_model, quiet_stdout
-from mlxtune.runs import Run, open_run
+from mlxtune.models import (base_source, check_quantization, load_model, quiet_stdout, read_config,
+                            without_quantization)
+from mlxtune.runs import TEMPLATE_FILE, Run, open_run
+from mlxtune.train.metrics import METRICS_FILE, read_metrics
 
 CHECK_EXAMPLES = 16
 CHECK_LENGTH = 256
@@ -99,12 +101,15 @@ def _float32_bytes(model) -> int:
     return sum(v.size * 4 for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
 
 
-def _tolerance(model) -> float:
-    """The bound an unquantized fuse must meet, by the precision the comparison ran in."""
-    dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
-    if dtypes <= {mx.float32}:
-        return TOLERANCE["float32"]
-    return TOLERANCE["bfloat16" if mx.bfloat16 in dtypes else "float16"]
+def _floating_dtypes(model) -> set:
+    return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+
+
+def _tolerance(weight_dtypes: set, compared_dtypes: set) -> float:
+    """The bound an unquantized fuse must meet, by the precision of its weights and of the comparison."""
+    if compared_dtypes <= {mx.float32}:
+        return TOLERANCE["float32"] if weight_dtypes <= {mx.float32} else HALF_WEIGHTS_TOLERANCE
+    return TOLERANCE["bfloat16" if mx.bfloat16 in compared_dtypes else "float16"]
 
 
 def _stored_dtype(model):
@@ -133,20 +138,16 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     """Write `out`, a standalone MLX model = base + adapter (optionally re-quantized), verified against the run."""
     from mlx_lm.utils import dequantize_model, quantize_model, save
 
-    quantize = str(quantize).lower()
-    if quantize not in QUANTIZE_CHOICES:
-        raise UsageError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}", None)
     run = open_run(run_dir)
+    base_quantization = read_config(run.base_model).get("quantization") or {}
+    group_size = group_size or base_quantization.get("group_size") or 64
+    quantize = check_quantization(quantize, group_size)  # before any model is loaded
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output directory {out} already exists", "choose another --out or pass --overwrite")
     adapter_dir = run.adapter_dir(checkpoint)
 
     base, tokenizer, config = load_model(run.base_model)
-    base_quantization = config.get("quantization")
-    group_size = group_size or (base_quantization or {}).get("group_size") or 64
-    if group_size not in GROUP_SIZES:
-        raise UsageError(f"--group-size {group_size} is not one of {GROUP_SIZES}", None)
     examples = _check_examples(run, tokenizer)
     base.eval()
     _as_float32(base)
@@ -167,9 +168,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     if _is_quantized(model):  # embeddings, heads and unadapted layers of a QLoRA base
         dequantize_model(model)
     _cast_floating(model, stored_dtype)  # the base's own precision (float16 stays float16)
-    config = dict(config)
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
+    config = without_quantization(config)
     if quantize != "none":
         with quiet_stdout():
             model, config = quantize_model(model, config, group_size, int(quantize))
@@ -183,11 +182,9 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
         del model
         reloaded, _, _ = load_model(staging)
         reloaded.eval()
-        half = any(v.dtype in (mx.float16, mx.bfloat16) for _, v in tree_flatten(reloaded.parameters()))
+        weight_dtypes = _floating_dtypes(reloaded)
         _as_float32(reloaded)
-        tolerance = _tolerance(reloaded)
-        if half and tolerance == TOLERANCE["float32"]:
-            tolerance = HALF_WEIGHTS_TOLERANCE
+        tolerance = _tolerance(weight_dtypes, _floating_dtypes(reloaded))
         actual = _log_probs(reloaded, examples)
         loss_fused = validation_loss(reloaded, examples)
         max_diff = max(mx.abs(a - e).max().item() for a, e in zip(actual, expected))
@@ -219,23 +216,17 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
 
 def _final_losses(run: Run) -> dict:
     losses = {}
-    metrics = run.path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            for key in ("train_loss", "val_loss"):
-                if record.get(key) is not None:
-                    losses[key] = record[key]
+    for record in read_metrics(run.path / METRICS_FILE):
+        for key in ("train_loss", "val_loss"):
+            if record.get(key) is not None:
+                losses[key] = record[key]
     return losses
 
 
 def _write_extras(out: Path, run: Run, checkpoint: str, result: FuseResult) -> None:
     """What inference needs beyond weights: the template training used, and a model card with the facts."""
     if run.chat_template:
-        (out / "chat_template.jinja").write_text(run.chat_template, encoding="utf-8")
+        (out / TEMPLATE_FILE).write_text(run.chat_template, encoding="utf-8")
     (out / REPORT_FILE).write_text(json.dumps({"run": str(run.path), "checkpoint": checkpoint,
                                                **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(model_card(run, checkpoint, result), encoding="utf-8")

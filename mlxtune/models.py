@@ -123,6 +123,30 @@ def model_name(path: Path) -> str:
     return Path(path).name
 
 
+def text_config(config: dict) -> dict:
+    """The language model's part of a config (multimodal configs nest it under `text_config`)."""
+    return config.get("text_config") or config
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def without_quantization(config: dict) -> dict:
+    """A copy of `config` describing the same model with float weights."""
+    return {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+
+
+def check_quantization(quantize: str, group_size: int) -> str:
+    """`quantize` normalised ("4", "8" or "none"); a UsageError for a value or group size we can't write."""
+    quantize = str(quantize).lower()
+    if quantize not in QUANTIZE_CHOICES:
+        raise UsageError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}", None)
+    if group_size not in GROUP_SIZES:
+        raise UsageError(f"--group-size {group_size} is not one of {GROUP_SIZES}", None)
+    return quantize
+
+
 # ------------------------------------------------------------------------------------------------ the hub
 
 
@@ -221,11 +245,7 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    quantize = str(quantize).lower()
-    if quantize not in QUANTIZE_CHOICES:
-        raise UsageError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}", None)
-    if group_size not in GROUP_SIZES:
-        raise UsageError(f"--group-size {group_size} is not one of {GROUP_SIZES}", None)
+    quantize = check_quantization(quantize, group_size)
     dtype = DTYPES.get(dtype, dtype) if dtype else None
     if dtype is not None and dtype not in DTYPE_TAGS:
         raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", None)
@@ -326,7 +346,7 @@ def _link_tree(source: Path, dest: Path) -> None:
 
 
 def _config_dtype(config: dict) -> str:
-    dtype = config.get("torch_dtype") or config.get("dtype") or (config.get("text_config") or {}).get("dtype")
+    dtype = config.get("torch_dtype") or config.get("dtype") or text_config(config).get("dtype")
     return dtype if dtype in DTYPE_TAGS else "float16"
 
 
@@ -417,7 +437,7 @@ def model_info(reference: str) -> dict:
     entry = find_entry(reference)
     path = Path(entry.path) if entry else check_model_dir(Path(reference).expanduser())
     config = read_config(path)
-    text = config.get("text_config") or config
+    text = text_config(config)
     summary = {
         "name": entry.name if entry else path.name,
         "path": str(path),

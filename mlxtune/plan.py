@@ -6,23 +6,24 @@ adapter with its gradient and two AdamW moments in float32 plus the activations 
 
 from __future__ import annotations
 
+from mlxtune.models import head_dim, text_config
+
 GB = 1024**3
 RUNTIME_OVERHEAD = 0.4 * GB  # MLX, Python and the tokenizer
 ACTIVATION_FLOATS_PER_TOKEN = 16  # per layer, in units of hidden_size: residual, norms, q/k/v/o, MLP inputs
 
 
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config
+def _widths(text: dict) -> tuple[int, int, int, int]:
+    """(hidden, query width, key/value width, MLP width) of a Llama-style block."""
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    return (hidden, heads * head_dim(text), text.get("num_key_value_heads", heads) * head_dim(text),
+            text.get("intermediate_size", 4 * hidden))
 
 
 def lora_parameters(config: dict, rank: int) -> int:
     """Adapter parameters when every linear layer of every block is adapted (a Llama-style block)."""
-    text = _text_config(config)
-    hidden, inter = text["hidden_size"], text.get("intermediate_size", 4 * text["hidden_size"])
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or hidden // heads
-    kv = text.get("num_key_value_heads", heads) * head_dim
-    q = heads * head_dim
+    text = text_config(config)
+    hidden, q, kv, inter = _widths(text)
     per_layer = rank * ((hidden + q) + (hidden + kv) * 2 + (q + hidden) + (hidden + inter) * 2 + (inter + hidden))
     return per_layer * text["num_hidden_layers"]
 
@@ -30,12 +31,9 @@ def lora_parameters(config: dict, rank: int) -> int:
 def estimate_memory(config: dict, weight_bytes: int, rank: int = 8, batch_size: int = 4, seq_len: int = 1024,
                     context: int = 4096, grad_checkpoint: bool = False) -> dict:
     """Estimated peak bytes for inference at `context` tokens and for LoRA at the given batch shape."""
-    text = _text_config(config)
-    layers, hidden = text["num_hidden_layers"], text["hidden_size"]
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or hidden // heads
-    kv_width = text.get("num_key_value_heads", heads) * head_dim
-    inter = text.get("intermediate_size", 4 * hidden)
+    text = text_config(config)
+    layers, heads = text["num_hidden_layers"], text["num_attention_heads"]
+    hidden, _, kv_width, inter = _widths(text)
 
     kv_cache = 2 * layers * kv_width * context * 2
     inference = weight_bytes + kv_cache + RUNTIME_OVERHEAD

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
+from mlxtune.models import text_config
 from mlxtune.runs import is_run_dir, open_run
 
 FORMATS = ("gguf", "gguf-adapter", "ollama", "lmstudio", "hf")
@@ -98,7 +99,7 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             target.mkdir(parents=True)
             notes = []
             gguf_file = export_gguf(source, target / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
-            context = (source.config.get("text_config") or source.config).get("max_position_embeddings")
+            context = text_config(source.config).get("max_position_embeddings")
             text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context)
             (target / "Modelfile").write_text(text, encoding="utf-8")
             tag = name.lower().replace("_", "-")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mlxtune.errors import UsageError
 from mlxtune.export.source import ExportSource
+from mlxtune.models import head_dim, text_config
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -44,18 +45,22 @@ def arch_spec(config: dict) -> ArchSpec:
         raise UsageError(f"GGUF export does not support the {model_type!r} architecture yet",
                          f"supported: {', '.join(ARCHITECTURES)}; export --format hf and use llama.cpp's "
                          "convert_hf_to_gguf.py, or use the MLX model directly")
-    rope = config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope_type not in (None, "default", "linear", "llama3"):
-        raise UsageError(f"GGUF export does not handle rope_scaling type {rope_type!r} yet",
+    scaling = rope_type(config)
+    if scaling not in (None, "default", "linear", "llama3"):
+        raise UsageError(f"GGUF export does not handle rope_scaling type {scaling!r} yet",
                          "export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
     return ARCHITECTURES[model_type]
+
+
+def rope_type(config: dict) -> str | None:
+    rope = config.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type"))
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray:
     """Llama 3.1+ frequency-dependent RoPE scaling, as llama.cpp reads it from the `rope_freqs` tensor."""
     rope = config["rope_scaling"]
-    dim = _head_dim(config)
+    dim = head_dim(config)
     freqs = 1.0 / (config.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     factor = rope.get("factor", 8.0)
     low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
@@ -74,10 +79,6 @@ def llama3_rope_factors(config: dict) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def _head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-
-
 def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of a q/k projection from HF's half-split RoPE order to llama.cpp's interleaved pairs."""
     rows = weights.shape[0]
@@ -85,12 +86,21 @@ def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def rotary_heads(layer: str, config: dict, spec: ArchSpec) -> int | None:
+    """The head count to permute a q/k projection's output rows by (or its LoRA B), None for other layers."""
+    layer = layer.removesuffix(".weight")
+    if spec.permute_qk and layer.endswith("self_attn.q_proj"):
+        return config["num_attention_heads"]
+    if spec.permute_qk and layer.endswith("self_attn.k_proj"):
+        return config.get("num_key_value_heads", config["num_attention_heads"])
+    return None
+
+
 def transform_tensor(name: str, array: np.ndarray, config: dict, spec: ArchSpec) -> np.ndarray:
     """HF/MLX tensor → the values llama.cpp expects under the same (mapped) name."""
-    if spec.permute_qk and name.endswith("self_attn.q_proj.weight"):
-        return permute_rotary(array, config["num_attention_heads"])
-    if spec.permute_qk and name.endswith("self_attn.k_proj.weight"):
-        return permute_rotary(array, config.get("num_key_value_heads", config["num_attention_heads"]))
+    heads = rotary_heads(name, config, spec)
+    if heads:
+        return permute_rotary(array, heads)
     if spec.norm_plus_one and name.endswith("norm.weight"):
         return array + 1
     return array
@@ -123,7 +133,7 @@ def _numpy(value: mx.array) -> np.ndarray:
 def write_hparams(writer, config: dict, spec: ArchSpec, n_vocab: int) -> None:
     """The keys llama.cpp's converter writes for this architecture (and nothing it would not)."""
     heads = config["num_attention_heads"]
-    head_dim = _head_dim(config)
+    head_size = head_dim(config)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -134,22 +144,21 @@ def write_hparams(writer, config: dict, spec: ArchSpec, n_vocab: int) -> None:
     if spec.gguf_arch != "GEMMA":  # llama.cpp's Gemma uses its fixed base of 10000
         writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     if "head_dim" in config or spec.gguf_arch == "GEMMA":
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+        writer.add_key_length(head_size)
+        writer.add_value_length(head_size)
     if spec.gguf_arch == "LLAMA":
         writer.add_vocab_size(n_vocab)
-        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_dimension_count(head_size)
     if spec.gguf_arch == "PHI3":
         writer.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // heads)
         writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings",
                                                         config.get("max_position_embeddings", 4096)))
         writer.add_sliding_window(config.get("sliding_window") or 0)
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) == "linear":
+    if rope_type(config) == "linear":
         import gguf
 
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_factor(config["rope_scaling"]["factor"])
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -246,15 +255,10 @@ def _sentencepiece_vocab(path: Path, n_vocab: int):
 
 def _added_tokens(path: Path) -> dict[int, tuple[str, bool]]:
     added = {}
-    config_file = path / "tokenizer_config.json"
-    if config_file.is_file():
-        decoder = json.loads(config_file.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        for token_id, info in decoder.items():
-            added[int(token_id)] = (info["content"], bool(info.get("special")))
-    tokenizer_file = path / "tokenizer.json"
-    if tokenizer_file.is_file():
-        for info in json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", []):
-            added.setdefault(int(info["id"]), (info["content"], bool(info.get("special"))))
+    for token_id, info in _json(path / "tokenizer_config.json").get("added_tokens_decoder", {}).items():
+        added[int(token_id)] = (info["content"], bool(info.get("special")))
+    for info in _json(path / "tokenizer.json").get("added_tokens", []):
+        added.setdefault(int(info["id"]), (info["content"], bool(info.get("special"))))
     return added
 
 
@@ -293,7 +297,7 @@ def export_gguf(source: ExportSource, out_file: Path, outtype: str = "f16", name
     warnings = warnings if warnings is not None else []
     if outtype not in OUTTYPES:
         raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", None)
-    config = source.config.get("text_config") or source.config
+    config = text_config(source.config)
     spec = arch_spec(source.config)
     arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
@@ -308,8 +312,7 @@ def export_gguf(source: ExportSource, out_file: Path, outtype: str = "f16", name
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hparams(writer, config, spec, n_vocab)
     write_tokenizer(writer, source, n_vocab, warnings)
-    rope = config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) == "llama3":
+    if rope_type(config) == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
 
     for hf_name, value in sorted(source.weights.items()):

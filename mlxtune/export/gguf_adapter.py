@@ -14,8 +14,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxtune.errors import UsageError
-from mlxtune.export.gguf import arch_spec, finish, permute_rotary
-from mlxtune.models import read_config
+from mlxtune.export.gguf import arch_spec, finish, permute_rotary, rotary_heads
+from mlxtune.models import read_config, text_config
 from mlxtune.runs import ADAPTER_FILE, Run
 
 
@@ -28,7 +28,7 @@ def export_gguf_adapter(run: Run, out_file: Path, checkpoint: str = "last") -> P
         raise UsageError(f"llama.cpp adapters are plain LoRA; this run trained {method}",
                          "fuse it and export the whole model: mlxtune export RUN --format gguf")
     config = read_config(run.base_model)
-    text = config.get("text_config") or config
+    text = text_config(config)
     spec = arch_spec(config)
     arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
     name_map = gguf.get_tensor_name_map(arch, text["num_hidden_layers"])
@@ -53,10 +53,9 @@ def export_gguf_adapter(run: Run, out_file: Path, checkpoint: str = "last") -> P
             raise UsageError(f"no llama.cpp tensor for adapted layer {layer}", "export the fused model instead")
         a = np.array(weights[layer + ".lora_a"].astype(mx.float32)).T  # rank × in
         b = np.array(weights[layer + ".lora_b"].astype(mx.float32)).T  # out × rank
-        if spec.permute_qk and layer.endswith("self_attn.q_proj"):
-            b = permute_rotary(b, text["num_attention_heads"])
-        elif spec.permute_qk and layer.endswith("self_attn.k_proj"):
-            b = permute_rotary(b, text.get("num_key_value_heads", text["num_attention_heads"]))
+        heads = rotary_heads(layer, text, spec)
+        if heads:
+            b = permute_rotary(b, heads)
         writer.add_tensor(base_name + ".lora_a", np.ascontiguousarray(a))
         writer.add_tensor(base_name + ".lora_b", np.ascontiguousarray(b))
     return finish(writer, partial, out_file)

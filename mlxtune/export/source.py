@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxtune.models import load_model, read_config, resolve_model
-from mlxtune.runs import is_run_dir
+from mlxtune.models import load_model, read_config, resolve_model, without_quantization
+from mlxtune.runs import TEMPLATE_FILE, is_run_dir
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
@@ -50,12 +50,10 @@ def open_source(run_or_model: str | Path, checkpoint: str = "last", console=None
             path = resolve_model(run_or_model, console=console)
         model, tokenizer, _ = load_model(path)
         dequantize_model(model)
-        config = dict(read_config(path))
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
+        config = without_quantization(read_config(path))
         weights = dict(tree_flatten(model.parameters()))
         template = getattr(tokenizer, "chat_template", None)
-        template_file = path / "chat_template.jinja"
+        template_file = path / TEMPLATE_FILE
         if template_file.is_file():
             template = template_file.read_text(encoding="utf-8")
         yield ExportSource(path, config, weights, tokenizer, template, str(run_or_model))
@@ -77,4 +75,4 @@ def copy_tokenizer_files(source: ExportSource, out: Path) -> None:
         if (source.path / name).is_file():
             shutil.copy(source.path / name, out / name)
     if source.chat_template:
-        (out / "chat_template.jinja").write_text(source.chat_template, encoding="utf-8")
+        (out / TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")

@@ -29,12 +29,11 @@ from mlxtune.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from mlxtune.train.metrics import MetricsLog
+from mlxtune.train.metrics import METRICS_FILE, MetricsLog
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
 
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass

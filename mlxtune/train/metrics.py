@@ -8,6 +8,23 @@ from pathlib import Path
 from mlxtune.errors import UsageError
 from mlxtune.train.checkpoint import atomic_write_text
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a crash mid-write is skipped, not fatal."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
 
 class MetricsLog:
     def __init__(self, path: Path, report_to: str | None = None, run_name: str = "", config: dict | None = None):
@@ -31,9 +48,8 @@ class MetricsLog:
         """On resume, forget what was logged after the checkpoint we restart from."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= after_step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def close(self) -> None:
         if self._wandb is not None:

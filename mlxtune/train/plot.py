@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from mlxtune.train.metrics import read_metrics
 
 
 def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | None:
@@ -14,8 +15,7 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     import matplotlib.pyplot as plt
 
     train, valid = [], []
-    for line in metrics_path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_path):
         if "train_loss" in record:
             train.append((record["step"], record["train_loss"]))
         if "val_loss" in record:

@@ -105,3 +105,16 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path):
     best = mx.load(str(tmp_path / "early" / "best" / "adapters.safetensors"))
     assert best.keys() == mx.load(str(tmp_path / "early" / "adapters.safetensors")).keys()
     assert (tmp_path / "early" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
+    from mlxtune.train.metrics import MetricsLog, read_metrics
+    from mlxtune.train.plot import plot_losses
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 2.5}\n{"step": 2, "train_loss": 2.4}\n{"step": 3, "train_lo',
+                    encoding="utf-8")
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    assert plot_losses(path, tmp_path / "loss.png") == tmp_path / "loss.png"
+    MetricsLog(path).trim(after_step=1)
+    assert path.read_text(encoding="utf-8") == '{"step": 1, "train_loss": 2.5}\n'
