@@ -141,9 +141,11 @@ def check_quantization(quantize: str, group_size: int) -> str:
     """`quantize` normalised ("4", "8" or "none"); a UsageError for a value or group size we can't write."""
     quantize = str(quantize).lower()
     if quantize not in QUANTIZE_CHOICES:
-        raise UsageError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}", None)
+        raise UsageError(f"--quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}",
+                         "4 or 8 bits per weight, or none to keep full precision")
     if group_size not in GROUP_SIZES:
-        raise UsageError(f"--group-size {group_size} is not one of {GROUP_SIZES}", None)
+        raise UsageError(f"--group-size {group_size} is not one of {GROUP_SIZES}",
+                         f"smaller groups are more accurate; {DEFAULT_GROUP_SIZE} is the default")
     return quantize
 
 
@@ -248,7 +250,8 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     quantize = check_quantization(quantize, group_size)
     dtype = DTYPES.get(dtype, dtype) if dtype else None
     if dtype is not None and dtype not in DTYPE_TAGS:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", None)
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}",
+                         "or leave it out to keep the model's own precision")
 
     local = Path(str(reference)).expanduser()
     if local.exists():
@@ -259,7 +262,8 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
             source_dir = download(source, revision, allow_remote_code=trust_remote_code)
         check_model_dir(source_dir)
     else:
-        raise UsageError(f"{reference}: no such directory, and not a hub id like org/name", None)
+        raise UsageError(f"{reference}: no such directory, and not a hub id like org/name",
+                         "give a local model directory or a Hugging Face repo id such as Qwen/Qwen2.5-0.5B-Instruct")
 
     config = read_config(source_dir)
     check_remote_code(source_dir, config, trust_remote_code)
@@ -435,7 +439,10 @@ def model_info(reference: str) -> dict:
     from mlxtune.plan import estimate_memory
 
     entry = find_entry(reference)
-    path = Path(entry.path) if entry else check_model_dir(Path(reference).expanduser())
+    local = Path(reference).expanduser()
+    if entry is None and not local.exists():
+        entry = _require_entry(reference)  # neither a library name nor a directory: say what the library has
+    path = Path(entry.path) if entry else check_model_dir(local)
     config = read_config(path)
     text = text_config(config)
     summary = {

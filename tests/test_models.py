@@ -239,3 +239,12 @@ def test_lora_without_model_uses_the_default_base_and_says_how_to_get_it_offline
     assert "default base model Qwen/Qwen2.5-1.5B-Instruct" in " ".join(result.stdout.split())
     assert "error: Qwen/Qwen2.5-1.5B-Instruct is not in the local Hugging Face cache" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_models_info_and_rm_of_an_unknown_name_say_what_the_library_holds(tmp_path):
+    env = _offline_env(tmp_path)
+    for command in (("models", "info", "no-such-model"), ("models", "rm", "no-such-model")):
+        result = _run_with(env, *command)
+        assert result.returncode == 2
+        assert "error: no model named 'no-such-model' in the library" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -296,7 +296,8 @@ def export_gguf(source: ExportSource, out_file: Path, outtype: str = "f16", name
     logging.getLogger("gguf").setLevel(logging.ERROR)  # its "Unknown separator token" chatter is not for users
     warnings = warnings if warnings is not None else []
     if outtype not in OUTTYPES:
-        raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}", None)
+        raise UsageError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}",
+                         "f16 keeps the weights as trained; q8_0 halves the file")
     config = text_config(source.config)
     spec = arch_spec(source.config)
     arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)

@@ -38,7 +38,8 @@ def export_gguf_adapter(run: Run, out_file: Path, checkpoint: str = "last") -> P
     weights = mx.load(str(run.adapter_dir(checkpoint) / ADAPTER_FILE))
     layers = sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith((".lora_a", ".lora_b"))})
     if not layers:
-        raise UsageError(f"{run.path}: the adapter has no LoRA tensors", None)
+        raise UsageError(f"{run.path}: the adapter has no LoRA tensors",
+                         "was the run trained with --method full? export the whole model: --format gguf")
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(out_file.name + ".partial")
