@@ -297,9 +297,9 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
               help="Weights per quantization group (smaller = more accurate, larger file).")
 @click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Precision of unquantized tensors [default: the model's].")
 @click.option("--revision", help="Hub branch, tag or commit.")
-@click.option("--name", help="Library name [default: <repo name>-<quantization>].")
+@click.option("--name", help="Library name, a plain name like my-model-4bit [default: <repo name>-<quantization>].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model that ships its own Python code.")
-@click.option("--force", is_flag=True, help="Convert again even if the library has it.")
+@click.option("--force", is_flag=True, help="Convert again / replace the entry of that name (the old one stays until the new one is complete).")
 @_json_option
 def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_code, force, json_mode):
     """Download a model from the Hugging Face hub (or take a local directory), convert it to MLX,

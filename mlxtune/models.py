@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mlxtune.errors import UsageError
 from mlxtune.paths import mlxtune_home
+from mlxtune.storage import clean_stale, staged, translate
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what MLX needs: never pickled weights (*.bin, *.pt) and never code (*.py) unless remote code is allowed.
@@ -247,6 +248,8 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if name is not None:
+        check_entry_name(name)  # first: a name that escapes the library must never reach a file operation
     quantize = check_quantization(quantize, group_size)
     dtype = DTYPES.get(dtype, dtype) if dtype else None
     if dtype is not None and dtype not in DTYPE_TAGS:
@@ -254,6 +257,12 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
                          "or leave it out to keep the model's own precision")
 
     local = Path(str(reference)).expanduser()
+    if name is not None and (local.exists() or HUB_ID.match(str(reference))):
+        # Before any download or conversion: is this name taken by something else?
+        existing = _existing_entry(library_dir() / name, str(local.resolve()) if local.exists() else str(reference),
+                                   force, console)
+        if existing is not None:
+            return existing
     if local.exists():
         source_dir, source = check_model_dir(local), str(local.resolve())
     elif HUB_ID.match(str(reference)):
@@ -278,32 +287,61 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
         quantize = str(config["quantization"].get("bits"))
         group_size = config["quantization"].get("group_size", DEFAULT_GROUP_SIZE)
     target_dtype = dtype or source_dtype
-    name = name or entry_name(Path(source).name, quantize, group_size, target_dtype)
+    name = check_entry_name(name) if name is not None else entry_name(Path(source).name, quantize, group_size,
+                                                                      target_dtype)
     dest = library_dir() / name
-    if dest.exists():
-        if not force:
-            existing = read_entry(dest)
-            if existing is not None:
-                console.print(f"{name} is already in the library ({dest}); --force to convert again")
-                return existing
-        shutil.rmtree(dest)
+    existing = _existing_entry(dest, source, force, console)
+    if existing is not None:
+        return existing
 
     library_dir().mkdir(parents=True, exist_ok=True)
-    staging = library_dir() / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        if already_quantized:
-            _link_tree(source_dir, staging)
-        else:
-            with console.status(f"converting {source} to MLX ({'not quantized' if quantize == 'none' else quantize + '-bit'})"):
-                _convert(source_dir, staging, quantize, group_size, target_dtype, trust_remote_code)
-        entry = _describe(staging, name, source, revision, architecture)
+    # Converted into a staging copy, swapped in only when complete: a failed or killed pull never costs the old
+    # entry (a killed one leaves a hidden copy that the next pull of this name removes).
+    with staged(dest, overwrite=True, need=2 * _size(source_dir)) as staging:
+        try:
+            if already_quantized:
+                _link_tree(source_dir, staging)
+            else:
+                with console.status(f"converting {source} to MLX ({'not quantized' if quantize == 'none' else quantize + '-bit'})"):
+                    _convert(source_dir, staging, quantize, group_size, target_dtype, trust_remote_code)
+            entry = _describe(staging, name, source, revision, architecture)
+        except Exception as exc:
+            if translate(exc, dest) is not None:
+                raise
+            # Weights that don't load (cut-off download, wrong shapes, not safetensors): the input's fault.
+            raise UsageError(f"could not convert {source}: {type(exc).__name__}: {exc}".splitlines()[0],
+                             "its weight files may be incomplete or corrupt; download it again or check the "
+                             "directory (the library is unchanged)") from None
         (staging / METADATA).write_text(json.dumps(entry.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, dest)  # a crash mid-conversion leaves only a hidden .partial directory behind
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     entry.path = str(dest)
     return entry
+
+
+def _existing_entry(dest: Path, source: str, force: bool, console) -> ModelEntry | None:
+    """The entry at `dest` when it already holds `source` (nothing to do); a UsageError when it holds something
+    else and `force` is off; None when `dest` is free or may be replaced."""
+    clean_stale(dest)  # a killed pull's staging copy; an old entry a killed swap had moved aside is put back
+    if force or not (dest.exists() or dest.is_symlink()):
+        return None
+    existing = read_entry(dest) if dest.is_dir() else None
+    if existing is not None and existing.source == source:
+        console.print(f"{dest.name} is already in the library ({dest}); --force to convert again")
+        return existing
+    what = f"holds {existing.source}" if existing else "exists and is not a model pulled by mlxtune"
+    raise UsageError(f"{dest.name} is already in the library and {what} ({dest})",
+                     "pass --force to replace it, or choose another --name")
+
+
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+
+
+def check_entry_name(name: str) -> str:
+    """`name` if it is a plain library entry name (one path component inside the library), else a UsageError."""
+    if not ENTRY_NAME.fullmatch(str(name)) or name in (".", ".."):
+        raise UsageError(f"--name {name!r} is not a plain model name",
+                         "use letters, digits, '.', '_', '+' or '-' (no '/', no leading '.'), "
+                         "e.g. --name my-model-4bit")
+    return name
 
 
 def _convert(source_dir: Path, out: Path, quantize: str, group_size: int, dtype: str | None,
@@ -430,7 +468,11 @@ def _require_entry(name: str) -> ModelEntry:
 
 def remove_model(name: str) -> ModelEntry:
     entry = _require_entry(name)
-    shutil.rmtree(entry.path)
+    path = library_dir() / name
+    if path.is_symlink():  # an entry linked in from elsewhere: remove the link, never what it points at
+        path.unlink()
+    else:
+        shutil.rmtree(path)
     return entry
 
 
