@@ -2,44 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, render_chat
 from mlxtune.errors import UsageError
-from mlxtune.models import load_model, resolve_model
-from mlxtune.runs import is_run_dir, open_run
+from mlxtune.runs import LoadedModel, open_for_inference
 
 # Base models trained on the fallback template tend to continue with the next "### User:" turn: stop there.
 FALLBACK_STOPS = ("\n### User:", "### User:")
-
-
-@dataclass
-class LoadedModel:
-    model: object
-    tokenizer: object
-    template: str | None  # the template to render chats with, None = raw text
-    template_origin: str  # model | run | fallback | none
-    source: str
-
-
-def load_for_inference(model_or_run: str | Path, checkpoint: str = "last") -> LoadedModel:
-    if is_run_dir(model_or_run):
-        run = open_run(model_or_run)
-        model, tokenizer, _ = load_model(run.base_model, run.adapter_dir(checkpoint))
-        if run.data_kind == "text":
-            template, origin = None, "none"
-        elif run.chat_template:
-            template, origin = run.chat_template, "run"
-        else:
-            template, origin = tokenizer.chat_template, "model"
-        model.eval()
-        return LoadedModel(model, tokenizer, template, origin, f"{run.base_model} + {run.path}")
-    path = resolve_model(model_or_run)
-    model, tokenizer, _ = load_model(path)
-    own = getattr(tokenizer, "chat_template", None)
-    return LoadedModel(model, tokenizer, own, "model" if own else "none", str(path))
 
 
 def _sampler(temperature: float, top_p: float):
@@ -90,7 +61,7 @@ def generate_text(
     None), as a user turn; otherwise it is continued as raw text."""
     if max_tokens < 1:
         raise UsageError(f"max_tokens must be at least 1, got {max_tokens}", "set --max-tokens")
-    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else load_for_inference(model_or_run)
+    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run)
     templated = loaded.template is not None if use_template is None else use_template
     if templated:
         template = loaded.template or FALLBACK_CHAT_TEMPLATE
@@ -116,7 +87,7 @@ def chat_session(
 ) -> list[dict]:
     """A multi-turn conversation: `read_line` returns the next user message (None at end of input),
     replies stream through `write`. Commands: /reset clears the history, /exit ends. Returns the history."""
-    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else load_for_inference(model_or_run)
+    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run)
     template = loaded.template
     if template is None:
         template = FALLBACK_CHAT_TEMPLATE

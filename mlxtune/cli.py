@@ -238,10 +238,11 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, checkpoint, use_temp
       mlxtune generate runs/demo --prompt "table: players"
       mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8
     """
-    from mlxtune.chat import generate_text, load_for_inference
+    from mlxtune.chat import generate_text
+    from mlxtune.runs import open_for_inference
     from mlxtune.ui import print_json
 
-    loaded = load_for_inference(model_or_run, checkpoint)
+    loaded = open_for_inference(model_or_run, checkpoint)
     stream = None if json_mode else (lambda text: click.echo(text, nl=False))
     text = generate_text(loaded, prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p,
                          use_template=use_template, on_text=stream)
@@ -268,10 +269,11 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
     Example:
       mlxtune chat fused/demo --system "You answer in SQL."
     """
-    from mlxtune.chat import chat_session, load_for_inference
+    from mlxtune.chat import chat_session
+    from mlxtune.runs import open_for_inference
 
     interactive = sys.stdin.isatty()
-    loaded = load_for_inference(model_or_run, checkpoint)
+    loaded = open_for_inference(model_or_run, checkpoint)
     if interactive:
         click.echo(f"chatting with {loaded.source} — /reset clears, /exit or Ctrl-D quits", err=True)
 
@@ -312,7 +314,7 @@ def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_co
       mlxtune pull ./my-hf-model --quantize none --dtype bf16
     Then: mlxtune lora --model Qwen2.5-0.5B-Instruct-4bit --data ./data
     """
-    from mlxtune.models import pull as pull_model
+    from mlxtune.hub import pull as pull_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
     console = make_console(json_mode)
@@ -340,7 +342,7 @@ def models(ctx, json_mode):
     """
     if ctx.invoked_subcommand is not None:
         return
-    from mlxtune.models import library_dir, list_models
+    from mlxtune.library import library_dir, list_models
     from mlxtune.ui import make_console, print_json, print_models_table
 
     entries = list_models()
@@ -362,7 +364,7 @@ def models_info(name, json_mode):
     Example:
       mlxtune models info stories260K-4bit
     """
-    from mlxtune.models import model_info
+    from mlxtune.library import model_info
     from mlxtune.ui import make_console, print_json, print_model_info
 
     info = model_info(name)
@@ -382,7 +384,7 @@ def models_rm(name, json_mode):
     Example:
       mlxtune models rm stories260K-4bit
     """
-    from mlxtune.models import remove_model
+    from mlxtune.library import remove_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
     entry = remove_model(name)

@@ -22,11 +22,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
-from mlxtune.evaluate import validation_loss
-from mlxtune.models import (base_source, check_quantization, load_model, quiet_stdout, read_config,
-                            without_quantization)
-from mlxtune.runs import TEMPLATE_FILE, Run, open_run
-from mlxtune.train.metrics import METRICS_FILE, read_metrics
+from mlxtune.train.evaluate import validation_loss
+from mlxtune.library import base_source
+from mlxtune.model_config import DEFAULT_GROUP_SIZE, check_quantization, read_config, without_quantization
+from mlxtune.models import load_model
+from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, open_for_inference, open_run
+from mlxtune.train.metrics import read_metrics
+from mlxtune.ui import quiet_stdout
 
 CHECK_EXAMPLES = 16
 CHECK_LENGTH = 256
@@ -140,22 +142,22 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
 
     run = open_run(run_dir)
     base_quantization = read_config(run.base_model).get("quantization") or {}
-    group_size = group_size or base_quantization.get("group_size") or 64
+    group_size = group_size or base_quantization.get("group_size") or DEFAULT_GROUP_SIZE
     quantize = check_quantization(quantize, group_size)  # before any model is loaded
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"output directory {out} already exists", "choose another --out or pass --overwrite")
-    adapter_dir = run.adapter_dir(checkpoint)
+    run.adapter_dir(checkpoint)  # an unknown checkpoint fails before any model is loaded
 
-    base, tokenizer, config = load_model(run.base_model)
-    examples = _check_examples(run, tokenizer)
-    base.eval()
-    _as_float32(base)
-    loss_base = validation_loss(base, examples)
+    base = open_for_inference(run.path, checkpoint, adapter=False)
+    examples = _check_examples(run, base.tokenizer)
+    _as_float32(base.model)
+    loss_base = validation_loss(base.model, examples)
     del base
 
-    model, tokenizer, config = load_model(run.base_model, adapter_dir)
-    model.eval()
+    tuned = open_for_inference(run.path, checkpoint)
+    model, tokenizer, config = tuned.model, tuned.tokenizer, tuned.config
+    del tuned
     stored_dtype = _stored_dtype(model)
     # Reference: base + adapter as training saw it, evaluated in float32 (the merge below then also runs in float32).
     _as_float32(model)

@@ -6,7 +6,7 @@ adapter with its gradient and two AdamW moments in float32 plus the activations 
 
 from __future__ import annotations
 
-from mlxtune.models import head_dim, text_config
+from mlxtune.model_config import head_dim, text_config
 
 GB = 1024**3
 RUNTIME_OVERHEAD = 0.4 * GB  # MLX, Python and the tokenizer

@@ -1,4 +1,15 @@
-"""A run directory as the other commands see it: its settings, its data facts, its adapter and template."""
+"""The run directory: the one place that knows its layout, and how to open a run (or a model) for inference.
+
+    runs/<name>/
+      config.yaml              the settings the run was started with (CONFIG_FILE)
+      run.json                 data facts: kind, template origin, example counts, adapter config (RUN_FILE)
+      chat_template.jinja      the template training rendered with, when it was not the model's own (TEMPLATE_FILE)
+      adapters.safetensors     the latest adapter, mlx-lm layout (ADAPTER_FILE + ADAPTER_CONFIG_FILE)
+      adapter_config.json
+      best/                    the adapter with the lowest validation loss so far (BEST_DIR)
+      checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR)
+      metrics.jsonl, loss.png, result.json
+"""
 
 from __future__ import annotations
 
@@ -13,6 +24,18 @@ CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 TEMPLATE_FILE = "chat_template.jinja"
 ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+RESULT_FILE = "result.json"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
+
+
+def checkpoint_name(step: int) -> str:
+    """`step-NNNNNNN`: zero-padded so that names sort in step order."""
+    return f"step-{step:07d}"
 
 
 @dataclass
@@ -39,14 +62,14 @@ class Run:
         if checkpoint == "last":
             folder = self.path
         elif checkpoint == "best":
-            folder = self.path / "best"
+            folder = self.path / BEST_DIR
         else:
             try:
-                folder = self.path / "checkpoints" / f"step-{int(checkpoint):07d}"
+                folder = self.path / CHECKPOINTS_DIR / checkpoint_name(int(checkpoint))
             except ValueError:
                 raise UsageError(f"unknown checkpoint {checkpoint!r}", "use best, last or a step number") from None
         if not (folder / ADAPTER_FILE).is_file():
-            available = sorted(p.name for p in (self.path / "checkpoints").glob("step-*"))
+            available = sorted(p.name for p in (self.path / CHECKPOINTS_DIR).glob("step-*"))
             raise UsageError(f"no adapter for checkpoint {checkpoint!r} in {self.path}",
                              f"available: best, last{', ' if available else ''}{', '.join(available)}")
         return folder
@@ -66,3 +89,48 @@ def open_run(path: str | Path) -> Run:
                          "give the directory `mlxtune lora` wrote")
     info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
     return Run(path.resolve(), load_settings(path / CONFIG_FILE), info)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with the chat template its prompts should be rendered with."""
+
+    model: object
+    tokenizer: object  # mlx-lm TokenizerWrapper
+    config: dict
+    template: str | None  # the template to render chats with, None = raw text
+    template_origin: str  # model | run | none
+    source: str  # what to tell the user was loaded
+    path: Path  # the model directory (a run's base model)
+    run: Run | None = None
+
+
+def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, adapter: bool = True,
+                       console=None) -> LoadedModel:
+    """Load a run (its base model + the `checkpoint` adapter, unless `adapter` is False) or a model reference.
+
+    The template: a text-trained run has none (raw continuation); otherwise the run's own template file, else the
+    model's. A model directory's chat_template.jinja (as fuse writes it) wins over its tokenizer's template.
+    """
+    from mlxtune.models import load_model, resolve_model  # loading sits above the layout this module owns
+
+    if is_run_dir(model_or_run):
+        run = open_run(model_or_run)
+        adapter_dir = run.adapter_dir(checkpoint) if adapter else None
+        model, tokenizer, config = load_model(run.base_model, adapter_dir)
+        if run.data_kind == "text":
+            template, origin = None, "none"
+        elif run.chat_template:
+            template, origin = run.chat_template, "run"
+        else:
+            template, origin = getattr(tokenizer, "chat_template", None), "model"
+        model.eval()
+        source = f"{run.base_model} + {run.path}" if adapter else str(run.base_model)
+        return LoadedModel(model, tokenizer, config, template, origin, source, run.base_model, run)
+    path = resolve_model(model_or_run, console=console)
+    model, tokenizer, config = load_model(path)
+    template = getattr(tokenizer, "chat_template", None)
+    if (path / TEMPLATE_FILE).is_file():
+        template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+    model.eval()
+    return LoadedModel(model, tokenizer, config, template, "model" if template else "none", str(path), path)

@@ -5,8 +5,10 @@ Human output goes to stdout, or to stderr when `--json` reserves stdout for the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 SPARK = "▁▂▃▄▅▆▇█"
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """mlx-lm prints [INFO] lines on stdout; keep stdout clean for --json (MLXTUNE_VERBOSE=1 shows them)."""
+    if os.environ.get("MLXTUNE_VERBOSE"):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def make_console(json_mode: bool = False, quiet: bool = False) -> Console:

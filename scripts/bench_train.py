@@ -113,7 +113,7 @@ def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length
 import json, mlxtune
 from mlx_lm import load
 from mlxtune.data import load_datasets
-from mlxtune.evaluate import validation_loss
+from mlxtune.train.evaluate import validation_loss
 model, tokenizer = load({str(model_dir)!r}, adapter_path={str(adapter_dir)!r})
 valid = load_datasets({str(data)!r}, tokenizer, max_seq_length={max_seq_length}).valid[:32]
 print(json.dumps(validation_loss(model, valid, batch_size=4)))

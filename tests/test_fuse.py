@@ -12,9 +12,10 @@ from mlx.utils import tree_flatten
 
 from conftest import MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, finetune
-from mlxtune.evaluate import validation_loss
+from mlxtune.train.evaluate import validation_loss
 from mlxtune.fuse import CHECK_EXAMPLES, CHECK_LENGTH, fuse_run, survival_ratio, survival_warning
-from mlxtune.models import load_model, pull
+from mlxtune.hub import pull
+from mlxtune.models import load_model
 from mlxtune.runs import open_run
 from mlxtune.data.dataset import load_datasets
 from mlxtune.data.template import TokenizedExample

@@ -18,7 +18,9 @@ from rich.console import Console
 
 from conftest import MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, UsageError, finetune
-from mlxtune.models import list_models, model_info, pull, remove_model, resolve_model
+from mlxtune.hub import pull
+from mlxtune.library import list_models, model_info, remove_model
+from mlxtune.models import resolve_model
 from mlxtune.ui import make_console
 
 # Two TinyStories-style sentences: the text stories260K was trained on.

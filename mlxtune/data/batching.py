@@ -34,7 +34,6 @@ class Batch:
     position_targets: np.ndarray  # the target token at each of those positions
     position_weights: np.ndarray  # 1 for real positions, 0 for padding
     segments: np.ndarray | None = None  # [rows, length] int32 example number within the row (packing), 0 = padding
-    examples: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,37 @@ class BatchPlan:
     batch_tokens: int | None = None
     pack: bool = False
     row_length: int = 2048
+
+
+def batch_plan(lengths: list[int], *, batch_size: int, batch_tokens: int | None, pack: bool | None,
+               max_seq_length: int, packing_supported: bool) -> tuple[BatchPlan, list[str]]:
+    """A token budget filled with examples of similar length (`pack` None, the default), packing (`pack` True), or
+    a fixed count of `batch_size` examples (`pack` False without `batch_tokens`). Returns the plan and notes.
+
+    Length buckets waste almost no padding and keep attention on its fast causal path; packing removes the last
+    padding but needs an explicit block-diagonal mask, which measured slower on every benchmark case here
+    (docs/BENCHMARKS.md).
+    """
+    notes = []
+    packed = bool(pack)
+    if packed and not packing_supported:
+        notes.append("this architecture's attention can't take the packing mask: padding instead of packing")
+        packed = False
+    if pack is False and not batch_tokens:
+        return BatchPlan(batch_size=batch_size), notes
+    # Default budget: batch_size rows of the mean length, rounded up to 64 tokens so nearby datasets share shapes.
+    budget = batch_tokens or batch_size * 64 * math.ceil(sum(lengths) / len(lengths) / 64)
+    longest = max(lengths)
+    row_length = max(min(max_seq_length, budget), longest) if packed else longest
+    return BatchPlan(batch_size, budget, packed, row_length), notes
+
+
+def describe_plan(plan: BatchPlan) -> str:
+    if plan.pack:
+        return f"packed: {plan.batch_tokens} tokens per batch, rows of up to {plan.row_length}"
+    if plan.batch_tokens:
+        return f"length-bucketed: up to {plan.batch_tokens} tokens per batch (with padding)"
+    return f"{plan.batch_size} examples per batch (padded)"
 
 
 def _rows_to_batch(rows: list[list[TokenizedExample]], packed: bool) -> Batch:
@@ -70,7 +100,7 @@ def _rows_to_batch(rows: list[list[TokenizedExample]], packed: bool) -> Batch:
     weights = np.zeros(padded, np.float32)
     weights[: len(flat)] = 1.0
     return Batch(inputs, targets, mask, len(flat), sum(used), positions, targets.reshape(-1)[positions], weights,
-                 segments if packed else None, sum(len(row) for row in rows))
+                 segments if packed else None)
 
 
 def make_batch(examples: list[TokenizedExample]) -> Batch:

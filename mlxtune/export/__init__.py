@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
-from mlxtune.models import text_config
+from mlxtune.model_config import text_config
 from mlxtune.runs import is_run_dir, open_run
 
 FORMATS = ("gguf", "gguf-adapter", "ollama", "lmstudio", "hf")

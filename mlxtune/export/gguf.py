@@ -17,7 +17,7 @@ import numpy as np
 
 from mlxtune.errors import UsageError
 from mlxtune.export.source import ExportSource
-from mlxtune.models import head_dim, text_config
+from mlxtune.model_config import head_dim, text_config
 
 OUTTYPES = ("f32", "f16", "q8_0")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlxtune.errors import UsageError
 from mlxtune.export.gguf import arch_spec, finish, permute_rotary, rotary_heads
-from mlxtune.models import read_config, text_config
+from mlxtune.model_config import read_config, text_config
 from mlxtune.runs import ADAPTER_FILE, Run
 
 

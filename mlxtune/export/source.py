@@ -15,8 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlxtune.models import load_model, read_config, resolve_model, without_quantization
-from mlxtune.runs import TEMPLATE_FILE, is_run_dir
+from mlxtune.model_config import without_quantization
+from mlxtune.runs import TEMPLATE_FILE, is_run_dir, open_for_inference
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
@@ -45,18 +45,13 @@ def open_source(run_or_model: str | Path, checkpoint: str = "last", console=None
             if console:
                 console.print(f"fusing {run_or_model} ({checkpoint}) before export")
             fuse_run(run_or_model, temp / "fused", checkpoint=checkpoint)
-            path = temp / "fused"
+            loaded = open_for_inference(temp / "fused")
         else:
-            path = resolve_model(run_or_model, console=console)
-        model, tokenizer, _ = load_model(path)
-        dequantize_model(model)
-        config = without_quantization(read_config(path))
-        weights = dict(tree_flatten(model.parameters()))
-        template = getattr(tokenizer, "chat_template", None)
-        template_file = path / TEMPLATE_FILE
-        if template_file.is_file():
-            template = template_file.read_text(encoding="utf-8")
-        yield ExportSource(path, config, weights, tokenizer, template, str(run_or_model))
+            loaded = open_for_inference(run_or_model, console=console)
+        dequantize_model(loaded.model)
+        config = without_quantization(loaded.config)
+        weights = dict(tree_flatten(loaded.model.parameters()))
+        yield ExportSource(loaded.path, config, weights, loaded.tokenizer, loaded.template, str(run_or_model))
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)

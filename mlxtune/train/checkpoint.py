@@ -16,9 +16,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxtune.errors import UsageError
+from mlxtune.runs import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, LATEST_POINTER, checkpoint_name
 
-ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# A checkpoint directory's own files, beside the adapter.
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 KEEP_CHECKPOINTS = 2
 
 
@@ -56,42 +58,42 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: d
 def save_adapter(run_dir: Path, weights: dict[str, mx.array], config: dict) -> None:
     """The adapter in mlx-lm's layout, loadable with `mlx_lm.generate --adapter-path RUN_DIR`."""
     atomic_save_safetensors(run_dir / ADAPTER_FILE, weights)
-    atomic_write_text(run_dir / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    atomic_write_text(run_dir / ADAPTER_CONFIG_FILE, json.dumps(config, indent=2))
 
 
 def save_checkpoint(
     run_dir: Path, step: int, weights: dict[str, mx.array], adapter_config: dict, optimizer, state: dict
 ) -> Path:
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
+    name = checkpoint_name(step)
     final = root / name
     staging = root / f".{name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     mx.save_safetensors(str(staging / ADAPTER_FILE), weights)
-    (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+    (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
     optimizer_arrays = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(staging / "optimizer.safetensors"), optimizer_arrays)
-    (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+    mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_arrays)
+    (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
     for file in staging.iterdir():
         _fsync_file(file)
     _fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     _fsync_dir(root)
-    atomic_write_text(root / "latest", name)
+    atomic_write_text(root / LATEST_POINTER, name)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
+    pointer = run_dir / CHECKPOINTS_DIR / LATEST_POINTER
     if not pointer.is_file():
         return None
-    path = run_dir / "checkpoints" / pointer.read_text(encoding="utf-8").strip()
-    return path if (path / "state.json").is_file() else None
+    path = run_dir / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / STATE_FILE).is_file() else None
 
 
 def load_checkpoint(checkpoint: Path, model, optimizer) -> dict:
@@ -99,9 +101,9 @@ def load_checkpoint(checkpoint: Path, model, optimizer) -> dict:
 
     The RNG needs no saving: the loop reseeds it from (seed, step) before every step."""
     try:
-        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
         model.load_weights(str(checkpoint / ADAPTER_FILE), strict=False)
-        arrays = mx.load(str(checkpoint / "optimizer.safetensors"))
+        arrays = mx.load(str(checkpoint / OPTIMIZER_FILE))
     except (OSError, ValueError, json.JSONDecodeError) as exc:
         raise UsageError(f"checkpoint {checkpoint} is unreadable: {exc}", "delete it to resume from the one before")
     # Fill the freshly initialised state in place: the compiled step holds a reference to this very tree.

@@ -12,14 +12,23 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune.data.batching import BatchPlan, batches_per_epoch, training_batch
+from mlxtune.data.batching import BatchPlan, batch_plan, batches_per_epoch, describe_plan, training_batch
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.errors import RunFailed, UsageError
-from mlxtune.evaluate import validation_loss
+from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.backend import set_blas_threads
-from mlxtune.models import DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE, load_model, model_name, resolve_model
-from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.model_config import DEFAULT_QUANTIZE, model_name
+from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
+from mlxtune.runs import (
+    BEST_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    RESULT_FILE,
+    RUN_FILE,
+    TEMPLATE_FILE,
+)
 from mlxtune.settings import LoraSettings, load_settings, save_settings
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
 from mlxtune.train.checkpoint import (
@@ -29,7 +38,7 @@ from mlxtune.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
-from mlxtune.train.metrics import METRICS_FILE, MetricsLog
+from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
@@ -67,35 +76,6 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
         return settings.iters
     micro_batches = math.ceil(settings.epochs * batches_per_epoch(train, plan, settings.seed))
     return max(1, math.ceil(micro_batches / settings.grad_accumulation))
-
-
-def batch_plan(settings: LoraSettings, train, packing_supported: bool) -> tuple[BatchPlan, list[str]]:
-    """A token budget filled with examples of similar length (default), packing with --pack, or a fixed count.
-
-    Length buckets waste almost no padding and keep attention on its fast causal path; packing removes the last
-    padding but needs an explicit block-diagonal mask, which measured slower on every benchmark case here
-    (docs/BENCHMARKS.md). --no-pack without --batch-tokens gives fixed batches of --batch-size examples.
-    """
-    notes = []
-    pack = bool(settings.pack)
-    if pack and not packing_supported:
-        notes.append("this architecture's attention can't take the packing mask: padding instead of packing")
-        pack = False
-    if settings.pack is False and not settings.batch_tokens:
-        return BatchPlan(batch_size=settings.batch_size), notes
-    lengths = [len(e) for e in train]
-    budget = settings.batch_tokens or settings.batch_size * 64 * math.ceil(sum(lengths) / len(lengths) / 64)
-    longest = max(lengths)
-    row_length = max(min(settings.max_seq_length, budget), longest) if pack else longest
-    return BatchPlan(settings.batch_size, budget, pack, row_length), notes
-
-
-def _describe_plan(plan: BatchPlan) -> str:
-    if plan.pack:
-        return f"packed: {plan.batch_tokens} tokens per batch, rows of up to {plan.row_length}"
-    if plan.batch_tokens:
-        return f"length-bucketed: up to {plan.batch_tokens} tokens per batch (with padding)"
-    return f"{plan.batch_size} examples per batch (padded)"
 
 
 def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> Path:
@@ -166,7 +146,9 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     adapter_cfg = attach_adapters(model, settings)
     if adapter_cfg["num_layers"] < (settings.layers or 0):
         console.print(f"[yellow]note:[/] the model has {adapter_cfg['num_layers']} blocks; adapting all of them")
-    plan, plan_notes = batch_plan(settings, datasets.train, supports_packing(model))
+    plan, plan_notes = batch_plan([len(e) for e in datasets.train], batch_size=settings.batch_size,
+                                  batch_tokens=settings.batch_tokens, pack=settings.pack,
+                                  max_seq_length=settings.max_seq_length, packing_supported=supports_packing(model))
     for note in plan_notes:
         console.print(f"[yellow]note:[/] {note}")
     total_steps = total_optimizer_steps(settings, datasets.train, plan)
@@ -199,7 +181,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                       "computing the loss over full logits")
     quantization = model_config.get("quantization")
     _print_header(console, settings, datasets, trainable, total, total_steps, quantization,
-                  "selective (supervised positions only)" if loss.selective else "full logits", _describe_plan(plan))
+                  "selective (supervised positions only)" if loss.selective else "full logits", describe_plan(plan))
     trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
     history: list[float] = []
@@ -274,7 +256,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                 else:
                     evals_without_gain += 1
                 progress.update(task, val=fmt_loss(val_loss))
-                plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
+                plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
                 if settings.patience and evals_without_gain >= settings.patience:
                     result.stopped = "early-stopped"
 
@@ -285,7 +267,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
             result.steps = step
             if result.stopped == "early-stopped":
                 console.print(f"early stop: no validation gain in {settings.patience} evaluations; "
-                              f"best step {result.best_step} is in {run_dir / 'best'}")
+                              f"best step {result.best_step} is in {run_dir / BEST_DIR}")
                 break
             if stop.signal_name:
                 result.stopped = "interrupted"
@@ -294,8 +276,8 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                 break
 
     metrics.close()
-    plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
-    atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+    plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
     _print_summary(console, result)
     return result
 
@@ -313,7 +295,7 @@ def _save(run_dir: Path, model, optimizer, adapter_cfg: dict, step: int, total_s
 
 
 def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
-    best = run_dir / "best"
+    best = run_dir / BEST_DIR
     best.mkdir(exist_ok=True)
     save_adapter(best, trainable_weights(model), adapter_cfg)
 

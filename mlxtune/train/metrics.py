@@ -8,8 +8,6 @@ from pathlib import Path
 from mlxtune.errors import UsageError
 from mlxtune.train.checkpoint import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
-
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; a line cut short by a crash mid-write is skipped, not fatal."""

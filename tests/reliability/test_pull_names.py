@@ -12,7 +12,8 @@ import pytest
 
 from conftest import MODEL, run_cli
 from mlxtune.errors import UsageError
-from mlxtune.models import check_entry_name, pull, remove_model
+from mlxtune.hub import pull
+from mlxtune.library import check_entry_name, remove_model
 from mlxtune.storage import clean_stale
 from mlxtune.ui import make_console
 

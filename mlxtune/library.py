@@ -1,0 +1,157 @@
+"""The model library: `$MLXTUNE_HOME/models/<name>/`, one MLX model directory per entry with an `mlxtune.json`
+that says where it came from. Listing, finding, removing and describing entries; `hub.pull` adds them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mlxtune.errors import UsageError
+from mlxtune.model_config import (
+    DTYPE_TAGS,
+    check_model_dir,
+    directory_size,
+    has_chat_template,
+    read_config,
+    text_config,
+    weight_bytes,
+)
+from mlxtune.paths import mlxtune_home
+
+METADATA = "mlxtune.json"
+ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+
+
+@dataclass
+class ModelEntry:
+    """One model in the library."""
+
+    name: str
+    path: str
+    architecture: str
+    parameters: int
+    quantization: dict | None  # {"bits": 4, "group_size": 64} or None
+    dtype: str
+    size_bytes: int
+    source: str
+    revision: str | None = None
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def quantization_label(self) -> str:
+        if not self.quantization:
+            return DTYPE_TAGS.get(self.dtype, self.dtype)
+        return f"{self.quantization['bits']}-bit g{self.quantization['group_size']}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "quantization_label": self.quantization_label}
+
+
+def library_dir() -> Path:
+    return mlxtune_home() / "models"
+
+
+def read_entry(path: Path) -> ModelEntry | None:
+    meta = Path(path) / METADATA
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    data.pop("quantization_label", None)
+    known = set(ModelEntry.__dataclass_fields__)
+    entry = ModelEntry(**{k: v for k, v in data.items() if k in known})
+    entry.path = str(Path(path).resolve())  # the library may have moved with MLXTUNE_HOME
+    return entry
+
+
+def write_entry(path: Path, entry: ModelEntry) -> None:
+    (Path(path) / METADATA).write_text(json.dumps(entry.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def list_models() -> list[ModelEntry]:
+    """Library entries, newest first."""
+    root = library_dir()
+    if not root.is_dir():
+        return []
+    entries = [read_entry(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted((e for e in entries if e is not None), key=lambda e: e.created, reverse=True)
+
+
+def find_entry(name: str) -> ModelEntry | None:
+    if "/" in name or name.startswith("."):
+        return None
+    path = library_dir() / name
+    return read_entry(path) if path.is_dir() else None
+
+
+def require_entry(name: str) -> ModelEntry:
+    entry = find_entry(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, [e.name for e in list_models()], n=3)
+        raise UsageError(f"no model named {name!r} in the library ({library_dir()})",
+                         f"did you mean {', '.join(close)}?" if close else "`mlxtune models` lists them")
+    return entry
+
+
+def check_entry_name(name: str) -> str:
+    """`name` if it is a plain library entry name (one path component inside the library), else a UsageError."""
+    if not ENTRY_NAME.fullmatch(str(name)) or name in (".", ".."):
+        raise UsageError(f"--name {name!r} is not a plain model name",
+                         "use letters, digits, '.', '_', '+' or '-' (no '/', no leading '.'), "
+                         "e.g. --name my-model-4bit")
+    return name
+
+
+def remove_model(name: str) -> ModelEntry:
+    entry = require_entry(name)
+    path = library_dir() / name
+    if path.is_symlink():  # an entry linked in from elsewhere: remove the link, never what it points at
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+    return entry
+
+
+def base_source(path: Path) -> str:
+    """Where a model directory came from: the hub id or directory recorded by `pull`, else the path itself."""
+    entry = read_entry(path)
+    return entry.source if entry else str(path)
+
+
+def model_info(reference: str) -> dict:
+    """Config summary and estimated memory (inference, LoRA at default settings) of a library entry or directory."""
+    from mlxtune.plan import estimate_memory
+
+    entry = find_entry(reference)
+    local = Path(reference).expanduser()
+    if entry is None and not local.exists():
+        entry = require_entry(reference)  # neither a library name nor a directory: say what the library has
+    path = Path(entry.path) if entry else check_model_dir(local)
+    config = read_config(path)
+    text = text_config(config)
+    summary = {
+        "name": entry.name if entry else path.name,
+        "path": str(path),
+        "architecture": config.get("model_type"),
+        "layers": text.get("num_hidden_layers"),
+        "hidden_size": text.get("hidden_size"),
+        "attention_heads": text.get("num_attention_heads"),
+        "kv_heads": text.get("num_key_value_heads", text.get("num_attention_heads")),
+        "vocab_size": text.get("vocab_size"),
+        "context_length": text.get("max_position_embeddings"),
+        "quantization": config.get("quantization"),
+        "size_bytes": directory_size(path),
+        "has_chat_template": has_chat_template(path),
+        "source": entry.source if entry else str(path),
+    }
+    # Estimate at the model's context, capped at 4096 (what a Mac user chats with), training rows of 1024 tokens.
+    context = min(summary["context_length"] or 4096, 4096)
+    summary["memory"] = estimate_memory(config, weight_bytes=weight_bytes(path), context=context,
+                                        seq_len=min(context, 1024))
+    return summary
