@@ -454,29 +454,35 @@ def data():
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")
 @click.option("--completion-key", help="Field holding the completion [default: auto-detected].")
+@click.option("--iters", type=int, help="Planned optimizer steps: warn when they would pass over the data too often.")
+@click.option("--batch-size", type=int, help="Planned examples per step, with --iters [default: 4].")
+@click.option("--strict", is_flag=True, help="Exit with 1 on warnings too, not only on errors.")
 @_json_option
 def data_check(path, model, show, max_seq_length, train_on_prompt, chat_template, prompt_key, completion_key,
-               json_mode):
-    """Check a dataset: format per file, counts, lengths, supervised share, duplicates and every problem.
+               iters, batch_size, strict, json_mode):
+    """Check a dataset: format per file, counts, lengths, supervised share, duplicates, every error and every
+    warning (records that would hurt the run: no user turn, empty replies, over --max-seq-length, copies of
+    train in validation, placeholders like {{name}}), each as file:line. Identical problems are grouped.
 
-    Exits with 1 if any record has an error (each is listed as file:line with a fix).
+    Exits with 1 if any record has an error, or with --strict any warning; 0 otherwise.
 
     \b
     Examples:
       mlxtune data check examples/data/wikisql
       mlxtune data check tests/fixtures/wwdc25 --model examples/models/stories260K --show 2
+      mlxtune data check ./data --model Qwen2.5-0.5B-Instruct-4bit --max-seq-length 1024 --strict
     """
     from mlxtune.data.check import check_data
     from mlxtune.ui import make_console, print_data_report, print_json
 
     keys = (prompt_key or "prompt", completion_key or "completion") if (prompt_key or completion_key) else None
     report = check_data(path, model, show=show, max_seq_length=max_seq_length, train_on_prompt=train_on_prompt,
-                        chat_template=chat_template, keys=keys)
+                        chat_template=chat_template, keys=keys, iters=iters, batch_size=batch_size)
     if json_mode:
         print_json(report.to_dict())
     else:
         print_data_report(make_console(), report, max_seq_length)
-    sys.exit(0 if report.ok else 1)
+    sys.exit(0 if report.ok and not (strict and report.warnings) else 1)
 
 
 if __name__ == "__main__":

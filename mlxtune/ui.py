@@ -86,7 +86,46 @@ def fmt_loss(value: float | None) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
+GROUP_SHOWN = 3  # lines shown per group of identical problems before "and N more like this"
+
+
+def group_by(items: list, key) -> list[list]:
+    """Items with the same key together, groups in first-seen order."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.values())
+
+
+def grouped_lines(items: list[dict], key) -> list[tuple[list[dict], int]]:
+    """Identical problems together: (the first few, how many more) per group, in first-seen order."""
+    return [(g[:GROUP_SHOWN], len(g) - GROUP_SHOWN) for g in group_by(items, key)]
+
+
+def print_data_problems(console: Console, problems: list[dict], warnings: list[dict]) -> None:
+    """Errors and warnings of a data check, identical ones grouped: a 7,488-line flood becomes a few lines."""
+    from rich.markup import escape
+
+    if problems:
+        console.print(f"[red]{len(problems):,} problem(s)[/] (records that can't be trained on):")
+        for shown, more in grouped_lines(problems, lambda p: (p.get("detail") or p["message"], p["hint"])):
+            for problem in shown:
+                console.print(f"  [red]error:[/] {escape(problem['message'])}")
+            if more > 0:
+                console.print(f"  [red]error:[/] … and {more:,} more like this")
+            if shown[0]["hint"]:
+                console.print(f"    [dim]hint: {escape(shown[0]['hint'])}[/]")
+    if warnings:
+        console.print(f"[yellow]{len(warnings):,} warning(s)[/] (records that would hurt the run):")
+        for shown, more in grouped_lines(warnings, lambda w: w["code"]):
+            for warning in shown:
+                console.print(f"  [yellow]warning:[/] {escape(warning['where'])}: {escape(warning['message'])}")
+            if more > 0:
+                console.print(f"  [yellow]warning:[/] … and {more:,} more like this")
+
+
 def print_data_report(console: Console, report, max_seq_length: int) -> None:
+    from rich.markup import escape
     from rich.text import Text
 
     table = Table(title=f"{report.path} ({report.unit})", title_justify="left")
@@ -98,32 +137,40 @@ def print_data_report(console: Console, report, max_seq_length: int) -> None:
         table.add_row(s.split, str(s.records), str(s.lengths["min"]), f"{s.lengths['median']:.0f}",
                       f"{s.lengths['p95']:.0f}", str(s.lengths["max"]), sparkline(s.histogram, 10),
                       share, str(s.duplicates), over)
-    console.print(table)
-    console.print("format: " + ", ".join(f"{s.kind} ({Path(s.file).name})" for s in report.splits))
-    console.print("[dim]n records · lengths min/median/p95/max · sup = supervised share of tokens · "
-                  "dup = repeats of an earlier record[/]")
+    if report.splits:
+        console.print(table)
+        conventions = list(dict.fromkeys(s.convention or s.kind for s in report.splits))
+        files = [f"{s.split}: {Path(s.file).name}" if s.file else f"{s.split}: held out from "
+                 f"{Path(s.held_out_from).name}" for s in report.splits]
+        console.print(f"format: {', '.join(conventions)} · {' · '.join(files)}")
+        console.print("[dim]n records · lengths min/median/p95/max · sup = supervised share of tokens · "
+                      "dup = repeats of an earlier record[/]")
+    else:
+        console.print(f"{report.path}: no usable records")
     if report.template:
         console.print(f"template: {report.template}")
-    if report.unit == "characters":
+    if report.context_length:
+        console.print(f"model context: {report.context_length} tokens")
+    if report.unit == "characters" and report.splits:
         console.print("lengths are in characters: pass --model to measure in tokens and see the supervised share")
-    if report.overlap_train_valid:
-        console.print(f"[yellow]warning:[/] {report.overlap_train_valid} validation examples also appear in train")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
+    # Piped or colourless, the highlight is lost: mark the supervised part in the text itself (wdiff's {+ +}).
+    plain = console.no_color or not console.is_terminal
     for example in report.examples:
-        console.rule(example["source"])
+        console.rule(escape(example["source"]))
         text = Text()
         for piece, supervised in example["segments"]:
-            text.append(piece, style="bold green" if supervised else "dim")
+            if plain and supervised:
+                text.append("{+" + piece + "+}")
+            else:
+                text.append(piece, style="bold green" if supervised else "dim")
         console.print(text)
     if report.examples:
-        console.rule("[bold green]green[/] = trained on (supervised), dim = context only")
-    if report.problems:
-        console.print(f"[red]{len(report.problems)} problem(s):[/]")
-        for problem in report.problems:
-            console.print(f"  [red]error:[/] {problem['message']}" + (f"  [dim]({problem['hint']})[/]"
-                                                                      if problem["hint"] else ""))
-    else:
+        console.rule("{+ … +} = trained on (supervised), the rest is context only" if plain
+                     else "[bold green]green[/] = trained on (supervised), dim = context only")
+    print_data_problems(console, report.problems, report.warnings)
+    if not report.problems and not report.warnings:
         console.print("[green]no problems found[/]")
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxtune.data.dataset import load_datasets, read_splits, resolve_data_path
-from mlxtune.data.formats import find_splits
+from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, resolve_data_path
+from mlxtune.data.formats import RecordError, dataset_kind, find_splits
+from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings, record_warnings, split_warnings,
+                                  steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
 from mlxtune.errors import UsageError
 
@@ -18,7 +20,7 @@ from mlxtune.errors import UsageError
 @dataclass
 class SplitStats:
     split: str
-    file: str
+    file: str | None  # None for a validation split held out from the training file
     kind: str
     records: int
     lengths: dict  # min / median / p95 / max (tokens, or characters without a model)
@@ -26,6 +28,8 @@ class SplitStats:
     supervised_share: float | None  # supervised tokens / all tokens
     duplicates: int  # records identical to an earlier one in the same split
     over_max_length: int
+    held_out_from: str | None = None  # the file a held-out validation split comes from
+    convention: str = ""  # the convention the records were read as
 
 
 @dataclass
@@ -33,12 +37,14 @@ class DataReport:
     path: str
     unit: str  # "tokens" or "characters"
     splits: list[SplitStats] = field(default_factory=list)
-    problems: list[dict] = field(default_factory=list)  # {"where", "message", "hint"}
+    problems: list[dict] = field(default_factory=list)  # {"where", "message", "hint"}: records that can't train
+    warnings: list[dict] = field(default_factory=list)  # {"code", "where", "message"}: records that would hurt
     notes: list[str] = field(default_factory=list)
     overlap_train_valid: int = 0
     template: str | None = None
     examples: list[dict] = field(default_factory=list)  # rendered samples: [{"source", "segments": [(text, bool)]}]
     from_cache: bool = False
+    context_length: int | None = None  # the model's (max_position_embeddings)
 
     @property
     def ok(self) -> bool:
@@ -58,10 +64,6 @@ def _length_stats(lengths: list[int]) -> tuple[dict, list[int]]:
     return stats, counts.tolist()
 
 
-def _fingerprint(example: TokenizedExample) -> str:
-    return hashlib.sha1(example.ids.tobytes()).hexdigest()
-
-
 def _segments(tokenizer, example: TokenizedExample) -> list[tuple[str, bool]]:
     """The rendered example cut into (text, supervised) runs; decoding prefixes keeps spaces right."""
     ids = [int(t) for t in example.ids]
@@ -71,15 +73,36 @@ def _segments(tokenizer, example: TokenizedExample) -> list[tuple[str, bool]]:
     return [(texts[k + 1][len(texts[k]):], bool(flags[cuts[k]])) for k in range(len(cuts) - 1)]
 
 
+def _problem(error: UsageError) -> dict:
+    if isinstance(error, RecordError):
+        return {"where": error.where, "message": error.message, "detail": error.detail, "hint": error.hint}
+    where = error.message.split(": ", 1)[0]
+    return {"where": where, "message": error.message, "detail": error.message, "hint": error.hint}
+
+
+def _context_length(model_path: Path) -> int | None:
+    from mlxtune.model_config import read_config, text_config
+
+    try:
+        value = text_config(read_config(model_path)).get("max_position_embeddings")
+    except Exception:  # a tokenizer-only directory: no context to compare with
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
 def check_data(path: str | Path, model: str | Path | None = None, *, show: int = 0, max_seq_length: int = 2048,
                train_on_prompt: bool = False, chat_template: str | None = None, seed: int = 0,
-               keys: tuple[str, str] | None = None) -> DataReport:
-    """Read every split, collect every problem, and (with a model) measure it in that model's tokens."""
+               keys: tuple[str, str] | None = None, iters: int | None = None,
+               batch_size: int | None = None) -> DataReport:
+    """Read every split, collect every problem and warning, and (with a model) measure it in that model's tokens.
+
+    `iters` and `batch_size` describe the planned run, to warn when it would pass over the data too often.
+    """
     files = find_splits(resolve_data_path(path))
     problems: list[UsageError] = []
     records, notes = read_splits(files, seed, keys, problems)
     report = DataReport(str(path), "tokens" if model else "characters", notes=notes)
-    report.problems = [{"where": e.message.split(": ", 1)[0], "message": e.message, "hint": e.hint} for e in problems]
+    report.problems = [_problem(e) for e in problems]
 
     tokenizer = None
     examples: dict[str, list[TokenizedExample]] = {}
@@ -88,8 +111,10 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
 
         from mlxtune.models import resolve_model
 
-        tokenizer = load_tokenizer(resolve_model(model))
-        kind = next((recs[0].kind for recs in records.values() if recs), "text")
+        model_path = resolve_model(model)
+        tokenizer = load_tokenizer(model_path)
+        report.context_length = _context_length(model_path)
+        kind = dataset_kind([r for recs in records.values() for r in recs])
         if not problems:
             datasets = load_datasets(path, tokenizer, max_seq_length=10**9, train_on_prompt=train_on_prompt,
                                      chat_template=chat_template, seed=seed, keys=keys)
@@ -101,31 +126,51 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             for split, recs in records.items():
                 examples[split], _ = tokenize_records(recs, tokenizer, template.template, train_on_prompt, 10**9)
 
-    fingerprints: dict[str, set[str]] = {}
+    warnings: list[DataWarning] = []
+    for split in ("train", "valid", "test"):
+        for record in records.get(split, []):
+            warnings += record_warnings(record)
+    prints: dict[str, list[tuple[str, str]]] = {}
+    lengths_all: list[tuple[str, int]] = []
     for split, recs in records.items():
-        if not recs and split != "valid":
+        if not recs:
             continue
+        file = files.get(split)
         if tokenizer is not None:
             tokenized = examples.get(split, [])
             lengths = [len(e) for e in tokenized]
-            supervised = sum(int(e.supervised.sum()) for e in tokenized)
-            share = supervised / max(sum(lengths), 1)
-            prints = [_fingerprint(e) for e in tokenized]
+            supervised = [int(e.supervised.sum()) for e in tokenized]
+            share = sum(supervised) / max(sum(lengths), 1)
+            prints[split] = [(e.source, fingerprint(e)) for e in tokenized]
+            over = [(e.source, len(e), s, int(e.supervised[max_seq_length:].sum()))
+                    for e, s in zip(tokenized, supervised) if len(e) > max_seq_length]
+            warnings += length_warnings(split, str(file or files["train"]), over, len(recs), sum(supervised),
+                                        max_seq_length)
+            lengths_all += [(e.source, len(e)) for e in tokenized]
         else:
             lengths = [len(r.text or "") + len(r.prompt or "") + len(r.completion or "")
                        + sum(len(m["content"]) for m in (r.messages or [])) for r in recs]
             share = None
-            prints = [hashlib.sha1(repr((r.text, r.prompt, r.completion, r.messages)).encode()).hexdigest()
-                      for r in recs]
-        counts = Counter(prints)
-        fingerprints[split] = set(prints)
+            prints[split] = [(r.source, hashlib.sha1(repr((r.text, r.prompt, r.completion, r.messages))
+                                                     .encode()).hexdigest()) for r in recs]
+            over = []
+        counts = Counter(fp for _, fp in prints[split])
         stats, histogram = _length_stats(lengths)
+        conventions = sorted({r.convention for r in recs})
         report.splits.append(SplitStats(
-            split, str(files.get(split, files["train"])), recs[0].kind if recs else "-", len(recs), stats, histogram,
-            share, sum(c - 1 for c in counts.values()),
-            sum(1 for n in lengths if n > max_seq_length) if tokenizer is not None else 0,
+            split, str(file) if file else None, dataset_kind(recs), len(recs), stats, histogram,
+            share, sum(c - 1 for c in counts.values()), len(over),
+            held_out_from=None if file else str(files["train"]), convention=", ".join(conventions),
         ))
-    report.overlap_train_valid = len(fingerprints.get("train", set()) & fingerprints.get("valid", set()))
+    if tokenizer is not None:
+        warnings += context_warnings(max_seq_length, report.context_length, lengths_all)
+    warnings += split_warnings(prints.get("train", []), prints.get("valid", []),
+                               str(files.get("valid", files["train"])))
+    if iters and records.get("train"):
+        warnings += steps_warning(iters, batch_size or 4, len(records["train"]))
+    report.overlap_train_valid = len({fp for _, fp in prints.get("train", [])}
+                                     & {fp for _, fp in prints.get("valid", [])})
+    report.warnings = [w.to_dict() for w in warnings]
     if tokenizer is not None and show:
         report.examples = [{"source": e.source, "segments": _segments(tokenizer, e)}
                            for e in examples.get("train", [])[:show]]

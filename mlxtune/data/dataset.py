@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from mlxtune.data import cache
-from mlxtune.data.formats import Record, find_splits, read_records
+from mlxtune.data.formats import Record, dataset_kind, find_splits, read_records
+from mlxtune.data.quality import DataWarning, context_warnings, length_warnings, record_warnings, split_warnings
 from mlxtune.data.template import (
     LengthReport,
     TemplateChoice,
@@ -35,6 +37,7 @@ class Datasets:
     notes: list[str] = field(default_factory=list)  # what we decided for the user, to print
     files: dict[str, str] = field(default_factory=dict)
     from_cache: bool = False
+    warnings: list[DataWarning] = field(default_factory=list)  # data that parses but would hurt the run
 
 
 def split_validation(records: list[Record], seed: int) -> tuple[list[Record], list[Record]]:
@@ -98,8 +101,22 @@ def _export_hub_dataset(name: str) -> Path:
     return target
 
 
-def read_splits(files: dict[str, Path], seed: int, keys=None, problems=None) -> tuple[dict[str, list[Record]], list[str]]:
-    records = {split: read_records(path, problems, keys) for split, path in files.items()}
+def read_splits(files: dict[str, Path], seed: int, keys=None,
+                problems=None) -> tuple[dict[str, list[Record]], list[str]]:
+    """Records per split (a held-out "valid" when there is no validation file) and notes on what was decided.
+
+    Without `problems`, every record is still read, and the first error is raised with the count of the others.
+    """
+    collected: list[UsageError] = [] if problems is None else problems
+    records = {split: read_records(path, collected, keys) for split, path in files.items()}
+    if problems is None and collected:
+        first = collected[0]
+        more = len(collected) - 1
+        if more:
+            listing = f"`mlxtune data check` lists all {more + 1:,}"
+            raise UsageError(f"{first.message} (and {more:,} more problem(s))",
+                             f"{first.hint}; {listing}" if first.hint else listing)
+        raise first
     notes = []
     if "valid" not in records:
         records["train"], records["valid"] = split_validation(records["train"], seed)
@@ -108,9 +125,37 @@ def read_splits(files: dict[str, Path], seed: int, keys=None, problems=None) -> 
                 f"no validation file: held out {len(records['valid'])} of "
                 f"{len(records['train']) + len(records['valid'])} records from {files['train'].name} (seed {seed})"
             )
-        else:
+        elif len(records["train"]) == 1:
             notes.append("only one record: training without a validation set")
     return records, notes
+
+
+def fingerprint(example: TokenizedExample) -> str:
+    return hashlib.sha1(example.ids.tobytes()).hexdigest()
+
+
+def data_warnings(records: dict[str, list[Record]], tokenized: dict[str, list[TokenizedExample]],
+                  reports: dict[str, LengthReport], files: dict[str, Path], max_seq_length: int,
+                  context_length: int | None = None, drop_long: bool = False) -> list[DataWarning]:
+    """Every warning about a tokenized dataset: record content, lengths, context window, train/valid overlap."""
+    warnings: list[DataWarning] = []
+    for split in ("train", "valid", "test"):
+        for record in records.get(split, []):
+            warnings += record_warnings(record)
+    lengths = []
+    for split in ("train", "valid", "test"):
+        report = reports.get(split)
+        if report is None:
+            continue
+        file = str(files.get(split, files["train"]))
+        warnings += length_warnings(split, file, report.over, len(records.get(split, [])),
+                                    report.supervised_tokens, max_seq_length, drop_long)
+        lengths += [(e.source, len(e)) for e in tokenized.get(split, [])]
+    warnings += context_warnings(max_seq_length, context_length, lengths)
+    warnings += split_warnings([(e.source, fingerprint(e)) for e in tokenized.get("train", [])],
+                               [(e.source, fingerprint(e)) for e in tokenized.get("valid", [])],
+                               str(files.get("valid", files["train"])))
+    return warnings
 
 
 def load_datasets(
@@ -124,39 +169,45 @@ def load_datasets(
     drop_long: bool = False,
     keys: tuple[str, str] | None = None,
     use_cache: bool = True,
+    context_length: int | None = None,
 ) -> Datasets:
+    """Tokenized splits plus the notes and warnings a run prints; `context_length`: the model's, for warnings."""
     files = find_splits(resolve_data_path(data))
     template_text = Path(chat_template).read_text(encoding="utf-8") if chat_template and Path(chat_template).is_file() else chat_template
     key_settings = {"max_seq_length": max_seq_length, "train_on_prompt": train_on_prompt, "seed": seed,
-                    "template": template_text, "drop_long": drop_long, "keys": keys}
+                    "template": template_text, "drop_long": drop_long, "keys": keys,
+                    "context_length": context_length}
     key = cache.cache_key(files, tokenizer, key_settings) if use_cache else None
     cached = cache.load_cached(key) if key else None
     if cached is not None:
         splits, meta = cached
         template = TemplateChoice(meta["template"], meta["template_origin"])
         return Datasets(splits.get("train", []), splits.get("valid", []), splits.get("test", []), meta["kind"],
-                        template, meta["notes"], {k: str(v) for k, v in files.items()}, from_cache=True)
+                        template, meta["notes"], {k: str(v) for k, v in files.items()}, from_cache=True,
+                        warnings=[DataWarning(**w) for w in meta.get("warnings", [])])
 
     records, notes = read_splits(files, seed, keys)
-    kinds = {split: recs[0].kind for split, recs in records.items() if recs}
-    if len(set(kinds.values())) > 1:
+    kinds = {split: dataset_kind(recs) for split, recs in records.items() if recs}
+    if "text" in kinds.values() and set(kinds.values()) != {"text"}:
         detail = ", ".join(f"{split}={kind}" for split, kind in kinds.items())
         raise UsageError(f"the splits use different formats ({detail})", "use one format for train, valid and test")
-    kind = kinds["train"]
+    kind = dataset_kind([r for recs in records.values() for r in recs])
     template = choose_template(tokenizer, kind, chat_template)
     if template.origin == "fallback":
         notes.append("the model has no chat template: using mlxtune's fallback template (### User: / ### Assistant:)")
-    tokenized = {}
+    tokenized, reports = {}, {}
     for split in ("train", "valid", "test"):
         examples, report = tokenize_records(
             records.get(split, []), tokenizer, template.template, train_on_prompt, max_seq_length, drop_long
         )
         notes.extend(_length_note(split, report, max_seq_length))
-        tokenized[split] = examples
+        tokenized[split], reports[split] = examples, report
     if not tokenized["train"]:
         raise UsageError(f"no usable training examples in {files['train']}", "check --max-seq-length and the data")
+    warnings = data_warnings(records, tokenized, reports, files, max_seq_length, context_length, drop_long)
     if key:
         cache.save_cached(key, tokenized, {"splits": list(tokenized), "kind": kind, "template": template.template,
-                                           "template_origin": template.origin, "notes": notes})
+                                           "template_origin": template.origin, "notes": notes,
+                                           "warnings": [w.to_dict() for w in warnings]})
     return Datasets(tokenized["train"], tokenized["valid"], tokenized["test"], kind, template, notes,
-                    {k: str(v) for k, v in files.items()})
+                    {k: str(v) for k, v in files.items()}, warnings=warnings)

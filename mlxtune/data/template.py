@@ -7,7 +7,7 @@ re-tokenizing pieces does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +82,13 @@ def _render_or_empty(tokenizer, messages, template: str, tools) -> str:
         return ""
 
 
-def _supervised_spans(tokenizer, messages, template: str, rendered: str, tools=None) -> list[tuple[int, int]]:
-    """Character spans of every assistant reply (with its end-of-turn marker) in `rendered`."""
+def _supervised_spans(tokenizer, messages, template: str, rendered: str, tools=None,
+                      trained: list[bool] | None = None) -> list[tuple[int, int]]:
+    """Character spans of every trained assistant reply (with its end-of-turn marker) in `rendered`."""
     spans = []
     search_from = 0
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (trained is not None and not trained[index]):
             continue
         before = _render_or_empty(tokenizer, messages[:index], template, tools)
         through = render_chat(tokenizer, messages[: index + 1], template, False, tools)
@@ -96,7 +97,7 @@ def _supervised_spans(tokenizer, messages, template: str, rendered: str, tools=N
         else:
             # Templates that rewrite earlier turns (e.g. strip reasoning): locate the reply text itself.
             start = rendered.find(message["content"], search_from)
-            if start < 0:
+            if start < 0 or not message["content"]:
                 raise UsageError("the chat template drops an assistant reply", "pass --chat-template")
             end = start + len(message["content"])
             eos = tokenizer.eos_token or ""
@@ -122,7 +123,25 @@ def _encode_with_offsets(tokenizer, text: str, add_special_tokens: bool):
     return encoded["input_ids"], encoded["offset_mapping"]
 
 
+def _mask(offsets, spans) -> np.ndarray:
+    supervised = np.zeros(len(offsets), dtype=bool)
+    for position, (start, end) in enumerate(offsets):
+        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
+            supervised[position] = True
+    if len(supervised):
+        supervised[0] = False  # the first token is never predicted
+    return supervised
+
+
 def tokenize_record(record: Record, tokenizer, template: str | None, train_on_prompt: bool) -> TokenizedExample:
+    if record.segments is not None:  # template-free pieces: the labelled ones are trained on
+        ids, offsets = _encode_with_offsets(tokenizer, record.text, False)
+        spans, at = [], 0
+        for piece, label in record.segments:
+            if label or train_on_prompt:
+                spans.append((at, at + len(piece)))
+            at += len(piece)
+        return TokenizedExample(np.asarray(ids, dtype=np.int32), _mask(offsets, spans), record.source)
     if record.kind == "text":
         ids = list(tokenizer.encode(record.text))
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
@@ -131,9 +150,10 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
         supervised[0] = False  # the first token is never predicted
         return TokenizedExample(np.asarray(ids, dtype=np.int32), supervised, record.source)
 
-    messages = record.messages
-    if record.kind == "completion":
-        messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.completion}]
+    if template is None:
+        raise UsageError(f"{record.source}: a {record.kind} record in plain-text data",
+                         "keep one format per dataset (text, or chat/prompt-completion)")
+    messages = record.chat_messages()
     rendered = render_chat(tokenizer, messages, template, False, record.tools)
     # Templates write their own BOS; the tokenizer must not add a second one.
     bos = tokenizer.bos_token or ""
@@ -142,13 +162,8 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
     if train_on_prompt:
         spans = [(0, len(rendered))]
     else:
-        spans = _supervised_spans(tokenizer, messages, template, rendered, record.tools)
-    supervised = np.zeros(len(ids), dtype=bool)
-    for position, (start, end) in enumerate(offsets):
-        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
-            supervised[position] = True
-    supervised[0] = False
-    return TokenizedExample(np.asarray(ids, dtype=np.int32), supervised, record.source)
+        spans = _supervised_spans(tokenizer, messages, template, rendered, record.tools, record.trained)
+    return TokenizedExample(np.asarray(ids, dtype=np.int32), _mask(offsets, spans), record.source)
 
 
 @dataclass
@@ -157,6 +172,8 @@ class LengthReport:
     dropped: int = 0
     longest: int = 0
     supervised_tokens_lost: int = 0
+    supervised_tokens: int = 0  # in all examples, before truncation
+    over: list[tuple[str, int, int, int]] = field(default_factory=list)  # (source, tokens, supervised, lost)
 
 
 def tokenize_records(
@@ -172,8 +189,11 @@ def tokenize_records(
     for record in records:
         example = tokenize_record(record, tokenizer, template, train_on_prompt)
         report.longest = max(report.longest, len(example))
+        supervised = int(example.supervised.sum())
+        report.supervised_tokens += supervised
         if len(example) > max_seq_length:
             lost = int(example.supervised[max_seq_length:].sum())
+            report.over.append((example.source, len(example), supervised, supervised if drop_long else lost))
             if drop_long:
                 report.dropped += 1
                 report.supervised_tokens_lost += int(example.supervised.sum())

@@ -14,11 +14,12 @@ import mlx.core as mx
 
 from mlxtune.data.batching import BatchPlan, batch_plan, batches_per_epoch, describe_plan, training_batch
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
+from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.backend import set_blas_threads
-from mlxtune.model_config import DEFAULT_QUANTIZE, model_name
+from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.runs import (
     BEST_DIR,
@@ -41,7 +42,7 @@ from mlxtune.train.checkpoint import (
 from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
-from mlxtune.ui import fmt_loss, make_console, sparkline, summary_table, training_progress
+from mlxtune.ui import fmt_loss, make_console, print_data_problems, sparkline, summary_table, training_progress
 
 
 
@@ -62,6 +63,7 @@ class RunResult:
     total_parameters: int = 0
     stopped: str = "completed"  # completed | early-stopped | interrupted
     notes: list[str] = field(default_factory=list)
+    data_warnings: list[dict] = field(default_factory=list)  # {"code", "where", "message"}, as `data check` gives
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +140,9 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
         console.print("CPU backend: training in float32 (half-precision weights upcast)")
-    datasets = load_datasets(data_path, tokenizer, **settings.dataset_options())
+    context = text_config(model_config).get("max_position_embeddings")
+    datasets = load_datasets(data_path, tokenizer, **settings.dataset_options(),
+                             context_length=context if isinstance(context, int) else None)
     for note in datasets.notes:
         console.print(f"[yellow]note:[/] {note}")
 
@@ -152,6 +156,11 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     for note in plan_notes:
         console.print(f"[yellow]note:[/] {note}")
     total_steps = total_optimizer_steps(settings, datasets.train, plan)
+    if settings.iters is not None:  # an explicit step count that passes over the data too often
+        per_step = settings.grad_accumulation * len(datasets.train) / batches_per_epoch(datasets.train, plan,
+                                                                                         settings.seed)
+        datasets.warnings += steps_warning(total_steps, per_step, len(datasets.train))
+    print_data_problems(console, [], [w.to_dict() for w in datasets.warnings])
     optimizer = build_optimizer(settings, total_steps)
 
     metrics_path = run_dir / METRICS_FILE
@@ -174,7 +183,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         grad_checkpoint(model.layers[0])
 
     result = RunResult(str(run_dir), start_step, total_steps, trainable_parameters=trainable, total_parameters=total,
-                       notes=list(datasets.notes))
+                       notes=list(datasets.notes), data_warnings=[w.to_dict() for w in datasets.warnings])
     loss = Loss(model, settings.selective_loss)
     if settings.selective_loss and not loss.selective:
         console.print("[yellow]note:[/] this architecture's output head can't be applied separately: "
@@ -325,6 +334,8 @@ def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable
          if settings.method != "full" else f"full{base}"),
         ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
         ("data", f"{datasets.kind}: {len(datasets.train)} train / {len(datasets.valid)} valid examples"),
+        ("data warnings", summary(datasets.warnings)
+         + (" (`mlxtune data check` lists them)" if datasets.warnings else "")),
         ("template", datasets.template.origin),
         ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es), "
                   f"lr {settings.learning_rate:g} {settings.schedule}"),

@@ -13,6 +13,7 @@ from conftest import MODEL, WWDC25, run_cli
 from mlxtune import LoraSettings
 from mlxtune.data import load_datasets, read_records
 from mlxtune.data.formats import parse_record
+from mlxtune.data.quality import record_warnings
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, tokenize_record
 from mlxtune.errors import MlxtuneError, UsageError
 from mlxtune.train.loop import finetune
@@ -122,12 +123,13 @@ def test_custom_prompt_and_completion_keys(tmp_path):
         read_records(data)
 
 
-def test_empty_message_content_names_the_line(tmp_path):
+def test_empty_user_turn_is_a_warning_not_an_error(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": ""},
                                              {"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(UsageError, match=r"train.jsonl:1: message 1 \(user\) has empty content"):
-        read_records(data)
+    (record,) = read_records(data)
+    (warning,) = record_warnings(record)
+    assert str(warning) == f"{data}:1: message 1 (user) is empty"
 
 
 json_values = st.recursive(

@@ -93,12 +93,12 @@ def test_single_file_gets_a_fixed_seed_validation_split(tmp_path, tokenizer):
     "content, message",
     [
         ('{"text": "a"}\n{"text": \n', ":2: invalid JSON"),
-        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', "mixed record formats"),
+        ('{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', "the records change format (line 1: text; line 2: prompt/completion)"),
         ('{"messages": [{"role": "wizard", "content": "x"}]}\n', ":1: message 1 has unknown role"),
         ('{"prompt": "only a prompt"}\n', ":1: missing 'completion'"),
         ('{"foo": 1}\n', ":1: unrecognised record"),
         ("", "the file is empty"),
-        ('{"text": "   "}\n', ":1: empty text"),
+        ('{"text": "   "}\n', ":1: nothing to learn: empty 'text'"),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, content, message):
