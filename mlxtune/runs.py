@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxtune.errors import UsageError
-from mlxtune.settings import LoraSettings, load_settings
+from mlxtune.settings import LoraSettings, load_run_settings
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -88,7 +88,7 @@ def open_run(path: str | Path) -> Run:
         raise UsageError(f"{path} is not an mlxtune run (no {CONFIG_FILE}/{RUN_FILE})",
                          "give the directory `mlxtune lora` wrote")
     info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
-    return Run(path.resolve(), load_settings(path / CONFIG_FILE), info)
+    return Run(path.resolve(), load_run_settings(path / CONFIG_FILE), info)
 
 
 @dataclass

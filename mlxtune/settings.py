@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class LoraSettings:
                 "keys": self.record_keys}
 
     def validate(self) -> "LoraSettings":
+        _check_types(self)
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
@@ -101,8 +103,28 @@ class LoraSettings:
             raise UsageError(f"batch_tokens must be at least 1, got {self.batch_tokens}", "set --batch-tokens")
         if self.iters is not None and self.iters < 1:
             raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
+        for name in ("learning_rate", "alpha", "dropout", "weight_decay", "grad_clip", "epochs", "min_delta",
+                     "cache_limit_gb"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}",
+                                 f"set --{name.replace('_', '-')} to a real number")
         if self.epochs <= 0:
             raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
+        for name in ("weight_decay", "grad_clip", "min_delta"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} can't be negative, got {getattr(self, name)}",
+                                 f"set --{name.replace('_', '-')} to 0 or more")
+        if self.alpha <= 0:
+            raise UsageError(f"alpha must be positive, got {self.alpha}", "set --alpha (scale = alpha / rank)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UsageError(f"warmup_steps can't be negative, got {self.warmup_steps}",
+                             "set --warmup-steps to 0 or more, or omit it for 5% of the steps")
+        if self.val_batches == 0 or self.val_batches < -1:
+            raise UsageError(f"val_batches must be at least 1 (or -1 for all), got {self.val_batches}",
+                             "set --val-batches; a run without validation data skips evaluation by itself")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"seed must be in [0, 2^32), got {self.seed}", "set --seed to e.g. 0")
         if self.report_to not in (None, "wandb"):
             raise UsageError(f"unknown report target {self.report_to!r}", "use --report-to wandb")
         if isinstance(self.target_modules, str):
@@ -119,10 +141,40 @@ class LoraSettings:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout")
         if self.learning_rate <= 0:
             raise UsageError(f"learning_rate must be positive, got {self.learning_rate}", "set --learning-rate")
+        if self.learning_rate > 1:
+            raise UsageError(f"learning_rate {self.learning_rate:g} is far too large (above 1)",
+                             "LoRA learning rates are around 1e-4 to 1e-3: set --learning-rate 2e-4")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_types(settings) -> None:
+    """Every setting has the type its field says (a YAML `rank: 2.9` or `target_modules: 5` is an error)."""
+    for f in dataclasses.fields(settings):
+        value, kind = getattr(settings, f.name), str(f.type)
+        if value is None or f.name == "extra":
+            if value is None and "None" not in kind:
+                raise UsageError(f"{f.name} needs a value", f"set it in the config file or with --{f.name.replace('_', '-')}")
+            continue
+        if kind.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind.startswith("list"):
+            ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        elif kind.startswith("str"):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            expected = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text",
+                        "list[str]": "a list of names"}.get(kind.split(" |")[0], kind)
+            raise UsageError(f"{f.name} must be {expected}, got {value!r}",
+                             f"fix {f.name} in the config file (or pass --{f.name.replace('_', '-')})")
 
 
 def _field_names(cls) -> list[str]:
@@ -160,9 +212,13 @@ def _coerce(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
         if value is not None and kind.startswith(("float", "int")) and not isinstance(value, bool):
             number = float if kind.startswith("float") else int
             try:
-                value = number(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"{source}: {key} must be a number, got {value!r}", f"e.g. {key}: 1") from None
+                converted = number(value) if number is float else int(float(value)) if not isinstance(value, int) else value
+                if number is int and float(value) != converted:  # rank: 2.9 is not silently rank 2
+                    raise ValueError
+                value = converted
+            except (TypeError, ValueError, OverflowError):
+                raise UsageError(f"{source}: {key} must be {'a whole number' if number is int else 'a number'}, "
+                                 f"got {value!r}", f"e.g. {key}: 1") from None
         elif value is not None and kind.startswith("bool") and not isinstance(value, bool):
             raise UsageError(f"{source}: {key} must be true or false, got {value!r}", f"e.g. {key}: true")
         coerced[key] = value
@@ -182,10 +238,30 @@ def resolve_settings(config_path: str | Path | None, overrides: dict[str, Any], 
     return settings.validate()
 
 
+# The last line of a run's config.yaml: a file cut short (a crash mid-write, a bad copy) lacks it and is refused
+# instead of silently filling the missing settings with defaults.
+END_MARK = "# end of mlxtune settings"
+
+
 def save_settings(settings, path: str | Path) -> None:
+    """Write the settings atomically (temporary file, fsync, rename), ending with END_MARK."""
+    from mlxtune.storage import atomic_write_text
+
     data = {k: v for k, v in settings.to_dict().items() if k != "extra" or v}
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False) + END_MARK + "\n")
 
 
 def load_settings(path: str | Path, cls=LoraSettings):
     return cls(**read_yaml_config(path, cls))
+
+
+def load_run_settings(path: str | Path, cls=LoraSettings):
+    """A run's saved settings, refused unless the file is whole (END_MARK, or every setting present)."""
+    path = Path(path)
+    values = read_yaml_config(path, cls)
+    text = path.read_text(encoding="utf-8")
+    missing = [name for name in _field_names(cls) if name not in values]
+    if END_MARK not in text and missing:
+        raise UsageError(f"{path} is incomplete (no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "
+                         "cut short?)", "restore it from a backup, or start a new run with --out")
+    return cls(**values)

@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 
 from mlxtune.data.batching import evaluation_batches
+from mlxtune.faults import fault_point
 from mlxtune.data.template import TokenizedExample
 from mlxtune.train.loss import Loss
 
@@ -25,6 +26,7 @@ def validation_loss(
         loss_sum, n = loss(model, *loss.arrays(batch))
         total, count = total + loss_sum, count + n
         mx.eval(total, count)
+        fault_point("eval.batch")
     if was_training:
         model.train()
     return (total / count).item() if count.item() else math.nan

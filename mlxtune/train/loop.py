@@ -30,14 +30,23 @@ from mlxtune.runs import (
     RUN_FILE,
     TEMPLATE_FILE,
 )
-from mlxtune.settings import LoraSettings, load_settings, save_settings
+from mlxtune.settings import LoraSettings, load_run_settings, save_settings
+from mlxtune.storage import check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
 from mlxtune.train.checkpoint import (
     atomic_write_text,
-    latest_checkpoint,
     load_checkpoint,
     save_adapter,
     save_checkpoint,
+)
+from mlxtune.train.recovery import (
+    check_resume_state,
+    claim_run_dir,
+    data_fingerprint,
+    find_resume_point,
+    progress_state,
+    restore_progress,
+    unlock_run_dir,
 )
 from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
@@ -80,12 +89,9 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
     return max(1, math.ceil(micro_batches / settings.grad_accumulation))
 
 
-def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> Path:
+def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> tuple[Path, list[str]]:
     run_dir = Path(settings.out) if settings.out else default_run_dir(model_path)
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"run directory {run_dir} already exists", "use --resume to continue it, or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, claim_run_dir(run_dir, resume)  # locked for this process; reusable if nothing was trained
 
 
 class _StopRequest:
@@ -124,9 +130,12 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
         console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/] "
                       f"({DEFAULT_QUANTIZE}-bit, pulled once into the model library)")
         settings.model = DEFAULT_BASE_MODEL
+    check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
     model_path = resolve_model(settings.model, console=console)
     data_path = resolve_data_path(settings.data)
-    run_dir = _prepare_run_dir(settings, model_path, resume)
+    run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
+    for note in dir_notes:
+        console.print(f"[yellow]note:[/] {note}")
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     console.print(f"[bold]mlxtune[/] {settings.method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
@@ -165,14 +174,18 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
 
     metrics_path = run_dir / METRICS_FILE
     metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
-    start_step = 0
+    start_step, resumed = 0, None
+    data_files = data_fingerprint(data_path)
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UsageError(f"no checkpoint to resume in {run_dir}", "start a new run without --resume")
-        start_step = load_checkpoint(checkpoint, model, optimizer)["step"]
-        metrics.trim(start_step)
-        console.print(f"resuming from {checkpoint.name} (step {start_step} of {total_steps})")
+        point = find_resume_point(run_dir, total_steps)
+        for warning in point.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        if point.checkpoint is not None:
+            resumed = load_checkpoint(point.checkpoint, model, optimizer)
+            check_resume_state(run_dir, resumed, total_steps, data_files)
+            start_step = resumed["step"]
+            console.print(f"resuming from {point.checkpoint.name} (step {start_step} of {total_steps})")
+        metrics.trim(start_step if resumed else -1)
     save_settings(settings, run_dir / CONFIG_FILE)
     _write_run_info(run_dir, datasets, model_path, model_config, adapter_cfg)
 
@@ -195,21 +208,26 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     model.train()
     history: list[float] = []
     val_loss = math.nan
-    if start_step == 0 and datasets.valid:
-        val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
-        result.initial_val_loss = result.best_val_loss = val_loss
-        result.best_step = 0
-        _save_best(run_dir, model, adapter_cfg)
-        metrics.write({"step": 0, "val_loss": val_loss})
-        console.print(f"validation loss before training: {fmt_loss(val_loss)}")
-
-    evals_without_gain = 0
+    evals_without_gain = restore_progress(resumed, result) if resumed else 0
     window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
     step = start_step
     with _StopRequest() as stop, training_progress(console) as progress:
+        if start_step == 0 and datasets.valid:
+            val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
+            result.initial_val_loss = result.best_val_loss = val_loss
+            result.best_step = 0
+            _save_best(run_dir, model, adapter_cfg)
+            metrics.write({"step": 0, "val_loss": val_loss})
+            console.print(f"validation loss before training: {fmt_loss(val_loss)}")
+        if stop.signal_name:  # Ctrl-C during the first validation: a step-0 checkpoint, as at any other step
+            _save(run_dir, model, optimizer, adapter_cfg, step,
+                  progress_state(result, evals_without_gain, total_steps, data_files))
+            result.stopped = "interrupted"
+            console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
+                          f"continue with: mlxtune lora --resume {run_dir}")
         task = progress.add_task("train", total=total_steps, completed=step, loss="—", val=fmt_loss(val_loss),
                                  speed="—", memory="—", spark="")
-        while step < total_steps:
+        while step < total_steps and result.stopped != "interrupted":
             tic = time.perf_counter()
             # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
             mx.random.seed(settings.seed * 1_000_003 + step)
@@ -220,9 +238,13 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
             loss_sum, count, grads = trainer.accumulate(micro)
             step_loss = (loss_sum / count).item()
             if not math.isfinite(step_loss):
-                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
+                saved = "the last checkpoint is kept"
+                if _all_finite(model):  # never save weights that are themselves NaN/inf as "good"
+                    _save(run_dir, model, optimizer, adapter_cfg, step,
+                          progress_state(result, evals_without_gain, total_steps, data_files))
+                    saved = f"the last good weights (step {step}) are saved"
                 raise RunFailed(
-                    f"the loss became {step_loss} at step {step + 1}; the last good weights (step {step}) are saved",
+                    f"the loss became {step_loss} at step {step + 1}; {saved}",
                     "lower --learning-rate (or --grad-clip); with float16 weights, train in float32/bfloat16",
                 )
             trainer.update(grads, count)
@@ -271,7 +293,8 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
 
             if (step % settings.save_every == 0 or step == total_steps or stop.signal_name
                     or result.stopped == "early-stopped"):
-                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps)
+                _save(run_dir, model, optimizer, adapter_cfg, step,
+                      progress_state(result, evals_without_gain, total_steps, data_files))
             progress.update(task, completed=step)
             result.steps = step
             if result.stopped == "early-stopped":
@@ -288,6 +311,7 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
     plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
     atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
     _print_summary(console, result)
+    unlock_run_dir(run_dir)
     return result
 
 
@@ -297,10 +321,15 @@ def trainable_or_all(model):
     return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
 
 
-def _save(run_dir: Path, model, optimizer, adapter_cfg: dict, step: int, total_steps: int) -> None:
+def _save(run_dir: Path, model, optimizer, adapter_cfg: dict, step: int, state: dict) -> None:
     weights = trainable_weights(model)
+    optimizer.init(model.trainable_parameters())  # a no-op after the first update; gives step 0 its state
     save_adapter(run_dir, weights, adapter_cfg)
-    save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, {"total_steps": total_steps})
+    save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, state)
+
+
+def _all_finite(model) -> bool:
+    return all(mx.isfinite(v).all().item() for v in trainable_weights(model).values())
 
 
 def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
@@ -364,7 +393,7 @@ def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
-    settings = load_settings(config)
+    settings = load_run_settings(config)
     for key, value in overrides.items():
         if value is not None:
             setattr(settings, key, value)

@@ -1,0 +1,26 @@
+"""Test-only fault injection: `MLXTUNE_FAULT=NAME[:N]` kills this process (SIGKILL) the Nth time (default: the
+first) it reaches the point NAME. The reliability suite uses it to kill inside a checkpoint write, an evaluation
+or a fuse at exactly the moment it wants (docs/RELIABILITY.md lists the points). Unset, it costs one lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "MLXTUNE_FAULT"
+POINTS = ("checkpoint.adapter", "checkpoint.optimizer", "checkpoint.manifest", "checkpoint.rename",
+          "checkpoint.latest", "eval.batch", "fuse.saved", "export.written")
+_reached: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
