@@ -672,10 +672,12 @@ def parse_record(row: Any, where: str, keys: tuple[str, str] | None = None, mapp
             raise RecordError(where, "nothing to learn: empty 'text'", "give the record text, or remove it")
         return Record("text", where, text=text, convention="text")
     keys_found = ", ".join(sorted(map(str, row))) or "none"
+    texts = [str(k) for k, v in row.items() if isinstance(v, str)]
+    example = f", e.g. --prompt-key {texts[0]} --completion-key {texts[1]}" if len(texts) >= 2 else ""
     raise RecordError(
         where,
         f"unrecognised record (keys: {keys_found})",
-        f"expected one of: {SHAPES}; for other field names pass --prompt-key/--completion-key "
+        f"expected one of: {SHAPES}; for other field names pass --prompt-key/--completion-key{example} "
         f"(found: {keys_found})",
     )
 
@@ -741,8 +743,8 @@ def read_records(path: str | Path, problems: list[UsageError] | None = None,
     if mapping is not None and mapping.ranking:
         preference = [(where, PAIRED) for where, row in rows if not isinstance(row, UsageError)]
     else:
-        preference = [(where, shape) for where, row in rows
-                      if keys is None and (shape := detect_preference(row)) is not None]
+        preference = [(where, shape) for where, row in rows if keys is None and isinstance(row, dict)
+                      and (shape := detect_preference(_apply_mapping(row, mapping) if mapping else row))]
     if preference:  # one error for the file, not one per record
         error = _preference_error(path, preference)
         if problems is None:

@@ -21,7 +21,7 @@ TITLES = {
     "near-empty-reply": "near-empty reply",
     "placeholder": "placeholder text left in",
     "over-max-length": "over --max-seq-length",
-    "truncation": "truncation",
+    "truncation": "supervised tokens lost to truncation",
     "max-length-over-context": "--max-seq-length over the model's context",
     "over-context": "longer than the model's context",
     "in-train": "validation record also in train",

@@ -184,6 +184,13 @@ def test_lora_refuses_preference_data_naming_the_commands(tmp_path, tokenizer):
         load_datasets(pairs, tokenizer, use_cache=False)
     assert "40 record(s) are preference pairs (chosen/rejected" in caught.value.message
     assert "mlxtune dpo" in caught.value.hint and "mlxtune orpo" in caught.value.hint
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "feedback.jsonl", "columns": {
+        "prompt": "q", "response": "a", "kto_tag": "thumbs_up"}}}))
+    mapped = write_jsonl(tmp_path / "feedback.jsonl", [{"q": "Q", "a": "A", "thumbs_up": True}])
+    with pytest.raises(UsageError, match="feedback.jsonl: 1 record.s. are unpaired preference data"):
+        read_records(mapped)  # the KTO column is only known through dataset_info.json
+    with pytest.raises(UsageError, match="x.jsonl:3: this is preference pairs"):
+        parse_record({"prompt": "Q", "chosen": "A", "rejected": "B"}, "x.jsonl:3")
     kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Q", "completion": "A", "label": True}])
     with pytest.raises(UsageError, match="true/false label, for KTO") as caught:
         read_records(kto)

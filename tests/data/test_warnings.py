@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from conftest import MODEL, run_cli
 from mlxtune import LoraSettings
@@ -104,7 +105,7 @@ def test_cli_groups_a_flood_and_strict_fails_on_warnings(tmp_path):
     strict = run_cli("data", "check", warned, "--model", MODEL, "--max-seq-length", 256, "--show", 1, "--strict")
     assert strict.returncode == 1, strict.stdout  # a warning alone fails only with --strict
     assert f"{warned}:1: ends on a user turn" in strict.stdout and "problem(s)" not in strict.stdout
-    assert "{+" in strict.stdout and "+}" in strict.stdout  # piped: the supervised part is marked in text
+    assert re.search(r"\{\+[^{}]*</s>\+\}", strict.stdout)  # piped: the supervised part is marked in the text
 
 def test_lora_summarises_warnings_in_its_header(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", [chat("Hi", "Hello!", "Still there?")] + [
