@@ -12,7 +12,7 @@ import numpy as np
 from mlxtune.data.template import TokenizedExample
 from mlxtune.paths import cache_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: warnings in the metadata; Alpaca prompts joined with one newline
 
 
 def file_digest(path: Path) -> str:

@@ -43,6 +43,17 @@ def write_jsonl(path, rows):
     return path
 
 
+def read_one(directory, name, row):
+    """Write one record as the tool's file would hold it (.json: an indented array, .jsonl: a line) and read it."""
+    path = directory / name
+    if name.endswith(".json"):
+        path.write_text(json.dumps([row], indent=2))
+    else:
+        write_jsonl(path, [row])
+    (record,) = read_records(path)
+    return record
+
+
 # LLaMA-Factory's sharegpt tool-use shape (data/README.md, glaive_toolcall_en_demo.json): tools as a JSON string,
 # function_call and observation turns, a system column.
 SHAREGPT_TOOLS = {
@@ -59,8 +70,8 @@ SHAREGPT_TOOLS = {
 }
 
 
-def test_llama_factory_sharegpt_tool_calls_and_observations(tokenizer):
-    record = parse_record(SHAREGPT_TOOLS, "glaive.json:1")
+def test_llama_factory_sharegpt_tool_calls_and_observations(tmp_path, tokenizer):
+    record = read_one(tmp_path, "glaive_toolcall.json", SHAREGPT_TOOLS)
     assert [m["role"] for m in record.messages] == ["system", "user", "assistant", "tool", "assistant"]
     call = record.messages[2]["tool_calls"][0]["function"]
     assert call == {"name": "calculate_area", "arguments": {"shape": "rectangle", "dimensions": [5, 3]}}
@@ -96,15 +107,15 @@ def test_llama_factory_dataset_info_maps_columns_and_tags(tmp_path, tokenizer):
     assert supervised_runs(tokenizer, alpaca) == ["Paris</s>"]
 
 
-def test_alpaca_history_is_trained_on_and_system_kept(tokenizer):
-    record = parse_record({"instruction": "And 3+3?", "input": "", "output": "6", "system": "Math tutor.",
-                           "history": [["What is 2+2?", "4"]]}, "a.json:1")
+def test_alpaca_history_is_trained_on_and_system_kept(tmp_path, tokenizer):
+    record = read_one(tmp_path, "alpaca.json", {"instruction": "And 3+3?", "input": "", "output": "6", "system": "Math tutor.",
+                           "history": [["What is 2+2?", "4"]]})
     assert [m["role"] for m in record.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert supervised_runs(tokenizer, record) == ["4</s>", "6</s>"]  # LLaMA-Factory learns history replies too
 
 
-def test_openai_weight_tool_calls_and_value_content_parts(tokenizer):
-    record = parse_record({
+def test_openai_weight_tool_calls_and_value_content_parts(tmp_path, tokenizer):
+    record = read_one(tmp_path, "openai.jsonl", {
         "messages": [
             {"role": "system", "content": "Be kind."},
             {"role": "user", "content": [{"type": "text", "value": "Weather in Paris?"}]},
@@ -116,7 +127,7 @@ def test_openai_weight_tool_calls_and_value_content_parts(tokenizer):
             {"role": "assistant", "content": [{"type": "text", "text": "It is sunny."}], "weight": 1},
         ],
         "tools": [{"type": "function", "function": {"name": "weather", "parameters": {}}}],
-    }, "openai.jsonl:1")
+    })
     assert record.messages[1]["content"] == "Weather in Paris?"
     assert record.messages[4]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert record.messages[5]["tool_call_id"] == "call_1"
@@ -125,41 +136,41 @@ def test_openai_weight_tool_calls_and_value_content_parts(tokenizer):
     assert "A first try." not in "".join(runs)  # weight 0: context only
 
 
-def test_openai_deprecated_functions_and_function_call():
-    record = parse_record({"messages": [
+def test_openai_deprecated_functions_and_function_call(tmp_path):
+    record = read_one(tmp_path, "functions.jsonl", {"messages": [
         {"role": "user", "content": "Time?"},
         {"role": "assistant", "function_call": {"name": "clock", "arguments": "{}"}},
         {"role": "function", "name": "clock", "content": "12:00"},
         {"role": "assistant", "content": "Noon."}],
-        "functions": [{"name": "clock", "parameters": {}}]}, "f.jsonl:1")
+        "functions": [{"name": "clock", "parameters": {}}]})
     assert record.messages[1]["tool_calls"][0]["function"] == {"name": "clock", "arguments": {}}
     assert record.messages[2]["role"] == "tool" and record.tools[0]["function"]["name"] == "clock"
 
 
-def test_trl_conversational_prompt_completion_trains_on_the_completion_only(tokenizer):
-    record = parse_record({
+def test_trl_conversational_prompt_completion_trains_on_the_completion_only(tmp_path, tokenizer):
+    record = read_one(tmp_path, "trl.jsonl", {
         "prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
                    {"role": "user", "content": "Sky colour?"}],
         "completion": [{"role": "assistant", "content": "It is blue."}],
-    }, "trl.jsonl:1")
+    })
     assert supervised_runs(tokenizer, record) == ["It is blue.</s>"]
-    text = parse_record({"prompt": "The sky is", "completion": " blue."}, "trl.jsonl:2")
+    text = read_one(tmp_path, "trl_standard.jsonl", {"prompt": "The sky is", "completion": " blue."})
     assert (text.kind, text.prompt, text.completion) == ("completion", "The sky is", " blue.")
 
 
-def test_axolotl_per_message_train_flag_and_input_output_segments(tokenizer):
-    record = parse_record({"conversations": [
+def test_axolotl_per_message_train_flag_and_input_output_segments(tmp_path, tokenizer):
+    record = read_one(tmp_path, "chat_template.jsonl", {"conversations": [
         {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!", "train": False},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye.", "train": True}]}, "x:1")
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye.", "train": True}]})
     assert supervised_runs(tokenizer, record) == ["Goodbye.</s>"]
-    segments = parse_record({"segments": [{"label": False, "text": "Q: colour of the sky?\nA:"},
-                                          {"label": True, "text": " blue, mostly."}]}, "io.jsonl:1")
+    segments = read_one(tmp_path, "input_output.jsonl", {"segments": [
+        {"label": False, "text": "Q: colour of the sky?\nA:"}, {"label": True, "text": " blue, mostly."}]})
     example = tokenize_record(segments, tokenizer, None, train_on_prompt=False)
     trained = tokenizer.decode([t for t, s in zip(example.ids.tolist(), example.supervised.tolist()) if s])
     assert trained.strip() == "blue, mostly." and segments.convention.startswith("input_output")
     for row in ({"instruction": "Hi", "response": "Hello"}, {"INSTRUCTION": "Hi", "RESPONSE": "Hello"},
                 {"system_prompt": "Be brief.", "question": "Hi", "response": "Hello"}):
-        record = parse_record(row, "axolotl.jsonl:1")
+        record = read_one(tmp_path, "axolotl.jsonl", row)
         assert (record.prompt, record.completion) == ("Hi", "Hello")
 
 
