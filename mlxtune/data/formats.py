@@ -22,6 +22,7 @@ from mlxtune.errors import UsageError
 
 SPLIT_NAMES = ("train", "valid", "test")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TOO_DEEP_HINT = "records are a few levels deep (messages → parts); flatten this one"
 DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's registry of datasets, with column and tag mappings
 
 
@@ -144,6 +145,9 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             line += text.count("\n", position, exc.pos)
             fail(exc.pos, exc.msg)
+        except RecursionError:
+            raise UsageError(f"{path}:{line}: record {len(rows) + 1} is nested too deeply to read",
+                             TOO_DEEP_HINT) from None
         rows.append((f"{path}:{line} (record {len(rows) + 1})", row))
         line += text.count("\n", position, end)
         position = skip(end)
@@ -183,6 +187,8 @@ def _raw_rows(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             rows.append((where, RecordError(where, f"invalid JSON ({exc.msg} at column {exc.colno})",
                                             "each line must be one complete JSON object")))
+        except RecursionError:  # Python's JSON decoder recurses once per nesting level
+            rows.append((where, RecordError(where, "nested too deeply to read", TOO_DEEP_HINT)))
     return rows
 
 
@@ -198,7 +204,7 @@ def _from_table_row(row: dict) -> dict:
         if key in JSON_COLUMNS and isinstance(value, str) and value.lstrip().startswith(("[", "{")):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 pass  # reported by the record parser as a wrong type
         clean[key] = value
     return clean
@@ -349,6 +355,8 @@ def _json_value(value: Any, where: str, key: str, convention: str) -> Any:
     except json.JSONDecodeError as exc:
         raise RecordError(where, f"{key!r} is a string but not JSON ({exc.msg} at column {exc.colno})",
                           f"{convention} writes it as JSON text; fix the quoting") from None
+    except RecursionError:
+        raise RecordError(where, f"{key!r} is nested too deeply to read", TOO_DEEP_HINT) from None
 
 
 def _tools(value: Any, where: str) -> list[dict] | None:

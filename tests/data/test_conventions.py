@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.utils import load_tokenizer
 
 from conftest import MODEL
 from mlxtune.data import FALLBACK_CHAT_TEMPLATE, load_datasets, read_records
 from mlxtune.data.formats import PAIRED, UNPAIRED, detect_preference, parse_record
 from mlxtune.data.template import tokenize_record
-from mlxtune.errors import UsageError
+from mlxtune.errors import MlxtuneError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +253,26 @@ def test_messages_name_the_convention_they_expected():
     assert "LLaMA-Factory" in caught.value.hint
     with pytest.raises(UsageError, match=r"expected 'content' or 'value' or 'text', found role, txt"):
         parse_record({"messages": [{"role": "user", "txt": "hi"}, {"role": "assistant", "content": "x"}]}, "w:1")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet='[]{}",:\n 0123456789abtrue', max_size=80))
+def test_random_json_arrays_never_crash(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("fuzz") / "train.json"
+    path.write_text("[" + content)
+    try:
+        read_records(path)
+    except MlxtuneError:
+        pass
+
+
+def test_records_nested_past_pythons_limit_are_our_error(tmp_path):
+    deep = "[" * 100_000
+    lines = tmp_path / "train.jsonl"
+    lines.write_text('{"text": "fine"}\n{"text": ' + deep + "}\n")
+    with pytest.raises(UsageError, match=r"train.jsonl:2: nested too deeply"):
+        read_records(lines)
+    array = tmp_path / "train.json"
+    array.write_text('[\n{"text": "fine"},\n' + deep)
+    with pytest.raises(UsageError, match=r"train.json:3: record 2 is nested too deeply"):
+        read_records(array)
