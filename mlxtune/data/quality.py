@@ -17,7 +17,7 @@ from mlxtune.ui import group_by
 TITLES = {
     "no-user-turn": "no user turn",
     "empty-turn": "empty turn",
-    "ends-on-user": "ends on an unanswered user turn",
+    "ends-on-user": "ends on an unanswered user or tool turn",
     "near-empty-reply": "near-empty reply",
     "placeholder": "placeholder text left in",
     "over-max-length": "over --max-seq-length",
@@ -80,8 +80,8 @@ def record_warnings(record: Record) -> list[DataWarning]:
             elif message["role"] == "assistant" and train and content.strip() and not _has_words(content):
                 warn("near-empty-reply", f"message {number}: near-empty reply {content.strip()!r}")
             texts.append((f"message {number}", content))
-        if roles[-1] == "user":
-            warn("ends-on-user", f"ends on a user turn (message {len(roles)}) that is never answered")
+        if roles[-1] in ("user", "tool"):  # trailing context the model never answers: wasted, or a cut record
+            warn("ends-on-user", f"ends on a {roles[-1]} turn (message {len(roles)}) that is never answered")
     for label, text in texts:
         match = PLACEHOLDER.search(text)
         if match:

@@ -117,4 +117,4 @@ def test_lora_summarises_warnings_in_its_header(tmp_path):
     assert [w["code"] for w in result.data_warnings] == ["ends-on-user"]
     output = captured.get()
     assert f"{data}:1: ends on a user turn" in output
-    assert "data warnings" in output and "ends on an unanswered user turn ×1" in output
+    assert "data warnings" in output and "ends on an unanswered user or tool turn ×1" in output
