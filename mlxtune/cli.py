@@ -449,7 +449,7 @@ def data():
 @click.argument("path", type=click.Path())
 @click.option("--model", help="Measure in this model's tokens and render with its chat template.")
 @click.option("--show", default=0, show_default=True, type=int, help="Print N rendered examples, supervised part highlighted.")
-@click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Count examples longer than this.")
+@click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop.")
 @click.option("--train-on-prompt", is_flag=True, help="Measure as if the prompt were trained on too.")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")
