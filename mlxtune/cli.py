@@ -142,6 +142,84 @@ def lora(config_path, resume_dir, json_mode, **flags):
         sys.exit(EXIT_INTERRUPTED)
 
 
+# Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
+# prompt-selection flags don't apply to preference runs.
+_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key"}
+
+
+def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
+    def command(config_path, resume_dir, json_mode, **flags):
+        from mlxtune.settings import resolve_settings
+        from mlxtune.train.preference_run import PreferenceSettings, resume_preference_settings, train_preference
+        from mlxtune.ui import make_console, print_json
+
+        console = make_console(json_mode)
+        if resume_dir:
+            settings = resume_preference_settings(resume_dir, {k: flags.get(k) for k in (
+                "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
+        else:
+            settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
+        result = train_preference(settings, resume=bool(resume_dir), console=console)
+        if json_mode:
+            print_json(result.to_dict())
+        if result.stopped == "interrupted":
+            sys.exit(EXIT_INTERRUPTED)
+
+    shared = [p for p in lora.params if p.name not in _NOT_FOR_PREFERENCE]
+    return click.Command(objective, callback=command, params=shared + own_options, help=summary + extra_help,
+                         short_help=summary.split("\n")[0], context_settings={"show_default": True})
+
+
+_BETA_HELP = {"dpo": "How strongly the policy is held to the reference (higher = closer) [default: 0.1].",
+              "orpo": "Weight of the odds-ratio term against the chosen answers' NLL [default: 0.1]."}
+_FROM_OPTIONS = [
+    click.Option(["--from", "from_run"], type=click.Path(),
+                 help="Start from this supervised run: its adapter is merged into its base, which is also the reference."),
+    click.Option(["--from-checkpoint"], help="Adapter of --from to merge: last, best or a step number [default: last]."),
+    click.Option(["--stop-on"], type=click.Choice(["loss", "accuracy"]),
+                 help="What --patience watches: validation loss or validation preference accuracy [default: loss]."),
+]
+main.add_command(_preference_command(
+    "dpo",
+    "Train on preference pairs with DPO (the reference is the model with its adapter switched off).",
+    """
+
+    \b
+    Data: one pair per line — {"prompt", "chosen", "rejected"} strings; chosen/rejected message lists with or
+    without a shared "prompt" (TRL); Anthropic HH transcripts; LLaMA-Factory ranking records.
+    Reports loss, chosen/rejected rewards, their margin and preference accuracy (train and validation).
+
+    \b
+    Examples:
+      mlxtune dpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
+      mlxtune dpo --from runs/sft --data ./pairs --precompute-reference
+      mlxtune dpo --resume runs/sft-dpo --iters 400
+    """,
+    [click.Option(["--beta"], type=float, help=_BETA_HELP["dpo"]),
+     click.Option(["--label-smoothing"], type=float,
+                  help="Assumed share of mislabelled pairs (conservative DPO) [default: 0]."),
+     click.Option(["--precompute-reference/--no-precompute-reference"], default=None,
+                  help="Compute the reference log-probs once before training and cache them per pair "
+                       "(no reference pass per step) [default: no; always for --method full]."),
+     *_FROM_OPTIONS],
+))
+main.add_command(_preference_command(
+    "orpo",
+    "Train on preference pairs with ORPO (supervised loss + odds ratio; no reference model).",
+    """
+
+    \b
+    Same data shapes and flags as `mlxtune dpo`.
+
+    \b
+    Examples:
+      mlxtune orpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
+      mlxtune orpo --from runs/sft --data ./pairs
+    """,
+    [click.Option(["--beta"], type=float, help=_BETA_HELP["orpo"]), *_FROM_OPTIONS],
+))
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for the fused model.")

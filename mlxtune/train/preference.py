@@ -1,0 +1,320 @@
+"""Preference objectives (DPO, ORPO) on the engine's selective log-probs.
+
+A batch of B pairs is one forward pass over 2B rows (chosen rows, then rejected rows). Only the answer positions
+go through the output head, chunk by chunk, exactly like the supervised loss (train/loss.py): the
+`[rows, seq, vocab]` logits never exist. Each row's answer log-probability is the sum over its positions.
+
+DPO's reference log-probs come from the same weights with the adapters bypassed (each LoRA/DoRA layer replaced by
+the base layer it wraps, for one forward pass without gradients) — no second copy of the model — or are
+precomputed once per pair and cached in the run directory (`--precompute-reference`, required for `full`).
+
+Formulas (per pair; πc, πr: summed answer log-probs under the policy, ρc, ρr: under the reference; β: beta):
+- DPO (Rafailov et al. 2023, sigmoid loss with conservative label smoothing ε):
+  z = β((πc − πr) − (ρc − ρr)),  loss = −(1 − ε)·log σ(z) − ε·log σ(−z);  rewards β(πc − ρc), β(πr − ρr).
+- ORPO (Hong et al. 2024), on per-token mean log-probs ℓc, ℓr:
+  log-odds = (ℓc − ℓr) − (log(1 − e^ℓc) − log(1 − e^ℓr)),  loss = −ℓc − β·log σ(log-odds);  rewards β·ℓc, β·ℓr.
+Preference accuracy: the share of pairs whose chosen reward beats the rejected one (a tie counts one half, so an
+untrained DPO policy, equal to its reference, scores 0.5).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxtune.data.batching import make_batch
+from mlxtune.data.preference import PreferenceExample
+from mlxtune.train.loss import chunk_rows, loss_streams, output_head, packing_cache, supports_selective_loss
+
+OBJECTIVES = ("dpo", "orpo")
+STAT_NAMES = ("chosen_reward", "rejected_reward", "accuracy", "chosen_nll")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The losses, on per-pair log-probs (what the tests check against the published formulas)
+
+def log1m_exp(x: mx.array) -> mx.array:
+    """log(1 − eˣ) for x < 0, accurate near 0 and for very negative x."""
+    x = mx.minimum(x, -1e-7)
+    return mx.where(x > -math.log(2.0), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+             label_smoothing: float = 0.0):
+    """Per-pair DPO losses and the chosen/rejected rewards."""
+    z = beta * ((policy_chosen - policy_rejected) - (reference_chosen - reference_rejected))
+    losses = -(1.0 - label_smoothing) * nn.log_sigmoid(z) - label_smoothing * nn.log_sigmoid(-z)
+    return losses, beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected)
+
+
+def orpo_loss(chosen_mean_logp, rejected_mean_logp, beta: float):
+    """Per-pair ORPO losses (chosen NLL + β × odds-ratio loss) and the chosen/rejected rewards."""
+    log_odds = (chosen_mean_logp - rejected_mean_logp) - (log1m_exp(chosen_mean_logp)
+                                                          - log1m_exp(rejected_mean_logp))
+    losses = -chosen_mean_logp - beta * nn.log_sigmoid(log_odds)
+    return losses, beta * chosen_mean_logp, beta * rejected_mean_logp
+
+
+def preference_accuracy(chosen_rewards, rejected_rewards) -> mx.array:
+    """Per pair: 1 when the chosen reward is higher, ½ on a tie, 0 otherwise."""
+    return (chosen_rewards > rejected_rewards).astype(mx.float32) + 0.5 * (chosen_rewards == rejected_rewards)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-row answer log-probs through the selective head
+
+@mx.custom_function
+def token_nll(logits, targets):
+    """−log p(target) per row, and the softmax it keeps for its own backward pass (one `exp` pass, as loss.py)."""
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exps = mx.exp(logits - top)
+    total = exps.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+    return (top + mx.log(total)).squeeze(-1) - picked, exps / total
+
+
+@token_nll.vjp
+def _token_nll_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    one_hot = mx.arange(logits.shape[-1])[None, :] == targets[:, None]
+    grad = (outputs[1] - one_hot) * cotangents[0][:, None]
+    return grad.astype(logits.dtype), mx.zeros_like(targets)
+
+
+class SequenceLogProbs:
+    """Summed answer log-probs and answer lengths per row: selective head when the model allows, else full logits."""
+
+    def __init__(self, model, selective: bool = True):
+        self.selective = selective and supports_selective_loss(model)
+        self.head = output_head(model) if self.selective else None
+        vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or 32768
+        self.max_rows = chunk_rows(vocab_size)
+
+    def position_nll(self, model, inputs, positions, targets):
+        if not self.selective:
+            logits = model(inputs).astype(mx.float32)
+            rows = logits.reshape(-1, logits.shape[-1])[positions]
+            return token_nll(rows, targets)[0]
+        hidden = model.model(inputs, cache=packing_cache(model, None))
+        rows = hidden.reshape(-1, hidden.shape[-1])[positions]
+        streams = loss_streams()
+        count = positions.shape[0]
+        chunk = min(self.max_rows, max(1, -(-count // len(streams))))
+        parts = []
+        for number, start in enumerate(range(0, count, chunk)):
+            with mx.stream(streams[number % len(streams)]):
+                parts.append(token_nll(self.head(rows[start:start + chunk]).astype(mx.float32),
+                                       targets[start:start + chunk])[0])
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def __call__(self, model, inputs, positions, targets, weights, position_rows):
+        """(log-prob sum, supervised count) per row of `inputs`."""
+        nll = self.position_nll(model, inputs, positions, targets)
+        membership = (position_rows[None, :] == mx.arange(inputs.shape[0])[:, None]).astype(mx.float32)
+        membership = membership * weights[None, :]
+        return -(membership @ nll), membership.sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches of pairs
+
+@dataclass
+class PairBatch:
+    inputs: np.ndarray  # [2B, length]: chosen rows then rejected rows
+    positions: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    position_rows: np.ndarray  # which row each position belongs to
+    pairs: int
+    tokens: int
+    reference: np.ndarray | None  # [2, B] precomputed reference log-probs (chosen, rejected)
+
+    def arrays(self) -> tuple[mx.array, ...]:
+        return (mx.array(self.inputs), mx.array(self.positions), mx.array(self.targets), mx.array(self.weights),
+                mx.array(self.position_rows))
+
+
+def make_pair_batch(pairs: list[PreferenceExample], references: dict[str, tuple[float, float]] | None = None
+                    ) -> PairBatch:
+    batch = make_batch([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    length = batch.inputs.shape[1]
+    reference = None
+    if references is not None:
+        reference = np.array([references[p.fingerprint] for p in pairs], dtype=np.float32).T
+    return PairBatch(batch.inputs, batch.positions, batch.position_targets, batch.position_weights,
+                     (batch.positions // length).astype(np.int32), len(pairs), batch.tokens, reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapters switched off: the reference model for free
+
+def _adapter_types() -> tuple[type, ...]:
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    return (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+
+
+def _wrapped_base(module):
+    # mlx-lm's adapter layers keep the layer they wrap as `.linear` (or `.embedding`); not a documented API,
+    # so tests/train/test_preference.py checks that the bypassed model gives the base model's logits exactly.
+    return getattr(module, "linear", None) or getattr(module, "embedding", None)
+
+
+def adapter_layers(model) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(block, name within the block, adapter layer) for every outermost adapter layer of the model's blocks."""
+    kinds = _adapter_types()
+    found = []
+    for block in model.layers:
+        taken: list[str] = []
+        for name, module in sorted(block.named_modules(), key=lambda item: item[0].count(".")):
+            if isinstance(module, kinds) and not any(name.startswith(t + ".") for t in taken):
+                found.append((block, name, module))
+                taken.append(name)
+    return found
+
+
+@contextmanager
+def adapters_off(model):
+    """Inside: the model computes with its base weights only (each adapter layer swapped for what it wraps)."""
+    from mlx.utils import tree_unflatten
+
+    layers = adapter_layers(model)
+    by_block: dict[int, list] = {}
+    for block, name, module in layers:
+        by_block.setdefault(id(block), [block, [], []])
+        by_block[id(block)][1].append((name, _wrapped_base(module)))
+        by_block[id(block)][2].append((name, module))
+    for block, bypass, _ in by_block.values():
+        block.update_modules(tree_unflatten(bypass))
+    try:
+        yield model
+    finally:
+        for block, _, restore in by_block.values():
+            block.update_modules(tree_unflatten(restore))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective the loop calls
+
+class PreferenceObjective:
+    """Loss sum over pairs, the pair count and summed statistics (for reports), for DPO or ORPO."""
+
+    def __init__(self, model, objective: str = "dpo", beta: float = 0.1, label_smoothing: float = 0.0,
+                 selective: bool = True):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}")
+        self.objective = objective
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.logps = SequenceLogProbs(model, selective)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective == "dpo"
+
+    def reference(self, model, batch: PairBatch) -> tuple[mx.array, mx.array]:
+        """Reference log-probs of a batch: precomputed ones, or the adapters switched off for one forward pass."""
+        if batch.reference is not None:
+            return mx.array(batch.reference[0]), mx.array(batch.reference[1])
+        if not self.needs_reference:
+            zeros = mx.zeros((batch.pairs,))
+            return zeros, zeros
+        with adapters_off(model):
+            was_training = model.training
+            model.eval()
+            sums, _ = self.logps(model, *batch.arrays())
+            if was_training:
+                model.train()
+        sums = mx.stop_gradient(sums)
+        return sums[: batch.pairs], sums[batch.pairs:]
+
+    def __call__(self, model, inputs, positions, targets, weights, position_rows, reference_chosen,
+                 reference_rejected):
+        sums, counts = self.logps(model, inputs, positions, targets, weights, position_rows)
+        pairs = reference_chosen.shape[0]
+        chosen, rejected = sums[:pairs], sums[pairs:]
+        chosen_count, rejected_count = counts[:pairs], counts[pairs:]
+        chosen_nll = -chosen / mx.maximum(chosen_count, 1.0)
+        if self.objective == "dpo":
+            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, reference_chosen,
+                                                                reference_rejected, self.beta, self.label_smoothing)
+        else:
+            losses, chosen_rewards, rejected_rewards = orpo_loss(chosen / mx.maximum(chosen_count, 1.0),
+                                                                 rejected / mx.maximum(rejected_count, 1.0),
+                                                                 self.beta)
+        stats = mx.stack([chosen_rewards.sum(), rejected_rewards.sum(),
+                          preference_accuracy(chosen_rewards, rejected_rewards).sum(), chosen_nll.sum()])
+        return losses.sum(), mx.array(float(pairs)), mx.stop_gradient(stats)
+
+    def loss_arrays(self, model, batch: PairBatch) -> tuple[mx.array, ...]:
+        return (*batch.arrays(), *self.reference(model, batch))
+
+
+def summarise(loss_sum: float, pairs: float, stats) -> dict:
+    """Means per pair of the loss and the statistics; margin = chosen − rejected reward."""
+    stats = [float(s) for s in stats]
+    pairs = max(pairs, 1.0)
+    out = {"loss": loss_sum / pairs}
+    out.update({name: value / pairs for name, value in zip(STAT_NAMES, stats)})
+    out["margin"] = out["chosen_reward"] - out["rejected_reward"]
+    return out
+
+
+def evaluate_pairs(model, objective: PreferenceObjective, pairs: list[PreferenceExample], batch_size: int = 4,
+                   max_batches: int = -1, references: dict | None = None) -> dict:
+    """Mean loss, rewards, margin and preference accuracy over (a fixed subset of) the pairs."""
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    loss_total, count, stats = 0.0, 0.0, np.zeros(len(STAT_NAMES))
+    for batch in evaluation_pair_batches(pairs, batch_size, max_batches, references):
+        loss_sum, n, batch_stats = objective(model, *objective.loss_arrays(model, batch))
+        mx.eval(loss_sum, batch_stats)
+        loss_total += loss_sum.item()
+        count += n.item()
+        stats += np.array(batch_stats)
+    if was_training:
+        model.train()
+    return summarise(loss_total, count, stats)
+
+
+def evaluation_pair_batches(pairs: list[PreferenceExample], batch_size: int, max_batches: int = -1,
+                            references: dict | None = None):
+    chosen = pairs
+    if max_batches != -1 and max_batches * batch_size < len(pairs):
+        picked = np.random.default_rng(0).permutation(len(pairs))[: max_batches * batch_size]
+        chosen = [pairs[i] for i in sorted(picked)]
+    ordered = sorted(chosen, key=len)
+    for start in range(0, len(ordered), batch_size):
+        yield make_pair_batch(ordered[start:start + batch_size], references)
+
+
+def answer_logps(model, pairs: list[PreferenceExample], batch_size: int = 8, logps: SequenceLogProbs | None = None
+                 ) -> np.ndarray:
+    """[len(pairs), 2] summed answer log-probs (chosen, rejected) under the model as it is, in order."""
+    logps = logps or SequenceLogProbs(model)
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(pairs), 2), np.float64)
+    for start in range(0, len(pairs), batch_size):
+        group = pairs[start:start + batch_size]
+        batch = make_pair_batch(group)
+        sums, _ = logps(model, *batch.arrays())
+        sums = np.array(sums)
+        out[start:start + len(group), 0] = sums[: len(group)]
+        out[start:start + len(group), 1] = sums[len(group):]
+    if was_training:
+        model.train()
+    return out
+
+
+def likelihood_accuracy(logps: np.ndarray) -> np.ndarray:
+    """Per pair: 1 when the model gives the chosen answer the higher log-prob, ½ on a tie, 0 otherwise."""
+    return (logps[:, 0] > logps[:, 1]).astype(np.float64) + 0.5 * (logps[:, 0] == logps[:, 1])
