@@ -150,7 +150,7 @@ _NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
     def command(config_path, resume_dir, json_mode, **flags):
         from mlxtune.settings import resolve_settings
-        from mlxtune.train.preference_run import PreferenceSettings, resume_preference_settings, train_preference
+        from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, train_preference
         from mlxtune.ui import make_console, print_json
 
         console = make_console(json_mode)

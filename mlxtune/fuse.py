@@ -81,8 +81,14 @@ def _check_examples(run: Run, tokenizer):
     """Held-out examples from the run's own validation data (training data if it had none), cut to check length."""
     from mlxtune.data.template import TokenizedExample
 
-    datasets = load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options())
-    examples = (datasets.valid or datasets.train)[:CHECK_EXAMPLES]
+    if run.info.get("objective") in ("dpo", "orpo"):  # a preference run: its pairs' chosen answers
+        from mlxtune.data.preference import chosen_examples
+
+        examples = chosen_examples(run.settings.data, tokenizer, run.settings.chat_template,
+                                   run.settings.seed)[:CHECK_EXAMPLES]
+    else:
+        datasets = load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options())
+        examples = (datasets.valid or datasets.train)[:CHECK_EXAMPLES]
     return [TokenizedExample(e.ids[:CHECK_LENGTH], e.supervised[:CHECK_LENGTH], e.source) for e in examples]
 
 

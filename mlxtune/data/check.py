@@ -14,6 +14,7 @@ from mlxtune.data.formats import RecordError, dataset_kind, find_splits
 from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings, record_warnings, split_warnings,
                                   steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
+from mlxtune.data.preference_check import is_preference_data, preference_facts
 from mlxtune.errors import UsageError
 
 
@@ -90,6 +91,21 @@ def _context_length(model_path: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def _preference_report(path, model, show, max_seq_length, chat_template, seed) -> DataReport:
+    facts = preference_facts(resolve_data_path(path), model, show=show, max_seq_length=max_seq_length,
+                             chat_template=chat_template, seed=seed)
+    report = DataReport(str(path), facts.unit, problems=[_problem(e) for e in facts.problems],
+                        warnings=[w.to_dict() for w in facts.warnings], notes=facts.notes,
+                        overlap_train_valid=facts.overlap_train_valid, template=facts.template)
+    for s in facts.splits:
+        stats, histogram = _length_stats(s.lengths)
+        report.splits.append(SplitStats(s.split, s.file, "preference", s.records, stats, histogram,
+                                        s.supervised_share, s.duplicates, s.over_max_length, s.held_out_from,
+                                        s.convention))
+    report.examples = [{"source": label, "segments": _segments(facts.tokenizer, e)} for label, e in facts.shown]
+    return report
+
+
 def check_data(path: str | Path, model: str | Path | None = None, *, show: int = 0, max_seq_length: int = 2048,
                train_on_prompt: bool = False, chat_template: str | None = None, seed: int = 0,
                keys: tuple[str, str] | None = None, iters: int | None = None,
@@ -99,6 +115,8 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
     `iters` and `batch_size` describe the planned run, to warn when it would pass over the data too often.
     """
     files = find_splits(resolve_data_path(path))
+    if keys is None and is_preference_data(files):  # pairs for mlxtune dpo/orpo: checked as pairs
+        return _preference_report(path, model, show, max_seq_length, chat_template, seed)
     problems: list[UsageError] = []
     records, notes = read_splits(files, seed, keys, problems)
     report = DataReport(str(path), "tokens" if model else "characters", notes=notes)

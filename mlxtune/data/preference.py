@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mlxtune.data.dataset import split_validation
-from mlxtune.data.formats import ROLE_ALIASES, Record, find_splits, _raw_rows  # _raw_rows: i16's reader, shared
+# _raw_rows: formats.py's file reader (JSONL/JSON/CSV/Parquet with real file:line), shared rather than duplicated
+from mlxtune.data.formats import PAIRED, ROLE_ALIASES, Record, RecordError, _raw_rows, detect_preference, find_splits
 from mlxtune.data.template import TemplateChoice, TokenizedExample, choose_template, tokenize_record
 from mlxtune.errors import UsageError
 
@@ -68,7 +67,7 @@ def is_preference_row(row: Any) -> bool:
     """True for a decoded row in one of the preference shapes (chosen + rejected, or LLaMA-Factory's output pair)."""
     if not isinstance(row, dict):
         return False
-    if all(key in row for key in PREFERENCE_KEYS):
+    if detect_preference(row) == PAIRED:
         return True
     output = row.get("output")
     return "instruction" in row and isinstance(output, list) and len(output) == 2
@@ -79,17 +78,17 @@ def _text(value: Any, where: str, key: str) -> str:
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(str(p.get("text", "")) for p in value)
-    raise UsageError(f"{where}: {key!r} must be text here, got {type(value).__name__}",
+    raise RecordError(where, f"{key!r} must be text here, got {type(value).__name__}",
                      "give a string, or message lists for prompt, chosen and rejected")
 
 
 def _message(item: Any, where: str, what: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise UsageError(f"{where}: {what} is not a message object", "each message is {role, content}")
+        raise RecordError(where, f"{what} is not a message object", "each message is {role, content}")
     role_value = item.get("role", item.get("from", ""))
     role = ROLE_ALIASES.get(str(role_value).lower())
     if role is None:
-        raise UsageError(f"{where}: {what} has unknown role {role_value!r}", "use system, user, assistant or tool")
+        raise RecordError(where, f"{what} has unknown role {role_value!r}", "use system, user, assistant or tool")
     content = item.get("content", item.get("value"))
     message: dict[str, Any] = {"role": role, "content": "" if content is None else _text(content, where, what)}
     if item.get("tool_calls"):
@@ -101,7 +100,7 @@ def _messages(value: Any, where: str, key: str) -> list[dict[str, Any]]:
     if isinstance(value, dict):  # LLaMA-Factory sharegpt: one message object
         value = [value]
     if not isinstance(value, list):
-        raise UsageError(f"{where}: {key!r} must be a message list", "use [{role, content}, ...]")
+        raise RecordError(where, f"{key!r} must be a message list", "use [{role, content}, ...]")
     return [_message(item, where, f"{key} message {n}") for n, item in enumerate(value, start=1)]
 
 
@@ -128,7 +127,7 @@ def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str):
     prompt, chosen_answer, rejected_answer = chosen[:cut], chosen[cut:], rejected[cut:]
     for name, answer in (("chosen", chosen_answer), ("rejected", rejected_answer)):
         if not answer or answer[0]["role"] != "assistant":
-            raise UsageError(f"{where}: chosen and rejected differ before their last assistant turn",
+            raise RecordError(where, f"chosen and rejected differ before their last assistant turn",
                              "the two transcripts must share everything up to the answer being compared")
     return prompt, chosen_answer, rejected_answer
 
@@ -141,19 +140,19 @@ def _system(row: dict, where: str) -> list[dict[str, Any]]:
 def parse_preference(row: Any, where: str) -> PreferenceRecord:
     """Normalise one decoded row; prompt-only and malformed records raise UsageError naming file:line."""
     if not isinstance(row, dict):
-        raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}", "one object per line")
+        raise RecordError(where, f"expected a JSON object, got {type(row).__name__}", "one object per line")
     if "instruction" in row and isinstance(row.get("output"), list) and "chosen" not in row:
         if len(row["output"]) != 2:
-            raise UsageError(f"{where}: 'output' must hold two answers [chosen, rejected]",
+            raise RecordError(where, f"'output' must hold two answers [chosen, rejected]",
                              "LLaMA-Factory ranking data lists the better answer first")
         row = {**row, "chosen": row["output"][0], "rejected": row["output"][1]}
     missing = [key for key in PREFERENCE_KEYS if key not in row or row[key] in (None, "", [])]
     if missing:
         if any(key in row for key in ("prompt", "instruction", "messages", "conversations")):
-            raise UsageError(f"{where}: prompt-only record (no {' or '.join(missing)})",
+            raise RecordError(where, f"prompt-only record (no {' or '.join(missing)})",
                              "preference training needs a chosen and a rejected answer for every prompt")
         keys = ", ".join(sorted(map(str, row))) or "none"
-        raise UsageError(f"{where}: not a preference record (keys: {keys})",
+        raise RecordError(where, f"not a preference record (keys: {keys})",
                          "use prompt+chosen+rejected, chosen/rejected message lists, or HH transcripts")
     chosen, rejected = row["chosen"], row["rejected"]
     conversation = row.get("conversations", row.get("messages"))
@@ -181,11 +180,11 @@ def parse_preference(row: Any, where: str) -> PreferenceRecord:
     if isinstance(chosen, str) and isinstance(rejected, str):
         chosen_messages, rejected_messages = _hh_messages(chosen), _hh_messages(rejected)
         if chosen_messages is None or rejected_messages is None:
-            raise UsageError(f"{where}: chosen/rejected strings without a prompt",
+            raise RecordError(where, f"chosen/rejected strings without a prompt",
                              "add a 'prompt' field, or give full Human:/Assistant: transcripts (Anthropic HH)")
         prompt, chosen_answer, rejected_answer = _split_shared_prefix(chosen_messages, rejected_messages, where)
         return _finish(prompt, chosen_answer, rejected_answer, where, "hh")
-    raise UsageError(f"{where}: chosen and rejected must both be strings or both message lists",
+    raise RecordError(where, f"chosen and rejected must both be strings or both message lists",
                      "use the same shape for both answers")
 
 
@@ -207,20 +206,20 @@ def _is_text_parts(value) -> bool:
 def _finish(prompt, chosen, rejected, where, shape) -> PreferenceRecord:
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
         if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in answer):
-            raise UsageError(f"{where}: empty {key} answer", "every pair needs two non-empty answers")
+            raise RecordError(where, f"empty {key} answer", "every pair needs two non-empty answers")
     if not any(m["role"] == "user" for m in prompt):
-        raise UsageError(f"{where}: no user turn before the answers", "give the prompt the answers respond to")
+        raise RecordError(where, f"no user turn before the answers", "give the prompt the answers respond to")
     return PreferenceRecord(where, prompt, chosen, rejected, shape)
 
 
 def read_preference_records(path: str | Path, problems: list[UsageError] | None = None) -> list[PreferenceRecord]:
     """All pairs of one file; with `problems`, bad records are collected there instead of raising."""
     records = []
-    for line, row in _raw_rows(Path(path)):
+    for where, row in _raw_rows(Path(path)):
         try:
             if isinstance(row, UsageError):
                 raise row
-            records.append(parse_preference(row, f"{path}:{line}"))
+            records.append(parse_preference(row, where))
         except UsageError as error:
             if problems is None:
                 raise
@@ -239,22 +238,13 @@ def looks_like_preference_data(path: str | Path) -> bool:
     return is_preference_row(first)
 
 
-def _answer_mask(example: TokenizedExample, answer_turns: int) -> TokenizedExample:
-    """Keep supervision on the last `answer_turns` supervised runs (the answer), not on the prompt's replies."""
-    flags = example.supervised
-    starts = [i for i in range(len(flags)) if flags[i] and (i == 0 or not flags[i - 1])]
-    keep_from = starts[-answer_turns] if len(starts) >= answer_turns else 0
-    supervised = flags.copy()
-    supervised[:keep_from] = False
-    return TokenizedExample(example.ids, supervised, example.source)
-
-
 def tokenize_pair(record: PreferenceRecord, tokenizer, template: str) -> PreferenceExample:
+    """Both sides rendered with the prompt; only the answer's assistant turns are supervised (scored)."""
     sides = []
     for answer in (record.chosen, record.rejected):
-        chat = Record("chat", record.source, messages=record.prompt + answer)
-        turns = sum(1 for m in answer if m["role"] == "assistant")
-        sides.append(_answer_mask(tokenize_record(chat, tokenizer, template, False), turns))
+        chat = Record("chat", record.source, messages=record.prompt + answer,
+                      trained=[False] * len(record.prompt) + [m["role"] == "assistant" for m in answer])
+        sides.append(tokenize_record(chat, tokenizer, template, False))
     return PreferenceExample(sides[0], sides[1], record.source)
 
 
@@ -276,11 +266,20 @@ def _truncate(example: TokenizedExample, limit: int) -> TokenizedExample:
     return TokenizedExample(example.ids[:limit], example.supervised[:limit], example.source)
 
 
-def load_preference_sets(data: str | Path, tokenizer, *, max_seq_length: int = 2048, chat_template: str | None = None,
-                         seed: int = 0) -> PreferenceSets:
-    """Read, check and tokenize every split; identical pairs and pairs truncated to nothing are dropped (noted)."""
+@dataclass
+class PreferenceSplits:
+    """The records of every split, before tokenization."""
+
+    records: dict[str, list[PreferenceRecord]]
+    files: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+
+def read_preference_splits(data: str | Path, seed: int = 0, problems: list[UsageError] | None = None
+                           ) -> PreferenceSplits:
+    """Read every split (a fixed-seed 10% of train held out when there is no validation file)."""
     files = find_splits(data)
-    records = {split: read_preference_records(path) for split, path in files.items()}
+    records = {split: read_preference_records(path, problems) for split, path in files.items()}
     notes = []
     if "valid" not in records:
         records["train"], records["valid"] = split_validation(records["train"], seed)
@@ -288,6 +287,13 @@ def load_preference_sets(data: str | Path, tokenizer, *, max_seq_length: int = 2
             notes.append(f"no validation file: held out {len(records['valid'])} of "
                          f"{len(records['train']) + len(records['valid'])} pairs from {files['train'].name} "
                          f"(seed {seed})")
+    return PreferenceSplits(records, files, notes)
+
+
+def tokenize_preference_splits(splits: PreferenceSplits, tokenizer, *, max_seq_length: int = 2048,
+                               chat_template: str | None = None) -> PreferenceSets:
+    """Tokenize every split; identical pairs and pairs truncated to nothing are dropped (noted)."""
+    records, notes = splits.records, list(splits.notes)
     template = choose_template(tokenizer, "chat", chat_template)
     if template.origin == "fallback":
         notes.append("the model has no chat template: using mlxtune's fallback template (### User: / ### Assistant:)")
@@ -315,7 +321,23 @@ def load_preference_sets(data: str | Path, tokenizer, *, max_seq_length: int = 2
             notes.append(f"{split}: {emptied} pairs dropped (truncation left no answer)")
         tokenized[split] = kept
     if not tokenized["train"]:
-        raise UsageError(f"no usable preference pairs in {files['train']}", "check the data and --max-seq-length")
+        raise UsageError(f"no usable preference pairs in {splits.files['train']}",
+                         "check the data and --max-seq-length")
     shapes = sorted({r.shape for recs in records.values() for r in recs})
     return PreferenceSets(tokenized["train"], tokenized["valid"], tokenized["test"], template, ", ".join(shapes),
-                          notes, {k: str(v) for k, v in files.items()})
+                          notes, {k: str(v) for k, v in splits.files.items()})
+
+
+def load_preference_sets(data: str | Path, tokenizer, *, max_seq_length: int = 2048, chat_template: str | None = None,
+                         seed: int = 0) -> PreferenceSets:
+    """Read, check and tokenize every split."""
+    return tokenize_preference_splits(read_preference_splits(data, seed), tokenizer,
+                                      max_seq_length=max_seq_length, chat_template=chat_template)
+
+
+def chosen_examples(data: str | Path, tokenizer, chat_template: str | None = None, seed: int = 0
+                    ) -> list[TokenizedExample]:
+    """The chosen sides of the validation pairs (training pairs without any): what a preference run's model should
+    now say, for checks that compare models on ordinary examples (fuse's verification)."""
+    sets = load_preference_sets(data, tokenizer, chat_template=chat_template, seed=seed)
+    return [pair.chosen for pair in (sets.valid or sets.train)]

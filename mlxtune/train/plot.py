@@ -31,10 +31,33 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     axes.set_ylabel("loss (nats / supervised token)")
     axes.set_title(title or "mlxtune")
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    accuracy = _preference_series(read_metrics(metrics_path))
+    if accuracy:  # a preference run (dpo/orpo): its loss is per pair, and preference accuracy goes on a second axis
+        axes.set_ylabel("loss (per pair)")
+        second = axes.twinx()
+        styles = {"train_accuracy": ("train accuracy", "#2ca02c", "-"), "val_accuracy": ("validation accuracy",
+                                                                                         "#2ca02c", "--")}
+        for key, points in accuracy.items():
+            label, color, line = styles[key]
+            second.plot(*zip(*points), label=label, color=color, linestyle=line, marker="." if "val" in key else None)
+        second.set_ylabel("preference accuracy")
+        second.set_ylim(0.0, 1.05)
+        extra_handles, extra_labels = second.get_legend_handles_labels()
+        handles, labels = handles + extra_handles, labels + extra_labels
+    axes.legend(handles, labels, fontsize=8)
     figure.tight_layout()
     tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(out_path)
     return out_path
+
+
+def _preference_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key in ("train_accuracy", "val_accuracy"):
+            if key in record:
+                series.setdefault(key, []).append((record["step"], record[key]))
+    return series

@@ -15,7 +15,7 @@ from mlxtune import LoraSettings
 from mlxtune.data.preference import PreferenceRecord, tokenize_pair
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
 from mlxtune.train.adapters import attach_adapters
-from mlxtune.train.preference import (
+from mlxtune.train.preference.objective import (
     PreferenceObjective,
     SequenceLogProbs,
     adapters_off,

@@ -14,7 +14,7 @@ from mlx_lm import load
 from conftest import MODEL, WIKISQL, run_cli
 from mlxtune.data.preference import load_preference_sets
 from mlxtune.models import load_model
-from mlxtune.train.preference import answer_logps, likelihood_accuracy
+from mlxtune.train.preference.objective import answer_logps, likelihood_accuracy
 
 
 def corrupt(answer: str, number: int, rng: random.Random) -> str:
@@ -98,13 +98,22 @@ def test_orpo_from_a_supervised_run_with_its_adapter_merged(pairs_dir, trained_r
     assert info["objective"] == "orpo" and info["from_run"] == str(sft_dir)
 
 
-def test_preference_errors_are_one_line_with_a_hint(pairs_dir, tmp_path):
+def test_bad_pairs_fail_before_any_model_loads_with_file_line_and_hint(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "only a prompt"}) + "\n")
-    result = run_cli("dpo", "--model", MODEL, "--data", bad, "--out", tmp_path / "x")
-    assert result.returncode == 2
-    assert "prompt-only record" in result.stderr and "bad.jsonl:1" in result.stderr and "hint:" in result.stderr
-    result = run_cli("orpo", "--model", MODEL, "--data", pairs_dir, "--precompute-reference")
-    assert result.returncode == 2 and "No such option" in result.stderr
-    result = run_cli("dpo", "--model", MODEL, "--data", pairs_dir, "--beta", "0")
-    assert result.returncode == 2 and "beta must be positive" in result.stderr
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
+                   + json.dumps({"prompt": "only a prompt"}) + "\n")
+    result = run_cli("dpo", "--model", tmp_path / "no-such-model", "--data", bad, "--out", tmp_path / "x")
+    assert result.returncode == 2, result.stderr
+    assert "prompt-only record" in result.stderr and "bad.jsonl:2" in result.stderr and "hint:" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("change,message", [({"beta": 0.0}, "beta must be positive"),
+                                            ({"objective": "orpo", "precompute_reference": True}, "ORPO uses no"),
+                                            ({"stop_on": "margin"}, "unknown stop_on")])
+def test_preference_settings_refuse_what_makes_no_sense(change, message):
+    from mlxtune.errors import UsageError
+    from mlxtune.train.preference.run import PreferenceSettings
+
+    with pytest.raises(UsageError, match=message):
+        PreferenceSettings(**change).validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from datetime import datetime
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -24,16 +25,19 @@ from mlx.utils import tree_map
 
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
-from mlxtune.data.preference import PreferenceExample, PreferenceSets, load_preference_sets
+from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
 from mlxtune.errors import UsageError
-from mlxtune.models import DEFAULT_BASE_MODEL, load_model, model_name, read_config, resolve_model
-from mlxtune.runs import CONFIG_FILE, RUN_FILE, TEMPLATE_FILE
-from mlxtune.settings import LoraSettings, load_settings, read_yaml_config, save_settings
+from mlxtune.model_config import model_name, read_config
+from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
+from mlxtune.runs import BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
-from mlxtune.train.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
-from mlxtune.train.metrics import METRICS_FILE, MetricsLog
+from mlxtune.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
-from mlxtune.train.preference import (
+from mlxtune.train.recovery import claim_run_dir, find_resume_point, unlock_run_dir
+from mlxtune.train.preference.objective import (
     OBJECTIVES,
     PreferenceObjective,
     SequenceLogProbs,
@@ -96,7 +100,7 @@ def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> Non
 
 
 def load_preference_settings(run_dir: Path) -> PreferenceSettings:
-    lora = load_settings(run_dir / CONFIG_FILE)
+    lora = load_run_settings(run_dir / CONFIG_FILE)
     extra = read_yaml_config(run_dir / PREFERENCE_FILE, PreferenceSettings)
     return PreferenceSettings(**{**lora.to_dict(), **extra})
 
@@ -250,23 +254,19 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
     data_path = resolve_data_path(settings.data)
-    run_dir = Path(settings.out) if settings.out else None
+    records = read_preference_splits(data_path, settings.seed)  # bad data fails before any model is loaded
+    check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
-        if run_dir is None:
-            run_dir = Path("runs") / f"{Path(settings.from_run).name}-{settings.objective}"
-        _fresh_run_dir(run_dir)
+        run_dir = Path(settings.out or Path("runs") / f"{Path(settings.from_run).name}-{settings.objective}")
+        _claim(run_dir, resume, console)
         settings.model = str(merge_sft_run(settings.from_run, run_dir, settings.from_checkpoint, console))
     if not settings.model:
         console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/]")
         settings.model = DEFAULT_BASE_MODEL
     model_path = resolve_model(settings.model, console=console)
-    if run_dir is None:
-        from mlxtune.train.loop import default_run_dir
-
-        run_dir = default_run_dir(model_path).with_name(default_run_dir(model_path).name + f"-{settings.objective}")
-    if not resume and not settings.from_run:
-        _fresh_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume or not settings.from_run:
+        run_dir = Path(settings.out) if settings.out else default_run_dir(model_path, settings.objective)
+        _claim(run_dir, resume, console)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
@@ -275,8 +275,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
             v.dtype in (mx.float16, mx.bfloat16) for v in _floating(model)):
         model.set_dtype(mx.float32)  # MLX's CPU backend has no fast half-precision matmul
         console.print("CPU backend: training in float32 (half-precision weights upcast)")
-    sets = load_preference_sets(data_path, tokenizer, max_seq_length=settings.max_seq_length,
-                                chat_template=settings.chat_template, seed=settings.seed)
+    sets = tokenize_preference_splits(records, tokenizer, max_seq_length=settings.max_seq_length,
+                                      chat_template=settings.chat_template)
     for note in sets.notes:
         console.print(f"[yellow]note:[/] {note}")
 
@@ -296,13 +296,17 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
     metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
     start_step, saved = 0, {}
     if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UsageError(f"no checkpoint to resume in {run_dir}", "start a new run without --resume")
-        saved = load_checkpoint(checkpoint, model, optimizer)
-        start_step = saved["step"]
-        metrics.trim(start_step)
-        console.print(f"resuming from {checkpoint.name} (step {start_step} of {total_steps})")
+        point = find_resume_point(run_dir, total_steps)
+        for warning in point.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        if point.checkpoint is not None:
+            saved = load_checkpoint(point.checkpoint, model, optimizer)
+            start_step = saved["step"]
+            if start_step >= total_steps:
+                raise UsageError(f"{run_dir} already trained {start_step} of {total_steps} steps",
+                                 f"extend it: mlxtune {settings.objective} --resume {run_dir} --iters N (N > {start_step})")
+            console.print(f"resuming from {point.checkpoint.name} (step {start_step} of {total_steps})")
+        metrics.trim(start_step if saved else -1)
     save_preference_settings(settings, run_dir)
     _write_run_info(run_dir, sets, model_path, model_config, adapter_cfg, settings)
 
@@ -405,7 +409,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
                 else:
                     evals_without_gain += 1
                 progress.update(task, val=_fmt_val(val))
-                plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
+                plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
                 if settings.patience and evals_without_gain >= settings.patience:
                     result.stopped = "early-stopped"
 
@@ -425,16 +429,21 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
                 break
 
     metrics.close()
-    plot_losses(metrics_path, run_dir / "loss.png", f"{model_name(model_path)} · {run_dir.name}")
-    atomic_write_text(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))
+    plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
     _print_summary(console, result)
+    unlock_run_dir(run_dir)
     return result
 
 
-def _fresh_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"run directory {run_dir} already exists", "use --resume to continue it, or another --out")
+def default_run_dir(model_path: Path, objective: str) -> Path:
+    return Path("runs") / f"{model_name(model_path)}-{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _claim(run_dir: Path, resume: bool, console) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    for note in claim_run_dir(run_dir, resume):  # locked for this process, as a LoRA run
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _floating(model):
@@ -449,6 +458,7 @@ def _fmt_val(val: dict) -> str:
 
 def _save(run_dir, model, optimizer, adapter_cfg, step, total_steps, result: PreferenceResult, evals_without_gain):
     weights = trainable_weights(model)
+    optimizer.init(model.trainable_parameters())  # a no-op after the first update; gives step 0 its state
     save_adapter(run_dir, weights, adapter_cfg)
     save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, {
         "total_steps": total_steps, "initial_val": result.initial_val, "best_val": result.best_val,
@@ -456,7 +466,7 @@ def _save(run_dir, model, optimizer, adapter_cfg, step, total_steps, result: Pre
 
 
 def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
-    best = run_dir / "best"
+    best = run_dir / BEST_DIR
     best.mkdir(exist_ok=True)
     save_adapter(best, trainable_weights(model), adapter_cfg)
 
