@@ -299,33 +299,63 @@ def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, json_
             console.print(f"next: {result.next_step}")
 
 
+def _sampling_flags(temp_default: float, top_p_default: float, max_tokens_default: int):
+    def decorate(f):
+        for option in reversed([
+            click.option("--max-tokens", "-m", default=max_tokens_default, show_default=True, type=int,
+                         help="Most tokens per reply."),
+            click.option("--temp", default=temp_default, show_default=True, type=float,
+                         help="Sampling temperature; 0 = greedy."),
+            click.option("--top-p", default=top_p_default, show_default=True, type=float,
+                         help="Nucleus sampling: keep the most likely tokens up to this probability mass."),
+            click.option("--min-p", default=0.0, show_default=True, type=float,
+                         help="Drop tokens less likely than this fraction of the most likely one."),
+            click.option("--repetition-penalty", type=float, help="Penalise recently generated tokens, e.g. 1.1 [default: off]."),
+            click.option("--seed", type=int, help="Random seed for sampling (reproducible replies)."),
+        ]):
+            f = option(f)
+        return f
+    return decorate
+
+
+def _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed):
+    from mlxtune.chat import Sampling
+
+    return Sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed).check()
+
+
 @main.command()
 @click.argument("model_or_run", type=click.Path())
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
-@click.option("--max-tokens", "-m", default=100, show_default=True, type=int)
-@click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature; 0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=float)
+@_sampling_flags(0.0, 1.0, 100)
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
 @_template_flag
 @_json_option
-def generate(model_or_run, prompt, max_tokens, temp, top_p, checkpoint, use_template, json_mode):
+def generate(model_or_run, prompt, max_tokens, temp, top_p, min_p, repetition_penalty, seed, checkpoint,
+             use_template, json_mode):
     """Generate one completion from a model directory or a run (base + adapter).
+
+    A run trained on plain text continues the prompt as text; one trained on prompt/completion or chat data
+    renders it as a user turn with the run's template (the format it was trained on).
 
     \b
     Examples:
       mlxtune generate runs/demo --prompt "table: players"
-      mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8
+      mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8 --seed 1
     """
-    from mlxtune.chat import generate_text
+    from mlxtune.chat import generate_text, prompt_format
     from mlxtune.runs import open_for_inference
     from mlxtune.ui import print_json
 
+    sampling = _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed)
     loaded = open_for_inference(model_or_run, checkpoint)
     stream = None if json_mode else (lambda text: click.echo(text, nl=False))
-    text = generate_text(loaded, prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p,
-                         use_template=use_template, on_text=stream)
+    text = generate_text(loaded, prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                         top_p=sampling.top_p, min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
+                         seed=sampling.seed, use_template=use_template, on_text=stream)
     if json_mode:
-        print_json({"prompt": prompt, "text": text, "model": loaded.source})
+        print_json({"prompt": prompt, "text": text, "model": loaded.source,
+                    "format": prompt_format(loaded, use_template).kind})
     else:
         click.echo()
 
@@ -333,27 +363,27 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, checkpoint, use_temp
 @main.command()
 @click.argument("model_or_run", type=click.Path())
 @click.option("--system", help="System prompt.")
-@click.option("--max-tokens", "-m", default=200, show_default=True, type=int)
-@click.option("--temp", default=0.7, show_default=True, type=float, help="Sampling temperature; 0 = greedy.")
-@click.option("--top-p", default=0.95, show_default=True, type=float)
+@_sampling_flags(0.7, 0.95, 200)
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
-def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
+@click.option("--compare", is_flag=True, help="Base and tuned model answer side by side (MODEL_OR_RUN must be a run).")
+def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalty, seed, checkpoint, compare):
     """Chat with a model or a run in the terminal; replies stream as they are generated.
 
-    Type a message and press Enter. /reset clears the conversation, /exit (or Ctrl-D) quits.
+    Type a message and press Enter. /system TEXT sets the system prompt, /save FILE writes the
+    conversation (JSON lines, mlxtune's chat data format), /reset clears it, /exit (or Ctrl-D) quits.
+    The history is trimmed to the model's context window; speed is shown after each reply.
     Reads messages from standard input, so it can be scripted too.
 
     \b
-    Example:
+    Examples:
       mlxtune chat fused/demo --system "You answer in SQL."
+      mlxtune chat runs/demo --compare --temp 0      # base vs tuned, two columns
     """
-    from mlxtune.chat import chat_session
-    from mlxtune.runs import open_for_inference
+    from mlxtune.chat import chat_session, compare_session
+    from mlxtune.ui import make_console
 
+    sampling = _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed)
     interactive = sys.stdin.isatty()
-    loaded = open_for_inference(model_or_run, checkpoint)
-    if interactive:
-        click.echo(f"chatting with {loaded.source} — /reset clears, /exit or Ctrl-D quits", err=True)
 
     def read_line():
         if interactive:
@@ -361,12 +391,101 @@ def chat(model_or_run, system, max_tokens, temp, top_p, checkpoint):
         line = sys.stdin.readline()
         return line if line else None
 
+    if compare:
+        console = make_console()
+        if interactive:
+            console.print("[dim]/system, /save FILE, /reset, /exit or Ctrl-D[/]")
+        compare_session(model_or_run, read_line, console, checkpoint=checkpoint, system=system, sampling=sampling)
+        return
+
+    from mlxtune.runs import open_for_inference
+
+    loaded = open_for_inference(model_or_run, checkpoint)
+    if interactive:
+        click.echo(f"chatting with {loaded.source} — /system, /save FILE, /reset, /exit or Ctrl-D", err=True)
+
     def write(text):
         click.echo(text, nl=False)
         sys.stdout.flush()
 
-    chat_session(loaded, read_line, write, system=system, max_tokens=max_tokens, temperature=temp, top_p=top_p,
+    chat_session(loaded, read_line, write, system=system, sampling=sampling,
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
+
+
+@main.command("eval")
+@click.argument("run_dir", type=click.Path())
+@click.option("--data", help="A data file, or a directory (its test split, else valid) [default: the run's data].")
+@click.option("--checkpoint", default="last", show_default=True, help="Adapter to evaluate: last, best or a step number.")
+@click.option("--samples", default=5, show_default=True, type=int, help="Sample generations shown base vs tuned vs reference.")
+@click.option("--metric", default="exact", show_default=True,
+              help="Task metric on greedy generations: exact (after normalising whitespace), contains, or "
+                   "regex:PATTERN (its first group is the answer, e.g. 'regex:####\\s*(-?[\\d.,]+)').")
+@click.option("--max-tokens", type=int, help="Most generated tokens per example [default: longest reference + 16, at most 256].")
+@click.option("--limit", type=int, help="Evaluate only the first N examples.")
+@click.option("--out", type=click.Path(), help="Directory for eval.json and report.html [default: the run directory].")
+@_json_option
+def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, out, json_mode):
+    """Did it help? Base model vs tuned model on held-out data.
+
+    Loss and perplexity on the supervised tokens with 95% bootstrap intervals and the paired
+    difference; a task metric on greedy generations (batched, KV cache) where the data has
+    references (completions, last assistant turns, or the last line of a text record). Writes
+    eval.json and a self-contained report.html (charts and samples inline).
+
+    \b
+    Examples:
+      mlxtune eval runs/demo
+      mlxtune eval runs/math --data data/test.jsonl --metric 'regex:####\s*(-?[\d.,]+)' --samples 10
+    """
+    from mlxtune.eval import evaluate_run, print_summary
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    result = evaluate_run(run_dir, data=data, checkpoint=checkpoint, samples=samples, metric=metric,
+                          max_tokens=max_tokens, limit=limit, out=out, console=console)
+    if json_mode:
+        print_json(result.to_dict())
+    else:
+        print_summary(console, result)
+
+
+@main.command()
+@click.argument("model_or_run", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port; 0 picks a free one.")
+@click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+@click.option("--verbose", is_flag=True, help="Log every request.")
+def serve(model_or_run, host, port, checkpoint, verbose):
+    """Serve a model or a run (base + adapter) over an OpenAI-compatible API.
+
+    /v1/chat/completions (streaming too), /v1/completions and /v1/models, with the run's chat template
+    (or mlxtune's fallback one); requests queue for one generation thread. No authentication: keep the
+    default 127.0.0.1 unless you mean to share the model.
+
+    \b
+    Examples:
+      mlxtune serve runs/demo --port 8080
+      curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
+    """
+    from mlxtune.serve import make_server
+    from mlxtune.ui import make_console
+
+    console = make_console()
+    with console.status(f"loading {model_or_run}"):
+        server = make_server(model_or_run, host, port, checkpoint=checkpoint, verbose=verbose)
+    bound_host, bound_port = server.server_address[:2]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can use the "
+                      "model (no authentication)")
+    console.print(f"serving [bold]{server.model_id}[/] ({server.source}) at http://{bound_host}:{bound_port}/v1 · "
+                  f"chat format: {server.chat_format.description} · Ctrl-C stops", highlight=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        server.engine.stop()
 
 
 @main.command()

@@ -1,0 +1,96 @@
+"""What an evaluation runs on: each held-out record as tokens with its supervised mask (for the loss) and, where
+the data has one, a prompt and a reference answer (for generation and task metrics).
+
+- prompt/completion: the prompt rendered as a user turn with the run's template; the completion is the reference.
+- chat: everything before the last assistant reply is the prompt; that reply is the reference.
+- plain text: when a record has several lines, the last line is the reference and the lines before it the prompt
+  (question/answer text such as WikiSQL's `Q: … / A: …`); single-line records give a loss only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxtune.data.dataset import split_validation
+from mlxtune.data.formats import Record, find_splits, read_records
+from mlxtune.data.template import TokenizedExample, tokenize_records
+from mlxtune.errors import UsageError
+from mlxtune.runs import Run
+
+
+@dataclass
+class Case:
+    example: TokenizedExample  # tokens + supervised mask, exactly as training tokenized them
+    prompt: str | None  # what generation starts from (display text)
+    messages: list[dict] | None  # the prompt as chat messages (None for plain text)
+    reference: str | None
+
+
+@dataclass
+class EvalData:
+    cases: list[Case]
+    kind: str
+    path: str
+    split: str  # test | valid | held-out valid | file
+    skipped: int  # records that tokenized to nothing to score (e.g. truncated away)
+
+
+def _pick_file(data: str | Path, seed: int) -> tuple[Path, str, bool]:
+    """(file, split label, whether to take the held-out part of a train-only file)."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return path, "file", False
+    files = find_splits(path)
+    if "test" in files:
+        return files["test"], "test", False
+    if "valid" in files:
+        return files["valid"], "valid", False
+    return files["train"], "held-out valid", True
+
+
+def _prompt_and_reference(record: Record) -> tuple[str | None, list[dict] | None, str | None]:
+    if record.kind == "completion":
+        return record.prompt, [{"role": "user", "content": record.prompt}], record.completion
+    if record.kind == "chat":
+        last = max((i for i, m in enumerate(record.messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            return None, None, None
+        before = record.messages[:last]
+        return before[-1]["content"] if before else "", before, record.messages[last]["content"]
+    lines = record.text.rstrip("\n").split("\n")
+    if len(lines) < 2 or not lines[-1].strip():
+        return None, None, None
+    return "\n".join(lines[:-1]) + "\n", None, lines[-1]
+
+
+def load_cases(run: Run, tokenizer, template: str | None, data: str | Path | None = None,
+               limit: int | None = None) -> EvalData:
+    """The evaluation cases from `data` (a file, or a directory: its test split, else valid), by default the run's
+    own data; a directory with only train.jsonl gives the validation part the run held out (same seed)."""
+    settings = run.settings
+    file, split, held_out = _pick_file(data or settings.data, settings.seed)
+    records = read_records(file, None, settings.record_keys)
+    if held_out:
+        records = split_validation(records, settings.seed)[1]
+        if not records:
+            raise UsageError(f"{file} has one record: nothing held out to evaluate on",
+                             "give --data a file or a directory with test.jsonl")
+    if limit:
+        records = records[:limit]
+    kind = records[0].kind
+    if (kind == "text") != (run.data_kind == "text"):
+        raise UsageError(f"the run was trained on {run.data_kind} data but {file} holds {kind} records",
+                         "evaluate on data of the format the run was trained on")
+    cases, skipped = [], 0
+    for record in records:
+        examples, _ = tokenize_records([record], tokenizer, template, settings.train_on_prompt,
+                                       settings.max_seq_length, settings.drop_long)
+        if not examples:
+            skipped += 1
+            continue
+        prompt, messages, reference = _prompt_and_reference(record)
+        cases.append(Case(examples[0], prompt, messages, reference))
+    if not cases:
+        raise UsageError(f"no example of {file} has supervised tokens to score", "check --max-seq-length and the data")
+    return EvalData(cases, kind, str(file), split, skipped)
