@@ -24,6 +24,7 @@ from mlxtune.chat import Conversation, Sampling, context_window, encode_messages
 from mlxtune.errors import UsageError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat request a local client sends
+DRAIN_BYTES = 16 << 20  # an oversize body up to this size is read and dropped before the 413
 MAX_QUEUE = 256  # waiting requests beyond this get 503
 READ_TIMEOUT_S = 30  # a client that stops sending mid-body is dropped, not waited on forever
 DEFAULT_MAX_TOKENS = 256
@@ -267,6 +268,19 @@ class Handler(BaseHTTPRequestHandler):
         return RequestError(404, f"the model {name!r} does not exist; this server serves {self.model_id!r}",
                             "model", "model_not_found")
 
+    def _discard(self, length: int) -> None:
+        """Read and drop an oversize body (up to DRAIN_BYTES) so the client, still sending, can read our 413
+        instead of a connection reset; anything longer is cut off by closing the connection."""
+        left = min(length, DRAIN_BYTES)
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
     def _read_json(self) -> dict:
         length = self.headers.get("Content-Length")
         if length is None:
@@ -278,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
         if length < 0:
             raise RequestError(400, "invalid Content-Length header", code="invalid_header")
         if length > self.max_body:
+            self._discard(length)
             raise RequestError(413, f"request body of {length} bytes is over the {self.max_body}-byte limit",
                                code="request_too_large")
         raw = self.rfile.read(length)

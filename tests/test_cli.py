@@ -82,7 +82,7 @@ def test_chat_answers_each_line_and_exits_on_eof(trained_run):
     assert "Traceback" not in result.stderr
     replies = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(replies) >= 2
-    assert "fallback template" in result.stderr  # a base model: the fallback is said out loud
+    assert "plain text" in result.stderr  # a text-trained run chats in raw text, and says so
 
 
 @pytest.mark.parametrize(

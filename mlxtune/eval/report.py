@@ -50,7 +50,7 @@ def _svg(figure) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg")
+    figure.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(figure)
     text = buffer.getvalue()
     return text[text.index("<svg"):]
@@ -100,6 +100,8 @@ def comparison_chart(loss: dict, task: dict | None) -> str:
         for x, height in enumerate(heights):
             axes.annotate(f"{height:.3g}", (x, height), textcoords="offset points", xytext=(14, 3), fontsize=9)
         axes.set_ylabel(ylabel)
+        if scale == 100.0:
+            axes.set_ylim(0, 105)
         axes.set_title(title)
         axes.grid(alpha=0.3, axis="y")
 

@@ -1,0 +1,101 @@
+"""Chat and generate in the format the run was trained on, sampling flags, commands, and `chat --compare` in a
+real pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import time
+
+from conftest import MLXTUNE, run_cli
+
+
+def test_text_trained_run_chats_in_raw_text_not_the_fallback_template(trained_run, tmp_path):
+    from mlxtune.chat import Conversation, Sampling, generate_text
+    from mlxtune.runs import open_for_inference
+
+    run_dir, _ = trained_run
+    loaded = open_for_inference(run_dir)
+    conversation = Conversation(loaded, None, Sampling(max_tokens=8))
+    assert conversation.format.kind == "text" and "plain text" in conversation.format.description
+    ids, _ = conversation.prompt("table: 1-10015132-16")
+    assert ids == list(loaded.tokenizer.encode("table: 1-10015132-16"))  # no ### User: wrapper
+    expected = generate_text(loaded, "table: 1-10015132-16", max_tokens=8)
+
+    saved = tmp_path / "chat.jsonl"
+    result = run_cli("chat", run_dir, "--max-tokens", 8, "--temp", 0,
+                     input=f"table: 1-10015132-16\n/system be brief\n/save {saved}\n")
+    assert result.returncode == 0, result.stderr
+    assert "plain text" in result.stderr and "fallback" not in result.stderr  # the header says which format
+    assert result.stdout.splitlines()[0] == expected
+    assert re.search(r"\d+ tokens · [\d.]+ tok/s", result.stderr)
+    record = json.loads(saved.read_text())
+    assert record["messages"][0] == {"role": "system", "content": "be brief"}
+    assert record["messages"][-1]["role"] == "assistant"
+
+
+def test_sampling_flags_are_seeded_and_validated(trained_run):
+    from mlxtune.chat import generate_text
+    from mlxtune.runs import open_for_inference
+
+    run_dir, _ = trained_run
+    loaded = open_for_inference(run_dir)
+    flags = dict(max_tokens=12, temperature=1.2, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+    first, second, other = (generate_text(loaded, "Once upon a time", seed=seed, **flags) for seed in (7, 7, 8))
+    assert first == second and first != other
+    bad = run_cli("generate", run_dir, "-p", "x", "--top-p", 2)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_history_is_trimmed_to_the_context_window(model_dir):
+    from mlxtune.chat import Conversation, Sampling
+    from mlxtune.runs import open_for_inference
+
+    conversation = Conversation(open_for_inference(model_dir), None, Sampling(max_tokens=100))
+    for number in range(40):
+        ids, dropped = conversation.prompt(f"message number {number} " + "word " * 20)
+        conversation.turns.append({"role": "assistant", "content": "reply " * 10})
+        assert len(ids) + 100 <= conversation.context
+    assert dropped > 0 and conversation.turns[0]["role"] == "user" and "number 39" in conversation.turns[-2]["content"]
+
+
+def _read_until(fd, pattern: str, timeout: float) -> str:
+    seen, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(fd, 65536).decode(errors="replace")
+            except OSError:
+                break
+            if re.search(pattern, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen), re.S):
+                return seen
+    raise AssertionError(f"no {pattern!r} within {timeout}s; got:\n{seen[-2000:]}")
+
+
+def test_chat_compare_streams_base_and_tuned_side_by_side_in_a_terminal(trained_run):
+    run_dir, _ = trained_run
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([*MLXTUNE, "chat", str(run_dir), "--compare", "--temp", "0", "--max-tokens", "12"],
+                               stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                               env=dict(os.environ, COLUMNS="140", LINES="40", TERM="xterm-256color"))
+    os.close(follower)
+    try:
+        header = _read_until(leader, r">>> ", 120)
+        os.write(leader, b"Once upon a time\n")
+        screen = _read_until(leader, r"tok/s.*tok/s.*>>> ", 120)
+        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", header + screen)
+        assert screen.count("\x1b[2K") >= 4  # the columns were redrawn as tokens arrived (streamed), not printed once
+        assert "base" in plain and "tuned (last)" in plain and "format: plain text" in plain
+        # two columns: one line of the panel frame holds both titles
+        assert any("base" in line and "tuned (last)" in line for line in plain.splitlines())
+        os.write(leader, b"/exit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(leader)
