@@ -22,4 +22,14 @@ if [ "${MLXTUNE_SKIP_INTEROP:-}" != "1" ]; then
   fi
 fi
 source scripts/_venv.sh "$extras"
+# tests/eval opens report.html in headless Chromium: install Debian's package where it is missing (root + apt).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && [ "${MLXTUNE_NO_APT:-}" != "1" ]; then
+    echo "==> installing Chromium (headless browser for the eval report test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+      || echo "note: could not install chromium; the report test will fail until it is installed" >&2
+  else
+    echo "note: the eval report test needs Chromium: sudo apt-get install chromium" >&2
+  fi
+fi
 exec "$ROOT/.venv/bin/python" -m pytest "$@"

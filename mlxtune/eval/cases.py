@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxtune.data.dataset import split_validation
-from mlxtune.data.formats import Record, find_splits, read_records
+from mlxtune.data.formats import Record, dataset_kind, find_splits, read_records
 from mlxtune.data.template import TokenizedExample, tokenize_records
 from mlxtune.errors import UsageError
 from mlxtune.runs import Run
@@ -78,7 +78,7 @@ def load_cases(run: Run, tokenizer, template: str | None, data: str | Path | Non
                              "give --data a file or a directory with test.jsonl")
     if limit:
         records = records[:limit]
-    kind = records[0].kind
+    kind = dataset_kind(records)
     if (kind == "text") != (run.data_kind == "text"):
         raise UsageError(f"the run was trained on {run.data_kind} data but {file} holds {kind} records",
                          "evaluate on data of the format the run was trained on")
