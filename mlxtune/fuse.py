@@ -2,8 +2,9 @@
 
 The merge happens at full precision: a quantized base is dequantized first (re-quantizing `W + BA` with the base's
 own grid is what rounds small adapters away in other tools). The written model is reloaded from disk and compared
-with base + adapter on held-out text from the run: logits, KL and validation loss. An unquantized fuse that does
-not match is deleted; a re-quantized one reports how much of the finetune's loss gain survived.
+with base + adapter on held-out text from the run: log-probabilities and KL on a few examples, and the validation
+loss exactly as training measured it (same examples, same batches), so the numbers match the run's. An unquantized
+fuse that does not match is deleted; a re-quantized one reports how much of the finetune's loss gain survived.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from mlxtune.train.evaluate import validation_loss
 from mlxtune.library import base_source
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, check_quantization, read_config, without_quantization
 from mlxtune.models import load_model
+from mlxtune.train.loss import Loss
 from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, open_for_inference, open_run
 from mlxtune.train.metrics import read_metrics
 from mlxtune.ui import quiet_stdout
@@ -40,6 +42,12 @@ FLOAT32_CHECK_BYTES = 6 * 2**30
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 HALF_WEIGHTS_TOLERANCE = 1e-3
 REPORT_FILE = "mlxtune_fuse.json"
+# Every file a tokenizer may be read from: transformers' fast tokenizer re-saves only tokenizer.json and its config,
+# but llama.cpp's converters, slow tokenizers and our GGUF writer read the SentencePiece model or vocab/merges files.
+# (Chat templates are not carried: the run's own template is written separately.)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt",
+                   "vocab.txt", "tokenizer.tiktoken", "qwen.tiktoken")
 
 
 @dataclass
@@ -50,10 +58,12 @@ class FuseResult:
     mean_kl: float  # KL(base+adapter || fused), nats per token
     tolerance: float | None  # the bound an unquantized fuse must meet; None when re-quantized
     checked_tokens: int
-    loss_base: float
-    loss_adapter: float
+    loss_base: float  # the run's loss definition (split, batches, val_batches subset): base = the run's starting loss
+    loss_adapter: float  # = the run's validation loss at the fused checkpoint
     loss_fused: float
     survival: float | None  # share of the finetune's loss gain the fused model keeps
+    loss_split: str = "valid"  # the data the losses are on: "train" without a validation set, "chosen" for dpo/orpo
+    loss_examples: int = 0  # how many examples those losses average over
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -77,19 +87,43 @@ def survival_warning(survival: float | None, quantize: str) -> str | None:
             f"(below {100 * SURVIVAL_WARNING:.0f}%); use {better}, or a smaller --group-size")
 
 
-def _check_examples(run: Run, tokenizer):
-    """Held-out examples from the run's own validation data (training data if it had none), cut to check length."""
-    from mlxtune.data.template import TokenizedExample
+@dataclass
+class _HeldOut:
+    loss_examples: list  # what training evaluated (its validation set, or its training data without one)
+    split: str
+    batch_size: int
+    max_batches: int
+    selective: bool
 
+    def loss(self, model) -> float:
+        """The validation loss as the training loop computes it: same examples, batches and subset."""
+        return validation_loss(model, self.loss_examples, self.batch_size, self.max_batches,
+                               Loss(model, self.selective))
+
+    @property
+    def examples(self) -> int:
+        limited = self.max_batches != -1 and self.max_batches * self.batch_size < len(self.loss_examples)
+        return self.max_batches * self.batch_size if limited else len(self.loss_examples)
+
+    def check_examples(self):
+        """The first few examples, cut to check length, for the log-probability comparison."""
+        from mlxtune.data.template import TokenizedExample
+
+        return [TokenizedExample(e.ids[:CHECK_LENGTH], e.supervised[:CHECK_LENGTH], e.source)
+                for e in self.loss_examples[:CHECK_EXAMPLES]]
+
+
+def _held_out(run: Run, tokenizer) -> _HeldOut:
+    """The run's own validation data (training data if it had none), with the run's evaluation settings."""
+    s = run.settings
     if run.info.get("objective") in ("dpo", "orpo"):  # a preference run: its pairs' chosen answers
         from mlxtune.data.preference import chosen_examples
 
-        examples = chosen_examples(run.settings.data, tokenizer, run.settings.chat_template,
-                                   run.settings.seed)[:CHECK_EXAMPLES]
-    else:
-        datasets = load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options())
-        examples = (datasets.valid or datasets.train)[:CHECK_EXAMPLES]
-    return [TokenizedExample(e.ids[:CHECK_LENGTH], e.supervised[:CHECK_LENGTH], e.source) for e in examples]
+        examples = chosen_examples(s.data, tokenizer, s.chat_template, s.seed)
+        return _HeldOut(examples, "chosen", s.batch_size, s.val_batches, s.selective_loss)
+    datasets = load_datasets(s.data, tokenizer, **s.dataset_options())
+    split = "valid" if datasets.valid else "train"
+    return _HeldOut(datasets.valid or datasets.train, split, s.batch_size, s.val_batches, s.selective_loss)
 
 
 def _cast_floating(model, dtype) -> None:
@@ -156,9 +190,10 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     run.adapter_dir(checkpoint)  # an unknown checkpoint fails before any model is loaded
 
     base = open_for_inference(run.path, checkpoint, adapter=False)
-    examples = _check_examples(run, base.tokenizer)
+    held_out = _held_out(run, base.tokenizer)
+    examples = held_out.check_examples()
     _as_float32(base.model)
-    loss_base = validation_loss(base.model, examples)
+    loss_base = held_out.loss(base.model)
     del base
 
     tuned = open_for_inference(run.path, checkpoint)
@@ -168,7 +203,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     # Reference: base + adapter as training saw it, evaluated in float32 (the merge below then also runs in float32).
     _as_float32(model)
     expected = _log_probs(model, examples)
-    loss_adapter = validation_loss(model, examples)
+    loss_adapter = held_out.loss(model)
 
     fused = [(name, module.fuse(dequantize=True)) for name, module in model.named_modules() if hasattr(module, "fuse")]
     if fused:
@@ -187,6 +222,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save(staging, run.base_model, model, tokenizer, config, donate_model=False)
+        carry_tokenizer_files(Path(run.base_model), staging)
         del model
         reloaded, _, _ = load_model(staging)
         reloaded.eval()
@@ -194,7 +230,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
         _as_float32(reloaded)
         tolerance = _tolerance(weight_dtypes, _floating_dtypes(reloaded))
         actual = _log_probs(reloaded, examples)
-        loss_fused = validation_loss(reloaded, examples)
+        loss_fused = held_out.loss(reloaded)
         max_diff = max(mx.abs(a - e).max().item() for a, e in zip(actual, expected))
         kl = mx.concatenate([(mx.exp(e) * (e - a)).sum(-1) for a, e in zip(actual, expected)]).mean().item()
         quantization = {"bits": int(quantize), "group_size": group_size} if quantize != "none" else None
@@ -203,6 +239,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
             tolerance=None if quantization else tolerance,
             checked_tokens=sum(len(e) for e in examples), loss_base=loss_base, loss_adapter=loss_adapter,
             loss_fused=loss_fused, survival=survival_ratio(loss_base, loss_adapter, loss_fused),
+            loss_split=held_out.split, loss_examples=held_out.examples,
         )
         if result.tolerance is not None and not max_diff <= result.tolerance:
             raise RunFailed(
@@ -222,6 +259,16 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     return result
 
 
+def carry_tokenizer_files(base: Path, out: Path) -> list[str]:
+    """Copy the base's tokenizer files that `out` lacks (never overwriting what was saved there); their names."""
+    carried = []
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file() and not (out / name).exists():
+            shutil.copy(base / name, out / name)
+            carried.append(name)
+    return carried
+
+
 def _final_losses(run: Run) -> dict:
     losses = {}
     for record in read_metrics(run.path / METRICS_FILE):
@@ -238,6 +285,16 @@ def _write_extras(out: Path, run: Run, checkpoint: str, result: FuseResult) -> N
     (out / REPORT_FILE).write_text(json.dumps({"run": str(run.path), "checkpoint": checkpoint,
                                                **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
     (out / "README.md").write_text(model_card(run, checkpoint, result), encoding="utf-8")
+
+
+def loss_label(result: FuseResult) -> str:
+    """What the fuse's losses are: the run's own validation measure, so they match its summary."""
+    if result.loss_split == "valid":
+        return f"Validation loss as training measures it ({result.loss_examples} validation examples):"
+    if result.loss_split == "chosen":
+        return (f"Loss on the chosen answers of {result.loss_examples} preference pairs (a preference run's own "
+                "validation measure is its preference loss):")
+    return f"Training-data loss ({result.loss_examples} examples; the run had no validation set):"
 
 
 def model_card(run: Run, checkpoint: str, result: FuseResult) -> str:
@@ -278,9 +335,9 @@ def model_card(run: Run, checkpoint: str, result: FuseResult) -> str:
         "",
         "## Fuse check",
         "",
-        f"On {result.checked_tokens} held-out tokens: validation loss base {result.loss_base:.4f}, "
-        f"base + adapter {result.loss_adapter:.4f}, fused {result.loss_fused:.4f}; "
-        f"max |log-prob difference| {result.max_abs_diff:.2e}, mean KL {result.mean_kl:.2e} nats. "
+        f"{loss_label(result)} base {result.loss_base:.4f}, base + adapter {result.loss_adapter:.4f}, "
+        f"fused {result.loss_fused:.4f}. On {result.checked_tokens} held-out tokens: max |log-prob difference| "
+        f"{result.max_abs_diff:.2e}, mean KL {result.mean_kl:.2e} nats. "
         f"Quantization: {quant}; finetune gain kept: {survival}.",
         "",
         "## Use",

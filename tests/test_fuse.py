@@ -13,31 +13,30 @@ from mlx.utils import tree_flatten
 from conftest import MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, finetune
 from mlxtune.train.evaluate import validation_loss
-from mlxtune.fuse import CHECK_EXAMPLES, CHECK_LENGTH, fuse_run, survival_ratio, survival_warning
+from mlxtune.fuse import fuse_run, survival_ratio, survival_warning
 from mlxtune.hub import pull
 from mlxtune.models import load_model
 from mlxtune.runs import open_run
 from mlxtune.data.dataset import load_datasets
-from mlxtune.data.template import TokenizedExample
 from mlxtune.ui import make_console
 
 
-def _check_examples(run_dir: Path, tokenizer):
+def _validation_examples(run_dir: Path, tokenizer):
     run = open_run(run_dir)
-    datasets = load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options())
-    return [TokenizedExample(e.ids[:CHECK_LENGTH], e.supervised[:CHECK_LENGTH], e.source)
-            for e in datasets.valid[:CHECK_EXAMPLES]]
+    return load_datasets(run.settings.data, tokenizer, **run.settings.dataset_options()).valid
 
 
-def _float32_loss(path: Path, examples, adapter: Path | None = None) -> float:
+def _float32_loss(path: Path, examples, adapter: Path | None = None, run_dir: Path | None = None) -> float:
+    """The validation loss as the run's training measured it (its batch size and val_batches subset)."""
+    settings = open_run(run_dir).settings
     model, _, _ = load_model(path, adapter)
     model.set_dtype(mx.float32)
     model.eval()
-    return validation_loss(model, examples)
+    return validation_loss(model, examples, settings.batch_size, settings.val_batches)
 
 
 def test_requantized_fuse_reports_survival_as_defined(trained_run, tmp_path):
-    run_dir, _ = trained_run
+    run_dir, training = trained_run
     out = tmp_path / "fused-q4"
     result = run_cli("fuse", run_dir, "--out", out, "--quantize", "4", "--group-size", "32", "--json")
     assert result.returncode == 0, result.stderr
@@ -45,10 +44,14 @@ def test_requantized_fuse_reports_survival_as_defined(trained_run, tmp_path):
     assert report["quantization"] == {"bits": 4, "group_size": 32} and report["tolerance"] is None
 
     _, tokenizer, _ = load_model(MODEL)
-    examples = _check_examples(run_dir, tokenizer)
-    loss_base = _float32_loss(MODEL, examples)
-    loss_adapter = _float32_loss(MODEL, examples, run_dir)
-    loss_fused = _float32_loss(out, examples)
+    examples = _validation_examples(run_dir, tokenizer)
+    loss_base = _float32_loss(MODEL, examples, run_dir=run_dir)
+    loss_adapter = _float32_loss(MODEL, examples, run_dir, run_dir=run_dir)
+    loss_fused = _float32_loss(out, examples, run_dir=run_dir)
+    # The same numbers the run's summary showed: its starting and final validation loss.
+    assert report["loss_base"] == pytest.approx(training["initial_val_loss"], abs=1e-4)
+    assert report["loss_adapter"] == pytest.approx(training["final_val_loss"], abs=1e-4)
+    assert report["loss_split"] == "valid" and report["loss_examples"] == 8  # --val-batches 2 × --batch-size 4
     assert report["loss_base"] == pytest.approx(loss_base, abs=1e-4)
     assert report["loss_adapter"] == pytest.approx(loss_adapter, abs=1e-4)
     assert report["loss_fused"] == pytest.approx(loss_fused, abs=1e-4)
@@ -59,8 +62,12 @@ def test_requantized_fuse_reports_survival_as_defined(trained_run, tmp_path):
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
     card = (out / "README.md").read_text()
     assert "finetune gain kept" in card and str(MODEL) in card and "1000 train" in card
+    assert "Validation loss as training measures it (8 validation examples)" in card
     saved = json.loads((out / "mlxtune_fuse.json").read_text())
     assert saved["survival"] == report["survival"]
+    # transformers re-saves only tokenizer.json: the SentencePiece model (read by llama.cpp's converter and our GGUF
+    # writer) must travel too, byte for byte.
+    assert (out / "tokenizer.model").read_bytes() == (MODEL / "tokenizer.model").read_bytes()
 
 
 def test_survival_ratio_definition():
@@ -110,3 +117,4 @@ def test_fuse_into_an_existing_directory_needs_overwrite(qlora_run, tmp_path):
     again = run_cli("fuse", run_dir, "--out", out)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (out / "keep.txt").read_text() == "user file"
+

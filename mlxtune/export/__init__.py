@@ -78,6 +78,15 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
     else:
         target = Path(out or f"{name}-{fmt}")
     _fresh(target, overwrite)
+    if fmt in ("gguf", "ollama"):
+        from mlxtune.export.gguf import vocabulary
+        from mlxtune.model_config import read_config
+        from mlxtune.models import resolve_model
+
+        # Refuse a tokenizer llama.cpp can't reproduce before loading or fusing anything (a run's comes from its base).
+        tokenizer_dir = open_run(run_or_model).base_model if is_run_dir(run_or_model) else resolve_model(
+            run_or_model, console=console)
+        vocabulary(tokenizer_dir, read_config(tokenizer_dir))
 
     with open_source(run_or_model, checkpoint, console) as source:
         if fmt == "gguf":

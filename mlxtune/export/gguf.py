@@ -165,53 +165,118 @@ def write_hparams(writer, config: dict, spec: ArchSpec, n_vocab: int) -> None:
 
 
 # llama.cpp picks a BPE pre-tokenizer by name; its converter finds the name by hashing the tokenization of a fixed
-# text. We name it by model family (the families mlx-lm users train), and say so when we had to guess.
-def bpe_pre_tokenizer(config: dict, n_vocab: int) -> tuple[str, bool]:
-    """(pre-tokenizer name, certain?)"""
+# text. We name it by model family (the families mlx-lm users train) or by a plain GPT-2 byte-level pre-tokenizer,
+# and refuse to guess otherwise: a wrong name tokenizes text differently from the model's own tokenizer.
+def bpe_pre_tokenizer(config: dict, n_vocab: int, tokenizer_json: dict | None = None) -> str | None:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, None when we can't tell."""
     model_type = config.get("model_type")
     if model_type in ("qwen2", "qwen3"):
-        return "qwen2", True
+        return "qwen2"
     if model_type == "llama" and n_vocab >= 128000:
-        return "llama-bpe", True  # Llama 3.x
+        return "llama-bpe"  # Llama 3.x
     if model_type == "llama" and n_vocab == 49152:
-        return "smollm", True  # SmolLM / SmolLM2
-    return "gpt-2", False
+        return "smollm"  # SmolLM / SmolLM2
+    pre = (tokenizer_json or {}).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # GPT-2's own regex, nothing else
+    return None
 
 
-def write_tokenizer(writer, source: ExportSource, n_vocab: int, warnings: list[str]) -> None:
+def _components(tokenizer_json: dict, key: str) -> list[dict]:
+    """The normalizers or pre-tokenizers of tokenizer.json, with Sequences flattened."""
+    out, todo = [], [tokenizer_json.get(key)]
+    while todo:
+        item = todo.pop(0)
+        if not item:
+            continue
+        if item.get("type") == "Sequence":
+            todo[:0] = item.get("normalizers") or item.get("pretokenizers") or []
+        else:
+            out.append(item)
+    return out
+
+
+def _marks_spaces_with_metaspace(tokenizer_json: dict) -> bool:
+    """SentencePiece style: spaces become '▁' (a Metaspace pre-tokenizer or a Replace normalizer)."""
+    return (any(p.get("type") == "Metaspace" for p in _components(tokenizer_json, "pre_tokenizer"))
+            or any(n.get("type") == "Replace" and n.get("content") == "▁"
+                   for n in _components(tokenizer_json, "normalizer")))
+
+
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Does the tokenizer put '▁' before the text (SentencePiece's add_dummy_prefix)?"""
+    for n in _components(tokenizer_json, "normalizer"):
+        if n.get("type") == "Prepend" and n.get("prepend") == "▁":
+            return True
+    for p in _components(tokenizer_json, "pre_tokenizer"):
+        if p.get("type") == "Metaspace":
+            return p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+def tokenizer_kind(path: Path) -> str:
+    """The vocabulary llama.cpp must use, read from the tokenizer itself (not from which files exist):
+    'sentencepiece' (llama.cpp's SPM: '▁' for spaces, byte fallback) or 'bpe' (GPT-2 style byte-level BPE)."""
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        if (path / "tokenizer.model").is_file():
+            return "sentencepiece"  # a slow-tokenizer-only model: the SentencePiece model is the tokenizer
+        raise UsageError(f"{path}: no tokenizer.json or tokenizer.model", "the model directory needs its tokenizer")
+    tokenizer_json = _json(tokenizer_file)
+    model_type = (tokenizer_json.get("model") or {}).get("type")
+    if model_type == "BPE" and _marks_spaces_with_metaspace(tokenizer_json):
+        return "sentencepiece"
+    if model_type == "BPE" and any(p.get("type") == "ByteLevel"
+                                   for p in _components(tokenizer_json, "pre_tokenizer")):
+        return "bpe"
+    raise UsageError(f"{tokenizer_file}: a {model_type} tokenizer that is neither SentencePiece-style nor "
+                     "byte-level BPE; GGUF export can't tell which llama.cpp vocabulary matches it",
+                     "export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def vocabulary(path: Path, config: dict) -> tuple[str, str]:
+    """(llama.cpp tokenizer model, pre-tokenizer name) for the tokenizer in `path`; refuses what it can't tell.
+
+    Called before any work is done (a run's export checks its base before fusing)."""
+    config = text_config(config)
+    if tokenizer_kind(path) == "sentencepiece":
+        return "llama", "default"
+    pre = bpe_pre_tokenizer(config, config["vocab_size"], _json(path / "tokenizer.json"))
+    if pre is None:
+        raise UsageError(f"{path / 'tokenizer.json'}: a byte-level BPE tokenizer of an unknown family "
+                         f"({config.get('model_type')}, vocabulary {config['vocab_size']}); llama.cpp would split "
+                         "text differently from the model's own tokenizer",
+                         "export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
+    return "gpt2", pre
+
+
+def write_tokenizer(writer, source: ExportSource, n_vocab: int) -> None:
     import gguf
 
     path = source.path
     config = source.config
-    if (path / "tokenizer.model").is_file():
-        tokens, scores, types = _sentencepiece_vocab(path, n_vocab)
+    tokenizer_json = _json(path / "tokenizer.json")
+    model, pre = vocabulary(path, config)
+    if model == "llama":
+        if (path / "tokenizer.model").is_file():
+            tokens, scores, types = _sentencepiece_vocab(path, n_vocab)
+        else:
+            tokens, scores, types = _sentencepiece_vocab_from_json(path, tokenizer_json, n_vocab)
         writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types([int(t) for t in types])
-        tokenizer_config = _json(path / "tokenizer_config.json")
-        if tokenizer_config.get("add_prefix_space") is not None:
-            writer.add_add_space_prefix(bool(tokenizer_config["add_prefix_space"]))
-        elif config.get("model_type") == "gemma":
-            writer.add_add_space_prefix(False)
+        if tokenizer_json:
+            writer.add_add_space_prefix(_adds_space_prefix(tokenizer_json))
         special = gguf.SpecialVocab(path, n_vocab=len(tokens))
-    elif (path / "tokenizer.json").is_file():
-        tokenizer_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        if tokenizer_json.get("model", {}).get("type") != "BPE":
-            raise UsageError(f"{path / 'tokenizer.json'}: a {tokenizer_json.get('model', {}).get('type')} "
-                             "tokenizer without tokenizer.model", "GGUF export needs SentencePiece or BPE")
+    else:
         tokens, types = _bpe_vocab(tokenizer_json, n_vocab)
-        writer.add_tokenizer_model("gpt2")
-        pre, certain = bpe_pre_tokenizer(config, n_vocab)
-        if not certain:
-            warnings.append(f"unknown BPE tokenizer family: pre-tokenizer set to {pre!r}; check tokenization")
+        writer.add_tokenizer_model(model)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types([int(t) for t in types])
         special = gguf.SpecialVocab(path, load_merges=True, n_vocab=len(tokens))
-    else:
-        raise UsageError(f"{path}: no tokenizer.model or tokenizer.json", "the model directory needs its tokenizer")
     if config.get("model_type") == "phi3" and "<|end|>" not in {text for text, _ in _added_tokens(path).values()}:
         raise UsageError(f"{path}: llama.cpp's phi3 needs Phi-3's <|end|> chat token, which this tokenizer lacks",
                          "export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
@@ -250,6 +315,40 @@ def _sentencepiece_vocab(path: Path, n_vocab: int):
             tokens[token_id] = text.encode("utf-8")
             types[token_id] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
             scores[token_id] = -1000.0
+    return tokens, scores, types
+
+
+def _sentencepiece_vocab_from_json(path: Path, tokenizer_json: dict, n_vocab: int):
+    """SentencePiece-style vocabulary from tokenizer.json alone (no tokenizer.model): llama.cpp merges the pair whose
+    merged piece scores highest, so a piece scores minus the rank of the first BPE merge that makes it."""
+    import gguf
+
+    model = tokenizer_json["model"]
+    merges = model.get("merges") or []
+    rank = {}
+    for position, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, position)
+    unknown = {model.get("unk_token"), _json(path / "tokenizer_config.json").get("unk_token")}
+    tokens = [f"[PAD{i}]".encode() for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for text, token_id in model["vocab"].items():
+        if token_id >= n_vocab:
+            continue
+        kind = gguf.TokenType.NORMAL
+        if text in unknown:
+            kind = gguf.TokenType.UNKNOWN
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind = gguf.TokenType.BYTE
+        tokens[token_id], types[token_id] = text.encode("utf-8"), kind
+        scores[token_id] = -float(rank.get(text, len(merges)))  # pieces no merge makes are never merge results
+    for token_id, (text, special) in _added_tokens(path).items():
+        if token_id < n_vocab:
+            tokens[token_id] = text.encode("utf-8")
+            types[token_id] = (gguf.TokenType.UNKNOWN if text in unknown
+                               else gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            scores[token_id] = 0.0
     return tokens, scores, types
 
 
@@ -312,7 +411,7 @@ def export_gguf(source: ExportSource, out_file: Path, outtype: str = "f16", name
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hparams(writer, config, spec, n_vocab)
-    write_tokenizer(writer, source, n_vocab, warnings)
+    write_tokenizer(writer, source, n_vocab)
     if rope_type(config) == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
 

@@ -65,7 +65,10 @@ def floating_dtype(weights: dict[str, mx.array]):
 
 
 def copy_tokenizer_files(source: ExportSource, out: Path) -> None:
+    from mlxtune.fuse import carry_tokenizer_files
+
     source.tokenizer.save_pretrained(str(out))
+    carry_tokenizer_files(source.path, out)  # the SentencePiece model too, for slow tokenizers and converters
     for name in ("generation_config.json",):
         if (source.path / name).is_file():
             shutil.copy(source.path / name, out / name)

@@ -1,15 +1,18 @@
-"""Exports checked by the real clients: llama.cpp (through llama-cpp-python) loads our GGUF files and continues
-prompts exactly as MLX does; base GGUF + our LoRA GGUF equals the fused GGUF."""
+"""Exports checked by the real clients, through text as users use them: llama.cpp (through llama-cpp-python) splits
+text into the same tokens as MLX and continues a text prompt with the same text, for the base model, a run (fused
+GGUF, base GGUF + our LoRA GGUF, the Ollama folder's GGUF)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from mlx_lm.utils import load
 
 from conftest import MODEL, mlx_greedy, run_cli
+from mlxtune.errors import UsageError
 from mlxtune.export import export
 from mlxtune.export.source import open_source
 from mlxtune.export.gguf import export_gguf
@@ -18,6 +21,9 @@ from mlxtune.synthetic import build_random_model
 llama_cpp = pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
 
 PROMPTS = ["Once upon a time", "The little dog was", "Tom and Lily went to the park. They", "table: players Q:"]
+# What users type: ASCII, runs of spaces and newlines, digits, accents, emoji, CJK (byte fallback for the last two).
+TEXTS = PROMPTS + ["Hello\nworld  with  spaces", "  two leading spaces", "émigré 123 4567 naïve café",
+                   "emoji 😀 and 🚀!", "中文 日本語 한국어", "tabs\tand\n\nnewlines\t"]
 TOKENS = 32
 
 
@@ -36,53 +42,121 @@ def llama_greedy(llm, ids: list[int], n: int = TOKENS) -> list[int]:
     return out
 
 
+def llama_text(llm, prompt: str, n: int = TOKENS) -> str:
+    """llama.cpp's own text completion of a text prompt, greedy."""
+    llm.reset()
+    result = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
+                                   repeat_penalty=1.0)
+    return prompt + result["choices"][0]["text"]
+
+
+def mlx_text(model, tokenizer, prompt: str, n: int = TOKENS) -> str:
+    """The prompt and MLX's greedy continuation of it, as the MLX tokenizer decodes them."""
+    ids = tokenizer.encode(prompt)
+    continuation = mlx_greedy(model, ids, n, eos=tokenizer.eos_token_id)
+    assert len(continuation) >= 8, "the check needs a real continuation"
+    return tokenizer.decode(ids + continuation, skip_special_tokens=True)
+
+
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory):
     run_dir, _ = trained_run
     out = tmp_path_factory.mktemp("gguf")
+    ollama = export(run_dir, "ollama", out / "ollama")
     files = {
         "base": export(MODEL, "gguf", out / "base-f16.gguf").path,
         "fused": export(run_dir, "gguf", out / "fused-f16.gguf").path,
-        "fused-q8": export(run_dir, "gguf", out / "fused-q8_0.gguf", outtype="q8_0").path,
         "adapter": export(run_dir, "gguf-adapter", out / "adapter.gguf").path,
+        "ollama": next(f for f in ollama.files if f.endswith(".gguf")),
         "fused-mlx": str(out / "fused-mlx"),
     }
     assert run_cli("fuse", run_dir, "--out", files["fused-mlx"]).returncode == 0
+    files["fused-q8"] = export(files["fused-mlx"], "gguf", out / "fused-q8_0.gguf", outtype="q8_0").path
     return {k: Path(v) for k, v in files.items()}
 
 
-def test_llamacpp_tokenizes_like_mlx(exported):
+def test_llamacpp_tokenizes_text_like_mlx(exported):
     _, tokenizer = load(str(MODEL))
-    llm = llama_cpp.Llama(model_path=str(exported["base"]), vocab_only=True, verbose=False)
-    for text in PROMPTS + ["Hello\nworld  with  spaces", "émigré 123"]:
-        assert llm.tokenize(text.encode(), add_bos=True) == tokenizer.encode(text)
+    for key in ("base", "fused", "ollama"):
+        llm = llama_cpp.Llama(model_path=str(exported[key]), vocab_only=True, verbose=False)
+        for text in TEXTS:
+            ids = tokenizer.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=True) == ids, f"{key}: {text!r}"
+            assert llm.detokenize(ids).decode() == tokenizer.decode(ids, skip_special_tokens=True), f"{key}: {text!r}"
 
 
-def test_full_gguf_continues_like_mlx(exported):
+def test_gguf_continues_text_like_mlx(exported):
+    """Base, fused run, base + LoRA GGUF and the Ollama folder's GGUF: the same text from the same text prompt."""
+    base = load(str(MODEL))
+    tuned = load(str(exported["fused-mlx"]))
+    cases = {"base": (_llama(exported["base"]), base), "fused": (_llama(exported["fused"]), tuned),
+             "base+adapter": (_llama(exported["base"], lora=exported["adapter"]), tuned),
+             "ollama": (_llama(exported["ollama"]), tuned)}
+    tuned_differs = 0
+    for prompt in PROMPTS:
+        expected = {id(pair): mlx_text(*pair, prompt) for pair in (base, tuned)}
+        for key, (llm, pair) in cases.items():
+            assert llama_text(llm, prompt) == expected[id(pair)], f"{key}: {prompt!r}"
+        tuned_differs += expected[id(base)] != expected[id(tuned)]
+    assert tuned_differs, "the adapter must change what the model writes"
+
+
+def test_full_gguf_continues_token_ids_like_mlx(exported):
     _, tokenizer = load(str(MODEL))
     eos = tokenizer.eos_token_id
     for key, mlx_path in (("base", MODEL), ("fused", exported["fused-mlx"])):
         model, _ = load(str(mlx_path))
         llm = _llama(exported[key])
-        for prompt in PROMPTS:
+        for prompt in PROMPTS[:2]:
             ids = tokenizer.encode(prompt)
-            expected = mlx_greedy(model, ids, eos=eos)
-            assert len(expected) >= 8, "the check needs a real continuation"
-            assert llama_greedy(llm, ids) == expected, f"{key}: {prompt!r}"
+            assert llama_greedy(llm, ids) == mlx_greedy(model, ids, eos=eos), f"{key}: {prompt!r}"
 
 
-def test_adapter_gguf_on_base_equals_fused_gguf(exported):
+def test_tokenizer_json_alone_gives_the_sentencepiece_vocabulary(tmp_path):
+    """No tokenizer.model: the vocabulary type comes from tokenizer.json itself, and llama.cpp still splits text
+    exactly as MLX does."""
+    model_dir = tmp_path / "no-spm"
+    shutil.copytree(MODEL, model_dir)
+    (model_dir / "tokenizer.model").unlink()
+    import gguf
+
+    path = export(model_dir, "gguf", tmp_path / "no-spm.gguf").path
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.model"].contents() == "llama"
     _, tokenizer = load(str(MODEL))
-    fused = _llama(exported["fused"])
-    with_adapter = _llama(exported["base"], lora=exported["adapter"])
-    base = _llama(exported["base"])
-    differs = 0
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)
-        tuned = llama_greedy(fused, ids)
-        assert llama_greedy(with_adapter, ids) == tuned, prompt
-        differs += llama_greedy(base, ids) != tuned
-    assert differs, "the adapter must change what the model writes"
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    corpus = [json.loads(line)["text"] for line in (MODEL.parents[1] / "data" / "wikisql" / "valid.jsonl")
+              .read_text().splitlines()[:40]]
+    for text in TEXTS + corpus:
+        assert llm.tokenize(text.encode(), add_bos=True) == tokenizer.encode(text), text
+
+
+def _with_tokenizer(tmp_path, name: str, tokenizer) -> Path:
+    """A copy of the bundled model whose tokenizer (tokenizer.json only) is `tokenizer`, a `tokenizers.Tokenizer`."""
+    model_dir = tmp_path / name
+    shutil.copytree(MODEL, model_dir)
+    (model_dir / "tokenizer.model").unlink()
+    tokenizer.save(str(model_dir / "tokenizer.json"))
+    return model_dir
+
+
+def test_gguf_refuses_a_tokenizer_it_cannot_map(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = json.loads((MODEL / "tokenizer.json").read_text())["model"]["vocab"]
+    # A byte-level BPE with its own split regex: which of llama.cpp's pre-tokenizers matches it is unknowable.
+    byte_level = Tokenizer(models.BPE(vocab, []))
+    byte_level.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d{1,2}| ?\p{L}+"), "isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Through the CLI: a one-line error with the way out, exit 2, nothing written.
+    model_dir = _with_tokenizer(tmp_path, "byte-level", byte_level)
+    result = run_cli("export", model_dir, "--format", "gguf", "--out", tmp_path / "byte-level.gguf")
+    assert result.returncode == 2 and "byte-level BPE tokenizer of an unknown family" in result.stderr, result.stderr
+    assert "convert_hf_to_gguf.py" in result.stderr and not list(tmp_path.glob("*.gguf*"))
+    with pytest.raises(UsageError, match="a WordLevel tokenizer"):
+        export(_with_tokenizer(tmp_path, "word-level", word_level), "ollama", tmp_path / "word-level-ollama")
+    assert not (tmp_path / "word-level-ollama").exists()
 
 
 def test_q8_0_gguf_loads_and_stays_close(exported):

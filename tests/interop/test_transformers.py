@@ -1,4 +1,4 @@
-"""The `hf` export loads in transformers (PyTorch) and continues prompts exactly as the MLX model does."""
+"""The `hf` export loads in transformers (PyTorch) and, from the same text, writes the same text as the MLX model."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import json
 import pytest
 from mlx_lm.utils import load
 
-from conftest import mlx_greedy, run_cli
+from conftest import MODEL, mlx_greedy, run_cli
 
 torch = pytest.importorskip("torch", reason="interop suite: pip install -e '.[interop]'")
 transformers = pytest.importorskip("transformers")
 
 PROMPTS = ["Once upon a time", "The little dog was", "table: players Q:"]
+TEXTS = PROMPTS + ["Hello\nworld  with  spaces", "émigré 123 4567", "emoji 😀 🚀", "中文 日本語"]
 
 
 def test_hf_export_of_a_run_matches_mlx_greedy(trained_run, tmp_path):
@@ -29,12 +30,16 @@ def test_hf_export_of_a_run_matches_mlx_greedy(trained_run, tmp_path):
     fused_dir = tmp_path / "fused"
     assert run_cli("fuse", run_dir, "--out", fused_dir).returncode == 0
     mlx_model, tokenizer = load(str(fused_dir))
+    for text in TEXTS:
+        assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text), text
     for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)
-        assert hf_tokenizer(prompt)["input_ids"] == ids
+        inputs = hf_tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            generated = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
+            generated = model.generate(**inputs, max_new_tokens=24, do_sample=False,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
-        continuation = generated[0, len(ids):].tolist()
-        expected = mlx_greedy(mlx_model, ids, 24, eos=tokenizer.eos_token_id)
-        assert continuation[: len(expected)] == expected, prompt
+        ids = tokenizer.encode(prompt)
+        expected = tokenizer.decode(ids + mlx_greedy(mlx_model, ids, 24, eos=tokenizer.eos_token_id),
+                                    skip_special_tokens=True)
+        assert hf_tokenizer.decode(generated[0], skip_special_tokens=True) == expected, prompt
+    # Every tokenizer file of the base travels with the export (llama.cpp's converter reads tokenizer.model).
+    assert (out / "tokenizer.model").read_bytes() == (MODEL / "tokenizer.model").read_bytes()
