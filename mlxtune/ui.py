@@ -10,11 +10,12 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -43,18 +44,72 @@ def sparkline(values: list[float], width: int = 24) -> str:
     return "".join(SPARK[min(len(SPARK) - 1, int((v - low) / span * (len(SPARK) - 1) + 0.5))] for v in values)
 
 
-def training_progress(console: Console) -> Progress:
+def training_progress(console: Console):
+    """The training loop's progress: a live bar on a terminal, a plain line per report in a log (nohup, `> log`, CI).
+
+    Both take the same calls (`add_task`, `update`), so the loop doesn't care which it has."""
+    if not console.is_terminal:
+        return PlainProgress(console)
+    compact = console.width < 110  # e.g. 80 columns: no bar, times first, metrics last (cut first if too long)
     return Progress(
-        TextColumn("[bold]step[/] {task.completed}/{task.total}"),
-        BarColumn(bar_width=24),
+        TextColumn("[bold]step[/] {task.completed}/{task.total}", table_column=Column(no_wrap=True, min_width=14)),
+        *([] if compact else [BarColumn(bar_width=24)]),
+        TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+        TextColumn("ETA", table_column=Column(no_wrap=True, min_width=3)),
+        TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
         TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[speed]} tok/s  "
-                   "mem {task.fields[memory]}  {task.fields[spark]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+                   + ("{task.fields[memory]}" if compact else "mem {task.fields[memory]}  {task.fields[spark]}"),
+                   table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
         console=console,
         transient=False,
     )
+
+
+class PlainProgress:
+    """One plain line per step that brought news (a training report or a validation), with elapsed time and ETA."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.fields: dict = {}
+        self.total = 0
+        self.completed = 0
+        self.started_at = self.start_step = None
+        self.news = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        self.total, self.completed, self.fields = total, completed, dict(fields)
+        self.started_at, self.start_step = time.monotonic(), completed
+        return 0
+
+    def update(self, task: int, completed: int | None = None, **fields) -> None:
+        if fields:
+            self.fields.update(fields)
+            self.news = True
+        if completed is not None:
+            self.completed = completed
+            if self.news:
+                self.console.print(self.line(), markup=False, highlight=False, soft_wrap=True)
+                self.news = False
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started_at
+        done = self.completed - self.start_step
+        eta = "—" if done <= 0 else fmt_duration(elapsed / done * (self.total - self.completed))
+        f = self.fields
+        return (f"step {self.completed}/{self.total}  loss {f.get('loss', '—')}  val {f.get('val', '—')}  "
+                f"{f.get('speed', '—')} tok/s  mem {f.get('memory', '—')}  elapsed {fmt_duration(elapsed)}  "
+                f"ETA {eta}")
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def step_progress(console: Console, description: str) -> Progress:

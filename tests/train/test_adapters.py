@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -26,8 +28,13 @@ def test_target_modules_limit_the_adapters_and_typos_are_refused(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--out", run_dir, "--iters", 2,
                      "--target-modules", "self_attn.q_proj,self_attn.v_proj", "--val-batches", 1,
-                     "--max-seq-length", 64)
+                     "--max-seq-length", 64, "--report-every", 1)
     assert result.returncode == 0, result.stderr
+    # Piped output (a log, CI): a plain progress line per report, not one live bar rendered at the end.
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["1/2", "2/2"], result.stdout
+    assert all(re.search(r"loss \d\.\d{3}  val \S+  \d+ tok/s  mem .* elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d$", line)
+               for line in progress), progress
     names = mx.load(str(run_dir / "adapters.safetensors")).keys()
     assert names and all(".q_proj." in n or ".v_proj." in n for n in names)
     tuned, _ = load(str(MODEL), adapter_path=str(run_dir))  # mlx-lm honours the same module list
