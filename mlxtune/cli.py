@@ -71,7 +71,8 @@ def _json_option(f):
 
 @main.command(context_settings={"show_default": True})
 @click.option("--model", help="Base model: a library name, a local directory or a hub id (pulled on first use) [default: Qwen/Qwen2.5-1.5B-Instruct, 4-bit].")
-@click.option("--data", help="Directory with train/valid(/test).jsonl, or one .jsonl/.json file.")
+@click.option("--data", help="Directory with train/valid(/test) files, or one file: .jsonl, .json, .csv or .parquet; "
+                             "or a Hugging Face dataset id (org/name or hf:org/name).")
 @click.option("--out", help="Run directory [default: runs/<model>-<time>].")
 @click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
 @click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint.")
@@ -265,7 +266,9 @@ def _template_flag(f):
 @click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "gguf-adapter", "ollama", "lmstudio", "hf"]),
               help="gguf: whole model for llama.cpp; gguf-adapter: the LoRA alone; ollama: GGUF + Modelfile; "
                    "lmstudio: install into LM Studio; hf: safetensors for transformers.")
-@click.option("--out", type=click.Path(), help="Output file (.gguf) or directory [default: from the name; LM Studio's models folder for lmstudio].")
+@click.option("--out", type=click.Path(), help="Output file (.gguf) or directory [default: beside the run, named "
+              "after it (runs/demo → runs/demo-f16.gguf); for a model, in the current directory; LM Studio's models "
+              "folder for lmstudio].")
 @click.option("--outtype", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
               help="GGUF tensor type (norms always stay f32).")
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
@@ -276,7 +279,7 @@ def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, json_
 
     \b
     Examples:
-      mlxtune export runs/demo --format gguf --out demo-f16.gguf
+      mlxtune export runs/demo --format gguf          # writes runs/demo-f16.gguf
       mlxtune export runs/demo --format gguf-adapter --out demo-lora.gguf
       mlxtune export runs/demo --format ollama --out ollama/demo
       mlxtune export runs/demo --format hf --out hf/demo

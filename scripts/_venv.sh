@@ -11,8 +11,12 @@ fi
 VENV_PY="$ROOT/.venv/bin/python"
 extras="${1:-}"
 echo "==> installing mlxtune${extras:+[$extras]} into .venv"
-"$VENV_PY" -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-"$VENV_PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}" 2>&1 | grep -v '^WARNING: Location' || true
+# setuptools' "Editable installation" notice (a boxed warning about import shadowing) reads like an error; it is not.
+PIP_QUIET_WARNINGS="ignore:Editable installation:UserWarning"
+PYTHONWARNINGS="$PIP_QUIET_WARNINGS" "$VENV_PY" -m pip install --quiet --upgrade pip 2>&1 \
+  | grep -v '^WARNING: Location' || true
+PYTHONWARNINGS="$PIP_QUIET_WARNINGS" "$VENV_PY" -m pip install --quiet -e "$ROOT${extras:+[$extras]}" 2>&1 \
+  | grep -v '^WARNING: Location' || true
 "$VENV_PY" -c 'import mlxtune, mlx.core' || { echo "installation failed" >&2; exit 1; }
 if [ "$(uname -s)" = "Linux" ]; then
   # mlxtune's own search decides whether a usable OpenBLAS/BLIS is present.

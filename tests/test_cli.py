@@ -121,6 +121,9 @@ def test_version_and_help_examples():
     for command in ("lora", "fuse", "generate", "chat", "doctor"):
         help_text = run_cli(command, "--help").stdout
         assert "Example" in help_text and f"mlxtune {command}" in help_text
+        if command == "lora":  # every kind of data it reads, named where users look first
+            flat = " ".join(help_text.split())
+            assert all(kind in flat for kind in (".csv", ".parquet", "Hugging Face dataset id")), flat
 
 
 def test_doctor_reports_the_backend_and_a_measured_matmul_speed():

@@ -98,8 +98,11 @@ def test_lora_gguf_layout_and_alpha(trained_run, tmp_path):
     import gguf
 
     run_dir, _ = trained_run
-    path = tmp_path / "adapter.gguf"
-    assert run_cli("export", run_dir, "--format", "gguf-adapter", "--out", path).returncode == 0
+    # Without --out the export goes beside the run (not into the current directory), and the CLI says where.
+    result = run_cli("export", run_dir, "--format", "gguf-adapter", cwd=tmp_path)
+    path = run_dir.parent / f"{run_dir.name}-lora.gguf"
+    assert result.returncode == 0 and f"written: {path}" in " ".join(result.stdout.split()), result.stdout
+    assert not list(tmp_path.iterdir())
     reader = gguf.GGUFReader(str(path))
     fields = reader.fields
     assert fields["general.type"].contents() == "adapter"
@@ -113,6 +116,7 @@ def test_lora_gguf_layout_and_alpha(trained_run, tmp_path):
     weights = mx.load(str(run_dir / "adapters.safetensors"))
     np.testing.assert_allclose(a.data, np.array(weights["model.layers.0.mlp.down_proj.lora_a"]).T, rtol=1e-6)
     np.testing.assert_allclose(b.data, np.array(weights["model.layers.0.mlp.down_proj.lora_b"]).T, rtol=1e-6)
+    path.unlink()
 
 
 def test_exports_refuse_what_they_cannot_do(trained_run, tmp_path):

@@ -42,6 +42,15 @@ def _default_name(run_or_model: str | Path) -> str:
     return Path(str(run_or_model).rstrip("/")).name or "model"
 
 
+def default_output(run_or_model: str | Path, fmt: str, outtype: str = "f16") -> Path:
+    """Where an export goes without --out: beside the run (runs/demo → runs/demo-f16.gguf), so a run's exports stay
+    with it; a model's go to the current directory. Absolute, so the message says exactly where."""
+    name = _default_name(run_or_model)
+    filename = {"gguf": f"{name}-{outtype}.gguf", "gguf-adapter": f"{name}-lora.gguf"}.get(fmt, f"{name}-{fmt}")
+    folder = Path(run_or_model).resolve().parent if is_run_dir(run_or_model) else Path.cwd()
+    return folder / filename
+
+
 def _fresh(path: Path, overwrite: bool) -> None:
     if path.exists():
         if not overwrite:
@@ -55,6 +64,8 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
     name = _default_name(run_or_model)
+    if out is None and fmt != "lmstudio":
+        out = default_output(run_or_model, fmt, outtype)
 
     if fmt == "gguf-adapter":
         from mlxtune.export.gguf_adapter import export_gguf_adapter
@@ -62,7 +73,7 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
         if not is_run_dir(run_or_model):
             raise UsageError(f"{run_or_model} is not a run directory", "gguf-adapter exports a run's adapter")
         run = open_run(run_or_model)
-        target = Path(out or f"{name}-lora.gguf")
+        target = Path(out)
         _fresh(target, overwrite)
         export_gguf_adapter(run, target, checkpoint)
         return ExportResult(fmt, str(target), [str(target)],
@@ -73,10 +84,8 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
 
     if fmt == "lmstudio":
         target = Path(out) if out else lmstudio_models_dir() / "mlxtune" / name
-    elif fmt == "gguf":
-        target = Path(out or f"{name}-{outtype}.gguf")
     else:
-        target = Path(out or f"{name}-{fmt}")
+        target = Path(out)
     _fresh(target, overwrite)
     if fmt in ("gguf", "ollama"):
         from mlxtune.export.gguf import vocabulary
