@@ -730,6 +730,8 @@ def _preference_error(path: Path, found: list[tuple[str, str]]) -> UsageError:
     shape = found[0][1]
     description, hint = PREFERENCE_DESCRIPTION[shape]
     lines = ", ".join(_line_of(where) for where, _ in found[:3]) + (" …" if len(found) > 3 else "")
+    if shape == PAIRED:  # the exact command, ready to paste
+        hint = hint.replace("`mlxtune dpo`", f"`mlxtune dpo --data {path}`", 1)
     return UsageError(f"{path}: {len(found):,} record(s) are {description} (lines {lines}); lora trains on one "
                       "reply per prompt", hint)
 

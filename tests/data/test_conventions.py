@@ -196,7 +196,7 @@ def test_lora_refuses_preference_data_naming_the_commands(tmp_path, tokenizer):
     with pytest.raises(UsageError) as caught:
         load_datasets(pairs, tokenizer, use_cache=False)
     assert "40 record(s) are preference pairs (chosen/rejected" in caught.value.message
-    assert "mlxtune dpo" in caught.value.hint and "mlxtune orpo" in caught.value.hint
+    assert f"mlxtune dpo --data {pairs}" in caught.value.hint and "mlxtune orpo" in caught.value.hint
     (tmp_path / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "feedback.jsonl", "columns": {
         "prompt": "q", "response": "a", "kto_tag": "thumbs_up"}}}))
     mapped = write_jsonl(tmp_path / "feedback.jsonl", [{"q": "Q", "a": "A", "thumbs_up": True}])
