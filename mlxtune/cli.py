@@ -14,9 +14,14 @@ import click
 
 from mlxtune import __version__
 from mlxtune.backend import BlasMismatch
-from mlxtune.errors import MlxtuneError
+from mlxtune.errors import MlxtuneError, UsageError
+from mlxtune.export import FORMATS, OUTTYPES
+from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
+from mlxtune.models import DEFAULT_BASE_MODEL
+from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
 
 EXIT_INTERRUPTED = 130
+DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
 
 
 class MlxtuneGroup(click.Group):
@@ -70,48 +75,48 @@ def _json_option(f):
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--model", help="Base model: a library name, a local directory or a hub id (pulled on first use) [default: Qwen/Qwen2.5-1.5B-Instruct, 4-bit].")
+@click.option("--model", help=f"Base model: a library name, a local directory or a hub id (pulled on first use) [default: {DEFAULT_BASE_MODEL}, {DEFAULT_QUANTIZE}-bit].")
 @click.option("--data", help="Directory with train/valid(/test) files, or one file: .jsonl, .json, .csv or .parquet; "
                              "or a Hugging Face dataset id (org/name or hf:org/name).")
 @click.option("--out", help="Run directory [default: runs/<model>-<time>].")
 @click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
-@click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint.")
-@click.option("--method", type=click.Choice(["lora", "dora", "full"]), help="Adapter type [default: lora].")
+@click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint; length, evaluation/saving cadence and optimizer step sizes may change, flags that would train a different adapter are refused.")
+@click.option("--method", type=click.Choice(METHODS), help=f"Adapter type [default: {DEFAULTS.method}].")
 @click.option("--layers", type=int, help="Adapt the last N blocks [default: all].")
 @click.option("--target-modules", help="Comma-separated modules to adapt, e.g. self_attn.q_proj,self_attn.v_proj [default: every linear layer].")
-@click.option("--rank", type=int, help="LoRA rank [default: 8].")
-@click.option("--alpha", type=float, help="LoRA alpha; scale = alpha / rank [default: 16].")
-@click.option("--dropout", type=float, help="LoRA dropout [default: 0].")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float, help="Peak learning rate [default: 2e-4].")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), help="LR schedule after warmup [default: cosine].")
+@click.option("--rank", type=int, help=f"LoRA rank [default: {DEFAULTS.rank}].")
+@click.option("--alpha", type=float, help=f"LoRA alpha; scale = alpha / rank [default: {DEFAULTS.alpha:g}].")
+@click.option("--dropout", type=float, help=f"LoRA dropout [default: {DEFAULTS.dropout:g}].")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float, help=f"Peak learning rate [default: {DEFAULTS.learning_rate:g}].")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help=f"LR schedule after warmup [default: {DEFAULTS.schedule}].")
 @click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 5% of steps].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0].")
-@click.option("--grad-clip", type=float, help="Clip the gradient norm; 0 = off [default: 1.0].")
+@click.option("--weight-decay", type=float, help=f"AdamW weight decay [default: {DEFAULTS.weight_decay:g}].")
+@click.option("--grad-clip", type=float, help=f"Clip the gradient norm; 0 = off [default: {DEFAULTS.grad_clip:g}].")
 @click.option("--iters", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, help="Passes over the training data [default: 1].")
-@click.option("--batch-size", type=int, help="Examples per micro-batch [default: 4].")
+@click.option("--epochs", type=float, help=f"Passes over the training data [default: {DEFAULTS.epochs:g}].")
+@click.option("--batch-size", type=int, help=f"Examples per micro-batch [default: {DEFAULTS.batch_size}].")
 @click.option("--batch-tokens", type=int, help="Token budget per micro-batch, filled with examples of similar length [default: batch size × mean length].")
 @click.option("--pack/--no-pack", default=None, help="--pack: several examples per row, isolated by the attention mask; --no-pack: fixed batches of --batch-size [default: length-bucketed token budget].")
-@click.option("--grad-accumulation", type=int, help="Micro-batches per optimizer step [default: 1].")
+@click.option("--grad-accumulation", type=int, help=f"Micro-batches per optimizer step [default: {DEFAULTS.grad_accumulation}].")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--selective-loss/--full-loss", default=None,
               help="Loss on supervised positions only, never materialising full logits [default: selective].")
-@click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: 2048].")
+@click.option("--max-seq-length", type=int, help=f"Truncate longer examples (reported) [default: {DEFAULTS.max_seq_length}].")
 @click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
 @click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
 @click.option("--prompt-key", help="Field holding the prompt, e.g. question [default: auto-detected].")
 @click.option("--completion-key", help="Field holding the completion, e.g. answer [default: auto-detected].")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
-@click.option("--eval-every", type=int, help="Validation every N steps [default: 50].")
-@click.option("--val-batches", type=int, help="Validation batches per evaluation; -1 = all [default: 25].")
+@click.option("--eval-every", type=int, help=f"Validation every N steps [default: {DEFAULTS.eval_every}].")
+@click.option("--val-batches", type=int, help=f"Validation batches per evaluation; -1 = all [default: {DEFAULTS.val_batches}].")
 @click.option("--patience", type=int, help="Early stop after N evaluations without a better validation loss [default: off].")
-@click.option("--min-delta", type=float, help="Smallest validation-loss gain that counts for --patience [default: 0].")
-@click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
-@click.option("--report-every", type=int, help="Log training metrics every N steps [default: 10].")
-@click.option("--seed", type=int, help="Seed for data order and initialisation [default: 0].")
-@click.option("--report-to", type=click.Choice(["wandb"]), help="Also log metrics to Weights & Biases (needs wandb).")
+@click.option("--min-delta", type=float, help=f"Smallest validation-loss gain that counts for --patience [default: {DEFAULTS.min_delta:g}].")
+@click.option("--save-every", type=int, help=f"Checkpoint every N steps [default: {DEFAULTS.save_every}].")
+@click.option("--report-every", type=int, help=f"Log training metrics every N steps [default: {DEFAULTS.report_every}].")
+@click.option("--seed", type=int, help=f"Seed for data order and initialisation [default: {DEFAULTS.seed}].")
+@click.option("--report-to", type=click.Choice(REPORT_TARGETS), help="Also log metrics to Weights & Biases (needs wandb).")
 @click.option("--threads", type=int, help="BLAS threads on the CPU backend [default: one per core].")
-@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size [default: MLX's own].")
+@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size in GB (10^9 bytes) [default: MLX's own].")
 @_json_option
 def lora(config_path, resume_dir, json_mode, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
@@ -132,8 +137,9 @@ def lora(config_path, resume_dir, json_mode, **flags):
 
     console = make_console(json_mode)
     if resume_dir:
-        settings = resume_settings(resume_dir, {k: flags[k] for k in ("iters", "epochs", "eval_every", "save_every",
-                                                                      "report_every", "val_batches")})
+        if config_path:
+            raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
+        settings = resume_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags)
     result = finetune(settings, resume=bool(resume_dir), console=console)
@@ -225,9 +231,10 @@ main.add_command(_preference_command(
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Directory for the fused model.")
 @click.option("--checkpoint", default="last", show_default=True, help="Adapter to fuse: last, best or a step number.")
-@click.option("--quantize", "-q", type=click.Choice(["4", "8", "none"]), default="none", show_default=True,
+@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default="none", show_default=True,
               help="Re-quantize the merged model (the merge itself is always done at full precision).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), help="Quantization group size [default: the base's, else 64].")
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]),
+              help=f"Quantization group size [default: the base's, else {DEFAULT_GROUP_SIZE}].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @_json_option
 def fuse(run_dir, out, checkpoint, quantize, group_size, overwrite, json_mode):
@@ -263,13 +270,13 @@ def _template_flag(f):
 
 @main.command("export")
 @click.argument("run_or_model", type=click.Path())
-@click.option("--format", "fmt", required=True, type=click.Choice(["gguf", "gguf-adapter", "ollama", "lmstudio", "hf"]),
+@click.option("--format", "fmt", required=True, type=click.Choice(FORMATS),
               help="gguf: whole model for llama.cpp; gguf-adapter: the LoRA alone; ollama: GGUF + Modelfile; "
                    "lmstudio: install into LM Studio; hf: safetensors for transformers.")
 @click.option("--out", type=click.Path(), help="Output file (.gguf) or directory [default: beside the run, named "
               "after it (runs/demo → runs/demo-f16.gguf); for a model, in the current directory; LM Studio's models "
               "folder for lmstudio].")
-@click.option("--outtype", type=click.Choice(["f16", "q8_0", "f32"]), default="f16", show_default=True,
+@click.option("--outtype", type=click.Choice(OUTTYPES), default=OUTTYPES[0], show_default=True,
               help="GGUF tensor type (norms always stay f32).")
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
@@ -493,11 +500,11 @@ def serve(model_or_run, host, port, checkpoint, verbose):
 
 @main.command()
 @click.argument("reference")
-@click.option("--quantize", "-q", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
+@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default=DEFAULT_QUANTIZE, show_default=True,
               help="Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=str(DEFAULT_GROUP_SIZE), show_default=True,
               help="Weights per quantization group (smaller = more accurate, larger file).")
-@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), help="Precision of unquantized tensors [default: the model's].")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Precision of unquantized tensors [default: the model's].")
 @click.option("--revision", help="Hub branch, tag or commit.")
 @click.option("--name", help="Library name, a plain name like my-model-4bit [default: <repo name>-<quantization>].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model that ships its own Python code.")
@@ -649,7 +656,7 @@ def data():
 @click.argument("path", type=click.Path())
 @click.option("--model", help="Measure in this model's tokens and render with its chat template.")
 @click.option("--show", default=0, show_default=True, type=int, help="Print N rendered examples, supervised part highlighted.")
-@click.option("--max-seq-length", default=2048, show_default=True, type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop.")
+@click.option("--max-seq-length", default=DEFAULTS.max_seq_length, show_default=True, type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop.")
 @click.option("--train-on-prompt", is_flag=True, help="Measure as if the prompt were trained on too.")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")

@@ -30,12 +30,12 @@ from mlxtune.models import load_model
 from mlxtune.train.loss import Loss
 from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, open_for_inference, open_run
 from mlxtune.train.metrics import read_metrics
-from mlxtune.ui import quiet_stdout
+from mlxtune.ui import GB, quiet_stdout
 
 CHECK_EXAMPLES = 16
 CHECK_LENGTH = 256
 SURVIVAL_WARNING = 0.9
-FLOAT32_CHECK_BYTES = 6 * 2**30
+FLOAT32_CHECK_BYTES = 6 * GB  # a float32 copy this big still fits beside the model on a 16 GB Mac
 # Max |log-prob difference| allowed between base+adapter and the unquantized fused model. Compared in float32, the
 # only difference is the fused weights' rounding: 1e-4 for float32 weights, 1e-3 for half-precision ones. Models too
 # large for a float32 copy are compared in their own precision, where activations round too.
@@ -216,6 +216,8 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
         with quiet_stdout():
             model, config = quantize_model(model, config, group_size, int(quantize))
     if run.chat_template:  # keep the fallback/file template so inference renders prompts as training did
+        # mlx-lm's TokenizerWrapper has no public setter; its private `_tokenizer` is the Hugging Face tokenizer that
+        # `save` writes out (tests/test_mlx_lm_private.py fails clearly if an upgrade renames it).
         tokenizer._tokenizer.chat_template = run.chat_template
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"

@@ -7,8 +7,8 @@ adapter with its gradient and two AdamW moments in float32 plus the activations 
 from __future__ import annotations
 
 from mlxtune.model_config import head_dim, text_config
+from mlxtune.ui import GB  # 10^9 bytes, as everywhere
 
-GB = 1024**3
 RUNTIME_OVERHEAD = 0.4 * GB  # MLX, Python and the tokenizer
 ACTIVATION_FLOATS_PER_TOKEN = 16  # per layer, in units of hidden_size: residual, norms, q/k/v/o, MLP inputs
 

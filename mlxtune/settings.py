@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from mlxtune.errors import UsageError
 
 METHODS = ("lora", "dora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
+REPORT_TARGETS = ("wandb",)
 
 
 @dataclass
@@ -63,7 +64,6 @@ class LoraSettings:
     report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
     threads: int | None = None  # BLAS threads on the CPU backend; None = one per core (the library's default)
     cache_limit_gb: float | None = None  # MLX buffer cache; None = MLX's default (measured: a bigger one only costs RSS)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
@@ -125,7 +125,7 @@ class LoraSettings:
                              "set --val-batches; a run without validation data skips evaluation by itself")
         if not 0 <= self.seed < 2**32:
             raise UsageError(f"seed must be in [0, 2^32), got {self.seed}", "set --seed to e.g. 0")
-        if self.report_to not in (None, "wandb"):
+        if self.report_to is not None and self.report_to not in REPORT_TARGETS:
             raise UsageError(f"unknown report target {self.report_to!r}", "use --report-to wandb")
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
@@ -154,7 +154,7 @@ def _check_types(settings) -> None:
     """Every setting has the type its field says (a YAML `rank: 2.9` or `target_modules: 5` is an error)."""
     for f in dataclasses.fields(settings):
         value, kind = getattr(settings, f.name), str(f.type)
-        if value is None or f.name == "extra":
+        if value is None:
             if value is None and "None" not in kind:
                 raise UsageError(f"{f.name} needs a value", f"set it in the config file or with --{f.name.replace('_', '-')}")
             continue
@@ -178,7 +178,7 @@ def _check_types(settings) -> None:
 
 
 def _field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
@@ -247,7 +247,7 @@ def save_settings(settings, path: str | Path) -> None:
     """Write the settings atomically (temporary file, fsync, rename), ending with END_MARK."""
     from mlxtune.storage import atomic_write_text
 
-    data = {k: v for k, v in settings.to_dict().items() if k != "extra" or v}
+    data = settings.to_dict()
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False) + END_MARK + "\n")
 
 

@@ -44,6 +44,8 @@ def build_random_model(config: dict | str, out: str | Path, *, layers: int | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)
+    # mlx-lm's private `_get_classes` maps a config to its (Model, ModelArgs) classes; the public loaders all need
+    # weights on disk, which is what we are about to create (tests/test_mlx_lm_private.py guards the name).
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 SPARK = "▁▂▃▄▅▆▇█"
+GB = 10**9  # one meaning of GB everywhere (memory, sizes, limits): 10^9 bytes, as macOS reports memory
 
 
 @contextlib.contextmanager
@@ -232,10 +233,10 @@ def print_data_report(console: Console, report, max_seq_length: int) -> None:
 def fmt_bytes(n: int | float | None) -> str:
     if n is None:
         return "—"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):  # decimal units: 1 GB = 10^9 bytes (GB above)
+        if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n:.1f} TB"
 
 
@@ -307,3 +308,104 @@ def print_model_info(console: Console, info: dict) -> None:
                        f" × {assumed['seq_len']} tokens)"),
     ]
     console.print(summary_table(info["name"], rows))
+
+
+class TrainingReporter:
+    """What a training run tells the person watching it: notes, the run table, live progress, the summary.
+
+    The loop calls these methods with plain values; `--json` sends all of it to stderr (see `make_console`)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._progress: Progress | None = None
+        self._task = None
+        self._history: list[float] = []
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]note:[/] {text}")
+
+    def info(self, text: str) -> None:
+        self.console.print(text)
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {text}")
+
+    def data_problems(self, warnings: list[dict]) -> None:
+        print_data_problems(self.console, [], warnings)
+
+    def default_model(self, name: str, quantize: str) -> None:
+        self.console.print(f"no --model given: using the default base model [cyan]{name}[/] "
+                           f"({quantize}-bit, pulled once into the model library)")
+
+    def start(self, method: str, model_path, run_dir) -> None:
+        self.console.print(f"[bold]mlxtune[/] {method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+
+    def resumed(self, checkpoint_name: str, step: int, total_steps: int) -> None:
+        self.console.print(f"resuming from {checkpoint_name} (step {step} of {total_steps})")
+
+    def header(self, settings, *, data_kind: str, train_examples: int, valid_examples: int, template_origin: str,
+               data_warnings: str, trainable: int, total: int, steps: int, quantization: dict | None, loss_mode: str, batching: str,
+               device: str) -> None:
+        method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
+        base = f" on a {quantization.get('bits')}-bit base" if quantization else ""
+        targets = f", modules {','.join(settings.target_modules)}" if settings.target_modules else ""
+        rows = [
+            ("method", f"{method}{base} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g})"
+                       f"{targets}" if settings.method != "full" else f"full{base}"),
+            ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
+            ("data", f"{data_kind}: {train_examples} train / {valid_examples} valid examples"),
+            ("data warnings", data_warnings),
+            ("template", template_origin),
+            ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es), "
+                      f"lr {settings.learning_rate:g} {settings.schedule}"),
+            ("batching", batching),
+            ("loss", loss_mode),
+            ("device", device),
+        ]
+        self.console.print(summary_table("run", rows))
+
+    def initial_validation(self, val_loss: float) -> None:
+        self.console.print(f"validation loss before training: {fmt_loss(val_loss)}")
+
+    @contextlib.contextmanager
+    def training(self, total_steps: int, start_step: int, val_loss: float | None):
+        """Live progress (step, loss, validation loss, tokens/s, memory, sparkline, ETA) while the loop runs."""
+        with training_progress(self.console) as progress:
+            self._progress = progress
+            self._task = progress.add_task("train", total=total_steps, completed=start_step, loss="—",
+                                           val=fmt_loss(val_loss), speed="—", memory="—", spark="")
+            try:
+                yield self
+            finally:
+                self._progress = self._task = None
+
+    def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float) -> None:
+        self._history.append(train_loss)
+        self._progress.update(self._task, loss=fmt_loss(train_loss), speed=f"{tokens_per_second:.0f}",
+                              memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history))
+
+    def val_report(self, val_loss: float) -> None:
+        self._progress.update(self._task, val=fmt_loss(val_loss))
+
+    def step_done(self, step: int) -> None:
+        self._progress.update(self._task, completed=step)
+
+    def early_stop(self, patience: int, best_step: int | None, best_dir) -> None:
+        self.console.print(f"early stop: no validation gain in {patience} evaluations; "
+                           f"best step {best_step} is in {best_dir}")
+
+    def interrupted(self, signal_name: str, step: int, run_dir) -> None:
+        self.console.print(f"[yellow]{signal_name}:[/] checkpoint saved at step {step}; "
+                           f"continue with: mlxtune lora --resume {run_dir}")
+
+    def summary(self, result, adapter_file) -> None:
+        rows = [
+            ("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
+            ("val loss", f"{fmt_loss(result.initial_val_loss)} → {fmt_loss(result.final_val_loss)} "
+                         f"(best {fmt_loss(result.best_val_loss)})"),
+            ("train loss", fmt_loss(result.final_train_loss)),
+            ("speed", f"{result.tokens_per_second or 0:.0f} tokens/s"),
+            ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
+            ("adapter", str(adapter_file)),
+        ]
+        self.console.print(summary_table("result", rows))

@@ -24,6 +24,8 @@ def file_digest(path: Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    # mlx-lm's TokenizerWrapper keeps the Hugging Face tokenizer in the private `_tokenizer` (no public accessor);
+    # tests/test_mlx_lm_private.py fails clearly if an upgrade renames it. A plain HF tokenizer is used as it is.
     backend = getattr(tokenizer, "_tokenizer", tokenizer)
     fast = getattr(backend, "backend_tokenizer", None)
     body = fast.to_str() if fast is not None else json.dumps(sorted(backend.get_vocab().items()))

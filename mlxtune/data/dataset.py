@@ -35,7 +35,6 @@ class Datasets:
     kind: str  # chat | completion | text
     template: TemplateChoice
     notes: list[str] = field(default_factory=list)  # what we decided for the user, to print
-    files: dict[str, str] = field(default_factory=dict)
     from_cache: bool = False
     warnings: list[DataWarning] = field(default_factory=list)  # data that parses but would hurt the run
 
@@ -183,7 +182,7 @@ def load_datasets(
         splits, meta = cached
         template = TemplateChoice(meta["template"], meta["template_origin"])
         return Datasets(splits.get("train", []), splits.get("valid", []), splits.get("test", []), meta["kind"],
-                        template, meta["notes"], {k: str(v) for k, v in files.items()}, from_cache=True,
+                        template, meta["notes"], from_cache=True,
                         warnings=[DataWarning(**w) for w in meta.get("warnings", [])])
 
     records, notes = read_splits(files, seed, keys)
@@ -210,4 +209,4 @@ def load_datasets(
                                            "template_origin": template.origin, "notes": notes,
                                            "warnings": [w.to_dict() for w in warnings]})
     return Datasets(tokenized["train"], tokenized["valid"], tokenized["test"], kind, template, notes,
-                    {k: str(v) for k, v in files.items()}, warnings=warnings)
+                    warnings=warnings)

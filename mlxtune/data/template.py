@@ -112,6 +112,8 @@ def _supervised_spans(tokenizer, messages, template: str, rendered: str, tools=N
 
 
 def _encode_with_offsets(tokenizer, text: str, add_special_tokens: bool):
+    # Offsets need the Hugging Face tokenizer itself, which mlx-lm's TokenizerWrapper keeps in the private
+    # `_tokenizer` (tests/test_mlx_lm_private.py fails clearly if an upgrade renames it).
     backend = getattr(tokenizer, "_tokenizer", tokenizer)
     try:
         encoded = backend(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)

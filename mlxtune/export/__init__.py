@@ -15,6 +15,7 @@ from mlxtune.model_config import text_config
 from mlxtune.runs import is_run_dir, open_run
 
 FORMATS = ("gguf", "gguf-adapter", "ollama", "lmstudio", "hf")
+OUTTYPES = ("f16", "q8_0", "f32")  # GGUF tensor types, the default first
 
 
 @dataclass

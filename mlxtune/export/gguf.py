@@ -17,9 +17,9 @@ import numpy as np
 
 from mlxtune.errors import UsageError
 from mlxtune.export.source import ExportSource
+from mlxtune.export import OUTTYPES
 from mlxtune.model_config import head_dim, text_config
 
-OUTTYPES = ("f32", "f16", "q8_0")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -16,12 +17,13 @@ from mlxtune.data.batching import BatchPlan, batch_plan, batches_per_epoch, desc
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import RunFailed, UsageError
+from mlxtune.backend import set_blas_threads
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
-from mlxtune.backend import set_blas_threads
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.runs import (
+    ADAPTER_FILE,
     BEST_DIR,
     CONFIG_FILE,
     METRICS_FILE,
@@ -39,6 +41,8 @@ from mlxtune.train.checkpoint import (
     save_adapter,
     save_checkpoint,
 )
+from mlxtune.train.metrics import MetricsLog
+from mlxtune.train.plot import plot_losses
 from mlxtune.train.recovery import (
     check_resume_state,
     claim_run_dir,
@@ -48,10 +52,8 @@ from mlxtune.train.recovery import (
     restore_progress,
     unlock_run_dir,
 )
-from mlxtune.train.metrics import MetricsLog
-from mlxtune.train.plot import plot_losses
 from mlxtune.train.step import TrainStep, build_optimizer
-from mlxtune.ui import fmt_loss, make_console, print_data_problems, sparkline, summary_table, training_progress
+from mlxtune.ui import GB, TrainingReporter, make_console
 
 
 
@@ -120,116 +122,162 @@ def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> RunResult:
-    """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`."""
-    console = console or make_console()
-    settings.validate()
+@dataclass
+class TrainingSetup:
+    """Everything the loop needs, made ready by `prepare_training`: the loop itself only reads it."""
+
+    settings: LoraSettings  # a copy of the caller's, with model, data and out resolved
+    run_dir: Path
+    model_path: Path
+    model: object
+    model_config: dict
+    datasets: Datasets
+    adapter_config: dict
+    plan: BatchPlan
+    total_steps: int
+    optimizer: object
+    loss: Loss
+    start_step: int = 0
+    resume: bool = False
+    resumed: dict | None = None  # the checkpoint state a resumed run continues from (None: from step 0)
+    data_files: dict | None = None  # fingerprint of the data files, checked on resume
+
+
+def prepare_training(settings: LoraSettings, *, resume: bool = False,
+                     reporter: TrainingReporter | None = None) -> TrainingSetup:
+    """Resolve the model and data, create (or reopen) the run directory, load the model with its adapters and the
+    datasets, and restore the latest checkpoint when resuming. `settings` itself is left as it was."""
+    reporter = reporter or TrainingReporter(make_console())
+    settings = copy.deepcopy(settings).validate()
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     if not settings.model:
-        console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/] "
-                      f"({DEFAULT_QUANTIZE}-bit, pulled once into the model library)")
+        reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
         settings.model = DEFAULT_BASE_MODEL
     check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
-    model_path = resolve_model(settings.model, console=console)
+    model_path = resolve_model(settings.model, console=reporter.console)
     data_path = resolve_data_path(settings.data)
     run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
     for note in dir_notes:
-        console.print(f"[yellow]note:[/] {note}")
+        reporter.note(note)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
-    console.print(f"[bold]mlxtune[/] {settings.method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+    reporter.start(settings.method, model_path, run_dir)
     model, tokenizer, model_config = load_model(model_path)
     if settings.threads is not None and _on_cpu() and not set_blas_threads(settings.threads):
-        console.print("[yellow]note:[/] --threads applies to the system BLAS, which is not in use here")
+        reporter.note("--threads applies to the system BLAS, which is not in use here")
     if settings.cache_limit_gb is not None:
-        mx.set_cache_limit(int(settings.cache_limit_gb * 1e9))
-
-    if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in trainable_or_all(model)):
+        mx.set_cache_limit(int(settings.cache_limit_gb * GB))
+    if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in floating_parameters(model)):
         # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
         model.set_dtype(mx.float32)
-        console.print("CPU backend: training in float32 (half-precision weights upcast)")
+        reporter.info("CPU backend: training in float32 (half-precision weights upcast)")
     context = text_config(model_config).get("max_position_embeddings")
     datasets = load_datasets(data_path, tokenizer, **settings.dataset_options(),
                              context_length=context if isinstance(context, int) else None)
     for note in datasets.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        reporter.note(note)
 
     mx.random.seed(settings.seed)
-    adapter_cfg = attach_adapters(model, settings)
-    if adapter_cfg["num_layers"] < (settings.layers or 0):
-        console.print(f"[yellow]note:[/] the model has {adapter_cfg['num_layers']} blocks; adapting all of them")
+    adapter_config = attach_adapters(model, settings)
+    if adapter_config["num_layers"] < (settings.layers or 0):
+        reporter.note(f"the model has {adapter_config['num_layers']} blocks; adapting all of them")
     plan, plan_notes = batch_plan([len(e) for e in datasets.train], batch_size=settings.batch_size,
                                   batch_tokens=settings.batch_tokens, pack=settings.pack,
                                   max_seq_length=settings.max_seq_length, packing_supported=supports_packing(model))
     for note in plan_notes:
-        console.print(f"[yellow]note:[/] {note}")
+        reporter.note(note)
     total_steps = total_optimizer_steps(settings, datasets.train, plan)
     if settings.iters is not None:  # an explicit step count that passes over the data too often
         per_step = settings.grad_accumulation * len(datasets.train) / batches_per_epoch(datasets.train, plan,
                                                                                          settings.seed)
         datasets.warnings += steps_warning(total_steps, per_step, len(datasets.train))
-    print_data_problems(console, [], [w.to_dict() for w in datasets.warnings])
+    reporter.data_problems([w.to_dict() for w in datasets.warnings])
     optimizer = build_optimizer(settings, total_steps)
 
-    metrics_path = run_dir / METRICS_FILE
-    metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
     start_step, resumed = 0, None
     data_files = data_fingerprint(data_path)
     if resume:
         point = find_resume_point(run_dir, total_steps)
         for warning in point.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+            reporter.warning(warning)
         if point.checkpoint is not None:
             resumed = load_checkpoint(point.checkpoint, model, optimizer)
             check_resume_state(run_dir, resumed, total_steps, data_files)
             start_step = resumed["step"]
-            console.print(f"resuming from {point.checkpoint.name} (step {start_step} of {total_steps})")
-        metrics.trim(start_step if resumed else -1)
+            reporter.resumed(point.checkpoint.name, start_step, total_steps)
     save_settings(settings, run_dir / CONFIG_FILE)
-    _write_run_info(run_dir, datasets, model_path, model_config, adapter_cfg)
-
-    trainable, total = parameter_counts(model)
+    _write_run_info(run_dir, datasets, model_path, model_config, adapter_config)
     if settings.grad_checkpoint:
+        # mlx-lm's helper patches the block class's __call__ to recompute activations in the backward pass (so
+        # patching layer 0 covers every block). It lives in the tuner's trainer module, not a public API:
+        # tests/test_mlx_lm_private.py fails clearly if an upgrade moves it.
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-
-    result = RunResult(str(run_dir), start_step, total_steps, trainable_parameters=trainable, total_parameters=total,
-                       notes=list(datasets.notes), data_warnings=[w.to_dict() for w in datasets.warnings])
     loss = Loss(model, settings.selective_loss)
     if settings.selective_loss and not loss.selective:
-        console.print("[yellow]note:[/] this architecture's output head can't be applied separately: "
-                      "computing the loss over full logits")
-    quantization = model_config.get("quantization")
-    _print_header(console, settings, datasets, trainable, total, total_steps, quantization,
-                  "selective (supervised positions only)" if loss.selective else "full logits", describe_plan(plan))
+        reporter.note("this architecture's output head can't be applied separately: computing the loss over full "
+                      "logits")
+    return TrainingSetup(settings, run_dir, model_path, model, model_config, datasets, adapter_config, plan,
+                         total_steps, optimizer, loss, start_step, resume, resumed, data_files)
+
+
+def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> RunResult:
+    """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`.
+
+    `settings` is not changed; the resolved copy the run used is saved as the run's config.yaml."""
+    reporter = TrainingReporter(console or make_console())
+    return run_training(prepare_training(settings, resume=resume, reporter=reporter), reporter)
+
+
+def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
+    """The loop, top to bottom: batch → gradients → update → log → evaluate → save, until the last step, an early
+    stop or a signal."""
+    settings, run_dir, model, datasets, loss = setup.settings, setup.run_dir, setup.model, setup.datasets, setup.loss
+    optimizer, adapter_cfg, plan, total_steps = setup.optimizer, setup.adapter_config, setup.plan, setup.total_steps
+    metrics_path = run_dir / METRICS_FILE
+    metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
+    resumed, data_files = setup.resumed, setup.data_files
+    if setup.resume:
+        metrics.trim(setup.start_step if resumed else -1)
+    plot_title = f"{model_name(setup.model_path)} · {run_dir.name}"
+
+    trainable, total = parameter_counts(model)
+    reporter.header(settings, data_kind=datasets.kind, train_examples=len(datasets.train),
+                    valid_examples=len(datasets.valid), template_origin=datasets.template.origin,
+                    data_warnings=summary(datasets.warnings)
+                    + (" (`mlxtune data check` lists them)" if datasets.warnings else ""),
+                    trainable=trainable, total=total, steps=total_steps,
+                    quantization=setup.model_config.get("quantization"),
+                    loss_mode="selective (supervised positions only)" if loss.selective else "full logits",
+                    batching=describe_plan(plan), device=str(mx.default_device()))
+    result = RunResult(str(run_dir), setup.start_step, total_steps, trainable_parameters=trainable,
+                       total_parameters=total, notes=list(datasets.notes),
+                       data_warnings=[w.to_dict() for w in datasets.warnings])
     trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
-    history: list[float] = []
     val_loss = math.nan
     evals_without_gain = restore_progress(resumed, result) if resumed else 0
     window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    step = start_step
-    with _StopRequest() as stop, training_progress(console) as progress:
-        if start_step == 0 and datasets.valid:
+    step = setup.start_step
+    with _StopRequest() as stop, reporter.training(total_steps, step, val_loss):
+        if step == 0 and datasets.valid:
             val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
             result.initial_val_loss = result.best_val_loss = val_loss
             result.best_step = 0
             _save_best(run_dir, model, adapter_cfg)
             metrics.write({"step": 0, "val_loss": val_loss})
-            console.print(f"validation loss before training: {fmt_loss(val_loss)}")
+            reporter.initial_validation(val_loss)
         if stop.signal_name:  # Ctrl-C during the first validation: a step-0 checkpoint, as at any other step
             _save(run_dir, model, optimizer, adapter_cfg, step,
                   progress_state(result, evals_without_gain, total_steps, data_files))
             result.stopped = "interrupted"
-            console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
-                          f"continue with: mlxtune lora --resume {run_dir}")
-        task = progress.add_task("train", total=total_steps, completed=step, loss="—", val=fmt_loss(val_loss),
-                                 speed="—", memory="—", spark="")
+            reporter.interrupted(stop.signal_name, step, run_dir)
         while step < total_steps and result.stopped != "interrupted":
             tic = time.perf_counter()
             # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
+            # 1_000_003 is a prime larger than any step count, so no two (seed, step) pairs share a seed.
             mx.random.seed(settings.seed * 1_000_003 + step)
             micro = [
                 training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k)
@@ -258,7 +306,6 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
 
             if step % settings.report_every == 0 or step == total_steps:
                 train_loss = window["loss_sum"] / max(window["count"], 1.0)
-                history.append(train_loss)
                 record = {
                     "step": step,
                     "train_loss": train_loss,
@@ -266,15 +313,14 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                     "tokens_per_second": window["tokens"] / window["seconds"],
                     "supervised_tokens_per_second": window["count"] / window["seconds"],
                     "supervised_tokens": int(window["count"]),
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "peak_memory_gb": mx.get_peak_memory() / GB,
                 }
                 metrics.write(record)
                 result.final_train_loss = train_loss
                 result.tokens_per_second = record["tokens_per_second"]
                 result.supervised_tokens_per_second = record["supervised_tokens_per_second"]
                 result.peak_memory_gb = record["peak_memory_gb"]
-                progress.update(task, loss=fmt_loss(train_loss), speed=f"{record['tokens_per_second']:.0f}",
-                                memory=f"{record['peak_memory_gb']:.2f}GB", spark=sparkline(history))
+                reporter.train_report(train_loss, record["tokens_per_second"], record["peak_memory_gb"])
                 window = dict.fromkeys(window, 0)
 
             if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
@@ -286,8 +332,8 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                     _save_best(run_dir, model, adapter_cfg)
                 else:
                     evals_without_gain += 1
-                progress.update(task, val=fmt_loss(val_loss))
-                plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
+                reporter.val_report(val_loss)
+                plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
                 if settings.patience and evals_without_gain >= settings.patience:
                     result.stopped = "early-stopped"
 
@@ -295,27 +341,26 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> R
                     or result.stopped == "early-stopped"):
                 _save(run_dir, model, optimizer, adapter_cfg, step,
                       progress_state(result, evals_without_gain, total_steps, data_files))
-            progress.update(task, completed=step)
+            reporter.step_done(step)
             result.steps = step
             if result.stopped == "early-stopped":
-                console.print(f"early stop: no validation gain in {settings.patience} evaluations; "
-                              f"best step {result.best_step} is in {run_dir / BEST_DIR}")
+                reporter.early_stop(settings.patience, result.best_step, run_dir / BEST_DIR)
                 break
             if stop.signal_name:
                 result.stopped = "interrupted"
-                console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
-                              f"continue with: mlxtune lora --resume {run_dir}")
+                reporter.interrupted(stop.signal_name, step, run_dir)
                 break
 
     metrics.close()
-    plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
+    plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
     atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-    _print_summary(console, result)
     unlock_run_dir(run_dir)
+    reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
 
 
-def trainable_or_all(model):
+def floating_parameters(model) -> list[mx.array]:
+    """Every floating-point parameter of `model` (frozen or trainable): what a dtype change would touch."""
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
@@ -353,49 +398,48 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
     atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
 
 
-def _print_header(console, settings: LoraSettings, datasets: Datasets, trainable: int, total: int, steps: int,
-                  quantization: dict | None, loss_mode: str, batching: str):
-    method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
-    base = f" on a {quantization.get('bits')}-bit base" if quantization else ""
-    targets = f", modules {','.join(settings.target_modules)}" if settings.target_modules else ""
-    rows = [
-        ("method", f"{method}{base} rank {settings.rank} alpha {settings.alpha:g} (scale {settings.scale:g}){targets}"
-         if settings.method != "full" else f"full{base}"),
-        ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
-        ("data", f"{datasets.kind}: {len(datasets.train)} train / {len(datasets.valid)} valid examples"),
-        ("data warnings", summary(datasets.warnings)
-         + (" (`mlxtune data check` lists them)" if datasets.warnings else "")),
-        ("template", datasets.template.origin),
-        ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es), "
-                  f"lr {settings.learning_rate:g} {settings.schedule}"),
-        ("batching", batching),
-        ("loss", loss_mode),
-        ("device", str(mx.default_device())),
-    ]
-    console.print(summary_table("run", rows))
-
-
-def _print_summary(console, result: RunResult) -> None:
-    rows = [
-        ("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
-        ("val loss", f"{fmt_loss(result.initial_val_loss)} → {fmt_loss(result.final_val_loss)} "
-                     f"(best {fmt_loss(result.best_val_loss)})"),
-        ("train loss", fmt_loss(result.final_train_loss)),
-        ("speed", f"{result.tokens_per_second or 0:.0f} tokens/s"),
-        ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
-        ("adapter", f"{result.run_dir}/adapters.safetensors"),
-    ]
-    console.print(summary_table("result", rows))
+# Settings a resumed run may change: how long it runs, how often it evaluates/saves/logs, the optimizer's step sizes
+# (the schedule is a function of the step, so a new one simply takes over) and machine-only knobs. Everything else
+# decides what the adapter or the data order is, so changing it would silently train a different run.
+CHANGEABLE_ON_RESUME = (
+    "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches", "patience", "min_delta",
+    "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_checkpoint", "report_to",
+    "threads", "cache_limit_gb",
+)
 
 
 def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
-    """Settings of an existing run, with `iters`/`epochs` and the like changed by `overrides`."""
+    """Settings of an existing run with `overrides` (None = not given) applied: the CHANGEABLE_ON_RESUME ones are
+    taken, any other that differs from the run's own value is refused with a UsageError naming it."""
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
     settings = load_run_settings(config)
+    refused = []
     for key, value in overrides.items():
-        if value is not None:
+        if value is None:
+            continue
+        if key in CHANGEABLE_ON_RESUME:
             setattr(settings, key, value)
+        elif key != "out" and _differs(getattr(settings, key), value):
+            refused.append(f"--{key.replace('_', '-')} (the run has {getattr(settings, key)!r})")
+    if refused:
+        raise UsageError(f"can't change {', '.join(refused)} when resuming {run_dir}",
+                         "drop those flags, or start a new run with --out; --resume may change "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
     settings.out = str(run_dir)
     return settings.validate()
+
+
+def _differs(saved, given) -> bool:
+    if saved is None or given is None:
+        return saved != given
+    if isinstance(given, str) and isinstance(saved, str) and Path(given).exists() and Path(saved).exists():  # --model / --data paths
+        return Path(given).resolve() != Path(saved).resolve()
+    if isinstance(saved, list) and isinstance(given, str):  # --target-modules a,b against the saved list
+        given = [m.strip() for m in given.split(",") if m.strip()]
+    if isinstance(saved, float) or isinstance(given, float):
+        return not math.isclose(float(saved), float(given))
+    if saved is not None and given is not None and not isinstance(saved, type(given)):
+        return str(saved) != str(given)
+    return saved != given

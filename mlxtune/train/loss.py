@@ -17,7 +17,11 @@ import mlx.nn as nn
 
 from mlxtune.data.batching import Batch
 
+# Chunks bound the peak memory of the head + cross-entropy, whose rows are vocabulary-sized, while staying large
+# enough that each chunk is one big matmul rather than many small ones (a 32k vocabulary: 1024 rows = 128 MiB).
 CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk, at most
+# Keeping the softmax saves one exp pass in the backward (MLX's CPU exp is scalar and single-threaded); 512 MiB
+# is the most memory we let that cost (about 900 rows of a 150k vocabulary); beyond it the softmax is recomputed.
 KEPT_SOFTMAX_BYTES = 512 * 2**20  # float32 softmax kept for the backward pass, at most (else recomputed)
 CHUNK_LOGITS_BYTES = 64 * 2**20  # and at most this much float32 logits per chunk (a 150k vocabulary: ~110 rows)
 

@@ -9,9 +9,11 @@ import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from conftest import MLXTUNE, MODEL, WIKISQL, run_cli
-from mlxtune import LoraSettings
+from mlxtune import LoraSettings, UsageError
+from mlxtune.settings import save_settings
 from mlxtune.train.checkpoint import latest_checkpoint
 from mlxtune.train.loop import finetune, resume_settings
 from mlxtune.ui import make_console
@@ -33,7 +35,10 @@ def _command(*extra):
 
 def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path):
     quiet = make_console(quiet=True)
-    full = finetune(_settings(tmp_path / "full"), console=quiet)
+    settings = _settings(tmp_path / "full", data=f"{WIKISQL}/../{WIKISQL.name}")  # resolved by the run
+    given = settings.to_dict()
+    full = finetune(settings, console=quiet)
+    assert settings.to_dict() == given  # the caller's settings are not changed (the run saves its resolved copy)
     # Roll a copy back to its step-3 checkpoint and let it finish again.
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "full", copy)
@@ -118,3 +123,18 @@ def test_metrics_line_cut_short_by_a_crash_is_skipped_on_resume(tmp_path):
     assert plot_losses(path, tmp_path / "loss.png") == tmp_path / "loss.png"
     MetricsLog(path).trim(after_step=1)
     assert path.read_text(encoding="utf-8") == '{"step": 1, "train_loss": 2.5}\n'
+
+
+def test_resume_takes_safe_flags_and_refuses_the_others(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_settings(_settings(run_dir).validate(), run_dir / "config.yaml")
+    changed = resume_settings(run_dir, {"iters": 9, "learning_rate": 1e-3, "patience": 2, "rank": None})
+    assert (changed.iters, changed.learning_rate, changed.patience, changed.rank) == (9, 1e-3, 2, 8)
+    # the run's own values may be repeated (paths compared resolved)
+    assert resume_settings(run_dir, {"rank": 8, "data": str(WIKISQL), "dropout": 0.1}).rank == 8
+    with pytest.raises(UsageError) as refused:
+        resume_settings(run_dir, {"rank": 16, "batch_size": 2, "seed": 3, "learning_rate": 1e-3})
+    assert "--rank (the run has 8)" in refused.value.message and "--seed (the run has 0)" in refused.value.message
+    assert "--batch-size" not in refused.value.message  # unchanged: not refused
+    assert "--learning-rate" in refused.value.hint  # the hint lists what may change
