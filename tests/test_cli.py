@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm import load
 
-from conftest import MODEL, WIKISQL, run_cli
+from conftest import MODEL, WIKISQL, mlx_greedy, run_cli
 
 PROBE = "table: 1-10015132-11\ncolumns: Player, No., Nationality\nQ: Who is number 5?\nA:"
 
@@ -60,22 +61,21 @@ def test_fused_model_equals_base_plus_adapter(trained_run, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_generate_prints_text_from_run_and_model(trained_run):
+def test_generate_on_a_run_is_greedy_base_plus_adapter(trained_run):
     run_dir, _ = trained_run
+    base, tokenizer = load(str(MODEL))
+    tuned, _ = load(str(MODEL), adapter_path=str(run_dir))
+    ids = tokenizer.encode(PROBE)
+    expected = {str(target): tokenizer.decode(mlx_greedy(model, ids, 10, tokenizer.eos_token_id)).strip()
+                for target, model in ((run_dir, tuned), (MODEL, base))}
+    assert expected[str(run_dir)] != expected[str(MODEL)]  # the adapter changes the answer: dropping it shows
     for target in (run_dir, MODEL):
-        result = run_cli("generate", target, "--prompt", "Once upon a time", "--max-tokens", 12)
+        result = run_cli("generate", target, "-p", PROBE, "-m", 10, "--json")
         assert result.returncode == 0, result.stderr
-        assert len(result.stdout.strip()) > 5
+        assert json.loads(result.stdout)["text"].strip() == expected[str(target)]
 
 
-def test_generate_json_is_greedy_and_deterministic(trained_run):
-    run_dir, _ = trained_run
-    outputs = [json.loads(run_cli("generate", run_dir, "-p", PROBE, "-m", 10, "--json").stdout)["text"]
-               for _ in range(2)]
-    assert outputs[0] == outputs[1] and outputs[0]
-
-
-def test_chat_answers_each_line_and_exits_on_eof(trained_run):
+def test_chat_answers_each_line_and_exits_on_eof(trained_run, tmp_path):
     run_dir, _ = trained_run
     result = run_cli("chat", run_dir, "--max-tokens", 8, "--temp", 0, input="hello\nhow are you?\n")
     assert result.returncode == 0, result.stderr
@@ -83,6 +83,13 @@ def test_chat_answers_each_line_and_exits_on_eof(trained_run):
     replies = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(replies) >= 2
     assert "plain text" in result.stderr  # a text-trained run chats in raw text, and says so
+    # the run's adapter is in use: the same run with its adapter zeroed (= the base model) answers differently
+    zeroed = tmp_path / "zeroed"
+    shutil.copytree(run_dir, zeroed)
+    weights = mx.load(str(zeroed / "adapters.safetensors"))
+    mx.save_safetensors(str(zeroed / "adapters.safetensors"), {k: mx.zeros_like(v) for k, v in weights.items()})
+    base = run_cli("chat", zeroed, "--max-tokens", 8, "--temp", 0, input="hello\nhow are you?\n")
+    assert base.returncode == 0 and base.stdout != result.stdout
 
 
 @pytest.mark.parametrize(
@@ -98,6 +105,13 @@ def test_bad_inputs_exit_2_with_one_line_error(args, message, tmp_path):
     assert "Traceback" not in result.stderr
     first = result.stderr.strip().splitlines()[0]
     assert first.startswith("error:") and message in first
+
+
+def test_resume_refuses_a_flag_that_would_train_a_different_adapter(trained_run):
+    run_dir, _ = trained_run
+    result = run_cli("lora", "--resume", run_dir, "--rank", 16, "--iters", 8)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "can't change --rank (the run has 8)" in result.stderr and "--learning-rate" in result.stderr
 
 
 def test_empty_data_file_exits_2(tmp_path):

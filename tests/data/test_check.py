@@ -78,6 +78,10 @@ GOOD_FILES = {
 }
 
 
+GOOD_KINDS = {"chat_tools.jsonl": "chat", "sharegpt.jsonl": "chat", "alpaca.json": "completion",
+              "gsm8k.jsonl": "completion", "table.csv": "completion"}
+
+
 @pytest.mark.parametrize("name", sorted(GOOD_FILES))
 def test_each_good_format_trains(name, tmp_path):
     data = tmp_path / name
@@ -85,7 +89,13 @@ def test_each_good_format_trains(name, tmp_path):
     data.write_text(content * 3 if name.endswith(".jsonl") else content)
     result = finetune(LoraSettings(model=str(MODEL), data=str(data), out=str(tmp_path / "run"), iters=1,
                                    batch_size=2, val_batches=1), console=make_console(quiet=True))
-    assert result.steps == 1 and result.final_train_loss > 0
+    assert result.steps == 1 and 0 < result.final_train_loss < 20
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data_kind"] == GOOD_KINDS[name]
+    assert info["train_examples"] + info["valid_examples"] == len(read_records(data)) == 3  # none lost
+    (step,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if "train_loss" in line]
+    assert step["supervised_tokens"] > 0
 
 
 def test_tool_calls_are_supervised_and_tools_rendered():

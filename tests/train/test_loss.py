@@ -57,4 +57,12 @@ def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy(kept_s
 def test_full_loss_fallback_when_asked():
     model, batch = _model_and_batch()
     full = Loss(model, selective=False)
-    assert not full.selective and len(full.arrays(batch)) == 3
+    assert not full.selective
+    loss_sum, count = full(model, *full.arrays(batch))
+    # the masked cross-entropy, computed here in float64 numpy from the model's logits
+    logits = np.array(model(mx.array(batch.inputs)).astype(mx.float32), dtype=np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, batch.targets[..., None].astype(np.int64), -1)[..., 0]
+    assert count.item() == batch.mask.sum() == batch.supervised_tokens
+    assert loss_sum.item() == pytest.approx(-(picked * batch.mask).sum(), rel=1e-5)

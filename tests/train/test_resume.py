@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -10,10 +11,14 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
+from mlx_lm import load
 
 from conftest import MLXTUNE, MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, UsageError
+from mlxtune.data import load_datasets
 from mlxtune.settings import save_settings
+from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.checkpoint import latest_checkpoint
 from mlxtune.train.loop import finetune, resume_settings
 from mlxtune.ui import make_console
@@ -56,6 +61,21 @@ def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path)
     assert len(steps) == 6
 
 
+def _assert_every_visible_file_is_whole(run_dir):
+    """What a SIGKILL may leave: hidden temporaries; every file under its real name must read back whole."""
+    for path in run_dir.rglob("*"):
+        if any(part.startswith(".") for part in path.relative_to(run_dir).parts) or not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            mx.load(str(path))
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".yaml":
+            assert isinstance(yaml.safe_load(path.read_text()), dict), path
+        elif path.name == "latest":
+            assert (path.parent / path.read_text().strip()).is_dir(), path
+
+
 def test_sigkill_mid_training_then_resume(tmp_path):
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
@@ -77,7 +97,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     step = int(checkpoint.name.split("-")[1])
     mx.load(str(checkpoint / "adapters.safetensors"))  # readable, not truncated
     mx.load(str(run_dir / "adapters.safetensors"))
-    assert not list(run_dir.rglob("*.tmp*")) or all(p.name.startswith(".") for p in run_dir.rglob("*.tmp*"))
+    _assert_every_visible_file_is_whole(run_dir)
     result = run_cli("lora", "--resume", run_dir, "--iters", step + 2, "--json")
     assert result.returncode == 0, result.stderr
     assert f"resuming from step-{step:07d}" in result.stderr
@@ -107,8 +127,11 @@ def test_early_stopping_keeps_the_best_adapter(tmp_path):
                                 patience=1, val_batches=2), console=make_console(quiet=True))
     assert result.stopped == "early-stopped" and result.steps < 40
     assert result.best_val_loss <= result.final_val_loss
-    best = mx.load(str(tmp_path / "early" / "best" / "adapters.safetensors"))
-    assert best.keys() == mx.load(str(tmp_path / "early" / "adapters.safetensors")).keys()
+    # best/ holds the adapter that scored best_val_loss, not a later (worse) one
+    assert result.best_val_loss < result.final_val_loss and result.best_step < result.steps
+    model, tokenizer = load(str(MODEL), adapter_path=str(tmp_path / "early" / "best"))
+    valid = load_datasets(WIKISQL, tokenizer, **_settings(tmp_path).dataset_options()).valid
+    assert validation_loss(model, valid, 2, 2) == pytest.approx(result.best_val_loss, abs=1e-5)
     assert (tmp_path / "early" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
