@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole mlxtune flow on the bundled model and data: install, finetune, fuse, generate.
+# The whole mlxtune flow on the bundled model and data: install, finetune, fuse, compare base and tuned answers.
 # Usage: scripts/quickstart.sh        (about 2 minutes on 2 CPU cores; faster on a Mac)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,16 +16,8 @@ echo "==> 1/3 finetune stories260K (a 260K-parameter story model) on WikiSQL que
 echo "==> 2/3 fuse the adapter into the model (verified against base + adapter)"
 "$MLXTUNE" fuse "$RUN" --out "$FUSED"
 
-echo "==> 3/3 generate with the tuned model"
-PROMPT="$("$ROOT/.venv/bin/python" -c '
-import json
-text = json.loads(open("examples/data/wikisql/valid.jsonl").readline())["text"]
-print(text.rsplit("A:", 1)[0] + "A:")')"
-echo "--- prompt"; echo "$PROMPT"
-echo "--- base model"
-"$MLXTUNE" generate examples/models/stories260K --prompt "$PROMPT" --max-tokens 40
-echo "--- tuned model"
-"$MLXTUNE" generate "$FUSED" --prompt "$PROMPT" --max-tokens 40
+echo "==> 3/3 held-out questions: the base model and the tuned model side by side (greedy, one answer line)"
+"$ROOT/.venv/bin/python" scripts/quickstart_showcase.py examples/models/stories260K "$FUSED" examples/data/wikisql
 "$ROOT/.venv/bin/python" - "$RUN/result.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
