@@ -51,31 +51,35 @@ def main() -> None:
     args = parser.parse_args()
 
     models = {"base": open_for_inference(args.base), "tuned": open_for_inference(args.tuned)}
-    pairs = questions(args.data)[: max(args.examples, args.count)]
-    # Show questions about different tables: the first question of each table.
-    shown, tables = [], set()
+    pairs = questions(args.data)
+    counted = pairs[: args.count]
+    shown, tables = [], set()  # questions about different tables: the first question of each
     for prompt, reference in pairs:
         table = prompt.split("\n", 1)[0]
-        if table not in tables:
+        if table not in tables and len(shown) < args.examples:
             tables.add(table)
             shown.append((prompt, reference))
-    shown = shown[: args.examples]
 
-    answers = {name: [answer(loaded, prompt) for prompt, _ in pairs[: args.count]] for name, loaded in models.items()}
+    cache: dict[tuple[str, str], str] = {}
+
+    def answer_of(name: str, prompt: str) -> str:
+        if (name, prompt) not in cache:
+            cache[name, prompt] = answer(models[name], prompt)
+        return cache[name, prompt]
+
     for prompt, reference in shown:
         header, question = prompt[: -len(ANSWER_CUE)].rstrip("\n").rsplit("\n", 1)
         print()
         print(header.replace("\n", " · "))
         print(question)
         print(f"  reference  {reference}")
-        for name, loaded in models.items():
-            index = pairs.index((prompt, reference))
-            text = answers[name][index] if index < args.count else answer(loaded, prompt)
-            print(f"  {name:<9}  {text or '(nothing)'}")
+        for name in models:
+            print(f"  {name:<9}  {answer_of(name, prompt) or '(nothing)'}")
+    answers = {name: [answer_of(name, prompt) for prompt, _ in counted] for name in models}
     print()
-    n = min(args.count, len(pairs))
+    n = len(counted)
     formatted = {name: sum(in_format(a) for a in texts) for name, texts in answers.items()}
-    exact = {name: sum(a == ref for a, (_, ref) in zip(texts, pairs)) for name, texts in answers.items()}
+    exact = {name: sum(a == ref for a, (_, ref) in zip(texts, counted)) for name, texts in answers.items()}
     print(f"answers in the learned SQL format on {n} held-out questions: base {formatted['base']}/{n}, "
           f"tuned {formatted['tuned']}/{n} (exactly right: base {exact['base']}, tuned {exact['tuned']})")
 
