@@ -19,6 +19,7 @@ from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
 from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
+from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 
 EXIT_INTERRUPTED = 130
 DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
@@ -117,8 +118,13 @@ def _json_option(f):
 @click.option("--report-to", type=click.Choice(REPORT_TARGETS), help="Also log metrics to Weights & Biases (needs wandb).")
 @click.option("--threads", type=int, help="BLAS threads on the CPU backend [default: one per core].")
 @click.option("--cache-limit-gb", type=float, help="MLX buffer cache size in GB (10^9 bytes) [default: MLX's own].")
+@click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch.")
+@click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first.")
+@click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring].")
+@click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}].")
+@click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit.")
 @_json_option
-def lora(config_path, resume_dir, json_mode, **flags):
+def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout, check, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
 
     \b
@@ -130,28 +136,48 @@ def lora(config_path, resume_dir, json_mode, **flags):
       mlxtune lora --model examples/models/stories260K --data examples/data/wikisql --iters 100
       mlxtune lora --config configs/quickstart.yaml --out runs/demo
       mlxtune lora --resume runs/demo --iters 200     # continue (or extend) a stopped run
+      mlxtune lora --config configs/quickstart.yaml --nproc 2             # two ranks on this machine
+      mlxtune lora --config configs/quickstart.yaml --hosts mac1,mac2     # one rank per Mac (docs/DISTRIBUTED.md)
     """
     from mlxtune.settings import resolve_settings
-    from mlxtune.train.loop import finetune, resume_settings
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
+        from mlxtune.train.loop import resume_settings
+
         settings = resume_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags)
-    result = finetune(settings, resume=bool(resume_dir), console=console)
+    if check or hosts or (nproc or 1) > 1:
+        from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
+        from mlxtune.ui import summary_table
+
+        launch = dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT)
+        if check:
+            report = check_hosts(settings, **launch, console=console)
+            if json_mode:
+                print_json(report.to_dict())
+            else:
+                console.print(summary_table("preflight", preflight_rows(report)))
+            sys.exit(0 if report.ok else 2)
+        result = train_distributed(settings, resume=bool(resume_dir), **launch, console=console, json_mode=json_mode)
+    else:
+        from mlxtune.train.loop import finetune
+
+        result = finetune(settings, resume=bool(resume_dir), console=console).to_dict()
     if json_mode:
-        print_json(result.to_dict())
-    if result.stopped == "interrupted":
+        print_json(result)
+    if result.get("stopped") == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
 
 
 # Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
 # prompt-selection flags don't apply to preference runs.
-_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key"}
+_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
+                       "nproc", "hosts", "backend", "rank_timeout", "check"}  # data-parallel: lora only for now
 
 
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
@@ -225,6 +251,17 @@ main.add_command(_preference_command(
     """,
     [click.Option(["--beta"], type=float, help=_BETA_HELP["orpo"]), *_FROM_OPTIONS],
 ))
+
+
+@main.command("rank-worker", hidden=True)
+@click.argument("spec")
+@click.option("--hello", is_flag=True, help="Only form the world and time one all_sum (for --check).")
+@click.pass_context
+def rank_worker(ctx, spec, hello):
+    """One rank of a data-parallel run, started by mlx.launch (`mlxtune lora --nproc/--hosts` makes the SPEC)."""
+    from mlxtune.train.distributed import run_rank
+
+    sys.exit(run_rank(spec, hello=hello, debug=ctx.meta.get("mlxtune.debug", False)))
 
 
 @main.command()

@@ -345,7 +345,7 @@ class TrainingReporter:
 
     def header(self, settings, *, data_kind: str, train_examples: int, valid_examples: int, template_origin: str,
                data_warnings: str, trainable: int, total: int, steps: int, quantization: dict | None, loss_mode: str, batching: str,
-               device: str) -> None:
+               device: str, ranks: str | None = None) -> None:
         method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
         base = f" on a {quantization.get('bits')}-bit base" if quantization else ""
         targets = f", modules {','.join(settings.target_modules)}" if settings.target_modules else ""
@@ -362,6 +362,8 @@ class TrainingReporter:
             ("loss", loss_mode),
             ("device", device),
         ]
+        if ranks:  # a data-parallel run (train/distributed.py)
+            rows.append(("ranks", ranks))
         self.console.print(summary_table("run", rows))
 
     def initial_validation(self, val_loss: float) -> None:

@@ -176,13 +176,17 @@ def batches_per_epoch(examples: list[TokenizedExample], plan: BatchPlan, seed: i
     return len(plan_epoch(examples, plan, seed, 0))
 
 
-def training_batch(examples: list[TokenizedExample], plan: BatchPlan, seed: int, index: int) -> Batch:
-    """The `index`-th training batch of the run, counting across epochs."""
+def training_batch(examples: list[TokenizedExample], plan: BatchPlan, seed: int, index: int, rank: int = 0,
+                   ranks: int = 1) -> Batch | None:
+    """The `index`-th training batch of the run, counting across epochs. With `ranks` > 1: this rank's share of it,
+    every `ranks`-th row from row `rank` on (None when the batch has fewer rows than ranks)."""
     epoch = 0
     while True:
         batches = plan_epoch(examples, plan, seed, epoch)
         if index < len(batches):
-            rows = [[examples[i] for i in row] for row in batches[index]]
+            rows = [[examples[i] for i in row] for row in batches[index][rank::ranks]]
+            if not rows:
+                return None
             return make_packed_batch(rows) if plan.pack else _rows_to_batch(rows, packed=False)
         index -= len(batches)
         epoch += 1

@@ -42,6 +42,7 @@ from mlxtune.train.checkpoint import (
     save_checkpoint,
 )
 from mlxtune.train.metrics import MetricsLog
+from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.recovery import (
     check_resume_state,
@@ -141,25 +142,33 @@ class TrainingSetup:
     resume: bool = False
     resumed: dict | None = None  # the checkpoint state a resumed run continues from (None: from step 0)
     data_files: dict | None = None  # fingerprint of the data files, checked on resume
+    parallel: DataParallel = field(default_factory=DataParallel)  # this process's rank (alone: rank 0 of 1)
 
 
-def prepare_training(settings: LoraSettings, *, resume: bool = False,
-                     reporter: TrainingReporter | None = None) -> TrainingSetup:
+def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: TrainingReporter | None = None,
+                     parallel: DataParallel | None = None) -> TrainingSetup:
     """Resolve the model and data, create (or reopen) the run directory, load the model with its adapters and the
-    datasets, and restore the latest checkpoint when resuming. `settings` itself is left as it was."""
+    datasets, and restore the latest checkpoint when resuming. `settings` itself is left as it was.
+    With `parallel`, this process is one rank of a data-parallel run (train/distributed.py starts those)."""
     reporter = reporter or TrainingReporter(make_console())
+    parallel = parallel or DataParallel()
+    writes = parallel.is_main  # rank 0 alone writes the run directory
     settings = copy.deepcopy(settings).validate()
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     if not settings.model:
         reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
         settings.model = DEFAULT_BASE_MODEL
-    check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
+    if writes:
+        check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
     model_path = resolve_model(settings.model, console=reporter.console)
     data_path = resolve_data_path(settings.data)
-    run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
-    for note in dir_notes:
-        reporter.note(note)
+    if writes:
+        run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
+        for note in dir_notes:
+            reporter.note(note)
+    else:
+        run_dir = Path(settings.out)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     reporter.start(settings.method, model_path, run_dir)
@@ -182,8 +191,10 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False,
     adapter_config = attach_adapters(model, settings)
     if adapter_config["num_layers"] < (settings.layers or 0):
         reporter.note(f"the model has {adapter_config['num_layers']} blocks; adapting all of them")
-    plan, plan_notes = batch_plan([len(e) for e in datasets.train], batch_size=settings.batch_size,
-                                  batch_tokens=settings.batch_tokens, pack=settings.pack,
+    # Planned for the whole world (per-rank budget × ranks); each rank takes its rows of every batch.
+    world_batch_size, world_batch_tokens = parallel.world_batch(settings.batch_size, settings.batch_tokens)
+    plan, plan_notes = batch_plan([len(e) for e in datasets.train], batch_size=world_batch_size,
+                                  batch_tokens=world_batch_tokens, pack=settings.pack,
                                   max_seq_length=settings.max_seq_length, packing_supported=supports_packing(model))
     for note in plan_notes:
         reporter.note(note)
@@ -198,6 +209,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False,
     start_step, resumed = 0, None
     data_files = data_fingerprint(data_path)
     if resume:
+        check_resume_ranks(run_dir, parallel.size)
         point = find_resume_point(run_dir, total_steps)
         for warning in point.warnings:
             reporter.warning(warning)
@@ -206,8 +218,10 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False,
             check_resume_state(run_dir, resumed, total_steps, data_files)
             start_step = resumed["step"]
             reporter.resumed(point.checkpoint.name, start_step, total_steps)
-    save_settings(settings, run_dir / CONFIG_FILE)
-    _write_run_info(run_dir, datasets, model_path, model_config, adapter_config)
+    parallel.broadcast_weights(model)  # every rank starts from rank 0's weights
+    if writes:
+        save_settings(settings, run_dir / CONFIG_FILE)
+        _write_run_info(run_dir, datasets, model_path, model_config, adapter_config, parallel.size)
     if settings.grad_checkpoint:
         # mlx-lm's helper patches the block class's __call__ to recompute activations in the backward pass (so
         # patching layer 0 covers every block). It lives in the tuner's trainer module, not a public API:
@@ -220,15 +234,16 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False,
         reporter.note("this architecture's output head can't be applied separately: computing the loss over full "
                       "logits")
     return TrainingSetup(settings, run_dir, model_path, model, model_config, datasets, adapter_config, plan,
-                         total_steps, optimizer, loss, start_step, resume, resumed, data_files)
+                         total_steps, optimizer, loss, start_step, resume, resumed, data_files, parallel)
 
 
-def finetune(settings: LoraSettings, *, resume: bool = False, console=None) -> RunResult:
+def finetune(settings: LoraSettings, *, resume: bool = False, console=None,
+             parallel: DataParallel | None = None) -> RunResult:
     """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`.
 
     `settings` is not changed; the resolved copy the run used is saved as the run's config.yaml."""
     reporter = TrainingReporter(console or make_console())
-    return run_training(prepare_training(settings, resume=resume, reporter=reporter), reporter)
+    return run_training(prepare_training(settings, resume=resume, reporter=reporter, parallel=parallel), reporter)
 
 
 def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
@@ -236,8 +251,11 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     stop or a signal."""
     settings, run_dir, model, datasets, loss = setup.settings, setup.run_dir, setup.model, setup.datasets, setup.loss
     optimizer, adapter_cfg, plan, total_steps = setup.optimizer, setup.adapter_config, setup.plan, setup.total_steps
+    parallel = setup.parallel
+    writes = parallel.is_main  # rank 0 alone writes checkpoints, metrics, plots and the best adapter
     metrics_path = run_dir / METRICS_FILE
-    metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
+    metrics = MetricsLog(metrics_path if writes else None, settings.report_to if writes else None, run_dir.name,
+                         settings.to_dict())
     resumed, data_files = setup.resumed, setup.data_files
     if setup.resume:
         metrics.trim(setup.start_step if resumed else -1)
@@ -251,7 +269,8 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                     trainable=trainable, total=total, steps=total_steps,
                     quantization=setup.model_config.get("quantization"),
                     loss_mode="selective (supervised positions only)" if loss.selective else "full logits",
-                    batching=describe_plan(plan), device=str(mx.default_device()))
+                    batching=describe_plan(plan), device=str(mx.default_device()),
+                    ranks=parallel.describe() if parallel.distributed else None)
     result = RunResult(str(run_dir), setup.start_step, total_steps, trainable_parameters=trainable,
                        total_parameters=total, notes=list(datasets.notes),
                        data_warnings=[w.to_dict() for w in datasets.warnings])
@@ -263,31 +282,38 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     step = setup.start_step
     with _StopRequest() as stop, reporter.training(total_steps, step, val_loss):
         if step == 0 and datasets.valid:
-            val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
+            val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss,
+                                       parallel)
             result.initial_val_loss = result.best_val_loss = val_loss
             result.best_step = 0
-            _save_best(run_dir, model, adapter_cfg)
+            if writes:
+                _save_best(run_dir, model, adapter_cfg)
             metrics.write({"step": 0, "val_loss": val_loss})
             reporter.initial_validation(val_loss)
-        if stop.signal_name:  # Ctrl-C during the first validation: a step-0 checkpoint, as at any other step
-            _save(run_dir, model, optimizer, adapter_cfg, step,
-                  progress_state(result, evals_without_gain, total_steps, data_files))
+        if parallel.any(stop.signal_name):  # Ctrl-C during the first validation: a step-0 checkpoint
+            if writes:
+                _save(run_dir, model, optimizer, adapter_cfg, step,
+                      progress_state(result, evals_without_gain, total_steps, data_files))
             result.stopped = "interrupted"
-            reporter.interrupted(stop.signal_name, step, run_dir)
+            reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
         while step < total_steps and result.stopped != "interrupted":
             tic = time.perf_counter()
             # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
             # 1_000_003 is a prime larger than any step count, so no two (seed, step) pairs share a seed.
-            mx.random.seed(settings.seed * 1_000_003 + step)
+            mx.random.seed(parallel.step_seed(settings.seed * 1_000_003 + step))
             micro = [
-                training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k)
+                training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k,
+                               parallel.rank, parallel.size)
                 for k in range(settings.grad_accumulation)
             ]
             loss_sum, count, grads = trainer.accumulate(micro)
+            # Data-parallel: the world's sums (one rank: unchanged), so the update is the same per-token mean.
+            loss_sum, count, tokens, grads = parallel.reduce_step(loss_sum, count, sum(b.tokens for b in micro if b),
+                                                                  grads)
             step_loss = (loss_sum / count).item()
             if not math.isfinite(step_loss):
                 saved = "the last checkpoint is kept"
-                if _all_finite(model):  # never save weights that are themselves NaN/inf as "good"
+                if writes and _all_finite(model):  # never save weights that are themselves NaN/inf as "good"
                     _save(run_dir, model, optimizer, adapter_cfg, step,
                           progress_state(result, evals_without_gain, total_steps, data_files))
                     saved = f"the last good weights (step {step}) are saved"
@@ -300,7 +326,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
             step += 1
             window["loss_sum"] += loss_sum.item()
             window["count"] += count.item()
-            window["tokens"] += sum(b.tokens for b in micro)
+            window["tokens"] += tokens
             window["seconds"] += time.perf_counter() - tic
             window["steps"] += 1
 
@@ -324,21 +350,25 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                 window = dict.fromkeys(window, 0)
 
             if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
-                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss)
+                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss,
+                                           parallel)
                 metrics.write({"step": step, "val_loss": val_loss})
                 result.final_val_loss = val_loss
                 if result.best_val_loss is None or val_loss < result.best_val_loss - settings.min_delta:
                     result.best_val_loss, result.best_step, evals_without_gain = val_loss, step, 0
-                    _save_best(run_dir, model, adapter_cfg)
+                    if writes:
+                        _save_best(run_dir, model, adapter_cfg)
                 else:
                     evals_without_gain += 1
                 reporter.val_report(val_loss)
-                plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
+                if writes:
+                    plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
                 if settings.patience and evals_without_gain >= settings.patience:
                     result.stopped = "early-stopped"
 
-            if (step % settings.save_every == 0 or step == total_steps or stop.signal_name
-                    or result.stopped == "early-stopped"):
+            stopping = parallel.any(stop.signal_name)  # every rank stops at the same step
+            if writes and (step % settings.save_every == 0 or step == total_steps or stopping
+                           or result.stopped == "early-stopped"):
                 _save(run_dir, model, optimizer, adapter_cfg, step,
                       progress_state(result, evals_without_gain, total_steps, data_files))
             reporter.step_done(step)
@@ -346,15 +376,16 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
             if result.stopped == "early-stopped":
                 reporter.early_stop(settings.patience, result.best_step, run_dir / BEST_DIR)
                 break
-            if stop.signal_name:
+            if stopping:
                 result.stopped = "interrupted"
-                reporter.interrupted(stop.signal_name, step, run_dir)
+                reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
                 break
 
     metrics.close()
-    plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
-    atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-    unlock_run_dir(run_dir)
+    if writes:
+        plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
+        unlock_run_dir(run_dir)
     reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
 
@@ -383,8 +414,10 @@ def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
     save_adapter(best, trainable_weights(model), adapter_cfg)
 
 
-def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_config: dict, adapter_cfg: dict):
+def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_config: dict, adapter_cfg: dict,
+                    ranks: int = 1):
     info = {
+        "ranks": ranks,  # data-parallel ranks: a resume needs as many (the batches depend on it)
         "base_model": str(model_path),
         "model_type": model_config.get("model_type"),
         "data_kind": datasets.kind,

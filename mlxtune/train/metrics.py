@@ -25,7 +25,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, report_to: str | None = None, run_name: str = "", config: dict | None = None):
+    """Appends records to `path`; with `path` None (a data-parallel rank other than 0) it writes nothing."""
+
+    def __init__(self, path: Path | None, report_to: str | None = None, run_name: str = "", config: dict | None = None):
         self.path = path
         self._wandb = None
         if report_to == "wandb":
@@ -36,6 +38,8 @@ class MetricsLog:
             self._wandb = wandb.init(project="mlxtune", name=run_name, config=config or {}, dir=str(path.parent))
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -44,7 +48,7 @@ class MetricsLog:
 
     def trim(self, after_step: int) -> None:
         """On resume, forget what was logged after the checkpoint we restart from."""
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return
         kept = [record for record in read_metrics(self.path) if record.get("step", 0) <= after_step]
         atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -78,10 +78,11 @@ class TrainStep:
         self.gradients = gradients
         self.update = update
 
-    def accumulate(self, batches: list[Batch]):
-        """Loss sum, token count and summed gradients over the micro-batches of one optimizer step."""
+    def accumulate(self, batches: list[Batch | None]):
+        """Loss sum, token count and summed gradients over the micro-batches of one optimizer step. A None batch (a
+        data-parallel rank with no share of a short batch) adds nothing; with none at all everything is zero."""
         total_loss, total_count, total_grads = None, None, None
-        for batch in batches:
+        for batch in (b for b in batches if b is not None):
             loss_sum, count, grads = self.gradients(*self.loss.arrays(batch))
             if total_grads is None:
                 total_loss, total_count, total_grads = loss_sum, count, grads
@@ -89,5 +90,8 @@ class TrainStep:
                 total_loss = total_loss + loss_sum
                 total_count = total_count + count
                 total_grads = tree_map(mx.add, total_grads, grads)
+        if total_grads is None:
+            total_loss, total_count = mx.array(0.0), mx.array(0.0)
+            total_grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
         mx.eval(total_loss, total_count, total_grads)
         return total_loss, total_count, total_grads
