@@ -1,0 +1,161 @@
+"""Data-parallel training over MLX's ring backend: 2 real ranks on 127.0.0.1 started by mlx.launch, on the real
+stories260K model and WikiSQL data.
+
+- 2 ranks × budget B train exactly like 1 rank × budget 2B (per-step loss and final adapter within 1e-5);
+- a rank killed mid-run stops every rank within 60 s with an error naming it, and `--resume --nproc 2` finishes
+  with the adapter of the uninterrupted 2-rank run;
+- a rank given different data refuses at start-up, naming the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import MLXTUNE, MODEL, WIKISQL, run_cli
+from mlxtune import LoraSettings
+from mlxtune.train.checkpoint import latest_checkpoint
+from mlxtune.train.distributed import MARKER, _free_port_range, _mlx_launch_command
+from mlxtune.train.loop import finetune
+from mlxtune.ui import make_console
+
+BUDGET = 128  # tokens per rank and micro-batch: with --max-seq-length 96, one example row per rank
+# A constant schedule: a run stopped early and resumed with --iters 6 follows the same learning rates.
+COMMON = dict(iters=6, max_seq_length=96, val_batches=2, eval_every=3, report_every=1, save_every=2,
+              schedule="constant", warmup_steps=0, learning_rate=3e-3)
+
+
+def _flags(values: dict) -> list[str]:
+    return [str(x) for key, value in values.items() for x in (f"--{key.replace('_', '-')}", value)]
+
+
+def _two_ranks(out: Path, **overrides) -> list[str]:
+    values = {**COMMON, "batch_tokens": BUDGET, **overrides}
+    return [*MLXTUNE, "lora", "--model", str(MODEL), "--data", str(WIKISQL), "--out", str(out), "--nproc", "2",
+            *_flags(values)]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, str, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], key, r[key]) for r in records for key in ("train_loss", "val_loss") if key in r]
+
+
+def _adapters(run_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters.safetensors")).items()}
+
+
+def _assert_same_adapters(actual: Path, expected: Path, atol: float) -> None:
+    a, b = _adapters(actual), _adapters(expected)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=atol, rtol=0, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank run (shared by the equivalence and the resume tests)."""
+    out = tmp_path_factory.mktemp("dist") / "two"
+    done = subprocess.run(_two_ranks(out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 over ring (127.0.0.1 ×2)" in done.stdout  # the run header names ranks, backend and hosts
+    return out
+
+
+def test_two_ranks_with_budget_b_train_like_one_rank_with_budget_2b(two_rank_run, tmp_path):
+    single = tmp_path / "one"
+    settings = LoraSettings(model=str(MODEL), data=str(WIKISQL), out=str(single), batch_tokens=2 * BUDGET, **COMMON)
+    finetune(settings, console=make_console(quiet=True))
+    expected, actual = _losses(single), _losses(two_rank_run)
+    assert [(s, k) for s, k, _ in actual] == [(s, k) for s, k, _ in expected]
+    assert len([k for _, k, _ in actual if k == "train_loss"]) == COMMON["iters"]
+    for (step, key, got), (_, _, want) in zip(actual, expected):
+        assert abs(got - want) <= 1e-5, (step, key, got, want)
+    _assert_same_adapters(two_rank_run, single, atol=1e-5)
+    # rank 0 alone wrote the run: one metrics line per step, one result
+    assert json.loads((two_rank_run / "result.json").read_text())["steps"] == COMMON["iters"]
+    assert json.loads((two_rank_run / "run.json").read_text())["ranks"] == 2
+
+
+def _rank_pid(rank: int, out: Path) -> int | None:
+    """The process of `rank` among the ranks mlx.launch started for the run writing `out`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"rank-worker" in cmdline and str(out).encode() in b" ".join(cmdline) \
+                and f"MLX_RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_a_killed_rank_stops_all_and_the_run_resumes_to_the_same_adapter(two_rank_run, tmp_path):
+    out = tmp_path / "killed"
+    launch = subprocess.Popen(_two_ranks(out, iters=400), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while latest_checkpoint(out) is None and time.time() < deadline and launch.poll() is None:
+            time.sleep(0.05)
+        pid = _rank_pid(1, out)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = launch.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert stopped_after < 60, stopped_after
+    assert launch.returncode == 1, stderr[-2000:]
+    assert "error: rank 1 (127.0.0.1) died without finishing" in stderr
+    assert f"mlxtune lora --resume {out} --nproc 2" in stderr
+    assert _rank_pid(0, out) is None  # no rank left behind
+    step = int(latest_checkpoint(out).name.split("-")[1])
+    assert 2 <= step < COMMON["iters"]
+
+    # A 2-rank run resumes on 2 ranks only (its batches depend on the world size) ...
+    refused = run_cli("lora", "--resume", out, "--iters", COMMON["iters"], "--nproc", 3)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "trained on 2 rank(s), this resume has 3" in refused.stderr
+    # ... and with them finishes exactly as the uninterrupted run did.
+    resumed = run_cli("lora", "--resume", out, "--iters", COMMON["iters"], "--nproc", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step-{step:07d}" in resumed.stdout
+    _assert_same_adapters(out, two_rank_run, atol=1e-6)
+
+
+def test_a_rank_with_different_data_refuses_at_start_up(tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(WIKISQL, changed)
+    lines = (changed / "train.jsonl").read_text().splitlines(keepends=True)
+    (changed / "train.jsonl").write_text("".join(lines[:-1]))  # one example fewer on rank 1
+    settings = LoraSettings(model=str(MODEL), data=str(WIKISQL), out=str(tmp_path / "run"), **COMMON).to_dict()
+    for rank, data in ((0, WIKISQL), (1, changed)):
+        spec = {"settings": {**settings, "data": str(data)}, "resume": False, "world_size": 2, "backend": "ring",
+                "hosts": ["127.0.0.1", "127.0.0.1"], "timeout": 60, "resume_hint": "", "json": True}
+        (tmp_path / f"spec{rank}.json").write_text(json.dumps(spec))
+    # mlx.launch starts the same command on every rank; this one hands each rank its own spec (its own data).
+    rank_command = ["bash", "-c", f'exec {sys.executable} -m mlxtune rank-worker "$(cat {tmp_path}/spec$MLX_RANK.json)"']
+    done = subprocess.run([*_mlx_launch_command(), "--hosts", "127.0.0.1", "-n", "2", "--backend", "ring",
+                           "--starting-port", str(_free_port_range(2)), "--", *rank_command],
+                          capture_output=True, text=True, timeout=300)
+    markers = [json.loads(line[len(MARKER):]) for line in done.stderr.splitlines() if line.startswith(MARKER)]
+    assert sorted(m["rank"] for m in markers) == [0, 1], done.stderr[-3000:]
+    for marker in markers:
+        assert marker["status"] == "failed"
+        assert "start-up check failed: rank 1 on 127.0.0.1 has different data than rank 0 on 127.0.0.1" \
+            in marker["message"]
+    assert not (tmp_path / "run" / "adapters.safetensors").exists()
