@@ -50,6 +50,11 @@ def _losses(run_dir: Path) -> list[tuple[int, str, float]]:
     return [(r["step"], key, r[key]) for r in records for key in ("train_loss", "val_loss") if key in r]
 
 
+def _supervised_tokens(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["supervised_tokens"] for r in records if "train_loss" in r]
+
+
 def _adapters(run_dir: Path) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in mx.load(str(run_dir / "adapters.safetensors")).items()}
 
@@ -81,6 +86,8 @@ def test_two_ranks_with_budget_b_train_like_one_rank_with_budget_2b(two_rank_run
     for (step, key, got), (_, _, want) in zip(actual, expected):
         assert abs(got - want) <= 1e-5, (step, key, got, want)
     _assert_same_adapters(two_rank_run, single, atol=1e-5)
+    # each rank computed its own half: the world's supervised tokens per step are the single run's, not twice them
+    assert _supervised_tokens(two_rank_run) == _supervised_tokens(single)
     # rank 0 alone wrote the run: one metrics line per step, one result
     assert json.loads((two_rank_run / "result.json").read_text())["steps"] == COMMON["iters"]
     assert json.loads((two_rank_run / "run.json").read_text())["ranks"] == 2
@@ -159,3 +166,17 @@ def test_a_rank_with_different_data_refuses_at_start_up(tmp_path):
         assert "start-up check failed: rank 1 on 127.0.0.1 has different data than rank 0 on 127.0.0.1" \
             in marker["message"]
     assert not (tmp_path / "run" / "adapters.safetensors").exists()
+
+
+def test_check_forms_the_world_and_refuses_unknown_hosts():
+    done = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--nproc", 2, "--check", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["world_size"] == 2 and report["formed"] == 2 and report["backend"] == "ring"
+    assert report["hosts"][0]["info"]["paths"] == {str(MODEL): True, str(WIKISQL): True}
+    # JACCL needs Thunderbolt RDMA between Macs: here it falls back to ring, saying why
+    done = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--nproc", 2, "--backend", "jaccl", "--check", "--json")
+    assert "the jaccl backend is not usable" in json.loads(done.stdout)["notes"][0]
+    unknown = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--hosts", "127.0.0.1,no-such-host.invalid")
+    assert unknown.returncode == 2
+    assert "can't resolve the address of no-such-host.invalid" in unknown.stderr
