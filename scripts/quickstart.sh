@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole mlxtune flow on the bundled model and data: install, finetune, fuse, compare base and tuned answers.
-# Usage: scripts/quickstart.sh        (about 2 minutes on 2 CPU cores; faster on a Mac)
+# Usage: scripts/quickstart.sh        (a few minutes on 2 CPU cores; faster on a Mac)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
