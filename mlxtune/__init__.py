@@ -31,6 +31,8 @@ def __getattr__(name):
         "generate_text": ("mlxtune.chat", "generate_text"),
         "chat_session": ("mlxtune.chat", "chat_session"),
         "validation_loss": ("mlxtune.train.evaluate", "validation_loss"),
+        "evaluate_run": ("mlxtune.eval", "evaluate_run"),
+        "make_server": ("mlxtune.serve", "make_server"),
     }
     if name in lazy:
         import importlib
@@ -51,4 +53,6 @@ __all__ = [
     "generate_text",
     "chat_session",
     "validation_loss",
+    "evaluate_run",
+    "make_server",
 ]
