@@ -3,8 +3,9 @@
 
 For each model, the MLX directory is exported to GGUF by `mlxtune export` (float32, the precision MLX runs it in
 here), the same prompt token ids go to all three, and each decodes greedily the same number of tokens. Rounds are
-interleaved (the order rotates every round) so a busy machine slows all three alike; the median round is reported,
-with ratios to mlx_lm. Prompt tok/s = prompt tokens / time to process them; decode tok/s = generated tokens / time
+interleaved (the order rotates every round) so a busy machine slows all three alike; speeds are medians over rounds,
+ratios to mlx_lm are taken within each round (then the median), which is robust to a load that changes.
+Prompt tok/s = prompt tokens / time to process them; decode tok/s = generated tokens / time
 generating them (mlx-lm's own counters for the MLX tools, wall clock around llama.cpp's eval calls).
 
 Models: the bundled pretrained stories260K, and a SmolLM-135M-shaped model with random weights (fewer layers to
@@ -109,15 +110,15 @@ def bench_model(name: str, model_dir: Path, work: Path, args) -> list[dict]:
         for tool in order[shift:] + order[:shift]:
             results[tool].append(tools[tool]())
         print(f"  {name}: round {round_number + 1}/{args.rounds} done", file=sys.stderr)
+    # Ratios are taken within each round (the tools ran back to back, under the same load), then the median.
     rows = []
+    reference = results["mlx_lm"]
     for tool, runs in results.items():
         rows.append({"model": name, "tool": tool, "prompt_tokens": len(ids), "new_tokens": decoded,
                      "prompt_tps": statistics.median(r[0] for r in runs),
-                     "decode_tps": statistics.median(r[1] for r in runs)})
-    reference = next(r for r in rows if r["tool"] == "mlx_lm")
-    for row in rows:
-        row["prompt_ratio"] = row["prompt_tps"] / reference["prompt_tps"]
-        row["decode_ratio"] = row["decode_tps"] / reference["decode_tps"]
+                     "decode_tps": statistics.median(r[1] for r in runs),
+                     "prompt_ratio": statistics.median(r[0] / ref[0] for r, ref in zip(runs, reference)),
+                     "decode_ratio": statistics.median(r[1] / ref[1] for r, ref in zip(runs, reference))})
     return rows
 
 
@@ -160,7 +161,8 @@ def main() -> None:
              for r in rows]
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, MLX {mx.__version__} "
           f"({mx.default_device()}), mlx-lm {mlx_lm.__version__}, llama-cpp-python {llama_cpp.__version__}; "
-          f"{date.today().isoformat()}; median of {args.rounds} interleaved rounds\n")
+          f"{date.today().isoformat()}; median of {args.rounds} interleaved rounds; load average "
+          f"{os.getloadavg()[0]:.1f}\n")
     print(header)
     print("\n".join(lines))
 
