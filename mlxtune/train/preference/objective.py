@@ -60,9 +60,13 @@ def orpo_loss(chosen_mean_logp, rejected_mean_logp, beta: float):
     return losses, beta * chosen_mean_logp, beta * rejected_mean_logp
 
 
+TIE = 1e-4  # rewards closer than this are a tie: float noise between a precomputed and a live reference is ~1e-6
+
+
 def preference_accuracy(chosen_rewards, rejected_rewards) -> mx.array:
     """Per pair: 1 when the chosen reward is higher, ½ on a tie, 0 otherwise."""
-    return (chosen_rewards > rejected_rewards).astype(mx.float32) + 0.5 * (chosen_rewards == rejected_rewards)
+    difference = chosen_rewards - rejected_rewards
+    return (difference > TIE).astype(mx.float32) + 0.5 * (mx.abs(difference) <= TIE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
