@@ -12,6 +12,7 @@ from mlxtune.chat import encode_messages, prompt_format
 from mlxtune.errors import UsageError
 from mlxtune.eval.cases import EvalData, load_cases
 from mlxtune.eval.metrics import Metric, parse_metric
+from mlxtune.eval.preference import preference_scores
 from mlxtune.eval.scoring import example_losses, greedy_batch, tokens_containing
 from mlxtune.eval.stats import Interval, exp_interval, mean_interval, paired_ratio_difference, ratio_interval
 from mlxtune.runs import METRICS_FILE, open_for_inference, open_run
@@ -141,7 +142,6 @@ def evaluate_run(
 ) -> EvalResult:
     """Evaluate base vs tuned on the run's test split (else validation) or `data`; write eval.json and report.html
     into `out` (default: the run directory)."""
-    from mlxtune.eval.report import write_report
     from mlxtune.ui import step_progress
 
     if samples < 0:
@@ -151,6 +151,12 @@ def evaluate_run(
     parsed_metric = parse_metric(metric)
     run = open_run(run_dir)
     out_dir = Path(out) if out else run.path
+    preference = preference_scores(run, data, checkpoint, limit)
+    if preference is not None:  # chosen/rejected pairs: preference accuracy is the task, chosen answers the loss
+        result = EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, metric=preference["task"]["metric"],
+                            verdict=verdict(preference["loss"], preference["task"]), samples=[],
+                            curves=_curves(run.path), **preference)
+        return _write(result, out_dir)
     with quiet_stdout():
         tuned = open_for_inference(run.path, checkpoint)
     cases = load_cases(run, tuned.tokenizer, prompt_format(tuned).template, data, limit)
@@ -195,6 +201,12 @@ def evaluate_run(
         metric=task["metric"] if task else None, loss=loss, perplexity=perplexity, task=task,
         verdict=verdict(loss, task), samples=sample_rows, curves=_curves(run.path),
     )
+    return _write(result, out_dir)
+
+
+def _write(result: EvalResult, out_dir: Path) -> EvalResult:
+    from mlxtune.eval.report import write_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
     result.files = {"eval": str(out_dir / EVAL_FILE), "report": str(out_dir / REPORT_FILE)}
     atomic_write_text(out_dir / EVAL_FILE, json.dumps(result.to_dict(), indent=2) + "\n")

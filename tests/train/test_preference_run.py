@@ -7,14 +7,10 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
-from mlx_lm import load
 
 from conftest import MODEL, WIKISQL, run_cli
-from mlxtune.data.preference import load_preference_sets
-from mlxtune.models import load_model
-from mlxtune.train.preference.objective import answer_logps, likelihood_accuracy
+from mlxtune.eval import evaluate_run
 
 
 def corrupt(answer: str, number: int, rng: random.Random) -> str:
@@ -53,11 +49,6 @@ def pairs_dir(tmp_path_factory) -> Path:
 
 
 def test_dpo_raises_validation_preference_accuracy_from_chance_to_above_0_9(pairs_dir, tmp_path):
-    model, tokenizer = load(str(MODEL))
-    valid = load_preference_sets(pairs_dir, tokenizer, max_seq_length=128).valid
-    base_accuracy = likelihood_accuracy(answer_logps(model, valid)).mean()
-    assert 0.3 <= base_accuracy <= 0.7  # the base model can't tell the two apart
-
     run_dir = tmp_path / "dpo"
     result = run_cli("dpo", "--model", MODEL, "--data", pairs_dir, "--out", run_dir, "--iters", 8,
                      "--batch-size", 8, "--lr", "3e-3", "--eval-every", 4, "--report-every", 4,
@@ -75,9 +66,13 @@ def test_dpo_raises_validation_preference_accuracy_from_chance_to_above_0_9(pair
     assert [r["step"] for r in records if "val_accuracy" in r] == [0, 4, 8]
     assert (run_dir / "loss.png").stat().st_size > 0
 
-    # The tuned model (base + the run's adapter, as every other command loads it) now ranks the pairs right.
-    tuned, _, _ = load_model(MODEL, run_dir)
-    assert likelihood_accuracy(answer_logps(tuned, valid)).mean() > 0.9
+    # mlxtune eval: which answer each model finds more likely — the base can't tell, the tuned model can.
+    evaluation = evaluate_run(run_dir, out=tmp_path / "eval")
+    accuracy = evaluation.task
+    assert evaluation.kind == "preference" and accuracy["metric"] == "preference accuracy"
+    assert accuracy["examples"] == 32 and 0.3 <= accuracy["base"]["value"] <= 0.7
+    assert accuracy["tuned"]["value"] > 0.9 and accuracy["difference"]["low"] > 0  # beyond the noise
+    assert (tmp_path / "eval" / "report.html").is_file()
 
 
 def test_orpo_from_a_supervised_run_with_its_adapter_merged(pairs_dir, trained_run, tmp_path):

@@ -1,0 +1,55 @@
+"""`mlxtune eval` on preference pairs: preference accuracy of base vs tuned (which answer each model finds more
+likely) and the loss of the chosen answers, with the same bootstrap intervals as every other evaluation.
+
+The base is the run's model with its adapter switched off (train/preference: one model in memory), so both are
+scored on exactly the same pairs and the differences are paired.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlxtune.data.formats import find_splits
+from mlxtune.data.preference import load_preference_sets
+from mlxtune.data.preference_check import is_preference_data
+from mlxtune.eval.stats import exp_interval, mean_interval, paired_ratio_difference, ratio_interval
+from mlxtune.runs import Run, open_for_inference
+from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off, answer_logps, likelihood_accuracy
+from mlxtune.ui import quiet_stdout
+
+METRIC = "preference accuracy"
+
+
+def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int | None) -> dict | None:
+    """EvalResult's fields for preference data (`data`, else the run's own); None when the data is not pairs."""
+    source = Path(data or run.settings.data)
+    if not is_preference_data(find_splits(source)):
+        return None
+    with quiet_stdout():
+        loaded = open_for_inference(run.path, checkpoint)
+    settings = run.settings
+    sets = load_preference_sets(source, loaded.tokenizer, max_seq_length=settings.max_seq_length,
+                                chat_template=settings.chat_template, seed=settings.seed)
+    split, pairs = next((name, found) for name, found in (("test", sets.test), ("valid", sets.valid),
+                                                           ("train", sets.train)) if found)
+    pairs = pairs[:limit] if limit else pairs
+    logps = SequenceLogProbs(loaded.model)
+    tuned = answer_logps(loaded.model, pairs, logps=logps)
+    with adapters_off(loaded.model):
+        base = answer_logps(loaded.model, pairs, logps=logps)
+    counts = np.array([int(p.chosen.supervised[1:].sum()) for p in pairs], dtype=np.float64)
+    base_loss, tuned_loss = ratio_interval(-base[:, 0], counts), ratio_interval(-tuned[:, 0], counts)
+    base_hits, tuned_hits = likelihood_accuracy(base), likelihood_accuracy(tuned)
+    return {
+        "data": str(source), "split": split, "kind": "preference", "examples": len(pairs),
+        "supervised_tokens": int(counts.sum()),
+        # the loss of the chosen answers: a preference run should not forget how to say them
+        "loss": {"base": base_loss.to_dict(), "tuned": tuned_loss.to_dict(),
+                 "difference": paired_ratio_difference(-tuned[:, 0], -base[:, 0], counts).to_dict()},
+        "perplexity": {"base": exp_interval(base_loss).to_dict(), "tuned": exp_interval(tuned_loss).to_dict()},
+        "task": {"metric": METRIC, "examples": len(pairs), "base": mean_interval(base_hits).to_dict(),
+                 "tuned": mean_interval(tuned_hits).to_dict(),
+                 "difference": paired_ratio_difference(tuned_hits, base_hits, np.ones(len(pairs))).to_dict()},
+    }
