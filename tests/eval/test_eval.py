@@ -49,12 +49,14 @@ def test_eval_shows_the_tuned_model_better_and_the_report_renders_in_chromium(tr
 def test_eval_loss_is_the_training_validation_loss(trained_run):
     from mlxtune.eval.scoring import example_losses
     from mlxtune.runs import open_for_inference
+    from mlxtune.data.formats import read_records
+    from mlxtune.data.template import tokenize_records
     from mlxtune.train.evaluate import validation_loss
-    from mlxtune.data.dataset import load_datasets
 
     run_dir, _ = trained_run
     loaded = open_for_inference(run_dir)
-    examples = load_datasets(WIKISQL, loaded.tokenizer, max_seq_length=128).valid[:12]
+    examples, _ = tokenize_records(read_records(WIKISQL / "valid.jsonl")[:12], loaded.tokenizer, None,
+                                   max_seq_length=128)
     sums, counts = example_losses(loaded.model, examples)
     assert math.isclose(sum(sums) / sum(counts), validation_loss(loaded.model, examples), rel_tol=1e-4)
 
