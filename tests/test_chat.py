@@ -99,3 +99,25 @@ def test_chat_compare_streams_base_and_tuned_side_by_side_in_a_terminal(trained_
         if process.poll() is None:
             process.kill()
         os.close(leader)
+
+
+def test_prompt_completion_run_renders_with_its_training_template_and_says_so(trained_run, tmp_path):
+    import shutil
+
+    from mlxtune.chat import encode_messages, prompt_format
+    from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
+    from mlxtune.runs import RUN_FILE, TEMPLATE_FILE, open_for_inference
+
+    run_dir, _ = trained_run
+    completion_run = tmp_path / "completion-run"  # the same adapter, recorded as trained on prompt/completion data
+    shutil.copytree(run_dir, completion_run)
+    info = json.loads((completion_run / RUN_FILE).read_text())
+    (completion_run / RUN_FILE).write_text(json.dumps(info | {"data_kind": "completion",
+                                                               "template_origin": "fallback"}))
+    (completion_run / TEMPLATE_FILE).write_text(FALLBACK_CHAT_TEMPLATE)
+    loaded = open_for_inference(completion_run)
+    fmt = prompt_format(loaded)
+    assert fmt.kind == "template" and fmt.template == FALLBACK_CHAT_TEMPLATE
+    assert "prompt/completion" in fmt.description and "fallback" in fmt.description
+    text = loaded.tokenizer.decode(encode_messages(loaded, [{"role": "user", "content": "How many yards?"}], fmt))
+    assert text.endswith("### User:\nHow many yards?\n\n### Assistant:\n")
