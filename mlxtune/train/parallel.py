@@ -115,10 +115,6 @@ class DataParallel:
         """Per-rank batch size / token budget → the whole step's (what the batch plan is made for)."""
         return batch_size * self.size, batch_tokens * self.size if batch_tokens else None
 
-    def my_rows(self, rows: list) -> list:
-        """This rank's share of one planned batch: every size-th row, from its rank on."""
-        return rows[self.rank :: self.size]
-
     def mine(self, index: int) -> bool:
         """Whether the index-th of a fixed sequence (validation batches) is this rank's to compute."""
         return index % self.size == self.rank
