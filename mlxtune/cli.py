@@ -19,6 +19,7 @@ from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
 from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
+from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 
 EXIT_INTERRUPTED = 130
@@ -30,12 +31,7 @@ class MlxtuneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MlxtuneError as exc:
-            if ctx.meta.get("mlxtune.debug"):
-                traceback.print_exc()
-            click.echo(f"error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
-            ctx.exit(exc.exit_code)
+            _report(ctx, exc)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -48,11 +44,23 @@ class MlxtuneGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug of ours: say so briefly, keep the details behind --debug
+            environmental = environment_error(exc)  # disk full, read-only, out of memory: not a bug
+            if environmental is not None:
+                _report(ctx, environmental)
             if ctx.meta.get("mlxtune.debug"):
                 traceback.print_exc()
-            click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+            click.echo(redact(f"internal error: {type(exc).__name__}: {exc}"), err=True)
             click.echo("hint: rerun with `mlxtune --debug ...` and report the traceback", err=True)
             ctx.exit(1)
+
+
+def _report(ctx, exc: MlxtuneError) -> None:
+    if ctx.meta.get("mlxtune.debug"):
+        traceback.print_exc()
+    click.echo(redact(f"error: {exc.message}"), err=True)
+    if exc.hint:
+        click.echo(redact(f"hint: {exc.hint}"), err=True)
+    ctx.exit(exc.exit_code)
 
 
 @click.group(cls=MlxtuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,6 +1,7 @@
-"""Test-only fault injection: `MLXTUNE_FAULT=NAME[:N]` kills this process (SIGKILL) the Nth time (default: the
-first) it reaches the point NAME. The reliability suite uses it to kill inside a checkpoint write, an evaluation
-or a fuse at exactly the moment it wants (docs/RELIABILITY.md lists the points). Unset, it costs one lookup.
+"""Test-only fault injection: `MLXTUNE_FAULT=NAME[:N[:SIGNAL]]` sends this process SIGKILL (or SIGNAL, e.g. INT)
+the Nth time (default: the first) it reaches the point NAME. The reliability suite uses it to kill inside a
+checkpoint write, an evaluation or a fuse at exactly the moment it wants (docs/RELIABILITY.md lists the points).
+Unset, it costs one environment lookup.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    target, _, nth = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != name:
         return
+    nth, _, sig = rest.partition(":")
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}") if sig else signal.SIGKILL)

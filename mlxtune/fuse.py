@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -25,11 +24,14 @@ from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.library import base_source
-from mlxtune.model_config import DEFAULT_GROUP_SIZE, check_quantization, read_config, without_quantization
+from mlxtune.faults import fault_point
+from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config_dtype, directory_size, read_config,
+                                  weight_bytes, without_quantization)
 from mlxtune.models import load_model
 from mlxtune.train.loss import Loss
 from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, open_for_inference, open_run
 from mlxtune.train.metrics import read_metrics
+from mlxtune.storage import check_free_space, check_writable, clean_stale, staging_path, swap_in, translate
 from mlxtune.ui import GB, quiet_stdout
 
 CHECK_EXAMPLES = 16
@@ -185,9 +187,13 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     group_size = group_size or base_quantization.get("group_size") or DEFAULT_GROUP_SIZE
     quantize = check_quantization(quantize, group_size)  # before any model is loaded
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"output directory {out} already exists", "choose another --out or pass --overwrite")
     run.adapter_dir(checkpoint)  # an unknown checkpoint fails before any model is loaded
+    check_writable(out.parent)  # a read-only or unwritable --out, before any model is loaded
+    clean_stale(out)  # hidden copies that killed fuses of this --out left behind
+    need = fused_bytes(run.base_model, quantize)
+    check_free_space(out, need, "the fused model")
 
     base = open_for_inference(run.path, checkpoint, adapter=False)
     held_out = _held_out(run, base.tokenizer)
@@ -220,11 +226,12 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
         # `save` writes out (tests/test_mlx_lm_private.py fails clearly if an upgrade renames it).
         tokenizer._tokenizer.chat_template = run.chat_template
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging = staging_path(out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save(staging, run.base_model, model, tokenizer, config, donate_model=False)
         carry_tokenizer_files(Path(run.base_model), staging)
+        fault_point("fuse.saved")
         del model
         reloaded, _, _ = load_model(staging)
         reloaded.eval()
@@ -253,9 +260,12 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
         if warning:
             result.warnings.append(warning)
         _write_extras(staging, run, checkpoint, result)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        swap_in(staging, out)  # an old --out (--overwrite) is removed only once the new one is in place
+    except (OSError, RuntimeError) as exc:
+        error = translate(exc, out, need)  # disk full, read-only: one line that says where and how much
+        if error is None:
+            raise
+        raise error from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -269,6 +279,16 @@ def carry_tokenizer_files(base: Path, out: Path) -> list[str]:
             shutil.copy(base / name, out / name)
             carried.append(name)
     return carried
+
+
+def fused_bytes(base: Path, quantize: str) -> int:
+    """About how much disk the fused model takes: the base's weights at full precision (or re-quantized)."""
+    config = read_config(base)
+    bits = 32 if config_dtype(config) == "float32" else 16
+    stored = (config.get("quantization") or {}).get("bits") or bits
+    full = weight_bytes(base) * bits / stored
+    weights = full if quantize == "none" else full * int(quantize) / bits
+    return int(weights + directory_size(base) - weight_bytes(base))
 
 
 def _final_losses(run: Run) -> dict:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from mlxtune.errors import UsageError
+from mlxtune.storage import environment_error
 from mlxtune.hub import is_hub_id, pull
 from mlxtune.library import find_entry, list_models
 from mlxtune.model_config import check_architecture, check_model_dir, read_config
@@ -54,6 +55,17 @@ def load_model(path: Path, adapter_path: Path | None = None):
 
     check_blas()
     check_architecture(read_config(path), Path(path))
-    model, tokenizer, config = load(str(path), return_config=True,
-                                    adapter_path=str(adapter_path) if adapter_path else None)
+    try:
+        model, tokenizer, config = load(str(path), return_config=True,
+                                        adapter_path=str(adapter_path) if adapter_path else None)
+    except (TypeError, ValueError, KeyError, RuntimeError, OSError) as exc:
+        # A config that doesn't describe the weights, weights cut short or not safetensors (never unpickled), an
+        # adapter from another model: the files' fault, not ours (a full disk or memory is said as such).
+        error = environment_error(exc)
+        if error is not None:
+            raise error from None
+        what = f"{path} with the adapter in {adapter_path}" if adapter_path else str(path)
+        raise UsageError(f"could not load {what}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
+                         "its config.json and weight files must match and be complete (download it again); an "
+                         "adapter must come from a run on this same base model") from None
     return model, tokenizer, config

@@ -72,6 +72,10 @@ class Run:
             available = sorted(p.name for p in (self.path / CHECKPOINTS_DIR).glob("step-*"))
             raise UsageError(f"no adapter for checkpoint {checkpoint!r} in {self.path}",
                              f"available: best, last{', ' if available else ''}{', '.join(available)}")
+        for name in (ADAPTER_FILE, ADAPTER_CONFIG_FILE):  # a run's files are its own: never read through a link out
+            if (folder / name).is_symlink() and not (folder / name).resolve().is_relative_to(self.path.resolve()):
+                raise UsageError(f"{folder / name} is a link to {(folder / name).resolve()}, outside the run",
+                                 "replace the link with a copy of the file")
         return folder
 
 

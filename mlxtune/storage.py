@@ -10,15 +10,19 @@ no permission) become one-line errors that say where and how much space is neede
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from mlxtune.errors import MlxtuneError, RunFailed, UsageError
 
-STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)$")
+# `.NAME.partial-PID` (a copy being written) and `.NAME.old-PID` (an old output moved aside), plus any suffix a
+# writer adds to its own temporary files
+STAGING = re.compile(r"^\.(?P<name>.+?)\.(?P<kind>partial|old)-(?P<pid>\d+)(?P<suffix>\..*)?$")
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -195,7 +199,7 @@ def clean_stale(final: Path) -> list[Path]:
         match = STAGING.match(item.name)
         if not match or match["name"] != final.name or pid_alive(int(match["pid"])):
             continue
-        if match["kind"] == "old" and not (final.exists() or final.is_symlink()):
+        if match["kind"] == "old" and not match["suffix"] and not (final.exists() or final.is_symlink()):
             os.replace(item, final)  # the swap died between its two renames: the old output is still good
             continue
         _remove(item)
@@ -240,3 +244,45 @@ def staged(final: Path, overwrite: bool = False, need: int | None = None):
             swap_in(staging, final)
     finally:
         _remove(staging)
+        for leftover in final.parent.glob(glob.escape(staging.name) + ".*"):  # a writer's own temporary files
+            _remove(leftover)
+
+
+def clean_stale_temp(prefix: str) -> None:
+    """Remove `{tempdir}/{prefix}{PID}-*` directories whose process is gone (what killed commands left in /tmp)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{glob.escape(prefix)}*"):
+        match = re.match(re.escape(prefix) + r"(\d+)-", path.name)
+        if match and not pid_alive(int(match[1])):
+            _remove(path)
+
+
+def temp_dir(prefix: str) -> Path:
+    """A fresh temporary directory named with this PID, so that `clean_stale_temp` can recognise it later."""
+    clean_stale_temp(prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+# Environment variables whose values are credentials: never printed, logged or saved by mlxtune.
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every credential in the environment replaced by ***."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def environment_error(exc: BaseException) -> MlxtuneError | None:
+    """Our error for a failure the user's machine caused (disk full, read-only, no permission, out of memory) that
+    reached the CLI without one, or None."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and re.search(
+            r"\[(metal::)?malloc|[Oo]ut of memory|[Uu]nable to allocate", str(exc))):
+        return RunFailed(f"out of memory ({str(exc).splitlines()[0][:120] or 'MemoryError'})",
+                         "lower --batch-size or --max-seq-length, or see what fits with `mlxtune plan`")
+    if isinstance(exc, OSError):
+        where = Path(exc.filename) if getattr(exc, "filename", None) else Path.cwd()
+        return translate(exc, where)
+    return None

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
+from mlxtune.faults import fault_point
+from mlxtune.storage import check_free_space, staged
 from mlxtune.model_config import text_config
 from mlxtune.runs import is_run_dir, open_run
 
@@ -52,16 +54,19 @@ def default_output(run_or_model: str | Path, fmt: str, outtype: str = "f16") -> 
     return folder / filename
 
 
-def _fresh(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not overwrite:
-            raise UsageError(f"{path} already exists", "choose another --out or pass --overwrite")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+OUTTYPE_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32}
+
+
+def _listing(target: Path) -> list[str]:
+    return sorted(str(p) for p in target.iterdir()) if target.is_dir() else [str(target)]
 
 
 def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, outtype: str = "f16",
            checkpoint: str = "last", overwrite: bool = False, console=None) -> ExportResult:
-    """Write `run_or_model` in format `fmt` to `out` (a .gguf file for gguf/gguf-adapter, else a directory)."""
+    """Write `run_or_model` in format `fmt` to `out` (a .gguf file for gguf/gguf-adapter, else a directory).
+
+    Each output is written under a hidden staging name beside `out` and renamed into place complete: a failed or
+    killed export leaves no partial file, and with `overwrite` the old output stays until the new one is there."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
     name = _default_name(run_or_model)
@@ -75,8 +80,8 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             raise UsageError(f"{run_or_model} is not a run directory", "gguf-adapter exports a run's adapter")
         run = open_run(run_or_model)
         target = Path(out)
-        _fresh(target, overwrite)
-        export_gguf_adapter(run, target, checkpoint)
+        with staged(target, overwrite) as staging:
+            export_gguf_adapter(run, staging, checkpoint)
         return ExportResult(fmt, str(target), [str(target)],
                             f"llama-cli -m BASE.gguf --lora {target}   (BASE.gguf: mlxtune export "
                             f"{run.base_model} --format gguf)")
@@ -87,7 +92,6 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
         target = Path(out) if out else lmstudio_models_dir() / "mlxtune" / name
     else:
         target = Path(out)
-    _fresh(target, overwrite)
     if fmt in ("gguf", "ollama"):
         from mlxtune.export.gguf import vocabulary
         from mlxtune.model_config import read_config
@@ -98,33 +102,35 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             run_or_model, console=console)
         vocabulary(tokenizer_dir, read_config(tokenizer_dir))
 
-    with open_source(run_or_model, checkpoint, console) as source:
+    notes: list[str] = []
+    with staged(target, overwrite) as staging, open_source(run_or_model, checkpoint, console) as source:
+        parameters = sum(v.size for v in source.weights.values())
+        per_parameter = OUTTYPE_BYTES[outtype] if fmt in ("gguf", "ollama") else 4
+        check_free_space(target, int(parameters * per_parameter), f"the {fmt} export")
         if fmt == "gguf":
             from mlxtune.export.gguf import export_gguf
 
-            notes: list[str] = []
-            export_gguf(source, target, outtype, name=name, warnings=notes)
-            return ExportResult(fmt, str(target), [str(target)], f"llama-cli -m {target} -cnv", notes)
-        if fmt == "hf":
+            export_gguf(source, staging, outtype, name=name, warnings=notes)
+            next_step = f"llama-cli -m {target} -cnv"
+        elif fmt == "hf":
             from mlxtune.export.hf import export_hf
 
-            export_hf(source, target)
-            return ExportResult(fmt, str(target), sorted(str(p) for p in target.iterdir()),
-                                f"AutoModelForCausalLM.from_pretrained({str(target)!r})")
-        if fmt == "ollama":
+            export_hf(source, staging)
+            next_step = f"AutoModelForCausalLM.from_pretrained({str(target)!r})"
+        elif fmt == "ollama":
             from mlxtune.export.gguf import export_gguf
             from mlxtune.export.ollama import modelfile
 
-            target.mkdir(parents=True)
-            notes = []
-            gguf_file = export_gguf(source, target / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
+            staging.mkdir()
+            gguf_file = export_gguf(source, staging / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
             context = text_config(source.config).get("max_position_embeddings")
             text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context)
-            (target / "Modelfile").write_text(text, encoding="utf-8")
+            (staging / "Modelfile").write_text(text, encoding="utf-8")
             tag = name.lower().replace("_", "-")
-            return ExportResult(fmt, str(target), [str(gguf_file), str(target / "Modelfile")],
-                                f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}", notes)
-        # lmstudio: LM Studio runs MLX models directly on a Mac; install the (fused, full-precision) MLX model.
-        shutil.copytree(source.path, target, ignore=shutil.ignore_patterns("*.partial*"))
-        return ExportResult(fmt, str(target), sorted(str(p) for p in target.iterdir()),
-                            "open LM Studio: the model is listed under mlxtune/" + name)
+            next_step = f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}"
+        else:
+            # lmstudio: LM Studio runs MLX models directly on a Mac; install the (fused, full-precision) MLX model.
+            shutil.copytree(source.path, staging, ignore=shutil.ignore_patterns("*.partial*"))
+            next_step = "open LM Studio: the model is listed under mlxtune/" + name
+        fault_point("export.written")
+    return ExportResult(fmt, str(target), _listing(target), next_step, notes)

@@ -7,7 +7,6 @@ quantizations and transformers' loaders expect float weights.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from mlxtune.model_config import without_quantization
 from mlxtune.runs import TEMPLATE_FILE, is_run_dir, open_for_inference
+from mlxtune.storage import temp_dir
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
@@ -41,7 +41,7 @@ def open_source(run_or_model: str | Path, checkpoint: str = "last", console=None
         if is_run_dir(run_or_model):
             from mlxtune.fuse import fuse_run
 
-            temp = Path(tempfile.mkdtemp(prefix="mlxtune-export-"))
+            temp = temp_dir("mlxtune-export-")  # named with our PID: a killed export's copy is removed next time
             if console:
                 console.print(f"fusing {run_or_model} ({checkpoint}) before export")
             fuse_run(run_or_model, temp / "fused", checkpoint=checkpoint)

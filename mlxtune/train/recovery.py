@@ -132,9 +132,6 @@ def find_resume_point(run_dir: Path, total_steps: int) -> ResumePoint:
 def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict | None) -> None:
     """Refuse a resume that can't continue: finished, early-stopped, past this run's steps, or other data."""
     step, saved_total = state["step"], state.get("total_steps", total_steps)
-    if state.get("stopped") == "early-stopped":
-        raise UsageError(f"run {run_dir} stopped early at step {step} (no validation gain); nothing to resume",
-                         f"use its best adapter: mlxtune fuse {run_dir} --checkpoint best --out fused/NAME")
     if step > total_steps:
         raise UsageError(f"the checkpoint of {run_dir} is at step {step}, beyond this run's {total_steps} steps",
                          f"continue with --iters {step + 1} or more, or use it as it is: mlxtune fuse {run_dir} "
@@ -143,6 +140,9 @@ def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict 
         raise UsageError(f"run {run_dir} is finished ({step} of {saved_total} steps)",
                          f"train it further with: mlxtune lora --resume {run_dir} --iters {step + max(step, 1)}"
                          "   (any number above " + str(step) + ")")
+    if state.get("stopped") == "early-stopped":
+        raise UsageError(f"run {run_dir} stopped early at step {step} (no validation gain); nothing to resume",
+                         f"use its best adapter: mlxtune fuse {run_dir} --checkpoint best --out fused/NAME")
     saved = state.get("data")
     if data is not None and saved is not None and data_changes(saved, data):
         raise UsageError(f"the data changed since {run_dir} was saved at step {step}: "
