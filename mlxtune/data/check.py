@@ -133,8 +133,11 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
         tokenizer = load_tokenizer(model_path)
         report.context_length = _context_length(model_path)
         kind = dataset_kind([r for recs in records.values() for r in recs])
+        # Lengths are measured exactly up to well past every limit that matters; a longer record (a 50 MB line) is
+        # measured as "at least this", never tokenized whole.
+        measure = max(4 * max_seq_length, report.context_length or 0)
         if not problems:
-            datasets = load_datasets(path, tokenizer, max_seq_length=10**9, train_on_prompt=train_on_prompt,
+            datasets = load_datasets(path, tokenizer, max_seq_length=measure, train_on_prompt=train_on_prompt,
                                      chat_template=chat_template, seed=seed, keys=keys)
             examples = {"train": datasets.train, "valid": datasets.valid, "test": datasets.test}
             report.template, report.from_cache = datasets.template.origin, datasets.from_cache
@@ -142,7 +145,7 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             template = choose_template(tokenizer, kind, chat_template)
             report.template = template.origin
             for split, recs in records.items():
-                examples[split], _ = tokenize_records(recs, tokenizer, template.template, train_on_prompt, 10**9)
+                examples[split], _ = tokenize_records(recs, tokenizer, template.template, train_on_prompt, measure)
 
     warnings: list[DataWarning] = []
     for split in ("train", "valid", "test"):

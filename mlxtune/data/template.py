@@ -135,9 +135,16 @@ def _mask(offsets, spans) -> np.ndarray:
     return supervised
 
 
-def tokenize_record(record: Record, tokenizer, template: str | None, train_on_prompt: bool) -> TokenizedExample:
+# No token covers more characters than this: text past max_seq_length × this can't reach a truncated example, so it
+# is never tokenized (a 50 MB one-line record costs milliseconds, not gigabytes). Its length then reads as a lower
+# bound, still over the limit.
+MAX_CHARS_PER_TOKEN = 64
+
+
+def tokenize_record(record: Record, tokenizer, template: str | None, train_on_prompt: bool,
+                    max_chars: int | None = None) -> TokenizedExample:
     if record.segments is not None:  # template-free pieces: the labelled ones are trained on
-        ids, offsets = _encode_with_offsets(tokenizer, record.text, False)
+        ids, offsets = _encode_with_offsets(tokenizer, record.text[:max_chars], False)
         spans, at = [], 0
         for piece, label in record.segments:
             if label or train_on_prompt:
@@ -145,7 +152,7 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
             at += len(piece)
         return TokenizedExample(np.asarray(ids, dtype=np.int32), _mask(offsets, spans), record.source)
     if record.kind == "text":
-        ids = list(tokenizer.encode(record.text))
+        ids = list(tokenizer.encode(record.text[:max_chars]))
         if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
             ids.append(tokenizer.eos_token_id)
         supervised = np.ones(len(ids), dtype=bool)
@@ -160,7 +167,7 @@ def tokenize_record(record: Record, tokenizer, template: str | None, train_on_pr
     # Templates write their own BOS; the tokenizer must not add a second one.
     bos = tokenizer.bos_token or ""
     add_special = not (bos and rendered.startswith(bos))
-    ids, offsets = _encode_with_offsets(tokenizer, rendered, add_special)
+    ids, offsets = _encode_with_offsets(tokenizer, rendered[:max_chars], add_special)
     if train_on_prompt:
         spans = [(0, len(rendered))]
     else:
@@ -189,7 +196,8 @@ def tokenize_records(
     """Tokenize all records; over-long ones are truncated (or dropped), and the report says how many."""
     examples, report = [], LengthReport()
     for record in records:
-        example = tokenize_record(record, tokenizer, template, train_on_prompt)
+        example = tokenize_record(record, tokenizer, template, train_on_prompt,
+                                  max_chars=max_seq_length * MAX_CHARS_PER_TOKEN)
         report.longest = max(report.longest, len(example))
         supervised = int(example.supervised.sum())
         report.supervised_tokens += supervised
