@@ -28,7 +28,7 @@ from mlxtune.ui import make_console
 from reliability_tools import assert_run_intact, assert_same_adapter, cli, env_with, lora_args, settings
 
 SEED = int(os.environ.get("MLXTUNE_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
-KILLS_PER_CHAIN = 11  # two chains run side by side: 22 training kills, plus one in a fuse and one in an export
+KILLS_PER_CHAIN = 10  # two chains run side by side: 20 training kills, plus one in a fuse and one in an export
 RUN = dict(iters=10, learning_rate=3e-2)
 CHECKPOINT_POINTS = ["checkpoint.adapter", "checkpoint.optimizer", "checkpoint.manifest", "checkpoint.rename",
                      "checkpoint.latest"]
