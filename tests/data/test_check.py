@@ -118,7 +118,7 @@ def test_a_100k_token_record_is_truncated_and_reported(tmp_path):
     assert max(len(e) for e in datasets.train + datasets.valid) <= 512
     note = next(n for n in datasets.notes if "truncated" in n)
     longest = int(note.split("longest ")[1].split(")")[0])
-    assert longest > 100_000
+    assert longest > 4 * 512  # a lower bound: text far past --max-seq-length is never tokenized (i19)
     dropped = load_datasets(data, tokenizer, max_seq_length=512, drop_long=True)
     assert all(len(e) < 512 for e in dropped.train + dropped.valid)
     assert any("dropped" in n for n in dropped.notes)

@@ -192,3 +192,20 @@ def test_credentials_never_reach_logs_configs_cards_or_json(tmp_path):
     for file in [*run.rglob("*"), *(tmp_path / "fused").rglob("*")]:
         if file.is_file():
             assert SENTINEL.encode() not in file.read_bytes(), file
+
+
+def test_a_huge_one_line_record_is_never_tokenized_whole(tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.data.dataset import load_datasets
+    from mlxtune.data.template import MAX_CHARS_PER_TOKEN
+
+    data = tmp_path / "train.jsonl"
+    huge = "Once upon a time there was a cat. " * 150_000  # 5 MB on one line: over a million tokens
+    data.write_text(json.dumps({"prompt": huge, "completion": "The end."}) + "\n"
+                    + "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(3)))
+    tokenizer = load_tokenizer(MODEL)
+    datasets = load_datasets(data, tokenizer, max_seq_length=128)
+    note = next(n for n in datasets.notes if "truncated" in n)
+    longest = int(note.split("longest ")[1].split(")")[0])
+    assert 128 < longest <= 128 * MAX_CHARS_PER_TOKEN, note  # cut before tokenizing, still reported as over
