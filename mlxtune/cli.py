@@ -131,8 +131,10 @@ def _json_option(f):
 @click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring].")
 @click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}].")
 @click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit.")
+@click.option("--memory", help="Memory budget, e.g. 16GB (GB = 10^9 bytes) [default: what this machine can give; see `mlxtune plan`].")
+@click.option("--force", is_flag=True, default=None, help="Train even when the plan says the settings won't fit the memory budget.")
 @_json_option
-def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout, check, **flags):
+def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout, check, force, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
 
     \b
@@ -148,6 +150,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
       mlxtune lora --config configs/quickstart.yaml --hosts mac1,mac2     # one rank per Mac (docs/DISTRIBUTED.md)
     """
     from mlxtune.settings import resolve_settings
+    from mlxtune.train.planner import sizes_given
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
@@ -175,17 +178,53 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     else:
         from mlxtune.train.loop import finetune
 
-        result = finetune(settings, resume=bool(resume_dir), console=console).to_dict()
+        result = finetune(settings, resume=bool(resume_dir), console=console,
+                          choose_sizes=not resume_dir and not sizes_given(config_path, flags),
+                          force=bool(force)).to_dict()
     if json_mode:
         print_json(result)
     if result.get("stopped") == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
 
 
+@main.command("plan", context_settings={"show_default": True})
+@click.option("--time", "timed", is_flag=True, help="Also time a few warm-up steps and give the expected duration.")
+@_json_option
+def plan_command(timed, json_mode, config_path=None, **flags):
+    """Will a finetune fit in memory? The estimated peak for these settings against the memory budget, and
+    when it doesn't fit, the settings that do (cheapest change for quality first), each with its reason.
+
+    Takes every `mlxtune lora` option. Reads the weight files' headers and tokenizes the data; loads no weights
+    (except with --time).
+
+    \b
+    Examples:
+      mlxtune plan --model Qwen2.5-0.5B-Instruct-4bit --data ./data
+      mlxtune plan --model ./my-model --data ./data --memory 8GB --batch-tokens 8192 --json
+    """
+    from mlxtune.settings import resolve_settings
+    from mlxtune.train.memory_plan import plan_report
+    from mlxtune.ui import make_console, print_json, print_memory_plan
+
+    flags.pop("resume_dir", None)
+    flags.pop("force", None)
+    console = make_console(json_mode)
+    report = plan_report(resolve_settings(config_path, flags), timed=timed, console=console)
+    if json_mode:
+        print_json(report)
+    else:
+        print_memory_plan(console, report)
+    sys.exit(0 if report["fits"] else 3)
+
+
+# `plan` takes every `lora` option (those other commands add to lora included), so a plan is for the same run.
+plan_command.params.extend(p for p in lora.params if p.name not in {"json_mode", "resume_dir", "force"})
+
+
 # Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
 # prompt-selection flags don't apply to preference runs.
 _NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
-                       "nproc", "hosts", "backend", "rank_timeout", "check"}  # data-parallel: lora only for now
+                       "nproc", "hosts", "backend", "rank_timeout", "check", "force"}  # data-parallel: lora only for now
 
 
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
@@ -669,6 +708,7 @@ def doctor(no_measure, json_mode):
         ("platform", f"{report['platform']} · Python {report['python']}"),
         ("cpu", f"{report['cpu']} ({report['cores']} cores)"),
         ("memory", f"{report['memory_gb']:.1f} GB" if report["memory_gb"] else "unknown"),
+        ("training budget", f"{report['memory_budget_gb']:.1f} GB ({report['memory_budget_source']})"),
         ("mlx device", report["mlx_device"]),
         ("metal", "yes · recommended working set "
                   f"{report['metal'].get('recommended_working_set_gb', 0):.1f} GB" if report["metal"]["available"]

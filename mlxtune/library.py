@@ -19,7 +19,6 @@ from mlxtune.model_config import (
     has_chat_template,
     read_config,
     text_config,
-    weight_bytes,
 )
 from mlxtune.paths import mlxtune_home
 
@@ -126,7 +125,7 @@ def base_source(path: Path) -> str:
 
 def model_info(reference: str) -> dict:
     """Config summary and estimated memory (inference, LoRA at default settings) of a library entry or directory."""
-    from mlxtune.plan import estimate_memory
+    from mlxtune.memory import model_memory
 
     entry = find_entry(reference)
     local = Path(reference).expanduser()
@@ -152,6 +151,5 @@ def model_info(reference: str) -> dict:
     }
     # Estimate at the model's context, capped at 4096 (what a Mac user chats with), training rows of 1024 tokens.
     context = min(summary["context_length"] or 4096, 4096)
-    summary["memory"] = estimate_memory(config, weight_bytes=weight_bytes(path), context=context,
-                                        seq_len=min(context, 1024))
+    summary["memory"] = model_memory(path, context=context, seq_len=min(context, 1024))
     return summary

@@ -63,6 +63,7 @@ class LoraSettings:
     seed: int = 0
     report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
     threads: int | None = None  # BLAS threads on the CPU backend; None = one per core (the library's default)
+    memory: str | None = None  # memory budget, e.g. "16GB" (GB = 10^9 bytes); None = what this machine can give
     cache_limit_gb: float | None = None  # MLX buffer cache; None = MLX's default (measured: a bigger one only costs RSS)
 
     @property

@@ -31,8 +31,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def build_random_model(config: dict | str, out: str | Path, *, layers: int | None = None, seed: int = 0,
                        chat_template: str | None = None, tokenizer_dir: str | Path = BUNDLED_TOKENIZER,
+                       dtype: str = "float32", bits: int | None = None, group_size: int = 64,
                        **overrides) -> Path:
-    """Write an MLX model directory with `config`'s shapes (a SHAPES name or a dict) and random float32 weights."""
+    """Write an MLX model directory with `config`'s shapes (a SHAPES name or a dict) and random weights.
+
+    `dtype` is the stored precision ("bfloat16" like most published checkpoints); `bits` quantizes the linear
+    and embedding layers as `mlxtune pull` does (mlx-lm's quantization).
+    """
     import mlx.core as mx
     from mlx_lm.utils import _get_classes, save_config, save_model
 
@@ -48,7 +53,13 @@ def build_random_model(config: dict | str, out: str | Path, *, layers: int | Non
     # weights on disk, which is what we are about to create (tests/test_mlx_lm_private.py guards the name).
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
+    if bits is not None:
+        from mlx_lm.utils import quantize_model
+
+        model, config = quantize_model(model, config, group_size, bits)
+        mx.eval(model.parameters())
     save_model(out, model)
     save_config(dict(config), out / "config.json")
     for name in TOKENIZER_FILES:

@@ -305,7 +305,8 @@ def print_model_info(console: Console, info: dict) -> None:
         ("chat template", "yes" if info["has_chat_template"] else "no (mlxtune's fallback template is used)"),
         ("inference needs", f"≈{fmt_bytes(memory['inference_bytes'])} at {assumed['context']} tokens of context"),
         ("LoRA needs", f"≈{fmt_bytes(memory['lora_bytes'])} (rank {assumed['rank']}, batch {assumed['batch_size']}"
-                       f" × {assumed['seq_len']} tokens)"),
+                       f" × {assumed['seq_len']} tokens on the {assumed.get('device', 'cpu').upper()}; "
+                       f"`mlxtune plan` for your data)"),
     ]
     console.print(summary_table(info["name"], rows))
 
@@ -411,3 +412,36 @@ class TrainingReporter:
             ("adapter", str(adapter_file)),
         ]
         self.console.print(summary_table("result", rows))
+
+
+def print_memory_plan(console: Console, report: dict) -> None:
+    """`mlxtune plan`: verdict, what the estimate is made of, and the settings that fit."""
+    gb = lambda value: "—" if value is None else f"{value:.2f} GB"  # noqa: E731
+    settings = report["settings"]
+    batch = report.get("worst_batch") or {}
+    rows = [
+        ("model", report["model"]),
+        ("data", report["data"]),
+        ("settings", ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)),
+        ("largest batch", f"{batch.get('rows')} × {batch.get('length')} tokens" if batch else "—"),
+        ("budget", f"{gb(report['budget_gb'])} ({report['budget_source']})"),
+        ("estimated peak", f"{gb(report['estimate_gb'])} — "
+                           + ("[green]fits[/]" if report["fits"] else "[red]does not fit[/]")),
+    ]
+    rows += [(f"  {name}", gb(value)) for name, value in report["parts_gb"].items() if value >= 0.0005]
+    timing = report.get("timing")
+    if timing and timing.get("expected_seconds"):
+        minutes = timing["expected_seconds"] / 60
+        rows.append(("expected duration", f"≈{minutes:.0f} min for {timing['steps']} steps "
+                                          f"({timing['tokens_per_second']:.0f} tokens/s measured)"))
+    console.print(summary_table("memory plan", rows))
+    if not report["fits"]:
+        fits = report["suggested_fits"]
+        console.print(("[green]settings that fit[/]" if fits else "[yellow]the closest this planner gets[/]")
+                      + f" (≈{gb(report['suggested_estimate_gb'])}):")
+        for reason in report["reasons"]:
+            console.print(f"  {reason}")
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                         for k, v in report["suggested"].items() if k != "quantize")
+        if flags:
+            console.print(f"try: mlxtune lora ... {flags}")

@@ -53,6 +53,7 @@ from mlxtune.train.recovery import (
     restore_progress,
     unlock_run_dir,
 )
+from mlxtune.train.planner import MemoryGuard, MemoryPlan, describe_change, is_out_of_memory, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import GB, TrainingReporter, make_console
 
@@ -76,6 +77,9 @@ class RunResult:
     stopped: str = "completed"  # completed | early-stopped | interrupted
     notes: list[str] = field(default_factory=list)
     data_warnings: list[dict] = field(default_factory=list)  # {"code", "where", "message"}, as `data check` gives
+    memory_estimate_gb: float | None = None
+    memory_budget_gb: float | None = None
+    memory_changes: list[dict] = field(default_factory=list)  # what the memory guard changed, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,13 +147,17 @@ class TrainingSetup:
     resumed: dict | None = None  # the checkpoint state a resumed run continues from (None: from step 0)
     data_files: dict | None = None  # fingerprint of the data files, checked on resume
     parallel: DataParallel = field(default_factory=DataParallel)  # this process's rank (alone: rank 0 of 1)
+    memory_plan: MemoryPlan | None = None  # the estimate against the budget, made before the model was loaded
 
 
 def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: TrainingReporter | None = None,
-                     parallel: DataParallel | None = None) -> TrainingSetup:
+                     parallel: DataParallel | None = None, choose_sizes: bool = False,
+                     force: bool = False) -> TrainingSetup:
     """Resolve the model and data, create (or reopen) the run directory, load the model with its adapters and the
     datasets, and restore the latest checkpoint when resuming. `settings` itself is left as it was.
-    With `parallel`, this process is one rank of a data-parallel run (train/distributed.py starts those)."""
+    With `parallel`, this process is one rank of a data-parallel run (train/distributed.py starts those).
+    Memory is planned before the model loads (train/planner.py): with `choose_sizes` the planner picks the
+    batch/length settings for the budget; otherwise settings that won't fit are refused unless `force`."""
     reporter = reporter or TrainingReporter(make_console())
     parallel = parallel or DataParallel()
     writes = parallel.is_main  # rank 0 alone writes the run directory
@@ -172,6 +180,8 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     reporter.start(settings.method, model_path, run_dir)
+    memory_plan = plan_for_run(settings, model_path, data_path, choose=choose_sizes and not resume,
+                               force=force or resume, console=reporter.console)
     model, tokenizer, model_config = load_model(model_path)
     if settings.threads is not None and _on_cpu() and not set_blas_threads(settings.threads):
         reporter.note("--threads applies to the system BLAS, which is not in use here")
@@ -234,16 +244,19 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
         reporter.note("this architecture's output head can't be applied separately: computing the loss over full "
                       "logits")
     return TrainingSetup(settings, run_dir, model_path, model, model_config, datasets, adapter_config, plan,
-                         total_steps, optimizer, loss, start_step, resume, resumed, data_files, parallel)
+                         total_steps, optimizer, loss, start_step, resume, resumed, data_files, parallel, memory_plan)
 
 
 def finetune(settings: LoraSettings, *, resume: bool = False, console=None,
-             parallel: DataParallel | None = None) -> RunResult:
+             parallel: DataParallel | None = None, choose_sizes: bool = False, force: bool = False) -> RunResult:
     """Train adapters as `settings` say and return what happened. With `resume`, continue `settings.out`.
 
-    `settings` is not changed; the resolved copy the run used is saved as the run's config.yaml."""
+    `settings` is not changed; the resolved copy the run used is saved as the run's config.yaml. `choose_sizes`
+    and `force`: see `prepare_training`."""
     reporter = TrainingReporter(console or make_console())
-    return run_training(prepare_training(settings, resume=resume, reporter=reporter, parallel=parallel), reporter)
+    setup = prepare_training(settings, resume=resume, reporter=reporter, parallel=parallel,
+                             choose_sizes=choose_sizes, force=force)
+    return run_training(setup, reporter)
 
 
 def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
@@ -274,6 +287,11 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     result = RunResult(str(run_dir), setup.start_step, total_steps, trainable_parameters=trainable,
                        total_parameters=total, notes=list(datasets.notes),
                        data_warnings=[w.to_dict() for w in datasets.warnings])
+    memory_plan = setup.memory_plan
+    if memory_plan is not None:
+        result.memory_estimate_gb = memory_plan.to_dict()["estimate_gb"]
+        result.memory_budget_gb = memory_plan.to_dict()["budget_gb"]
+        reporter.info(f"memory: {memory_plan.verdict()} ({memory_plan.budget_source})")
     trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
     model.train()
     val_loss = math.nan
@@ -296,6 +314,22 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                       progress_state(result, evals_without_gain, total_steps, data_files))
             result.stopped = "interrupted"
             reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
+        # One process only: ranks shrinking on their own would no longer draw matching batches.
+        guard = MemoryGuard(memory_plan.budget) if memory_plan is not None and parallel.size == 1 else None
+
+        def shrink_batches(peak):  # the memory guard's recovery: checkpoint, smaller micro-batches, continue
+            _save(run_dir, model, optimizer, adapter_cfg, step,
+                  progress_state(result, evals_without_gain, total_steps, data_files))
+            event = guard.shrink(settings, plan.batch_tokens, max(len(e) for e in datasets.train), peak, step)
+            metrics.write(event)
+            result.memory_changes.append(event)
+            result.notes.append(describe_change(event))
+            reporter.warning(describe_change(event))
+            save_settings(settings, run_dir / CONFIG_FILE)
+            return batch_plan([len(e) for e in datasets.train], batch_size=settings.batch_size,
+                              batch_tokens=settings.batch_tokens, pack=settings.pack,
+                              max_seq_length=settings.max_seq_length, packing_supported=plan.pack)[0]
+
         while step < total_steps and result.stopped != "interrupted":
             tic = time.perf_counter()
             # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
@@ -306,7 +340,13 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                                parallel.rank, parallel.size)
                 for k in range(settings.grad_accumulation)
             ]
-            loss_sum, count, grads = trainer.accumulate(micro)
+            try:
+                loss_sum, count, grads = trainer.accumulate(micro)
+            except (RuntimeError, MemoryError) as exc:
+                if guard is None or not is_out_of_memory(exc):
+                    raise
+                plan = shrink_batches(None)
+                continue
             # Data-parallel: the world's sums (one rank: unchanged), so the update is the same per-token mean.
             loss_sum, count, tokens, grads = parallel.reduce_step(loss_sum, count, sum(b.tokens for b in micro if b),
                                                                   grads)
@@ -373,6 +413,9 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                       progress_state(result, evals_without_gain, total_steps, data_files))
             reporter.step_done(step)
             result.steps = step
+            if (guard is not None and guard.overshoot() and step < total_steps and result.stopped == "completed"
+                    and not stop.signal_name):
+                plan = shrink_batches(guard.peak())
             if result.stopped == "early-stopped":
                 reporter.early_stop(settings.patience, result.best_step, run_dir / BEST_DIR)
                 break
@@ -437,7 +480,7 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
 CHANGEABLE_ON_RESUME = (
     "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches", "patience", "min_delta",
     "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_checkpoint", "report_to",
-    "threads", "cache_limit_gb",
+    "threads", "cache_limit_gb", "memory",
 )
 
 

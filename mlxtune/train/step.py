@@ -90,6 +90,9 @@ class TrainStep:
                 total_loss = total_loss + loss_sum
                 total_count = total_count + count
                 total_grads = tree_map(mx.add, total_grads, grads)
+            # One micro-batch at a time: evaluating them together would hold all their activations at once,
+            # and accumulation would save no memory.
+            mx.eval(total_loss, total_count, total_grads)
         if total_grads is None:
             total_loss, total_count = mx.array(0.0), mx.array(0.0)
             total_grads = tree_map(mx.zeros_like, self.model.trainable_parameters())

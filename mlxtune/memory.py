@@ -1,0 +1,368 @@
+"""Peak memory of a finetune, estimated from the model's config and weight files (never loading them).
+
+One unit: bytes inside, shown as GB = 10^9 bytes everywhere (`fmt_gb`). The estimate is of what MLX itself
+allocates at its peak (`mx.get_peak_memory()`), term by term from the architecture:
+
+- weights as MLX holds them: quantized linears as packed integers + scales/biases, the rest in its dtype; on the CPU
+  backend half-precision tensors are upcast to float32 (mlxtune trains in float32 there);
+- trainable parameters with their gradient and two AdamW moments (plus an accumulation buffer and the update's
+  transient copies): LoRA A/B (float32), DoRA's magnitude, or the blocks' own weights for `full`;
+- activations kept for the backward pass in every block from the lowest adapted one up: norms, q/k/v, the attention
+  probabilities (the CPU backend computes attention unfused and keeps them, [heads, L, L] per row), the attention
+  output, the MLP's gate/up/product; with gradient checkpointing only each block's input, plus one block recomputed;
+- the loss workspace: the selective loss's kept softmax over supervised positions (or its recomputed chunks past
+  a budget, one per stream), or full logits with their softmax and gradient;
+- the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
+- a fixed allowance for MLX's own small buffers (RNG state, probes, compiled-graph constants).
+
+`docs/MEMORY.md` has the calibration against measured peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxtune.errors import UsageError
+from mlxtune.model_config import head_dim, read_config, text_config
+from mlxtune.ui import GB  # the one unit shown to users: 10^9 bytes
+
+LARGEST_BUDGET = 2048 * GB  # beyond any Mac: a typo, not a budget
+MACHINE_RESERVE = 0.2  # of RAM left to the OS and other programs when there is no Metal working-set figure
+MIN_RESERVE = 2 * GB
+FIXED_ALLOWANCE = 4 * 10**6  # MLX's small buffers: RNG state, probe batches, compiled constants
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+HALF = ("F16", "BF16")
+
+# Mirrors of mlxtune.train.loss's limits (a test checks they agree): the kept softmax and the chunk size.
+KEPT_SOFTMAX_BYTES = 512 * 2**20
+CHUNK_LOGITS_BYTES = 64 * 2**20
+CHUNK_ROWS = 1024
+
+
+def fmt_gb(n_bytes: float | None, digits: int = 2) -> str:
+    return "—" if n_bytes is None else f"{n_bytes / GB:.{digits}f} GB"
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": GB, "gb": GB, "t": 10**12,
+          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+          "ti": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes of a budget such as `16GB`, `16`, `12.5 GB`, `800MB` or `16GiB` (a bare number means GB)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"--memory {text!r} is not an amount of memory",
+                         "give a size such as --memory 16GB or --memory 8 (GB = 10^9 bytes)")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+    if value <= 0:
+        raise UsageError(f"--memory {text} leaves nothing to train in",
+                         "give the memory the run may use, e.g. --memory 16GB (omit it to use this machine's)")
+    if value > LARGEST_BUDGET:
+        raise UsageError(f"--memory {text} is more than any machine mlxtune runs on ({fmt_gb(LARGEST_BUDGET, 0)})",
+                         "give the memory the run may use, e.g. --memory 64GB")
+    return int(value)
+
+
+def _total_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_budget() -> tuple[int, str]:
+    """(bytes, where from) that this machine can give a training run.
+
+    With Metal: the GPU's recommended working set (`mx.device_info()`), the most macOS lets the GPU keep resident
+    without paging. Elsewhere: total RAM minus a reserve for the OS and other programs (20%, at least 2 GB).
+    """
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+        size = int(info.get("max_recommended_working_set_size", 0))
+        if size:
+            return size, "Metal's recommended working set"
+    ram = _total_ram()
+    if not ram:
+        return 8 * GB, "assumed 8 GB (this system doesn't report its RAM)"
+    reserve = max(MIN_RESERVE, int(MACHINE_RESERVE * ram))
+    return max(ram - reserve, ram // 2), f"{fmt_gb(ram, 1)} RAM minus {fmt_gb(reserve, 1)} for the system"
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """name → {"dtype", "shape"} from a .safetensors file's JSON header (a few KB; no tensor is read)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+@dataclass
+class ModelFacts:
+    """What the estimate needs to know about a model: its shapes and how its weights are stored."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name → (dtype, shape)
+    bits: int | None = None
+    group_size: int | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "ModelFacts":
+        path = Path(path)
+        config = read_config(path)
+        text = text_config(config)
+        tensors = {}
+        for file in sorted(path.glob("*.safetensors")):
+            for name, info in read_safetensors_header(file).items():
+                tensors[name] = (info["dtype"], tuple(info["shape"]))
+        quantization = config.get("quantization") or {}
+        heads = text["num_attention_heads"]
+        return cls(layers=text["num_hidden_layers"], hidden=text["hidden_size"], heads=heads,
+                   kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim(text),
+                   intermediate=text.get("intermediate_size") or 4 * text["hidden_size"],
+                   vocab=text.get("vocab_size", 32000), tensors=tensors,
+                   bits=quantization.get("bits"), group_size=quantization.get("group_size"))
+
+    @property
+    def has_half(self) -> bool:
+        return any(dtype in HALF for dtype, _ in self.tensors.values())
+
+    def weight_bytes(self, upcast: bool = False, bits: int | None = None) -> int:
+        """Bytes of the weights in memory; `upcast`: half precision held as float32; `bits`: as if quantized."""
+        total = 0
+        for name, (dtype, shape) in self.tensors.items():
+            size = math.prod(shape) * DTYPE_BYTES.get(dtype, 4)
+            if bits and not self.bits and self._quantizable(name, shape):
+                group = 64
+                total += math.prod(shape) * bits // 8 + 2 * (math.prod(shape) // group) * (4 if upcast else 2)
+                continue
+            if upcast and dtype in HALF:
+                size *= 2
+            total += size
+        return total
+
+    def _quantizable(self, name: str, shape: tuple) -> bool:
+        return name.endswith(".weight") and len(shape) == 2 and shape[-1] % 64 == 0
+
+    def block_linears(self, layer: int) -> list[tuple[str, int, int]]:
+        """(module path, input width, output width) of every linear layer in block `layer`."""
+        prefix = f"model.layers.{layer}."
+        found = []
+        for name, (dtype, shape) in self.tensors.items():
+            if not (name.startswith(prefix) and name.endswith(".weight") and len(shape) == 2):
+                continue
+            module = name[len(prefix):-len(".weight")]
+            out_width, in_width = shape
+            if f"{prefix}{module}.scales" in self.tensors:  # packed: 32 / bits weights per uint32
+                in_width = in_width * 32 // (self.bits or 4)
+            found.append((module, in_width, out_width))
+        return found
+
+    def block_float_bytes(self, layer: int, upcast: bool) -> int:
+        prefix = f"model.layers.{layer}."
+        total = 0
+        for name, (dtype, shape) in self.tensors.items():
+            if name.startswith(prefix) and dtype.startswith(("F", "BF")):
+                total += math.prod(shape) * (4 if upcast and dtype in HALF else DTYPE_BYTES.get(dtype, 4))
+        return total
+
+    def block_parameters(self, layer: int) -> int:
+        """Parameters of a block as trained in `full` (quantized weights count unpacked)."""
+        total = 0
+        for module, in_width, out_width in self.block_linears(layer):
+            total += in_width * out_width
+        prefix = f"model.layers.{layer}."
+        for name, (dtype, shape) in self.tensors.items():
+            if name.startswith(prefix) and len(shape) == 1:
+                total += shape[0]
+        return total
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """One micro-batch as the step sees it: rows × length tokens, `supervised` loss positions (padded)."""
+
+    rows: int
+    length: int
+    supervised: int
+    packed: bool = False
+
+
+@dataclass
+class RunShape:
+    """The training settings that change memory."""
+
+    method: str = "lora"
+    rank: int = 8
+    layers: int | None = None  # adapted blocks, from the top; None = all
+    target_modules: list[str] | None = None
+    grad_checkpoint: bool = False
+    selective_loss: bool = True
+    grad_accumulation: int = 1
+    on_cpu: bool = True
+    streams: int = 1  # loss streams (one per core on the CPU backend)
+    bits: int | None = None  # estimate as if the base were quantized to this many bits
+
+
+@dataclass
+class Estimate:
+    total: int
+    parts: dict[str, int]
+    worst_batch: BatchShape | None = None
+
+    def to_dict(self) -> dict:
+        return {"estimate_gb": round(self.total / GB, 3), "parts_gb": {k: round(v / GB, 4) for k, v in
+                                                                        self.parts.items()},
+                "worst_batch": None if self.worst_batch is None else vars(self.worst_batch)}
+
+
+def _adapted(facts: ModelFacts, run: RunShape) -> list[int]:
+    count = facts.layers if run.layers is None else min(run.layers, facts.layers)
+    return list(range(facts.layers - count, facts.layers))
+
+
+def trainable_bytes(facts: ModelFacts, run: RunShape) -> int:
+    """Trainable parameters with gradient, AdamW moments, the accumulation buffer and the update's transients."""
+    adapted = _adapted(facts, run)
+    upcast = run.on_cpu and facts.has_half
+    if run.method == "full":
+        weight_bytes = sum(facts.block_float_bytes(layer, upcast) for layer in adapted)
+        if facts.bits:  # quantized blocks: only their float parts (norms, scales, biases) are trainable
+            pass
+        copies = 3 + (run.grad_accumulation > 1)  # gradient, m, v (the weights themselves are counted as weights)
+        return weight_bytes * copies
+    parameters = 0
+    for layer in adapted:
+        for module, in_width, out_width in facts.block_linears(layer):
+            if run.target_modules and module not in run.target_modules:
+                continue
+            parameters += run.rank * (in_width + out_width) + (out_width if run.method == "dora" else 0)
+    copies = 4 + (run.grad_accumulation > 1)  # weight, gradient, m, v
+    return parameters * 4 * copies
+
+
+def _kept_per_token(facts: ModelFacts, run: RunShape) -> int:
+    """Floats kept per token per block for the backward pass (attention probabilities counted apart)."""
+    q_width, kv_width = facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim
+    lora = 7 * run.rank if run.method != "full" else 0
+    # residual input, 2 norm outputs, a residual; q and k (rotated), v, attention output; the MLP's gate, up,
+    # sigmoid(gate), silu(gate) and their product (measured: the SwiGLU keeps all five)
+    return 4 * facts.hidden + 2 * q_width + 2 * kv_width + 5 * facts.intermediate + lora
+
+
+def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dict[str, int]:
+    blocks = len(_adapted(facts, run))
+    tokens = batch.rows * batch.length
+    float_bytes = 4 if run.on_cpu else 2
+    per_block = tokens * _kept_per_token(facts, run) * float_bytes
+    # The CPU backend's attention keeps its [rows, heads, L, L] probabilities; Metal's fused kernel keeps none.
+    scores = batch.rows * facts.heads * batch.length**2 * 4
+    kept_scores = scores if run.on_cpu else 0
+    # The backward pass of one block holds the gradients of its scores and of its MLP at once.
+    transient = 2 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
+    if run.grad_checkpoint:
+        kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
+    else:
+        kept = blocks * (per_block + kept_scores)
+    embeddings = 3 * tokens * facts.hidden * float_bytes  # embedding output, final norm and its input
+    mask = 0
+    if batch.packed:
+        # [rows, 1, L, L] booleans, broadcast to the scores' float shape where attention applies it.
+        mask = batch.rows * batch.length**2 + (scores if run.on_cpu else 0)
+    return {"activations": kept + embeddings, "backward transient": transient, "packing mask": mask}
+
+
+def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bool = True) -> int:
+    tokens = batch.rows * batch.length
+    vocab_row = facts.vocab * 4
+    if not run.selective_loss:
+        # float32 logits of every position, kept with their log-softmax; the softmax and gradient in the backward
+        return tokens * vocab_row * (4 if training else 2)
+    rows = batch.supervised
+    chunk = max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // vocab_row))
+    chunk = min(chunk, max(1, -(-rows // max(run.streams, 1))))
+    gathered = rows * facts.hidden * 4
+    if not training:
+        return gathered + min(run.streams, -(-rows // chunk)) * 2 * chunk * vocab_row
+    in_flight = min(run.streams, -(-rows // chunk))
+    if rows * vocab_row > KEPT_SOFTMAX_BYTES:  # recomputed chunk by chunk: logits, softmax, gradient per stream
+        return gathered + in_flight * 3 * chunk * vocab_row
+    # every chunk's logits and softmax kept for the backward pass (the custom vjp holds its primal), plus one
+    # chunk's gradient per stream
+    return gathered + 2 * rows * vocab_row + in_flight * chunk * vocab_row
+
+
+def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
+             eval_batches: list[BatchShape] = ()) -> Estimate:
+    """Peak bytes of a training run over these micro-batches (and validation batches)."""
+    upcast = run.on_cpu and facts.has_half
+    weights = facts.weight_bytes(upcast=upcast, bits=run.bits)
+    trainable = trainable_bytes(facts, run)
+    fixed = {"weights": weights, "trainable + optimizer": trainable, "allowance": FIXED_ALLOWANCE}
+    if run.method == "dora" and (facts.bits or run.bits):
+        # DoRA on a quantized base dequantizes each adapted weight in its forward pass and keeps it for backward.
+        fixed["dequantized weights"] = sum(
+            in_width * out_width * (4 if run.on_cpu else 2) for layer in _adapted(facts, run)
+            for module, in_width, out_width in facts.block_linears(layer)
+            if not run.target_modules or module in run.target_modules)
+    best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
+    for batch in batches:
+        parts = dict(fixed, **activation_bytes(facts, run, batch), loss=loss_bytes(facts, run, batch))
+        total = sum(parts.values())
+        if total > best_total or worst is None:
+            best_total, best_parts, worst = total, parts, batch
+    for batch in eval_batches:
+        tokens = batch.rows * batch.length
+        float_bytes = 4 if run.on_cpu else 2
+        one_block = tokens * _kept_per_token(facts, run) * float_bytes + batch.rows * facts.heads * batch.length**2 * 8
+        parts = dict(fixed, activations=one_block + 2 * tokens * facts.hidden * float_bytes,
+                     loss=loss_bytes(facts, run, batch, training=False))
+        total = sum(parts.values())
+        if total > best_total:
+            best_total, best_parts, worst = total, parts, batch
+    return Estimate(best_total, best_parts, worst)
+
+
+def inference_bytes(facts: ModelFacts, context: int, on_cpu: bool = False) -> int:
+    """Weights + a float16 KV cache of `context` tokens + one step's logits."""
+    kv_cache = 2 * facts.layers * facts.kv_heads * facts.head_dim * context * 2
+    return facts.weight_bytes(upcast=on_cpu and facts.has_half) + kv_cache + facts.vocab * 4 + FIXED_ALLOWANCE
+
+
+def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int = 4, seq_len: int = 1024,
+                 on_cpu: bool | None = None) -> dict:
+    """What `models info` shows: inference at `context` tokens and a LoRA finetune at a typical batch shape."""
+    if on_cpu is None:
+        import mlx.core as mx
+
+        on_cpu = not mx.metal.is_available()
+    facts = ModelFacts.from_dir(path)
+    run = RunShape(rank=rank, on_cpu=on_cpu, streams=min(os.cpu_count() or 1, 8) if on_cpu else 1)
+    lora = estimate(facts, run, [BatchShape(batch_size, seq_len, batch_size * seq_len // 2)])
+    return {"inference_bytes": inference_bytes(facts, context, on_cpu), "lora_bytes": lora.total,
+            "assumptions": {"context": context, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
+                            "device": "cpu" if on_cpu else "gpu"}}

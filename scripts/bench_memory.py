@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""The memory estimate against MLX's measured peak, case by case (the calibration table of docs/MEMORY.md).
+
+Each case trains for a few steps in its own child process (a fresh peak; gradient checkpointing patches classes
+process-wide) through mlxtune's own `finetune`, then reads `mx.get_peak_memory()` and asks the planner for its
+estimate of the same settings over the same batches. Models: the bundled stories260K and random-weight models with
+the published SmolLM-135M and Qwen2.5-0.5B shapes (fewer layers, to fit 2 cores), bfloat16 and 4-bit.
+
+Usage: .venv/bin/python scripts/bench_memory.py [--cases NAME,NAME] [--iters 2] [--json]
+Exit code 1 when a case is off by more than ±15%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT / "examples" / "models" / "stories260K"
+TOLERANCE = 0.15
+MODELS = {  # name: (shape, layers kept, stored dtype, bits)
+    "smollm-bf16": ("smollm-135m", 4, "bfloat16", None),
+    "smollm-q4": ("smollm-135m", 4, "bfloat16", 4),
+    "qwen-bf16": ("qwen2.5-0.5b", 2, "bfloat16", None),
+    "qwen-q4": ("qwen2.5-0.5b", 2, "bfloat16", 4),
+}
+# name: (model, data, settings). "short": WikiSQL text (≈100-300 tokens); "long": WWDC25 prompt/completion.
+CASES = {
+    "stories-lora-short": ("stories", "short", {}),
+    "stories-dora-long-fullloss": ("stories", "long", {"method": "dora", "selective_loss": False,
+                                                        "max_seq_length": 1024}),
+    "smollm-lora-short": ("smollm-bf16", "short", {"batch_tokens": 1024}),
+    "smollm-full-short-ckpt": ("smollm-bf16", "short", {"method": "full", "grad_checkpoint": True,
+                                                        "batch_tokens": 1024}),
+    "smollm-q4-lora-long-ckpt": ("smollm-q4", "long", {"grad_checkpoint": True, "max_seq_length": 512,
+                                                       "batch_tokens": 512}),
+    "smollm-q4-dora-pack": ("smollm-q4", "short", {"method": "dora", "pack": True, "batch_tokens": 1024}),
+    "qwen-lora-short-fullloss": ("qwen-bf16", "short", {"selective_loss": False, "batch_tokens": 512}),
+    "qwen-q4-lora-short": ("qwen-q4", "short", {"batch_tokens": 512}),
+    "qwen-lora-long-pack-ckpt": ("qwen-bf16", "long", {"pack": True, "grad_checkpoint": True,
+                                                       "max_seq_length": 512, "batch_tokens": 1024}),
+}
+
+
+def make_data(root: Path) -> dict[str, Path]:
+    """Small slices of the bundled data: enough batches for a few steps, quick to tokenize."""
+    sources = {"short": (ROOT / "examples" / "data" / "wikisql", 48, 8),
+               "long": (ROOT / "tests" / "fixtures" / "wwdc25", 24, 4)}
+    paths = {}
+    for name, (source, train, valid) in sources.items():
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        for split, count in (("train", train), ("valid", valid)):
+            lines = (source / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+            (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths[name] = out
+    return paths
+
+
+def model_path(name: str, cache: Path) -> Path:
+    if name == "stories":
+        return STORIES
+    out = cache / name
+    if not (out / "config.json").is_file():
+        from mlxtune.synthetic import build_random_model
+
+        shape, layers, dtype, bits = MODELS[name]
+        build_random_model(shape, out, layers=layers, dtype=dtype, bits=bits)
+    return out
+
+
+def child(spec: dict) -> None:
+    """In the child: a short real run, then the measured peak and the planner's estimate for the same batches."""
+    import mlxtune  # noqa: F401  (binds the BLAS first)
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.data.dataset import load_datasets
+    from mlxtune.memory import ModelFacts
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.loop import finetune
+    from mlxtune.train.planner import DataLengths, estimate_settings
+    from mlxtune.ui import make_console
+
+    iters = spec.pop("iters")
+    settings = LoraSettings(iters=iters, val_batches=1, eval_every=10**6, save_every=10**6, report_every=1, **spec)
+    finetune(settings, console=make_console(quiet=True))
+    peak = mx.get_peak_memory()
+    datasets = load_datasets(settings.data, load_tokenizer(settings.model), **settings.dataset_options())
+    value = estimate_settings(ModelFacts.from_dir(settings.model), settings, DataLengths.of(datasets),
+                              limit=iters * settings.grad_accumulation)
+    print(json.dumps({"peak": peak, "estimate": value.total, "parts": value.to_dict()["parts_gb"]}))
+
+
+def run_case(name: str, data: dict, cache: Path, work: Path, iters: int) -> dict:
+    model, data_name, settings = CASES[name]
+    spec = dict(settings, model=str(model_path(model, cache)), data=str(data[data_name]), out=str(work / name),
+                iters=iters)
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    measured["error"] = measured["estimate"] / measured["peak"] - 1
+    return {"case": name, **measured}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    import mlxtune  # noqa: F401
+
+    cache = Path(os.environ.get("MLXTUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "mlxtune-bench-models"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        data = make_data(Path(tmp) / "data")
+        for name in args.cases.split(","):
+            row = run_case(name, data, cache, Path(tmp) / "runs", args.iters)
+            rows.append(row)
+            if not args.json:
+                print(f"{name:32s} measured {row['peak'] / 1e9:7.3f} GB  estimated {row['estimate'] / 1e9:7.3f} GB"
+                      f"  {100 * row['error']:+6.1f}%", flush=True)
+    worst = max(abs(r["error"]) for r in rows)
+    if args.json:
+        print(json.dumps({"rows": rows, "worst_error": worst}, indent=2))
+    else:
+        print(f"\nworst error {100 * worst:.1f}% (tolerance ±{100 * TOLERANCE:.0f}%) · {platform.machine()} "
+              f"{platform.system()} · {os.cpu_count()} cores · {date.today()}")
+    return 0 if worst <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
