@@ -29,7 +29,7 @@ from reliability_tools import assert_run_intact, assert_same_adapter, cli, env_w
 
 SEED = int(os.environ.get("MLXTUNE_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
 KILLS_PER_CHAIN = 10  # two chains run side by side: 20 training kills, plus one in a fuse and one in an export
-RUN = dict(iters=10, learning_rate=3e-2)
+RUN = dict(iters=10)  # the default 3e-3: a larger rate amplifies last-bit float differences past 1e-6
 CHECKPOINT_POINTS = ["checkpoint.adapter", "checkpoint.optimizer", "checkpoint.manifest", "checkpoint.rename",
                      "checkpoint.latest"]
 
