@@ -217,14 +217,19 @@ def plan_command(timed, json_mode, config_path=None, **flags):
     sys.exit(0 if report["fits"] else 3)
 
 
-# `plan` takes every `lora` option (those other commands add to lora included), so a plan is for the same run.
-plan_command.params.extend(p for p in lora.params if p.name not in {"json_mode", "resume_dir", "force"})
+# Flags of the data-parallel launcher: they choose how a run is started, not what one rank holds in memory.
+_DATA_PARALLEL = {"nproc", "hosts", "backend", "rank_timeout", "check"}
+
+# `plan` takes every `lora` option (those other commands add to lora included), so a plan is for the same run; a
+# data-parallel run is planned per rank, so the launcher's flags are not among them.
+plan_command.params.extend(p for p in lora.params
+                           if p.name not in {"json_mode", "resume_dir", "force", *_DATA_PARALLEL})
 
 
 # Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
 # prompt-selection flags don't apply to preference runs.
 _NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
-                       "nproc", "hosts", "backend", "rank_timeout", "check", "force"}  # data-parallel: lora only for now
+                       "force", *_DATA_PARALLEL}  # data-parallel: lora only for now
 
 
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
@@ -529,7 +534,7 @@ def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, 
     \b
     Examples:
       mlxtune eval runs/demo
-      mlxtune eval runs/math --data data/test.jsonl --metric 'regex:####\s*(-?[\d.,]+)' --samples 10
+      mlxtune eval runs/math --data data/test.jsonl --metric 'regex:####\\s*(-?[\\d.,]+)' --samples 10
     """
     from mlxtune.eval import evaluate_run, print_summary
     from mlxtune.ui import make_console, print_json
