@@ -192,12 +192,18 @@ def training_batch(examples: list[TokenizedExample], plan: BatchPlan, seed: int,
         epoch += 1
 
 
-def evaluation_batches(examples: list[TokenizedExample], batch_size: int, max_batches: int = -1):
-    """Fixed batches: a fixed-seed subset when limited, sorted by length (similar lengths together, less padding)."""
+def evaluation_subset(examples: list, batch_size: int, max_batches: int = -1) -> list:
+    """The examples an evaluation scores, sorted by length: all of them, or a fixed-seed subset when limited (the
+    same subset at every evaluation, in training, fuse and eval alike)."""
     chosen = examples
     if max_batches != -1 and max_batches * batch_size < len(examples):
         picked = np.random.default_rng(0).permutation(len(examples))[: max_batches * batch_size]
         chosen = [examples[i] for i in sorted(picked)]
-    ordered = sorted(chosen, key=len)
+    return sorted(chosen, key=len)
+
+
+def evaluation_batches(examples: list[TokenizedExample], batch_size: int, max_batches: int = -1):
+    """Fixed batches of the evaluation subset, similar lengths together (less padding)."""
+    ordered = evaluation_subset(examples, batch_size, max_batches)
     for start in range(0, len(ordered), batch_size):
         yield make_batch(ordered[start : start + batch_size])

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from pathlib import Path
 
+from mlxtune.eval.stats import format_interval
 from mlxtune.train.checkpoint import atomic_write_text
 
 BASE_COLOUR = "#8c8c8c"
@@ -112,22 +112,15 @@ def comparison_chart(loss: dict, task: dict | None) -> str:
     return _svg(figure)
 
 
-def _fmt(interval: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    if not math.isfinite(interval["value"]):
-        return "—"
-    sign = "+" if signed else ""
-    return (f"{interval['value'] * scale:{sign}.{digits}f} "
-            f"[{interval['low'] * scale:{sign}.{digits}f}, {interval['high'] * scale:{sign}.{digits}f}]")
-
-
 def _comparison_rows(result) -> list[tuple[str, str, str, str]]:
     loss, ppl = result.loss, result.perplexity
-    rows = [("loss (nats/token)", _fmt(loss["base"]), _fmt(loss["tuned"]), _fmt(loss["difference"], signed=True)),
-            ("perplexity", _fmt(ppl["base"], digits=2), _fmt(ppl["tuned"], digits=2), "")]
+    fmt = format_interval
+    rows = [("loss (nats/token)", fmt(loss["base"]), fmt(loss["tuned"]), fmt(loss["difference"], signed=True)),
+            ("perplexity", fmt(ppl["base"], digits=2), fmt(ppl["tuned"], digits=2), "")]
     if result.task:
         task = result.task
-        rows.append((f"{task['metric']} (% of {task['examples']})", _fmt(task["base"], 100, 1),
-                     _fmt(task["tuned"], 100, 1), _fmt(task["difference"], 100, 1, signed=True)))
+        rows.append((f"{task['metric']} (% of {task['examples']})", fmt(task["base"], 100, 1),
+                     fmt(task["tuned"], 100, 1), fmt(task["difference"], 100, 1, signed=True)))
     return rows
 
 

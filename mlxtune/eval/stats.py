@@ -78,3 +78,16 @@ def exp_interval(interval: Interval) -> Interval:
     """Perplexity from a loss interval (exp is monotonic, so the percentiles map through)."""
     return Interval(*(math.exp(min(v, 700)) if math.isfinite(v) else math.nan
                       for v in (interval.value, interval.low, interval.high)))
+
+
+def format_interval(interval: dict, scale: float = 1.0, digits: int = 3, signed: bool = False,
+                    markup: tuple[str, str] = ("", "")) -> str:
+    """`value [low, high]` of an interval's dict form, scaled (100 for percentages); `markup` wraps the bracket
+    (rich's dim style in the terminal summary, nothing in the HTML report)."""
+    if not math.isfinite(interval["value"]):
+        return "—"
+    sign = "+" if signed else ""
+    opening, closing = markup
+    return (f"{interval['value'] * scale:{sign}.{digits}f} {opening}"
+            f"[{interval['low'] * scale:{sign}.{digits}f}, {interval['high'] * scale:{sign}.{digits}f}]{closing}")
+

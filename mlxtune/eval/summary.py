@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import math
 
 from rich.console import Console
 from rich.table import Table
 
+from mlxtune.eval.stats import format_interval
+
 
 def _interval(values: dict, scale: float = 1.0, digits: int = 3, signed: bool = False) -> str:
-    if not math.isfinite(values["value"]):
-        return "—"
-    sign = "+" if signed else ""
-    return (f"{values['value'] * scale:{sign}.{digits}f} [dim]"
-            f"[{values['low'] * scale:{sign}.{digits}f}, {values['high'] * scale:{sign}.{digits}f}][/]")
+    return format_interval(values, scale, digits, signed, markup=("[dim]", "[/]"))
 
 
 def print_summary(console: Console, result) -> None:

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxtune.data.batching import make_batch
+from mlxtune.data.batching import evaluation_subset, make_batch
 from mlxtune.data.preference import PreferenceExample
 from mlxtune.train.loss import chunk_rows, loss_streams, output_head, packing_cache, supports_selective_loss
 
@@ -291,11 +291,7 @@ def evaluate_pairs(model, objective: PreferenceObjective, pairs: list[Preference
 
 def evaluation_pair_batches(pairs: list[PreferenceExample], batch_size: int, max_batches: int = -1,
                             references: dict | None = None):
-    chosen = pairs
-    if max_batches != -1 and max_batches * batch_size < len(pairs):
-        picked = np.random.default_rng(0).permutation(len(pairs))[: max_batches * batch_size]
-        chosen = [pairs[i] for i in sorted(picked)]
-    ordered = sorted(chosen, key=len)
+    ordered = evaluation_subset(pairs, batch_size, max_batches)
     for start in range(0, len(ordered), batch_size):
         yield make_pair_batch(ordered[start:start + batch_size], references)
 
