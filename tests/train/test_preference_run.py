@@ -112,3 +112,33 @@ def test_preference_settings_refuse_what_makes_no_sense(change, message):
 
     with pytest.raises(UsageError, match=message):
         PreferenceSettings(**change).validate()
+
+
+def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(pairs_dir, tmp_path):
+    """`--precompute-reference` caches the log-probs of the untrained weights once; training must then follow the
+    adapters-off reference step for step (same data order, same reference values), and the cache covers every
+    train and validation pair."""
+    import numpy as np
+
+    from mlxtune.train.preference.run import REFERENCE_FILE
+
+    losses = {}
+    for name, extra in (("off", []), ("precomputed", ["--precompute-reference"])):
+        run_dir = tmp_path / name
+        result = run_cli("dpo", "--model", MODEL, "--data", pairs_dir, "--out", run_dir, "--iters", 3,
+                         "--batch-size", 4, "--lr", "3e-3", "--eval-every", 3, "--report-every", 1,
+                         "--val-batches", 1, "--max-seq-length", 128, "--json", *extra)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["reference"] == ("precomputed" if extra else "adapters off")
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [(r["step"], r["train_loss"], r["train_margin"]) for r in records if "train_loss" in r]
+        losses[name + " val"] = summary["final_val"]["loss"]
+    assert [s for s, _, _ in losses["precomputed"]] == [1, 2, 3]
+    for (_, loss_off, margin_off), (_, loss_pre, margin_pre) in zip(losses["off"], losses["precomputed"]):
+        assert abs(loss_off - loss_pre) < 1e-5 and abs(margin_off - margin_pre) < 1e-5
+    assert abs(losses["off val"] - losses["precomputed val"]) < 1e-5
+    assert not (tmp_path / "off" / REFERENCE_FILE).exists()
+    with np.load(tmp_path / "precomputed" / REFERENCE_FILE) as stored:
+        assert len(stored["keys"]) == 160 + 32 and np.isfinite(stored["values"]).all()
+        assert (stored["values"] < 0).all()  # log-probabilities of whole answers

@@ -17,7 +17,7 @@ from mlxtune.data import load_datasets
 from mlxtune.data.batching import make_batch
 from mlxtune.train.adapters import attach_adapters
 from mlxtune.train.loss import Loss
-from mlxtune.train.step import TrainStep, default_warmup, learning_rate_schedule
+from mlxtune.train.step import TrainStep, build_optimizer, default_warmup, learning_rate_schedule
 
 PEAK = 1e-3
 
@@ -39,8 +39,17 @@ def test_schedule_values(schedule, step, expected):
     assert _lr(schedule, step) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
+@pytest.mark.parametrize("warmup, step, expected", [
+    (1, 0, PEAK), (1, 1, PEAK),  # one warmup step is already the peak (not half of it)
+    (0, 0, PEAK), (0, 7, PEAK * 0.5),  # no warmup: cosine over all 14 steps, from the first
+])
+def test_schedule_with_no_or_one_warmup_step(warmup, step, expected):
+    assert _lr("cosine", step, warmup=warmup) == pytest.approx(expected, rel=1e-5)
+
+
 def test_default_warmup_is_five_percent_of_the_steps():
     assert default_warmup(LoraSettings(), 100) == 5 and default_warmup(LoraSettings(warmup_steps=0), 100) == 0
+    assert default_warmup(LoraSettings(), 19) == 0 and default_warmup(LoraSettings(), 20) == 1  # short runs: none
     assert _lr("constant", 0, warmup=None, total=100) == pytest.approx(PEAK / 5, rel=1e-5)
 
 
@@ -97,3 +106,28 @@ def test_update_applies_the_mean_gradient_clipped_to_the_norm(model_and_examples
     for name in mean:  # same direction as the mean gradient
         np.testing.assert_allclose(applied[name], mean[name] * scale, rtol=1e-3, atol=1e-7, err_msg=name)
 
+
+
+def test_the_optimizer_is_adamw_with_bias_correction():
+    """PyTorch's AdamW: with bias correction the first update of every weight is lr·g/(|g|+eps) ≈ lr·sign(g); MLX's
+    default (none) would move it √(1−β2)/(1−β1) ≈ 0.32 of that, so a learning rate would not mean what it means."""
+    settings = LoraSettings(learning_rate=1e-2, schedule="constant", warmup_steps=0, weight_decay=0.0)
+    optimizer = build_optimizer(settings, 10)
+    weights = {"w": mx.array([1.0, -2.0, 3.0])}
+    gradient = {"w": mx.array([0.5, -4.0, 1e-3])}
+    updated = optimizer.apply_gradients(gradient, weights)
+    np.testing.assert_allclose(np.array(updated["w"]), [1.0 - 1e-2, -2.0 + 1e-2, 3.0 - 1e-2 * 1e-3 / (1e-3 + 1e-8)],
+                               rtol=1e-6)
+
+
+def test_a_rank_without_batches_adds_nothing(model_and_examples):
+    """A data-parallel rank with no share of a short batch contributes zero loss, zero tokens and zero gradients
+    shaped like the adapters (the all-reduce sums them with the other ranks')."""
+    model, _ = model_and_examples
+    step = TrainStep(model, optim.SGD(learning_rate=0.0), 0.0, Loss(model))
+    loss_sum, count, grads = step.accumulate([None, None])
+    assert loss_sum.item() == 0.0 and count.item() == 0.0
+    expected = _flat(model.trainable_parameters())
+    actual = _flat(grads)
+    assert actual.keys() == expected.keys() and actual
+    assert all(actual[k].shape == expected[k].shape and not actual[k].any() for k in actual)

@@ -90,16 +90,55 @@ def _token_nll_vjp(primals, cotangents, outputs):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
+def head_token_nll_with_gradient(head):
+    """−log p(target) per row straight from hidden rows, for a head without trainable parameters, with its
+    gradient computed in the forward pass (the fused linear cross-entropy of Liger-Kernel and others).
+
+    d nll / d rows = (softmax − one_hot) @ W does not depend on what comes after the log-probs, so each chunk turns
+    its softmax into that `[rows, hidden]` gradient at once and the backward pass only scales it by the incoming
+    cotangent. Nothing vocabulary-sized outlives its chunk: the stock composition keeps every chunk's logits and
+    softmax (`[positions, vocab]`, twice) alive until the backward. Same arithmetic, moved; forward-only callers
+    (the reference pass, evaluation) use the plain composition, which skips the matmul."""
+
+    def logits_of(rows):
+        return head(rows).astype(mx.float32)
+
+    @mx.custom_function
+    def nll(rows, targets):
+        nlls, probabilities = token_nll(logits_of(rows), targets)
+        one_hot = mx.arange(probabilities.shape[-1])[None, :] == targets[:, None]
+        # mx.vjp through the head: the right matmul for a plain, quantized or tied (embedding) head; its forward
+        # output is not used, so it is never computed.
+        _, (row_gradient,) = mx.vjp(logits_of, [rows], [probabilities - one_hot])
+        return nlls, mx.stop_gradient(row_gradient)
+
+    @nll.vjp
+    def _nll_vjp(primals, cotangents, outputs):
+        rows, targets = primals
+        return (cotangents[0][:, None] * outputs[1]).astype(rows.dtype), mx.zeros_like(targets)
+
+    return nll
+
+
+def has_trainable_parameters(function) -> bool:
+    """Whether the module behind a head (a module, or a bound method such as `embed_tokens.as_linear`) trains."""
+    from mlx.utils import tree_flatten
+
+    module = getattr(function, "__self__", function)
+    return isinstance(module, nn.Module) and bool(tree_flatten(module.trainable_parameters()))
+
+
 class SequenceLogProbs:
     """Summed answer log-probs and answer lengths per row: selective head when the model allows, else full logits."""
 
     def __init__(self, model, selective: bool = True):
         self.selective = selective and supports_selective_loss(model)
         self.head = output_head(model) if self.selective else None
+        self.fused_nll = head_token_nll_with_gradient(self.head) if self.selective else None
         vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or 32768
         self.max_rows = chunk_rows(vocab_size)
 
-    def position_nll(self, model, inputs, positions, targets):
+    def position_nll(self, model, inputs, positions, targets, differentiable: bool = False):
         if not self.selective:
             logits = model(inputs).astype(mx.float32)
             rows = logits.reshape(-1, logits.shape[-1])[positions]
@@ -109,16 +148,22 @@ class SequenceLogProbs:
         streams = loss_streams()
         count = positions.shape[0]
         chunk = min(self.max_rows, max(1, -(-count // len(streams))))
+        # Under a gradient with a frozen head (LoRA and friends) the fused path keeps nothing vocabulary-sized for
+        # the backward pass; a trainable head (full finetuning, an adapted head) needs the plain composition.
+        fused = differentiable and not has_trainable_parameters(self.head)
         parts = []
         for number, start in enumerate(range(0, count, chunk)):
+            rows_part, targets_part = rows[start:start + chunk], targets[start:start + chunk]
             with mx.stream(streams[number % len(streams)]):
-                parts.append(token_nll(self.head(rows[start:start + chunk]).astype(mx.float32),
-                                       targets[start:start + chunk])[0])
+                if fused:
+                    parts.append(self.fused_nll(rows_part, targets_part)[0])
+                else:
+                    parts.append(token_nll(self.head(rows_part).astype(mx.float32), targets_part)[0])
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def __call__(self, model, inputs, positions, targets, weights, position_rows):
-        """(log-prob sum, supervised count) per row of `inputs`."""
-        nll = self.position_nll(model, inputs, positions, targets)
+    def __call__(self, model, inputs, positions, targets, weights, position_rows, differentiable: bool = False):
+        """(log-prob sum, supervised count) per row of `inputs`; `differentiable` when a gradient will be taken."""
+        nll = self.position_nll(model, inputs, positions, targets, differentiable)
         membership = (position_rows[None, :] == mx.arange(inputs.shape[0])[:, None]).astype(mx.float32)
         membership = membership * weights[None, :]
         return -(membership @ nll), membership.sum(axis=1)
@@ -239,8 +284,9 @@ class PreferenceObjective:
         return sums[: batch.pairs], sums[batch.pairs:]
 
     def __call__(self, model, inputs, positions, targets, weights, position_rows, reference_chosen,
-                 reference_rejected):
-        sums, counts = self.logps(model, inputs, positions, targets, weights, position_rows)
+                 reference_rejected, differentiable: bool = True):
+        """Loss sum, pair count and statistics; `differentiable=False` for a forward pass only (evaluation)."""
+        sums, counts = self.logps(model, inputs, positions, targets, weights, position_rows, differentiable)
         pairs = reference_chosen.shape[0]
         chosen, rejected = sums[:pairs], sums[pairs:]
         chosen_count, rejected_count = counts[:pairs], counts[pairs:]
@@ -279,7 +325,7 @@ def evaluate_pairs(model, objective: PreferenceObjective, pairs: list[Preference
     model.eval()
     loss_total, count, stats = 0.0, 0.0, np.zeros(len(STAT_NAMES))
     for batch in evaluation_pair_batches(pairs, batch_size, max_batches, references):
-        loss_sum, n, batch_stats = objective(model, *objective.loss_arrays(model, batch))
+        loss_sum, n, batch_stats = objective(model, *objective.loss_arrays(model, batch), differentiable=False)
         mx.eval(loss_sum, batch_stats)
         loss_total += loss_sum.item()
         count += n.item()

@@ -173,11 +173,16 @@ class PreferenceStep:
         total = None
         for batch in batches:
             # The reference pass runs outside the compiled gradient: it swaps the adapter layers out and back.
+            # It is evaluated on its own, first: in one graph with the policy pass, its vocabulary-sized
+            # temporaries would be alive at the same time as the policy's (a third more peak memory).
             arrays = self.objective.loss_arrays(self.model, batch)
+            mx.eval(arrays[-2:])
             out = self.gradients(*arrays)
             total = out if total is None else tuple(
                 tree_map(mx.add, a, b) if isinstance(a, dict) else a + b for a, b in zip(total, out))
-        mx.eval(*total)
+            # One micro-batch at a time (as train/step.py): together they would hold all their activations at
+            # once, and gradient accumulation would save no memory.
+            mx.eval(*total)
         return total
 
 
