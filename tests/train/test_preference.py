@@ -174,3 +174,19 @@ def test_dpo_reference_is_the_adapter_free_model(adapted_model_and_pairs):
     np.testing.assert_allclose(np.array(reference_chosen), np.array(sums)[:3], atol=1e-5)
     np.testing.assert_allclose(np.array(reference_rejected), np.array(sums)[3:], atol=1e-5)
     assert np.abs(np.array(policy) - np.array(sums)).max() > 1e-2
+
+
+def test_a_trainable_head_gets_its_gradient_too(adapted_model_and_pairs):
+    """Full finetuning trains the (tied) head: the fused head gradient, which only knows the hidden rows, must not
+    be used then — the head's weights get the same gradient as through full logits."""
+    _, _, batch, _ = adapted_model_and_pairs
+    model, _ = load(str(MODEL))  # every weight trainable, as with --method full
+    grads = []
+    for selective in (True, False):
+        loss = PreferenceObjective(model, "orpo", beta=0.5, selective=selective)
+        (_, _, _), g = nn.value_and_grad(model, loss)(model, *loss.loss_arrays(model, batch))
+        grads.append(dict(tree_flatten(g)))
+    name = "model.embed_tokens.weight"
+    expected, actual = np.array(grads[1][name]), np.array(grads[0][name])
+    assert np.abs(expected).max() > 0
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
