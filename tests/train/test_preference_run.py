@@ -114,7 +114,7 @@ def test_preference_settings_refuse_what_makes_no_sense(change, message):
         PreferenceSettings(**change).validate()
 
 
-def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(pairs_dir, tmp_path):
+def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(tmp_path):
     """`--precompute-reference` caches the log-probs of the untrained weights once; training must then follow the
     adapters-off reference step for step (same data order, same reference values), and the cache covers every
     train and validation pair."""
@@ -122,6 +122,7 @@ def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(pa
 
     from mlxtune.train.preference.run import REFERENCE_FILE
 
+    pairs_dir = make_pairs(tmp_path / "pairs", train=24, valid=8)
     losses = {}
     for name, extra in (("off", []), ("precomputed", ["--precompute-reference"])):
         run_dir = tmp_path / name
@@ -140,5 +141,5 @@ def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(pa
     assert abs(losses["off val"] - losses["precomputed val"]) < 1e-5
     assert not (tmp_path / "off" / REFERENCE_FILE).exists()
     with np.load(tmp_path / "precomputed" / REFERENCE_FILE) as stored:
-        assert len(stored["keys"]) == 160 + 32 and np.isfinite(stored["values"]).all()
+        assert len(stored["keys"]) == 24 + 8 and np.isfinite(stored["values"]).all()
         assert (stored["values"] < 0).all()  # log-probabilities of whole answers
