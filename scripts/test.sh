@@ -32,4 +32,6 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "note: the eval report test needs Chromium: sudo apt-get install chromium" >&2
   fi
 fi
-exec "$ROOT/.venv/bin/python" -m pytest "$@"
+# Test files run in parallel, one worker per core (pytest-xdist, a file's tests stay together in one worker: they
+# share module fixtures); MLXTUNE_TEST_WORKERS=0 runs everything in this process.
+exec "$ROOT/.venv/bin/python" -m pytest -n "${MLXTUNE_TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-# The tokenization cache and model library of the tests live in a throwaway home (subprocesses inherit it).
+# The tokenization cache and model library of the tests live in a throwaway home (subprocesses inherit it),
+# removed when the session (or the xdist worker) ends.
 os.environ["MLXTUNE_HOME"] = tempfile.mkdtemp(prefix="mlxtune-test-home-")
+atexit.register(shutil.rmtree, os.environ["MLXTUNE_HOME"], ignore_errors=True)
 
 import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is imported)
 import pytest

@@ -126,3 +126,26 @@ def test_invalid_utf8_names_the_line(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
     with pytest.raises(UsageError, match=r"train.jsonl:2: invalid UTF-8"):
         read_records(path)
+
+
+def test_fallback_template_renders_exactly_the_documented_layout(tokenizer):
+    """The fallback template's text is a contract (README, fused models, the Ollama/LM Studio templates): any change
+    to it changes what every base-model run learns, so the whole rendering is pinned here."""
+    from mlxtune.data.template import render_chat
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "",
+                 "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+                {"role": "user", "content": "Thanks"}]
+    tools = [{"type": "function", "function": {"name": "weather"}}]
+    rendered = render_chat(tokenizer, messages, FALLBACK_CHAT_TEMPLATE, add_generation_prompt=True, tools=tools)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    call = '[{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]'
+    assert rendered == (
+        f'{bos}### Tools:\n[{{"type": "function", "function": {{"name": "weather"}}}}]\n\n'
+        "Be brief.\n\n### User:\nWeather?\n\n"
+        f"### Assistant:\n{call}{eos}\n\n### Tool:\nsunny\n\n### Assistant:\nSunny.{eos}\n\n"
+        "### User:\nThanks\n\n### Assistant:\n")
+    plain = render_chat(tokenizer, messages[1:2], FALLBACK_CHAT_TEMPLATE)
+    assert plain == f"{bos}### User:\nWeather?\n\n"  # no tools, no generation prompt: nothing added
