@@ -229,11 +229,11 @@ plan_command.params.extend(p for p in lora.params
 # Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
 # prompt-selection flags don't apply to preference runs.
 _NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
-                       "force", *_DATA_PARALLEL}  # data-parallel: lora only for now
+                       *_DATA_PARALLEL}  # data-parallel: lora only for now
 
 
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
-    def command(config_path, resume_dir, json_mode, **flags):
+    def command(config_path, resume_dir, json_mode, force, **flags):
         from mlxtune.settings import resolve_settings
         from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, train_preference
         from mlxtune.ui import make_console, print_json
@@ -244,7 +244,7 @@ def _preference_command(objective: str, summary: str, extra_help: str, own_optio
                 "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
-        result = train_preference(settings, resume=bool(resume_dir), console=console)
+        result = train_preference(settings, resume=bool(resume_dir), force=bool(force), console=console)
         if json_mode:
             print_json(result.to_dict())
         if result.stopped == "interrupted":

@@ -19,6 +19,7 @@ from mlxtune.train.loss import Loss, supports_packing
 def _setup():
     model, tokenizer = load(str(MODEL))
     attach_adapters(model, LoraSettings(rank=4))
+    mx.random.seed(0)  # the same adapter whatever ran before in this process (xdist workers differ)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
     examples = load_datasets(WWDC25, tokenizer, max_seq_length=200).train[:4]
     return model, examples
@@ -51,7 +52,10 @@ def test_without_the_mask_packing_would_leak_between_examples():
     unpacked = _value_and_grads(model, loss, make_batch(examples))[0]
     leaking = make_packed_batch([examples])
     leaking.segments = np.where(leaking.segments > 0, 1, 0).astype(np.int32)  # one segment: examples see each other
-    assert abs(_value_and_grads(model, loss, leaking)[0] - unpacked) > 1e-2 * abs(unpacked)
+    leaked = _value_and_grads(model, loss, leaking)[0]
+    # Ten times the 1e-4 the masked packing must stay within (measured with this seed: 1.5e-2): the mask is what
+    # keeps the examples apart, not luck.
+    assert abs(leaked - unpacked) > 1e-3 * abs(unpacked)
 
 
 def test_every_example_appears_once_per_epoch_in_every_mode():

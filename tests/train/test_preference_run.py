@@ -59,6 +59,8 @@ def test_dpo_raises_validation_preference_accuracy_from_chance_to_above_0_9(pair
     assert summary["initial_val"]["accuracy"] == 0.5  # policy = reference: every reward ties
     assert summary["final_val"]["accuracy"] > 0.9
     assert summary["final_val"]["margin"] > 0 and summary["final_val"]["loss"] < summary["initial_val"]["loss"]
+    # the planner's estimate, made before training, against the peak MLX measured
+    assert abs(summary["memory_estimate_gb"] / summary["peak_memory_gb"] - 1) < 0.2, summary
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "train_loss" in r]
@@ -91,6 +93,17 @@ def test_orpo_from_a_supervised_run_with_its_adapter_merged(pairs_dir, trained_r
     assert (run_dir / "sft-merged" / "config.json").is_file()
     info = json.loads((run_dir / "run.json").read_text())
     assert info["objective"] == "orpo" and info["from_run"] == str(sft_dir)
+
+
+def test_settings_over_the_memory_budget_are_refused_with_settings_that_fit(pairs_dir, tmp_path):
+    out = tmp_path / "refused"
+    result = run_cli("dpo", "--model", MODEL, "--data", pairs_dir, "--out", out, "--batch-size", 16,
+                     "--max-seq-length", 128, "--memory", "0.045GB")
+    assert result.returncode == 2, result.stderr
+    assert "memory budget (--memory)" in result.stderr
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("hint:"))
+    assert "--grad-checkpoint" in hint and "--batch-size" in hint and "--force" in hint, hint
+    assert not out.exists()  # refused before anything was written
 
 
 def test_bad_pairs_fail_before_any_model_loads_with_file_line_and_hint(tmp_path):

@@ -105,7 +105,14 @@ def head_token_nll_with_gradient(head):
 
     @mx.custom_function
     def nll(rows, targets):
-        nlls, probabilities = token_nll(logits_of(rows), targets)
+        # Plain operations (not token_nll, whose softmax output would stay alive as long as its sibling does).
+        logits = logits_of(rows)
+        top = logits.max(axis=-1, keepdims=True)
+        exps = mx.exp(logits - top)
+        total = exps.sum(axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+        nlls = (top + mx.log(total)).squeeze(-1) - picked
+        probabilities = exps / total
         one_hot = mx.arange(probabilities.shape[-1])[None, :] == targets[:, None]
         # mx.vjp through the head: the right matmul for a plain, quantized or tied (embedding) head; its forward
         # output is not used, so it is never computed.
@@ -126,6 +133,12 @@ def has_trainable_parameters(function) -> bool:
 
     module = getattr(function, "__self__", function)
     return isinstance(module, nn.Module) and bool(tree_flatten(module.trainable_parameters()))
+
+
+def forward_nll(logits, targets):
+    """−log p(target) per row, for a forward pass only (no softmax array, nothing kept for a backward pass)."""
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+    return mx.logsumexp(logits, axis=-1) - picked
 
 
 class SequenceLogProbs:
@@ -154,11 +167,17 @@ class SequenceLogProbs:
         parts = []
         for number, start in enumerate(range(0, count, chunk)):
             rows_part, targets_part = rows[start:start + chunk], targets[start:start + chunk]
+            if number >= len(streams):
+                # A chunk starts once its stream's previous chunk has finished: without this order MLX may run
+                # every chunk's head before any softmax, and all their `[rows, vocab]` logits are alive at once.
+                rows_part = mx.depends(rows_part, parts[number - len(streams)])
             with mx.stream(streams[number % len(streams)]):
                 if fused:
                     parts.append(self.fused_nll(rows_part, targets_part)[0])
-                else:
+                elif differentiable:  # a trainable head: the composition, which keeps the softmax for backward
                     parts.append(token_nll(self.head(rows_part).astype(mx.float32), targets_part)[0])
+                else:  # a forward pass only: nothing kept, no softmax made
+                    parts.append(forward_nll(self.head(rows_part).astype(mx.float32), targets_part))
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def __call__(self, model, inputs, positions, targets, weights, position_rows, differentiable: bool = False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from datetime import datetime
 from dataclasses import dataclass, fields
@@ -36,7 +37,7 @@ from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_
 from mlxtune.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.plot import plot_losses
-from mlxtune.train.recovery import claim_run_dir, find_resume_point, unlock_run_dir
+from mlxtune.train.recovery import LOCK_FILE, claim_run_dir, find_resume_point, unlock_run_dir
 from mlxtune.train.preference.objective import (
     OBJECTIVES,
     PreferenceObjective,
@@ -135,6 +136,8 @@ class PreferenceResult:
     final_train: dict | None = None
     tokens_per_second: float | None = None
     peak_memory_gb: float | None = None
+    memory_estimate_gb: float | None = None  # the planner's estimate of the peak, made before training
+    memory_budget_gb: float | None = None
     trainable_parameters: int = 0
     total_parameters: int = 0
     reference: str = "adapters off"  # adapters off | precomputed | none
@@ -252,8 +255,29 @@ def _better(settings: PreferenceSettings, metrics: dict, best: dict | None) -> b
     return metrics["loss"] < best["loss"] - settings.min_delta
 
 
-def train_preference(settings: PreferenceSettings, *, resume: bool = False, console=None) -> PreferenceResult:
-    """Train adapters with DPO or ORPO as `settings` say; with `resume`, continue `settings.out`."""
+def check_memory(settings: PreferenceSettings, model_path: Path, sets: PreferenceSets, *, force: bool, console):
+    """The planner's verdict on this run; a refusal (with settings that fit) unless `force` or resuming."""
+    from mlxtune.memory import ModelFacts, fmt_gb
+    from mlxtune.train.planner import memory_budget
+    from mlxtune.train.preference.memory import plan_preference
+
+    budget, source = memory_budget(settings.memory)
+    plan = plan_preference(ModelFacts.from_dir(model_path), settings, sets.train, sets.valid, budget, source)
+    if plan.fits or force:
+        if not plan.fits:
+            console.print(f"[yellow]warning:[/] {plan.verdict()}; --force: trying anyway")
+        return plan
+    hint = (f"use {plan.flags()}, or --force to try anyway" if plan.suggested_fits else
+            "use a smaller or 4-bit model (`mlxtune pull MODEL --quantize 4`), a shorter --max-seq-length, raise "
+            "--memory, or --force")
+    raise UsageError(f"these settings need an estimated {fmt_gb(plan.estimate.total)}, more than the "
+                     f"{fmt_gb(plan.budget)} memory budget ({plan.budget_source})", hint)
+
+
+def train_preference(settings: PreferenceSettings, *, resume: bool = False, force: bool = False,
+                     console=None) -> PreferenceResult:
+    """Train adapters with DPO or ORPO as `settings` say; with `resume`, continue `settings.out`. Settings the
+    memory planner says won't fit are refused before training unless `force`."""
     console = console or make_console()
     settings.validate()
     if not settings.data:
@@ -284,6 +308,13 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
                                       chat_template=settings.chat_template)
     for note in sets.notes:
         console.print(f"[yellow]note:[/] {note}")
+    # Planned once the pairs are tokenized (with the model's own tokenizer, so after loading the weights): the
+    # step's activations and head, not the weights, are what grows with the settings.
+    try:
+        memory_plan = check_memory(settings, model_path, sets, force=force or resume, console=console)
+    except UsageError:
+        _release_unused(run_dir)  # refused before anything was written: no empty run directory left behind
+        raise
 
     mx.random.seed(settings.seed)
     adapter_cfg = attach_adapters(model, settings)
@@ -339,8 +370,10 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, cons
                               notes=list(sets.notes))
     result.initial_val = saved.get("initial_val")
     result.best_val, result.best_step = saved.get("best_val"), saved.get("best_step")
+    result.memory_estimate_gb = memory_plan.to_dict()["estimate_gb"]
+    result.memory_budget_gb = memory_plan.to_dict()["budget_gb"]
     _print_header(console, settings, sets, trainable, total, total_steps, reference_mode, objective,
-                  model_config.get("quantization"))
+                  model_config.get("quantization"), memory_plan)
     trainer = PreferenceStep(model, optimizer, settings.grad_clip, objective)
     model.train()
 
@@ -451,6 +484,12 @@ def _claim(run_dir: Path, resume: bool, console) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
+def _release_unused(run_dir: Path) -> None:
+    unlock_run_dir(run_dir)
+    if run_dir.is_dir() and all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _floating(model):
     from mlx.utils import tree_flatten
 
@@ -496,7 +535,7 @@ def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model
 
 
 def _print_header(console, settings: PreferenceSettings, sets: PreferenceSets, trainable, total, steps,
-                  reference_mode, objective: PreferenceObjective, quantization) -> None:
+                  reference_mode, objective: PreferenceObjective, quantization, memory_plan) -> None:
     method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
     if settings.objective == "dpo":
         loss = f"DPO sigmoid, beta {settings.beta:g}" + (
@@ -515,6 +554,7 @@ def _print_header(console, settings: PreferenceSettings, sets: PreferenceSets, t
         ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es) of "
                   f"{settings.batch_size} pairs, lr {settings.learning_rate:g} {settings.schedule}"),
         ("log-probs", "selective (answer positions only)" if objective.logps.selective else "full logits"),
+        ("memory", f"{memory_plan.verdict()} ({memory_plan.budget_source})"),
         ("device", str(mx.default_device())),
     ]
     console.print(summary_table("preference run", rows))
