@@ -45,6 +45,7 @@ HALF = ("F16", "BF16")
 KEPT_SOFTMAX_BYTES = 512 * 2**20
 CHUNK_LOGITS_BYTES = 64 * 2**20
 CHUNK_ROWS = 1024
+FUSED_CHUNK_ROWS = 64  # and mlxtune.train.preference.objective's chunk for the fused head gradient
 
 
 def fmt_gb(n_bytes: float | None, digits: int = 2) -> str:
@@ -311,9 +312,11 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
         return gathered + min(run.streams, -(-rows // chunk)) * 2 * chunk * vocab_row
     in_flight = min(run.streams, -(-rows // chunk))
     if run.fused_head:
-        # differentiated chunk by chunk in the forward pass, nothing kept: per stream, a chunk's logits, exponentials,
-        # softmax and gradient (measured on four DPO runs, docs/MEMORY.md: −11% to +16% with this count)
-        return gathered + in_flight * 4 * chunk * vocab_row
+        # differentiated chunk by chunk in the forward pass, nothing kept: per stream about six chunk-sized arrays at
+        # the peak — logits, shifted, exponentials, softmax, its gradient, the next chunk's logits (docs/MEMORY.md:
+        # fitted on four DPO runs)
+        chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
+        return gathered + min(run.streams, -(-rows // chunk)) * 6 * chunk * vocab_row
     if rows * vocab_row > KEPT_SOFTMAX_BYTES:  # recomputed chunk by chunk: logits, softmax, gradient per stream
         return gathered + in_flight * 3 * chunk * vocab_row
     # every chunk's logits and softmax kept for the backward pass (the custom vjp holds its primal), plus one
