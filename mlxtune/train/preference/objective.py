@@ -102,7 +102,7 @@ def head_token_nll_with_gradient(head):
     its softmax into that `[rows, hidden]` gradient at once and the backward pass only scales it by the incoming
     cotangent. Nothing vocabulary-sized outlives its chunk: the stock composition keeps every chunk's logits and
     softmax (`[positions, vocab]`, twice) alive until the backward. Same arithmetic, moved; forward-only callers
-    (the reference pass, evaluation) use the plain composition, which skips the matmul."""
+    (the reference pass, evaluation) use `forward_nll`, which skips the matmul."""
 
     def logits_of(rows):
         return head(rows).astype(mx.float32)
