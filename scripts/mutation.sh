@@ -24,7 +24,7 @@ declare -A MODULE=(
 declare -A TESTS=(
   [step]="tests/train/test_step.py"
   [checkpoint]="tests/train/test_resume.py tests/reliability/test_resume_faults.py"
-  [template]="tests/data/test_template.py"
+  [template]="tests/data/test_template.py tests/data/test_conventions.py"
   [fuse]="tests/test_fuse.py tests/train/test_methods.py"
 )
 

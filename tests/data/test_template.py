@@ -149,3 +149,39 @@ def test_fallback_template_renders_exactly_the_documented_layout(tokenizer):
         "### User:\nThanks\n\n### Assistant:\n")
     plain = render_chat(tokenizer, messages[1:2], FALLBACK_CHAT_TEMPLATE)
     assert plain == f"{bos}### User:\nWeather?\n\n"  # no tools, no generation prompt: nothing added
+
+
+def test_choose_template_text_file_model_or_fallback(tmp_path, tokenizer):
+    """Which template a run trains with, and what its header and run.json call it."""
+    from mlxtune.data.template import choose_template
+
+    assert vars(choose_template(tokenizer, "text")) == {"template": None, "origin": "none"}
+    template_file = tmp_path / "chat.jinja"
+    template_file.write_text("{% for m in messages %}<{{ m['role'] }}>é{{ m['content'] }}{% endfor %}",
+                             encoding="utf-8")
+    chosen = choose_template(tokenizer, "chat", str(template_file))
+    assert chosen.template == template_file.read_text(encoding="utf-8")
+    assert chosen.origin == f"file:{template_file}"
+    with pytest.raises(UsageError) as missing:
+        choose_template(tokenizer, "chat", str(tmp_path / "absent.jinja"))
+    assert str(missing.value.args[0]) == f"chat template file not found: {tmp_path / 'absent.jinja'}"
+    assert missing.value.hint == "give a Jinja template file"
+    # stories260K has no template of its own: the fallback; a tokenizer that has one keeps it
+    assert vars(choose_template(tokenizer, "chat")) == {"template": FALLBACK_CHAT_TEMPLATE, "origin": "fallback"}
+    own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.chat_template = own
+    try:
+        assert vars(choose_template(tokenizer, "prompt_completion")) == {"template": own, "origin": "model"}
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_a_failing_template_is_a_usage_error_with_a_hint(tokenizer):
+    from mlxtune.data.template import render_chat
+
+    broken = "{{ raise_exception('only user turns here') }}"
+    with pytest.raises(UsageError) as failed:
+        render_chat(tokenizer, [{"role": "user", "content": "hi"}], broken)
+    assert str(failed.value.args[0]).startswith("chat template failed: ") and "only user turns" in str(
+        failed.value.args[0])
+    assert failed.value.hint == "check the messages' roles or pass --chat-template"
