@@ -116,6 +116,21 @@ def chunk_rows(vocab_size: int) -> int:
     return max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))))
 
 
+def softmax_nll(logits, targets):
+    """−log p(target) per row and the softmax, from one `exp` pass (the shared body of the losses that keep the
+    softmax as their gradient: cross_entropy_sum here, the preference objective's token losses)."""
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    exps = mx.exp(logits - top)
+    total = exps.sum(axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+    return (top + mx.log(total)).squeeze(-1) - picked, exps / total
+
+
+def nll_logit_gradient(probabilities, targets):
+    """d(−log p(target)) / d logits per row: the softmax minus the target's one-hot."""
+    return probabilities - (mx.arange(probabilities.shape[-1])[None, :] == targets[:, None])
+
+
 @mx.custom_function
 def cross_entropy_sum(logits, targets, weights):
     """Σ weights · cross-entropy, and the softmax it keeps for its own backward pass.
@@ -123,20 +138,14 @@ def cross_entropy_sum(logits, targets, weights):
     On MLX's CPU backend `exp` is single-threaded and dominates the loss; the stock cross-entropy runs it twice
     (logsumexp forward, softmax backward). Here it runs once: the softmax computed for the loss is the gradient.
     """
-    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    exps = mx.exp(logits - top)
-    total = exps.sum(axis=-1, keepdims=True)
-    log_normalizer = (top + mx.log(total)).squeeze(-1)
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
-    return ((log_normalizer - picked) * weights).sum(), exps / total
+    nll, probabilities = softmax_nll(logits, targets)
+    return (nll * weights).sum(), probabilities
 
 
 @cross_entropy_sum.vjp
 def _cross_entropy_sum_vjp(primals, cotangents, outputs):
     logits, targets, weights = primals
-    probabilities = outputs[1]
-    one_hot = mx.arange(logits.shape[-1])[None, :] == targets[:, None]
-    grad = (probabilities - one_hot) * (cotangents[0] * weights)[:, None]
+    grad = nll_logit_gradient(outputs[1], targets) * (cotangents[0] * weights)[:, None]
     return grad.astype(logits.dtype), mx.zeros_like(targets), mx.zeros_like(weights)
 
 

@@ -375,8 +375,6 @@ def plan_for_data(settings: LoraSettings, model_path, data_path) -> MemoryPlan:
 
 def plan_for_run(settings: LoraSettings, model_path, data_path, *, choose: bool, force: bool, console) -> MemoryPlan:
     """The plan `finetune` starts from: chosen settings applied (`choose`), or a refusal before any weight loads."""
-    from mlxtune.errors import UsageError
-
     plan = plan_for_data(settings, model_path, data_path)
     if plan.fits:
         return plan
@@ -400,8 +398,15 @@ def plan_for_run(settings: LoraSettings, model_path, data_path, *, choose: bool,
                 f"(`mlxtune pull MODEL --quantize 4`), raise --memory, or --force")
     else:
         hint = "raise --memory or use a smaller model; --force to try anyway"
-    raise UsageError(f"these settings need an estimated {fmt_gb(plan.estimate.total)}, more than the "
-                     f"{fmt_gb(plan.budget)} memory budget ({plan.budget_source})", hint)
+    raise over_budget(plan, hint)
+
+
+def over_budget(plan: MemoryPlan, hint: str):
+    """The refusal of settings that won't fit (lora's and the preference runs' alike)."""
+    from mlxtune.errors import UsageError
+
+    return UsageError(f"these settings need an estimated {fmt_gb(plan.estimate.total)}, more than the "
+                      f"{fmt_gb(plan.budget)} memory budget ({plan.budget_source})", hint)
 
 
 def sizes_given(config_path, flags: dict) -> bool:

@@ -29,7 +29,8 @@ import numpy as np
 
 from mlxtune.data.batching import evaluation_subset, make_batch
 from mlxtune.data.preference import PreferenceExample
-from mlxtune.train.loss import chunk_rows, loss_streams, output_head, packing_cache, supports_selective_loss
+from mlxtune.train.loss import (chunk_rows, loss_streams, nll_logit_gradient, output_head, packing_cache,
+                                softmax_nll, supports_selective_loss)
 
 OBJECTIVES = ("dpo", "orpo")
 # Rows per chunk of the fused head gradient: it keeps nothing per chunk, so small chunks bound the vocabulary-sized
@@ -79,18 +80,13 @@ def preference_accuracy(chosen_rewards, rejected_rewards) -> mx.array:
 @mx.custom_function
 def token_nll(logits, targets):
     """−log p(target) per row, and the softmax it keeps for its own backward pass (one `exp` pass, as loss.py)."""
-    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    exps = mx.exp(logits - top)
-    total = exps.sum(axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
-    return (top + mx.log(total)).squeeze(-1) - picked, exps / total
+    return softmax_nll(logits, targets)
 
 
 @token_nll.vjp
 def _token_nll_vjp(primals, cotangents, outputs):
     logits, targets = primals
-    one_hot = mx.arange(logits.shape[-1])[None, :] == targets[:, None]
-    grad = (outputs[1] - one_hot) * cotangents[0][:, None]
+    grad = nll_logit_gradient(outputs[1], targets) * cotangents[0][:, None]
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
@@ -109,18 +105,12 @@ def head_token_nll_with_gradient(head):
 
     @mx.custom_function
     def nll(rows, targets):
-        # Plain operations (not token_nll, whose softmax output would stay alive as long as its sibling does).
-        logits = logits_of(rows)
-        top = logits.max(axis=-1, keepdims=True)
-        exps = mx.exp(logits - top)
-        total = exps.sum(axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
-        nlls = (top + mx.log(total)).squeeze(-1) - picked
-        probabilities = exps / total
-        one_hot = mx.arange(probabilities.shape[-1])[None, :] == targets[:, None]
+        # The plain body, not token_nll: a custom function's softmax output would stay alive as long as its
+        # sibling does.
+        nlls, probabilities = softmax_nll(logits_of(rows), targets)
         # mx.vjp through the head: the right matmul for a plain, quantized or tied (embedding) head; its forward
         # output is not used, so it is never computed.
-        _, (row_gradient,) = mx.vjp(logits_of, [rows], [probabilities - one_hot])
+        _, (row_gradient,) = mx.vjp(logits_of, [rows], [nll_logit_gradient(probabilities, targets)])
         return nlls, mx.stop_gradient(row_gradient)
 
     @nll.vjp

@@ -257,8 +257,8 @@ def _better(settings: PreferenceSettings, metrics: dict, best: dict | None) -> b
 
 def check_memory(settings: PreferenceSettings, model_path: Path, sets: PreferenceSets, *, force: bool, console):
     """The planner's verdict on this run; a refusal (with settings that fit) unless `force` or resuming."""
-    from mlxtune.memory import ModelFacts, fmt_gb
-    from mlxtune.train.planner import memory_budget
+    from mlxtune.memory import ModelFacts
+    from mlxtune.train.planner import memory_budget, over_budget
     from mlxtune.train.preference.memory import plan_preference
 
     budget, source = memory_budget(settings.memory)
@@ -270,8 +270,7 @@ def check_memory(settings: PreferenceSettings, model_path: Path, sets: Preferenc
     hint = (f"use {plan.flags()}, or --force to try anyway" if plan.suggested_fits else
             "use a smaller or 4-bit model (`mlxtune pull MODEL --quantize 4`), a shorter --max-seq-length, raise "
             "--memory, or --force")
-    raise UsageError(f"these settings need an estimated {fmt_gb(plan.estimate.total)}, more than the "
-                     f"{fmt_gb(plan.budget)} memory budget ({plan.budget_source})", hint)
+    raise over_budget(plan, hint)
 
 
 def train_preference(settings: PreferenceSettings, *, resume: bool = False, force: bool = False,
