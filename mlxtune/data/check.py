@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, resolve_data_path
+from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, record_fingerprint, resolve_data_path
 from mlxtune.data.formats import RecordError, dataset_kind, find_splits
 from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings, record_warnings, split_warnings,
                                   steps_warning)
@@ -46,6 +45,7 @@ class DataReport:
     examples: list[dict] = field(default_factory=list)  # rendered samples: [{"source", "segments": [(text, bool)]}]
     from_cache: bool = False
     context_length: int | None = None  # the model's (max_position_embeddings)
+    measured_up_to: int | None = None  # token lengths are exact below this; a record reaching it is at least as long
 
     @property
     def ok(self) -> bool:
@@ -135,7 +135,7 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
         kind = dataset_kind([r for recs in records.values() for r in recs])
         # Lengths are measured exactly up to well past every limit that matters; a longer record (a 50 MB line) is
         # measured as "at least this", never tokenized whole.
-        measure = max(4 * max_seq_length, report.context_length or 0)
+        measure = report.measured_up_to = max(4 * max_seq_length, report.context_length or 0)
         if not problems:
             datasets = load_datasets(path, tokenizer, max_seq_length=measure, train_on_prompt=train_on_prompt,
                                      chat_template=chat_template, seed=seed, keys=keys)
@@ -166,14 +166,13 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             over = [(e.source, len(e), s, int(e.supervised[max_seq_length:].sum()))
                     for e, s in zip(tokenized, supervised) if len(e) > max_seq_length]
             warnings += length_warnings(split, str(file or files["train"]), over, len(recs), sum(supervised),
-                                        max_seq_length)
+                                        max_seq_length, cap=report.measured_up_to)
             lengths_all += [(e.source, len(e)) for e in tokenized]
         else:
             lengths = [len(r.text or "") + len(r.prompt or "") + len(r.completion or "")
                        + sum(len(m["content"]) for m in (r.messages or [])) for r in recs]
             share = None
-            prints[split] = [(r.source, hashlib.sha1(repr((r.text, r.prompt, r.completion, r.messages))
-                                                     .encode()).hexdigest()) for r in recs]
+            prints[split] = [(r.source, record_fingerprint(r)) for r in recs]
             over = []
         counts = Counter(fp for _, fp in prints[split])
         stats, histogram = _length_stats(lengths)
@@ -184,7 +183,7 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             held_out_from=None if file else str(files["train"]), convention=", ".join(conventions),
         ))
     if tokenizer is not None:
-        warnings += context_warnings(max_seq_length, report.context_length, lengths_all)
+        warnings += context_warnings(max_seq_length, report.context_length, lengths_all, report.measured_up_to)
     warnings += split_warnings(prints.get("train", []), prints.get("valid", []),
                                str(files.get("valid", files["train"])))
     if iters and records.get("train"):

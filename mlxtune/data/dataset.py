@@ -133,6 +133,46 @@ def fingerprint(example: TokenizedExample) -> str:
     return hashlib.sha1(example.ids.tobytes()).hexdigest()
 
 
+def record_fingerprint(record: Record) -> str:
+    """What a record says, not where it is: the same record in two files (or two splits) has one fingerprint."""
+    return hashlib.sha1(repr((record.text, record.prompt, record.completion, record.messages)).encode()).hexdigest()
+
+
+@dataclass
+class ScoredSplit:
+    """The records an evaluation scores and what the run trained on (both read by `read_splits`, as training did)."""
+
+    records: list[Record]
+    file: Path
+    split: str  # test | valid | held-out validation | file
+    trained: list[Record] | None  # the run's training records; None when its data can't be read any more
+
+
+def scored_split(data: str | Path | None, train_data: str | Path, seed: int, keys=None) -> ScoredSplit:
+    """What to evaluate on: `data` (default: the training data) split exactly as training split it, so a single
+    training file gives the records training held out (same seed), never the ones it trained on. A different single
+    file is scored whole; `trained` lets the caller state any overlap with the training records by content."""
+    own = resolve_data_path(train_data)
+    source = resolve_data_path(data) if data else own
+    trained = None
+    if source.is_file() and not (own.exists() and source.resolve() == own.resolve()):
+        records, split, file = read_records(source, None, keys), "file", source
+    else:
+        files = find_splits(source)
+        splits, _ = read_splits(files, seed, keys)
+        name = "test" if "test" in files else "valid"
+        records, file = splits[name], files.get(name, files["train"])
+        split = name if name in files else "held-out validation"
+        if source.resolve() == own.resolve():
+            trained = splits["train"]
+    if trained is None:
+        try:
+            trained = read_splits(find_splits(own), seed, keys)[0]["train"]
+        except UsageError:  # moved or deleted since training: the overlap can't be checked
+            trained = None
+    return ScoredSplit(records, file, split, trained)
+
+
 def data_warnings(records: dict[str, list[Record]], tokenized: dict[str, list[TokenizedExample]],
                   reports: dict[str, LengthReport], files: dict[str, Path], max_seq_length: int,
                   context_length: int | None = None, drop_long: bool = False) -> list[DataWarning]:
