@@ -263,6 +263,8 @@ _FROM_OPTIONS = [
     click.Option(["--from-checkpoint"], help="Adapter of --from to merge: last, best or a step number [default: last]."),
     click.Option(["--stop-on"], type=click.Choice(["loss", "accuracy"]),
                  help="What --patience watches: validation loss or validation preference accuracy [default: loss]."),
+    click.Option(["--skip-invalid"], is_flag=True, default=None,
+                 help="Train without bad records (each named in a note) instead of refusing the data."),
 ]
 main.add_command(_preference_command(
     "dpo",

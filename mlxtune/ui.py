@@ -323,6 +323,8 @@ class TrainingReporter:
         self._progress: Progress | None = None
         self._task = None
         self._history: list[float] = []
+        self._done = 0  # the last step finished
+        self._val: tuple[float, int] | None = None  # the last validation loss and the step it was measured at
 
     def note(self, text: str) -> None:
         self.console.print(f"[yellow]note:[/] {escape(text)}")
@@ -376,6 +378,8 @@ class TrainingReporter:
     @contextlib.contextmanager
     def training(self, total_steps: int, start_step: int, val_loss: float | None):
         """Live progress (step, loss, validation loss, tokens/s, memory, sparkline, ETA) while the loop runs."""
+        self._done = start_step
+        self._val = None if val_loss is None else (val_loss, start_step)
         with training_progress(self.console) as progress:
             self._progress = progress
             self._task = progress.add_task("train", total=total_steps, completed=start_step, loss="—",
@@ -387,13 +391,17 @@ class TrainingReporter:
 
     def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float) -> None:
         self._history.append(train_loss)
+        # A validation loss of an earlier step is shown with its step: it is not this step's measurement.
+        val = {} if self._val is None else {"val": f"{fmt_loss(self._val[0])} (step {self._val[1]})"}
         self._progress.update(self._task, loss=fmt_loss(train_loss), speed=f"{tokens_per_second:.0f}",
-                              memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history))
+                              memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history), **val)
 
     def val_report(self, val_loss: float) -> None:
+        self._val = (val_loss, self._done + 1)  # measured during the step being run
         self._progress.update(self._task, val=fmt_loss(val_loss))
 
     def step_done(self, step: int) -> None:
+        self._done = step
         self._progress.update(self._task, completed=step)
 
     def early_stop(self, patience: int, best_step: int | None, best_dir) -> None:

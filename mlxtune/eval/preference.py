@@ -30,8 +30,11 @@ def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit:
     with quiet_stdout():
         loaded = open_for_inference(run.path, checkpoint)
     settings = run.settings
+    from mlxtune.train.preference.run import is_preference_run, load_preference_settings
+
+    skip_invalid = is_preference_run(run.path) and load_preference_settings(run.path).skip_invalid
     sets = load_preference_sets(source, loaded.tokenizer, max_seq_length=settings.max_seq_length,
-                                chat_template=settings.chat_template, seed=settings.seed)
+                                chat_template=settings.chat_template, seed=settings.seed, skip_invalid=skip_invalid)
     split, pairs = next((name, found) for name, found in (("test", sets.test), ("valid", sets.valid),
                                                            ("train", sets.train)) if found)
     pairs = pairs[:limit] if limit else pairs

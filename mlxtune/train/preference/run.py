@@ -68,6 +68,7 @@ class PreferenceSettings(LoraSettings):
     from_run: str | None = None  # start from this supervised run (its adapter merged into the base)
     from_checkpoint: str = "last"  # which adapter of --from: last, best or a step number
     stop_on: str = "loss"  # early stopping watches the validation loss or the validation preference accuracy
+    skip_invalid: bool = False  # train without the bad records (each named in a note) instead of refusing the data
 
     def validate(self) -> "PreferenceSettings":
         super().validate()
@@ -282,7 +283,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
     data_path = resolve_data_path(settings.data)
-    records = read_preference_splits(data_path, settings.seed)  # bad data fails before any model is loaded
+    # bad data fails before any model is loaded
+    records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
     check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
         run_dir = Path(settings.out or Path("runs") / f"{Path(settings.from_run).name}-{settings.objective}")
