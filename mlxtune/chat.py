@@ -122,7 +122,10 @@ class Reply:
     generation_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
-    finish_reason: str = "stop"  # stop | length
+    finish_reason: str = "stop"  # stop | length | interrupted (Ctrl-C in chat)
+
+
+SPLIT_CHARACTER = "\ufffd"  # what decoding shows for the first bytes of a character whose last bytes are missing
 
 
 def stream_reply(loaded: LoadedModel, prompt_ids: list[int], sampling: Sampling,
@@ -151,10 +154,15 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], sampling: Sampling,
             text = text[:cut]
             reply.finish_reason = "stop"
             break
-        if len(text) - hold > shown:
-            reply.text = text[: len(text) - hold]
-            yield text[shown : len(text) - hold], reply
-            shown = len(text) - hold
+        visible = len(text) - hold
+        while visible > shown and text[visible - 1] == SPLIT_CHARACTER:  # the rest of its bytes may still come
+            visible -= 1
+        if visible > shown:
+            reply.text = text[:visible]
+            yield text[shown:visible], reply
+            shown = visible
+    # A multi-byte character cut off by max_tokens decodes to U+FFFD at the end: it was never said, so not shown.
+    text = text.rstrip(SPLIT_CHARACTER)
     reply.text = text
     if len(text) > shown:
         yield text[shown:], reply
@@ -311,7 +319,11 @@ def chat_session(
     notice(f"format: {conversation.format.description}")
     commands = ChatCommands([conversation], notice)
     while True:
-        line = read_line()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt (the second one, after stopping a reply): quit
+            write("\n")
+            return conversation.messages
         if line is None or line.strip() in ("/exit", "/quit"):
             return conversation.messages
         line = line.strip()
@@ -321,8 +333,18 @@ def chat_session(
         if dropped:
             notice(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the {conversation.context}-token "
                    "context")
-        reply = run_reply(loaded, ids, sampling, conversation.format.stops, write)
-        write("\n")
+        reply, stream = Reply(prompt_tokens=len(ids)), stream_reply(loaded, ids, sampling, conversation.format.stops)
+        try:
+            for piece, reply in stream:
+                if piece:
+                    write(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session: what was said so far is kept
+            stream.close()
+            reply.finish_reason = "interrupted"
+            write("\n")
+            notice("reply stopped (Ctrl-C at the prompt quits)")
+        else:
+            write("\n")
         conversation.answer(reply)
         notice(_speed(reply))
 

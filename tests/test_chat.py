@@ -121,3 +121,56 @@ def test_prompt_completion_run_renders_with_its_training_template_and_says_so(tr
     assert "prompt/completion" in fmt.description and "fallback" in fmt.description
     text = loaded.tokenizer.decode(encode_messages(loaded, [{"role": "user", "content": "How many yards?"}], fmt))
     assert text.endswith("### User:\nHow many yards?\n\n### Assistant:\n")
+
+
+def test_ctrl_c_stops_the_reply_and_a_second_ctrl_c_at_the_prompt_quits(model_dir):
+    import signal
+
+    from mlxtune.chat import Sampling, chat_session
+
+    lines, written, notices = iter(["Once upon a time"]), [], []
+
+    def read_line():
+        line = next(lines, None)
+        if line is None:  # the second Ctrl-C, at the prompt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return line
+
+    def write(text):
+        written.append(text)
+        if len(written) == 3:  # Ctrl-C while the reply streams
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+    messages = chat_session(model_dir, read_line, write, sampling=Sampling(temperature=0.0, max_tokens=200),
+                            on_notice=notices.append)
+    assert any("reply stopped" in n for n in notices)
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # the conversation survives the interrupt
+    reply = messages[1]["content"]
+    assert reply and reply == "".join(written[:3]).strip()
+
+
+def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(model_dir):
+    import mlx.core as mx
+
+    from mlxtune.chat import Sampling, stream_reply
+    from mlxtune.runs import open_for_inference
+
+    loaded = open_for_inference(model_dir)
+    euro = [loaded.tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "€".encode()]  # 3 byte tokens
+
+    class Forced(Sampling):  # the model "says" € byte by byte, then "!"
+        def logits_processors(self):
+            def force(tokens, logits):
+                at = len(tokens) - prompt_length
+                wanted = (euro + [loaded.tokenizer.convert_tokens_to_ids("!")] * 8)[at]
+                return mx.where(mx.arange(logits.shape[-1]) == wanted, 0.0, -1e9)[None]
+            return [force]
+
+    prompt = list(loaded.tokenizer.encode("Hi"))
+    prompt_length = len(prompt)
+    for max_tokens, expected in ((2, ""), (4, "€!")):
+        pieces = [piece for piece, _ in stream_reply(loaded, prompt, Forced(temperature=0.0, max_tokens=max_tokens))]
+        assert "\ufffd" not in "".join(pieces), pieces
+        assert "".join(pieces).strip() == expected
