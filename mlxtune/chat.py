@@ -361,8 +361,10 @@ def compare_session(
     """Base model and tuned model (base + the run's adapter) answer each message side by side, both streaming at
     once in two rich columns. Each keeps its own history. Returns both histories."""
     from rich.live import Live
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     from mlxtune.runs import is_run_dir
 
@@ -374,20 +376,23 @@ def compare_session(
     tuned = open_for_inference(run_dir, checkpoint)
     sides = [Conversation(base, system, sampling), Conversation(tuned, system, sampling)]
     titles = ["base", f"tuned ({checkpoint})"]
-    console.print(f"[dim]comparing {base.source} (base) with {tuned.source} (tuned) · "
-                  f"format: {sides[1].format.description}[/]")
-    commands = ChatCommands(sides, lambda message: console.print(f"[dim]{message}[/]"))
+    console.print("[dim]" + escape(f"comparing {base.source} (base) with {tuned.source} (tuned) · "
+                                   f"format: {sides[1].format.description}") + "[/]")
+    commands = ChatCommands(sides, lambda message: console.print(f"[dim]{escape(message)}[/]"))
 
     def view(texts: list[str], footers: list[str]) -> Table:
         grid = Table.grid(expand=True, padding=(0, 1))
         grid.add_column(ratio=1)
         grid.add_column(ratio=1)
-        grid.add_row(*(Panel(texts[i] or "…", title=titles[i], subtitle=footers[i], title_align="left")
+        grid.add_row(*(Panel(Text(texts[i] or "…"), title=titles[i], subtitle=footers[i], title_align="left")
                        for i in range(2)))
         return grid
 
     while True:
-        line = read_line()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits
+            return [side.messages for side in sides]
         if line is None or line.strip() in ("/exit", "/quit"):
             return [side.messages for side in sides]
         line = line.strip()
@@ -401,14 +406,20 @@ def compare_session(
             streams.append(stream_reply(side.loaded, ids, sampling, side.format.stops))
         with Live(view(texts, footers), console=console, refresh_per_second=12, transient=False) as live:
             active = [0, 1]
-            while active:
-                for i in list(active):
-                    try:
-                        piece, replies[i] = next(streams[i])
-                        texts[i] += piece
-                    except StopIteration:
-                        active.remove(i)
-                        footers[i] = _speed(replies[i])
+            try:
+                while active:
+                    for i in list(active):
+                        try:
+                            piece, replies[i] = next(streams[i])
+                            texts[i] += piece
+                        except StopIteration:
+                            active.remove(i)
+                            footers[i] = _speed(replies[i])
+                    live.update(view(texts, footers))
+            except KeyboardInterrupt:  # Ctrl-C stops both replies, not the session
+                for i in active:
+                    streams[i].close()
+                    replies[i].finish_reason, footers[i] = "interrupted", "stopped (Ctrl-C)"
                 live.update(view(texts, footers))
         for side, reply in zip(sides, replies):
             side.answer(reply)

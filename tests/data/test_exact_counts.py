@@ -43,10 +43,10 @@ def test_a_control_character_error_reads_once(tmp_path):
 
 
 PAIRS = [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-         {"prompt": "What is 3+3?", "chosen": "", "rejected": "7"},
+         {"prompt": "What is 3+3?", "chosen": " ", "rejected": "7"},
          {"prompt": "What is 4+4?", "chosen": "8", "rejected": "9"},
          {"prompt": "What is 5+5?"},
-         {"prompt": "What is 6+6?", "chosen": "", "rejected": "11"},
+         {"prompt": "What is 6+6?", "chosen": " ", "rejected": "11"},
          {"prompt": "What is 7+7?", "chosen": "14", "rejected": "13"}]
 
 

@@ -3,6 +3,7 @@ data that overlaps training (by content) is said so in the terminal, eval.json a
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -42,11 +43,12 @@ def test_a_single_file_run_is_evaluated_on_the_records_training_held_out(single_
     assert "none of the 9 scored examples was trained on" in result.stdout
 
     # exactly the records training held out (same seed): the eval cases are those records, in that order
+    from mlxtune.chat import prompt_format
     from mlxtune.eval.cases import load_cases
     from mlxtune.runs import open_for_inference, open_run
 
     loaded = open_for_inference(run_dir)
-    cases = load_cases(open_run(run_dir), loaded.tokenizer, None)
+    cases = load_cases(open_run(run_dir), loaded.tokenizer, prompt_format(loaded).template)
     held_out = split_validation(read_records(data), 0)[1]
     assert [c.reference for c in cases.cases] == [r.completion for r in held_out]
 
@@ -58,14 +60,20 @@ def test_eval_on_data_that_overlaps_training_says_so_everywhere(single_file_run,
     mixed = tmp_path / "mixed.jsonl"  # 3 records the run trained on (copied, so by content) + 2 it never saw
     mixed.write_text("".join(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n"
                              for r in trained[:3] + held_out[:2]))
-    result = run_cli("eval", run_dir, "--data", mixed, "--samples", 0, "--max-tokens", 4, "--out", tmp_path)
-    assert result.returncode == 0, result.stderr
+    from mlxtune.eval import evaluate_run, print_summary
+    from mlxtune.ui import make_console
+
+    result = evaluate_run(run_dir, data=mixed, samples=0, max_tokens=4, out=tmp_path)  # in-process: no 2nd start-up
+    console = make_console()
+    console.file = io.StringIO()
+    print_summary(console, result)
+    terminal = console.file.getvalue()
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["split"] == "file" and report["examples"] == 5
     assert report["overlap"]["examples"] == 3
     assert report["overlap"]["sources"] == [f"{mixed}:{n}" for n in (1, 2, 3)]
     assert report["verdict"]["better"] is False and report["verdict"]["trained_on"] == 3
-    assert "3 of 5 scored examples were trained on" in result.stdout.replace("\n", " ")
+    assert "3 of 5 scored examples were trained on" in terminal.replace("\n", " ")
     assert "3 of 5 scored examples were trained on" in (tmp_path / "report.html").read_text()
 
 
