@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 import yaml
 from mlx.utils import tree_map
+from rich.markup import escape
 
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
@@ -299,7 +300,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         _claim(run_dir, resume, console)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
-    console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+    console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{escape(str(model_path))}[/] · "
+                  f"run [cyan]{escape(str(run_dir))}[/]")
     model, tokenizer, model_config = load_model(model_path)
     if mx.default_device() == mx.cpu and any(
             v.dtype in (mx.float16, mx.bfloat16) for v in _floating(model)):
@@ -307,8 +309,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         console.print("CPU backend: training in float32 (half-precision weights upcast)")
     sets = tokenize_preference_splits(records, tokenizer, max_seq_length=settings.max_seq_length,
                                       chat_template=settings.chat_template)
-    for note in sets.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for note in sets.notes:  # file:line lists and paths: text, never markup
+        console.print(f"[yellow]note:[/] {escape(note)}")
     # Planned once the pairs are tokenized (with the model's own tokenizer, so after loading the weights): the
     # step's activations and head, not the weights, are what grows with the settings.
     try:
