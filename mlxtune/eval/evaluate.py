@@ -165,7 +165,8 @@ def evaluate_run(
     preference = preference_scores(run, data, checkpoint, limit)
     if preference is not None:  # chosen/rejected pairs: preference accuracy is the task, chosen answers the loss
         result = EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, metric=preference["task"]["metric"],
-                            verdict=verdict(preference["loss"], preference["task"]), samples=[],
+                            verdict=verdict(preference["loss"], preference["task"], preference["overlap"],
+                                            preference["examples"]), samples=[],
                             curves=_curves(run.path), **preference)
         return _write(result, out_dir)
     with quiet_stdout():
