@@ -720,6 +720,7 @@ def doctor(no_measure, json_mode):
         ("metal", "yes · recommended working set "
                   f"{report['metal'].get('recommended_working_set_gb', 0):.1f} GB" if report["metal"]["available"]
          else "no (CPU backend)"),
+        ("quantized layers", report["quantized_layers"]),
         ("blas", f"{blas['library'] or 'MLX built-in'} — {blas['status']}"
                  + (f" (kernel {blas['openblas_coretype']})" if blas["openblas_coretype"] else "")),
     ]

@@ -25,6 +25,7 @@ import yaml
 from mlx.utils import tree_map
 from rich.markup import escape
 
+from mlxtune.cpu_quantized import accelerate_quantized
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
@@ -321,6 +322,9 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
 
     mx.random.seed(settings.seed)
     adapter_cfg = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget)  # CPU backend only
+    if quantized:
+        console.print(quantized)
     objective = PreferenceObjective(model, settings.objective, settings.beta, settings.label_smoothing,
                                     settings.selective_loss)
     plan = BatchPlan(batch_size=settings.batch_size)
