@@ -36,18 +36,21 @@ PATHS = ("off", "call", "load")
 def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool):
     """`x @ dequantize(w).T` for one quantization format, with a backward pass that dequantizes again."""
 
-    def dequantized(w, scales, biases):
+    def dequantized(w, scales, biases, after):
+        # Only once `after` (the layer's input) exists: the weights alone are ready from the start, and MLX's
+        # scheduler would otherwise dequantize every layer up front and hold all the float weights at once.
+        w, scales, biases = mx.depends([w, scales, biases], [after])
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
-        return x @ dequantized(w, scales, biases).T
+        return x @ dequantized(w, scales, biases, x).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
         x, w, scales, biases = primals
         # The base is frozen: only x's cotangent is ever used; the others are lazy zeros nothing evaluates.
-        return (cotangent @ dequantized(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales),
+        return (cotangent @ dequantized(w, scales, biases, cotangent), mx.zeros_like(w), mx.zeros_like(scales),
                 mx.zeros_like(biases))
 
     if with_biases:
