@@ -163,17 +163,19 @@ def accelerate_quantized(model, budget: int | None = None) -> str | None:
     float_bytes = float_weight_bytes(model)
     path = choose_path(float_bytes, budget, on_cpu=True)
     use_path(model, path)
-    return describe(path, float_bytes)
+    return describe(path, float_bytes, forced=requested_path() is not None)
 
 
-def describe(path: str, float_bytes: int) -> str:
+def describe(path: str, float_bytes: int, forced: bool = False) -> str:
     from mlxtune.memory import fmt_gb
 
+    why = f"{ENV}={path}" if forced else None
     if path == "load":
-        return f"quantized base: computing through float weights dequantized once ({fmt_gb(float_bytes)})"
+        return (f"quantized base: computing through float weights dequantized once ({fmt_gb(float_bytes)}"
+                + (f"; {why})" if why else ")"))
     if path == "call":
-        return "quantized base: dequantizing each layer as it computes (float copies would not fit a quarter of " \
-               "the memory budget)"
+        return ("quantized base: dequantizing each layer as it computes ("
+                + (why or f"float copies, {fmt_gb(float_bytes)}, would not fit a quarter of the memory budget") + ")")
     return f"quantized base: MLX's quantized kernels ({ENV}=off; slow on the CPU backend)"
 
 
