@@ -122,7 +122,7 @@ def requested_path() -> str | None:
         return None
     if value not in PATHS:
         raise UsageError(f"{ENV}={value} is not a way to compute quantized layers",
-                         f"use one of {', '.join(PATHS)} (or leave it unset to choose by the memory budget)")
+                         f"use one of {', '.join(PATHS)}, or leave it unset to choose by the memory budget")
     return value
 
 

@@ -5,6 +5,7 @@ chosen by the memory budget (memory.quantized_path) or MLXTUNE_DEQUANTIZE."""
 from __future__ import annotations
 
 import json
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -218,6 +219,19 @@ def test_lora_cli_on_a_4bit_base_says_how_it_computes(q4_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "quantized base: computing through float weights dequantized once" in result.stdout
     assert (tmp_path / "run" / "adapters.safetensors").is_file()
+
+
+def test_a_bad_override_is_refused_before_any_run_directory_exists(q4_model, tmp_path):
+    import subprocess
+
+    from conftest import MLXTUNE
+
+    result = subprocess.run([*MLXTUNE, "lora", "--model", str(q4_model), "--data", str(WIKISQL), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True,
+                            env=dict(os.environ, **{ENV: "fast"}), timeout=300)
+    assert result.returncode == 2
+    assert f"{ENV}=fast" in result.stderr and "off, call, load" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_doctor_says_how_quantized_layers_compute():

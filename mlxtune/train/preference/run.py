@@ -25,7 +25,7 @@ import yaml
 from mlx.utils import tree_map
 from rich.markup import escape
 
-from mlxtune.cpu_quantized import accelerate_quantized
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
@@ -282,6 +282,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     memory planner says won't fit are refused before training unless `force`."""
     console = console or make_console()
     settings.validate()
+    requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
     data_path = resolve_data_path(settings.data)
