@@ -5,7 +5,6 @@ chosen by the memory budget (memory.quantized_path) or MLXTUNE_DEQUANTIZE."""
 from __future__ import annotations
 
 import json
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -221,16 +220,14 @@ def test_lora_cli_on_a_4bit_base_says_how_it_computes(q4_model, tmp_path):
     assert (tmp_path / "run" / "adapters.safetensors").is_file()
 
 
-def test_a_bad_override_is_refused_before_any_run_directory_exists(q4_model, tmp_path):
-    import subprocess
+def test_a_bad_override_is_refused_before_any_run_directory_exists(q4_model, tmp_path, monkeypatch):
+    from mlxtune import LoraSettings, finetune
+    from mlxtune.ui import make_console
 
-    from conftest import MLXTUNE
-
-    result = subprocess.run([*MLXTUNE, "lora", "--model", str(q4_model), "--data", str(WIKISQL), "--out",
-                             str(tmp_path / "run")], capture_output=True, text=True,
-                            env=dict(os.environ, **{ENV: "fast"}), timeout=300)
-    assert result.returncode == 2
-    assert f"{ENV}=fast" in result.stderr and "off, call, load" in result.stderr
+    monkeypatch.setenv(ENV, "fast")
+    with pytest.raises(UsageError, match=f"{ENV}=fast.*off, call, load"):
+        finetune(LoraSettings(model=str(q4_model), data=str(WIKISQL), out=str(tmp_path / "run")),
+                 console=make_console(quiet=True))
     assert not (tmp_path / "run").exists()
 
 
