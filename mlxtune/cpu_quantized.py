@@ -40,7 +40,8 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool
         # Only once `after` (the layer's input) exists: the weights alone are ready from the start, and MLX's
         # scheduler would otherwise dequantize every layer up front and hold all the float weights at once.
         w, scales, biases = mx.depends([w, scales, biases], [after])
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+        return mx.dequantize(w, scales, biases if with_biases else None, group_size=group_size, bits=bits,
+                             mode=mode)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
@@ -55,7 +56,7 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool
 
     if with_biases:
         return matmul
-    # Formats without biases (mxfp4 and kin): a zero stands in so that one custom function serves both.
+    # Formats without biases (mxfp4 and kin): a zero stands in (unused) so that one custom function serves both.
     return lambda x, w, scales, biases: matmul(x, w, scales, mx.zeros((1,), dtype=scales.dtype))
 
 
@@ -111,7 +112,7 @@ def float_weight_bytes(model) -> int:
     total = 0
     for module in quantized_modules(model):
         rows, packed = module["weight"].shape
-        total += rows * packed * (32 // module.bits) * module["scales"].dtype.size
+        total += rows * (packed * 32 // module.bits) * module["scales"].dtype.size
     return total
 
 

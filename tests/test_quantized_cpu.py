@@ -23,9 +23,10 @@ from mlxtune.memory import quantized_path
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's path")
 
 
-def quantized_linear(bits=4, group_size=32, bias=True, out_dims=96, in_dims=128, seed=0) -> nn.QuantizedLinear:
+def quantized_linear(bits=4, group_size=32, bias=True, out_dims=96, in_dims=128, seed=0,
+                     mode="affine") -> nn.QuantizedLinear:
     mx.random.seed(seed)
-    return nn.QuantizedLinear.from_linear(nn.Linear(in_dims, out_dims, bias=bias), group_size, bits)
+    return nn.QuantizedLinear.from_linear(nn.Linear(in_dims, out_dims, bias=bias), group_size, bits, mode=mode)
 
 
 def close(a, b, scale=1.0):
@@ -45,9 +46,12 @@ def outputs_and_gradients(module, x):
 
 
 @pytest.mark.parametrize("path", ["call", "load"])
-@pytest.mark.parametrize("bits,group_size,bias", [(4, 32, True), (4, 64, False), (8, 32, True)])
-def test_linear_equals_the_quantized_kernel(path, bits, group_size, bias):
-    layer = quantized_linear(bits, group_size, bias)
+@pytest.mark.parametrize("bits,group_size,bias,mode", [(4, 32, True, "affine"), (4, 64, False, "affine"),
+                                                       (8, 32, True, "affine"), (3, 32, False, "affine"),
+                                                       (4, 32, True, "mxfp4")])
+def test_linear_equals_the_quantized_kernel(path, bits, group_size, bias, mode):
+    layer = quantized_linear(bits, group_size, bias, mode=mode)
+    assert float_weight_bytes(layer) == 96 * 128 * 4
     x = mx.random.normal((2, 5, 128))
     expected = layer(x)
     assert use_path(layer, path) == 1
