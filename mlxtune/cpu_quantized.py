@@ -33,7 +33,7 @@ PATHS = ("off", "call", "load")
 
 
 @functools.cache
-def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool):
+def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool, dtype):
     """`x @ dequantize(w).T` for one quantization format, with a backward pass that dequantizes again."""
 
     def dequantized(w, scales, biases, after):
@@ -41,7 +41,7 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool
         # scheduler would otherwise dequantize every layer up front and hold all the float weights at once.
         w, scales, biases = mx.depends([w, scales, biases], [after])
         return mx.dequantize(w, scales, biases if with_biases else None, group_size=group_size, bits=bits,
-                             mode=mode)
+                             mode=mode, dtype=dtype)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
@@ -57,7 +57,7 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, with_biases: bool
     if with_biases:
         return matmul
     # Formats without biases (mxfp4 and kin): a zero stands in (unused) so that one custom function serves both.
-    return lambda x, w, scales, biases: matmul(x, w, scales, mx.zeros((1,), dtype=scales.dtype))
+    return lambda x, w, scales, biases: matmul(x, w, scales, mx.zeros((1,), dtype=dtype))
 
 
 def _float_copy(module) -> mx.array | None:
@@ -71,7 +71,7 @@ def _product(module, x: mx.array) -> mx.array:
         return x @ weight.T
     biases = module.get("biases")
     matmul = _dequantized_matmul(module.group_size, module.bits, getattr(module, "mode", "affine"),
-                                 biases is not None)
+                                 biases is not None, _float_dtype(module))
     return matmul(x, module["weight"], module["scales"], biases)
 
 
@@ -102,17 +102,25 @@ def quantized_modules(model) -> list:
     return [m for _, m in model.named_modules() if type(m) in SUBCLASSES or type(m) in SUBCLASSES.values()]
 
 
+def _float_dtype(module):
+    """The dtype of the module's weight as floats: its scales' (affine), else float32 (mxfp4 and kin, whose
+    integer scales would otherwise make MLX dequantize to bfloat16, slow on the CPU; their values are exact in
+    float32)."""
+    scales = module["scales"].dtype
+    return scales if mx.issubdtype(scales, mx.floating) else mx.float32
+
+
 def _dequantize(module) -> mx.array:
     return mx.dequantize(module["weight"], module["scales"], module.get("biases"), group_size=module.group_size,
-                         bits=module.bits, mode=getattr(module, "mode", "affine"))
+                         bits=module.bits, mode=getattr(module, "mode", "affine"), dtype=_float_dtype(module))
 
 
 def float_weight_bytes(model) -> int:
-    """Bytes the float copies of every quantized weight would take (in the dtype of their scales)."""
+    """Bytes the float copies of every quantized weight would take."""
     total = 0
     for module in quantized_modules(model):
         rows, packed = module["weight"].shape
-        total += rows * (packed * 32 // module.bits) * module["scales"].dtype.size
+        total += rows * (packed * 32 // module.bits) * _float_dtype(module).size
     return total
 
 
