@@ -17,7 +17,9 @@ from test_serve import _start_serve, cancel_request  # noqa: E402  (tests/ is on
 
 REQUESTS = 2000
 DEADLINE_S = 50
-GOOD = {"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 2, "temperature": 0}
+# Both length fields: a mutation that breaks one name leaves the other (not the 256-token default).
+GOOD = {"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 2, "max_completion_tokens": 2,
+        "temperature": 0}
 ODD_VALUES = [None, True, False, "", "x" * 300, -1, 0, 1, 2**31, -(2**63), 1e308, -1e-308, 0.5, [], [1], {},
               {"a": None}, "NaN", "\ud800", "\u0000", 10**18]
 FIELDS = ["messages", "max_tokens", "temperature", "top_p", "min_p", "seed", "stop", "stream", "n", "model",
@@ -72,7 +74,7 @@ def _body(rng: random.Random) -> tuple[str, bytes, dict]:
     if kind == 8:  # completions with odd fields
         return "/v1/completions", json.dumps({"prompt": "Once", "max_tokens": rng.choice(ODD_VALUES)}).encode(), {}
     if kind == 9:  # a stream, cancelled after its first event (marked for the caller)
-        return "cancel", json.dumps({**GOOD, "max_tokens": 200, "stream": True}).encode(), {}
+        return "cancel", json.dumps({**GOOD, "max_tokens": 50, "stream": True}).encode(), {}
     return "/v1/chat/completions", json.dumps({**GOOD, "temperature": rng.uniform(0, 2),
                                                "top_p": rng.uniform(0, 1)}).encode(), {}
 
@@ -93,7 +95,7 @@ def _send(port: int, path: str, body: bytes, headers: dict) -> tuple[int, bytes]
 def test_2000_hostile_requests_leave_the_server_well(model_dir):
     process, port = _start_serve(model_dir)
     try:
-        normal = json.dumps({**GOOD, "max_tokens": 8}).encode()
+        normal = json.dumps({**GOOD, "max_tokens": 8, "max_completion_tokens": 8}).encode()
         status, expected = _send(port, "/v1/chat/completions", normal, {})
         assert status == 200
         expected_text = json.loads(expected)["choices"][0]["message"]["content"]
