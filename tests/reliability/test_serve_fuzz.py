@@ -9,6 +9,7 @@ import http.client
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_serve import _start_serve, cancel_request  # noqa: E402  (tests/ is on
 
 REQUESTS = 2000
 DEADLINE_S = 50
+CLIENTS = 4  # concurrent clients, each with its own random sequence
 # Both length fields: a mutation that breaks one name leaves the other (not the 256-token default).
 GOOD = {"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 2, "max_completion_tokens": 2,
         "temperature": 0}
@@ -92,6 +94,24 @@ def _send(port: int, path: str, body: bytes, headers: dict) -> tuple[int, bytes]
         connection.close()
 
 
+def _fuzz(port: int, seed: int, count: int, stop_at: float) -> tuple[int, dict[int, int]]:
+    """Send up to `count` random requests, checking each answer; returns (sent, count per status)."""
+    rng, statuses, sent = random.Random(seed), {}, 0
+    while sent < count and time.time() < stop_at:
+        path, body, headers = _body(rng)
+        try:
+            status, payload = _send(port, path, body, headers)
+        except (ConnectionError, http.client.HTTPException) as exc:
+            raise AssertionError(f"seed {seed} request {sent} ({body[:80]!r}) got no answer: {exc!r}") from None
+        statuses[status] = statuses.get(status, 0) + 1
+        assert 200 <= status < 300 or 400 <= status < 500 or status == 503, (status, body[:80], payload[:200])
+        if status >= 400:
+            error = json.loads(payload)["error"]
+            assert error["message"] and error["type"], payload
+        sent += 1
+    return sent, statuses
+
+
 def test_2000_hostile_requests_leave_the_server_well(model_dir):
     process, port = _start_serve(model_dir)
     try:
@@ -99,29 +119,25 @@ def test_2000_hostile_requests_leave_the_server_well(model_dir):
         status, expected = _send(port, "/v1/chat/completions", normal, {})
         assert status == 200
         expected_text = json.loads(expected)["choices"][0]["message"]["content"]
-        rng = random.Random(23)
+        # warm up: the sampler's one compile, and a baseline for resident memory
+        assert _send(port, "/v1/chat/completions", json.dumps({**GOOD, "temperature": 0.5}).encode(), {})[0] == 200
+        before = _rss_kb(process.pid)
+        stop_at, per_client = time.time() + DEADLINE_S, REQUESTS // CLIENTS
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            results = list(pool.map(lambda seed: _fuzz(port, seed, per_client, stop_at), range(CLIENTS)))
+        sent = sum(count for count, _ in results)
         statuses: dict[int, int] = {}
-        rss, started, sent = [], time.time(), 0
-        while sent < REQUESTS and time.time() - started < DEADLINE_S:
-            path, body, headers = _body(rng)
-            try:
-                status, payload = _send(port, path, body, headers)
-            except (ConnectionError, http.client.HTTPException) as exc:
-                raise AssertionError(f"request {sent} ({body[:80]!r}) got no answer: {exc!r}") from None
-            statuses[status] = statuses.get(status, 0) + 1
-            assert 200 <= status < 300 or 400 <= status < 500 or status == 503, (status, body[:80], payload[:200])
-            if status >= 400:
-                error = json.loads(payload)["error"]
-                assert error["message"] and error["type"], payload
-            sent += 1
-            if sent % 500 == 0:
-                rss.append(_rss_kb(process.pid))
+        for _, counts in results:
+            for status, count in counts.items():
+                statuses[status] = statuses.get(status, 0) + count
         assert sent >= REQUESTS, f"only {sent} requests in {DEADLINE_S} s: {statuses}"
         assert statuses.get(400, 0) > 500 and statuses.get(200, 0) > 100, statuses
         status, again = _send(port, "/v1/chat/completions", normal, {})
         assert status == 200 and json.loads(again)["choices"][0]["message"]["content"] == expected_text
-        if rss[0] is not None:  # Linux: resident memory after 500 requests vs after 2,000
-            assert rss[-1] - rss[1] < 64 * 1024, f"resident memory grew {rss} kB"
+        if before is not None:  # Linux: resident memory before and after the 2,000
+            after = _rss_kb(process.pid)
+            assert after - before < 64 * 1024, f"resident memory grew from {before} to {after} kB"
+            print(f"fuzz: {sent} requests {statuses}; resident memory {before} -> {after} kB")
         assert process.poll() is None
     finally:
         process.terminate()
