@@ -34,6 +34,11 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> "Sampling":
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty or 1.0}
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # NaN passes every range check below
+                raise UsageError(f"{name} must be a finite number, got {value}", "e.g. --temp 0.7")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}", "set --max-tokens")
         if self.temperature < 0:

@@ -51,6 +51,8 @@ def test_sampling_flags_are_seeded_and_validated(trained_run):
     assert first == second and first != other
     bad = run_cli("generate", run_dir, "-p", "x", "--top-p", 2)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    nan = run_cli("generate", run_dir, "-p", "x", "--temp", "nan")
+    assert nan.returncode == 2 and "finite" in nan.stderr and "Traceback" not in nan.stderr
 
 
 def test_history_is_trimmed_to_the_context_window(model_dir):
