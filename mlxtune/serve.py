@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -254,8 +254,7 @@ class Counters:
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {"served": self.served, "failed": self.failed, "cancelled": self.cancelled,
-                    "rejected_busy": self.rejected_busy, "generated_tokens": self.generated_tokens}
+            return asdict(self)
 
 
 class Engine:
@@ -677,6 +676,13 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request, client_address):
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that hung up between requests: nothing to answer, nothing to log
+        super().handle_error(request, client_address)
 
 
 class Server6(Server):
