@@ -7,6 +7,7 @@ directory uses its own chat template, or mlxtune's fallback one when it has none
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,6 +34,11 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> "Sampling":
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty or 1.0}
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # NaN passes every range check below
+                raise UsageError(f"{name} must be a finite number, got {value}", "e.g. --temp 0.7")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}", "set --max-tokens")
         if self.temperature < 0:
@@ -45,10 +51,29 @@ class Sampling:
         return self
 
     def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
+        """mlx-lm's sampling steps, with the values passed as arrays. Its samplers are compiled, and a Python number
+        is a compile-time constant there: every new temperature or top_p (a server's clients send many) would compile
+        again — seconds each, and MLX's compile cache keeps every one (tests/test_chat.py checks the tokens match
+        `make_sampler`'s)."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p, categorical_sampling, make_sampler
 
-        # top_p 1.0 means "no nucleus cut"; mlx-lm spells that 0.
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p)
+        if self.temperature == 0:
+            return make_sampler(temp=0.0)
+        temperature = mx.array(self.temperature, dtype=mx.float32)
+        top_p = mx.array(self.top_p, dtype=mx.float32) if 0 < self.top_p < 1 else None  # 1 (or 0): no nucleus cut
+        # mlx-lm's apply_min_p takes math.log(min_p), which an array can't pass inside compile: the same mask here.
+        log_min_p = mx.array(math.log(self.min_p), dtype=mx.float32) if self.min_p > 0 else None
+
+        def sample(logprobs):
+            if top_p is not None:
+                logprobs = apply_top_p(logprobs, top_p)
+            if log_min_p is not None:
+                floor = logprobs.max(axis=-1, keepdims=True) + log_min_p
+                logprobs = mx.where(logprobs < floor, -float("inf"), logprobs)
+            return categorical_sampling(logprobs, temperature)
+
+        return sample
 
     def logits_processors(self):
         from mlx_lm.sample_utils import make_logits_processors
