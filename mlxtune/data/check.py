@@ -14,6 +14,7 @@ from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings
                                   steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
 from mlxtune.data.preference_check import is_preference_data, preference_facts
+from mlxtune.data.prompts import is_prompt_only_data, prompt_facts
 from mlxtune.errors import UsageError
 
 
@@ -106,6 +107,17 @@ def _preference_report(path, model, show, max_seq_length, chat_template, seed) -
     return report
 
 
+def _prompt_report(path, model, chat_template, seed) -> DataReport:
+    facts = prompt_facts(resolve_data_path(path), model, chat_template=chat_template, seed=seed)
+    report = DataReport(str(path), facts.unit, problems=[_problem(e) for e in facts.problems], notes=facts.notes,
+                        overlap_train_valid=facts.overlap_train_valid, template=facts.template)
+    for s in facts.splits:
+        stats, histogram = _length_stats(s.lengths)
+        report.splits.append(SplitStats(s.split, s.file, "prompt-only", s.records, stats, histogram, None,
+                                        s.duplicates, 0, s.held_out_from, s.convention))
+    return report
+
+
 def check_data(path: str | Path, model: str | Path | None = None, *, show: int = 0, max_seq_length: int = 2048,
                train_on_prompt: bool = False, chat_template: str | None = None, seed: int = 0,
                keys: tuple[str, str] | None = None, iters: int | None = None,
@@ -117,6 +129,8 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
     files = find_splits(resolve_data_path(path))
     if keys is None and is_preference_data(files):  # pairs for mlxtune dpo/orpo: checked as pairs
         return _preference_report(path, model, show, max_seq_length, chat_template, seed)
+    if keys is None and is_prompt_only_data(files):  # prompts for reinforcement learning (GRPO)
+        return _prompt_report(path, model, chat_template, seed)
     problems: list[UsageError] = []
     records, notes = read_splits(files, seed, keys, problems)
     report = DataReport(str(path), "tokens" if model else "characters", notes=notes)
