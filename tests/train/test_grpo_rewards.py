@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxtune.errors import UsageError
-from mlxtune.train.grpo.rewards import (RewardError, _validate, check_fields, final_number, parse_reward,
+from mlxtune.train.grpo.rewards import (RewardError, _validate, as_completions, check_fields, final_number, parse_reward,
                                         parse_rewards, score)
 
 SOURCES = ["data.jsonl:1", "data.jsonl:2", "data.jsonl:3"]
@@ -98,6 +98,7 @@ def test_trl_convention_columns_and_conversational_completions(tmp_path):
     assert result.total.tolist() == [1.0, 0.0]
     seen = reward.function.__globals__["seen"]
     assert seen["level"] == [1, 2] and seen["answer"] == ["4", "4"] and seen["prompts"] == prompts
+    assert as_completions(["4", "5"], prompts) == completions and as_completions(["x"], ["text"]) == ["x"]
     # built-ins read the text of conversational completions too
     assert _score("exact", completions, [{"answer": "4"}] * 2, prompts) == [1.0, 0.0]
 

@@ -92,6 +92,12 @@ def completion_text(completion: Any) -> str:
     return str(completion)
 
 
+def as_completions(texts: list[str], prompts: list) -> list:
+    """Completions as TRL passes them: text, or `[{"role": "assistant", "content": text}]` for a message-list
+    prompt."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for t, p in zip(texts, prompts)]
+
+
 def final_number(text: str) -> float | None:
     """The number after the last `####`, else the last number in the text."""
     found = FINAL_ANSWER.findall(text) or NUMBER.findall(text.replace("$", ""))
