@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxtune.data.dataset import split_validation
+from mlxtune.data.dataset import hold_out_validation
 # _raw_rows / _messages: formats.py's file reader (real file:line) and message normaliser, shared, not duplicated
 from mlxtune.data.formats import RecordError, _messages, _raw_rows, detect_preference, find_splits
+from mlxtune.data.preference_check import PreferenceFacts as DataFacts, SplitFacts
 from mlxtune.data.template import choose_template, render_chat
 from mlxtune.errors import UsageError
 
@@ -105,13 +106,7 @@ def read_prompt_splits(data: str | Path, seed: int = 0, problems: list[UsageErro
     Without `problems`, the first bad record raises its one-line error."""
     files = find_splits(data)
     records = {split: read_prompt_records(path, problems, prompt_key) for split, path in files.items()}
-    notes = []
-    if "valid" not in records:
-        records["train"], records["valid"] = split_validation(records["train"], seed)
-        if records["valid"]:
-            notes.append(f"no validation file: held out {len(records['valid'])} of "
-                         f"{len(records['train']) + len(records['valid'])} prompts from {files['train'].name} "
-                         f"(seed {seed})")
+    notes = hold_out_validation(records, files["train"], seed, "prompts")
     return records, notes
 
 
@@ -127,35 +122,14 @@ def prompt_ids(record: PromptRecord, tokenizer, template: str) -> list[int]:
 # What `data check` reports
 
 
-@dataclass
-class PromptSplitFacts:
-    split: str
-    file: str | None
-    records: int
-    lengths: list[int]  # prompt tokens (characters without a model)
-    duplicates: int
-    held_out_from: str | None
-    convention: str
-
-
-@dataclass
-class PromptFacts:
-    unit: str
-    problems: list[UsageError] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    splits: list[PromptSplitFacts] = field(default_factory=list)
-    overlap_train_valid: int = 0
-    template: str | None = None
-
-
 def _fingerprint(record: PromptRecord) -> str:
     return hashlib.sha1(repr(record.messages).encode()).hexdigest()
 
 
 def prompt_facts(path: str | Path, model: str | Path | None = None, *, chat_template: str | None = None,
-                 seed: int = 0) -> PromptFacts:
+                 seed: int = 0) -> DataFacts:
     files = find_splits(path)
-    facts = PromptFacts("tokens" if model else "characters")
+    facts = DataFacts("tokens" if model else "characters")
     records, facts.notes = read_prompt_splits(path, seed, facts.problems)
     tokenizer = template = None
     if model is not None:
@@ -176,9 +150,9 @@ def prompt_facts(path: str | Path, model: str | Path | None = None, *, chat_temp
         prints[split] = set(fingerprints)
         file = files.get(split)
         shapes = sorted({"prompt (messages)" if r.conversational else "prompt (text)" for r in recs})
-        facts.splits.append(PromptSplitFacts(split, str(file) if file else None, len(recs), lengths,
-                                             sum(c - 1 for c in Counter(fingerprints).values()),
-                                             None if file else str(files["train"]), ", ".join(shapes)))
+        facts.splits.append(SplitFacts(split, str(file) if file else None, len(recs), lengths, None,
+                                       sum(c - 1 for c in Counter(fingerprints).values()), 0,
+                                       None if file else str(files["train"]), ", ".join(shapes)))
     facts.overlap_train_valid = len(prints.get("train", set()) & prints.get("valid", set()))
     columns = sorted({k for recs in records.values() for r in recs for k in r.fields})
     total = sum(len(r) for r in records.values())
