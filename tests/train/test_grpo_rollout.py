@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlxtune.train.grpo.losses import selected_log_probs
-from mlxtune.train.grpo.rollout import generate_group, sample_keys
+from mlxtune.train.grpo.rollout import generate_group, rollout_examples, sample_keys
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_log_probs_are_the_models_own(story_model):
         sequence = mx.array(prompt + completion)[None]
         logits = model(sequence[:, :-1])[:, len(prompt) - 1:]
         want = selected_log_probs(logits, sequence[:, len(prompt):])[0]
-        np.testing.assert_allclose(np.array(group.log_probs[row, :len(completion)]), np.array(want), atol=1e-4)
+        np.testing.assert_allclose(np.array(group.log_probs[row, :len(completion)]), np.array(want), atol=1e-5)
 
 
 def test_greedy_and_same_key_are_reproducible(story_model):
@@ -77,3 +77,23 @@ def test_greedy_and_same_key_are_reproducible(story_model):
     assert len({tuple(greedy.completion(r)) for r in range(3)}) == 1
     with pytest.raises(ValueError, match="keys per prompt"):
         generate_group(model, prompt * 2, keys, max_tokens=4, eos_token_ids=[2])
+
+
+def test_the_update_batch_recomputes_the_rollout_log_probs(story_model):
+    """Prompt + completion through the batching and selective head the other objectives use: at the same weights
+    the recomputed log-probs are the sampled ones (ratio 1), row by row, position by position."""
+    from mlxtune.data.batching import make_batch
+    from mlxtune.train.preference.objective import SequenceLogProbs
+
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer)
+    group = generate_group(model, prompts, sample_keys(mx.random.key(5), 2, 3), max_tokens=16,
+                           eos_token_ids={tokenizer.encode(".", add_special_tokens=False)[-1]})
+    examples = rollout_examples(prompts, group)
+    assert [int(e.supervised.sum()) for e in examples] == group.lengths
+    batch = make_batch(examples)
+    nll = SequenceLogProbs(model).position_nll(model, mx.array(batch.inputs), mx.array(batch.positions),
+                                               mx.array(batch.position_targets))
+    recomputed = -np.array(nll)[: batch.supervised_tokens]
+    sampled = np.concatenate([np.array(group.log_probs[r, :n]) for r, n in enumerate(group.lengths)])
+    np.testing.assert_allclose(recomputed, sampled, atol=1e-5)

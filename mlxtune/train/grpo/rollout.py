@@ -24,8 +24,11 @@ import time
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
+
+from mlxtune.data.template import TokenizedExample
 
 
 @dataclass
@@ -119,3 +122,17 @@ def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_token
                       [p for p in range(len(prompts)) for _ in range(group_size)], keys, 0.0, int(mask.sum().item()))
     rollout.seconds = time.perf_counter() - start
     return rollout
+
+
+def rollout_examples(prompts: list[list[int]], rollout: Rollout, sources: list[str] | None = None
+                     ) -> list[TokenizedExample]:
+    """Each sample as prompt + completion with its completion tokens supervised: the update's batch, in the form
+    every other objective's batching (data/batching.py) and selective log-probs take. A row's supervised targets,
+    in order, are its completion's masked tokens."""
+    examples = []
+    for row, (prompt, length) in enumerate(zip((prompts[p] for p in rollout.prompt_index), rollout.lengths)):
+        ids = np.asarray(list(prompt) + rollout.completion(row), dtype=np.int32)
+        supervised = np.zeros(len(ids), dtype=bool)
+        supervised[len(prompt):] = True
+        examples.append(TokenizedExample(ids, supervised, sources[row] if sources else f"sample {row}"))
+    return examples
