@@ -75,6 +75,10 @@ def test_greedy_and_same_key_are_reproducible(story_model):
     greedy = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id],
                             temperature=0)
     assert len({tuple(greedy.completion(r)) for r in range(3)}) == 1
+    # a top-p so small that only the likeliest token survives samples greedily, whatever the temperature
+    nucleus = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id],
+                             temperature=1.5, top_p=1e-6)
+    assert np.array_equal(np.array(nucleus.tokens), np.array(greedy.tokens))
     with pytest.raises(ValueError, match="keys per prompt"):
         generate_group(model, prompt * 2, keys, max_tokens=4, eos_token_ids=[2])
 
