@@ -14,6 +14,7 @@ from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings
                                   steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
 from mlxtune.data.preference_check import is_preference_data, preference_facts
+from mlxtune.data.prompts import is_prompt_only_data, prompt_facts
 from mlxtune.errors import UsageError
 
 
@@ -91,15 +92,14 @@ def _context_length(model_path: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _preference_report(path, model, show, max_seq_length, chat_template, seed) -> DataReport:
-    facts = preference_facts(resolve_data_path(path), model, show=show, max_seq_length=max_seq_length,
-                             chat_template=chat_template, seed=seed)
+def _facts_report(path, facts, kind: str) -> DataReport:
+    """The report of preference pairs or prompt-only records, from their facts."""
     report = DataReport(str(path), facts.unit, problems=[_problem(e) for e in facts.problems],
                         warnings=[w.to_dict() for w in facts.warnings], notes=facts.notes,
                         overlap_train_valid=facts.overlap_train_valid, template=facts.template)
     for s in facts.splits:
         stats, histogram = _length_stats(s.lengths)
-        report.splits.append(SplitStats(s.split, s.file, "preference", s.records, stats, histogram,
+        report.splits.append(SplitStats(s.split, s.file, kind, s.records, stats, histogram,
                                         s.supervised_share, s.duplicates, s.over_max_length, s.held_out_from,
                                         s.convention))
     report.examples = [{"source": label, "segments": _segments(facts.tokenizer, e)} for label, e in facts.shown]
@@ -116,7 +116,12 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
     """
     files = find_splits(resolve_data_path(path))
     if keys is None and is_preference_data(files):  # pairs for mlxtune dpo/orpo: checked as pairs
-        return _preference_report(path, model, show, max_seq_length, chat_template, seed)
+        return _facts_report(path, preference_facts(resolve_data_path(path), model, show=show,
+                                                    max_seq_length=max_seq_length, chat_template=chat_template,
+                                                    seed=seed), "preference")
+    if keys is None and is_prompt_only_data(files):  # prompts for reinforcement learning (GRPO)
+        return _facts_report(path, prompt_facts(resolve_data_path(path), model, chat_template=chat_template,
+                                                seed=seed), "prompt-only")
     problems: list[UsageError] = []
     records, notes = read_splits(files, seed, keys, problems)
     report = DataReport(str(path), "tokens" if model else "characters", notes=notes)
