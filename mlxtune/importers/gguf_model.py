@@ -184,7 +184,7 @@ def convert(path: Path, out: Path, quantize: str | None, console) -> dict:
 
     if not requantized:
         # MLX reads GGUF natively: Q4_0/Q4_1/Q8_0 come back as (weight, scales, biases), exactly.
-        loaded = mx.load(str(path))
+        loaded = mx.load(str(path), format="gguf")  # Ollama blobs have no extension
     else:
         loaded = _dequantized(reader)
     weights, per_layer = {}, {}

@@ -8,6 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from smollm import imported_smollm2, smollm2_gguf
+
 llama_cpp = pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
 
 # ASCII, whitespace runs, digits, accents, emoji, CJK, code, the chat special tokens.
@@ -28,16 +30,16 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def llama(smollm_gguf):
-    return llama_cpp.Llama(model_path=str(smollm_gguf), n_ctx=512, n_threads=2, seed=0, verbose=False,
+def llama():
+    return llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=2, seed=0, verbose=False,
                            logits_all=True)
 
 
 @pytest.fixture(scope="module")
-def mlx_model(imported_smollm):
+def mlx_model():
     from mlx_lm.utils import load
 
-    return load(imported_smollm.path)
+    return load(imported_smollm2().path)
 
 
 def _float32(model):
@@ -46,12 +48,12 @@ def _float32(model):
 
 
 @pytest.fixture(scope="module")
-def float_model(imported_smollm):
+def float_model():
     """The imported model with its quantized layers dequantized: the same numbers within float32 rounding (checked
     on a short prompt below), ~35x faster than MLX's quantized matmul on the CPU backend."""
     from mlx_lm.utils import dequantize_model, load
 
-    model, _ = load(imported_smollm.path)
+    model, _ = load(imported_smollm2().path)
     return dequantize_model(_float32(model))
 
 
@@ -64,7 +66,7 @@ def test_tokens_equal_llama_cpp(llama, mlx_model):
         assert tokenizer.decode(ours) == text
 
 
-def test_chat_template_and_stop_come_from_the_gguf(mlx_model, imported_smollm):
+def test_chat_template_and_stop_come_from_the_gguf(mlx_model):
     _, tokenizer = mlx_model
     text = tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is the capital" in text

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 from conftest import run_cli
+from smollm import smollm2_gguf
 
 TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
 PARAMS = {"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.2}
@@ -37,6 +39,11 @@ def _blob(root: Path, data: bytes | None = None, file: Path | None = None) -> di
     return {"digest": f"sha256:{digest}", "size": path.stat().st_size}
 
 
+@pytest.fixture
+def smollm_gguf() -> Path:
+    return smollm2_gguf()
+
+
 def make_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> None:
     """manifests/registry.ollama.ai/library/NAME/TAG naming the model, template and params blobs."""
     layers = [{"mediaType": "application/vnd.ollama.image.model", **_blob(root, file=gguf)},
@@ -51,7 +58,14 @@ def make_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = 
     path.write_text(json.dumps(manifest))
 
 
-def _pull(*args, env_extra: dict, home: Path):
+def assert_one_error(stderr: str) -> None:
+    """One error line and its hint, no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
+
+
+def _pull(*args, env_extra: dict):
+    """`mlxtune pull ... --json` in a subprocess with these environment variables (the stores' locations)."""
     env_before = {k: os.environ.get(k) for k in env_extra}
     os.environ.update(env_extra)
     try:
@@ -70,11 +84,11 @@ def test_ollama_store_by_name_keeps_template_and_stops(tmp_path, smollm_gguf):
     home = tmp_path / "home"
     env = {"OLLAMA_MODELS": str(store), "MLXTUNE_HOME": str(home)}
 
-    missing = _pull("ollama:llama3.2", env_extra=env, home=home)
+    missing = _pull("ollama:llama3.2", env_extra=env)
     assert missing.returncode == 2 and "smollm2:135m" in missing.stderr  # says what the store has
-    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert_one_error(missing.stderr)
 
-    result = _pull("ollama:smollm2:135m", env_extra=env, home=home)
+    result = _pull("ollama:smollm2:135m", env_extra=env)
     assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout)
     assert entry["source"] == "ollama:smollm2:135m" and entry["architecture"] == "llama"
@@ -89,13 +103,13 @@ def test_lmstudio_folder_by_name(tmp_path, smollm_gguf):
     _place(smollm_gguf, folder / smollm_gguf.name)
     (folder / "mmproj-model-f16.gguf").write_bytes(b"GGUF")  # a vision projector beside it is not the model
     env = {"HOME": str(home), "MLXTUNE_HOME": str(tmp_path / "lib")}
-    result = _pull("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", env_extra=env, home=home)
+    result = _pull("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", env_extra=env)
     assert result.returncode == 0, result.stderr
     entry = json.loads(result.stdout)
     assert entry["source"] == f"lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/{smollm_gguf.name}"
     assert (Path(entry["path"]) / "tokenizer.json").is_file()
 
-    missing = _pull("lmstudio:nobody/nothing", env_extra=env, home=home)
+    missing = _pull("lmstudio:nobody/nothing", env_extra=env)
     assert missing.returncode == 2 and "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF" in missing.stderr
 
 
@@ -127,8 +141,9 @@ def test_bad_input_is_one_line_and_leaves_no_entry(tmp_path, smollm_gguf, case):
     else:
         expected = "no such GGUF file"
     home = tmp_path / "home"
-    result = _pull(str(path), env_extra={"MLXTUNE_HOME": str(home)}, home=home)
+    result = _pull(str(path), env_extra={"MLXTUNE_HOME": str(home)})
     assert result.returncode == 2, result.stderr
-    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr.splitlines()[0]
+    assert_one_error(result.stderr)
     library = home / "models"
     assert not library.exists() or not [p for p in library.iterdir()]

