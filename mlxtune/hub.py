@@ -156,15 +156,21 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
                     _convert(source_dir, staging, quantize, group_size, target_dtype, trust_remote_code)
             entry = describe_entry(staging, name, source, revision, architecture)
         except Exception as exc:
-            if translate(exc, dest) is not None:
-                raise
             # Weights that don't load (cut-off download, wrong shapes, not safetensors): the input's fault.
-            raise UsageError(f"could not convert {source}: {type(exc).__name__}: {exc}".splitlines()[0],
-                             "its weight files may be incomplete or corrupt; download it again or check the "
-                             "directory (the library is unchanged)") from None
+            raise input_fault(exc, dest, f"could not convert {source}",
+                              "its weight files may be incomplete or corrupt; download it again or check the "
+                              "directory (the library is unchanged)") from None
         write_entry(staging, entry)
     entry.path = str(dest)
     return entry
+
+
+def input_fault(exc: Exception, dest: Path, message: str, hint: str) -> Exception:
+    """What a failed conversion into `dest` raises: a storage failure as it is (disk full, …), our own UsageError
+    as it is, anything else as the input's fault, one line."""
+    if isinstance(exc, UsageError) or translate(exc, dest) is not None:
+        return exc
+    return UsageError(f"{message}: {type(exc).__name__}: {exc}".splitlines()[0], hint)
 
 
 def existing_entry(dest: Path, source: str, force: bool, console) -> ModelEntry | None:

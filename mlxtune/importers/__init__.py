@@ -32,8 +32,8 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
     default) decides what happens to tensors MLX can't hold exactly and to float tensors (see gguf_model)."""
     from rich.console import Console
 
-    from mlxtune.hub import describe_entry, existing_entry
-    from mlxtune.storage import staged, translate
+    from mlxtune.hub import describe_entry, existing_entry, input_fault
+    from mlxtune.storage import staged
 
     console = console or Console(stderr=True)
     if name is not None:
@@ -57,14 +57,10 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
             for note in summary["notes"]:
                 console.print(f"[yellow]note:[/] {note}")
             entry = describe_entry(staging, name, source.source, None, config["model_type"])
-        except UsageError:
-            raise
         except Exception as exc:
-            if translate(exc, dest) is not None:
-                raise
-            raise UsageError(f"could not import {source.source}: {type(exc).__name__}: {exc}".splitlines()[0],
-                             "the GGUF may be damaged or of a variant this importer doesn't handle "
-                             "(the library is unchanged)") from None
+            raise input_fault(exc, dest, f"could not import {source.source}",
+                              "the GGUF may be damaged or of a variant this importer doesn't handle "
+                              "(the library is unchanged)") from None
         entry.extra = {"gguf": {"file": str(source.path), "types": summary["types"], "notes": summary["notes"]}}
         write_entry(staging, entry)
     entry.path = str(dest)

@@ -7,13 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 
-from conftest import run_cli
+from conftest import MLXTUNE
 from smollm import smollm2_gguf
 
 TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
@@ -66,16 +67,8 @@ def assert_one_error(stderr: str) -> None:
 
 def _pull(*args, env_extra: dict):
     """`mlxtune pull ... --json` in a subprocess with these environment variables (the stores' locations)."""
-    env_before = {k: os.environ.get(k) for k in env_extra}
-    os.environ.update(env_extra)
-    try:
-        return run_cli("pull", *args, "--json")
-    finally:
-        for key, value in env_before.items():
-            if value is None:
-                os.environ.pop(key)
-            else:
-                os.environ[key] = value
+    return subprocess.run([*MLXTUNE, "pull", *args, "--json"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, COLUMNS="120", **env_extra))
 
 
 def test_ollama_store_by_name_keeps_template_and_stops(tmp_path, smollm_gguf):
