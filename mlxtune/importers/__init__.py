@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
-from mlxtune.errors import UsageError
 from mlxtune.importers.gguf_model import convert
 from mlxtune.importers.gguf_tokenizer import build_tokenizer
 from mlxtune.importers.stores import GGUFSource, is_gguf_reference, resolve
@@ -48,7 +46,7 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
     with staged(dest, overwrite=True, need=2 * source.path.stat().st_size) as staging:
         try:
             with console.status(f"converting {source.source} ({source.path.stat().st_size / 1e6:.0f} MB GGUF) to MLX"):
-                summary = convert(source.path, staging, quantize, console)
+                summary = convert(source.path, staging, quantize)
                 ids = build_tokenizer(summary["metadata"], staging)
             config = {**summary["config"], **{k: v for k, v in ids.items() if v is not None}}
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -151,7 +151,7 @@ def _unpermute(array, n_head: int):
             .swapaxes(1, 2).reshape(array.shape))
 
 
-def convert(path: Path, out: Path, quantize: str | None, console) -> dict:
+def convert(path: Path, out: Path, quantize: str | None) -> dict:
     """Write the MLX model (weights + config.json, without the tokenizer) of the GGUF at `path` into `out`.
 
     `quantize` ("4", "8", "none" or None for the default) applies to tensors that can't be kept exactly (K-quants

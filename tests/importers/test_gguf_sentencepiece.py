@@ -3,8 +3,6 @@ imported, it splits text into llama.cpp's ids and, at float32, continues a promp
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
 

@@ -17,7 +17,8 @@ import pytest
 from conftest import MLXTUNE
 from smollm import smollm2_gguf
 
-TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
+TEMPLATE = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n")
 PARAMS = {"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.2}
 
 
