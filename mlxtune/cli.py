@@ -597,10 +597,11 @@ def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
 
 @main.command()
 @click.argument("reference")
-@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default=DEFAULT_QUANTIZE, show_default=True,
-              help="Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them.")
+@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES),
+              help=f"Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them [default: {DEFAULT_QUANTIZE}; "
+                   "GGUF: Q4_0/Q4_1/Q8_0 kept exactly, floats kept, K-quants to 8].")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=str(DEFAULT_GROUP_SIZE), show_default=True,
-              help="Weights per quantization group (smaller = more accurate, larger file).")
+              help="Weights per quantization group (smaller = more accurate, larger file; GGUF imports use 32).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Precision of unquantized tensors [default: the model's].")
 @click.option("--revision", help="Hub branch, tag or commit.")
 @click.option("--name", help="Library name, a plain name like my-model-4bit [default: <repo name>-<quantization>].")
@@ -608,22 +609,30 @@ def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
 @click.option("--force", is_flag=True, help="Convert again / replace the entry of that name (the old one stays until the new one is complete).")
 @_json_option
 def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_code, force, json_mode):
-    """Download a model from the Hugging Face hub (or take a local directory), convert it to MLX,
-    quantize it, and keep it in the model library.
+    """Download a model from the Hugging Face hub (or take a local directory, a GGUF file, or a model from
+    Ollama's or LM Studio's store), convert it to MLX, quantize it, and keep it in the model library.
 
     \b
     Examples:
       mlxtune pull Qwen/Qwen2.5-0.5B-Instruct               # 4-bit, group size 64
       mlxtune pull Qwen/Qwen2.5-0.5B-Instruct -q 8 --group-size 32
       mlxtune pull ./my-hf-model --quantize none --dtype bf16
+      mlxtune pull ./SmolLM2-135M-Instruct.Q4_1.gguf        # GGUF (llama.cpp)
+      mlxtune pull ollama:llama3.2:1b                       # Ollama's store
+      mlxtune pull lmstudio:bartowski/Qwen2.5-0.5B-Instruct-GGUF
     Then: mlxtune lora --model Qwen2.5-0.5B-Instruct-4bit --data ./data
     """
     from mlxtune.hub import pull as pull_model
+    from mlxtune.importers import is_gguf_reference, pull_gguf
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
     console = make_console(json_mode)
-    entry = pull_model(reference, quantize=quantize, group_size=int(group_size), dtype=dtype, revision=revision,
-                       trust_remote_code=trust_remote_code, name=name, force=force, console=console)
+    if is_gguf_reference(reference):
+        entry = pull_gguf(reference, quantize=quantize, name=name, force=force, console=console)
+    else:
+        entry = pull_model(reference, quantize=quantize or DEFAULT_QUANTIZE, group_size=int(group_size), dtype=dtype,
+                           revision=revision, trust_remote_code=trust_remote_code, name=name, force=force,
+                           console=console)
     if json_mode:
         print_json(entry.to_dict())
     else:

@@ -17,7 +17,7 @@ LAYERS = [
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train"]),
-    ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export",
+    ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export", "importers",
                   "eval", "doctor", "data.check"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
