@@ -143,7 +143,7 @@ def test_hostile_model_and_adapter_files(trained_run, tmp_path):
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_')
     missing = _model_copy(tmp_path, "no-config")
     (missing / "config.json").unlink()
-    for model, message in [(no_hidden, "could not load"), (huge, "could not load"), (pickled, "could not load"),
+    for model, message in [(no_hidden, "could not load"), (huge, "could not load"), (pickled, "not a safetensors file"),
                            (broken, "invalid JSON"), (missing, "no config.json")]:
         with pytest.raises(UsageError, match=message):
             open_for_inference(model)
