@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, WIKISQL, run_cli
-from reliability_tools import cli
 from mlxtune.errors import UsageError
 from mlxtune.model_config import check_architecture, max_seq_length_for, read_config, read_safetensors_header
 from mlxtune.settings import UPPER_BOUNDS, LoraSettings, resolve_settings
@@ -45,6 +44,18 @@ TOO_LARGE = {
     "weight_decay": [1e6],
     "grad_clip": [1e300],
 }
+
+
+def invoke(*args):
+    """The CLI in this process (click's runner: the same parsing, error reporting and exit codes as a subprocess,
+    without a Python start per case); `returncode`/`stderr` like subprocess.run's result."""
+    from click.testing import CliRunner
+
+    from mlxtune.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], env={"COLUMNS": "120"})
+    result.returncode = result.exit_code
+    return result
 
 
 def _one_line_error(result, code: int, *fragments: str) -> None:
@@ -94,15 +105,15 @@ def test_cli_refuses_out_of_bound_flags_with_exit_2(tmp_path):
     assert "--grad-accumulation" in result.stderr and not out.exists()
     config = tmp_path / "config.yaml"
     config.write_text(f"model: {MODEL}\ndata: {WIKISQL}\niters: 1e21\n")
-    _one_line_error(run_cli("lora", "--config", config, "--out", out), 2, "iters")
-    _one_line_error(run_cli("plan", "--model", MODEL, "--data", WIKISQL, "--cache-limit-gb", "1e30"), 2,
+    _one_line_error(invoke("lora", "--config", config, "--out", out), 2, "iters")
+    _one_line_error(invoke("plan", "--model", MODEL, "--data", WIKISQL, "--cache-limit-gb", "1e30"), 2,
                     "cache_limit_gb")
     assert not out.exists()
 
 
 def test_rank_past_the_models_hidden_size_is_refused_before_loading(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--out", out, "--rank", 100)
+    result = invoke("lora", "--model", MODEL, "--data", WIKISQL, "--out", out, "--rank", 100)
     _one_line_error(result, 2, "rank 100 is larger than the model's hidden size (64)")
     assert "--rank" in result.stderr and not out.exists()
     with pytest.raises(UsageError, match="hidden size"):
@@ -172,12 +183,12 @@ def test_bad_weights_through_lora_plan_and_models_info(tmp_path):
     out = tmp_path / "run"
     _one_line_error(run_cli("lora", "--model", pickled, "--data", WIKISQL, "--out", out, "--iters", 1), 2,
                     "not a safetensors file")
-    _one_line_error(run_cli("plan", "--model", pickled, "--data", WIKISQL), 2, "not a safetensors file")
-    _one_line_error(run_cli("models", "info", pickled), 2, "not a safetensors file")
+    _one_line_error(invoke("plan", "--model", pickled, "--data", WIKISQL), 2, "not a safetensors file")
+    _one_line_error(invoke("models", "info", pickled), 2, "not a safetensors file")
     huge = _model_copy(tmp_path, "huge")
     real = (huge / "model.safetensors").read_bytes()
     (huge / "model.safetensors").write_bytes(_weights("huge-header", real))
-    _one_line_error(run_cli("plan", "--model", huge, "--data", WIKISQL), 2, "header length 1,000,000,000,000,000")
+    _one_line_error(invoke("plan", "--model", huge, "--data", WIKISQL), 2, "header length 1,000,000,000,000,000")
     assert not out.exists()
 
 
@@ -189,10 +200,10 @@ def test_model_type_must_be_a_plain_architecture_name(tmp_path, model_type):
 
 def test_model_type_path_through_the_cli(tmp_path):
     model = _edit_config(_model_copy(tmp_path), model_type="../../x")
-    _one_line_error(run_cli("lora", "--model", model, "--data", WIKISQL, "--out", tmp_path / "run", "--iters", 1),
+    _one_line_error(invoke("lora", "--model", model, "--data", WIKISQL, "--out", tmp_path / "run", "--iters", 1),
                     2, "model_type '../../x' is not an architecture name")
     model = _edit_config(model, model_type="__init__")
-    _one_line_error(run_cli("generate", model, "--prompt", "hi", "--max-tokens", 2), 2, "'__init__'")
+    _one_line_error(invoke("generate", model, "--prompt", "hi", "--max-tokens", 2), 2, "'__init__'")
 
 
 def test_a_config_claiming_more_blocks_than_the_weights_is_refused_before_loading(tmp_path):
@@ -201,7 +212,7 @@ def test_a_config_claiming_more_blocks_than_the_weights_is_refused_before_loadin
     result = run_cli("lora", "--model", model, "--data", WIKISQL, "--out", out, "--iters", 1)
     _one_line_error(result, 2, "num_hidden_layers 1,000,000", "weights hold 5 blocks")
     assert not out.exists()
-    _one_line_error(run_cli("plan", "--model", model, "--data", WIKISQL), 2, "num_hidden_layers 1,000,000")
+    _one_line_error(invoke("plan", "--model", model, "--data", WIKISQL), 2, "num_hidden_layers 1,000,000")
     for bad in ("many", -3, 0, True):
         _edit_config(model, num_hidden_layers=bad)
         with pytest.raises(UsageError, match="num_hidden_layers must be a whole number"):
@@ -234,7 +245,7 @@ def test_max_seq_length_defaults_to_the_models_context_up_to_2048(tmp_path):
 def test_plan_and_data_check_use_the_models_context_by_default(tmp_path):
     from mlxtune.data.check import check_data
 
-    result = run_cli("plan", "--model", MODEL, "--data", WIKISQL, "--json")
+    result = invoke("plan", "--model", MODEL, "--data", WIKISQL, "--json")
     assert result.returncode in (0, 3), result.stderr
     assert json.loads(result.stdout)["settings"]["max_seq_length"] == 512
     report = check_data(WIKISQL, MODEL)
@@ -246,17 +257,17 @@ def test_plan_and_data_check_use_the_models_context_by_default(tmp_path):
 
 
 def test_a_run_saves_the_resolved_length(tmp_path):
-    out = tmp_path / "run"
-    result = run_cli("lora", "--model", MODEL, "--data", WIKISQL, "--out", out, "--iters", 1, "--batch-size", 2,
-                     "--val-batches", 1, "--eval-every", 1)
-    assert result.returncode == 0, result.stderr
     from mlxtune.settings import load_run_settings
+    from mlxtune.train.loop import finetune
+    from mlxtune.ui import make_console
 
+    out = tmp_path / "run"
+    finetune(LoraSettings(model=str(MODEL), data=str(WIKISQL), out=str(out), iters=1, batch_size=2, val_batches=1),
+             console=make_console(quiet=True))
     assert load_run_settings(out / "config.yaml").max_seq_length == 512
-    assert "over the model's context" not in result.stdout + result.stderr
 
 
-def test_plan_without_model_uses_the_default_model(tmp_path):
+def test_plan_without_model_uses_the_default_model(tmp_path, monkeypatch):
     """`plan --data D` plans for the model `lora` would use (here a library entry standing in for it)."""
     from mlxtune.models import DEFAULT_BASE_MODEL
 
@@ -267,7 +278,8 @@ def test_plan_without_model_uses_the_default_model(tmp_path):
         "name": "default-stand-in", "path": str(entry), "architecture": "llama", "parameters": 1,
         "quantization": None, "dtype": "float32", "size_bytes": 1, "source": DEFAULT_BASE_MODEL,
         "created": "2026-01-01"}))
-    result = cli("plan", "--data", WIKISQL, "--json", MLXTUNE_HOME=home)
+    monkeypatch.setenv("MLXTUNE_HOME", str(home))
+    result = invoke("plan", "--data", WIKISQL, "--json")
     assert result.returncode in (0, 3), result.stderr
     assert "no model given" not in result.stderr
     assert json.loads(result.stdout)["model"] == str(entry.resolve())
