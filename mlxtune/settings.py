@@ -241,14 +241,18 @@ def _field_names(cls) -> list[str]:
 def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
     """Read a YAML settings file, rejecting unknown keys with a suggestion."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a settings file", "give the path of a YAML file")
     if not path.is_file():
         raise UsageError(f"config file not found: {path}", "give the path of a YAML file with --config")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UsageError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})", "fix the YAML syntax") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to read", "settings are flat `key: value` lines") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of settings, got {type(values).__name__}", "write `key: value` lines")
     known = _field_names(cls)
@@ -258,6 +262,15 @@ def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
             raise UsageError(f"{path}: unknown setting {key!r}", hint)
     return _coerce(cls, values, str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                         "save the file as UTF-8") from None
 
 
 def _coerce(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -316,7 +329,7 @@ def load_run_settings(path: str | Path, cls=LoraSettings):
     """A run's saved settings, refused unless the file is whole (END_MARK, or every setting present)."""
     path = Path(path)
     values = read_yaml_config(path, cls)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     missing = [name for name in _field_names(cls) if name not in values]
     if END_MARK not in text and missing:
         raise UsageError(f"{path} is incomplete (no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "

@@ -283,3 +283,21 @@ def test_plan_without_model_uses_the_default_model(tmp_path, monkeypatch):
     assert result.returncode in (0, 3), result.stderr
     assert "no model given" not in result.stderr
     assert json.loads(result.stdout)["model"] == str(entry.resolve())
+
+
+@pytest.mark.parametrize("content,message", [(b"rank: 8\nseed: \xff\xfe\n", "config.yaml:2: not UTF-8 text"),
+                                             (b"[" * 50000, "config.yaml"),
+                                             (b"- 1\n- 2\n", "expected a mapping of settings")])
+def test_a_settings_file_that_isnt_text_or_a_mapping_is_a_usage_error(tmp_path, content, message):
+    config = tmp_path / "config.yaml"
+    config.write_bytes(content)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        resolve_settings(config, {})
+    from mlxtune.settings import load_run_settings
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_run_settings(config)
+    config.unlink()
+    config.mkdir()
+    with pytest.raises(UsageError, match="is a directory"):
+        resolve_settings(config, {})
