@@ -163,7 +163,7 @@ def test_hostile_model_and_adapter_files(trained_run, tmp_path):
     with pytest.raises(UsageError, match="is a link to .* outside the run"):
         open_for_inference(other)
     result = run_cli("generate", pickled, "-p", "hi")
-    _one_line_error(result, 2, f"could not load {pickled}")
+    _one_line_error(result, 2, f"{pickled / 'model.safetensors'}: not a safetensors file")
 
 
 class _Trap:
