@@ -105,6 +105,7 @@ class LoraSettings:
 
     def dataset_options(self) -> dict:
         """The keyword arguments of `load_datasets` these settings imply."""
+        assert self.max_seq_length is not None, "max_seq_length is resolved from the model: call fit_model first"
         return {"max_seq_length": self.max_seq_length, "train_on_prompt": self.train_on_prompt,
                 "chat_template": self.chat_template, "seed": self.seed, "drop_long": self.drop_long,
                 "keys": self.record_keys}
