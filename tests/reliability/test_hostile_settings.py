@@ -301,3 +301,19 @@ def test_a_settings_file_that_isnt_text_or_a_mapping_is_a_usage_error(tmp_path, 
     config.mkdir()
     with pytest.raises(UsageError, match="is a directory"):
         resolve_settings(config, {})
+
+
+def test_dpo_defaults_to_the_models_context_and_warns_past_it(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.",
+                                         "rejected": f"{i} answer."}) + "\n" for i in range(24)))
+    from mlxtune.train.preference.run import PreferenceSettings
+
+    assert PreferenceSettings().fit_model(MODEL).max_seq_length == 512
+    # --memory far too small: refused by the plan once the pairs are tokenized, after the context check
+    result = invoke("dpo", "--model", MODEL, "--data", pairs, "--out", tmp_path / "run", "--max-seq-length", 1024,
+                    "--memory", "0.001GB")
+    assert result.returncode == 2, result.output
+    assert "1024 is over the model's context window (512 tokens" in result.stdout, result.stdout
+    result = invoke("dpo", "--model", MODEL, "--data", pairs, "--out", tmp_path / "run", "--memory", "0.001GB")
+    assert result.returncode == 2 and "context window" not in result.stdout, result.output
