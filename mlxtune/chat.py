@@ -7,6 +7,7 @@ directory uses its own chat template, or mlxtune's fallback one when it has none
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -33,6 +34,11 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> "Sampling":
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty or 1.0}
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # NaN passes every range check below
+                raise UsageError(f"{name} must be a finite number, got {value}", "e.g. --temp 0.7")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}", "set --max-tokens")
         if self.temperature < 0:
@@ -45,10 +51,29 @@ class Sampling:
         return self
 
     def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
+        """mlx-lm's sampling steps, with the values passed as arrays. Its samplers are compiled, and a Python number
+        is a compile-time constant there: every new temperature or top_p (a server's clients send many) would compile
+        again — seconds each, and MLX's compile cache keeps every one (tests/test_chat.py checks the tokens match
+        `make_sampler`'s)."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p, categorical_sampling, make_sampler
 
-        # top_p 1.0 means "no nucleus cut"; mlx-lm spells that 0.
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p)
+        if self.temperature == 0:
+            return make_sampler(temp=0.0)
+        temperature = mx.array(self.temperature, dtype=mx.float32)
+        top_p = mx.array(self.top_p, dtype=mx.float32) if 0 < self.top_p < 1 else None  # 1 (or 0): no nucleus cut
+        # mlx-lm's apply_min_p takes math.log(min_p), which an array can't pass inside compile: the same mask here.
+        log_min_p = mx.array(math.log(self.min_p), dtype=mx.float32) if self.min_p > 0 else None
+
+        def sample(logprobs):
+            if top_p is not None:
+                logprobs = apply_top_p(logprobs, top_p)
+            if log_min_p is not None:
+                floor = logprobs.max(axis=-1, keepdims=True) + log_min_p
+                logprobs = mx.where(logprobs < floor, -float("inf"), logprobs)
+            return categorical_sampling(logprobs, temperature)
+
+        return sample
 
     def logits_processors(self):
         from mlx_lm.sample_utils import make_logits_processors
@@ -118,7 +143,10 @@ class Reply:
     generation_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
-    finish_reason: str = "stop"  # stop | length
+    finish_reason: str = "stop"  # stop | length | interrupted (Ctrl-C in chat)
+
+
+SPLIT_CHARACTER = "\ufffd"  # what decoding shows for the first bytes of a character whose last bytes are missing
 
 
 def stream_reply(loaded: LoadedModel, prompt_ids: list[int], sampling: Sampling,
@@ -147,10 +175,15 @@ def stream_reply(loaded: LoadedModel, prompt_ids: list[int], sampling: Sampling,
             text = text[:cut]
             reply.finish_reason = "stop"
             break
-        if len(text) - hold > shown:
-            reply.text = text[: len(text) - hold]
-            yield text[shown : len(text) - hold], reply
-            shown = len(text) - hold
+        visible = len(text) - hold
+        while visible > shown and text[visible - 1] == SPLIT_CHARACTER:  # the rest of its bytes may still come
+            visible -= 1
+        if visible > shown:
+            reply.text = text[:visible]
+            yield text[shown:visible], reply
+            shown = visible
+    # A multi-byte character cut off by max_tokens decodes to U+FFFD at the end: it was never said, so not shown.
+    text = text.rstrip(SPLIT_CHARACTER)
     reply.text = text
     if len(text) > shown:
         yield text[shown:], reply
@@ -307,7 +340,11 @@ def chat_session(
     notice(f"format: {conversation.format.description}")
     commands = ChatCommands([conversation], notice)
     while True:
-        line = read_line()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt (the second one, after stopping a reply): quit
+            write("\n")
+            return conversation.messages
         if line is None or line.strip() in ("/exit", "/quit"):
             return conversation.messages
         line = line.strip()
@@ -317,8 +354,18 @@ def chat_session(
         if dropped:
             notice(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the {conversation.context}-token "
                    "context")
-        reply = run_reply(loaded, ids, sampling, conversation.format.stops, write)
-        write("\n")
+        reply, stream = Reply(prompt_tokens=len(ids)), stream_reply(loaded, ids, sampling, conversation.format.stops)
+        try:
+            for piece, reply in stream:
+                if piece:
+                    write(piece)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session: what was said so far is kept
+            stream.close()
+            reply.finish_reason = "interrupted"
+            write("\n")
+            notice("reply stopped (Ctrl-C at the prompt quits)")
+        else:
+            write("\n")
         conversation.answer(reply)
         notice(_speed(reply))
 
@@ -335,8 +382,10 @@ def compare_session(
     """Base model and tuned model (base + the run's adapter) answer each message side by side, both streaming at
     once in two rich columns. Each keeps its own history. Returns both histories."""
     from rich.live import Live
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
 
     from mlxtune.runs import is_run_dir
 
@@ -348,20 +397,23 @@ def compare_session(
     tuned = open_for_inference(run_dir, checkpoint)
     sides = [Conversation(base, system, sampling), Conversation(tuned, system, sampling)]
     titles = ["base", f"tuned ({checkpoint})"]
-    console.print(f"[dim]comparing {base.source} (base) with {tuned.source} (tuned) · "
-                  f"format: {sides[1].format.description}[/]")
-    commands = ChatCommands(sides, lambda message: console.print(f"[dim]{message}[/]"))
+    console.print("[dim]" + escape(f"comparing {base.source} (base) with {tuned.source} (tuned) · "
+                                   f"format: {sides[1].format.description}") + "[/]")
+    commands = ChatCommands(sides, lambda message: console.print(f"[dim]{escape(message)}[/]"))
 
     def view(texts: list[str], footers: list[str]) -> Table:
         grid = Table.grid(expand=True, padding=(0, 1))
         grid.add_column(ratio=1)
         grid.add_column(ratio=1)
-        grid.add_row(*(Panel(texts[i] or "…", title=titles[i], subtitle=footers[i], title_align="left")
+        grid.add_row(*(Panel(Text(texts[i] or "…"), title=titles[i], subtitle=footers[i], title_align="left")
                        for i in range(2)))
         return grid
 
     while True:
-        line = read_line()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits
+            return [side.messages for side in sides]
         if line is None or line.strip() in ("/exit", "/quit"):
             return [side.messages for side in sides]
         line = line.strip()
@@ -375,14 +427,20 @@ def compare_session(
             streams.append(stream_reply(side.loaded, ids, sampling, side.format.stops))
         with Live(view(texts, footers), console=console, refresh_per_second=12, transient=False) as live:
             active = [0, 1]
-            while active:
-                for i in list(active):
-                    try:
-                        piece, replies[i] = next(streams[i])
-                        texts[i] += piece
-                    except StopIteration:
-                        active.remove(i)
-                        footers[i] = _speed(replies[i])
+            try:
+                while active:
+                    for i in list(active):
+                        try:
+                            piece, replies[i] = next(streams[i])
+                            texts[i] += piece
+                        except StopIteration:
+                            active.remove(i)
+                            footers[i] = _speed(replies[i])
+                    live.update(view(texts, footers))
+            except KeyboardInterrupt:  # Ctrl-C stops both replies, not the session
+                for i in active:
+                    streams[i].close()
+                    replies[i].finish_reason, footers[i] = "interrupted", "stopped (Ctrl-C)"
                 live.update(view(texts, footers))
         for side, reply in zip(sides, replies):
             side.answer(reply)

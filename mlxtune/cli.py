@@ -263,6 +263,8 @@ _FROM_OPTIONS = [
     click.Option(["--from-checkpoint"], help="Adapter of --from to merge: last, best or a step number [default: last]."),
     click.Option(["--stop-on"], type=click.Choice(["loss", "accuracy"]),
                  help="What --patience watches: validation loss or validation preference accuracy [default: loss]."),
+    click.Option(["--skip-invalid"], is_flag=True, default=None,
+                 help="Train without bad records (each named in a note) instead of refusing the data."),
 ]
 main.add_command(_preference_command(
     "dpo",
@@ -553,13 +555,18 @@ def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port; 0 picks a free one.")
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+@click.option("--api-key", envvar="MLXTUNE_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request (for a --host other than loopback).")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1, 100_000),
+              help="Requests waiting for the model beyond this get 503 + Retry-After.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
-def serve(model_or_run, host, port, checkpoint, verbose):
+def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
     """Serve a model or a run (base + adapter) over an OpenAI-compatible API.
 
     /v1/chat/completions (streaming too), /v1/completions and /v1/models, with the run's chat template
-    (or mlxtune's fallback one); requests queue for one generation thread. No authentication: keep the
-    default 127.0.0.1 unless you mean to share the model.
+    (or mlxtune's fallback one); requests queue for one generation thread. On 127.0.0.1 only loopback
+    Host names and application/json POSTs are answered (no web page can reach it); give --api-key when
+    you bind another --host.
 
     \b
     Examples:
@@ -567,16 +574,17 @@ def serve(model_or_run, host, port, checkpoint, verbose):
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
     """
-    from mlxtune.serve import make_server
+    from mlxtune.serve import is_loopback, make_server
     from mlxtune.ui import make_console
 
     console = make_console()
     with console.status(f"loading {model_or_run}"):
-        server = make_server(model_or_run, host, port, checkpoint=checkpoint, verbose=verbose)
+        server = make_server(model_or_run, host, port, checkpoint=checkpoint, max_queue=max_queue,
+                             api_key=api_key or None, verbose=verbose)
     bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host) and not server.api_key:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can use the "
-                      "model (no authentication)")
+                      "model (no --api-key)")
     console.print(f"serving [bold]{server.model_id}[/] ({server.source}) at http://{bound_host}:{bound_port}/v1 · "
                   f"chat format: {server.chat_format.description} · Ctrl-C stops", highlight=False)
     sys.stdout.flush()
@@ -718,6 +726,7 @@ def doctor(no_measure, json_mode):
         ("metal", "yes · recommended working set "
                   f"{report['metal'].get('recommended_working_set_gb', 0):.1f} GB" if report["metal"]["available"]
          else "no (CPU backend)"),
+        ("quantized layers", report["quantized_layers"]),
         ("blas", f"{blas['library'] or 'MLX built-in'} — {blas['status']}"
                  + (f" (kernel {blas['openblas_coretype']})" if blas["openblas_coretype"] else "")),
     ]

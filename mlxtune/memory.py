@@ -363,3 +363,14 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
     return {"inference_bytes": inference_bytes(facts, context, on_cpu), "lora_bytes": lora.total,
             "assumptions": {"context": context, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
                             "device": "cpu" if on_cpu else "gpu"}}
+
+
+# ------------------------------------------------------------------------- quantized bases on the CPU backend
+
+DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
+
+
+def quantized_path(float_bytes: int, budget: int) -> str:
+    """How a quantized base computes on the CPU backend: `load` (float copies of its weights, dequantized once)
+    when they fit in a quarter of the budget, else `call` (each layer dequantized as it computes, then freed)."""
+    return "load" if float_bytes <= DEQUANTIZED_COPY_SHARE * budget else "call"

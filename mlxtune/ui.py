@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
@@ -33,7 +34,8 @@ def quiet_stdout():
 
 
 def make_console(json_mode: bool = False, quiet: bool = False) -> Console:
-    return Console(stderr=json_mode, quiet=quiet, highlight=False, soft_wrap=True)
+    # emoji=False: ":100:" in "file.jsonl:100:" is a line number, not 💯; user text is escape()d where printed.
+    return Console(stderr=json_mode, quiet=quiet, highlight=False, soft_wrap=True, emoji=False)
 
 
 def sparkline(values: list[float], width: int = 24) -> str:
@@ -160,7 +162,6 @@ def grouped_lines(items: list[dict], key) -> list[tuple[list[dict], int]]:
 
 def print_data_problems(console: Console, problems: list[dict], warnings: list[dict]) -> None:
     """Errors and warnings of a data check, identical ones grouped: a 7,488-line flood becomes a few lines."""
-    from rich.markup import escape
 
     if problems:
         console.print(f"[red]{len(problems):,} problem(s)[/] (records that can't be trained on):")
@@ -181,28 +182,29 @@ def print_data_problems(console: Console, problems: list[dict], warnings: list[d
 
 
 def print_data_report(console: Console, report, max_seq_length: int) -> None:
-    from rich.markup import escape
     from rich.text import Text
 
-    table = Table(title=f"{report.path} ({report.unit})", title_justify="left")
+    table = Table(title=escape(f"{report.path} ({report.unit})"), title_justify="left")
     for column in ("split", "n", "min", "med", "p95", "max", "histogram", "sup", "dup", f">{max_seq_length}"):
         table.add_column(column, justify="left" if column in ("split", "histogram") else "right", no_wrap=True)
     for s in report.splits:
         share = "—" if s.supervised_share is None else f"{100 * s.supervised_share:.0f}%"
         over = str(s.over_max_length) if report.unit == "tokens" else "—"
+        cap = report.measured_up_to  # a length measured only this far is a lower bound
+        longest = f"≥{s.lengths['max']}" if cap and s.lengths["max"] >= cap else str(s.lengths["max"])
         table.add_row(s.split, str(s.records), str(s.lengths["min"]), f"{s.lengths['median']:.0f}",
-                      f"{s.lengths['p95']:.0f}", str(s.lengths["max"]), sparkline(s.histogram, 10),
+                      f"{s.lengths['p95']:.0f}", longest, sparkline(s.histogram, 10),
                       share, str(s.duplicates), over)
     if report.splits:
         console.print(table)
         conventions = list(dict.fromkeys(s.convention or s.kind for s in report.splits))
         files = [f"{s.split}: {Path(s.file).name}" if s.file else f"{s.split}: held out from "
                  f"{Path(s.held_out_from).name}" for s in report.splits]
-        console.print(f"format: {', '.join(conventions)} · {' · '.join(files)}")
+        console.print(escape(f"format: {', '.join(conventions)} · {' · '.join(files)}"))
         console.print("[dim]n records · lengths min/median/p95/max · sup = supervised share of tokens · "
                       "dup = repeats of an earlier record[/]")
     else:
-        console.print(f"{report.path}: no usable records")
+        console.print(escape(f"{report.path}: no usable records"))
     if report.template:
         console.print(f"template: {report.template}")
     if report.context_length:
@@ -210,7 +212,7 @@ def print_data_report(console: Console, report, max_seq_length: int) -> None:
     if report.unit == "characters" and report.splits:
         console.print("lengths are in characters: pass --model to measure in tokens and see the supervised share")
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     # Piped or colourless, the highlight is lost: mark the supervised part in the text itself (wdiff's {+ +}).
     plain = console.no_color or not console.is_terminal
     for example in report.examples:
@@ -274,7 +276,7 @@ def print_fuse_result(console: Console, result) -> None:
     quant = (f"{result.quantization['bits']}-bit, group {result.quantization['group_size']}"
              if result.quantization else "none")
     rows = [
-        ("written to", result.out),
+        ("written to", escape(str(result.out))),
         ("quantization", quant),
         ("checked", f"{result.checked_tokens} held-out tokens"),
         ("max |Δ log-prob|", f"{result.max_abs_diff:.2e}"
@@ -288,15 +290,15 @@ def print_fuse_result(console: Console, result) -> None:
     ]
     console.print(summary_table("fuse", rows))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def print_model_info(console: Console, info: dict) -> None:
     memory, quant = info["memory"], info["quantization"]
     assumed = memory["assumptions"]
     rows = [
-        ("path", info["path"]),
-        ("source", info["source"]),
+        ("path", escape(str(info["path"]))),
+        ("source", escape(str(info["source"]))),
         ("architecture", f"{info['architecture']} · {info['layers']} layers · hidden {info['hidden_size']} · "
                          f"{info['attention_heads']} heads ({info['kv_heads']} KV) · vocab {info['vocab_size']}"),
         ("context", str(info["context_length"])),
@@ -321,28 +323,31 @@ class TrainingReporter:
         self._progress: Progress | None = None
         self._task = None
         self._history: list[float] = []
+        self._done = 0  # the last step finished
+        self._val: tuple[float, int] | None = None  # the last validation loss and the step it was measured at
 
     def note(self, text: str) -> None:
-        self.console.print(f"[yellow]note:[/] {text}")
+        self.console.print(f"[yellow]note:[/] {escape(text)}")
 
     def info(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(escape(text))
 
     def warning(self, text: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {text}")
+        self.console.print(f"[yellow]warning:[/] {escape(text)}")
 
     def data_problems(self, warnings: list[dict]) -> None:
         print_data_problems(self.console, [], warnings)
 
     def default_model(self, name: str, quantize: str) -> None:
-        self.console.print(f"no --model given: using the default base model [cyan]{name}[/] "
+        self.console.print(f"no --model given: using the default base model [cyan]{escape(name)}[/] "
                            f"({quantize}-bit, pulled once into the model library)")
 
     def start(self, method: str, model_path, run_dir) -> None:
-        self.console.print(f"[bold]mlxtune[/] {method} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+        self.console.print(f"[bold]mlxtune[/] {method} · model [cyan]{escape(str(model_path))}[/] · "
+                           f"run [cyan]{escape(str(run_dir))}[/]")
 
     def resumed(self, checkpoint_name: str, step: int, total_steps: int) -> None:
-        self.console.print(f"resuming from {checkpoint_name} (step {step} of {total_steps})")
+        self.console.print(escape(f"resuming from {checkpoint_name} (step {step} of {total_steps})"))
 
     def header(self, settings, *, data_kind: str, train_examples: int, valid_examples: int, template_origin: str,
                data_warnings: str, trainable: int, total: int, steps: int, quantization: dict | None, loss_mode: str, batching: str,
@@ -373,6 +378,8 @@ class TrainingReporter:
     @contextlib.contextmanager
     def training(self, total_steps: int, start_step: int, val_loss: float | None):
         """Live progress (step, loss, validation loss, tokens/s, memory, sparkline, ETA) while the loop runs."""
+        self._done = start_step
+        self._val = None if val_loss is None else (val_loss, start_step)
         with training_progress(self.console) as progress:
             self._progress = progress
             self._task = progress.add_task("train", total=total_steps, completed=start_step, loss="—",
@@ -384,22 +391,26 @@ class TrainingReporter:
 
     def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float) -> None:
         self._history.append(train_loss)
+        # A validation loss of an earlier step is shown with its step: it is not this step's measurement.
+        val = {} if self._val is None else {"val": f"{fmt_loss(self._val[0])} (step {self._val[1]})"}
         self._progress.update(self._task, loss=fmt_loss(train_loss), speed=f"{tokens_per_second:.0f}",
-                              memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history))
+                              memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history), **val)
 
     def val_report(self, val_loss: float) -> None:
+        self._val = (val_loss, self._done + 1)  # measured during the step being run
         self._progress.update(self._task, val=fmt_loss(val_loss))
 
     def step_done(self, step: int) -> None:
+        self._done = step
         self._progress.update(self._task, completed=step)
 
     def early_stop(self, patience: int, best_step: int | None, best_dir) -> None:
-        self.console.print(f"early stop: no validation gain in {patience} evaluations; "
-                           f"best step {best_step} is in {best_dir}")
+        self.console.print(escape(f"early stop: no validation gain in {patience} evaluations; "
+                                  f"best step {best_step} is in {best_dir}"))
 
     def interrupted(self, signal_name: str, step: int, run_dir) -> None:
-        self.console.print(f"[yellow]{signal_name}:[/] checkpoint saved at step {step}; "
-                           f"continue with: mlxtune lora --resume {run_dir}")
+        self.console.print(f"[yellow]{signal_name}:[/] " + escape(f"checkpoint saved at step {step}; "
+                                                                 f"continue with: mlxtune lora --resume {run_dir}"))
 
     def summary(self, result, adapter_file) -> None:
         rows = [
@@ -409,7 +420,7 @@ class TrainingReporter:
             ("train loss", fmt_loss(result.final_train_loss)),
             ("speed", f"{result.tokens_per_second or 0:.0f} tokens/s"),
             ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
-            ("adapter", str(adapter_file)),
+            ("adapter", escape(str(adapter_file))),
         ]
         self.console.print(summary_table("result", rows))
 
@@ -420,8 +431,8 @@ def print_memory_plan(console: Console, report: dict) -> None:
     settings = report["settings"]
     batch = report.get("worst_batch") or {}
     rows = [
-        ("model", report["model"]),
-        ("data", report["data"]),
+        ("model", escape(str(report["model"]))),
+        ("data", escape(str(report["data"]))),
         ("settings", ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)),
         ("largest batch", f"{batch.get('rows')} × {batch.get('length')} tokens" if batch else "—"),
         ("budget", f"{gb(report['budget_gb'])} ({report['budget_source']})"),

@@ -11,7 +11,7 @@ if [ "${MLXTUNE_SKIP_INTEROP:-}" != "1" ]; then
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
   if [ "$(uname -s)" = "Linux" ] && ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     # A CPU build of PyTorch first (plain `torch` on Linux resolves to the multi-GB CUDA build).
-    echo "==> installing PyTorch (CPU) for the transformers interop tests"
+    echo "==> installing PyTorch (CPU, ~200 MB download) for the transformers interop tests"
     .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
   fi
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
@@ -21,11 +21,16 @@ if [ "${MLXTUNE_SKIP_INTEROP:-}" != "1" ]; then
     export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
   fi
 fi
+if [ "$extras" = "test,interop" ] && ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  # Said before the long quiet step, so a fresh machine doesn't look hung.
+  echo "==> the next step compiles llama-cpp-python from source (first time only): about 10-30 minutes on 2 cores,"
+  echo "    with no output meanwhile; MLXTUNE_SKIP_INTEROP=1 scripts/test.sh skips it and the interop tests"
+fi
 source scripts/_venv.sh "$extras"
 # tests/eval opens report.html in headless Chromium: install Debian's package where it is missing (root + apt).
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && [ "${MLXTUNE_NO_APT:-}" != "1" ]; then
-    echo "==> installing Chromium (headless browser for the eval report test)"
+    echo "==> installing Chromium (headless browser for the eval report test; a few minutes)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
       || echo "note: could not install chromium; the report test will fail until it is installed" >&2
   else

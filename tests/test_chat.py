@@ -11,6 +11,8 @@ import select
 import subprocess
 import time
 
+import pytest
+
 from conftest import MLXTUNE, run_cli
 
 
@@ -49,6 +51,8 @@ def test_sampling_flags_are_seeded_and_validated(trained_run):
     assert first == second and first != other
     bad = run_cli("generate", run_dir, "-p", "x", "--top-p", 2)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    nan = run_cli("generate", run_dir, "-p", "x", "--temp", "nan")
+    assert nan.returncode == 2 and "finite" in nan.stderr and "Traceback" not in nan.stderr
 
 
 def test_history_is_trimmed_to_the_context_window(model_dir):
@@ -121,3 +125,76 @@ def test_prompt_completion_run_renders_with_its_training_template_and_says_so(tr
     assert "prompt/completion" in fmt.description and "fallback" in fmt.description
     text = loaded.tokenizer.decode(encode_messages(loaded, [{"role": "user", "content": "How many yards?"}], fmt))
     assert text.endswith("### User:\nHow many yards?\n\n### Assistant:\n")
+
+
+def test_ctrl_c_stops_the_reply_and_a_second_ctrl_c_at_the_prompt_quits(model_dir):
+    import signal
+
+    from mlxtune.chat import Sampling, chat_session
+
+    lines, written, notices = iter(["Once upon a time"]), [], []
+
+    def read_line():
+        line = next(lines, None)
+        if line is None:  # the second Ctrl-C, at the prompt
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return line
+
+    def write(text):
+        written.append(text)
+        if len(written) == 3:  # Ctrl-C while the reply streams
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+    messages = chat_session(model_dir, read_line, write, sampling=Sampling(temperature=0.0, max_tokens=200),
+                            on_notice=notices.append)
+    assert any("reply stopped" in n for n in notices)
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # the conversation survives the interrupt
+    reply = messages[1]["content"]
+    assert reply and reply == "".join(written[:3]).strip()
+
+
+def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(model_dir):
+    import mlx.core as mx
+
+    from mlxtune.chat import Sampling, stream_reply
+    from mlxtune.runs import open_for_inference
+
+    loaded = open_for_inference(model_dir)
+    euro = [loaded.tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "€".encode()]  # 3 byte tokens
+
+    class Forced(Sampling):  # the model "says" € byte by byte, then "!"
+        def logits_processors(self):
+            def force(tokens, logits):
+                at = len(tokens) - prompt_length
+                wanted = (euro + [loaded.tokenizer.convert_tokens_to_ids("!")] * 8)[at]
+                return mx.where(mx.arange(logits.shape[-1]) == wanted, 0.0, -1e9)[None]
+            return [force]
+
+    prompt = list(loaded.tokenizer.encode("Hi"))
+    prompt_length = len(prompt)
+    for max_tokens, expected in ((2, ""), (4, "€!")):
+        pieces = [piece for piece, _ in stream_reply(loaded, prompt, Forced(temperature=0.0, max_tokens=max_tokens))]
+        assert "\ufffd" not in "".join(pieces), pieces
+        assert "".join(pieces).strip() == expected
+
+
+@pytest.mark.parametrize("temperature, top_p, min_p", [(1.3, 0.9, 0.0), (0.9, 0.8, 0.05)])
+def test_sampler_draws_what_mlx_lms_make_sampler_draws(temperature, top_p, min_p):
+    from mlxtune.chat import Sampling
+
+    """Sampling passes its values to mlx-lm's compiled steps as arrays (no compile per value); the tokens must be
+    the ones mlx-lm's own make_sampler draws, or an mlx-lm upgrade changed those steps."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    logits = mx.random.normal((1, 300), key=mx.random.key(0)) * 3
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ours = Sampling(temperature=temperature, top_p=top_p, min_p=min_p).sampler()
+    theirs = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, min_p=min_p)
+    drawn = []
+    for sampler in (ours, theirs):
+        mx.random.seed(7)
+        drawn.append([sampler(logprobs).item() for _ in range(200)])
+    assert drawn[0] == drawn[1]

@@ -53,3 +53,23 @@ def test_quickstart_showcase_puts_base_tuned_and_reference_side_by_side(trained_
         grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
         assert len(grams) == len(set(grams)), f"base loops: {text}"
     assert re.search(r"learned SQL format on 2 held-out questions: base \d/2, tuned \d/2", stdout)
+
+
+def test_test_script_says_what_the_long_quiet_install_is_before_it_starts(tmp_path):
+    """On a fresh machine the llama-cpp-python compile is ~30 silent minutes: test.sh says so first."""
+    import shutil
+    import stat
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "test.sh", tmp_path / "scripts" / "test.sh")
+    (tmp_path / "scripts" / "_venv.sh").write_text('echo "==> (the install would run here)"\n')
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\nexit 1\n")  # a fresh venv: no torch, no llama_cpp
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "test.sh")], capture_output=True, text=True,
+                            env={**os.environ, "MLXTUNE_NO_APT": "1"}, timeout=60)
+    out = result.stdout
+    assert "compiles llama-cpp-python from source" in out and "MLXTUNE_SKIP_INTEROP=1" in out
+    assert out.index("compiles llama-cpp-python") < out.index("the install would run here")
+    assert "PyTorch (CPU, ~200 MB download)" in out

@@ -3,6 +3,7 @@ per report, with elapsed time and ETA) when the output goes to a log."""
 
 from __future__ import annotations
 
+import json
 import io
 import re
 import time
@@ -52,3 +53,42 @@ def test_plain_lines_when_output_is_not_a_terminal():
     assert all(parsed), lines
     assert [(m.group(1), m.group(2)) for m in parsed] == [("2", "5.711"), ("4", "2.799"), ("6", "2.799")]
     assert "\x1b" not in "".join(lines) and "━" not in "".join(lines)
+
+
+def test_a_repeated_validation_loss_is_marked_with_the_step_it_was_measured_at():
+    from mlxtune.ui import TrainingReporter
+
+    reporter = TrainingReporter(Console(file=io.StringIO(), width=200))  # a log: one line per step with news
+    with reporter.training(total_steps=6, start_step=0, val_loss=5.711):
+        for step in range(1, 7):
+            if step % 2 == 0:
+                reporter.train_report(2.5, 1000.0, 0.1)
+            if step == 4:
+                reporter.val_report(2.799)
+            reporter.step_done(step)
+    vals = re.findall(r"val (\S+(?: \(step \d+\))?)  ", reporter.console.file.getvalue())
+    assert vals == ["5.711 (step 0)", "2.799", "2.799 (step 4)"]
+
+
+def test_user_text_is_printed_as_it_is_never_as_markup_or_emoji(tmp_path):
+    from conftest import run_cli
+
+    data = tmp_path / "file[bold].jsonl"
+    lines = [json.dumps({"text": f"record {n}"}) for n in range(99)] + ['{"text": "[red]broken']
+    data.write_text("\n".join(lines) + "\n")
+    result = run_cli("data", "check", data)
+    assert f"{data}:100: invalid JSON" in result.stdout + result.stderr  # not file[bold].jsonl💯
+    from mlxtune.ui import TrainingReporter, make_console
+
+    console = make_console()
+    console.file = io.StringIO()
+    TrainingReporter(console).note("held out 9 of 91 records from data:1234:[bold]x[/bold].jsonl")
+    assert console.file.getvalue() == "note: held out 9 of 91 records from data:1234:[bold]x[/bold].jsonl\n"
+
+
+def test_a_huge_perplexity_reads_as_a_number():
+    from mlxtune.eval.stats import format_interval
+
+    assert format_interval({"value": 6477956970.09, "low": 1.2e9, "high": 3.5e10}, digits=2) == \
+        "6.48e+09 [1.2e+09, 3.5e+10]"
+    assert format_interval({"value": 12.3456, "low": 11.0, "high": 13.5}, digits=2) == "12.35 [11.00, 13.50]"

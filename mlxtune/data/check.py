@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, resolve_data_path
+from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, record_fingerprint, resolve_data_path
 from mlxtune.data.formats import RecordError, dataset_kind, find_splits
 from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings, record_warnings, split_warnings,
                                   steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
 from mlxtune.data.preference_check import is_preference_data, preference_facts
+from mlxtune.data.prompts import is_prompt_only_data, prompt_facts
 from mlxtune.errors import UsageError
 from mlxtune.settings import UPPER_BOUNDS
 
@@ -47,6 +47,7 @@ class DataReport:
     examples: list[dict] = field(default_factory=list)  # rendered samples: [{"source", "segments": [(text, bool)]}]
     from_cache: bool = False
     context_length: int | None = None  # the model's (max_position_embeddings)
+    measured_up_to: int | None = None  # token lengths are exact below this; a record reaching it is at least as long
     max_seq_length: int | None = None  # the length checked against: given, or min(2048, the model's context)
 
     @property
@@ -93,15 +94,14 @@ def _context_length(model_path: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _preference_report(path, model, show, max_seq_length, chat_template, seed) -> DataReport:
-    facts = preference_facts(resolve_data_path(path), model, show=show, max_seq_length=max_seq_length,
-                             chat_template=chat_template, seed=seed)
+def _facts_report(path, facts, kind: str) -> DataReport:
+    """The report of preference pairs or prompt-only records, from their facts."""
     report = DataReport(str(path), facts.unit, problems=[_problem(e) for e in facts.problems],
                         warnings=[w.to_dict() for w in facts.warnings], notes=facts.notes,
                         overlap_train_valid=facts.overlap_train_valid, template=facts.template)
     for s in facts.splits:
         stats, histogram = _length_stats(s.lengths)
-        report.splits.append(SplitStats(s.split, s.file, "preference", s.records, stats, histogram,
+        report.splits.append(SplitStats(s.split, s.file, kind, s.records, stats, histogram,
                                         s.supervised_share, s.duplicates, s.over_max_length, s.held_out_from,
                                         s.convention))
     report.examples = [{"source": label, "segments": _segments(facts.tokenizer, e)} for label, e in facts.shown]
@@ -131,7 +131,14 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
         raise UsageError(f"max_seq_length must be in [1, {UPPER_BOUNDS['max_seq_length']:,}], got {max_seq_length}",
                          "set --max-seq-length, or omit it for min(2048, the model's context)")
     if keys is None and is_preference_data(files):  # pairs for mlxtune dpo/orpo: checked as pairs
-        report = _preference_report(path, model, show, max_seq_length, chat_template, seed)
+        report = _facts_report(path, preference_facts(resolve_data_path(path), model, show=show,
+                                                      max_seq_length=max_seq_length, chat_template=chat_template,
+                                                      seed=seed), "preference")
+        report.max_seq_length = max_seq_length
+        return report
+    if keys is None and is_prompt_only_data(files):  # prompts for reinforcement learning (GRPO)
+        report = _facts_report(path, prompt_facts(resolve_data_path(path), model, chat_template=chat_template,
+                                                  seed=seed), "prompt-only")
         report.max_seq_length = max_seq_length
         return report
     problems: list[UsageError] = []
@@ -152,7 +159,7 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
         kind = dataset_kind([r for recs in records.values() for r in recs])
         # Lengths are measured exactly up to well past every limit that matters; a longer record (a 50 MB line) is
         # measured as "at least this", never tokenized whole.
-        measure = max(4 * max_seq_length, report.context_length or 0)
+        measure = report.measured_up_to = max(4 * max_seq_length, report.context_length or 0)
         if not problems:
             datasets = load_datasets(path, tokenizer, max_seq_length=measure, train_on_prompt=train_on_prompt,
                                      chat_template=chat_template, seed=seed, keys=keys)
@@ -183,14 +190,13 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             over = [(e.source, len(e), s, int(e.supervised[max_seq_length:].sum()))
                     for e, s in zip(tokenized, supervised) if len(e) > max_seq_length]
             warnings += length_warnings(split, str(file or files["train"]), over, len(recs), sum(supervised),
-                                        max_seq_length)
+                                        max_seq_length, cap=report.measured_up_to)
             lengths_all += [(e.source, len(e)) for e in tokenized]
         else:
             lengths = [len(r.text or "") + len(r.prompt or "") + len(r.completion or "")
                        + sum(len(m["content"]) for m in (r.messages or [])) for r in recs]
             share = None
-            prints[split] = [(r.source, hashlib.sha1(repr((r.text, r.prompt, r.completion, r.messages))
-                                                     .encode()).hexdigest()) for r in recs]
+            prints[split] = [(r.source, record_fingerprint(r)) for r in recs]
             over = []
         counts = Counter(fp for _, fp in prints[split])
         stats, histogram = _length_stats(lengths)
@@ -201,7 +207,7 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
             held_out_from=None if file else str(files["train"]), convention=", ".join(conventions),
         ))
     if tokenizer is not None:
-        warnings += context_warnings(max_seq_length, report.context_length, lengths_all)
+        warnings += context_warnings(max_seq_length, report.context_length, lengths_all, report.measured_up_to)
     warnings += split_warnings(prints.get("train", []), prints.get("valid", []),
                                str(files.get("valid", files["train"])))
     if iters and records.get("train"):

@@ -51,6 +51,17 @@ def split_validation(records: list[Record], seed: int) -> tuple[list[Record], li
     return train, valid
 
 
+def hold_out_validation(records: dict[str, list], train_file: Path, seed: int, unit: str) -> list[str]:
+    """Without a validation split, hold one out of `records["train"]` (in place); the note saying so."""
+    if "valid" in records:
+        return []
+    records["train"], records["valid"] = split_validation(records["train"], seed)
+    if not records["valid"]:
+        return []
+    return [f"no validation file: held out {len(records['valid'])} of {len(records['train']) + len(records['valid'])} "
+            f"{unit} from {train_file.name} (seed {seed})"]
+
+
 def _length_note(split: str, report: LengthReport, max_seq_length: int) -> list[str]:
     notes = []
     if report.truncated:
@@ -131,6 +142,46 @@ def read_splits(files: dict[str, Path], seed: int, keys=None,
 
 def fingerprint(example: TokenizedExample) -> str:
     return hashlib.sha1(example.ids.tobytes()).hexdigest()
+
+
+def record_fingerprint(record: Record) -> str:
+    """What a record says, not where it is: the same record in two files (or two splits) has one fingerprint."""
+    return hashlib.sha1(repr((record.text, record.prompt, record.completion, record.messages)).encode()).hexdigest()
+
+
+@dataclass
+class ScoredSplit:
+    """The records an evaluation scores and what the run trained on (both read by `read_splits`, as training did)."""
+
+    records: list[Record]
+    file: Path
+    split: str  # test | valid | held-out validation | file
+    trained: list[Record] | None  # the run's training records; None when its data can't be read any more
+
+
+def scored_split(data: str | Path | None, train_data: str | Path, seed: int, keys=None) -> ScoredSplit:
+    """What to evaluate on: `data` (default: the training data) split exactly as training split it, so a single
+    training file gives the records training held out (same seed), never the ones it trained on. A different single
+    file is scored whole; `trained` lets the caller state any overlap with the training records by content."""
+    own = resolve_data_path(train_data)
+    source = resolve_data_path(data) if data else own
+    trained = None
+    if source.is_file() and not (own.exists() and source.resolve() == own.resolve()):
+        records, split, file = read_records(source, None, keys), "file", source
+    else:
+        files = find_splits(source)
+        splits, _ = read_splits(files, seed, keys)
+        name = "test" if "test" in files else "valid"
+        records, file = splits[name], files.get(name, files["train"])
+        split = name if name in files else "held-out validation"
+        if source.resolve() == own.resolve():
+            trained = splits["train"]
+    if trained is None:
+        try:
+            trained = read_splits(find_splits(own), seed, keys)[0]["train"]
+        except UsageError:  # moved or deleted since training: the overlap can't be checked
+            trained = None
+    return ScoredSplit(records, file, split, trained)
 
 
 def data_warnings(records: dict[str, list[Record]], tokenized: dict[str, list[TokenizedExample]],

@@ -118,6 +118,11 @@ def _decode_lines(path: Path) -> list[tuple[int, str | UsageError]]:
     return lines
 
 
+def json_error(message: str, column: int) -> str:
+    """Python's JSON message with its column ("Invalid control character at" already ends in "at")."""
+    return f"{message.removesuffix(' at')} at column {column}"
+
+
 def _json_array_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     """Elements of a JSON array with the line each one starts on (a record index alone points nowhere useful)."""
     decoder = json.JSONDecoder()
@@ -134,7 +139,7 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[str, Any]]:
 
     def fail(at: int, what: str):
         column = at - (text.rfind("\n", 0, at) + 1) + 1
-        raise UsageError(f"{path}:{line}: invalid JSON ({what} at column {column})", "fix the JSON array") from None
+        raise UsageError(f"{path}:{line}: invalid JSON ({json_error(what, column)})", "fix the JSON array") from None
 
     position = skip(position)
     if text.startswith("]", position):
@@ -185,7 +190,7 @@ def _raw_rows(path: Path) -> list[tuple[str, Any]]:
         try:
             rows.append((where, json.loads(text)))
         except json.JSONDecodeError as exc:
-            rows.append((where, RecordError(where, f"invalid JSON ({exc.msg} at column {exc.colno})",
+            rows.append((where, RecordError(where, f"invalid JSON ({json_error(exc.msg, exc.colno)})",
                                             "each line must be one complete JSON object")))
         except RecursionError:  # Python's JSON decoder recurses once per nesting level
             rows.append((where, RecordError(where, "nested too deeply to read", TOO_DEEP_HINT)))
@@ -353,7 +358,7 @@ def _json_value(value: Any, where: str, key: str, convention: str) -> Any:
     try:
         return json.loads(value) if value.strip() else None
     except json.JSONDecodeError as exc:
-        raise RecordError(where, f"{key!r} is a string but not JSON ({exc.msg} at column {exc.colno})",
+        raise RecordError(where, f"{key!r} is a string but not JSON ({json_error(exc.msg, exc.colno)})",
                           f"{convention} writes it as JSON text; fix the quoting") from None
     except RecursionError:
         raise RecordError(where, f"{key!r} is nested too deeply to read", TOO_DEEP_HINT) from None

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxtune.data.dataset import split_validation
+from mlxtune.data.dataset import hold_out_validation
 # _raw_rows: formats.py's file reader (JSONL/JSON/CSV/Parquet with real file:line), shared rather than duplicated
-from mlxtune.data.formats import PAIRED, ROLE_ALIASES, Record, RecordError, _raw_rows, detect_preference, find_splits
+from mlxtune.data.formats import (PAIRED, PREFERENCE_DESCRIPTION, ROLE_ALIASES, UNPAIRED, Record, RecordError,
+                                   _raw_rows, detect_preference, find_splits)
 from mlxtune.data.template import TemplateChoice, TokenizedExample, choose_template, tokenize_record
 from mlxtune.errors import UsageError
 
@@ -147,6 +148,8 @@ def parse_preference(row: Any, where: str) -> PreferenceRecord:
                              "LLaMA-Factory ranking data lists the better answer first")
         row = {**row, "chosen": row["output"][0], "rejected": row["output"][1]}
     missing = [key for key in PREFERENCE_KEYS if key not in row or row[key] in (None, "", [])]
+    if missing and detect_preference(row) == UNPAIRED:  # KTO: said as `lora` says it
+        raise RecordError(where, PREFERENCE_DESCRIPTION[UNPAIRED][0], PREFERENCE_DESCRIPTION[UNPAIRED][1])
     if missing:
         if any(key in row for key in ("prompt", "instruction", "messages", "conversations")):
             raise RecordError(where, f"prompt-only record (no {' or '.join(missing)})",
@@ -266,6 +269,26 @@ def _truncate(example: TokenizedExample, limit: int) -> TokenizedExample:
     return TokenizedExample(example.ids[:limit], example.supervised[:limit], example.source)
 
 
+def fit_pair(pair: PreferenceExample, max_seq_length: int) -> PreferenceExample | None:
+    """The pair cut to `max_seq_length` tokens; None when the cut leaves either side no answer token (dropped)."""
+    if len(pair) > max_seq_length:
+        pair = PreferenceExample(_truncate(pair.chosen, max_seq_length), _truncate(pair.rejected, max_seq_length),
+                                 pair.source)
+    return pair if pair.chosen.supervised.any() and pair.rejected.supervised.any() else None
+
+
+def dropped_note(split: str, sources: list[str], max_seq_length: int) -> str:
+    """Which pairs truncation empties, by file:line (training drops them; `data check` predicts the same)."""
+    return (f"{split}: {len(sources)} pairs dropped (truncation to {max_seq_length} tokens left no answer): "
+            + bad_places(sources))
+
+
+def bad_places(sources: list[str]) -> str:
+    """file:line, :line, :line — a file named once."""
+    file = sources[0].rsplit(":", 1)[0] if ":" in sources[0] else ""
+    return ", ".join([sources[0]] + [p[len(file):] if file and p.startswith(file + ":") else p for p in sources[1:]])
+
+
 @dataclass
 class PreferenceSplits:
     """The records of every split, before tokenization."""
@@ -275,18 +298,31 @@ class PreferenceSplits:
     notes: list[str] = field(default_factory=list)
 
 
-def read_preference_splits(data: str | Path, seed: int = 0, problems: list[UsageError] | None = None
-                           ) -> PreferenceSplits:
-    """Read every split (a fixed-seed 10% of train held out when there is no validation file)."""
+def bad_records_summary(errors: list[UsageError]) -> str:
+    """Every bad record in one line, grouped by what is wrong: "empty chosen answer: pairs.jsonl:12, :57, :300"."""
+    groups: dict[str, list[str]] = {}
+    for error in errors:
+        where, detail = (error.where, error.detail) if isinstance(error, RecordError) else ("", error.message)
+        groups.setdefault(detail, []).append(where)
+    return "; ".join(f"{detail} ({bad_places(places)})" if places[0] else detail for detail, places in groups.items())
+
+
+def read_preference_splits(data: str | Path, seed: int = 0, problems: list[UsageError] | None = None,
+                           skip_invalid: bool = False) -> PreferenceSplits:
+    """Read every split (a fixed-seed 10% of train held out when there is no validation file).
+
+    Every bad record is found before anything is refused: with `problems` they are collected there; otherwise all of
+    them are named in one error, or with `skip_invalid` left out and named in a note."""
     files = find_splits(data)
-    records = {split: read_preference_records(path, problems) for split, path in files.items()}
+    collected: list[UsageError] = [] if problems is None else problems
+    records = {split: read_preference_records(path, collected) for split, path in files.items()}
     notes = []
-    if "valid" not in records:
-        records["train"], records["valid"] = split_validation(records["train"], seed)
-        if records["valid"]:
-            notes.append(f"no validation file: held out {len(records['valid'])} of "
-                         f"{len(records['train']) + len(records['valid'])} pairs from {files['train'].name} "
-                         f"(seed {seed})")
+    if problems is None and collected:
+        summary = f"{len(collected):,} bad preference record(s): {bad_records_summary(collected)}"
+        if not skip_invalid:
+            raise UsageError(summary, "fix them, or pass --skip-invalid to train without them")
+        notes.append(f"--skip-invalid: left out {summary}")
+    notes += hold_out_validation(records, files["train"], seed, "pairs")
     return PreferenceSplits(records, files, notes)
 
 
@@ -299,26 +335,24 @@ def tokenize_preference_splits(splits: PreferenceSplits, tokenizer, *, max_seq_l
         notes.append("the model has no chat template: using mlxtune's fallback template (### User: / ### Assistant:)")
     tokenized: dict[str, list[PreferenceExample]] = {}
     for split in ("train", "valid", "test"):
-        kept, identical, truncated, emptied = [], 0, 0, 0
+        kept, identical, truncated, emptied = [], 0, 0, []
         for record in records.get(split, []):
             if record.identical:
                 identical += 1
                 continue
             pair = tokenize_pair(record, tokenizer, template.template)
-            if len(pair) > max_seq_length:
-                truncated += 1
-                pair = PreferenceExample(_truncate(pair.chosen, max_seq_length),
-                                         _truncate(pair.rejected, max_seq_length), pair.source)
-            if not (pair.chosen.supervised.any() and pair.rejected.supervised.any()):
-                emptied += 1
+            truncated += len(pair) > max_seq_length
+            fitted = fit_pair(pair, max_seq_length)
+            if fitted is None:
+                emptied.append(pair.source)
                 continue
-            kept.append(pair)
+            kept.append(fitted)
         if identical:
             notes.append(f"{split}: {identical} pairs with identical chosen and rejected answers skipped")
         if truncated:
             notes.append(f"{split}: {truncated} pairs longer than {max_seq_length} tokens truncated")
         if emptied:
-            notes.append(f"{split}: {emptied} pairs dropped (truncation left no answer)")
+            notes.append(dropped_note(split, emptied, max_seq_length))
         tokenized[split] = kept
     if not tokenized["train"]:
         raise UsageError(f"no usable preference pairs in {splits.files['train']}",
@@ -329,9 +363,9 @@ def tokenize_preference_splits(splits: PreferenceSplits, tokenizer, *, max_seq_l
 
 
 def load_preference_sets(data: str | Path, tokenizer, *, max_seq_length: int = 2048, chat_template: str | None = None,
-                         seed: int = 0) -> PreferenceSets:
+                         seed: int = 0, skip_invalid: bool = False) -> PreferenceSets:
     """Read, check and tokenize every split."""
-    return tokenize_preference_splits(read_preference_splits(data, seed), tokenizer,
+    return tokenize_preference_splits(read_preference_splits(data, seed, skip_invalid=skip_invalid), tokenizer,
                                       max_seq_length=max_seq_length, chat_template=chat_template)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from mlxtune.data.formats import find_splits
 from mlxtune.data.preference import (
     PreferenceRecord,
+    dropped_note,
+    fit_pair,
     is_preference_row,
     read_preference_splits,
     tokenize_pair,
@@ -100,6 +102,10 @@ def preference_facts(path: str | Path, model: str | Path | None = None, *, show:
             tokens = sum(len(p.chosen) + len(p.rejected) for p in pairs)
             share = sum(int(p.chosen.supervised.sum() + p.rejected.supervised.sum()) for p in pairs) / max(tokens, 1)
             over = sum(1 for n in lengths if n > max_seq_length)
+            dropped = [p.source for p in pairs if len(p) > max_seq_length and fit_pair(p, max_seq_length) is None]
+            if dropped:  # what training will drop, predicted by the same cut
+                facts.warnings.append(DataWarning("dropped-by-truncation", str(files.get(split, files["train"])),
+                                                  dropped_note(split, dropped, max_seq_length)))
             if over:
                 facts.warnings.append(DataWarning(
                     "too-long", str(files.get(split, files["train"])),

@@ -90,16 +90,27 @@ def record_warnings(record: Record) -> list[DataWarning]:
     return out
 
 
+def at_least(count: int, cap: int | None) -> str:
+    """A count measured only up to `cap` (a record tokenized no further): "at least N" once it reaches the cap."""
+    return f"at least {count:,}" if cap and count >= cap else f"{count:,}"
+
+
 def length_warnings(split: str, file: str, over: list[tuple[str, int, int, int]], records: int,
-                    supervised_tokens: int, max_seq_length: int, dropped: bool = False) -> list[DataWarning]:
-    """One warning per record over --max-seq-length (what truncation loses), and one for the share of the set."""
+                    supervised_tokens: int, max_seq_length: int, dropped: bool = False,
+                    cap: int | None = None) -> list[DataWarning]:
+    """One warning per record over --max-seq-length (what truncation loses), and one for the share of the set.
+
+    `cap`: lengths were measured only up to this many tokens; a record that reaches it is "at least" that long."""
     out = []
     for source, tokens, supervised, lost in over:
+        capped = cap if cap and tokens >= cap else None
         share = lost / supervised if supervised else 0.0
         action = ("dropped (--drop-long)" if dropped
-                  else f"truncation drops {lost:,} of its {supervised:,} supervised tokens ({share:.0%})")
+                  else f"truncation drops {'at least ' if capped else ''}{lost:,} of its "
+                       f"{'at least ' if capped else ''}{supervised:,} supervised tokens"
+                       + ("" if capped else f" ({share:.0%})"))
         out.append(DataWarning("over-max-length", source,
-                               f"{tokens:,} tokens, over --max-seq-length {max_seq_length}: {action}"))
+                               f"{at_least(tokens, capped)} tokens, over --max-seq-length {max_seq_length}: {action}"))
     if over:
         lost = sum(o[3] for o in over)
         out.append(DataWarning(
@@ -112,7 +123,7 @@ def length_warnings(split: str, file: str, over: list[tuple[str, int, int, int]]
 
 
 def context_warnings(max_seq_length: int, context_length: int | None,
-                     lengths: list[tuple[str, int]]) -> list[DataWarning]:
+                     lengths: list[tuple[str, int]], cap: int | None = None) -> list[DataWarning]:
     """--max-seq-length and examples past the positions the model was pretrained on."""
     if not context_length or max_seq_length <= context_length:
         return []
@@ -122,7 +133,7 @@ def context_warnings(max_seq_length: int, context_length: int | None,
     for source, tokens in lengths:
         if tokens > context_length:
             out.append(DataWarning("over-context", source,
-                                   f"{tokens:,} tokens, over the model's context window ({context_length}): "
+                                   f"{at_least(tokens, cap)} tokens, over the model's context window ({context_length}): "
                                    "positions it was never trained on"))
     return out
 

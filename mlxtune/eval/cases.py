@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.data.dataset import split_validation
-from mlxtune.data.formats import Record, dataset_kind, find_splits, read_records
+from mlxtune.data.dataset import record_fingerprint, scored_split
+from mlxtune.data.formats import Record, dataset_kind
 from mlxtune.data.template import TokenizedExample, tokenize_records
 from mlxtune.errors import UsageError
 from mlxtune.runs import Run
@@ -32,21 +32,9 @@ class EvalData:
     cases: list[Case]
     kind: str
     path: str
-    split: str  # test | valid | held-out valid | file
+    split: str  # test | valid | held-out validation | file
     skipped: int  # records that tokenized to nothing to score (e.g. truncated away)
-
-
-def _pick_file(data: str | Path, seed: int) -> tuple[Path, str, bool]:
-    """(file, split label, whether to take the held-out part of a train-only file)."""
-    path = Path(data).expanduser()
-    if path.is_file():
-        return path, "file", False
-    files = find_splits(path)
-    if "test" in files:
-        return files["test"], "test", False
-    if "valid" in files:
-        return files["valid"], "valid", False
-    return files["train"], "held-out valid", True
+    trained_on: list[str] | None  # sources of scored records the run trained on (same content); None: not checked
 
 
 def _prompt_and_reference(record: Record) -> tuple[str | None, list[dict] | None, str | None]:
@@ -67,22 +55,21 @@ def _prompt_and_reference(record: Record) -> tuple[str | None, list[dict] | None
 def load_cases(run: Run, tokenizer, template: str | None, data: str | Path | None = None,
                limit: int | None = None) -> EvalData:
     """The evaluation cases from `data` (a file, or a directory: its test split, else valid), by default the run's
-    own data; a directory with only train.jsonl gives the validation part the run held out (same seed)."""
+    own data, split as training split it: a single training file gives the records training held out (same seed)."""
     settings = run.settings
-    file, split, held_out = _pick_file(data or settings.data, settings.seed)
-    records = read_records(file, None, settings.record_keys)
-    if held_out:
-        records = split_validation(records, settings.seed)[1]
-        if not records:
-            raise UsageError(f"{file} has one record: nothing held out to evaluate on",
-                             "give --data a file or a directory with test.jsonl")
+    chosen = scored_split(data, settings.data, settings.seed, settings.record_keys)
+    file, records = chosen.file, chosen.records
+    if not records:
+        raise UsageError(f"{file} has one record: nothing held out to evaluate on",
+                         "give --data a file or a directory with test.jsonl")
     if limit:
         records = records[:limit]
     kind = dataset_kind(records)
     if (kind == "text") != (run.data_kind == "text"):
         raise UsageError(f"the run was trained on {run.data_kind} data but {file} holds {kind} records",
                          "evaluate on data of the format the run was trained on")
-    cases, skipped = [], 0
+    trained = None if chosen.trained is None else {record_fingerprint(r) for r in chosen.trained}
+    cases, skipped, trained_on = [], 0, []
     for record in records:
         examples, _ = tokenize_records([record], tokenizer, template, settings.train_on_prompt,
                                        settings.max_seq_length, settings.drop_long)
@@ -91,6 +78,8 @@ def load_cases(run: Run, tokenizer, template: str | None, data: str | Path | Non
             continue
         prompt, messages, reference = _prompt_and_reference(record)
         cases.append(Case(examples[0], prompt, messages, reference))
+        if trained is not None and record_fingerprint(record) in trained:
+            trained_on.append(record.source)
     if not cases:
         raise UsageError(f"no example of {file} has supervised tokens to score", "check --max-seq-length and the data")
-    return EvalData(cases, kind, str(file), split, skipped)
+    return EvalData(cases, kind, str(file), chosen.split, skipped, None if trained is None else trained_on)

@@ -52,6 +52,8 @@ class EvalResult:
     verdict: dict
     samples: list[dict]
     curves: dict  # train / valid: [[step, loss], ...] from the run's metrics
+    # scored examples the run trained on (same content): {"checked", "examples", "sources"}; None: not checked
+    overlap: dict | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     files: dict = field(default_factory=dict)
 
@@ -87,14 +89,21 @@ def _score(loaded, data: EvalData, metric: Metric | None, max_tokens: int, progr
     return ModelScores(loss, exp_interval(loss), task, generations, sums, counts)
 
 
-def verdict(loss: dict, task: dict | None) -> dict:
-    """Plain words: is the tuned model better, and is the difference more than noise (its 95% interval)?"""
+def verdict(loss: dict, task: dict | None, overlap: dict | None = None, examples: int = 0) -> dict:
+    """Plain words: is the tuned model better, and is the difference more than noise (its 95% interval)?
+
+    A gain measured on examples the run trained on is never called better: it can be memorising."""
     base, tuned, difference = (Interval(**loss[k]) for k in ("base", "tuned", "difference"))
+    trained_on = (overlap or {}).get("examples", 0)
     better = difference.value < 0
     beyond = difference.excludes_zero()
     separate = not base.overlaps(tuned)
     change = 100 * (1 - math.exp(difference.value)) if math.isfinite(difference.value) else math.nan
-    if better and beyond:
+    if better and beyond and trained_on:
+        text = (f"Scored on training data: {trained_on} of {examples} examples were trained on, so the lower loss "
+                f"({-difference.value:.3f} nats/token, 95% CI {-difference.high:.3f} to {-difference.low:.3f}) "
+                "can be memorising and says nothing about new data; evaluate on held-out records.")
+    elif better and beyond:
         text = (f"The tuned model is better: its loss is {-difference.value:.3f} nats/token lower "
                 f"(95% CI {-difference.high:.3f} to {-difference.low:.3f}; perplexity {change:.0f}% lower). "
                 f"The interval excludes zero, so the gain is larger than the noise"
@@ -105,7 +114,9 @@ def verdict(loss: dict, task: dict | None) -> dict:
     else:
         text = (f"No clear difference: the loss changed by {difference.value:+.3f} nats/token but the 95% interval "
                 f"({difference.low:+.3f} to {difference.high:+.3f}) includes zero.")
-    result = {"better": better and beyond, "worse": (not better) and beyond, "beyond_interval": beyond,
+    if trained_on and not (better and beyond):
+        text += f" ({trained_on} of {examples} examples were trained on.)"
+    result = {"better": better and beyond and not trained_on, "trained_on": trained_on, "worse": (not better) and beyond, "beyond_interval": beyond,
               "intervals_overlap": not separate, "text": text}
     if task is not None:
         task_difference = Interval(**task["difference"])
@@ -154,7 +165,8 @@ def evaluate_run(
     preference = preference_scores(run, data, checkpoint, limit)
     if preference is not None:  # chosen/rejected pairs: preference accuracy is the task, chosen answers the loss
         result = EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, metric=preference["task"]["metric"],
-                            verdict=verdict(preference["loss"], preference["task"]), samples=[],
+                            verdict=verdict(preference["loss"], preference["task"], preference["overlap"],
+                                            preference["examples"]), samples=[],
                             curves=_curves(run.path), **preference)
         return _write(result, out_dir)
     with quiet_stdout():
@@ -181,6 +193,8 @@ def evaluate_run(
             progress.stop()
 
     counts = tuned_scores.loss_counts
+    overlap = None if cases.trained_on is None else {"checked": True, "examples": len(cases.trained_on),
+                                                     "sources": cases.trained_on[:20]}
     loss = {"base": base_scores.loss.to_dict(), "tuned": tuned_scores.loss.to_dict(),
             "difference": paired_ratio_difference(tuned_scores.loss_sums, base_scores.loss_sums, counts).to_dict()}
     perplexity = {"base": base_scores.perplexity.to_dict(), "tuned": tuned_scores.perplexity.to_dict()}
@@ -199,7 +213,8 @@ def evaluate_run(
         run=str(run.path), checkpoint=checkpoint, data=cases.path, split=cases.split, kind=cases.kind,
         examples=len(cases.cases), supervised_tokens=int(sum(counts)), skipped=cases.skipped,
         metric=task["metric"] if task else None, loss=loss, perplexity=perplexity, task=task,
-        verdict=verdict(loss, task), samples=sample_rows, curves=_curves(run.path),
+        verdict=verdict(loss, task, overlap, len(cases.cases)), samples=sample_rows, curves=_curves(run.path),
+        overlap=overlap,
     )
     return _write(result, out_dir)
 

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxtune.data.dataset import fingerprint
 from mlxtune.data.formats import find_splits
 from mlxtune.data.preference import load_preference_sets
 from mlxtune.data.preference_check import is_preference_data
+from mlxtune.errors import UsageError
 from mlxtune.eval.stats import exp_interval, mean_interval, paired_ratio_difference, ratio_interval
 from mlxtune.runs import Run, open_for_inference
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off, answer_logps, likelihood_accuracy
 from mlxtune.ui import quiet_stdout
 
 METRIC = "preference accuracy"
+
+
+def _pair_print(pair) -> tuple[str, str]:
+    return fingerprint(pair.chosen), fingerprint(pair.rejected)
 
 
 def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int | None) -> dict | None:
@@ -30,11 +36,26 @@ def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit:
     with quiet_stdout():
         loaded = open_for_inference(run.path, checkpoint)
     settings = run.settings
-    sets = load_preference_sets(source, loaded.tokenizer, max_seq_length=settings.max_seq_length,
-                                chat_template=settings.chat_template, seed=settings.seed)
+    from mlxtune.train.preference.run import is_preference_run, load_preference_settings
+
+    skip_invalid = is_preference_run(run.path) and load_preference_settings(run.path).skip_invalid
+    options = dict(max_seq_length=settings.max_seq_length, chat_template=settings.chat_template, seed=settings.seed,
+                   skip_invalid=skip_invalid)
+    sets = load_preference_sets(source, loaded.tokenizer, **options)
     split, pairs = next((name, found) for name, found in (("test", sets.test), ("valid", sets.valid),
                                                            ("train", sets.train)) if found)
     pairs = pairs[:limit] if limit else pairs
+    if split == "valid" and "valid" not in sets.files:
+        split = "held-out validation"  # the pairs training held out of the one file (same seed)
+    own = Path(settings.data)
+    try:  # what the run trained on, split and tokenized as training did: overlap by content
+        trained = (sets if own.resolve() == source.resolve() else
+                   load_preference_sets(own, loaded.tokenizer, **options)).train
+        prints = {_pair_print(p) for p in trained}
+        trained_on = [p.source for p in pairs if _pair_print(p) in prints]
+        overlap = {"checked": True, "examples": len(trained_on), "sources": trained_on[:20]}
+    except UsageError:  # the run's data is gone or changed: not checked
+        overlap = None
     logps = SequenceLogProbs(loaded.model)
     tuned = answer_logps(loaded.model, pairs, logps=logps)
     with adapters_off(loaded.model):
@@ -43,7 +64,7 @@ def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit:
     base_loss, tuned_loss = ratio_interval(-base[:, 0], counts), ratio_interval(-tuned[:, 0], counts)
     base_hits, tuned_hits = likelihood_accuracy(base), likelihood_accuracy(tuned)
     return {
-        "data": str(source), "split": split, "kind": "preference", "examples": len(pairs),
+        "overlap": overlap, "data": str(source), "split": split, "kind": "preference", "examples": len(pairs),
         "supervised_tokens": int(counts.sum()),
         # the loss of the chosen answers: a preference run should not forget how to say them
         "loss": {"base": base_loss.to_dict(), "tuned": tuned_loss.to_dict(),

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from mlxtune.eval.stats import format_interval
+from mlxtune.eval.summary import overlap_line
 from mlxtune.train.checkpoint import atomic_write_text
 
 BASE_COLOUR = "#8c8c8c"
@@ -145,6 +146,7 @@ def render_report(result) -> str:
         samples = (f"<h2>Samples (greedy)</h2><table id=samples><thead><tr><th>prompt</th><th>reference</th>"
                    f"<th>base</th><th>tuned</th></tr></thead><tbody>{sample_rows}</tbody></table>")
     task_line = f"<p>{e(verdict['task_text'])}</p>" if verdict.get("task_text") else ""
+    overlap = f"<p id=overlap>{e(overlap_line(result.overlap, result.examples))}</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mlxtune eval — {e(Path(result.run).name)}</title>
 <style>{STYLE}</style></head>
@@ -152,7 +154,7 @@ def render_report(result) -> str:
 <h1>Did it help? {e(Path(result.run).name)}</h1>
 <p class=meta>run {e(result.run)} · checkpoint {e(result.checkpoint)} · data {e(result.data)} ({e(result.split)},
 {result.examples} examples, {result.supervised_tokens} supervised tokens) · {e(result.created)}</p>
-<div class="verdict {klass}"><p><strong>{e(verdict['text'])}</strong></p>{task_line}</div>
+<div class="verdict {klass}"><p><strong>{e(verdict['text'])}</strong></p>{task_line}{overlap}</div>
 <h2>Base vs tuned</h2>
 <table id=comparison><thead><tr><th></th><th>base</th><th>tuned</th><th>tuned − base</th></tr></thead>
 <tbody>{table_rows}</tbody></table>

@@ -88,6 +88,10 @@ def format_interval(interval: dict, scale: float = 1.0, digits: int = 3, signed:
         return "—"
     sign = "+" if signed else ""
     opening, closing = markup
-    return (f"{interval['value'] * scale:{sign}.{digits}f} {opening}"
-            f"[{interval['low'] * scale:{sign}.{digits}f}, {interval['high'] * scale:{sign}.{digits}f}]{closing}")
+
+    def number(value: float) -> str:  # an untrained model's perplexity is ~6e9: 3 significant digits, not 13
+        return f"{value:{sign}.3g}" if abs(value) >= 1e5 else f"{value:{sign}.{digits}f}"
+
+    return (f"{number(interval['value'] * scale)} {opening}"
+            f"[{number(interval['low'] * scale)}, {number(interval['high'] * scale)}]{closing}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mlxtune.eval.stats import format_interval
@@ -14,7 +15,7 @@ def _interval(values: dict, scale: float = 1.0, digits: int = 3, signed: bool = 
 
 
 def print_summary(console: Console, result) -> None:
-    table = Table(title=f"base vs tuned · {result.examples} {result.split} examples of {result.data}",
+    table = Table(title=escape(f"base vs tuned · {result.split} · {result.examples} examples of {result.data}"),
                   title_justify="left")
     table.add_column("")
     table.add_column("base", justify="right")
@@ -26,16 +27,28 @@ def print_summary(console: Console, result) -> None:
                   _interval(result.perplexity["tuned"], digits=2), "")
     if result.task:
         task = result.task
-        table.add_row(f"{task['metric']} %", _interval(task["base"], 100, 1), _interval(task["tuned"], 100, 1),
+        table.add_row(escape(f"{task['metric']} %"), _interval(task["base"], 100, 1), _interval(task["tuned"], 100, 1),
                       _interval(task["difference"], 100, 1, signed=True))
     console.print(table)
     console.print("[dim]95% bootstrap intervals over examples; the difference is paired (same examples).[/]")
     verdict = result.verdict
     colour = "green" if verdict["better"] else "red" if verdict["worse"] else "yellow"
-    console.print(f"[bold {colour}]{verdict['text']}[/]")
+    console.print(f"[bold {colour}]{escape(verdict['text'])}[/]")
     if verdict.get("task_text"):
-        console.print(verdict["task_text"])
+        console.print(escape(verdict["task_text"]))
+    console.print(overlap_line(result.overlap, result.examples), markup=False)
     for number, sample in enumerate(result.samples[:3], start=1):
-        console.print(f"[dim]sample {number}[/] reference: {sample['reference']!r}\n"
-                      f"          base:      {sample['base']!r}\n          tuned:     {sample['tuned']!r}")
-    console.print(f"written: {result.files['eval']}, {result.files['report']}")
+        console.print(f"[dim]sample {number}[/] " + escape(f"reference: {sample['reference']!r}\n"
+                      f"          base:      {sample['base']!r}\n          tuned:     {sample['tuned']!r}"))
+    console.print(escape(f"written: {result.files['eval']}, {result.files['report']}"))
+
+
+def overlap_line(overlap: dict | None, examples: int) -> str:
+    """One sentence on whether the scored examples were trained on (terminal and report say the same)."""
+    if overlap is None:
+        return "overlap with the training data: not checked (preference pairs, or the run's data is gone)"
+    if not overlap["examples"]:
+        return f"overlap with the training data: none of the {examples} scored examples was trained on"
+    shown = ", ".join(overlap["sources"][:5]) + (" …" if overlap["examples"] > 5 else "")
+    return (f"overlap with the training data: {overlap['examples']} of {examples} scored examples were trained on "
+            f"(same content): {shown}")

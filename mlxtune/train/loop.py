@@ -18,6 +18,7 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.backend import set_blas_threads
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
@@ -162,6 +163,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     parallel = parallel or DataParallel()
     writes = parallel.is_main  # rank 0 alone writes the run directory
     settings = copy.deepcopy(settings).validate()
+    requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     if not settings.model:
@@ -200,6 +202,9 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
 
     mx.random.seed(settings.seed)
     adapter_config = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget if memory_plan else None)  # CPU backend only
+    if quantized:
+        reporter.info(quantized)
     if adapter_config["num_layers"] < (settings.layers or 0):
         reporter.note(f"the model has {adapter_config['num_layers']} blocks; adapting all of them")
     # Planned for the whole world (per-rank budget × ranks); each rank takes its rows of every batch.

@@ -54,8 +54,8 @@ def test_each_warning_names_its_line(tmp_path):
     assert found["over-max-length"] == [f"{train}:6"]
     assert found["in-train"] == [f"{data / 'valid.jsonl'}:2"]
     over = next(w for w in report.warnings if w["code"] == "over-max-length")
-    lost, total = (int(n.replace(",", "")) for n in over["message"].split("drops ")[1].split(" supervised")[0]
-                   .split(" of its "))
+    lost, total = (int(n.replace(",", "").removeprefix("at least ")) for n in
+                   over["message"].split("drops ")[1].split(" supervised")[0].split(" of its "))
     assert lost > total / 2  # truncated to less than half its supervised tokens: warned, with the numbers
     share = next(w for w in report.warnings if w["code"] == "truncation")
     assert "1 of 6 train records (17%)" in share["message"]

@@ -75,6 +75,10 @@ def test_dpo_raises_validation_preference_accuracy_from_chance_to_above_0_9(pair
     assert accuracy["examples"] == 32 and 0.3 <= accuracy["base"]["value"] <= 0.7
     assert accuracy["tuned"]["value"] > 0.9 and accuracy["difference"]["low"] > 0  # beyond the noise
     assert (tmp_path / "eval" / "report.html").is_file()
+    assert evaluation.overlap == {"checked": True, "examples": 0, "sources": []}
+    # pairs the run trained on, by content: said, and never called a gain
+    on_training = evaluate_run(run_dir, data=pairs_dir / "train.jsonl", limit=4, out=tmp_path / "eval-train")
+    assert on_training.overlap["examples"] == 4 and not on_training.verdict["better"]
 
 
 def test_orpo_from_a_supervised_run_with_its_adapter_merged(pairs_dir, trained_run, tmp_path):

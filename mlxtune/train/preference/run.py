@@ -25,6 +25,7 @@ import yaml
 from mlx.utils import tree_map
 from rich.markup import escape
 
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
@@ -70,6 +71,7 @@ class PreferenceSettings(LoraSettings):
     from_run: str | None = None  # start from this supervised run (its adapter merged into the base)
     from_checkpoint: str = "last"  # which adapter of --from: last, best or a step number
     stop_on: str = "loss"  # early stopping watches the validation loss or the validation preference accuracy
+    skip_invalid: bool = False  # train without the bad records (each named in a note) instead of refusing the data
 
     def validate(self) -> "PreferenceSettings":
         super().validate()
@@ -281,10 +283,12 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     memory planner says won't fit are refused before training unless `force`."""
     console = console or make_console()
     settings.validate()
+    requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
     data_path = resolve_data_path(settings.data)
-    records = read_preference_splits(data_path, settings.seed)  # bad data fails before any model is loaded
+    # bad data fails before any model is loaded
+    records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
     check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
         run_dir = Path(settings.out or Path("runs") / f"{Path(settings.from_run).name}-{settings.objective}")
@@ -302,7 +306,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         _claim(run_dir, resume, console)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
-    console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{model_path}[/] · run [cyan]{run_dir}[/]")
+    console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{escape(str(model_path))}[/] · "
+                  f"run [cyan]{escape(str(run_dir))}[/]")
     model, tokenizer, model_config = load_model(model_path)
     if mx.default_device() == mx.cpu and any(
             v.dtype in (mx.float16, mx.bfloat16) for v in _floating(model)):
@@ -310,8 +315,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         console.print("CPU backend: training in float32 (half-precision weights upcast)")
     sets = tokenize_preference_splits(records, tokenizer, max_seq_length=settings.max_seq_length,
                                       chat_template=settings.chat_template)
-    for note in sets.notes:
-        console.print(f"[yellow]note:[/] {note}")
+    for note in sets.notes:  # file:line lists and paths: text, never markup
+        console.print(f"[yellow]note:[/] {escape(note)}")
     # Planned once the pairs are tokenized (with the model's own tokenizer, so after loading the weights): the
     # step's activations and head, not the weights, are what grows with the settings.
     try:
@@ -322,6 +327,9 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
 
     mx.random.seed(settings.seed)
     adapter_cfg = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget)  # CPU backend only
+    if quantized:
+        console.print(quantized)
     objective = PreferenceObjective(model, settings.objective, settings.beta, settings.label_smoothing,
                                     settings.selective_loss)
     plan = BatchPlan(batch_size=settings.batch_size)
