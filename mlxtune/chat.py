@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, render_chat
 from mlxtune.errors import UsageError
-from mlxtune.model_config import text_config
+from mlxtune.model_config import context_length
 from mlxtune.runs import LoadedModel, open_for_inference
 
 # Base models trained on the fallback template tend to continue with the next "### User:" turn: stop there.
@@ -113,11 +113,7 @@ def prompt_format(loaded: LoadedModel, use_template: bool | None = None) -> Prom
 
 
 def context_window(config: dict) -> int:
-    text = text_config(config)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length"):
-        if isinstance(text.get(key), int) and text[key] > 0:
-            return text[key]
-    return DEFAULT_CONTEXT
+    return context_length(config) or DEFAULT_CONTEXT
 
 
 def encode_messages(loaded: LoadedModel, messages: list[dict], fmt: PromptFormat) -> list[int]:

@@ -110,7 +110,7 @@ def _json_option(f):
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--selective-loss/--full-loss", default=None,
               help="Loss on supervised positions only, never materialising full logits [default: selective].")
-@click.option("--max-seq-length", type=int, help=f"Truncate longer examples (reported) [default: {DEFAULTS.max_seq_length}].")
+@click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: min(2048, the model's context)].")
 @click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
 @click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
 @click.option("--prompt-key", help="Field holding the prompt, e.g. question [default: auto-detected].")
@@ -764,7 +764,7 @@ def data():
 @click.argument("path", type=click.Path())
 @click.option("--model", help="Measure in this model's tokens and render with its chat template.")
 @click.option("--show", default=0, show_default=True, type=int, help="Print N rendered examples, supervised part highlighted.")
-@click.option("--max-seq-length", default=DEFAULTS.max_seq_length, show_default=True, type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop.")
+@click.option("--max-seq-length", type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop [default: min(2048, the model's context)].")
 @click.option("--train-on-prompt", is_flag=True, help="Measure as if the prompt were trained on too.")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")
@@ -796,7 +796,7 @@ def data_check(path, model, show, max_seq_length, train_on_prompt, chat_template
     if json_mode:
         print_json(report.to_dict())
     else:
-        print_data_report(make_console(), report, max_seq_length)
+        print_data_report(make_console(), report, report.max_seq_length)
     sys.exit(0 if report.ok and not (strict and report.warnings) else 1)
 
 

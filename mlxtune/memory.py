@@ -20,16 +20,14 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
-from mlxtune.model_config import head_dim, read_config, text_config
+from mlxtune.model_config import head_dim, read_config, read_safetensors_header, text_config
 from mlxtune.ui import GB  # the one unit shown to users: 10^9 bytes
 
 LARGEST_BUDGET = 2048 * GB  # beyond any Mac: a typo, not a budget
@@ -102,15 +100,6 @@ def machine_budget() -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """name → {"dtype", "shape"} from a .safetensors file's JSON header (a few KB; no tensor is read)."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
 
 
 @dataclass

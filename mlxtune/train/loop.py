@@ -172,6 +172,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     if writes:
         check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
     model_path = resolve_model(settings.model, console=reporter.console)
+    settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
     data_path = resolve_data_path(settings.data)
     if writes:
         run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)

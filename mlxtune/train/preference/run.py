@@ -29,8 +29,9 @@ from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
+from mlxtune.data.quality import context_warnings
 from mlxtune.errors import UsageError
-from mlxtune.model_config import model_name, read_config
+from mlxtune.model_config import context_length, model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.runs import BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, TEMPLATE_FILE
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
@@ -297,6 +298,9 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/]")
         settings.model = DEFAULT_BASE_MODEL
     model_path = resolve_model(settings.model, console=console)
+    settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
+    for warning in context_warnings(settings.max_seq_length, context_length(read_config(model_path)), []):
+        console.print(f"[yellow]warning:[/] {escape(warning.message)}", highlight=False)
     if resume or not settings.from_run:
         run_dir = Path(settings.out) if settings.out else default_run_dir(model_path, settings.objective)
         _claim(run_dir, resume, console)
