@@ -30,6 +30,7 @@ from mlxtune.data.preference import PreferenceSets, read_preference_splits, toke
 from mlxtune.errors import UsageError
 from mlxtune.model_config import model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
+from mlxtune.library import hold_model
 from mlxtune.runs import BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, TEMPLATE_FILE
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
@@ -292,6 +293,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/]")
         settings.model = DEFAULT_BASE_MODEL
     model_path = resolve_model(settings.model, console=console)
+    hold_model(model_path)  # `models rm` refuses it while this run trains
     if resume or not settings.from_run:
         run_dir = Path(settings.out) if settings.out else default_run_dir(model_path, settings.objective)
         _claim(run_dir, resume, console)
