@@ -38,7 +38,8 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
 RUN_MARKER = ".mlxtune-run"  # proof that mlxtune created the directory (a folder of the user's is never reset)
 # What each entry of the layout must be when present: anything else is a one-line error, not a traceback.
-LAYOUT_FILES = (CONFIG_FILE, RUN_FILE, METRICS_FILE, RESULT_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TEMPLATE_FILE)
+LAYOUT_FILES = (CONFIG_FILE, RUN_FILE, METRICS_FILE, RESULT_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TEMPLATE_FILE,
+                f"{CHECKPOINTS_DIR}/{LATEST_POINTER}")
 LAYOUT_DIRS = (BEST_DIR, CHECKPOINTS_DIR)
 
 

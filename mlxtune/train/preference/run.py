@@ -31,7 +31,8 @@ from mlxtune.errors import UsageError
 from mlxtune.model_config import model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
-from mlxtune.runs import BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.runs import (BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, RUN_MARKER,
+                          TEMPLATE_FILE)
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
@@ -487,7 +488,7 @@ def _claim(run_dir: Path, resume: bool, console) -> None:
 
 def _release_unused(run_dir: Path) -> None:
     unlock_run_dir(run_dir)
-    if run_dir.is_dir() and all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
