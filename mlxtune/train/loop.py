@@ -38,7 +38,9 @@ from mlxtune.settings import LoraSettings, save_settings
 from mlxtune.storage import check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
 from mlxtune.train.checkpoint import (
+    STATE_FILE,
     atomic_write_text,
+    latest_checkpoint,
     load_checkpoint,
     save_adapter,
     save_checkpoint,
@@ -49,6 +51,7 @@ from mlxtune.train.plot import plot_losses
 from mlxtune.train.recovery import (
     CHANGEABLE_ON_RESUME,
     check_resume_state,
+    check_settings_unchanged,
     setting_differs,
     claim_run_dir,
     data_fingerprint,
@@ -499,4 +502,13 @@ def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
                          "drop those flags, or start a new run with --out; --resume may change "
                          + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
     settings.out = str(run_dir)
-    return settings.validate()
+    settings = settings.validate()
+    latest = latest_checkpoint(Path(run_dir))  # an edited config.yaml is refused now, before any model is loaded
+    if latest is not None:
+        try:
+            state = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None  # a damaged checkpoint: resume skips it (and checks the one it takes)
+        if isinstance(state, dict):
+            check_settings_unchanged(Path(run_dir), state, settings)
+    return settings

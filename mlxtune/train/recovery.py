@@ -283,14 +283,21 @@ def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict 
                          + ", ".join(data_changes(saved, data)[:3]),
                          "put the original files back to resume, or start a new run on the new data: "
                          f"mlxtune lora --config {run_dir / CONFIG_FILE} --out NEW_RUN")
-    saved_settings = state.get("settings")
-    if settings is not None and isinstance(saved_settings, dict):
-        changes = settings_changes(saved_settings, adapter_settings(settings))
-        if changes:
-            raise UsageError(f"{run_dir / CONFIG_FILE} changed since step {step} was saved: {', '.join(changes[:3])}"
-                             " (the checkpoint was trained with the old values)",
-                             "put the old values back to resume, or start a new run with them: mlxtune lora "
-                             f"--config {run_dir / CONFIG_FILE} --out NEW_RUN")
+    check_settings_unchanged(run_dir, state, settings)
+
+
+def check_settings_unchanged(run_dir: Path, state: dict, settings) -> None:
+    """Refuse a resume whose config.yaml was edited, since the checkpoint `state`, in a setting that decides the
+    adapter (seed, dropout, rank, ...): like other data, it would silently train a different run."""
+    saved = state.get("settings")
+    if settings is None or not isinstance(saved, dict):
+        return  # a checkpoint of an older mlxtune: nothing saved to compare with
+    changes = settings_changes(saved, adapter_settings(settings))
+    if changes:
+        raise UsageError(f"{run_dir / CONFIG_FILE} changed since step {state.get('step')} was saved: "
+                         f"{', '.join(changes[:3])} (the checkpoint was trained with the old values)",
+                         "put the old values back to resume, or start a new run with the new ones: mlxtune lora "
+                         f"--config {run_dir / CONFIG_FILE} --out NEW_RUN")
 
 
 def progress_state(result, evals_without_gain: int, total_steps: int, data: dict | None, settings=None) -> dict:

@@ -1,6 +1,8 @@
 """Hostile and careless files (issue 23, items 1-3 and the bad run files): each attack exactly as a user or another
-local user would make it, through the real CLI where the CLI is what they run. Every one must end in a one-line
-error (exit 2) or a correct run, and the file the attack aims at must be byte for byte what it was.
+local user would make it. The issue's own commands run through the real CLI; their variants call the same library
+function the CLI calls (in-process: each CLI start imports mlx-lm, ~10 s on a loaded machine). Every one must end in
+a one-line error (exit 2, a UsageError) or a correct run, and the file the attack aims at must be byte for byte what
+it was.
 
 One real run (4 steps of the bundled model, on a copy of the model in a temporary folder so that an attack on the
 base model can't touch the repository's) is trained once; each test works on its own copy of it.
@@ -20,9 +22,14 @@ import pytest
 
 from conftest import MLXTUNE, MODEL, WIKISQL
 from mlxtune.errors import UsageError
-from mlxtune.runs import RUN_MARKER, check_output
+from mlxtune.export import export
+from mlxtune.fuse import fuse_run
+from mlxtune.library import remove_model
+from mlxtune.runs import RUN_MARKER, check_output, open_run
 from mlxtune.storage import atomic_write_text, check_writable, clean_stale_temp, create_file, disk_full_error
-from mlxtune.train.metrics import read_metrics
+from mlxtune.train.loop import resume_settings
+from mlxtune.train.metrics import MetricsLog, read_metrics
+from mlxtune.train.recovery import claim_run_dir, unlock_run_dir
 from reliability_tools import env_with
 
 THESIS = "Chapter 1. Four years of work that exists in one copy.\n"
@@ -94,35 +101,34 @@ def test_a_lock_linked_to_a_file_is_refused_and_the_file_untouched(run, thesis, 
     assert (run / ".lock").is_symlink()  # refused, not "repaired": the user decides
 
 
-def test_a_lock_planted_in_a_fresh_shared_folder_is_refused(tmp_path, thesis):
-    shared = tmp_path / "shared-tmp" / "run"
-    shared.mkdir(parents=True)
-    (shared / ".lock").symlink_to(thesis)
-    refused(cli("lora", "--model", MODEL, "--data", WIKISQL, "--out", shared, *TRAIN), "symbolic link")
+@pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
+@pytest.mark.parametrize("plant", ["symlink-in-fresh-folder", "hard-link", "folder", "other-user"])
+def test_a_lock_that_is_not_mlxtunes_is_refused(tmp_path, run, thesis, plant, resume):
+    """What `lora` calls first (claim_run_dir), on each kind of planted .lock."""
+    target = tmp_path / "shared-tmp" / "run" if plant == "symlink-in-fresh-folder" else run
+    target.mkdir(parents=True, exist_ok=True)
+    (target / ".lock").unlink(missing_ok=True)
+    if plant == "symlink-in-fresh-folder":
+        (target / ".lock").symlink_to(thesis)
+        words = "symbolic link"
+    elif plant == "hard-link":
+        os.link(thesis, target / ".lock")  # ln ~/thesis.txt run/.lock
+        words = "hard link"
+    elif plant == "folder":
+        (target / ".lock").mkdir()
+        (target / ".lock" / "keep").write_text(THESIS)
+        thesis = target / ".lock" / "keep"
+        words = "a folder"
+    else:
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            pytest.skip("needs root to give a file away")
+        shutil.copy(thesis, target / ".lock")
+        os.chown(target / ".lock", 65534, 65534)
+        thesis = target / ".lock"
+        words = "another user"
+    with pytest.raises(UsageError, match=words):
+        claim_run_dir(target, resume)
     assert thesis.read_text() == THESIS
-
-
-def test_a_lock_that_is_a_hard_link_to_a_file_is_refused(run, thesis):
-    (run / ".lock").unlink()
-    os.link(thesis, run / ".lock")  # ln ~/thesis.txt run/.lock
-    refused(cli("lora", "--resume", run, "--iters", "6"), "hard link")
-    assert thesis.read_text() == THESIS
-
-
-def test_a_lock_that_is_a_folder_is_one_line(run):
-    (run / ".lock").unlink()
-    (run / ".lock").mkdir()
-    (run / ".lock" / "keep").write_text("x")
-    refused(cli("lora", "--resume", run, "--iters", "6"), "a folder")
-    assert (run / ".lock" / "keep").read_text() == "x"
-
-
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a file away")
-def test_a_lock_of_another_user_is_refused(run):
-    (run / ".lock").write_text("1\n")
-    os.chown(run / ".lock", 65534, 65534)
-    refused(cli("lora", "--resume", run, "--iters", "6"), "another user")
-    assert (run / ".lock").read_text() == "1\n"
 
 
 def test_files_mlxtune_creates_never_follow_a_planted_link(tmp_path, thesis):
@@ -143,30 +149,44 @@ def test_files_mlxtune_creates_never_follow_a_planted_link(tmp_path, thesis):
 def test_metrics_log_linked_out_of_the_run_is_refused(run, thesis):
     (run / "metrics.jsonl").unlink()
     (run / "metrics.jsonl").symlink_to(thesis)
-    refused(cli("lora", "--resume", run, "--iters", "6"), "metrics.jsonl")
+    with pytest.raises(UsageError, match="metrics.jsonl is a link"):
+        MetricsLog(run / "metrics.jsonl")  # what training opens its log with, before any write
     assert thesis.read_text() == THESIS
 
 
 # ------------------------------------------------------------------ 2. --overwrite never deletes its own input
 
 
+def test_fuse_into_its_own_run_with_overwrite_is_refused(run):
+    before = snapshot(run)
+    refused(cli("fuse", run, "--out", run, "--overwrite"), "--out")  # removed the run, exit 0, before
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("command", [
-    ["fuse", "{run}", "--out", "{run}", "--overwrite"],
-    ["export", "{run}", "--format", "hf", "--out", "{run}", "--overwrite"],
-    ["export", "{run}", "--format", "gguf-adapter", "--out", "{run}/adapters.safetensors", "--overwrite"],
-    ["fuse", "{run}", "--out", "{runs}", "--overwrite"],
-    ["fuse", "{run}", "--out", "{base}", "--overwrite"],
-    ["export", "{run}", "--format", "hf", "--out", "{base}", "--overwrite"],
-    ["export", "{base}", "--format", "hf", "--out", "{base}", "--overwrite"],
-], ids=["fuse-into-run", "export-into-run", "export-inside-run", "fuse-into-runs", "fuse-into-base",
-        "export-into-base", "export-model-into-itself"])
+    ("export", "{run}", "hf", "{run}"),
+    ("export", "{run}", "gguf-adapter", "{run}/adapters.safetensors"),
+    ("export", "{run}", "lmstudio", "{runs}"),
+    ("fuse", "{run}", None, "{runs}"),
+    ("fuse", "{run}", None, "{base}"),
+    ("export", "{run}", "hf", "{base}"),
+    ("export", "{base}", "hf", "{base}"),
+    ("export", "{base}", "gguf", "{base}/model.gguf"),
+], ids=["export-into-run", "export-inside-run", "export-into-runs", "fuse-into-runs", "fuse-into-base",
+        "export-into-base", "export-model-into-itself", "export-model-inside-itself"])
 def test_an_output_that_is_or_holds_the_input_is_refused(run, base_run, command):
+    """`fuse RUN --out ... --overwrite` / `export ... --overwrite`, through the functions those commands call."""
     base = base_run[0]
     sibling = run.parent / "other"
     shutil.copytree(run, sibling, symlinks=True)
     before = {path: snapshot(path) for path in (run, sibling, base)}
-    args = [a.format(run=run, runs=run.parent, base=base) for a in command]
-    refused(cli(*args), "--out")
+    action, source, fmt, out = (part.format(run=run, runs=run.parent, base=base) if part else part
+                                for part in command)
+    with pytest.raises(UsageError, match="--out"):
+        if action == "fuse":
+            fuse_run(source, out, overwrite=True)
+        else:
+            export(source, fmt, out, overwrite=True)
     assert {path: snapshot(path) for path in before} == before
 
 
@@ -202,67 +222,87 @@ def test_a_marked_run_stopped_before_its_first_checkpoint_is_reset_of_its_own_fi
     (folder / RUN_MARKER).write_text("created by mlxtune\n")
     (folder / "config.yaml").write_text("seed: 0\n")
     (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
+    (folder / "best" / "adapters.safetensors").write_bytes(b"half-written")
     (folder / "best" / "mine.txt").write_text("the user's")
-    result = cli("lora", "--model", MODEL, "--data", WIKISQL, "--out", folder, *TRAIN)
-    assert result.returncode == 0, result.stderr
-    assert "starting it afresh" in result.stdout + result.stderr
+    try:
+        notes = claim_run_dir(folder, resume=False)  # what `lora --out run` does first
+    finally:
+        unlock_run_dir(folder)
+    assert any("starting it afresh" in note for note in notes)
+    assert sorted(p.name for p in folder.rglob("*")) == [".lock", RUN_MARKER, "best", "mine.txt"]
     assert (folder / "best" / "mine.txt").read_text() == "the user's"
-    assert (folder / "checkpoints" / "latest").is_file()
-    assert all(record.get("train_loss") != 9.0 for record in read_metrics(folder / "metrics.jsonl"))
 
 
-def test_an_older_run_without_the_marker_still_resumes(run):
+def test_an_older_run_with_bad_metrics_lines_still_resumes_and_fuses(run, tmp_path):
+    """A run of an older mlxtune (no marker) whose metrics.jsonl got a bad byte, a null step, text for a loss."""
     (run / RUN_MARKER).unlink()
+    with open(run / "metrics.jsonl", "ab") as handle:
+        handle.write(b'{"step": 3, "train_loss": 1.\xff}\n{"step": null}\n{"step": 2, "val_loss": "high"}\n[1]\n')
+    records = read_metrics(run / "metrics.jsonl")
+    assert records and all(isinstance(r["step"], int) for r in records)
+    assert fuse_run(run, tmp_path / "fused").max_abs_diff < 1e-3  # fuse's model card reads the metrics
     result = cli("lora", "--resume", run, "--iters", "6")
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "checkpoints" / "step-0000006" / "state.json").read_text())["step"] == 6
 
 
-# ----------------------------------------------------------------------------------------- bad run files
-
-
-def test_bad_lines_in_metrics_are_skipped_on_resume_and_fuse(run, tmp_path):
-    with open(run / "metrics.jsonl", "ab") as handle:
-        handle.write(b'{"step": 3, "train_loss": 1.\xff}\n{"step": null}\n{"step": 2, "val_loss": "high"}\n[1]\n')
-    records = read_metrics(run / "metrics.jsonl")
-    assert records and all(isinstance(r["step"], int) for r in records)
-    result = cli("fuse", run, "--out", tmp_path / "fused")
-    assert result.returncode == 0, result.stderr
-    result = cli("lora", "--resume", run, "--iters", "6")
-    assert result.returncode == 0, result.stderr
+def test_metrics_log_as_a_folder_is_one_line_on_resume(run):
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    refused(cli("lora", "--resume", run, "--iters", "6"), "metrics.jsonl")
 
 
 @pytest.mark.parametrize("damage, words", [
     ("metrics-folder", "metrics.jsonl"),
     ("checkpoints-file", "checkpoints"),
+    ("latest-folder", "latest"),
     ("config-not-utf8", "config.yaml"),
-], ids=["metrics.jsonl-is-a-folder", "checkpoints-is-a-file", "config.yaml-invalid-utf8"])
+    ("run-json-not-utf8", "run.json"),
+], ids=["metrics.jsonl-is-a-folder", "checkpoints-is-a-file", "latest-is-a-folder", "config.yaml-invalid-utf8",
+        "run.json-invalid-utf8"])
 def test_a_damaged_run_layout_is_one_line(run, damage, words):
+    """What `lora --resume` (resume_settings, then claim_run_dir) and fuse/eval/export (open_run) call first."""
     if damage == "metrics-folder":
         (run / "metrics.jsonl").unlink()
         (run / "metrics.jsonl").mkdir()
     elif damage == "checkpoints-file":
         shutil.rmtree(run / "checkpoints")
         (run / "checkpoints").write_text("not a folder")
-    else:
+    elif damage == "latest-folder":
+        (run / "checkpoints" / "latest").unlink()
+        (run / "checkpoints" / "latest").mkdir()
+    elif damage == "config-not-utf8":
         (run / "config.yaml").write_bytes(b"seed: \xff\xfe\n" + (run / "config.yaml").read_bytes())
-    refused(cli("lora", "--resume", run, "--iters", "6"), words)
-    refused(cli("fuse", run, "--out", run.parent / "fused"), words)
+    else:
+        (run / "run.json").write_bytes(b"\xff" + (run / "run.json").read_bytes())
+    with pytest.raises(UsageError, match=words):
+        open_run(run)
+    if damage == "run-json-not-utf8":
+        return  # resume rewrites run.json (the data facts) and never needed it whole
+    with pytest.raises(UsageError, match=words):
+        if damage == "config-not-utf8":
+            resume_settings(run, {})
+        else:
+            try:
+                claim_run_dir(run, resume=True)
+            finally:
+                unlock_run_dir(run)
 
 
-def test_latest_as_a_folder_is_one_line(run):
-    (run / "checkpoints" / "latest").unlink()
-    (run / "checkpoints" / "latest").mkdir()
-    refused(cli("lora", "--resume", run, "--iters", "6"), "latest")
+def test_an_edited_seed_is_refused_on_resume(run):
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("\nseed: 0\n", "\nseed: 7\n"))
+    refused(cli("lora", "--resume", run, "--iters", "6"), "seed", "changed since")
+    assert not (run / "checkpoints" / "step-0000006").exists()
 
 
-@pytest.mark.parametrize("key, value", [("seed", "7"), ("dropout", "0.3"), ("rank", "4")])
+@pytest.mark.parametrize("key, value", [("dropout", "0.3"), ("rank", "4"), ("max_seq_length", "32")])
 def test_an_edited_adapter_setting_is_refused_on_resume(run, key, value):
     config = (run / "config.yaml").read_text()
     edited = "\n".join(f"{key}: {value}" if line.startswith(f"{key}:") else line for line in config.splitlines())
     (run / "config.yaml").write_text(edited + "\n")
-    refused(cli("lora", "--resume", run, "--iters", "6"), key, "changed since")
-    assert not (run / "checkpoints" / "step-0000006").exists()
+    with pytest.raises(UsageError, match=f"{key} .* changed since|changed since .*{key}"):
+        resume_settings(run, {})
 
 
 # --------------------------------------------------------------------------- models rm, disk full, temp
@@ -295,8 +335,7 @@ def test_models_rm_refuses_a_model_runs_use_or_one_in_training(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    result = cli("models", "rm", "hostile-rm", "--force", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    remove_model("hostile-rm", force=True)
     assert not entry.exists()
 
 
