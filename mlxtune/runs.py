@@ -98,7 +98,12 @@ def mark_run_dir(path: Path) -> None:
     """Say that mlxtune created `path` (a new file: a link or file planted under the marker's name is an error)."""
     from mlxtune.storage import create_file  # storage reads this layout for its disk-full hint
 
-    create_file(Path(path) / RUN_MARKER, "created by mlxtune: this folder may be reset while nothing is trained\n")
+    try:
+        create_file(Path(path) / RUN_MARKER, "created by mlxtune: this folder may be reset while nothing is trained\n")
+    except FileExistsError:
+        if not is_marked(path):  # a link or folder planted under the marker's name: not ours
+            raise UsageError(f"{Path(path) / RUN_MARKER} is not mlxtune's marker (a link or a folder)",
+                             "choose a new or empty --out folder") from None
 
 
 def is_marked(path: Path) -> bool:
