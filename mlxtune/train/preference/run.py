@@ -244,6 +244,7 @@ def precompute_references(model, objective: PreferenceObjective, sets: Preferenc
                 progress.update(task, advance=len(group))
         keys = sorted(cached)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
+        tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
         np.savez(tmp, keys=np.array(keys), values=np.array([cached[k] for k in keys], np.float64))
         tmp.replace(path)
     return cached
