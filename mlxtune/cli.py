@@ -689,9 +689,10 @@ def models_info(name, json_mode):
 
 @models.command("rm")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Remove it even when runs in ./runs were trained on it.")
 @_json_option
-def models_rm(name, json_mode):
-    """Delete a model from the library.
+def models_rm(name, force, json_mode):
+    """Delete a model from the library (refused while a run trains on it, or when runs in ./runs use it).
 
     \b
     Example:
@@ -700,7 +701,7 @@ def models_rm(name, json_mode):
     from mlxtune.library import remove_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
-    entry = remove_model(name)
+    entry = remove_model(name, force=force)
     if json_mode:
         print_json({"removed": entry.name, "freed_bytes": entry.size_bytes})
     else:
