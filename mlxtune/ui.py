@@ -372,8 +372,9 @@ class TrainingReporter:
             rows.append(("ranks", ranks))
         self.console.print(summary_table("run", rows))
 
-    def initial_validation(self, val_loss: float) -> None:
-        self.console.print(f"validation loss before training: {fmt_loss(val_loss)}")
+    def initial_validation(self, val: dict) -> None:
+        accuracy = f", preference accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""
+        self.console.print(f"validation loss before training: {fmt_loss(val['loss'])}{accuracy}")
 
     @contextlib.contextmanager
     def training(self, total_steps: int, start_step: int, val_loss: float | None):
@@ -404,13 +405,13 @@ class TrainingReporter:
         self._done = step
         self._progress.update(self._task, completed=step)
 
-    def early_stop(self, patience: int, best_step: int | None, best_dir) -> None:
-        self.console.print(escape(f"early stop: no validation gain in {patience} evaluations; "
+    def early_stop(self, patience: int, best_step: int | None, best_dir, watch: str = "loss") -> None:
+        self.console.print(escape(f"early stop: no validation {watch} gain in {patience} evaluations; "
                                   f"best step {best_step} is in {best_dir}"))
 
-    def interrupted(self, signal_name: str, step: int, run_dir) -> None:
+    def interrupted(self, signal_name: str, step: int, run_dir, command: str = "lora") -> None:
         self.console.print(f"[yellow]{signal_name}:[/] " + escape(f"checkpoint saved at step {step}; "
-                                                                 f"continue with: mlxtune lora --resume {run_dir}"))
+                                                                 f"continue with: mlxtune {command} --resume {run_dir}"))
 
     def summary(self, result, adapter_file) -> None:
         rows = [

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +14,7 @@ import mlx.core as mx
 from mlxtune.data.batching import BatchPlan, batch_plan, batches_per_epoch, describe_plan, training_batch
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
-from mlxtune.errors import RunFailed, UsageError
+from mlxtune.errors import UsageError
 from mlxtune.backend import set_blas_threads
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.train.evaluate import validation_loss
@@ -26,29 +24,21 @@ from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
 from mlxtune.runs import (
     ADAPTER_FILE,
-    BEST_DIR,
     CONFIG_FILE,
-    METRICS_FILE,
-    PLOT_FILE,
-    RESULT_FILE,
     RUN_FILE,
     TEMPLATE_FILE,
     read_run_settings,
 )
 from mlxtune.settings import LoraSettings, save_settings
 from mlxtune.storage import check_writable
-from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
+from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import (
     STATE_FILE,
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
-    save_adapter,
-    save_checkpoint,
 )
-from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
-from mlxtune.train.plot import plot_losses
 from mlxtune.train.recovery import (
     CHANGEABLE_ON_RESUME,
     check_resume_state,
@@ -57,11 +47,9 @@ from mlxtune.train.recovery import (
     claim_run_dir,
     data_fingerprint,
     find_resume_point,
-    progress_state,
-    restore_progress,
-    unlock_run_dir,
 )
-from mlxtune.train.planner import MemoryGuard, MemoryPlan, describe_change, is_out_of_memory, plan_for_run
+from mlxtune.train.engine import Objective, Run, finish, train
+from mlxtune.train.planner import MemoryGuard, MemoryPlan, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import GB, TrainingReporter, make_console
 
@@ -107,28 +95,6 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
 def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> tuple[Path, list[str]]:
     run_dir = Path(settings.out) if settings.out else default_run_dir(model_path)
     return run_dir, claim_run_dir(run_dir, resume)  # locked for this process; reusable if nothing was trained
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM finish the current step, save a checkpoint and stop; a second SIGINT aborts at once."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _on_cpu() -> bool:
@@ -273,176 +239,85 @@ def finetune(settings: LoraSettings, *, resume: bool = False, console=None,
     return run_training(setup, reporter)
 
 
-def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
-    """The loop, top to bottom: batch → gradients → update → log → evaluate → save, until the last step, an early
-    stop or a signal."""
-    settings, run_dir, model, datasets, loss = setup.settings, setup.run_dir, setup.model, setup.datasets, setup.loss
-    optimizer, adapter_cfg, plan, total_steps = setup.optimizer, setup.adapter_config, setup.plan, setup.total_steps
-    parallel = setup.parallel
-    writes = parallel.is_main  # rank 0 alone writes checkpoints, metrics, plots and the best adapter
-    metrics_path = run_dir / METRICS_FILE
-    metrics = MetricsLog(metrics_path if writes else None, settings.report_to if writes else None, run_dir.name,
-                         settings.to_dict())
-    resumed, data_files = setup.resumed, setup.data_files
-    if setup.resume:
-        metrics.trim(setup.start_step if resumed else -1)
-    plot_title = f"{model_name(setup.model_path)} · {run_dir.name}"
+class SupervisedObjective(Objective):
+    """Cross-entropy on the supervised tokens (SFT: LoRA, DoRA, full): batches of examples, the per-token mean."""
 
+    command = "lora"
+
+    def __init__(self, setup: TrainingSetup):
+        self.setup, self.settings, self.datasets = setup, setup.settings, setup.datasets
+        self.plan, self.parallel, self.loss = setup.plan, setup.parallel, setup.loss
+        self.trainer = TrainStep(setup.model, setup.optimizer, self.settings.grad_clip, setup.loss)
+
+    @property
+    def state(self) -> list:
+        return self.trainer.state
+
+    def batches(self, step: int) -> list:
+        accumulation = self.settings.grad_accumulation
+        return [training_batch(self.datasets.train, self.plan, self.settings.seed, step * accumulation + k,
+                               self.parallel.rank, self.parallel.size) for k in range(accumulation)]
+
+    def gradients(self, micro: list):
+        loss_sum, count, grads = self.trainer.accumulate(micro)
+        return loss_sum, count, None, grads
+
+    def update(self, grads, count) -> None:
+        self.trainer.update(grads, count)
+
+    def has_validation(self) -> bool:
+        return bool(self.datasets.valid)
+
+    def validate(self) -> dict:
+        return {"loss": validation_loss(self.setup.model, self.datasets.valid, self.settings.batch_size,
+                                        self.settings.val_batches, self.loss, self.parallel)}
+
+    def rates(self, count: float, seconds: float) -> dict:
+        return {"supervised_tokens_per_second": count / seconds, "supervised_tokens": int(count)}
+
+    def shrink(self, guard: MemoryGuard, peak: int | None, step: int) -> dict:
+        settings, train = self.settings, self.datasets.train
+        event = guard.shrink(settings, self.plan.batch_tokens, max(len(e) for e in train), peak, step)
+        self.plan = batch_plan([len(e) for e in train], batch_size=settings.batch_size,
+                               batch_tokens=settings.batch_tokens, pack=settings.pack,
+                               max_seq_length=settings.max_seq_length, packing_supported=self.plan.pack)[0]
+        return event
+
+    def save_settings(self, run_dir: Path) -> None:
+        save_settings(self.settings, run_dir / CONFIG_FILE)
+
+
+def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
+    """SFT as the engine's objective: the run table, the engine's loop, the result and its summary."""
+    settings, run_dir, model, datasets = setup.settings, setup.run_dir, setup.model, setup.datasets
     trainable, total = parameter_counts(model)
     reporter.header(settings, data_kind=datasets.kind, train_examples=len(datasets.train),
                     valid_examples=len(datasets.valid), template_origin=datasets.template.origin,
                     data_warnings=summary(datasets.warnings)
                     + (" (`mlxtune data check` lists them)" if datasets.warnings else ""),
-                    trainable=trainable, total=total, steps=total_steps,
+                    trainable=trainable, total=total, steps=setup.total_steps,
                     quantization=setup.model_config.get("quantization"),
-                    loss_mode="selective (supervised positions only)" if loss.selective else "full logits",
-                    batching=describe_plan(plan), device=str(mx.default_device()),
-                    ranks=parallel.describe() if parallel.distributed else None)
-    result = RunResult(str(run_dir), setup.start_step, total_steps, trainable_parameters=trainable,
-                       total_parameters=total, notes=list(datasets.notes),
-                       data_warnings=[w.to_dict() for w in datasets.warnings])
+                    loss_mode="selective (supervised positions only)" if setup.loss.selective else "full logits",
+                    batching=describe_plan(setup.plan), device=str(mx.default_device()),
+                    ranks=setup.parallel.describe() if setup.parallel.distributed else None)
     memory_plan = setup.memory_plan
+    if memory_plan is not None:
+        reporter.info(f"memory: {memory_plan.verdict()} ({memory_plan.budget_source})")
+    run = Run(run_dir, model, setup.optimizer, setup.adapter_config, settings, setup.total_steps,
+              f"{model_name(setup.model_path)} · {run_dir.name}", setup.start_step, setup.resume, setup.resumed,
+              setup.data_files, setup.parallel, memory_plan.budget if memory_plan is not None else None)
+    progress = train(run, SupervisedObjective(setup), reporter)
+    loss = lambda val: None if not val else val["loss"]  # noqa: E731
+    result = RunResult(str(run_dir), progress.steps, setup.total_steps, loss(progress.initial_val),
+                       loss(progress.final_val), loss(progress.best_val), progress.best_step,
+                       loss(progress.final_train), progress.tokens_per_second,
+                       progress.window.get("supervised_tokens_per_second"), progress.peak_memory_gb, trainable, total,
+                       progress.stopped, list(datasets.notes) + progress.notes,
+                       [w.to_dict() for w in datasets.warnings], memory_changes=progress.memory_changes)
     if memory_plan is not None:
         result.memory_estimate_gb = memory_plan.to_dict()["estimate_gb"]
         result.memory_budget_gb = memory_plan.to_dict()["budget_gb"]
-        reporter.info(f"memory: {memory_plan.verdict()} ({memory_plan.budget_source})")
-    trainer = TrainStep(model, optimizer, settings.grad_clip, loss)
-    model.train()
-    val_loss = math.nan
-    evals_without_gain = restore_progress(resumed, result) if resumed else 0
-    window = {"loss_sum": 0.0, "count": 0.0, "tokens": 0, "seconds": 0.0, "steps": 0}
-    step = setup.start_step
-    with _StopRequest() as stop, reporter.training(total_steps, step, val_loss):
-        if step == 0 and datasets.valid:
-            val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss,
-                                       parallel)
-            result.initial_val_loss = result.best_val_loss = val_loss
-            result.best_step = 0
-            if writes:
-                _save_best(run_dir, model, adapter_cfg)
-            metrics.write({"step": 0, "val_loss": val_loss})
-            reporter.initial_validation(val_loss)
-        if parallel.any(stop.signal_name):  # Ctrl-C during the first validation: a step-0 checkpoint
-            if writes:
-                _save(run_dir, model, optimizer, adapter_cfg, step,
-                      progress_state(result, evals_without_gain, total_steps, data_files, settings))
-            result.stopped = "interrupted"
-            reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
-        # One process only: ranks shrinking on their own would no longer draw matching batches.
-        guard = MemoryGuard(memory_plan.budget) if memory_plan is not None and parallel.size == 1 else None
-
-        def shrink_batches(peak):  # the memory guard's recovery: checkpoint, smaller micro-batches, continue
-            _save(run_dir, model, optimizer, adapter_cfg, step,
-                  progress_state(result, evals_without_gain, total_steps, data_files, settings))
-            event = guard.shrink(settings, plan.batch_tokens, max(len(e) for e in datasets.train), peak, step)
-            metrics.write(event)
-            result.memory_changes.append(event)
-            result.notes.append(describe_change(event))
-            reporter.warning(describe_change(event))
-            save_settings(settings, run_dir / CONFIG_FILE)
-            return batch_plan([len(e) for e in datasets.train], batch_size=settings.batch_size,
-                              batch_tokens=settings.batch_tokens, pack=settings.pack,
-                              max_seq_length=settings.max_seq_length, packing_supported=plan.pack)[0]
-
-        while step < total_steps and result.stopped != "interrupted":
-            tic = time.perf_counter()
-            # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
-            # 1_000_003 is a prime larger than any step count, so no two (seed, step) pairs share a seed.
-            mx.random.seed(parallel.step_seed(settings.seed * 1_000_003 + step))
-            micro = [
-                training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k,
-                               parallel.rank, parallel.size)
-                for k in range(settings.grad_accumulation)
-            ]
-            try:
-                loss_sum, count, grads = trainer.accumulate(micro)
-            except (RuntimeError, MemoryError) as exc:
-                if guard is None or not is_out_of_memory(exc):
-                    raise
-                plan = shrink_batches(None)
-                continue
-            # Data-parallel: the world's sums (one rank: unchanged), so the update is the same per-token mean.
-            loss_sum, count, tokens, grads = parallel.reduce_step(loss_sum, count, sum(b.tokens for b in micro if b),
-                                                                  grads)
-            step_loss = (loss_sum / count).item()
-            if not math.isfinite(step_loss):
-                saved = "the last checkpoint is kept"
-                if writes and _all_finite(model):  # never save weights that are themselves NaN/inf as "good"
-                    _save(run_dir, model, optimizer, adapter_cfg, step,
-                          progress_state(result, evals_without_gain, total_steps, data_files, settings))
-                    saved = f"the last good weights (step {step}) are saved"
-                raise RunFailed(
-                    f"the loss became {step_loss} at step {step + 1}; {saved}",
-                    "lower --learning-rate (or --grad-clip); with float16 weights, train in float32/bfloat16",
-                )
-            trainer.update(grads, count)
-            mx.eval(trainer.state)
-            step += 1
-            window["loss_sum"] += loss_sum.item()
-            window["count"] += count.item()
-            window["tokens"] += tokens
-            window["seconds"] += time.perf_counter() - tic
-            window["steps"] += 1
-
-            if step % settings.report_every == 0 or step == total_steps:
-                train_loss = window["loss_sum"] / max(window["count"], 1.0)
-                record = {
-                    "step": step,
-                    "train_loss": train_loss,
-                    "learning_rate": optimizer.learning_rate.item(),
-                    "tokens_per_second": window["tokens"] / window["seconds"],
-                    "supervised_tokens_per_second": window["count"] / window["seconds"],
-                    "supervised_tokens": int(window["count"]),
-                    "peak_memory_gb": mx.get_peak_memory() / GB,
-                }
-                metrics.write(record)
-                result.final_train_loss = train_loss
-                result.tokens_per_second = record["tokens_per_second"]
-                result.supervised_tokens_per_second = record["supervised_tokens_per_second"]
-                result.peak_memory_gb = record["peak_memory_gb"]
-                reporter.train_report(train_loss, record["tokens_per_second"], record["peak_memory_gb"])
-                window = dict.fromkeys(window, 0)
-
-            if datasets.valid and (step % settings.eval_every == 0 or step == total_steps):
-                val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss,
-                                           parallel)
-                metrics.write({"step": step, "val_loss": val_loss})
-                result.final_val_loss = val_loss
-                if result.best_val_loss is None or val_loss < result.best_val_loss - settings.min_delta:
-                    result.best_val_loss, result.best_step, evals_without_gain = val_loss, step, 0
-                    if writes:
-                        _save_best(run_dir, model, adapter_cfg)
-                else:
-                    evals_without_gain += 1
-                reporter.val_report(val_loss)
-                if writes:
-                    plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
-                if settings.patience and evals_without_gain >= settings.patience:
-                    result.stopped = "early-stopped"
-
-            stopping = parallel.any(stop.signal_name)  # every rank stops at the same step
-            if writes and (step % settings.save_every == 0 or step == total_steps or stopping
-                           or result.stopped == "early-stopped"):
-                _save(run_dir, model, optimizer, adapter_cfg, step,
-                      progress_state(result, evals_without_gain, total_steps, data_files, settings))
-            reporter.step_done(step)
-            result.steps = step
-            if (guard is not None and guard.overshoot() and step < total_steps and result.stopped == "completed"
-                    and not stop.signal_name):
-                plan = shrink_batches(guard.peak())
-            if result.stopped == "early-stopped":
-                reporter.early_stop(settings.patience, result.best_step, run_dir / BEST_DIR)
-                break
-            if stopping:
-                result.stopped = "interrupted"
-                reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
-                break
-
-    metrics.close()
-    if writes:
-        plot_losses(metrics_path, run_dir / PLOT_FILE, plot_title)
-        atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-        unlock_run_dir(run_dir)
+    finish(run, result)
     reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
 
@@ -452,23 +327,6 @@ def floating_parameters(model) -> list[mx.array]:
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-
-
-def _save(run_dir: Path, model, optimizer, adapter_cfg: dict, step: int, state: dict) -> None:
-    weights = trainable_weights(model)
-    optimizer.init(model.trainable_parameters())  # a no-op after the first update; gives step 0 its state
-    save_adapter(run_dir, weights, adapter_cfg)
-    save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, state)
-
-
-def _all_finite(model) -> bool:
-    return all(mx.isfinite(v).all().item() for v in trainable_weights(model).values())
-
-
-def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
-    best = run_dir / BEST_DIR
-    best.mkdir(exist_ok=True)
-    save_adapter(best, trainable_weights(model), adapter_cfg)
 
 
 def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_config: dict, adapter_cfg: dict,

@@ -298,12 +298,18 @@ class MemoryGuard:
 
         return mx.get_peak_memory()
 
+    def close(self) -> None:
+        """MLX's memory limit back to what it was before the guard set it."""
+        import mlx.core as mx
+
+        mx.set_memory_limit(self.previous_limit)
+
     def overshoot(self) -> int | None:
         peak = self.peak()
         return peak if peak > self.budget else None
 
     def shrink(self, settings: LoraSettings, current_tokens: int | None, longest: int, peak: int | None,
-               step: int) -> dict:
+               step: int, fixed_batches: bool = False) -> dict:
         """Halve the micro-batch (doubling accumulation, so a step sees the same tokens); the change as a record."""
         import mlx.core as mx
 
@@ -315,7 +321,7 @@ class MemoryGuard:
                 "(`mlxtune plan` shows what fits)")
         before = {"batch_tokens": settings.batch_tokens, "batch_size": settings.batch_size,
                   "grad_accumulation": settings.grad_accumulation}
-        fixed = settings.pack is False and not settings.batch_tokens
+        fixed = fixed_batches or (settings.pack is False and not settings.batch_tokens)  # preference: pairs
         if fixed:
             if settings.batch_size <= 1:
                 raise self._cannot_shrink(step)

@@ -298,19 +298,3 @@ def check_settings_unchanged(run_dir: Path, state: dict, settings) -> None:
                          f"{', '.join(changes[:3])} (the checkpoint was trained with the old values)",
                          "put the old values back to resume, or start a new run with the new ones: mlxtune lora "
                          f"--config {run_dir / CONFIG_FILE} --out NEW_RUN")
-
-
-def progress_state(result, evals_without_gain: int, total_steps: int, data: dict | None, settings=None) -> dict:
-    """What a checkpoint saves beside the weights so that resume continues the same run."""
-    return {"total_steps": total_steps, "initial_val_loss": result.initial_val_loss,
-            "best_val_loss": result.best_val_loss, "best_step": result.best_step,
-            "evals_without_gain": evals_without_gain, "stopped": result.stopped, "data": data,
-            "settings": adapter_settings(settings) if settings is not None else None}
-
-
-def restore_progress(state: dict, result) -> int:
-    """Put the saved progress back into `result`; returns the patience counter."""
-    result.initial_val_loss = state.get("initial_val_loss")
-    result.best_val_loss = state.get("best_val_loss")
-    result.best_step = state.get("best_step")
-    return int(state.get("evals_without_gain") or 0)
