@@ -244,7 +244,13 @@ def _preference_command(objective: str, summary: str, extra_help: str, own_optio
                 "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
-        result = train_preference(settings, resume=bool(resume_dir), force=bool(force), console=console)
+        from mlxtune.fuse import merge_sft_run
+
+        def start_from(run_dir):  # --from: merging is fuse's job, done before the training engine starts
+            return merge_sft_run(settings.from_run, run_dir, settings.from_checkpoint, console)
+
+        result = train_preference(settings, resume=bool(resume_dir), force=bool(force), console=console,
+                                  start_from=start_from)
         if json_mode:
             print_json(result.to_dict())
         if result.stopped == "interrupted":

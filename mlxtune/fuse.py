@@ -29,7 +29,8 @@ from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config
                                   weight_bytes, without_quantization)
 from mlxtune.models import load_model
 from mlxtune.train.loss import Loss
-from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, check_output, open_for_inference, open_run
+from mlxtune.runs import (MERGED_BASE, METRICS_FILE, TEMPLATE_FILE, Run, check_output, open_for_inference,
+                          open_run)
 from mlxtune.train.metrics import read_metrics
 from mlxtune.storage import (atomic_write_text, check_free_space, check_writable, clean_stale, staging_path, swap_in,
                              translate)
@@ -373,3 +374,21 @@ def model_card(run: Run, checkpoint: str, result: FuseResult) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def merge_sft_run(from_run: str | Path, run_dir: Path, checkpoint: str, console) -> Path:
+    """`dpo/orpo --from RUN`: the supervised run's adapter merged into its base (re-quantized like the base),
+    written once into the new run as sft-merged/. Called before the training engine starts."""
+    source = open_run(from_run)  # a preference run is a run like any other: its adapter merges the same way
+    target = run_dir / MERGED_BASE
+    if (target / "config.json").is_file():
+        return target
+    quantization = read_config(source.base_model).get("quantization") or {}
+    bits = str(quantization.get("bits")) if quantization.get("bits") in (4, 8) else "none"
+    with console.status(f"merging {source.path.name}'s adapter ({checkpoint}) into its base"):
+        result = fuse_run(source.path, target, checkpoint=checkpoint, quantize=bits)
+    console.print(f"started from {source.path} ({checkpoint} adapter merged"
+                  + (f", re-quantized to {bits} bits" if bits != "none" else "") + f"): {target}")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    return target

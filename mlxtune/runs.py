@@ -12,6 +12,10 @@
       .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
                                is ever reset, and then only of the files above
       .lock                    the writer's lock (train/recovery.py)
+    a dpo/orpo run adds:
+      preference.yaml          the objective's own settings (PREFERENCE_FILE); config.yaml stays a LoRA config
+      reference_logps.npz      precomputed reference log-probs per pair (REFERENCE_FILE)
+      sft-merged/              with --from: the supervised run's adapter merged into its base (MERGED_BASE)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from mlxtune.errors import UsageError
@@ -36,11 +41,25 @@ RESULT_FILE = "result.json"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
+PREFERENCE_FILE = "preference.yaml"
+REFERENCE_FILE = "reference_logps.npz"
+MERGED_BASE = "sft-merged"
 RUN_MARKER = ".mlxtune-run"  # proof that mlxtune created the directory (a folder of the user's is never reset)
 # What each entry of the layout must be when present: anything else is a one-line error, not a traceback.
 LAYOUT_FILES = (CONFIG_FILE, RUN_FILE, METRICS_FILE, RESULT_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TEMPLATE_FILE,
                 f"{CHECKPOINTS_DIR}/{LATEST_POINTER}")
 LAYOUT_DIRS = (BEST_DIR, CHECKPOINTS_DIR)
+
+
+def default_run_dir(model_name: str, objective: str | None = None) -> Path:
+    """runs/<model>[-<objective>]-<date>-<time>: where a run goes without --out."""
+    kind = f"-{objective}" if objective else ""
+    return Path("runs") / f"{model_name}{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def follow_up_run_dir(from_run: str | Path, objective: str) -> Path:
+    """runs/<supervised run>-<objective>: a preference run started --from a supervised one, without --out."""
+    return Path("runs") / f"{Path(from_run).name}-{objective}"
 
 
 def checkpoint_name(step: int) -> str:

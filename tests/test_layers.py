@@ -13,12 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
     ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "settings", "storage", "faults"]),
-    ("model facts", ["model_config", "plan", "memory", "cpu_quantized", "library", "hub", "models"]),
+    ("model facts", ["model_config", "memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train"]),
-    ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export", "importers",
-                  "eval", "doctor", "data.check"]),
+    # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
+    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed"]),
+    ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 
@@ -98,3 +99,11 @@ def test_the_import_graph_has_no_circle():
     for module in sorted(graph):
         if module not in state and (cycle := visit(module)):
             raise AssertionError("import circle: " + " -> ".join(f"mlxtune.{m}" for m in cycle))
+
+
+def test_every_layer_entry_names_a_module():
+    """No stale entries: each name in LAYERS is a module or package that exists."""
+    modules = set(_modules())
+    stale = [prefix for _, prefixes in LAYERS for prefix in prefixes
+             if not any(m == prefix or m.startswith(prefix + ".") for m in modules)]
+    assert not stale, f"LAYERS names modules that no longer exist: {stale}"

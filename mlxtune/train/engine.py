@@ -21,9 +21,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from mlxtune.backend import set_blas_threads
 from mlxtune.errors import RunFailed
-from mlxtune.runs import ADAPTER_FILE, BEST_DIR, METRICS_FILE, PLOT_FILE, RESULT_FILE
+from mlxtune.runs import BEST_DIR, METRICS_FILE, PLOT_FILE, RESULT_FILE
 from mlxtune.storage import atomic_write_text
 from mlxtune.train.adapters import trainable_weights
 from mlxtune.train.checkpoint import save_adapter, save_checkpoint
@@ -142,7 +144,7 @@ class Progress:
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """The run the engine drives, made ready by the objective's preparation (run directory claimed, model loaded,
     checkpoint restored)."""
 
@@ -183,6 +185,33 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def prepare_backend(settings, model, reporter: TrainingReporter) -> None:
+    """The settings that shape the backend, applied: --threads (the system BLAS on the CPU backend),
+    --cache-limit-gb, and float32 on the CPU backend (it has no fast half-precision matmul)."""
+    cpu = mx.default_device() == mx.cpu
+    if settings.threads is not None and cpu and not set_blas_threads(settings.threads):
+        reporter.note("--threads applies to the system BLAS, which is not in use here")
+    if settings.cache_limit_gb is not None:
+        mx.set_cache_limit(int(settings.cache_limit_gb * GB))
+    if cpu and any(v.dtype in (mx.float16, mx.bfloat16) for v in floating_parameters(model)):
+        model.set_dtype(mx.float32)
+        reporter.info("CPU backend: training in float32 (half-precision weights upcast)")
+
+
+def floating_parameters(model) -> list[mx.array]:
+    """Every floating-point parameter of `model` (frozen or trainable): what a dtype change would touch."""
+    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
+def grad_checkpoint(model) -> None:
+    """--grad-checkpoint: activations recomputed in the backward pass. mlx-lm's helper patches the block class's
+    __call__ (so patching layer 0 covers every block). It lives in the tuner's trainer module, not a public API:
+    tests/test_mlx_lm_private.py fails clearly if an upgrade moves it."""
+    from mlx_lm.tuner.trainer import grad_checkpoint as patch_blocks
+
+    patch_blocks(model.layers[0])
+
+
 def all_finite(model) -> bool:
     return all(mx.isfinite(v).all().item() for v in trainable_weights(model).values())
 
@@ -193,7 +222,7 @@ def save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
     save_adapter(best, trainable_weights(model), adapter_cfg)
 
 
-def train(run: Run, objective: Objective, reporter: TrainingReporter) -> Progress:
+def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) -> Progress:
     """The loop, top to bottom: batch → gradients → update → log → evaluate → save, until the last step, an early
     stop or a signal. Returns the progress; result.json is written by `finish`."""
     settings, run_dir, model, parallel = run.settings, run.run_dir, run.model, run.parallel
@@ -347,16 +376,12 @@ def train(run: Run, objective: Objective, reporter: TrainingReporter) -> Progres
     return progress
 
 
-def finish(run: Run, result) -> None:
+def finish(run: TrainingRun, result) -> None:
     """The run's end: the chart, result.json, and the run directory released."""
     if run.parallel.is_main:
         plot_losses(run.run_dir / METRICS_FILE, run.run_dir / PLOT_FILE, run.plot_title)
         atomic_write_text(run.run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
         unlock_run_dir(run.run_dir)
-
-
-def adapter_file(run_dir: Path) -> Path:
-    return run_dir / ADAPTER_FILE
 
 
 def _new_window() -> dict:

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,7 +14,6 @@ from mlxtune.data.batching import BatchPlan, batch_plan, batches_per_epoch, desc
 from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import UsageError
-from mlxtune.backend import set_blas_threads
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
@@ -27,6 +25,7 @@ from mlxtune.runs import (
     CONFIG_FILE,
     RUN_FILE,
     TEMPLATE_FILE,
+    default_run_dir,
     read_run_settings,
 )
 from mlxtune.settings import LoraSettings, save_settings
@@ -48,10 +47,10 @@ from mlxtune.train.recovery import (
     data_fingerprint,
     find_resume_point,
 )
-from mlxtune.train.engine import Objective, Run, finish, train
+from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.planner import MemoryGuard, MemoryPlan, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
-from mlxtune.ui import GB, TrainingReporter, make_console
+from mlxtune.ui import TrainingReporter, make_console
 
 
 
@@ -81,10 +80,6 @@ class RunResult:
         return asdict(self)
 
 
-def default_run_dir(model_path: Path) -> Path:
-    return Path("runs") / f"{model_name(model_path)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
 def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int:
     if settings.iters is not None:
         return settings.iters
@@ -93,12 +88,8 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
 
 
 def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> tuple[Path, list[str]]:
-    run_dir = Path(settings.out) if settings.out else default_run_dir(model_path)
+    run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path))
     return run_dir, claim_run_dir(run_dir, resume)  # locked for this process; reusable if nothing was trained
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
 
 
 @dataclass
@@ -160,14 +151,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     memory_plan = plan_for_run(settings, model_path, data_path, choose=choose_sizes and not resume,
                                force=force or resume, console=reporter.console)
     model, tokenizer, model_config = load_model(model_path)
-    if settings.threads is not None and _on_cpu() and not set_blas_threads(settings.threads):
-        reporter.note("--threads applies to the system BLAS, which is not in use here")
-    if settings.cache_limit_gb is not None:
-        mx.set_cache_limit(int(settings.cache_limit_gb * GB))
-    if _on_cpu() and any(v.dtype in (mx.float16, mx.bfloat16) for v in floating_parameters(model)):
-        # MLX's CPU backend has no fast half-precision matmul: float32 is much faster there.
-        model.set_dtype(mx.float32)
-        reporter.info("CPU backend: training in float32 (half-precision weights upcast)")
+    prepare_backend(settings, model, reporter)
     context = text_config(model_config).get("max_position_embeddings")
     datasets = load_datasets(data_path, tokenizer, **settings.dataset_options(),
                              context_length=context if isinstance(context, int) else None)
@@ -213,12 +197,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
         save_settings(settings, run_dir / CONFIG_FILE)
         _write_run_info(run_dir, datasets, model_path, model_config, adapter_config, parallel.size)
     if settings.grad_checkpoint:
-        # mlx-lm's helper patches the block class's __call__ to recompute activations in the backward pass (so
-        # patching layer 0 covers every block). It lives in the tuner's trainer module, not a public API:
-        # tests/test_mlx_lm_private.py fails clearly if an upgrade moves it.
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+        grad_checkpoint(model)
     loss = Loss(model, settings.selective_loss)
     if settings.selective_loss and not loss.selective:
         reporter.note("this architecture's output head can't be applied separately: computing the loss over full "
@@ -303,7 +282,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     memory_plan = setup.memory_plan
     if memory_plan is not None:
         reporter.info(f"memory: {memory_plan.verdict()} ({memory_plan.budget_source})")
-    run = Run(run_dir, model, setup.optimizer, setup.adapter_config, settings, setup.total_steps,
+    run = TrainingRun(run_dir, model, setup.optimizer, setup.adapter_config, settings, setup.total_steps,
               f"{model_name(setup.model_path)} · {run_dir.name}", setup.start_step, setup.resume, setup.resumed,
               setup.data_files, setup.parallel, memory_plan.budget if memory_plan is not None else None)
     progress = train(run, SupervisedObjective(setup), reporter)
@@ -320,13 +299,6 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     finish(run, result)
     reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
-
-
-def floating_parameters(model) -> list[mx.array]:
-    """Every floating-point parameter of `model` (frozen or trainable): what a dtype change would touch."""
-    from mlx.utils import tree_flatten
-
-    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
 
 
 def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_config: dict, adapter_cfg: dict,

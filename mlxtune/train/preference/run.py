@@ -1,19 +1,19 @@
-"""`mlxtune dpo` / `mlxtune orpo`: a preference run, top to bottom.
+"""`mlxtune dpo` / `mlxtune orpo`: the preference objective (train/preference/objective.py) run by the engine.
 
-The same flow as `mlxtune lora` — model library, adapters, optimizer, checkpoints, exact resume, metrics.jsonl,
-loss.png — with pairs instead of examples and a preference objective (train/preference.py) instead of
-cross-entropy. The run directory is an ordinary run: fuse, export, chat and generate take it as they take a LoRA
-run. `--from RUN_DIR` starts from a supervised run: its adapter is merged into the base (written once into the new
-run as `sft-merged/`), which is then both the model the new adapter trains on and DPO's reference.
+The same engine as `mlxtune lora` (train/engine.py: checkpoints, exact resume with the data fingerprint, best/,
+patience, the NaN guard, signals, the memory guard, metrics.jsonl, loss.png) with pairs instead of examples. The run
+directory is an ordinary run: fuse, export, chat and generate take it as they take a LoRA run. `--from RUN_DIR`
+starts from a supervised run: its adapter is merged into the base before the engine starts (fuse.merge_sft_run,
+written once into the new run as `sft-merged/`), which is then both the model the new adapter trains on and DPO's
+reference.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
-import time
-from datetime import datetime
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,7 +23,6 @@ import mlx.optimizers as optim
 import numpy as np
 import yaml
 from mlx.utils import tree_map
-from rich.markup import escape
 
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
@@ -31,18 +30,18 @@ from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
 from mlxtune.data.quality import context_warnings
 from mlxtune.errors import UsageError
-from mlxtune.model_config import context_length, model_name, read_config
+from mlxtune.model_config import DEFAULT_QUANTIZE, context_length, model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
-from mlxtune.runs import (BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, RUN_MARKER,
-                          TEMPLATE_FILE)
+from mlxtune.runs import (CONFIG_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER, TEMPLATE_FILE,
+                          default_run_dir, follow_up_run_dir)
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
-from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
-from mlxtune.train.checkpoint import load_checkpoint, save_adapter, save_checkpoint
-from mlxtune.train.metrics import MetricsLog
-from mlxtune.train.plot import plot_losses
-from mlxtune.train.recovery import LOCK_FILE, claim_run_dir, find_resume_point, unlock_run_dir
+from mlxtune.train.adapters import attach_adapters, parameter_counts
+from mlxtune.train.checkpoint import load_checkpoint
+from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.recovery import (LOCK_FILE, check_resume_state, claim_run_dir, data_fingerprint,
+                                    find_resume_point, unlock_run_dir)
 from mlxtune.train.preference.objective import (
     OBJECTIVES,
     PreferenceObjective,
@@ -54,11 +53,8 @@ from mlxtune.train.preference.objective import (
     summarise,
 )
 from mlxtune.train.step import build_optimizer
-from mlxtune.ui import fmt_loss, make_console, sparkline, step_progress, summary_table, training_progress
+from mlxtune.ui import TrainingReporter, make_console, step_progress, summary_table
 
-PREFERENCE_FILE = "preference.yaml"
-REFERENCE_FILE = "reference_logps.npz"
-MERGED_BASE = "sft-merged"
 STOP_ON = ("loss", "accuracy")
 
 
@@ -149,6 +145,7 @@ class PreferenceResult:
     reference: str = "adapters off"  # adapters off | precomputed | none
     stopped: str = "completed"
     notes: list | None = None
+    memory_changes: list | None = None  # what the memory guard changed, and why
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -206,28 +203,6 @@ def _pair_batch_at(pairs, plan: BatchPlan, seed: int, index: int, references):
         epoch += 1
 
 
-def merge_sft_run(from_run: str | Path, run_dir: Path, checkpoint: str, console) -> Path:
-    """The supervised run's adapter merged into its base (re-quantized like the base), written into the run once."""
-    from mlxtune.fuse import fuse_run
-    from mlxtune.runs import open_run
-
-    source = open_run(from_run)
-    if is_preference_run(source.path):
-        pass  # a preference run is a run like any other: its adapter merges the same way
-    target = run_dir / MERGED_BASE
-    if (target / "config.json").is_file():
-        return target
-    quantization = read_config(source.base_model).get("quantization") or {}
-    bits = str(quantization.get("bits")) if quantization.get("bits") in (4, 8) else "none"
-    with console.status(f"merging {source.path.name}'s adapter ({checkpoint}) into its base"):
-        result = fuse_run(source.path, target, checkpoint=checkpoint, quantize=bits)
-    console.print(f"started from {source.path} ({checkpoint} adapter merged"
-                  + (f", re-quantized to {bits} bits" if bits != "none" else "") + f"): {target}")
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    return target
-
-
 def precompute_references(model, objective: PreferenceObjective, sets: PreferenceSets, run_dir: Path,
                           batch_size: int, console) -> dict[str, tuple[float, float]]:
     """Reference log-probs of every pair, from the weights before training; cached in the run by pair fingerprint."""
@@ -254,14 +229,6 @@ def precompute_references(model, objective: PreferenceObjective, sets: Preferenc
     return cached
 
 
-def _better(settings: PreferenceSettings, metrics: dict, best: dict | None) -> bool:
-    if best is None:
-        return True
-    if settings.stop_on == "accuracy":
-        return metrics["accuracy"] > best["accuracy"] + settings.min_delta
-    return metrics["loss"] < best["loss"] - settings.min_delta
-
-
 def check_memory(settings: PreferenceSettings, model_path: Path, sets: PreferenceSets, *, force: bool, console):
     """The planner's verdict on this run; a refusal (with settings that fit) unless `force` or resuming."""
     from mlxtune.memory import ModelFacts
@@ -280,47 +247,101 @@ def check_memory(settings: PreferenceSettings, model_path: Path, sets: Preferenc
     raise over_budget(plan, hint)
 
 
+class PairsObjective(Objective):
+    """DPO or ORPO for the engine: fixed batches of pairs, the loss's mean over pairs, accuracy and margins."""
+
+    def __init__(self, model, optimizer, settings: PreferenceSettings, sets: PreferenceSets,
+                 objective: PreferenceObjective, references: dict | None):
+        self.model, self.settings, self.sets, self.objective = model, settings, sets, objective
+        self.references = references
+        self.command = settings.objective
+        self.watch = settings.stop_on
+        self.higher_is_better = settings.stop_on == "accuracy"
+        self.plan = BatchPlan(batch_size=settings.batch_size)
+        self.trainer = PreferenceStep(model, optimizer, settings.grad_clip, objective)
+
+    @property
+    def state(self) -> list:
+        return self.trainer.state
+
+    def batches(self, step: int) -> list:
+        accumulation = self.settings.grad_accumulation
+        return [_pair_batch_at(self.sets.train, self.plan, self.settings.seed, step * accumulation + k,
+                               self.references) for k in range(accumulation)]
+
+    def gradients(self, micro: list):
+        return self.trainer.accumulate(micro)
+
+    def update(self, grads, count) -> None:
+        self.trainer.update(grads, count)
+
+    def has_validation(self) -> bool:
+        return bool(self.sets.valid)
+
+    def validate(self) -> dict:
+        return evaluate_pairs(self.model, self.objective, self.sets.valid, self.settings.batch_size,
+                              self.settings.val_batches, self.references)
+
+    def summarise(self, loss_sum: float, count: float, stats) -> dict:
+        return summarise(loss_sum, count, stats)
+
+    def shrink(self, guard, peak: int | None, step: int) -> dict:
+        # Pairs come in fixed batches: half the pairs per micro-batch, twice the micro-batches per step.
+        event = guard.shrink(self.settings, None, 0, peak, step, fixed_batches=True)
+        self.plan = BatchPlan(batch_size=self.settings.batch_size)
+        return event
+
+    def save_settings(self, run_dir: Path) -> None:
+        save_preference_settings(self.settings, run_dir)
+
+    def nan_hint(self) -> str:
+        return "lower --learning-rate or --beta"
+
+
 def train_preference(settings: PreferenceSettings, *, resume: bool = False, force: bool = False,
-                     console=None) -> PreferenceResult:
+                     console=None, start_from=None) -> PreferenceResult:
     """Train adapters with DPO or ORPO as `settings` say; with `resume`, continue `settings.out`. Settings the
-    memory planner says won't fit are refused before training unless `force`."""
-    console = console or make_console()
-    settings.validate()
+    memory planner says won't fit are refused before training unless `force`.
+
+    `start_from(run_dir) -> model path`: with `settings.from_run`, what makes the starting model inside the claimed
+    run directory before anything loads (the CLI passes fuse.merge_sft_run: merging is fuse's job, not train/'s)."""
+    reporter = TrainingReporter(console or make_console())
+    console = reporter.console
+    settings = copy.deepcopy(settings).validate()
     requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
+    if settings.from_run and not resume and start_from is None:
+        raise UsageError("--from needs its supervised run merged first",
+                         "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
     data_path = resolve_data_path(settings.data)
     # bad data fails before any model is loaded
     records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
     check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
-        run_dir = Path(settings.out or Path("runs") / f"{Path(settings.from_run).name}-{settings.objective}")
-        _claim(run_dir, resume, console)
-        settings.model = str(merge_sft_run(settings.from_run, run_dir, settings.from_checkpoint, console))
+        run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, settings.objective)
+        _claim(run_dir, resume, reporter)
+        settings.model = str(start_from(run_dir))
     if not settings.model:
-        console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/]")
+        reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
         settings.model = DEFAULT_BASE_MODEL
     model_path = resolve_model(settings.model, console=console)
     settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
     for warning in context_warnings(settings.max_seq_length, context_length(read_config(model_path)), []):
-        console.print(f"[yellow]warning:[/] {escape(warning.message)}", highlight=False)
+        reporter.warning(warning.message)
     hold_model(model_path)  # `models rm` refuses it while this run trains
     if resume or not settings.from_run:
-        run_dir = Path(settings.out) if settings.out else default_run_dir(model_path, settings.objective)
-        _claim(run_dir, resume, console)
+        run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), settings.objective)
+        _claim(run_dir, resume, reporter)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
-    console.print(f"[bold]mlxtune[/] {settings.objective} · model [cyan]{escape(str(model_path))}[/] · "
-                  f"run [cyan]{escape(str(run_dir))}[/]")
+    reporter.start(settings.objective, model_path, run_dir)
     model, tokenizer, model_config = load_model(model_path)
-    if mx.default_device() == mx.cpu and any(
-            v.dtype in (mx.float16, mx.bfloat16) for v in _floating(model)):
-        model.set_dtype(mx.float32)  # MLX's CPU backend has no fast half-precision matmul
-        console.print("CPU backend: training in float32 (half-precision weights upcast)")
+    prepare_backend(settings, model, reporter)
     sets = tokenize_preference_splits(records, tokenizer, max_seq_length=settings.max_seq_length,
                                       chat_template=settings.chat_template)
-    for note in sets.notes:  # file:line lists and paths: text, never markup
-        console.print(f"[yellow]note:[/] {escape(note)}")
+    for note in sets.notes:
+        reporter.note(note)
     # Planned once the pairs are tokenized (with the model's own tokenizer, so after loading the weights): the
     # step's activations and head, not the weights, are what grows with the settings.
     try:
@@ -333,32 +354,32 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     adapter_cfg = attach_adapters(model, settings)
     quantized = accelerate_quantized(model, memory_plan.budget)  # CPU backend only
     if quantized:
-        console.print(quantized)
+        reporter.info(quantized)
     objective = PreferenceObjective(model, settings.objective, settings.beta, settings.label_smoothing,
                                     settings.selective_loss)
-    plan = BatchPlan(batch_size=settings.batch_size)
     if settings.iters is not None:
         total_steps = settings.iters
     else:
-        micro = math.ceil(settings.epochs * batches_per_epoch(sets.train, plan, settings.seed))
+        micro = math.ceil(settings.epochs * batches_per_epoch(sets.train, BatchPlan(batch_size=settings.batch_size),
+                                                              settings.seed))
         total_steps = max(1, math.ceil(micro / settings.grad_accumulation))
     optimizer = build_optimizer(settings, total_steps)
 
-    metrics_path = run_dir / METRICS_FILE
-    metrics = MetricsLog(metrics_path, settings.report_to, run_dir.name, settings.to_dict())
-    start_step, saved = 0, {}
+    start_step, resumed = 0, None
+    data_files = data_fingerprint(data_path)
     if resume:
         point = find_resume_point(run_dir, total_steps)
         for warning in point.warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+            reporter.warning(warning)
         if point.checkpoint is not None:
-            saved = load_checkpoint(point.checkpoint, model, optimizer)
-            start_step = saved["step"]
+            resumed = load_checkpoint(point.checkpoint, model, optimizer)
+            start_step = resumed["step"]
             if start_step >= total_steps:
                 raise UsageError(f"{run_dir} already trained {start_step} of {total_steps} steps",
-                                 f"extend it: mlxtune {settings.objective} --resume {run_dir} --iters N (N > {start_step})")
-            console.print(f"resuming from {point.checkpoint.name} (step {start_step} of {total_steps})")
-        metrics.trim(start_step if saved else -1)
+                                 f"extend it: mlxtune {settings.objective} --resume {run_dir} --iters N "
+                                 f"(N > {start_step})")
+            check_resume_state(run_dir, resumed, total_steps, data_files, settings)
+            reporter.resumed(point.checkpoint.name, start_step, total_steps)
     save_preference_settings(settings, run_dir)
     _write_run_info(run_dir, sets, model_path, model_config, adapter_cfg, settings)
 
@@ -368,8 +389,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         reference_mode = "adapters off"
         if settings.precompute_reference or settings.method == "full":
             if settings.method == "full" and not settings.precompute_reference:
-                console.print("[yellow]note:[/] full finetuning has no adapter to switch off: "
-                              "reference log-probs precomputed before training")
+                reporter.note("full finetuning has no adapter to switch off: reference log-probs precomputed "
+                              "before training")
             if resume and not (run_dir / REFERENCE_FILE).is_file():
                 raise UsageError(f"{run_dir / REFERENCE_FILE} is missing: the reference can't be recomputed "
                                  "from trained weights", "start a new run")
@@ -378,157 +399,34 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
 
     trainable, total = parameter_counts(model)
     if settings.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
-    result = PreferenceResult(str(run_dir), settings.objective, start_step, total_steps,
-                              trainable_parameters=trainable, total_parameters=total, reference=reference_mode,
-                              notes=list(sets.notes))
-    result.initial_val = saved.get("initial_val")
-    result.best_val, result.best_step = saved.get("best_val"), saved.get("best_step")
-    result.memory_estimate_gb = memory_plan.to_dict()["estimate_gb"]
-    result.memory_budget_gb = memory_plan.to_dict()["budget_gb"]
+        grad_checkpoint(model)
     _print_header(console, settings, sets, trainable, total, total_steps, reference_mode, objective,
                   model_config.get("quantization"), memory_plan)
-    trainer = PreferenceStep(model, optimizer, settings.grad_clip, objective)
-    model.train()
-
-    def validate() -> dict:
-        return evaluate_pairs(model, objective, sets.valid, settings.batch_size, settings.val_batches, references)
-
-    val = {}
-    if start_step == 0 and sets.valid:
-        val = validate()
-        result.initial_val = result.best_val = val
-        result.best_step = 0
-        _save_best(run_dir, model, adapter_cfg)
-        metrics.write({"step": 0, **{f"val_{k}": v for k, v in val.items()}})
-        console.print(f"before training: validation loss {fmt_loss(val['loss'])}, "
-                      f"preference accuracy {val['accuracy']:.3f}")
-
-    evals_without_gain = saved.get("evals_without_gain", 0)
-    window = {"loss": 0.0, "pairs": 0.0, "stats": np.zeros(4), "tokens": 0, "seconds": 0.0}
-    history: list[float] = []
-    step = start_step
-    from mlxtune.train.loop import _StopRequest  # the loop's SIGINT/SIGTERM handling, shared
-
-    with _StopRequest() as stop, training_progress(console) as progress:
-        task = progress.add_task("train", total=total_steps, completed=step, loss="—",
-                                 val=_fmt_val(val), speed="—", memory="—", spark="")
-        while step < total_steps:
-            tic = time.perf_counter()
-            mx.random.seed(settings.seed * 1_000_003 + step)
-            micro = [_pair_batch_at(sets.train, plan, settings.seed, step * settings.grad_accumulation + k,
-                                    references) for k in range(settings.grad_accumulation)]
-            loss_sum, pairs, stats, grads = trainer.accumulate(micro)
-            step_loss = (loss_sum / pairs).item()
-            if not math.isfinite(step_loss):
-                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps, result, evals_without_gain)
-                from mlxtune.errors import RunFailed
-
-                raise RunFailed(f"the loss became {step_loss} at step {step + 1}; the last good weights "
-                                f"(step {step}) are saved", "lower --learning-rate or --beta")
-            trainer.update(grads, pairs)
-            mx.eval(trainer.state)
-            step += 1
-            window["loss"] += loss_sum.item()
-            window["pairs"] += pairs.item()
-            window["stats"] += np.array(stats)
-            window["tokens"] += sum(b.tokens for b in micro)
-            window["seconds"] += time.perf_counter() - tic
-
-            if step % settings.report_every == 0 or step == total_steps:
-                train = summarise(window["loss"], window["pairs"], window["stats"])
-                history.append(train["loss"])
-                record = {"step": step, **{f"train_{k}": v for k, v in train.items()},
-                          "learning_rate": optimizer.learning_rate.item(),
-                          "tokens_per_second": window["tokens"] / window["seconds"],
-                          "peak_memory_gb": mx.get_peak_memory() / 1e9}
-                metrics.write(record)
-                result.final_train = train
-                result.tokens_per_second = record["tokens_per_second"]
-                result.peak_memory_gb = record["peak_memory_gb"]
-                progress.update(task, loss=f"{fmt_loss(train['loss'])} acc {train['accuracy']:.2f}",
-                                speed=f"{record['tokens_per_second']:.0f}",
-                                memory=f"{record['peak_memory_gb']:.2f}GB", spark=sparkline(history))
-                window = {"loss": 0.0, "pairs": 0.0, "stats": np.zeros(4), "tokens": 0, "seconds": 0.0}
-
-            if sets.valid and (step % settings.eval_every == 0 or step == total_steps):
-                val = validate()
-                metrics.write({"step": step, **{f"val_{k}": v for k, v in val.items()}})
-                result.final_val = val
-                if _better(settings, val, result.best_val):
-                    result.best_val, result.best_step, evals_without_gain = val, step, 0
-                    _save_best(run_dir, model, adapter_cfg)
-                else:
-                    evals_without_gain += 1
-                progress.update(task, val=_fmt_val(val))
-                plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
-                if settings.patience and evals_without_gain >= settings.patience:
-                    result.stopped = "early-stopped"
-
-            if (step % settings.save_every == 0 or step == total_steps or stop.signal_name
-                    or result.stopped == "early-stopped"):
-                _save(run_dir, model, optimizer, adapter_cfg, step, total_steps, result, evals_without_gain)
-            progress.update(task, completed=step)
-            result.steps = step
-            if result.stopped == "early-stopped":
-                console.print(f"early stop: no validation {settings.stop_on} gain in {settings.patience} "
-                              f"evaluations; best step {result.best_step} is in {run_dir / 'best'}")
-                break
-            if stop.signal_name:
-                result.stopped = "interrupted"
-                console.print(f"[yellow]{stop.signal_name}:[/] checkpoint saved at step {step}; "
-                              f"continue with: mlxtune {settings.objective} --resume {run_dir}")
-                break
-
-    metrics.close()
-    plot_losses(metrics_path, run_dir / PLOT_FILE, f"{model_name(model_path)} · {run_dir.name}")
-    atomic_write_text(run_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
+    run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,
+              f"{model_name(model_path)} · {run_dir.name}", start_step, resume, resumed, data_files,
+              memory_budget=memory_plan.budget)
+    progress = train(run, PairsObjective(model, optimizer, settings, sets, objective, references), reporter)
+    result = PreferenceResult(str(run_dir), settings.objective, progress.steps, total_steps, progress.initial_val,
+                              progress.final_val, progress.best_step, progress.best_val, progress.final_train,
+                              progress.tokens_per_second, progress.peak_memory_gb,
+                              memory_plan.to_dict()["estimate_gb"], memory_plan.to_dict()["budget_gb"], trainable,
+                              total, reference_mode, progress.stopped, list(sets.notes) + progress.notes,
+                              progress.memory_changes)
+    finish(run, result)
     _print_summary(console, result)
-    unlock_run_dir(run_dir)
     return result
 
 
-def default_run_dir(model_path: Path, objective: str) -> Path:
-    return Path("runs") / f"{model_name(model_path)}-{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _claim(run_dir: Path, resume: bool, console) -> None:
+def _claim(run_dir: Path, resume: bool, reporter: TrainingReporter) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for note in claim_run_dir(run_dir, resume):  # locked for this process, as a LoRA run
-        console.print(f"[yellow]note:[/] {note}")
+        reporter.note(note)
 
 
 def _release_unused(run_dir: Path) -> None:
     unlock_run_dir(run_dir)
     if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def _floating(model):
-    from mlx.utils import tree_flatten
-
-    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
-
-
-def _fmt_val(val: dict) -> str:
-    return f"{fmt_loss(val['loss'])} acc {val['accuracy']:.2f}" if val else "—"
-
-
-def _save(run_dir, model, optimizer, adapter_cfg, step, total_steps, result: PreferenceResult, evals_without_gain):
-    weights = trainable_weights(model)
-    optimizer.init(model.trainable_parameters())  # a no-op after the first update; gives step 0 its state
-    save_adapter(run_dir, weights, adapter_cfg)
-    save_checkpoint(run_dir, step, weights, adapter_cfg, optimizer, {
-        "total_steps": total_steps, "initial_val": result.initial_val, "best_val": result.best_val,
-        "best_step": result.best_step, "evals_without_gain": evals_without_gain})
-
-
-def _save_best(run_dir: Path, model, adapter_cfg: dict) -> None:
-    best = run_dir / BEST_DIR
-    best.mkdir(exist_ok=True)
-    save_adapter(best, trainable_weights(model), adapter_cfg)
 
 
 def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model_config: dict, adapter_cfg: dict,
