@@ -11,7 +11,7 @@ import signal
 
 ENV = "MLXTUNE_FAULT"
 POINTS = ("checkpoint.adapter", "checkpoint.optimizer", "checkpoint.manifest", "checkpoint.rename",
-          "checkpoint.latest", "eval.batch", "fuse.saved", "export.written")
+          "checkpoint.latest", "eval.batch", "train.step", "fuse.saved", "export.written")
 _reached: dict[str, int] = {}
 
 

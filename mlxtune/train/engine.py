@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten
 
 from mlxtune.backend import set_blas_threads
 from mlxtune.errors import RunFailed
+from mlxtune.faults import fault_point
 from mlxtune.runs import BEST_DIR, METRICS_FILE, PLOT_FILE, RESULT_FILE
 from mlxtune.storage import atomic_write_text
 from mlxtune.train.adapters import trainable_weights
@@ -352,6 +353,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
                     if settings.patience and progress.evals_without_gain >= settings.patience:
                         progress.stopped = "early-stopped"
 
+                fault_point("train.step")
                 stopping = parallel.any(stop.signal_name)  # every rank stops at the same step
                 if (step % settings.save_every == 0 or step == run.total_steps or stopping
                         or progress.stopped == "early-stopped"):

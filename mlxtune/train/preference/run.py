@@ -285,6 +285,9 @@ class PairsObjective(Objective):
     def summarise(self, loss_sum: float, count: float, stats) -> dict:
         return summarise(loss_sum, count, stats)
 
+    def rates(self, count: float, seconds: float) -> dict:
+        return {"pairs": int(count)}
+
     def shrink(self, guard, peak: int | None, step: int) -> dict:
         # Pairs come in fixed batches: half the pairs per micro-batch, twice the micro-batches per step.
         event = guard.shrink(self.settings, None, 0, peak, step, fixed_batches=True)
