@@ -9,6 +9,7 @@
       best/                    the adapter with the lowest validation loss so far (BEST_DIR)
       checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR)
       metrics.jsonl, loss.png, result.json
+      verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 RESULT_FILE = "result.json"
+VERIFY_FILE = "verify.json"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
