@@ -513,6 +513,42 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
 
 
+@main.command("verify")
+@click.argument("run_dir", type=click.Path())
+@click.option("--hops", help="Comma-separated hops to check: fused, fused-q8, fused-q4, gguf, ollama, serve [default: all].")
+@click.option("--checkpoint", default="last", show_default=True, help="Adapter the reference uses: last, best or a step number.")
+@click.option("--fused", type=click.Path(), help="A fused model directory to check [default: fuse into a temporary directory].")
+@click.option("--gguf", multiple=True, type=click.Path(), help="GGUF file to check (repeatable) [default: RUN-*.gguf beside the run].")
+@click.option("--ollama", multiple=True, type=click.Path(), help="Ollama folder to check (repeatable) [default: RUN-ollama beside the run].")
+@click.option("--serve", "serve_target", type=click.Path(), help="What the serve hop serves [default: the run].")
+@click.option("--samples", default=4, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
+@click.option("--max-tokens", default=32, show_default=True, type=int, help="Greedy tokens generated per probe.")
+@_json_option
+def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, serve_target, samples, max_tokens, json_mode):
+    """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
+    llama.cpp, the Ollama folder, mlxtune serve) against base + adapter: prompt rendering byte for byte, the
+    end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
+    breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
+
+    \b
+    Examples:
+      mlxtune verify runs/demo
+      mlxtune verify runs/demo --hops fused,gguf --gguf runs/demo-q8_0.gguf --json
+    """
+    from mlxtune.ui import make_console, print_json
+    from mlxtune.verify import print_verify, verify_run
+
+    console = make_console(json_mode)
+    result = verify_run(run_dir, hops=[h.strip() for h in hops.split(",") if h.strip()] if hops else None,
+                        checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama),
+                        serve=serve_target, samples=samples, max_tokens=max_tokens, console=console)
+    if json_mode:
+        print_json(result.to_dict())
+    else:
+        print_verify(console, result)
+    sys.exit(0 if result.ok else 1)
+
+
 @main.command("eval")
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", help="A data file, or a directory (its test split, else valid) [default: the run's data].")

@@ -18,7 +18,7 @@ LAYERS = [
     ("data", ["data"]),
     ("training components", ["train"]),
     ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export",
-                  "eval", "doctor", "data.check"]),
+                  "eval", "doctor", "data.check", "verify"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]
 

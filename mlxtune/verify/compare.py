@@ -67,25 +67,21 @@ def teacher_forced(examples, reference: list[np.ndarray], hop: list[np.ndarray])
             "loss": loss_hop / total, "loss_delta": (loss_hop - loss_reference) / total, "max_logprob_diff": largest}
 
 
-def first_divergence(probe: str, reference, hop, decode) -> dict | None:
-    """None when the hop's greedy reply is the reference's (same tokens, or same text for a text-only hop, and
-    both stop or both run to the limit); else where they part."""
+def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | None]:
+    """The share of the reference's greedy reply the hop reproduces before the two part (1.0: the same reply,
+    ending the same way), and where they part (None when they don't). Tokens where the hop gives them, else text."""
     if reference.tokens is not None and hop.tokens is not None:
-        if reference.tokens == hop.tokens and reference.stopped == hop.stopped:
-            return None
-        position = next((i for i, (a, b) in enumerate(zip(reference.tokens, hop.tokens)) if a != b),
-                        min(len(reference.tokens), len(hop.tokens)))
-        same = decode(reference.tokens[:position])
-        return {"probe": probe, "token": position, "agreed": same[-40:],
-                "reference": decode(reference.tokens[position:position + 8]) + (" ⏹" if reference.stopped and
-                                                                               position >= len(reference.tokens) - 8
-                                                                               else ""),
-                "hop": decode(hop.tokens[position:position + 8]) + (" ⏹" if hop.stopped and
-                                                                   position >= len(hop.tokens) - 8 else "")}
-    if reference.text == hop.text and reference.stopped == hop.stopped:
-        return None
-    position = next((i for i, (a, b) in enumerate(zip(reference.text, hop.text)) if a != b),
-                    min(len(reference.text), len(hop.text)))
-    return {"probe": probe, "char": position, "agreed": reference.text[:position][-40:],
-            "reference": reference.text[position:position + 30] + (" ⏹" if reference.stopped else ""),
-            "hop": hop.text[position:position + 30] + (" ⏹" if hop.stopped else "")}
+        ours, theirs, show = reference.tokens, hop.tokens, decode
+    else:
+        ours, theirs, show = reference.text, hop.text, (lambda piece: piece)
+    if ours == theirs and reference.stopped == hop.stopped:
+        return 1.0, None
+    position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    unit = "token" if show is decode else "char"
+
+    def rest(items, stopped):
+        return show(items[position:position + 8]) + (" ⏹" if stopped and len(items) - position <= 8 else "")
+
+    return position / max(len(ours), len(theirs), 1), {
+        "probe": probe, unit: position, "agreed": show(ours[:position])[-40:],
+        "reference": rest(ours, reference.stopped), "hop": rest(theirs, hop.stopped)}

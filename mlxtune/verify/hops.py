@@ -142,7 +142,7 @@ class LlamaCppHop:
         self.source = str(path)
         self.metadata = _gguf_fields(self.path)
         self.outtype = GGUF_FILE_TYPES.get(self.metadata.get("general.file_type"), "other")
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=2, seed=0,
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, seed=0,
                                    verbose=False)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.template = self.metadata.get("tokenizer.chat_template")
@@ -251,7 +251,8 @@ class OllamaHop(LlamaCppHop):
                              "export the folder again")
         super().__init__(name, gguf_file, n_ctx)
         self.source = str(folder)
-        self.template_name = ("the Modelfile's Go TEMPLATE" if self.modelfile["template"] is not None
+        self.template_name = ("the Modelfile's Go TEMPLATE" + (f" · GGUF: {self.template_name}" if self.template
+                                                                else "") if self.modelfile["template"] is not None
                               else "none (Ollama's default)")
 
     def render(self, probe) -> Rendered:

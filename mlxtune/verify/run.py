@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ from mlxtune.data.template import tokenize_record
 from mlxtune.errors import UsageError
 from mlxtune.runs import VERIFY_FILE, open_run
 from mlxtune.train.checkpoint import atomic_write_text
-from mlxtune.verify.compare import end_of_turn, first_divergence, rendering_difference, teacher_forced
+from mlxtune.verify.compare import end_of_turn, greedy_agreement, rendering_difference, teacher_forced
 from mlxtune.verify.probes import build_probes
 
 HOPS = ("fused", "fused-q8", "fused-q4", "gguf", "ollama", "serve")
@@ -26,10 +27,10 @@ SAMPLES = 4
 # (half precision, 8 and 4 bits) move near-ties, so their greedy replies may part from the reference's.
 THRESHOLDS = {
     "exact": {"agreement": 1.0, "loss_delta": 1e-4, "greedy": 1.0},
-    "f32": {"agreement": 0.99, "loss_delta": 1e-3, "greedy": 0.75},
-    "half": {"agreement": 0.97, "loss_delta": 2e-2, "greedy": 0.5},
-    "q8": {"agreement": 0.95, "loss_delta": 5e-2, "greedy": 0.25},
-    "q4": {"agreement": 0.80, "loss_delta": 0.3, "greedy": 0.0},
+    "f32": {"agreement": 0.99, "loss_delta": 1e-3, "greedy": 0.9},
+    "half": {"agreement": 0.9, "loss_delta": 1e-2, "greedy": 0.3},
+    "q8": {"agreement": 0.9, "loss_delta": 2e-2, "greedy": 0.25},
+    "q4": {"agreement": 0.8, "loss_delta": 0.25, "greedy": 0.1},
 }
 
 
@@ -42,9 +43,10 @@ class HopResult:
     rendering: dict  # {"ok", "detail", "difference"?}
     stopping: dict  # {"ok", "detail"}
     teacher_forced: dict | None
-    greedy: dict  # {"same", "probes", "rate", "first_divergence"}
+    greedy: dict  # {"same": identical replies, "probes", "prefix": mean share agreed before parting, "first_divergence"}
     thresholds: dict
     problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -153,14 +155,14 @@ def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: in
     if rendered and hop.logits([rendered[0].ids[0]]) is not None:
         forced = teacher_forced(reference.examples, reference.logits,
                                 [hop.logits(e.ids.tolist()) for e in reference.examples])
-    same, divergence = 0, None
+    same, shares, divergence = 0, [], None
     for probe, rendering_, expected in zip(reference.probes, rendered, reference.generations):
         kwargs = {"probe": probe} if hop.__class__.__name__ == "ServeHop" else {}
-        generation = hop.greedy(rendering_, max_tokens, **kwargs)
-        parted = first_divergence(probe.name, expected, generation, decode)
+        share, parted = greedy_agreement(probe.name, expected, hop.greedy(rendering_, max_tokens, **kwargs), decode)
         same += parted is None
+        shares.append(share)
         divergence = divergence or parted
-    greedy = {"same": same, "probes": len(rendered), "rate": same / len(rendered) if rendered else 0.0,
+    greedy = {"same": same, "probes": len(rendered), "prefix": sum(shares) / len(shares) if shares else 0.0,
               "first_divergence": divergence}
     thresholds = THRESHOLDS[precision]
     problems = []
@@ -173,8 +175,9 @@ def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: in
             problems.append(f"teacher-forced agreement {forced['agreement']:.1%} < {thresholds['agreement']:.0%}")
         if abs(forced["loss_delta"]) > thresholds["loss_delta"]:
             problems.append(f"loss differs by {forced['loss_delta']:+.2e} (> {thresholds['loss_delta']:g})")
-    if rendered and greedy["rate"] < thresholds["greedy"]:
-        problems.append(f"greedy replies: {same}/{len(rendered)} the same (< {thresholds['greedy']:.0%})")
+    if rendered and greedy["prefix"] < thresholds["greedy"]:
+        problems.append(f"greedy replies agree on {greedy['prefix']:.0%} of their tokens before parting "
+                        f"(< {thresholds['greedy']:.0%})")
     return HopResult(hop.name, hop.source, hop.template_name, precision, rendering, stopping, forced, greedy,
                      thresholds, problems)
 
@@ -243,6 +246,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                 plan.append((name, serve or run.path))
         for name, target in plan:
             say(f"checking {name}")
+            started = time.perf_counter()
             try:
                 if name.startswith("fused"):
                     if target is None:
@@ -262,11 +266,12 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
             except UsageError as exc:
                 results.append(HopResult(name, str(target), "—", "—", {"ok": False, "detail": exc.message},
                                          {"ok": False, "detail": "not loaded"}, None,
-                                         {"same": 0, "probes": 0, "rate": 0.0, "first_divergence": None}, {},
+                                         {"same": 0, "probes": 0, "prefix": 0.0, "first_divergence": None}, {},
                                          [f"could not load: {exc.message}"]))
                 continue
             try:
                 results.append(check_hop(hop, precision, reference, decode, max_tokens))
+                results[-1].seconds = time.perf_counter() - started
             finally:
                 hop.close()
                 if name.startswith("fused") and Path(target).is_relative_to(temp):
