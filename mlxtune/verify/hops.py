@@ -63,9 +63,10 @@ class MlxHop:
         self.source = self.loaded.source
         self.format = prompt_format(self.loaded)
         self.template_kind = template_kind or self.format.kind
-        self.template_name = (describe_template(self.format.template, "the run's template" if
-                                                self.loaded.template_origin == "run" else "the model's chat template")
-                              if self.format.kind == "template" else "none (plain text)")
+        plain = self.format.kind == "text" or (self.loaded.run is None and self.loaded.template is None)
+        self.template_name = "none (plain text)" if plain else describe_template(
+            self.format.template, "the run's template" if self.loaded.template_origin == "run" else
+            "the model's chat template")
         self.tokenizer = self.loaded.tokenizer
 
     def render(self, probe) -> Rendered:

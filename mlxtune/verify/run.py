@@ -229,6 +229,8 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
     ref = MlxHop("reference", run.path, checkpoint)
     reference = _reference(ref, run, samples, max_tokens)
     decode = ref.tokenizer.decode
+    # llama.cpp's context must hold the longest teacher-forced example and the longest prompt plus its reply.
+    context = max([len(e.ids) for e in reference.examples] + [len(r.ids) + max_tokens for r in reference.rendered]) + 8
     results: list[HopResult] = []
     temp = temp_dir("mlxtune-verify-")
     try:
@@ -256,10 +258,10 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                         fuse_run(run.path, target, checkpoint, quantize=name.partition("-q")[2] or "none")
                     hop, precision = MlxHop(name, target), _precision_of_mlx(Path(target))
                 elif name.startswith("gguf"):
-                    hop = LlamaCppHop(name, target)
+                    hop = LlamaCppHop(name, target, context)
                     precision = {"f32": "f32", "q8_0": "q8"}.get(hop.outtype, "half")
                 elif name.startswith("ollama"):
-                    hop = OllamaHop(name, target)
+                    hop = OllamaHop(name, target, context)
                     precision = {"f32": "f32", "q8_0": "q8"}.get(hop.outtype, "half")
                 else:
                     hop, precision = ServeHop(name, target, checkpoint), "exact"
