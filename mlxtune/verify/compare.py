@@ -22,6 +22,9 @@ def end_of_turn(tokenizer, template: str | None) -> dict:
                                          {"role": "assistant", "content": REPLY_MARKER}], template)
     after = with_reply.split(REPLY_MARKER, 1)[1].strip() if REPLY_MARKER in with_reply else ""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # Chat markers are often added tokens flagged special without being listed among the special tokens.
+    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                if getattr(t, "special", False)}
     ids = [t for t in tokenizer.encode(after, add_special_tokens=False) if t in special] if after else []
     return {"text": after, "ids": ids}
 

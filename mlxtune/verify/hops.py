@@ -52,6 +52,8 @@ def describe_template(template: str | None, own: str = "the model's chat templat
 class MlxHop:
     """A model directory or run, loaded and prompted as mlxtune's chat, generate and serve do."""
 
+    gives_logits = True  # teacher-forced checks and forced-stop generation apply
+
     def __init__(self, name: str, model_or_run, checkpoint: str = "last", template_kind: str | None = None):
         from mlxtune.chat import prompt_format
         from mlxtune.runs import open_for_inference
@@ -86,7 +88,7 @@ class MlxHop:
         out = self.loaded.model(mx.array(ids)[None])[0].astype(mx.float32)
         return np.array(out)
 
-    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None) -> Generation:
+    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, probe=None) -> Generation:
         """Greedy tokens through mlx-lm's `stream_generate` (what chat and serve run); `force` biases that token
         to come first, to see whether generation really stops on it."""
         import mlx.core as mx
@@ -130,6 +132,8 @@ GGUF_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
 
 class LlamaCppHop:
     """A GGUF file in llama.cpp, prompted the way llama.cpp's chat completion prompts it."""
+
+    gives_logits = True
 
     def __init__(self, name: str, path: Path, n_ctx: int = 1024):
         try:
@@ -186,7 +190,7 @@ class LlamaCppHop:
         self.llm.eval(ids)
         return np.array(self.llm.scores[:len(ids)], dtype=np.float32)
 
-    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None,
+    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, probe=None,
                stop_strings: list[str] = ()) -> Generation:
         bias = {force: 1e4} if force is not None else None
         self.llm.reset()
@@ -272,12 +276,15 @@ class OllamaHop(LlamaCppHop):
     def stops(self) -> StopSet:
         return StopSet(super().stops().ids, list(self.modelfile["stops"]))
 
-    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, stop_strings=()) -> Generation:
-        return super().greedy(rendered, max_tokens, force, self.modelfile["stops"])
+    def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, probe=None,
+               stop_strings=()) -> Generation:
+        return super().greedy(rendered, max_tokens, force, probe, self.modelfile["stops"])
 
 
 class ServeHop:
     """`mlxtune serve MODEL_OR_RUN` on a free local port: prompts rendered by its request code, answers over HTTP."""
+
+    gives_logits = False  # an HTTP server gives no logits and takes no logit bias; its weights are the run's own
 
     def __init__(self, name: str, model_or_run, checkpoint: str = "last"):
         from mlxtune.serve import make_server
@@ -306,9 +313,6 @@ class ServeHop:
 
     def stops(self) -> StopSet:
         return StopSet(set(self.engine.loaded.tokenizer.eos_token_ids), list(self.format.stops))
-
-    def logits(self, ids):
-        return None  # an HTTP server gives no logits; its weights are the run's own (the reference's)
 
     def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, probe=None) -> Generation:
         port = self.server.server_address[1]

@@ -139,7 +139,7 @@ def _check_stopping(hop, reference: _Reference, rendered: list) -> dict:
         where = f"stop ids {sorted(stops.ids)}" + (f", strings {stops.strings}" if stops.strings else "")
     if not declared:
         return {"ok": False, "detail": f"end of turn {shown} is not in the stop set ({where})"}
-    if not eot["ids"] or not rendered or not hasattr(hop, "greedy") or hop.logits([rendered[0].ids[0]]) is None:
+    if not eot["ids"] or not rendered or not hop.gives_logits:
         return {"ok": True, "detail": f"end of turn {shown} in the stop set ({where})"}
     forced = hop.greedy(rendered[0], 4, force=eot["ids"][-1])
     if not forced.stopped or forced.tokens:
@@ -152,13 +152,13 @@ def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: in
     rendering, rendered = _check_rendering(hop, reference)
     stopping = _check_stopping(hop, reference, rendered) if rendered else {"ok": False, "detail": "not rendered"}
     forced = None
-    if rendered and hop.logits([rendered[0].ids[0]]) is not None:
+    if rendered and hop.gives_logits:
         forced = teacher_forced(reference.examples, reference.logits,
                                 [hop.logits(e.ids.tolist()) for e in reference.examples])
     same, shares, divergence = 0, [], None
     for probe, rendering_, expected in zip(reference.probes, rendered, reference.generations):
-        kwargs = {"probe": probe} if hop.__class__.__name__ == "ServeHop" else {}
-        share, parted = greedy_agreement(probe.name, expected, hop.greedy(rendering_, max_tokens, **kwargs), decode)
+        share, parted = greedy_agreement(probe.name, expected, hop.greedy(rendering_, max_tokens, probe=probe),
+                                         decode)
         same += parted is None
         shares.append(share)
         divergence = divergence or parted
@@ -217,6 +217,9 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
         raise UsageError(f"unknown hop {unknown[0]!r}", f"choose from {', '.join(HOPS)}")
     run = open_run(run_dir)
     run.adapter_dir(checkpoint)
+    for given in [fused, *gguf, *ollama, serve]:
+        if given is not None and not Path(given).exists():
+            raise UsageError(f"not found: {given}", "give an existing fused folder, .gguf file, Ollama folder or run")
     found = exports_beside(run.path)
     gguf_files = [Path(p) for p in gguf] or found["gguf"]
     ollama_dirs = [Path(p) for p in ollama] or found["ollama"]

@@ -217,3 +217,5 @@ def test_unknown_hop_is_a_usage_error(chat_run):
     result = run_cli("verify", chat_run, "--hops", "fused,lmstudio")
     assert result.returncode == 2 and "unknown hop 'lmstudio'" in result.stderr
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
+    result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
+    assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
