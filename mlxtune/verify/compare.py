@@ -75,8 +75,8 @@ def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | 
     ending the same way), and where they part (None when they don't). Tokens where the hop gives them, else text."""
     if reference.tokens is not None and hop.tokens is not None:
         ours, theirs, show = reference.tokens, hop.tokens, decode
-    else:
-        ours, theirs, show = reference.text, hop.text, (lambda piece: piece)
+    else:  # text from a server, which holds back a character cut off by the token limit (U+FFFD): so do we
+        ours, theirs, show = reference.text.rstrip("\ufffd"), hop.text.rstrip("\ufffd"), (lambda piece: piece)
     if ours == theirs and reference.stopped == hop.stopped:
         return 1.0, None
     position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))

@@ -49,6 +49,14 @@ def describe_template(template: str | None, own: str = "the model's chat templat
     return "mlxtune's fallback template" if template == FALLBACK_CHAT_TEMPLATE else own
 
 
+def with_added_bos(tokenizer, text: str, ids: list[int]) -> str:
+    """The text the model is given: a BOS the tokenizer adds in front of a template that doesn't write one counts."""
+    bos = tokenizer.bos_token or ""
+    if bos and ids and ids[0] == tokenizer.bos_token_id and not text.startswith(bos):
+        return bos + text
+    return text
+
+
 class MlxHop:
     """A model directory or run, loaded and prompted as mlxtune's chat, generate and serve do."""
 
@@ -77,7 +85,8 @@ class MlxHop:
         if probe.messages is None:
             return Rendered(probe.text, list(self.tokenizer.encode(probe.text)))
         text = render_chat(self.tokenizer, probe.messages, self.format.template, add_generation_prompt=True)
-        return Rendered(text, encode_messages(self.loaded, probe.messages, self.format))
+        ids = encode_messages(self.loaded, probe.messages, self.format)
+        return Rendered(with_added_bos(self.tokenizer, text, ids), ids)
 
     def stops(self) -> StopSet:
         return StopSet(set(self.tokenizer.eos_token_ids), list(self.format.stops))
@@ -168,12 +177,16 @@ class LlamaCppHop:
             raise UsageError(f"{self.path} has no chat template", "export it again with mlxtune export")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        # What llama-cpp-python does with a GGUF's template: its own Jinja formatter, BOS/EOS from the vocabulary,
-        # the prompt tokenized as is (the template writes its own BOS).
-        formatter = Jinja2ChatFormatter(self.template, eos_token=self.token_text(self.llm.token_eos()),
-                                        bos_token=self.token_text(self.llm.token_bos()))
+        # The GGUF's Jinja template rendered by llama-cpp-python's formatter (BOS/EOS text from the vocabulary), then
+        # llama.cpp's server rule (common/chat.cpp): when the vocabulary adds BOS, a BOS the template wrote is cut
+        # and the tokenizer adds it, so the prompt starts with exactly one.
+        bos = self.token_text(self.llm.token_bos())
+        formatter = Jinja2ChatFormatter(self.template, eos_token=self.token_text(self.llm.token_eos()), bos_token=bos)
         text = formatter(messages=probe.messages).prompt
-        return Rendered(text, self.tokenize(text, False))
+        if not self.llama_cpp.llama_vocab_get_add_bos(self.vocab):
+            return Rendered(text, self.tokenize(text, False))
+        text = text[len(bos):] if bos and text.startswith(bos) else text
+        return Rendered(bos + text, self.tokenize(text, True))
 
     def is_eog(self, token: int) -> bool:
         return bool(self.llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -307,9 +320,10 @@ class ServeHop:
         if probe.messages is None:
             return Rendered(probe.text, self.engine.encode_text(probe.text))
         ids = self.engine.encode_chat(probe.messages)  # the server's own request path
-        text = (render_chat(self.engine.loaded.tokenizer, probe.messages, self.format.template, True)
-                if self.format.kind == "template" else None)
-        return Rendered(text, ids)
+        if self.format.kind != "template":
+            return Rendered(None, ids)
+        text = render_chat(self.engine.loaded.tokenizer, probe.messages, self.format.template, True)
+        return Rendered(with_added_bos(self.engine.loaded.tokenizer, text, ids), ids)
 
     def stops(self) -> StopSet:
         return StopSet(set(self.engine.loaded.tokenizer.eos_token_ids), list(self.format.stops))
