@@ -133,7 +133,8 @@ def test_broken_fuse_and_server_are_caught(chat_run, fused, tmp_path):
     # The CLI says which hop broke what, with the first difference, and exits 1.
     cli = run_cli("verify", chat_run, "--hops", "serve", "--serve", templated, "--samples", 1, "--max-tokens", 4)
     assert cli.returncode == 1, cli.stderr
-    assert "serve: rendering: 5 of 5 prompts differ" in cli.stdout and "first difference at character 1" in cli.stdout
+    assert "serve: rendering: 5 of 5 prompts differ" in cli.stdout, cli.stdout
+    assert "first difference at character 3" in cli.stdout, cli.stdout  # <s>### User: vs <s><|im_start|>
 
 
 def test_broken_gguf_and_ollama_are_caught(chat_run, exports, tmp_path):
