@@ -15,7 +15,8 @@ FIXED_PROBES = {
                    {"role": "assistant", "content": "Of course. What do you need?"},
                    {"role": "user", "content": "Tell me a short story about a cat."}],
     "empty user message": [{"role": "user", "content": ""}],
-    "non-ASCII": [{"role": "user", "content": "Ünïcödé: café, naïve, 中文, 日本語, emoji 😀 — “quotes”?"}],
+    "non-ASCII": [{"role": "user",
+                   "content": "Ünïcödé: café, naïve, 中文, 日本語, emoji 😀 — “quotes”?"}],
 }
 
 

@@ -28,7 +28,8 @@ def print_verify(console, result) -> None:
     for hop in result.hops:
         greedy = hop.greedy
         table.add_row(
-            escape(hop.name), escape(hop.template.replace("mlxtune's fallback template", "fallback")), _mark(hop.rendering["ok"]), _mark(hop.stopping["ok"]),
+            escape(hop.name), escape(hop.template.replace("mlxtune's fallback template", "fallback")),
+            _mark(hop.rendering["ok"]), _mark(hop.stopping["ok"]),
             _teacher_forced(hop),
             (f"{greedy['same']}/{greedy['probes']} same · {greedy['prefix']:.0%}\n"
              f"[dim](≥ {hop.thresholds['greedy']:.0%})[/]") if hop.thresholds else "—",

@@ -43,7 +43,8 @@ class HopResult:
     rendering: dict  # {"ok", "detail", "difference"?}
     stopping: dict  # {"ok", "detail"}
     teacher_forced: dict | None
-    greedy: dict  # {"same": identical replies, "probes", "prefix": mean share agreed before parting, "first_divergence"}
+    # {"same": identical replies, "probes", "prefix": mean share agreed before parting, "first_divergence"}
+    greedy: dict
     thresholds: dict
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
