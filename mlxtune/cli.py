@@ -21,6 +21,7 @@ from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
+from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
 
 EXIT_INTERRUPTED = 130
 DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
@@ -515,14 +516,14 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 
 @main.command("verify")
 @click.argument("run_dir", type=click.Path())
-@click.option("--hops", help="Comma-separated hops to check: fused, fused-q8, fused-q4, gguf, ollama, serve [default: all].")
+@click.option("--hops", help=f"Comma-separated hops to check: {', '.join(HOPS)} [default: all].")
 @click.option("--checkpoint", default="last", show_default=True, help="Adapter the reference uses: last, best or a step number.")
 @click.option("--fused", type=click.Path(), help="A fused model directory to check [default: fuse into a temporary directory].")
 @click.option("--gguf", multiple=True, type=click.Path(), help="GGUF file to check (repeatable) [default: RUN-*.gguf beside the run].")
 @click.option("--ollama", multiple=True, type=click.Path(), help="Ollama folder to check (repeatable) [default: RUN-ollama beside the run].")
 @click.option("--serve", "serve_target", type=click.Path(), help="What the serve hop serves [default: the run].")
-@click.option("--samples", default=4, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
-@click.option("--max-tokens", default=32, show_default=True, type=int, help="Greedy tokens generated per probe.")
+@click.option("--samples", default=SAMPLES, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
+@click.option("--max-tokens", default=MAX_NEW_TOKENS, show_default=True, type=int, help="Greedy tokens generated per probe.")
 @_json_option
 def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, serve_target, samples, max_tokens, json_mode):
     """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
