@@ -168,6 +168,55 @@ def test_broken_gguf_and_ollama_are_caught(chat_run, exports, tmp_path):
     assert _problems(result, "ollama changed").startswith("rendering: 5 of 5 prompts differ")
 
 
+def _chatml_model(out: Path) -> Path:
+    """A random-weight llama whose tokenizer has ChatML's markers as special tokens and <|im_end|> as EOS, like
+    SmolLM2-Instruct; its tokenizer adds a BOS that the template doesn't write."""
+    from mlxtune.synthetic import build_random_model
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 514, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+              "tie_word_embeddings": False}
+    build_random_model(config, out, seed=3, chat_template=CHATML)
+    tokenizer_json = json.loads((out / "tokenizer.json").read_text())
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    for offset, token in enumerate(["<|im_start|>", "<|im_end|>"]):
+        info = {"content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True}
+        tokenizer_json["added_tokens"].append({"id": 512 + offset, **info})
+        tokenizer_config.setdefault("added_tokens_decoder", {})[str(512 + offset)] = info
+    tokenizer_config["eos_token"] = "<|im_end|>"
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return out
+
+
+def test_chatml_end_of_turn_and_bos_reach_every_hop(tmp_path):
+    """A ChatML template (the real-model case): the end of turn is <|im_end|>, and the BOS the tokenizer adds in
+    front of the template reaches llama.cpp and Ollama too (llama.cpp's server rule; Ollama's tokenizer)."""
+    pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
+    from mlxtune.export import export
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.loop import finetune
+    from mlxtune.verify import verify_run
+
+    model = _chatml_model(tmp_path / "chatml")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _chat_records(20)))
+    run_dir = tmp_path / "runs" / "cm"
+    finetune(LoraSettings(model=str(model), data=str(data), out=str(run_dir), iters=3, learning_rate=1e-2,
+                          batch_size=4, max_seq_length=96, eval_every=3, save_every=3, val_batches=1))
+    export(run_dir, "gguf", outtype="f32")
+    export(run_dir, "ollama")
+    result = verify_run(run_dir, hops=["gguf", "ollama", "serve"], **PROBE_OPTIONS)
+    assert result.end_of_turn == {"text": "<|im_end|>", "ids": [513]}
+    assert result.ok, [h.problems for h in result.hops]
+    for hop in result.hops:
+        assert "513" in hop.stopping["detail"] or "<|im_end|>" in hop.stopping["detail"], hop.stopping
+    modelfile = (run_dir.parent / "cm-ollama" / "Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
 GO_PROGRAM = """package main
 import ("encoding/json"; "os"; "text/template")
 func main() {
