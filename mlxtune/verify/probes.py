@@ -49,17 +49,34 @@ def _from_record(record: Record) -> Probe | None:
     return Probe(record.source, prompt, None, messages[last]["content"])
 
 
+def _from_pair(pair) -> Probe | None:
+    """A preference pair's prompt, with its chosen answer as the reference."""
+    if len(pair.chosen) != 1 or not isinstance(pair.chosen[0].get("content"), str) or not pair.chosen[0]["content"]:
+        return None
+    prompt = [{"role": m["role"], "content": m["content"]} for m in pair.prompt]
+    if any(not isinstance(m["content"], str) for m in prompt):
+        return None
+    return Probe(pair.source, prompt, None, pair.chosen[0]["content"])
+
+
+def _held_out(run) -> list[Probe | None]:
+    s = run.settings
+    if run.info.get("objective") in ("dpo", "orpo"):  # a preference run: its held-out pairs' chosen answers
+        from mlxtune.data.preference import read_preference_splits
+
+        splits = read_preference_splits(s.data, s.seed, skip_invalid=True).records
+        return [_from_pair(pair) for pair in splits.get("test") or splits.get("valid") or splits["train"]]
+    held_out = scored_split(None, s.data, s.seed, s.dataset_options().get("keys"))
+    return [_from_record(record) for record in held_out.records]
+
+
 def build_probes(run, samples: int, chat: bool) -> list[Probe]:
     """Up to `samples` held-out records of the run (split as training split them) and, for a run with a chat
     template, the fixed probes."""
-    s = run.settings
-    keys = s.dataset_options().get("keys")
-    held_out = scored_split(None, s.data, s.seed, keys)
     probes = []
-    for record in held_out.records:
+    for probe in _held_out(run):
         if len(probes) == samples:
             break
-        probe = _from_record(record)
         if probe is not None:
             probes.append(probe)
     if chat:
