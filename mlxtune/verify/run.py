@@ -183,6 +183,11 @@ def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: in
                      thresholds, problems)
 
 
+def _unchecked(name: str, source: str, problem: str) -> HopResult:
+    return HopResult(name, source, "—", "—", {"ok": False, "detail": problem}, {"ok": False, "detail": "not checked"},
+                     None, {"same": 0, "probes": 0, "prefix": 0.0, "first_divergence": None}, {}, [problem])
+
+
 def exports_beside(run_path: Path) -> dict[str, list[Path]]:
     """The exports `mlxtune export RUN` writes by default: RUN-<outtype>.gguf and the RUN-ollama folder."""
     name = run_path.name
@@ -233,6 +238,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
     ref = MlxHop("reference", run.path, checkpoint)
     reference = _reference(ref, run, samples, max_tokens)
     decode = ref.tokenizer.decode
+    ref.close()  # only its tokenizer is needed from here: one model in memory at a time
     # llama.cpp's context must hold the longest teacher-forced example and the longest prompt plus its reply.
     context = max([len(e.ids) for e in reference.examples] + [len(r.ids) + max_tokens for r in reference.rendered]) + 8
     results: list[HopResult] = []
@@ -269,14 +275,15 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                     precision = {"f32": "f32", "q8_0": "q8"}.get(hop.outtype, "half")
                 else:
                     hop, precision = ServeHop(name, target, checkpoint), "exact"
-            except UsageError as exc:
-                results.append(HopResult(name, str(target), "—", "—", {"ok": False, "detail": exc.message},
-                                         {"ok": False, "detail": "not loaded"}, None,
-                                         {"same": 0, "probes": 0, "prefix": 0.0, "first_divergence": None}, {},
-                                         [f"could not load: {exc.message}"]))
+            except (UsageError, RuntimeError, ValueError, OSError) as exc:  # not a model this hop can load
+                message = exc.message if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+                results.append(_unchecked(name, str(target), f"could not load: {message}"))
                 continue
             try:
                 results.append(check_hop(hop, precision, reference, decode, max_tokens))
+            except (UsageError, RuntimeError, ValueError, OSError) as exc:  # this hop broke; the others still report
+                results.append(_unchecked(name, hop.source, f"could not check: {type(exc).__name__}: {exc}"))
+            else:
                 results[-1].seconds = time.perf_counter() - started
             finally:
                 hop.close()

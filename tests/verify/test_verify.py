@@ -269,3 +269,9 @@ def test_unknown_hop_is_a_usage_error(chat_run):
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
     result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
     assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
+    bogus = chat_run.parent / "bogus.gguf"
+    bogus.write_text("not a GGUF")
+    result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", bogus, "--json")
+    bogus.unlink()
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and report["hops"][0]["problems"][0].startswith("could not load: "), report
