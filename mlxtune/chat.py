@@ -7,13 +7,14 @@ directory uses its own chat template, or mlxtune's fallback one when it has none
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, render_chat
 from mlxtune.errors import UsageError
-from mlxtune.model_config import text_config
+from mlxtune.model_config import context_length
 from mlxtune.runs import LoadedModel, open_for_inference
 
 # Base models trained on the fallback template tend to continue with the next "### User:" turn: stop there.
@@ -33,6 +34,11 @@ class Sampling:
     seed: int | None = None
 
     def check(self) -> "Sampling":
+        numbers = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                   "repetition_penalty": self.repetition_penalty or 1.0}
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # NaN passes every range check below
+                raise UsageError(f"{name} must be a finite number, got {value}", "e.g. --temp 0.7")
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}", "set --max-tokens")
         if self.temperature < 0:
@@ -45,10 +51,29 @@ class Sampling:
         return self
 
     def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
+        """mlx-lm's sampling steps, with the values passed as arrays. Its samplers are compiled, and a Python number
+        is a compile-time constant there: every new temperature or top_p (a server's clients send many) would compile
+        again — seconds each, and MLX's compile cache keeps every one (tests/test_chat.py checks the tokens match
+        `make_sampler`'s)."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_top_p, categorical_sampling, make_sampler
 
-        # top_p 1.0 means "no nucleus cut"; mlx-lm spells that 0.
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p)
+        if self.temperature == 0:
+            return make_sampler(temp=0.0)
+        temperature = mx.array(self.temperature, dtype=mx.float32)
+        top_p = mx.array(self.top_p, dtype=mx.float32) if 0 < self.top_p < 1 else None  # 1 (or 0): no nucleus cut
+        # mlx-lm's apply_min_p takes math.log(min_p), which an array can't pass inside compile: the same mask here.
+        log_min_p = mx.array(math.log(self.min_p), dtype=mx.float32) if self.min_p > 0 else None
+
+        def sample(logprobs):
+            if top_p is not None:
+                logprobs = apply_top_p(logprobs, top_p)
+            if log_min_p is not None:
+                floor = logprobs.max(axis=-1, keepdims=True) + log_min_p
+                logprobs = mx.where(logprobs < floor, -float("inf"), logprobs)
+            return categorical_sampling(logprobs, temperature)
+
+        return sample
 
     def logits_processors(self):
         from mlx_lm.sample_utils import make_logits_processors
@@ -88,11 +113,7 @@ def prompt_format(loaded: LoadedModel, use_template: bool | None = None) -> Prom
 
 
 def context_window(config: dict) -> int:
-    text = text_config(config)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length"):
-        if isinstance(text.get(key), int) and text[key] > 0:
-            return text[key]
-    return DEFAULT_CONTEXT
+    return context_length(config) or DEFAULT_CONTEXT
 
 
 def encode_messages(loaded: LoadedModel, messages: list[dict], fmt: PromptFormat) -> list[int]:

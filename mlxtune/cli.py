@@ -111,7 +111,7 @@ def _json_option(f):
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
 @click.option("--selective-loss/--full-loss", default=None,
               help="Loss on supervised positions only, never materialising full logits [default: selective].")
-@click.option("--max-seq-length", type=int, help=f"Truncate longer examples (reported) [default: {DEFAULTS.max_seq_length}].")
+@click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: min(2048, the model's context)].")
 @click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
 @click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
 @click.option("--prompt-key", help="Field holding the prompt, e.g. question [default: auto-detected].")
@@ -592,13 +592,18 @@ def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (127.0.0.1: this machine only).")
 @click.option("--port", default=8080, show_default=True, type=int, help="Port; 0 picks a free one.")
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
+@click.option("--api-key", envvar="MLXTUNE_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on every request (for a --host other than loopback).")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1, 100_000),
+              help="Requests waiting for the model beyond this get 503 + Retry-After.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
-def serve(model_or_run, host, port, checkpoint, verbose):
+def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
     """Serve a model or a run (base + adapter) over an OpenAI-compatible API.
 
     /v1/chat/completions (streaming too), /v1/completions and /v1/models, with the run's chat template
-    (or mlxtune's fallback one); requests queue for one generation thread. No authentication: keep the
-    default 127.0.0.1 unless you mean to share the model.
+    (or mlxtune's fallback one); requests queue for one generation thread. On 127.0.0.1 only loopback
+    Host names and application/json POSTs are answered (no web page can reach it); give --api-key when
+    you bind another --host.
 
     \b
     Examples:
@@ -606,16 +611,17 @@ def serve(model_or_run, host, port, checkpoint, verbose):
       curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
            -d '{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}'
     """
-    from mlxtune.serve import make_server
+    from mlxtune.serve import is_loopback, make_server
     from mlxtune.ui import make_console
 
     console = make_console()
     with console.status(f"loading {model_or_run}"):
-        server = make_server(model_or_run, host, port, checkpoint=checkpoint, verbose=verbose)
+        server = make_server(model_or_run, host, port, checkpoint=checkpoint, max_queue=max_queue,
+                             api_key=api_key or None, verbose=verbose)
     bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback(host) and not server.api_key:
         console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can use the "
-                      "model (no authentication)")
+                      "model (no --api-key)")
     console.print(f"serving [bold]{server.model_id}[/] ({server.source}) at http://{bound_host}:{bound_port}/v1 · "
                   f"chat format: {server.chat_format.description} · Ctrl-C stops", highlight=False)
     sys.stdout.flush()
@@ -628,10 +634,11 @@ def serve(model_or_run, host, port, checkpoint, verbose):
 
 @main.command()
 @click.argument("reference")
-@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES), default=DEFAULT_QUANTIZE, show_default=True,
-              help="Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them.")
+@click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES),
+              help=f"Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them [default: {DEFAULT_QUANTIZE}; "
+                   "GGUF: Q4_0/Q4_1/Q8_0 kept exactly, floats kept, K-quants to 8].")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=str(DEFAULT_GROUP_SIZE), show_default=True,
-              help="Weights per quantization group (smaller = more accurate, larger file).")
+              help="Weights per quantization group (smaller = more accurate, larger file; GGUF imports use 32).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="Precision of unquantized tensors [default: the model's].")
 @click.option("--revision", help="Hub branch, tag or commit.")
 @click.option("--name", help="Library name, a plain name like my-model-4bit [default: <repo name>-<quantization>].")
@@ -639,22 +646,30 @@ def serve(model_or_run, host, port, checkpoint, verbose):
 @click.option("--force", is_flag=True, help="Convert again / replace the entry of that name (the old one stays until the new one is complete).")
 @_json_option
 def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_code, force, json_mode):
-    """Download a model from the Hugging Face hub (or take a local directory), convert it to MLX,
-    quantize it, and keep it in the model library.
+    """Download a model from the Hugging Face hub (or take a local directory, a GGUF file, or a model from
+    Ollama's or LM Studio's store), convert it to MLX, quantize it, and keep it in the model library.
 
     \b
     Examples:
       mlxtune pull Qwen/Qwen2.5-0.5B-Instruct               # 4-bit, group size 64
       mlxtune pull Qwen/Qwen2.5-0.5B-Instruct -q 8 --group-size 32
       mlxtune pull ./my-hf-model --quantize none --dtype bf16
+      mlxtune pull ./SmolLM2-135M-Instruct.Q4_1.gguf        # GGUF (llama.cpp)
+      mlxtune pull ollama:llama3.2:1b                       # Ollama's store
+      mlxtune pull lmstudio:bartowski/Qwen2.5-0.5B-Instruct-GGUF
     Then: mlxtune lora --model Qwen2.5-0.5B-Instruct-4bit --data ./data
     """
     from mlxtune.hub import pull as pull_model
+    from mlxtune.importers import is_gguf_reference, pull_gguf
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
     console = make_console(json_mode)
-    entry = pull_model(reference, quantize=quantize, group_size=int(group_size), dtype=dtype, revision=revision,
-                       trust_remote_code=trust_remote_code, name=name, force=force, console=console)
+    if is_gguf_reference(reference):
+        entry = pull_gguf(reference, quantize=quantize, name=name, force=force, console=console)
+    else:
+        entry = pull_model(reference, quantize=quantize or DEFAULT_QUANTIZE, group_size=int(group_size), dtype=dtype,
+                           revision=revision, trust_remote_code=trust_remote_code, name=name, force=force,
+                           console=console)
     if json_mode:
         print_json(entry.to_dict())
     else:
@@ -711,9 +726,10 @@ def models_info(name, json_mode):
 
 @models.command("rm")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="Remove it even when runs in ./runs were trained on it.")
 @_json_option
-def models_rm(name, json_mode):
-    """Delete a model from the library.
+def models_rm(name, force, json_mode):
+    """Delete a model from the library (refused while a run trains on it, or when runs in ./runs use it).
 
     \b
     Example:
@@ -722,7 +738,7 @@ def models_rm(name, json_mode):
     from mlxtune.library import remove_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
-    entry = remove_model(name)
+    entry = remove_model(name, force=force)
     if json_mode:
         print_json({"removed": entry.name, "freed_bytes": entry.size_bytes})
     else:
@@ -757,6 +773,7 @@ def doctor(no_measure, json_mode):
         ("metal", "yes · recommended working set "
                   f"{report['metal'].get('recommended_working_set_gb', 0):.1f} GB" if report["metal"]["available"]
          else "no (CPU backend)"),
+        ("quantized layers", report["quantized_layers"]),
         ("blas", f"{blas['library'] or 'MLX built-in'} — {blas['status']}"
                  + (f" (kernel {blas['openblas_coretype']})" if blas["openblas_coretype"] else "")),
     ]
@@ -785,7 +802,7 @@ def data():
 @click.argument("path", type=click.Path())
 @click.option("--model", help="Measure in this model's tokens and render with its chat template.")
 @click.option("--show", default=0, show_default=True, type=int, help="Print N rendered examples, supervised part highlighted.")
-@click.option("--max-seq-length", default=DEFAULTS.max_seq_length, show_default=True, type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop.")
+@click.option("--max-seq-length", type=int, help="Warn about examples longer than this, with the supervised tokens truncation would drop [default: min(2048, the model's context)].")
 @click.option("--train-on-prompt", is_flag=True, help="Measure as if the prompt were trained on too.")
 @click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
 @click.option("--prompt-key", help="Field holding the prompt [default: auto-detected].")
@@ -817,7 +834,7 @@ def data_check(path, model, show, max_seq_length, train_on_prompt, chat_template
     if json_mode:
         print_json(report.to_dict())
     else:
-        print_data_report(make_console(), report, max_seq_length)
+        print_data_report(make_console(), report, report.max_seq_length)
     sys.exit(0 if report.ok and not (strict and report.warnings) else 1)
 
 

@@ -95,6 +95,9 @@ def diagnose(measure: bool = True) -> dict:
 
     budget, source = machine_budget()
     report["memory_budget_gb"], report["memory_budget_source"] = budget / 1e9, source
+    from mlxtune.cpu_quantized import policy
+
+    report["quantized_layers"] = policy(budget)
     if measure:
         report["matmul_gflops"] = measure_matmul_gflops()
     return report

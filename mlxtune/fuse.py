@@ -23,15 +23,16 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.train.evaluate import validation_loss
-from mlxtune.library import base_source
+from mlxtune.library import base_source, models_in_use
 from mlxtune.faults import fault_point
 from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config_dtype, directory_size, read_config,
                                   weight_bytes, without_quantization)
 from mlxtune.models import load_model
 from mlxtune.train.loss import Loss
-from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, open_for_inference, open_run
+from mlxtune.runs import METRICS_FILE, TEMPLATE_FILE, Run, check_output, open_for_inference, open_run
 from mlxtune.train.metrics import read_metrics
-from mlxtune.storage import check_free_space, check_writable, clean_stale, staging_path, swap_in, translate
+from mlxtune.storage import (atomic_write_text, check_free_space, check_writable, clean_stale, staging_path, swap_in,
+                             translate)
 from mlxtune.ui import GB, quiet_stdout
 
 CHECK_EXAMPLES = 16
@@ -187,6 +188,7 @@ def fuse_run(run_dir: str | Path, out: str | Path, checkpoint: str = "last", qua
     group_size = group_size or base_quantization.get("group_size") or DEFAULT_GROUP_SIZE
     quantize = check_quantization(quantize, group_size)  # before any model is loaded
     out = Path(out)
+    check_output(out, run=run.path, base_model=run.base_model, library_entries=models_in_use())
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"output directory {out} already exists", "choose another --out or pass --overwrite")
     run.adapter_dir(checkpoint)  # an unknown checkpoint fails before any model is loaded
@@ -303,10 +305,10 @@ def _final_losses(run: Run) -> dict:
 def _write_extras(out: Path, run: Run, checkpoint: str, result: FuseResult) -> None:
     """What inference needs beyond weights: the template training used, and a model card with the facts."""
     if run.chat_template:
-        (out / TEMPLATE_FILE).write_text(run.chat_template, encoding="utf-8")
-    (out / REPORT_FILE).write_text(json.dumps({"run": str(run.path), "checkpoint": checkpoint,
-                                               **result.to_dict()}, indent=2) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(model_card(run, checkpoint, result), encoding="utf-8")
+        atomic_write_text(out / TEMPLATE_FILE, run.chat_template)
+    atomic_write_text(out / REPORT_FILE, json.dumps({"run": str(run.path), "checkpoint": checkpoint,
+                                                     **result.to_dict()}, indent=2) + "\n")
+    atomic_write_text(out / "README.md", model_card(run, checkpoint, result))
 
 
 def loss_label(result: FuseResult) -> str:

@@ -109,7 +109,7 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     local = Path(str(reference)).expanduser()
     if name is not None and (local.exists() or HUB_ID.match(str(reference))):
         # Before any download or conversion: is this name taken by something else?
-        existing = _existing_entry(library_dir() / name, str(local.resolve()) if local.exists() else str(reference),
+        existing = existing_entry(library_dir() / name, str(local.resolve()) if local.exists() else str(reference),
                                    force, console)
         if existing is not None:
             return existing
@@ -140,7 +140,7 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     name = check_entry_name(name) if name is not None else entry_name(Path(source).name, quantize, group_size,
                                                                       target_dtype)
     dest = library_dir() / name
-    existing = _existing_entry(dest, source, force, console)
+    existing = existing_entry(dest, source, force, console)
     if existing is not None:
         return existing
 
@@ -154,20 +154,26 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
             else:
                 with console.status(f"converting {source} to MLX ({'not quantized' if quantize == 'none' else quantize + '-bit'})"):
                     _convert(source_dir, staging, quantize, group_size, target_dtype, trust_remote_code)
-            entry = _describe(staging, name, source, revision, architecture)
+            entry = describe_entry(staging, name, source, revision, architecture)
         except Exception as exc:
-            if translate(exc, dest) is not None:
-                raise
             # Weights that don't load (cut-off download, wrong shapes, not safetensors): the input's fault.
-            raise UsageError(f"could not convert {source}: {type(exc).__name__}: {exc}".splitlines()[0],
-                             "its weight files may be incomplete or corrupt; download it again or check the "
-                             "directory (the library is unchanged)") from None
+            raise input_fault(exc, dest, f"could not convert {source}",
+                              "its weight files may be incomplete or corrupt; download it again or check the "
+                              "directory (the library is unchanged)") from None
         write_entry(staging, entry)
     entry.path = str(dest)
     return entry
 
 
-def _existing_entry(dest: Path, source: str, force: bool, console) -> ModelEntry | None:
+def input_fault(exc: Exception, dest: Path, message: str, hint: str) -> Exception:
+    """What a failed conversion into `dest` raises: a storage failure as it is (disk full, …), our own UsageError
+    as it is, anything else as the input's fault, one line."""
+    if isinstance(exc, UsageError) or translate(exc, dest) is not None:
+        return exc
+    return UsageError(f"{message}: {type(exc).__name__}: {exc}".splitlines()[0], hint)
+
+
+def existing_entry(dest: Path, source: str, force: bool, console) -> ModelEntry | None:
     """The entry at `dest` when it already holds `source` (nothing to do); a UsageError when it holds something
     else and `force` is off; None when `dest` is free or may be replaced."""
     clean_stale(dest)  # a killed pull's staging copy; an old entry a killed swap had moved aside is put back
@@ -208,7 +214,7 @@ def _link_tree(source: Path, dest: Path) -> None:
                 shutil.copy2(real, dest / item.name)
 
 
-def _describe(path: Path, name: str, source: str, revision: str | None, architecture: str) -> ModelEntry:
+def describe_entry(path: Path, name: str, source: str, revision: str | None, architecture: str) -> ModelEntry:
     from mlx_lm.utils import get_total_parameters, load_model
 
     model, config = load_model(path, lazy=True)

@@ -5,7 +5,9 @@ that says where it came from. Listing, finding, removing and describing entries;
 from __future__ import annotations
 
 import difflib
+import fcntl
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -70,7 +72,9 @@ def read_entry(path: Path) -> ModelEntry | None:
 
 
 def write_entry(path: Path, entry: ModelEntry) -> None:
-    (Path(path) / METADATA).write_text(json.dumps(entry.to_dict(), indent=2) + "\n", encoding="utf-8")
+    from mlxtune.storage import atomic_write_text
+
+    atomic_write_text(Path(path) / METADATA, json.dumps(entry.to_dict(), indent=2) + "\n")
 
 
 def list_models() -> list[ModelEntry]:
@@ -107,9 +111,77 @@ def check_entry_name(name: str) -> str:
     return name
 
 
-def remove_model(name: str) -> ModelEntry:
+def models_in_use() -> list[Path]:
+    """The library's entries: an output (fuse, export) that is, holds or lies in one would destroy a model that runs
+    and other commands read."""
+    root = library_dir()
+    return [p for p in root.iterdir() if not p.name.startswith(".")] if root.is_dir() else []
+
+
+_held_models: dict[Path, int] = {}  # model directories this process trains on (shared locks, until it exits)
+
+
+def hold_model(path: Path) -> None:
+    """Take a shared lock on the model directory a run trains on: `models rm` refuses it while the lock is held.
+    The kernel drops the lock when the process ends, however it ends."""
+    key = Path(path).resolve()
+    if key in _held_models or not key.is_dir():
+        return
+    fd = os.open(key, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # a removal holds it right now (or the file system has no locks): train without the guard
+        os.close(fd)
+        return
+    _held_models[key] = fd
+
+
+def _in_training(path: Path) -> bool:
+    """Whether a process holds `hold_model`'s shared lock on `path`."""
+    if Path(path).resolve() in _held_models:
+        return True
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def runs_using(path: Path, runs_dir: Path = Path("runs")) -> list[Path]:
+    """The run directories in `runs_dir` (./runs, where runs go by default) trained on the model at `path`."""
+    from mlxtune.runs import RUN_FILE  # the run layout is runs.py's (which sits above the library)
+
+    target = Path(path).resolve()
+    found = []
+    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            base = json.loads((run / RUN_FILE).read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and Path(base).resolve() == target:
+            found.append(run)
+    return found
+
+
+def remove_model(name: str, force: bool = False) -> ModelEntry:
+    """Delete a library entry; refused while a run trains on it, or (unless `force`) when runs in ./runs use it."""
     entry = require_entry(name)
     path = library_dir() / name
+    if _in_training(path):
+        raise UsageError(f"model {name!r} is in use by a training run",
+                         f"wait for the run to finish (or stop it), then: mlxtune models rm {name}")
+    users = runs_using(path)
+    if users and not force:
+        listed = ", ".join(str(r) for r in users[:3]) + (", ..." if len(users) > 3 else "")
+        raise UsageError(f"model {name!r} is the base of {len(users)} run(s) in ./runs ({listed}); without it they "
+                         "can't be resumed, fused, exported or chatted with",
+                         f"fuse what you need first (mlxtune fuse RUN --out fused/NAME), or remove it anyway: "
+                         f"mlxtune models rm {name} --force")
     if path.is_symlink():  # an entry linked in from elsewhere: remove the link, never what it points at
         path.unlink()
     else:

@@ -20,16 +20,14 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
-from mlxtune.model_config import head_dim, read_config, text_config
+from mlxtune.model_config import head_dim, read_config, read_safetensors_header, text_config
 from mlxtune.ui import GB  # the one unit shown to users: 10^9 bytes
 
 LARGEST_BUDGET = 2048 * GB  # beyond any Mac: a typo, not a budget
@@ -102,15 +100,6 @@ def machine_budget() -> tuple[int, str]:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """name → {"dtype", "shape"} from a .safetensors file's JSON header (a few KB; no tensor is read)."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
 
 
 @dataclass
@@ -374,3 +363,14 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
     return {"inference_bytes": inference_bytes(facts, context, on_cpu), "lora_bytes": lora.total,
             "assumptions": {"context": context, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
                             "device": "cpu" if on_cpu else "gpu"}}
+
+
+# ------------------------------------------------------------------------- quantized bases on the CPU backend
+
+DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
+
+
+def quantized_path(float_bytes: int, budget: int) -> str:
+    """How a quantized base computes on the CPU backend: `load` (float copies of its weights, dequantized once)
+    when they fit in a quarter of the budget, else `call` (each layer dequantized as it computes, then freed)."""
+    return "load" if float_bytes <= DEQUANTIZED_COPY_SHARE * budget else "call"

@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import json
 import pkgutil
+import re
 import struct
 from pathlib import Path
 
@@ -21,14 +22,94 @@ QUANTIZE_CHOICES = ("4", "8", "none")
 GROUP_SIZES = (32, 64, 128)
 DTYPES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 DTYPE_TAGS = {v: k for k, v in DTYPES.items()}
+DEFAULT_MAX_SEQ_LENGTH = 2048  # the default --max-seq-length, unless the model's context is shorter
+# A safetensors JSON header describes tensors in a few KB (a 70B model's: ~100 KB); a length past this is a file
+# that isn't safetensors (a pickle renamed, random bytes) or is damaged, and is refused before anything is read.
+MAX_SAFETENSORS_HEADER = 100_000_000
+MODEL_TYPE = re.compile(r"[a-z][a-z0-9_]*")  # a module name of mlx_lm.models: no path, no dunder
+CONTEXT_KEYS = ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length", "max_sequence_length")
 
 
 def read_config(path: Path) -> dict:
     config = Path(path) / "config.json"
+    hint = "re-download or fix the model's config.json"
     try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{config}: invalid JSON ({exc})", "re-download or fix the model's config.json") from None
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UsageError(f"{config}: invalid JSON ({str(exc).splitlines()[0][:200]})", hint) from None
+    except FileNotFoundError:
+        raise UsageError(f"no config.json in {path}", "point --model at a Hugging Face or MLX model directory") from None
+    except IsADirectoryError:
+        raise UsageError(f"{config} is a directory, not a file", hint) from None
+    if not isinstance(values, dict) or not isinstance(values.get("text_config") or {}, dict):
+        raise UsageError(f"{config}: expected a JSON object of settings, got {type(values).__name__}", hint)
+    return values
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """name → {"dtype", "shape", ...} from a .safetensors file's JSON header (no tensor is read); a file that isn't
+    safetensors (a pickle renamed, a header length past the file, bad JSON) is a one-line UsageError."""
+    path = Path(path)
+    hint = "re-download the model; mlxtune reads only safetensors weights (never pickles)"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise UsageError(f"{path}: not a safetensors file ({size} bytes, too short for a header)", hint)
+            (length,) = struct.unpack("<Q", prefix)  # safetensors: 8-byte little-endian header length
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise UsageError(f"{path}: not a safetensors file (header length {length:,} for a file of "
+                                 f"{size:,} bytes)", hint)
+            header = json.loads(handle.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UsageError(f"{path}: not a safetensors file (its header is not JSON)", hint) from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a safetensors file", hint) from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    if tensors is None or not all(isinstance(v, dict) and isinstance(v.get("dtype"), str)
+                                  and isinstance(v.get("shape"), list)
+                                  and all(isinstance(n, int) and n >= 0 for n in v["shape"])
+                                  for v in tensors.values()):
+        raise UsageError(f"{path}: not a safetensors file (its header doesn't describe tensors)", hint)
+    return tensors
+
+
+def check_weights_match(path: Path, config: dict) -> None:
+    """The config's block count against the weights' (read from the headers, before anything loads): a config.json
+    claiming more blocks than the weights hold would otherwise be planned, and built, at its claimed size."""
+    path = Path(path)
+    text = text_config(config)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        value = text.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{path / 'config.json'}: {key} must be a whole number of at least 1, got {value!r}",
+                             "fix or re-download the model's config.json")
+    blocks = set()
+    for file in sorted(path.glob("*.safetensors")):
+        for name in read_safetensors_header(file):
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if match:
+                blocks.add(int(match.group(1)))
+    claimed = text.get("num_hidden_layers")
+    if blocks and isinstance(claimed, int) and claimed > len(blocks):
+        raise UsageError(f"{path / 'config.json'} says num_hidden_layers {claimed:,}, but the weights hold "
+                         f"{len(blocks):,} blocks", "fix num_hidden_layers in config.json, or re-download the model")
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context window (max_position_embeddings or its other names), None when the config has none."""
+    text = text_config(config)
+    for key in CONTEXT_KEYS:
+        value = text.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def max_seq_length_for(config: dict) -> int:
+    """The default --max-seq-length for a model: 2048, or its context window when that is shorter."""
+    return min(DEFAULT_MAX_SEQ_LENGTH, context_length(config) or DEFAULT_MAX_SEQ_LENGTH)
 
 
 def check_model_dir(path: Path) -> Path:
@@ -85,11 +166,8 @@ def weights_dtype(path: Path, config: dict) -> str:
     """The floating dtype stored in the weights (read from the safetensors headers, not the config's claim)."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     for file in sorted(Path(path).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))  # safetensors: 8-byte little-endian header length
-            header = json.loads(f.read(length))
-        for key, meta in header.items():
-            if key != "__metadata__" and meta["dtype"] in names and not key.endswith((".scales", ".biases")):
+        for key, meta in read_safetensors_header(file).items():
+            if meta["dtype"] in names and not key.endswith((".scales", ".biases")):
                 return names[meta["dtype"]]
     return config_dtype(config)
 
@@ -127,6 +205,9 @@ def check_architecture(config: dict, where: Path) -> str:
     model_type = config.get("model_type")
     if not model_type:
         raise UsageError(f"{where / 'config.json'}: no model_type", "is this a causal language model directory?")
+    if not isinstance(model_type, str) or not MODEL_TYPE.fullmatch(model_type):
+        raise UsageError(f"{where / 'config.json'}: model_type {model_type!r} is not an architecture name",
+                         "it names an mlx-lm model module, like llama or qwen2; fix or re-download config.json")
     module = MODEL_REMAPPING.get(model_type, model_type)
     if importlib.util.find_spec(f"mlx_lm.models.{module}") is None:
         close = difflib.get_close_matches(model_type, supported_architectures(), n=4, cutoff=0.5)

@@ -15,7 +15,7 @@ from mlxtune.errors import UsageError
 from mlxtune.storage import environment_error
 from mlxtune.hub import is_hub_id, pull
 from mlxtune.library import find_entry, list_models
-from mlxtune.model_config import check_architecture, check_model_dir, read_config
+from mlxtune.model_config import check_architecture, check_model_dir, check_weights_match, read_config
 
 # The base model `mlxtune lora` uses when no --model is given: a small instruct model whose 4-bit QLoRA fits
 # an 8 GB Mac with room for batch 4 x 1024 tokens (see configs/mac-8gb-qwen2.5-1.5b-qlora.yaml).
@@ -54,7 +54,9 @@ def load_model(path: Path, adapter_path: Path | None = None):
     from mlxtune.backend import check_blas
 
     check_blas()
-    check_architecture(read_config(path), Path(path))
+    config = read_config(path)
+    check_architecture(config, Path(path))
+    check_weights_match(path, config)  # a config claiming 10^6 blocks is refused, not built until memory runs out
     try:
         model, tokenizer, config = load(str(path), return_config=True,
                                         adapter_path=str(adapter_path) if adapter_path else None)

@@ -14,3 +14,16 @@ def cache_dir(kind: str) -> Path:
     path = mlxtune_home() / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def ollama_models_dir() -> Path:
+    """Ollama's local store (`OLLAMA_MODELS`, default `~/.ollama/models`): manifests/ and blobs/."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
+
+
+def lmstudio_models_dir() -> Path:
+    """LM Studio's models folder: `~/.lmstudio/models` (LM Studio 0.3+), else the older `~/.cache/lm-studio/models`."""
+    for path in (Path.home() / ".lmstudio" / "models", Path.home() / ".cache" / "lm-studio" / "models"):
+        if path.is_dir():
+            return path
+    return Path.home() / ".lmstudio" / "models"

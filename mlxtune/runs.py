@@ -10,11 +10,16 @@
       checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR)
       metrics.jsonl, loss.png, result.json
       verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
+      .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
+                               is ever reset, and then only of the files above
+      .lock                    the writer's lock (train/recovery.py)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,11 @@ VERIFY_FILE = "verify.json"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
+RUN_MARKER = ".mlxtune-run"  # proof that mlxtune created the directory (a folder of the user's is never reset)
+# What each entry of the layout must be when present: anything else is a one-line error, not a traceback.
+LAYOUT_FILES = (CONFIG_FILE, RUN_FILE, METRICS_FILE, RESULT_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TEMPLATE_FILE,
+                f"{CHECKPOINTS_DIR}/{LATEST_POINTER}")
+LAYOUT_DIRS = (BEST_DIR, CHECKPOINTS_DIR)
 
 
 def checkpoint_name(step: int) -> str:
@@ -86,15 +96,95 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / RUN_FILE).is_file()
 
 
+def mark_run_dir(path: Path) -> None:
+    """Say that mlxtune created `path` (a new file: a link or file planted under the marker's name is an error)."""
+    from mlxtune.storage import create_file  # storage reads this layout for its disk-full hint
+
+    try:
+        create_file(Path(path) / RUN_MARKER, "created by mlxtune: this folder may be reset while nothing is trained\n")
+    except FileExistsError:
+        if not is_marked(path):  # a link or folder planted under the marker's name: not ours
+            raise UsageError(f"{Path(path) / RUN_MARKER} is not mlxtune's marker (a link or a folder)",
+                             "choose a new or empty --out folder") from None
+
+
+def is_marked(path: Path) -> bool:
+    """Whether mlxtune created `path`: its marker is a plain file (not a link someone planted)."""
+    try:
+        return stat.S_ISREG(os.lstat(Path(path) / RUN_MARKER).st_mode)
+    except OSError:
+        return False
+
+
+def check_layout(path: Path) -> None:
+    """A UsageError (one line, with what to do) when an entry of the run's layout is the wrong kind of thing:
+    a folder named metrics.jsonl, a file named checkpoints, config.yaml as a link out of the run..."""
+    path = Path(path)
+    for name in LAYOUT_FILES + LAYOUT_DIRS:
+        entry = path / name
+        if not (entry.exists() or entry.is_symlink()):
+            continue
+        want_dir = name in LAYOUT_DIRS
+        if entry.is_symlink() and not entry.resolve().is_relative_to(path.resolve()):
+            problem = f"a link to {entry.resolve()}, outside the run"
+        elif want_dir and not entry.is_dir():
+            problem = "not a folder"
+        elif not want_dir and not entry.is_file():
+            problem = "not a file" if entry.exists() else "a broken link"
+        else:
+            continue
+        raise UsageError(f"{entry} is {problem}: this run directory is damaged",
+                         f"move {entry} away (mlxtune writes it{' as a folder' if want_dir else ''}), then run again")
+
+
+def read_run_settings(path: Path, cls=LoraSettings):
+    """The run's config.yaml as settings; a file that isn't text is a one-line error, not a traceback."""
+    try:
+        return load_run_settings(path, cls)
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise UsageError(f"{path} is not a readable settings file ({type(exc).__name__})",
+                         "restore it from a backup, or start a new run with --out") from None
+
+
 def open_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"run directory not found: {path}", "give the directory `mlxtune lora` wrote (runs/<name>)")
+    check_layout(path)
     if not is_run_dir(path):
         raise UsageError(f"{path} is not an mlxtune run (no {CONFIG_FILE}/{RUN_FILE})",
                          "give the directory `mlxtune lora` wrote")
-    info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
-    return Run(path.resolve(), load_run_settings(path / CONFIG_FILE), info)
+    try:
+        info = json.loads((path / RUN_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path / RUN_FILE} is damaged ({type(exc).__name__})",
+                         "restore it from a backup; the checkpoints and config.yaml are unaffected") from None
+    if not isinstance(info, dict):
+        raise UsageError(f"{path / RUN_FILE} is damaged (not a JSON object)", "restore it from a backup")
+    return Run(path.resolve(), read_run_settings(path / CONFIG_FILE), info)
+
+
+def check_output(out: str | Path, *, run: str | Path | None = None, base_model: str | Path | None = None,
+                 library_entries=()) -> None:
+    """Refuse an output that is, contains or lies inside what the command reads: the run, its base model, or a
+    library model in use. With --overwrite such an output would delete its own input (or every run beside it)."""
+    target = Path(out).expanduser().resolve()
+    protected = [("the run", run), ("its base model", base_model)]
+    protected += [("the library model", entry) for entry in library_entries]
+    for what, path in protected:
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if target == path:
+            relation = "is"
+        elif path.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(path):
+            relation = "lies inside"
+        else:
+            continue
+        raise UsageError(f"--out {out} {relation} {what} {path}: writing it would destroy what it is made from",
+                         "choose an --out outside it, e.g. --out fused/NAME")
 
 
 @dataclass

@@ -21,6 +21,33 @@ METHODS = ("lora", "dora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TARGETS = ("wandb",)
 
+# The largest value each setting can sensibly take. Past these a run never finishes (a step of 10^14
+# micro-batches), overflows MLX's integers (`std::bad_cast` at --iters 1e21) or asks for more than any machine has;
+# each is refused with its flag named. rank is also bounded by the model's hidden size (`fit_model`).
+UPPER_BOUNDS = {
+    "iters": 10**7,
+    "warmup_steps": 10**7,
+    "epochs": 10**4,
+    "rank": 4096,
+    "alpha": 10**6,
+    "layers": 10**4,
+    "batch_size": 2**16,
+    "batch_tokens": 2**24,
+    "grad_accumulation": 1024,
+    "max_seq_length": 2**20,
+    "eval_every": 10**7,
+    "save_every": 10**7,
+    "report_every": 10**7,
+    "val_batches": 10**7,
+    "patience": 10**6,
+    "weight_decay": 10.0,
+    "grad_clip": 10**6,
+    "min_delta": 10**6,
+    "threads": 4096,
+    "cache_limit_gb": 10**4,  # 10 TB
+    "beta": 10**4,  # dpo/orpo
+}
+
 
 @dataclass
 class LoraSettings:
@@ -48,7 +75,7 @@ class LoraSettings:
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
     selective_loss: bool = True  # head + cross-entropy on supervised positions only (falls back when unsupported)
-    max_seq_length: int = 2048
+    max_seq_length: int | None = None  # None = min(2048, the model's context window), resolved by fit_model
     train_on_prompt: bool = False
     drop_long: bool = False  # drop (instead of truncate) examples over max_seq_length
     prompt_key: str | None = None  # custom prompt/completion field names, e.g. question/answer
@@ -78,6 +105,7 @@ class LoraSettings:
 
     def dataset_options(self) -> dict:
         """The keyword arguments of `load_datasets` these settings imply."""
+        assert self.max_seq_length is not None, "max_seq_length is resolved from the model: call fit_model first"
         return {"max_seq_length": self.max_seq_length, "train_on_prompt": self.train_on_prompt,
                 "chat_template": self.chat_template, "seed": self.seed, "drop_long": self.drop_long,
                 "keys": self.record_keys}
@@ -92,11 +120,12 @@ class LoraSettings:
             "rank": self.rank,
             "batch_size": self.batch_size,
             "grad_accumulation": self.grad_accumulation,
-            "max_seq_length": self.max_seq_length,
             "eval_every": self.eval_every,
             "save_every": self.save_every,
             "report_every": self.report_every,
         }
+        if self.max_seq_length is not None:  # None: resolved from the model (fit_model)
+            positive["max_seq_length"] = self.max_seq_length
         for name, value in positive.items():
             if value is None or value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}", f"set --{name.replace('_', '-')}")
@@ -145,10 +174,38 @@ class LoraSettings:
         if self.learning_rate > 1:
             raise UsageError(f"learning_rate {self.learning_rate:g} is far too large (above 1)",
                              "LoRA learning rates are around 1e-4 to 1e-3: set --learning-rate 2e-4")
+        _check_upper_bounds(self)
+        return self
+
+    def fit_model(self, model_path: str | Path) -> "LoraSettings":
+        """The settings that depend on the model, from its files before anything loads: max_seq_length (when not
+        given) becomes min(2048, its context window), rank may not pass its hidden size, and its config.json must
+        describe its weights."""
+        from mlxtune.model_config import check_weights_match, max_seq_length_for, read_config, text_config
+
+        config = read_config(Path(model_path))
+        check_weights_match(Path(model_path), config)
+        if self.max_seq_length is None:
+            self.max_seq_length = max_seq_length_for(config)
+        hidden = text_config(config).get("hidden_size")
+        if self.method != "full" and isinstance(hidden, int) and self.rank > hidden:
+            raise UsageError(f"rank {self.rank} is larger than the model's hidden size ({hidden})",
+                             f"set --rank {min(hidden, 8)} or less (a rank past the width adds nothing; 8 to 64 "
+                             "is usual)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_upper_bounds(settings) -> None:
+    """Every bounded setting at most its UPPER_BOUNDS value (the types and lower bounds were checked before)."""
+    for name, bound in UPPER_BOUNDS.items():
+        value = getattr(settings, name, None)
+        if value is not None and value > bound:
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:g}"
+            raise UsageError(f"{name} {shown} is too large (at most {bound:,})",
+                             f"set --{name.replace('_', '-')} to {bound:,} or less")
 
 
 def _check_types(settings) -> None:
@@ -185,14 +242,18 @@ def _field_names(cls) -> list[str]:
 def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
     """Read a YAML settings file, rejecting unknown keys with a suggestion."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a settings file", "give the path of a YAML file")
     if not path.is_file():
         raise UsageError(f"config file not found: {path}", "give the path of a YAML file with --config")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UsageError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})", "fix the YAML syntax") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to read", "settings are flat `key: value` lines") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of settings, got {type(values).__name__}", "write `key: value` lines")
     known = _field_names(cls)
@@ -202,6 +263,15 @@ def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
             raise UsageError(f"{path}: unknown setting {key!r}", hint)
     return _coerce(cls, values, str(path))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x})",
+                         "save the file as UTF-8") from None
 
 
 def _coerce(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -260,7 +330,7 @@ def load_run_settings(path: str | Path, cls=LoraSettings):
     """A run's saved settings, refused unless the file is whole (END_MARK, or every setting present)."""
     path = Path(path)
     values = read_yaml_config(path, cls)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     missing = [name for name in _field_names(cls) if name not in values]
     if END_MARK not in text and missing:
         raise UsageError(f"{path} is incomplete (no {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; "

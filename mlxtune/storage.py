@@ -36,19 +36,32 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # never through a link planted where our file was
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_file(path: Path, data: str | bytes = b"", mode: int = 0o644) -> None:
+    """Create `path` with `data`; never opens what is already there. A file mlxtune makes in a run or the library
+    is new: a link, a hard link or a file someone planted under its name is an error (FileExistsError), never
+    followed or truncated (O_EXCL; O_NOFOLLOW for the systems where O_EXCL alone still follows a final link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        handle.flush()
         os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, fsynced, renamed over it."""
+    """Write `path` whole or not at all: a new temporary file beside it, fsynced, renamed over it (a rename replaces
+    a link at `path` itself, never what it points to)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        tmp.unlink(missing_ok=True)  # a leftover of a killed write, or something planted: the name is ours
+        create_file(tmp, text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -83,11 +96,31 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def disk_full_error(where: Path, need: int | None = None) -> RunFailed:
+class DiskFull(RunFailed):
+    """The disk filled up while writing; nothing written so far is lost."""
+
+
+def _resume_command(where: Path) -> str | None:
+    """How to continue the run `where` is (or lies in) once its settings are saved: after a full disk the same
+    command would be refused ("run directory already exists"), --resume continues from the last checkpoint."""
+    from mlxtune.runs import CONFIG_FILE, RUN_FILE, RUN_MARKER  # the layout is runs.py's; imported here to avoid a cycle
+
+    for folder in [Path(where), *Path(where).parents][:4]:
+        if (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in (RUN_MARKER, RUN_FILE)):
+            preference = folder / "preference.yaml"  # a dpo/orpo run (train/preference/run.py PREFERENCE_FILE)
+            found = re.search(r"^objective:\s*(\w+)", preference.read_text("utf-8", "replace"), re.M) if (
+                preference.is_file()) else None
+            return f"mlxtune {found[1] if found else 'lora'} --resume {folder}"
+    return None
+
+
+def disk_full_error(where: Path, need: int | None = None) -> DiskFull:
     free = free_bytes(where)
     needs = f"; this step needs about {fmt_size(need)}" if need else ""
-    return RunFailed(f"disk full writing {where} ({fmt_size(free)} free on {existing_ancestor(where)}{needs})",
-                     "free some space (or choose an --out on another disk) and run the same command again")
+    resume = _resume_command(where)
+    again = f"continue the run: {resume}" if resume else "run the same command again"
+    return DiskFull(f"disk full writing {where} ({fmt_size(free)} free on {existing_ancestor(where)}{needs})",
+                    f"free some space (or choose an --out on another disk), then {again}")
 
 
 def not_writable_error(where: Path, reason: str) -> UsageError:
@@ -114,10 +147,10 @@ def check_writable(path: Path) -> None:
     folder = existing_ancestor(path)
     if not folder.is_dir():
         raise not_writable_error(path, f"{folder} is a file, not a folder")
-    probe = folder / f".mlxtune-write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
+    try:  # a new file of a fresh random name (mkstemp: O_EXCL), so no planted name is ever opened
+        fd, probe = tempfile.mkstemp(prefix=".mlxtune-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         if exc.errno in DISK_FULL:
             raise disk_full_error(path) from None

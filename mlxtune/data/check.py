@@ -14,7 +14,9 @@ from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings
                                   steps_warning)
 from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
 from mlxtune.data.preference_check import is_preference_data, preference_facts
+from mlxtune.data.prompts import is_prompt_only_data, prompt_facts
 from mlxtune.errors import UsageError
+from mlxtune.settings import UPPER_BOUNDS
 
 
 @dataclass
@@ -46,6 +48,7 @@ class DataReport:
     from_cache: bool = False
     context_length: int | None = None  # the model's (max_position_embeddings)
     measured_up_to: int | None = None  # token lengths are exact below this; a record reaching it is at least as long
+    max_seq_length: int | None = None  # the length checked against: given, or min(2048, the model's context)
 
     @property
     def ok(self) -> bool:
@@ -91,22 +94,29 @@ def _context_length(model_path: Path) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _preference_report(path, model, show, max_seq_length, chat_template, seed) -> DataReport:
-    facts = preference_facts(resolve_data_path(path), model, show=show, max_seq_length=max_seq_length,
-                             chat_template=chat_template, seed=seed)
+def _facts_report(path, facts, kind: str) -> DataReport:
+    """The report of preference pairs or prompt-only records, from their facts."""
     report = DataReport(str(path), facts.unit, problems=[_problem(e) for e in facts.problems],
                         warnings=[w.to_dict() for w in facts.warnings], notes=facts.notes,
                         overlap_train_valid=facts.overlap_train_valid, template=facts.template)
     for s in facts.splits:
         stats, histogram = _length_stats(s.lengths)
-        report.splits.append(SplitStats(s.split, s.file, "preference", s.records, stats, histogram,
+        report.splits.append(SplitStats(s.split, s.file, kind, s.records, stats, histogram,
                                         s.supervised_share, s.duplicates, s.over_max_length, s.held_out_from,
                                         s.convention))
     report.examples = [{"source": label, "segments": _segments(facts.tokenizer, e)} for label, e in facts.shown]
     return report
 
 
-def check_data(path: str | Path, model: str | Path | None = None, *, show: int = 0, max_seq_length: int = 2048,
+def _default_max_seq_length(model: str | Path | None) -> int:
+    """--max-seq-length when not given, as `lora` resolves it: min(2048, the model's context window)."""
+    from mlxtune.model_config import DEFAULT_MAX_SEQ_LENGTH, max_seq_length_for, read_config
+    from mlxtune.models import resolve_model
+
+    return DEFAULT_MAX_SEQ_LENGTH if model is None else max_seq_length_for(read_config(resolve_model(model)))
+
+
+def check_data(path: str | Path, model: str | Path | None = None, *, show: int = 0, max_seq_length: int | None = None,
                train_on_prompt: bool = False, chat_template: str | None = None, seed: int = 0,
                keys: tuple[str, str] | None = None, iters: int | None = None,
                batch_size: int | None = None) -> DataReport:
@@ -115,11 +125,25 @@ def check_data(path: str | Path, model: str | Path | None = None, *, show: int =
     `iters` and `batch_size` describe the planned run, to warn when it would pass over the data too often.
     """
     files = find_splits(resolve_data_path(path))
+    if max_seq_length is None:
+        max_seq_length = _default_max_seq_length(model)
+    if not 1 <= max_seq_length <= UPPER_BOUNDS["max_seq_length"]:
+        raise UsageError(f"max_seq_length must be in [1, {UPPER_BOUNDS['max_seq_length']:,}], got {max_seq_length}",
+                         "set --max-seq-length, or omit it for min(2048, the model's context)")
     if keys is None and is_preference_data(files):  # pairs for mlxtune dpo/orpo: checked as pairs
-        return _preference_report(path, model, show, max_seq_length, chat_template, seed)
+        report = _facts_report(path, preference_facts(resolve_data_path(path), model, show=show,
+                                                      max_seq_length=max_seq_length, chat_template=chat_template,
+                                                      seed=seed), "preference")
+        report.max_seq_length = max_seq_length
+        return report
+    if keys is None and is_prompt_only_data(files):  # prompts for reinforcement learning (GRPO)
+        report = _facts_report(path, prompt_facts(resolve_data_path(path), model, chat_template=chat_template,
+                                                  seed=seed), "prompt-only")
+        report.max_seq_length = max_seq_length
+        return report
     problems: list[UsageError] = []
     records, notes = read_splits(files, seed, keys, problems)
-    report = DataReport(str(path), "tokens" if model else "characters", notes=notes)
+    report = DataReport(str(path), "tokens" if model else "characters", notes=notes, max_seq_length=max_seq_length)
     report.problems = [_problem(e) for e in problems]
 
     tokenizer = None

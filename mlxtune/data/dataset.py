@@ -51,6 +51,17 @@ def split_validation(records: list[Record], seed: int) -> tuple[list[Record], li
     return train, valid
 
 
+def hold_out_validation(records: dict[str, list], train_file: Path, seed: int, unit: str) -> list[str]:
+    """Without a validation split, hold one out of `records["train"]` (in place); the note saying so."""
+    if "valid" in records:
+        return []
+    records["train"], records["valid"] = split_validation(records["train"], seed)
+    if not records["valid"]:
+        return []
+    return [f"no validation file: held out {len(records['valid'])} of {len(records['train']) + len(records['valid'])} "
+            f"{unit} from {train_file.name} (seed {seed})"]
+
+
 def _length_note(split: str, report: LengthReport, max_seq_length: int) -> list[str]:
     notes = []
     if report.truncated:

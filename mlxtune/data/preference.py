@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxtune.data.dataset import split_validation
+from mlxtune.data.dataset import hold_out_validation
 # _raw_rows: formats.py's file reader (JSONL/JSON/CSV/Parquet with real file:line), shared rather than duplicated
 from mlxtune.data.formats import (PAIRED, PREFERENCE_DESCRIPTION, ROLE_ALIASES, UNPAIRED, Record, RecordError,
                                    _raw_rows, detect_preference, find_splits)
@@ -322,12 +322,7 @@ def read_preference_splits(data: str | Path, seed: int = 0, problems: list[Usage
         if not skip_invalid:
             raise UsageError(summary, "fix them, or pass --skip-invalid to train without them")
         notes.append(f"--skip-invalid: left out {summary}")
-    if "valid" not in records:
-        records["train"], records["valid"] = split_validation(records["train"], seed)
-        if records["valid"]:
-            notes.append(f"no validation file: held out {len(records['valid'])} of "
-                         f"{len(records['train']) + len(records['valid'])} pairs from {files['train'].name} "
-                         f"(seed {seed})")
+    notes += hold_out_validation(records, files["train"], seed, "pairs")
     return PreferenceSplits(records, files, notes)
 
 

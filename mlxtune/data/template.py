@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxtune.data.formats import Record
+from mlxtune.data.sandbox import TemplateLimit, check_output, time_limit
 from mlxtune.errors import UsageError
 
 # Used when a model has no chat template of its own (base models). Documented in the README; saved into fused
@@ -63,11 +64,17 @@ def choose_template(tokenizer, kind: str, template_file: str | None = None) -> T
 
 
 def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False, tools=None) -> str:
+    """Hugging Face's rendering of `template`, bounded in time and output size (data/sandbox.py)."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
-            tools=tools,
-        )
+        with time_limit():
+            rendered = tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=tools,
+            )
+        return check_output(rendered, sum(len(str(m)) for m in messages) + len(str(tools or "")))
+    except TemplateLimit as exc:
+        raise UsageError(f"chat template refused: {exc}",
+                         "the model's chat template is broken or hostile: pass --chat-template FILE") from None
     except Exception as exc:  # jinja errors, raise_exception() in templates
         raise UsageError(f"chat template failed: {exc}", "check the messages' roles or pass --chat-template") from None
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from mlxtune.errors import UsageError
 from mlxtune.faults import fault_point
-from mlxtune.storage import check_free_space, staged
+from mlxtune.storage import check_free_space, create_file, staged
+from mlxtune.library import find_entry, models_in_use
 from mlxtune.model_config import text_config
-from mlxtune.runs import is_run_dir, open_run
+from mlxtune.runs import check_output, is_run_dir, open_run
 
 FORMATS = ("gguf", "gguf-adapter", "ollama", "lmstudio", "hf")
 OUTTYPES = ("f16", "q8_0", "f32")  # GGUF tensor types, the default first
@@ -61,6 +62,18 @@ def _listing(target: Path) -> list[str]:
     return sorted(str(p) for p in target.iterdir()) if target.is_dir() else [str(target)]
 
 
+def check_export_output(run_or_model: str | Path, target: Path) -> None:
+    """Refuse a `target` that is, holds or lies in what the export reads (runs.check_output)."""
+    if is_run_dir(run_or_model):
+        run = open_run(run_or_model)
+        check_output(target, run=run.path, base_model=run.base_model, library_entries=models_in_use())
+        return
+    source = Path(run_or_model).expanduser()
+    entry = None if source.exists() else find_entry(str(run_or_model))
+    check_output(target, base_model=source if source.exists() else entry.path if entry else None,
+                 library_entries=models_in_use())
+
+
 def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, outtype: str = "f16",
            checkpoint: str = "last", overwrite: bool = False, console=None) -> ExportResult:
     """Write `run_or_model` in format `fmt` to `out` (a .gguf file for gguf/gguf-adapter, else a directory).
@@ -80,6 +93,7 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             raise UsageError(f"{run_or_model} is not a run directory", "gguf-adapter exports a run's adapter")
         run = open_run(run_or_model)
         target = Path(out)
+        check_export_output(run_or_model, target)
         with staged(target, overwrite) as staging:
             export_gguf_adapter(run, staging, checkpoint)
         return ExportResult(fmt, str(target), [str(target)],
@@ -92,6 +106,7 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
         target = Path(out) if out else lmstudio_models_dir() / "mlxtune" / name
     else:
         target = Path(out)
+    check_export_output(run_or_model, target)
     if fmt in ("gguf", "ollama"):
         from mlxtune.export.gguf import vocabulary
         from mlxtune.model_config import read_config
@@ -125,7 +140,7 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             gguf_file = export_gguf(source, staging / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
             context = text_config(source.config).get("max_position_embeddings")
             text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context)
-            (staging / "Modelfile").write_text(text, encoding="utf-8")
+            create_file(staging / "Modelfile", text)
             tag = name.lower().replace("_", "-")
             next_step = f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}"
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxtune.storage import create_file
 from mlxtune.export.source import DTYPES, ExportSource, copy_tokenizer_files, floating_dtype
 
 TORCH_DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
@@ -25,6 +26,6 @@ def export_hf(source: ExportSource, out: Path, dtype: str | None = None) -> Path
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     config = dict(source.config)
     config["torch_dtype"] = TORCH_DTYPE_NAMES[target]
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    create_file(out / "config.json", json.dumps(config, indent=2) + "\n")  # new in the export's staging folder
     copy_tokenizer_files(source, out)
     return out / "model.safetensors"

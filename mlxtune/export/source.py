@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from mlxtune.model_config import without_quantization
 from mlxtune.runs import TEMPLATE_FILE, is_run_dir, open_for_inference
-from mlxtune.storage import temp_dir
+from mlxtune.storage import atomic_write_text, temp_dir
 
 DTYPES = {"f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 
@@ -73,4 +73,4 @@ def copy_tokenizer_files(source: ExportSource, out: Path) -> None:
         if (source.path / name).is_file():
             shutil.copy(source.path / name, out / name)
     if source.chat_template:
-        (out / TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
+        atomic_write_text(out / TEMPLATE_FILE, source.chat_template)

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlxtune.errors import UsageError
 from mlxtune.faults import fault_point
-from mlxtune.storage import fsync_dir, fsync_file, atomic_write_text, writing  # noqa: F401 (re-exported)
+from mlxtune.storage import atomic_write_text, create_file, fsync_dir, fsync_file, writing  # noqa: F401 (re-exported)
 
 from mlxtune.runs import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, LATEST_POINTER, checkpoint_name
 
@@ -34,6 +34,7 @@ KEEP_CHECKPOINTS = 2
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")
     try:
+        tmp.unlink(missing_ok=True)  # MLX opens the name as it finds it: a link planted there is removed, not followed
         with writing(path, sum(a.nbytes for a in arrays.values())):
             mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
             fsync_file(tmp)
@@ -70,6 +71,8 @@ def save_checkpoint(
     SHA-256 of the others) last; the directory is renamed into place complete, and only then does `latest` name it.
     """
     root = run_dir / CHECKPOINTS_DIR
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is not a folder: this run directory is damaged", f"move {root} away, then resume")
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
     final = root / name
@@ -81,16 +84,16 @@ def save_checkpoint(
         with writing(staging, checkpoint_bytes(weights, optimizer)):
             mx.save_safetensors(str(staging / ADAPTER_FILE), weights)
             fault_point("checkpoint.adapter")
-            (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+            create_file(staging / ADAPTER_CONFIG_FILE, json.dumps(adapter_config, indent=2))
             optimizer_arrays = dict(tree_flatten(optimizer.state))
             mx.save_safetensors(str(staging / OPTIMIZER_FILE), optimizer_arrays)
             fault_point("checkpoint.optimizer")
-            (staging / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+            create_file(staging / STATE_FILE, json.dumps({"step": step, **state}, indent=2))
             for file in staging.iterdir():
                 fsync_file(file)
             manifest = {"step": step, "files": {f.name: _file_digest(f) for f in sorted(staging.iterdir())}}
             fault_point("checkpoint.manifest")
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            create_file(staging / MANIFEST_FILE, json.dumps(manifest, indent=2))
             fsync_file(staging / MANIFEST_FILE)
             fsync_dir(staging)
             shutil.rmtree(final, ignore_errors=True)

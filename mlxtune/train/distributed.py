@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 from mlxtune import __version__
 from mlxtune.errors import MlxtuneError, RunFailed, UsageError
 from mlxtune.runs import CONFIG_FILE, RESULT_FILE
+from mlxtune.storage import temp_dir
 from mlxtune.settings import LoraSettings
 
 BACKENDS = ("ring", "jaccl", "mpi")
@@ -464,7 +464,9 @@ def _world_flags(hosts: str | None, nproc: int | None) -> str:
 
 
 def _launch(layout: Layout, backend: str, rank_command: list[str], timeout: float, json_mode: bool) -> _Outcome:
-    with tempfile.TemporaryDirectory(prefix="mlxtune-launch-") as scratch:
+    # named with our PID (storage.temp_dir): a killed launcher's folder is removed by the next launch
+    scratch = temp_dir("mlxtune-launch-")
+    try:
         hostfile = Path(scratch) / "hosts.json"
         hostfile.write_text(json.dumps(_hostfile(layout, backend)), encoding="utf-8")
         command = [*_mlx_launch_command(), "--hostfile", str(hostfile), "--backend", backend,
@@ -487,6 +489,8 @@ def _launch(layout: Layout, backend: str, rank_command: list[str], timeout: floa
             env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // here))
         _run_launcher([*command, "--", *rank_command], outcome, timeout, to_stdout, to_stderr, env)
         return outcome
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _finish(outcome: _Outcome, layout: Layout, run_dir: Path, resume_hint: str) -> dict:

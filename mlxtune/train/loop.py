@@ -18,10 +18,12 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.backend import set_blas_threads
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.train.evaluate import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
+from mlxtune.library import hold_model
 from mlxtune.runs import (
     ADAPTER_FILE,
     BEST_DIR,
@@ -31,12 +33,15 @@ from mlxtune.runs import (
     RESULT_FILE,
     RUN_FILE,
     TEMPLATE_FILE,
+    read_run_settings,
 )
-from mlxtune.settings import LoraSettings, load_run_settings, save_settings
+from mlxtune.settings import LoraSettings, save_settings
 from mlxtune.storage import check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
 from mlxtune.train.checkpoint import (
+    STATE_FILE,
     atomic_write_text,
+    latest_checkpoint,
     load_checkpoint,
     save_adapter,
     save_checkpoint,
@@ -45,7 +50,10 @@ from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.recovery import (
+    CHANGEABLE_ON_RESUME,
     check_resume_state,
+    check_settings_unchanged,
+    setting_differs,
     claim_run_dir,
     data_fingerprint,
     find_resume_point,
@@ -162,6 +170,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     parallel = parallel or DataParallel()
     writes = parallel.is_main  # rank 0 alone writes the run directory
     settings = copy.deepcopy(settings).validate()
+    requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     if not settings.model:
@@ -170,6 +179,8 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     if writes:
         check_writable(Path(settings.out or "runs"))  # before any model is pulled or loaded
     model_path = resolve_model(settings.model, console=reporter.console)
+    settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
+    hold_model(model_path)  # `models rm` refuses it while this run trains
     data_path = resolve_data_path(settings.data)
     if writes:
         run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
@@ -199,6 +210,9 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
 
     mx.random.seed(settings.seed)
     adapter_config = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget if memory_plan else None)  # CPU backend only
+    if quantized:
+        reporter.info(quantized)
     if adapter_config["num_layers"] < (settings.layers or 0):
         reporter.note(f"the model has {adapter_config['num_layers']} blocks; adapting all of them")
     # Planned for the whole world (per-rank budget × ranks); each rank takes its rows of every batch.
@@ -225,7 +239,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
             reporter.warning(warning)
         if point.checkpoint is not None:
             resumed = load_checkpoint(point.checkpoint, model, optimizer)
-            check_resume_state(run_dir, resumed, total_steps, data_files)
+            check_resume_state(run_dir, resumed, total_steps, data_files, settings)
             start_step = resumed["step"]
             reporter.resumed(point.checkpoint.name, start_step, total_steps)
     parallel.broadcast_weights(model)  # every rank starts from rank 0's weights
@@ -311,7 +325,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
         if parallel.any(stop.signal_name):  # Ctrl-C during the first validation: a step-0 checkpoint
             if writes:
                 _save(run_dir, model, optimizer, adapter_cfg, step,
-                      progress_state(result, evals_without_gain, total_steps, data_files))
+                      progress_state(result, evals_without_gain, total_steps, data_files, settings))
             result.stopped = "interrupted"
             reporter.interrupted(stop.signal_name or "stop request", step, run_dir)
         # One process only: ranks shrinking on their own would no longer draw matching batches.
@@ -319,7 +333,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
 
         def shrink_batches(peak):  # the memory guard's recovery: checkpoint, smaller micro-batches, continue
             _save(run_dir, model, optimizer, adapter_cfg, step,
-                  progress_state(result, evals_without_gain, total_steps, data_files))
+                  progress_state(result, evals_without_gain, total_steps, data_files, settings))
             event = guard.shrink(settings, plan.batch_tokens, max(len(e) for e in datasets.train), peak, step)
             metrics.write(event)
             result.memory_changes.append(event)
@@ -355,7 +369,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                 saved = "the last checkpoint is kept"
                 if writes and _all_finite(model):  # never save weights that are themselves NaN/inf as "good"
                     _save(run_dir, model, optimizer, adapter_cfg, step,
-                          progress_state(result, evals_without_gain, total_steps, data_files))
+                          progress_state(result, evals_without_gain, total_steps, data_files, settings))
                     saved = f"the last good weights (step {step}) are saved"
                 raise RunFailed(
                     f"the loss became {step_loss} at step {step + 1}; {saved}",
@@ -410,7 +424,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
             if writes and (step % settings.save_every == 0 or step == total_steps or stopping
                            or result.stopped == "early-stopped"):
                 _save(run_dir, model, optimizer, adapter_cfg, step,
-                      progress_state(result, evals_without_gain, total_steps, data_files))
+                      progress_state(result, evals_without_gain, total_steps, data_files, settings))
             reporter.step_done(step)
             result.steps = step
             if (guard is not None and guard.overshoot() and step < total_steps and result.stopped == "completed"
@@ -474,48 +488,33 @@ def _write_run_info(run_dir: Path, datasets: Datasets, model_path: Path, model_c
     atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
 
 
-# Settings a resumed run may change: how long it runs, how often it evaluates/saves/logs, the optimizer's step sizes
-# (the schedule is a function of the step, so a new one simply takes over) and machine-only knobs. Everything else
-# decides what the adapter or the data order is, so changing it would silently train a different run.
-CHANGEABLE_ON_RESUME = (
-    "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches", "patience", "min_delta",
-    "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_checkpoint", "report_to",
-    "threads", "cache_limit_gb", "memory",
-)
-
-
 def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
     """Settings of an existing run with `overrides` (None = not given) applied: the CHANGEABLE_ON_RESUME ones are
     taken, any other that differs from the run's own value is refused with a UsageError naming it."""
     config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
-    settings = load_run_settings(config)
+    settings = read_run_settings(config)
     refused = []
     for key, value in overrides.items():
         if value is None:
             continue
         if key in CHANGEABLE_ON_RESUME:
             setattr(settings, key, value)
-        elif key != "out" and _differs(getattr(settings, key), value):
+        elif key != "out" and setting_differs(getattr(settings, key), value):
             refused.append(f"--{key.replace('_', '-')} (the run has {getattr(settings, key)!r})")
     if refused:
         raise UsageError(f"can't change {', '.join(refused)} when resuming {run_dir}",
                          "drop those flags, or start a new run with --out; --resume may change "
                          + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
     settings.out = str(run_dir)
-    return settings.validate()
-
-
-def _differs(saved, given) -> bool:
-    if saved is None or given is None:
-        return saved != given
-    if isinstance(given, str) and isinstance(saved, str) and Path(given).exists() and Path(saved).exists():  # --model / --data paths
-        return Path(given).resolve() != Path(saved).resolve()
-    if isinstance(saved, list) and isinstance(given, str):  # --target-modules a,b against the saved list
-        given = [m.strip() for m in given.split(",") if m.strip()]
-    if isinstance(saved, float) or isinstance(given, float):
-        return not math.isclose(float(saved), float(given))
-    if saved is not None and given is not None and not isinstance(saved, type(given)):
-        return str(saved) != str(given)
-    return saved != given
+    settings = settings.validate()
+    latest = latest_checkpoint(Path(run_dir))  # an edited config.yaml is refused now, before any model is loaded
+    if latest is not None:
+        try:
+            state = json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None  # a damaged checkpoint: resume skips it (and checks the one it takes)
+        if isinstance(state, dict):
+            check_settings_unchanged(Path(run_dir), state, settings)
+    return settings

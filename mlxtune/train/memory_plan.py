@@ -10,7 +10,7 @@ from pathlib import Path
 from mlxtune.data.batching import batch_plan, batches_per_epoch
 from mlxtune.data.dataset import load_datasets, resolve_data_path
 from mlxtune.errors import UsageError
-from mlxtune.models import resolve_model
+from mlxtune.models import DEFAULT_BASE_MODEL, resolve_model
 from mlxtune.settings import LoraSettings
 from mlxtune.train.loop import finetune
 from mlxtune.train.planner import SIZING_KEYS, MemoryPlan, apply_suggestions, on_cpu, plan_for_data
@@ -21,9 +21,9 @@ def plan_report(settings: LoraSettings, *, timed: bool = False, console=None) ->
     """What `mlxtune plan` shows: the verdict, the estimate's parts, the suggestion; with `timed` the duration."""
     if not settings.data:
         raise UsageError("no data given", "pass --data: the plan depends on how long the examples are")
-    if not settings.model:
-        raise UsageError("no model given", "pass --model with a library name, a model directory or a hub id")
+    settings = replace(settings, model=settings.model or DEFAULT_BASE_MODEL)  # the model `lora` would use
     model_path = resolve_model(settings.model, console=console)
+    settings.fit_model(model_path)  # max_seq_length from the model's context, as the run will have it
     data_path = resolve_data_path(settings.data)
     plan = plan_for_data(settings, model_path, data_path)
     report = {"model": str(model_path), "data": str(data_path), **plan.to_dict(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mlxtune.errors import UsageError
@@ -10,18 +11,31 @@ from mlxtune.train.checkpoint import atomic_write_text
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash mid-write is skipped, not fatal."""
-    if not path.is_file():
+    """The records of a metrics.jsonl; a line that is not one (cut short by a crash mid-write, a bad byte, a step
+    that is no number, a loss that is text) is skipped, not fatal: the log is a report, the checkpoints are the run.
+    A metrics.jsonl that is not a file reads as empty."""
+    try:
+        lines = Path(path).read_bytes().splitlines() if Path(path).is_file() else []
+    except OSError:
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _well_formed(record):
             records.append(record)
     return records
+
+
+def _well_formed(record: dict) -> bool:
+    """A step that is a whole number, and every loss-like value a number (or None)."""
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return False
+    return all(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+               for key, value in record.items() if key.endswith(("loss", "accuracy")))
 
 
 class MetricsLog:
@@ -29,6 +43,9 @@ class MetricsLog:
 
     def __init__(self, path: Path | None, report_to: str | None = None, run_name: str = "", config: dict | None = None):
         self.path = path
+        if path is not None and (path.is_symlink() or (path.exists() and not path.is_file())):
+            raise UsageError(f"{path} is {'a link' if path.is_symlink() else 'not a file'}: the run's metrics log "
+                             "must be a plain file", f"move {path} away, then run again")
         self._wandb = None
         if report_to == "wandb":
             try:
@@ -40,7 +57,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        # appended, never through a link (O_NOFOLLOW): the log is the run's own file
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
         if self._wandb is not None:

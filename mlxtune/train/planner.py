@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from mlxtune.data.batching import PAD_MULTIPLE, POSITIONS_MULTIPLE, batch_plan, evaluation_batches, plan_epoch
 from mlxtune.errors import RunFailed
 from mlxtune.memory import GB, BatchShape, Estimate, ModelFacts, RunShape, estimate, fmt_gb
-from mlxtune.settings import LoraSettings
+from mlxtune.settings import UPPER_BOUNDS, LoraSettings
 
 # Settings that size a batch: when the user gave none of them, the planner chooses.
 SIZING_KEYS = ("batch_size", "batch_tokens", "pack", "max_seq_length", "grad_accumulation", "grad_checkpoint")
@@ -242,7 +242,8 @@ def _shrink_batches(trial: LoraSettings, attempt, budget: int, suggested: dict, 
         else:
             trial.batch_tokens = size
             factor = math.ceil((original.batch_tokens or start) / size)
-        trial.grad_accumulation = original.grad_accumulation * factor
+        # Bounded like the flag (a 4-billion-step accumulation never finishes a step): fewer tokens per step then.
+        trial.grad_accumulation = min(original.grad_accumulation * factor, UPPER_BOUNDS["grad_accumulation"])
         value = attempt()
         found = value
         if value.total <= budget:

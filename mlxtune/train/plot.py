@@ -48,6 +48,7 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     axes.legend(handles, labels, fontsize=8)
     figure.tight_layout()
     tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    tmp.unlink(missing_ok=True)  # savefig opens a name as it finds it: a link planted there is removed, not followed
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(out_path)

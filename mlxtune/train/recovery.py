@@ -10,32 +10,46 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import math
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxtune.errors import UsageError
-from mlxtune.runs import BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.runs import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, LATEST_POINTER,
+                          METRICS_FILE, PLOT_FILE, RUN_FILE, RUN_MARKER, TEMPLATE_FILE, check_layout, is_marked,
+                          mark_run_dir)
 from mlxtune.train.checkpoint import checkpoint_step, resumable_checkpoint
 
 LOCK_FILE = ".lock"  # in the run directory: the PID of the process writing it
 # What a run writes before its first checkpoint: a directory holding only these has nothing trained in it.
-UNTRAINED_FILES = {CONFIG_FILE, RUN_FILE, METRICS_FILE, PLOT_FILE, BEST_DIR, CHECKPOINTS_DIR, TEMPLATE_FILE, LOCK_FILE}
+UNTRAINED_FILES = {CONFIG_FILE, RUN_FILE, METRICS_FILE, PLOT_FILE, BEST_DIR, CHECKPOINTS_DIR, TEMPLATE_FILE, LOCK_FILE,
+                   RUN_MARKER}
 DATA_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".txt"}  # what a data directory's fingerprint covers
 _held: dict[Path, int] = {}  # run directories this process holds the lock of (a failed call may leave one held)
 
 
 def lock_run_dir(run_dir: Path) -> None:
-    """Take the run's writer lock (creating the directory), or a UsageError naming the PID that holds it."""
+    """Take the run's writer lock (creating the directory), or a UsageError naming the PID that holds it.
+
+    The lock file is created new, or opened only when it is a plain file of this user with one name: a link (to a
+    user's thesis, planted in a shared folder), a hard link, a folder or another user's file is refused, never
+    opened for writing, so nothing outside the run is ever truncated."""
     run_dir = Path(run_dir)
     key = run_dir.resolve()
     if key in _held:
         return
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    _check_owner(run_dir)
+    if created:
+        mark_run_dir(run_dir)
+    fd = _open_lock(run_dir / LOCK_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -49,6 +63,43 @@ def lock_run_dir(run_dir: Path) -> None:
     _held[key] = fd
 
 
+def _check_owner(run_dir: Path) -> None:
+    """A run directory of another user (one planted in a shared temporary folder) is refused: its owner could swap
+    any file in it for a link between our checks and our writes."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir} is a file, not a folder", "choose another --out")
+    if hasattr(os, "geteuid") and run_dir.stat().st_uid != os.geteuid():
+        raise UsageError(f"run directory {run_dir} belongs to another user", "choose an --out of your own")
+
+
+def _open_lock(lock: Path) -> int:
+    """A descriptor of `lock`, created new (O_EXCL) or an existing plain file of ours (never through a link)."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.EMLINK, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise
+        fd = None
+    info = os.fstat(fd) if fd is not None else os.lstat(lock)
+    if not stat.S_ISREG(info.st_mode) or os.path.islink(lock):
+        problem = "a symbolic link" if os.path.islink(lock) else "a folder" if stat.S_ISDIR(info.st_mode) else (
+            "not a plain file")
+    elif info.st_nlink > 1:
+        problem = f"a hard link ({info.st_nlink} names for one file)"
+    elif hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        problem = "owned by another user"
+    elif fd is None:
+        problem = "not readable and writable"
+    else:
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise UsageError(f"{lock} is {problem}, not mlxtune's lock file: refusing to open it",
+                     f"remove it if you know what it is (rm {lock} removes only the link or name), then run again")
 def unlock_run_dir(run_dir: Path) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
@@ -59,18 +110,24 @@ def has_training(run_dir: Path) -> bool:
     """Whether a run directory holds anything trained (a checkpoint or an adapter) or files a run does not write."""
     if not run_dir.is_dir():
         return False
+    return has_checkpoint(run_dir) or any(p.name not in UNTRAINED_FILES for p in run_dir.iterdir())
+
+
+def has_checkpoint(run_dir: Path) -> bool:
     checkpoints = run_dir / CHECKPOINTS_DIR
-    if checkpoints.is_dir() and any(checkpoint_step(p) is not None for p in checkpoints.iterdir()):
-        return True
-    return any(p.name not in UNTRAINED_FILES for p in run_dir.iterdir())
+    return checkpoints.is_dir() and any(checkpoint_step(p) is not None for p in checkpoints.iterdir())
 
 
 def claim_run_dir(run_dir: Path, resume: bool) -> list[str]:
     """Lock `run_dir` for this process and check it suits a new run (or a resume); returns notes for the user.
 
-    A new run may reuse a directory where nothing was trained yet (its files are replaced); otherwise a UsageError
-    that names the commands that work."""
+    A new run may reuse a directory mlxtune created (its RUN_MARKER) where nothing was trained yet: the files the
+    stopped run wrote are removed, nothing else. A folder mlxtune did not create is never emptied."""
+    run_dir = Path(run_dir)
+    if not resume:
+        _refuse_foreign(run_dir)  # before the lock: a folder of the user's gets no .lock file either
     lock_run_dir(run_dir)
+    check_layout(run_dir)
     notes = []
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
@@ -80,12 +137,46 @@ def claim_run_dir(run_dir: Path, resume: bool) -> list[str]:
     if has_training(run_dir):
         raise UsageError(f"run directory {run_dir} already exists",
                          f"continue it with: mlxtune lora --resume {run_dir}   (or pick another --out)")
-    leftovers = [p for p in run_dir.iterdir() if p.name != LOCK_FILE]
-    for path in leftovers:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    if leftovers:
+    if not is_marked(run_dir):  # an empty folder (or one holding only our lock): ours from now on
+        _refuse_foreign(run_dir)
+        mark_run_dir(run_dir)
+    if remove_untrained(run_dir):
         notes.append(f"{run_dir} held a run stopped before its first checkpoint: starting it afresh")
     return notes
+
+
+def _refuse_foreign(run_dir: Path) -> None:
+    """A UsageError when `run_dir` holds something but mlxtune did not create it (no RUN_MARKER)."""
+    if not run_dir.is_dir() or is_marked(run_dir):
+        return
+    if has_checkpoint(run_dir):
+        return  # a run of an older mlxtune (no marker) with a checkpoint: "already exists, --resume it" follows
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if entries:
+        raise UsageError(f"--out {run_dir} is a folder mlxtune did not create (it holds {', '.join(entries[:4])}"
+                         f"{', ...' if len(entries) > 4 else ''}); refusing to replace its files",
+                         "choose a new or empty --out folder (or move those files away)")
+
+
+def remove_untrained(run_dir: Path) -> bool:
+    """Remove what a run stopped before its first checkpoint wrote (only mlxtune's own names); whether any was."""
+    removed = False
+    for name in (CONFIG_FILE, RUN_FILE, METRICS_FILE, PLOT_FILE, TEMPLATE_FILE):
+        if (run_dir / name).is_file() or (run_dir / name).is_symlink():
+            (run_dir / name).unlink()  # a link: the link itself, never what it points to
+            removed = True
+    own = {BEST_DIR: (ADAPTER_FILE, ADAPTER_CONFIG_FILE), CHECKPOINTS_DIR: (LATEST_POINTER,)}
+    for folder, names in own.items():
+        path = run_dir / folder
+        if not path.is_dir() or path.is_symlink():
+            continue
+        for item in path.iterdir():
+            if item.name in names or (folder == CHECKPOINTS_DIR and item.name.startswith(".step-")):
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        if not any(path.iterdir()):
+            path.rmdir()
+        removed = True
+    return removed
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -129,8 +220,51 @@ def find_resume_point(run_dir: Path, total_steps: int) -> ResumePoint:
     return ResumePoint(checkpoint, warnings)
 
 
-def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict | None) -> None:
-    """Refuse a resume that can't continue: finished, early-stopped, past this run's steps, or other data."""
+# Settings a resumed run may change: how long it runs, how often it evaluates/saves/logs, the optimizer's step sizes
+# (the schedule is a function of the step, so a new one simply takes over) and machine-only knobs. Everything else
+# decides what the adapter or the data order is, so changing it would silently train a different run: checkpoints
+# save those (adapter_settings) and a resume whose config.yaml was edited since is refused.
+CHANGEABLE_ON_RESUME = (
+    "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches", "patience", "min_delta",
+    "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_checkpoint", "report_to",
+    "threads", "cache_limit_gb", "memory",
+)
+NOT_COMPARED = ("out", "data")  # where the run lives; the data is compared by its fingerprint instead
+
+
+def adapter_settings(settings) -> dict:
+    """The settings that decide the adapter (rank, seed, dropout, ...), as a checkpoint saves them."""
+    return {key: value for key, value in settings.to_dict().items()
+            if key not in CHANGEABLE_ON_RESUME and key not in NOT_COMPARED}
+
+
+def settings_changes(saved: dict, current: dict) -> list[str]:
+    """`key: saved → current` for each adapter-deciding setting that differs (keys unknown to either are skipped)."""
+    changes = []
+    for key, value in saved.items():
+        if key in current and setting_differs(value, current[key]):
+            changes.append(f"{key} {value!r} → {current[key]!r}")
+    return changes
+
+
+def setting_differs(saved, given) -> bool:
+    """Whether a setting's value `given` (a flag, an edited config.yaml) is not the `saved` one."""
+    if saved is None or given is None:
+        return saved != given
+    if isinstance(given, str) and isinstance(saved, str) and Path(given).exists() and Path(saved).exists():  # --model / --data paths
+        return Path(given).resolve() != Path(saved).resolve()
+    if isinstance(saved, list) and isinstance(given, str):  # --target-modules a,b against the saved list
+        given = [m.strip() for m in given.split(",") if m.strip()]
+    if isinstance(saved, float) or isinstance(given, float):
+        return not math.isclose(float(saved), float(given))
+    if saved is not None and given is not None and not isinstance(saved, type(given)):
+        return str(saved) != str(given)
+    return saved != given
+
+
+def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict | None, settings=None) -> None:
+    """Refuse a resume that can't continue: finished, early-stopped, past this run's steps, other data, or
+    adapter-deciding settings edited in config.yaml since the checkpoint."""
     step, saved_total = state["step"], state.get("total_steps", total_steps)
     if step > total_steps:
         raise UsageError(f"the checkpoint of {run_dir} is at step {step}, beyond this run's {total_steps} steps",
@@ -149,13 +283,29 @@ def check_resume_state(run_dir: Path, state: dict, total_steps: int, data: dict 
                          + ", ".join(data_changes(saved, data)[:3]),
                          "put the original files back to resume, or start a new run on the new data: "
                          f"mlxtune lora --config {run_dir / CONFIG_FILE} --out NEW_RUN")
+    check_settings_unchanged(run_dir, state, settings)
 
 
-def progress_state(result, evals_without_gain: int, total_steps: int, data: dict | None) -> dict:
+def check_settings_unchanged(run_dir: Path, state: dict, settings) -> None:
+    """Refuse a resume whose config.yaml was edited, since the checkpoint `state`, in a setting that decides the
+    adapter (seed, dropout, rank, ...): like other data, it would silently train a different run."""
+    saved = state.get("settings")
+    if settings is None or not isinstance(saved, dict):
+        return  # a checkpoint of an older mlxtune: nothing saved to compare with
+    changes = settings_changes(saved, adapter_settings(settings))
+    if changes:
+        raise UsageError(f"{run_dir / CONFIG_FILE} changed since step {state.get('step')} was saved: "
+                         f"{', '.join(changes[:3])} (the checkpoint was trained with the old values)",
+                         "put the old values back to resume, or start a new run with the new ones: mlxtune lora "
+                         f"--config {run_dir / CONFIG_FILE} --out NEW_RUN")
+
+
+def progress_state(result, evals_without_gain: int, total_steps: int, data: dict | None, settings=None) -> dict:
     """What a checkpoint saves beside the weights so that resume continues the same run."""
     return {"total_steps": total_steps, "initial_val_loss": result.initial_val_loss,
             "best_val_loss": result.best_val_loss, "best_step": result.best_step,
-            "evals_without_gain": evals_without_gain, "stopped": result.stopped, "data": data}
+            "evals_without_gain": evals_without_gain, "stopped": result.stopped, "data": data,
+            "settings": adapter_settings(settings) if settings is not None else None}
 
 
 def restore_progress(state: dict, result) -> int:

@@ -185,3 +185,30 @@ def test_a_failing_template_is_a_usage_error_with_a_hint(tokenizer):
     assert str(failed.value.args[0]).startswith("chat template failed: ") and "only user turns" in str(
         failed.value.args[0])
     assert failed.value.hint == "check the messages' roles or pass --chat-template"
+
+
+@pytest.mark.parametrize("hostile, says", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than"),
+    ("{{ 'x' * 10**8 }}", "characters"),
+])
+def test_a_hostile_template_is_stopped_in_seconds(tokenizer, hostile, says):
+    import threading
+
+    from mlxtune.data import sandbox
+    from mlxtune.data.template import render_chat
+
+    outcome = []
+
+    def render():  # in a thread, so that a missing bound fails the test instead of hanging it
+        try:
+            render_chat(tokenizer, [{"role": "user", "content": "hi"}], hostile)
+        except UsageError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=render, daemon=True)
+    worker.start()
+    worker.join(timeout=sandbox.MAX_RENDER_SECONDS + 10)
+    assert outcome, "the hostile template was not stopped"
+    assert says in outcome[0].args[0] and "--chat-template" in outcome[0].hint
+    # later renderings are unchanged
+    assert render_chat(tokenizer, [{"role": "user", "content": "hi"}], FALLBACK_CHAT_TEMPLATE).endswith("hi\n\n")

@@ -73,7 +73,7 @@ def test_context_window_copy_of_train_and_too_many_passes(tmp_path):
     rows = [chat(f"Question {i}?", f"Answer {i}.") for i in range(6)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "valid.jsonl", rows[:3])
-    report = check_data(tmp_path, MODEL, iters=200, batch_size=4)  # default --max-seq-length 2048, context 512
+    report = check_data(tmp_path, MODEL, iters=200, batch_size=4, max_seq_length=2048)  # over the context 512
     found = by_code(report)
     assert report.context_length == 512 and found["max-length-over-context"] == ["--max-seq-length"]
     assert found["valid-copies-train"] == [str(tmp_path / "valid.jsonl")]

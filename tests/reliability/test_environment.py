@@ -143,7 +143,7 @@ def test_hostile_model_and_adapter_files(trained_run, tmp_path):
     (broken / "config.json").write_text('{"model_type": "llama", "hidden_')
     missing = _model_copy(tmp_path, "no-config")
     (missing / "config.json").unlink()
-    for model, message in [(no_hidden, "could not load"), (huge, "could not load"), (pickled, "could not load"),
+    for model, message in [(no_hidden, "could not load"), (huge, "could not load"), (pickled, "not a safetensors file"),
                            (broken, "invalid JSON"), (missing, "no config.json")]:
         with pytest.raises(UsageError, match=message):
             open_for_inference(model)
@@ -163,7 +163,7 @@ def test_hostile_model_and_adapter_files(trained_run, tmp_path):
     with pytest.raises(UsageError, match="is a link to .* outside the run"):
         open_for_inference(other)
     result = run_cli("generate", pickled, "-p", "hi")
-    _one_line_error(result, 2, f"could not load {pickled}")
+    _one_line_error(result, 2, f"{pickled / 'model.safetensors'}: not a safetensors file")
 
 
 class _Trap:

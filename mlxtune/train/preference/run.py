@@ -25,13 +25,17 @@ import yaml
 from mlx.utils import tree_map
 from rich.markup import escape
 
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
+from mlxtune.data.quality import context_warnings
 from mlxtune.errors import UsageError
-from mlxtune.model_config import model_name, read_config
+from mlxtune.model_config import context_length, model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
-from mlxtune.runs import BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.library import hold_model
+from mlxtune.runs import (BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, RUN_MARKER,
+                          TEMPLATE_FILE)
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
@@ -244,6 +248,7 @@ def precompute_references(model, objective: PreferenceObjective, sets: Preferenc
                 progress.update(task, advance=len(group))
         keys = sorted(cached)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
+        tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
         np.savez(tmp, keys=np.array(keys), values=np.array([cached[k] for k in keys], np.float64))
         tmp.replace(path)
     return cached
@@ -281,6 +286,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     memory planner says won't fit are refused before training unless `force`."""
     console = console or make_console()
     settings.validate()
+    requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
     data_path = resolve_data_path(settings.data)
@@ -295,6 +301,10 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         console.print(f"no --model given: using the default base model [cyan]{DEFAULT_BASE_MODEL}[/]")
         settings.model = DEFAULT_BASE_MODEL
     model_path = resolve_model(settings.model, console=console)
+    settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
+    for warning in context_warnings(settings.max_seq_length, context_length(read_config(model_path)), []):
+        console.print(f"[yellow]warning:[/] {escape(warning.message)}", highlight=False)
+    hold_model(model_path)  # `models rm` refuses it while this run trains
     if resume or not settings.from_run:
         run_dir = Path(settings.out) if settings.out else default_run_dir(model_path, settings.objective)
         _claim(run_dir, resume, console)
@@ -321,6 +331,9 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
 
     mx.random.seed(settings.seed)
     adapter_cfg = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget)  # CPU backend only
+    if quantized:
+        console.print(quantized)
     objective = PreferenceObjective(model, settings.objective, settings.beta, settings.label_smoothing,
                                     settings.selective_loss)
     plan = BatchPlan(batch_size=settings.batch_size)
@@ -489,7 +502,7 @@ def _claim(run_dir: Path, resume: bool, console) -> None:
 
 def _release_unused(run_dir: Path) -> None:
     unlock_run_dir(run_dir)
-    if run_dir.is_dir() and all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

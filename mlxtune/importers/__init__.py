@@ -1,0 +1,65 @@
+"""`mlxtune pull` from the models users already run: a GGUF file, `ollama:NAME[:TAG]`, `lmstudio:PUBLISHER/NAME`.
+
+The GGUF becomes an MLX model directory in the library (weights and config from `gguf_model`, tokenizer and chat
+template from `gguf_tokenizer`), with Ollama's TEMPLATE and parameters kept beside it in `ollama.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from mlxtune.importers.gguf_model import convert
+from mlxtune.importers.gguf_tokenizer import build_tokenizer
+from mlxtune.importers.stores import GGUFSource, is_gguf_reference, resolve
+from mlxtune.library import ModelEntry, check_entry_name, library_dir, write_entry
+
+OLLAMA_SETTINGS = "ollama.json"
+
+__all__ = ["is_gguf_reference", "pull_gguf", "OLLAMA_SETTINGS"]
+
+
+def default_name(source: GGUFSource, quantize: str | None) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", source.base_name).strip("-.") or "gguf-model"
+    return f"{name}-mlx" if quantize is None else f"{name}-mlx-q{quantize}"
+
+
+def pull_gguf(reference: str, quantize: str | None = None, name: str | None = None, force: bool = False,
+              console=None) -> ModelEntry:
+    """Import the GGUF that `reference` names into the library. `quantize` ("4", "8", "none", None for the
+    default) decides what happens to tensors MLX can't hold exactly and to float tensors (see gguf_model)."""
+    from rich.console import Console
+
+    from mlxtune.hub import describe_entry, existing_entry, input_fault
+    from mlxtune.storage import staged
+
+    console = console or Console(stderr=True)
+    if name is not None:
+        check_entry_name(name)
+    source = resolve(reference)
+    name = check_entry_name(name) if name is not None else default_name(source, quantize)
+    dest = library_dir() / name
+    existing = existing_entry(dest, source.source, force, console)
+    if existing is not None:
+        return existing
+    library_dir().mkdir(parents=True, exist_ok=True)
+    with staged(dest, overwrite=True, need=2 * source.path.stat().st_size) as staging:
+        try:
+            with console.status(f"converting {source.source} ({source.path.stat().st_size / 1e6:.0f} MB GGUF) to MLX"):
+                summary = convert(source.path, staging, quantize)
+                ids = build_tokenizer(summary["metadata"], staging)
+            config = {**summary["config"], **{k: v for k, v in ids.items() if v is not None}}
+            (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if source.ollama:
+                (staging / OLLAMA_SETTINGS).write_text(json.dumps(source.ollama, indent=2) + "\n", encoding="utf-8")
+            for note in summary["notes"]:
+                console.print(f"[yellow]note:[/] {note}")
+            entry = describe_entry(staging, name, source.source, None, config["model_type"])
+        except Exception as exc:
+            raise input_fault(exc, dest, f"could not import {source.source}",
+                              "the GGUF may be damaged or of a variant this importer doesn't handle "
+                              "(the library is unchanged)") from None
+        entry.extra = {"gguf": {"file": str(source.path), "types": summary["types"], "notes": summary["notes"]}}
+        write_entry(staging, entry)
+    entry.path = str(dest)
+    return entry

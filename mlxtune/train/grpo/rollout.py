@@ -1,0 +1,138 @@
+"""Group rollouts: each prompt is prefilled once, its KV cache copied to its G samples, and every sample of every
+prompt decodes as one batch.
+
+The prefill (the expensive part for long prompts) runs once per prompt at batch 1 in mlx-lm's own cache
+(`make_prompt_cache`); the caches are then merged into one batch cache with mlx-lm's public `merge` classmethod
+(KVCache → BatchKVCache, left-padding prompts of different lengths), listing each prompt's cache G times. The
+merged cache holds G copies of the prompt's keys and values (decoding appends per sample), so the saving is the
+prefill compute, not the prompt's cache memory.
+
+Sampling: temperature and top-p (mlx-lm's `apply_top_p`), by the Gumbel-max trick with one explicit
+`mx.random` key per sample, split at every step. A sample's tokens therefore depend only on its own key, not on
+the batch it decodes in — which makes a rollout resumable (the keys are returned) and lets the test compare a
+group against each sample generated alone. Temperature 0 is greedy.
+
+Returned log-probs are those of the sampled tokens under the model's untempered distribution (log softmax of the
+logits), the πold of the clipped objective when the update runs on the same weights; the engine recomputes them in
+training mode for the update. A sample stops after its first end-of-turn/eos token (included in its mask: the
+model learns to stop) or at `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p
+
+from mlxtune.data.template import TokenizedExample
+
+
+@dataclass
+class Rollout:
+    """G samples per prompt, prompt by prompt (rows p·G … p·G + G − 1 belong to prompt p)."""
+
+    tokens: mx.array  # [rows, T] int32, completion tokens (0 after a sample stopped)
+    mask: mx.array  # [rows, T] bool, True for the completion's tokens (its eos included)
+    log_probs: mx.array  # [rows, T] float32, log π(token) at temperature 1 (0 where masked)
+    prompt_index: list[int]  # the prompt of each row
+    next_keys: mx.array  # [rows, 2] each sample's key after its last step (for resuming)
+    seconds: float  # wall time, prefill included
+    generated_tokens: int  # masked tokens, summed over rows
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.mask.sum(axis=1).tolist()
+
+    def completion(self, row: int) -> list[int]:
+        """The tokens of one sample, up to and including its eos."""
+        return self.tokens[row, : self.lengths[row]].tolist()
+
+
+def sample_keys(key: mx.array, prompts: int, group_size: int) -> mx.array:
+    """One key per sample, [prompts · group_size, 2], from one key (e.g. the run's key for this step)."""
+    return mx.random.split(key, prompts * group_size)
+
+
+_split_each = mx.vmap(lambda k: mx.random.split(k, 2))
+
+
+def _sample(logits: mx.array, keys: mx.array, temperature: float, top_p: float):
+    """(tokens, their untempered log-probs, next keys) for a [rows, V] batch of logits, one key per row."""
+    log_probs = logits.astype(mx.float32)
+    log_probs = log_probs - mx.logsumexp(log_probs, axis=-1, keepdims=True)
+    split = _split_each(keys)
+    keys, step_keys = split[:, 0], split[:, 1]
+    if temperature == 0:
+        tokens = mx.argmax(log_probs, axis=-1)
+    else:
+        scores = log_probs / temperature
+        if top_p < 1.0:
+            scores = apply_top_p(scores - mx.logsumexp(scores, axis=-1, keepdims=True), top_p)
+        noise = mx.vmap(lambda k: mx.random.gumbel((scores.shape[-1],), key=k))(step_keys)
+        tokens = mx.argmax(scores + noise, axis=-1)
+    chosen = mx.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(mx.int32), chosen, keys
+
+
+def _prefill(model, prompt: list[int]):
+    """The prompt's cache and the logits of its last position (one forward pass at batch 1)."""
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt, dtype=mx.int32)[None], cache=cache)[:, -1, :]
+    mx.eval(logits, [c.state for c in cache])
+    return cache, logits
+
+
+def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_tokens: int, eos_token_ids,
+                   temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
+    """len(keys) // len(prompts) samples of each prompt (token ids), decoded as one batch."""
+    group_size = keys.shape[0] // len(prompts)
+    if group_size * len(prompts) != keys.shape[0] or group_size < 1:
+        raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts: give group_size keys per prompt")
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    start = time.perf_counter()
+    prefills = [_prefill(model, prompt) for prompt in prompts]
+    rows = len(prompts) * group_size
+    # every prompt's cache listed G times: the merged batch cache gives each sample its own copy to append to
+    layers = len(prefills[0][0])
+    cache = [type(prefills[0][0][layer]).merge([prefills[p][0][layer] for p in range(len(prompts))
+                                                for _ in range(group_size)]) for layer in range(layers)]
+    logits = mx.concatenate([mx.repeat(last, group_size, axis=0) for _, last in prefills], axis=0)
+    eos = mx.array(sorted(set(eos_token_ids)), dtype=mx.int32)
+
+    tokens, log_probs, masks = [], [], []
+    running = mx.ones((rows,), dtype=mx.bool_)
+    for _ in range(max_tokens):
+        token, log_prob, advanced = _sample(logits, keys, temperature, top_p)
+        keys = mx.where(running[:, None], advanced, keys)  # a stopped sample's key stays where it stopped
+        tokens.append(mx.where(running, token, 0))
+        log_probs.append(mx.where(running, log_prob, 0.0))
+        masks.append(running)
+        running = running & ~(token[:, None] == eos[None]).any(axis=1)
+        mx.eval(tokens[-1], log_probs[-1], running, keys)
+        if not running.any().item():
+            break
+        logits = model(token[:, None], cache=cache)[:, -1, :]
+    mask = mx.stack(masks, axis=1)
+    rollout = Rollout(mx.stack(tokens, axis=1), mask, mx.stack(log_probs, axis=1),
+                      [p for p in range(len(prompts)) for _ in range(group_size)], keys, 0.0, int(mask.sum().item()))
+    rollout.seconds = time.perf_counter() - start
+    return rollout
+
+
+def rollout_examples(prompts: list[list[int]], rollout: Rollout, sources: list[str] | None = None
+                     ) -> list[TokenizedExample]:
+    """Each sample as prompt + completion with its completion tokens supervised: the update's batch, in the form
+    every other objective's batching (data/batching.py) and selective log-probs take. A row's supervised targets,
+    in order, are its completion's masked tokens."""
+    examples = []
+    for row, (prompt, length) in enumerate(zip((prompts[p] for p in rollout.prompt_index), rollout.lengths)):
+        ids = np.asarray(list(prompt) + rollout.completion(row), dtype=np.int32)
+        supervised = np.zeros(len(ids), dtype=bool)
+        supervised[len(prompt):] = True
+        examples.append(TokenizedExample(ids, supervised, sources[row] if sources else f"sample {row}"))
+    return examples

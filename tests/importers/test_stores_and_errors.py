@@ -1,0 +1,143 @@
+"""`mlxtune pull` by name from an Ollama store and an LM Studio folder laid out as the apps lay them out, and the
+one-line refusals of bad inputs (nothing left in the library)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+from conftest import MLXTUNE
+from smollm import smollm2_gguf
+
+TEMPLATE = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+            "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n")
+PARAMS = {"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.2}
+
+
+def _place(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)  # the real 98 MB file, without copying it where the filesystem allows
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def _blob(root: Path, data: bytes | None = None, file: Path | None = None) -> dict:
+    digest = hashlib.sha256(data if data is not None else file.read_bytes()).hexdigest()
+    path = root / "blobs" / f"sha256-{digest}"
+    if data is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        _place(file, path)
+    return {"digest": f"sha256:{digest}", "size": path.stat().st_size}
+
+
+@pytest.fixture
+def smollm_gguf() -> Path:
+    return smollm2_gguf()
+
+
+def make_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> None:
+    """manifests/registry.ollama.ai/library/NAME/TAG naming the model, template and params blobs."""
+    layers = [{"mediaType": "application/vnd.ollama.image.model", **_blob(root, file=gguf)},
+              {"mediaType": "application/vnd.ollama.image.template", **_blob(root, TEMPLATE.encode())},
+              {"mediaType": "application/vnd.ollama.image.params", **_blob(root, json.dumps(PARAMS).encode())}]
+    config = _blob(root, b'{"model_format":"gguf","model_family":"llama"}')
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
+                "layers": layers}
+    path = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest))
+
+
+def assert_one_error(stderr: str) -> None:
+    """One error line and its hint, no traceback."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: "), stderr
+
+
+def _pull(*args, env_extra: dict):
+    """`mlxtune pull ... --json` in a subprocess with these environment variables (the stores' locations)."""
+    return subprocess.run([*MLXTUNE, "pull", *args, "--json"], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, COLUMNS="120", **env_extra))
+
+
+def test_ollama_store_by_name_keeps_template_and_stops(tmp_path, smollm_gguf):
+    store = tmp_path / "ollama"
+    make_ollama_store(store, smollm_gguf)
+    home = tmp_path / "home"
+    env = {"OLLAMA_MODELS": str(store), "MLXTUNE_HOME": str(home)}
+
+    missing = _pull("ollama:llama3.2", env_extra=env)
+    assert missing.returncode == 2 and "smollm2:135m" in missing.stderr  # says what the store has
+    assert_one_error(missing.stderr)
+
+    result = _pull("ollama:smollm2:135m", env_extra=env)
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(result.stdout)
+    assert entry["source"] == "ollama:smollm2:135m" and entry["architecture"] == "llama"
+    assert entry["quantization"] == {"bits": 4, "group_size": 32}
+    kept = json.loads((Path(entry["path"]) / "ollama.json").read_text())
+    assert kept == {"template": TEMPLATE, "parameters": PARAMS}
+
+
+def test_lmstudio_folder_by_name(tmp_path, smollm_gguf):
+    home = tmp_path / "user"
+    folder = home / ".lmstudio" / "models" / "HuggingFaceTB" / "SmolLM2-135M-Instruct-GGUF"
+    _place(smollm_gguf, folder / smollm_gguf.name)
+    (folder / "mmproj-model-f16.gguf").write_bytes(b"GGUF")  # a vision projector beside it is not the model
+    env = {"HOME": str(home), "MLXTUNE_HOME": str(tmp_path / "lib")}
+    result = _pull("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", env_extra=env)
+    assert result.returncode == 0, result.stderr
+    entry = json.loads(result.stdout)
+    assert entry["source"] == f"lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/{smollm_gguf.name}"
+    assert (Path(entry["path"]) / "tokenizer.json").is_file()
+
+    missing = _pull("lmstudio:nobody/nothing", env_extra=env)
+    assert missing.returncode == 2 and "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF" in missing.stderr
+
+
+def _unsupported_arch(path: Path) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("case", ["not-gguf", "truncated", "architecture", "missing"])
+def test_bad_input_is_one_line_and_leaves_no_entry(tmp_path, smollm_gguf, case):
+    path = tmp_path / f"{case}.gguf"
+    if case == "not-gguf":
+        path.write_text("just text\n")
+        expected = "not a GGUF file"
+    elif case == "truncated":
+        with open(smollm_gguf, "rb") as handle:
+            path.write_bytes(handle.read(20_000_000))
+        expected = "truncated"
+    elif case == "architecture":
+        _unsupported_arch(path)
+        expected = "'gpt2' is not supported"
+    else:
+        expected = "no such GGUF file"
+    home = tmp_path / "home"
+    result = _pull(str(path), env_extra={"MLXTUNE_HOME": str(home)})
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr.splitlines()[0]
+    assert_one_error(result.stderr)
+    library = home / "models"
+    assert not library.exists() or not [p for p in library.iterdir()]

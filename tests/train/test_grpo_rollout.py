@@ -1,0 +1,103 @@
+"""Group rollouts on the real bundled model: the group-shared prefill and batched decode give each sample exactly
+what generating it alone gives with the same key."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxtune.train.grpo.losses import selected_log_probs
+from mlxtune.train.grpo.rollout import generate_group, rollout_examples, sample_keys
+
+
+@pytest.fixture(scope="module")
+def story_model(model_dir):
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(model_dir))
+    return model, tokenizer
+
+
+def _prompts(tokenizer):
+    return [tokenizer.encode("Once upon a time, there was a little girl named Lily."), tokenizer.encode("Tom saw")]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_group_equals_each_sample_alone(story_model, temperature, top_p):
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer)
+    assert len(prompts[0]) != len(prompts[1])  # the batch left-pads the shorter prompt
+    stop = {tokenizer.eos_token_id, tokenizer.encode(".", add_special_tokens=False)[-1]}  # stop early and unevenly
+    keys = sample_keys(mx.random.key(7), len(prompts), 4)
+    group = generate_group(model, prompts, keys, max_tokens=24, eos_token_ids=stop, temperature=temperature,
+                           top_p=top_p)
+    assert group.tokens.shape[0] == 8 and group.prompt_index == [0, 0, 0, 0, 1, 1, 1, 1]
+    lengths = group.lengths
+    assert len(set(lengths)) > 1, "the samples should stop at different lengths"
+    assert len({tuple(group.completion(r)) for r in range(8)}) > 2, "sampling should differ between samples"
+    for row in range(8):
+        alone = generate_group(model, [prompts[group.prompt_index[row]]], keys[row:row + 1], max_tokens=24,
+                               eos_token_ids=stop, temperature=temperature, top_p=top_p)
+        assert alone.completion(0) == group.completion(row), f"sample {row} differs when decoded alone"
+        np.testing.assert_allclose(np.array(alone.log_probs[0, :lengths[row]]),
+                                   np.array(group.log_probs[row, :lengths[row]]), atol=1e-5)
+        assert np.array_equal(np.array(alone.next_keys[0]), np.array(group.next_keys[row]))
+    # mask: up to and including the stop token; nothing after it
+    for row in range(8):
+        completion = group.completion(row)
+        assert completion[-1] in stop or len(completion) == 24
+        assert not np.array(group.mask[row, lengths[row]:]).any()
+        assert np.all(np.array(group.tokens[row, lengths[row]:]) == 0)
+
+
+def test_log_probs_are_the_models_own(story_model):
+    """Each returned log-prob equals log softmax of a full forward pass over prompt + completion."""
+    model, tokenizer = story_model
+    prompt = _prompts(tokenizer)[1]
+    group = generate_group(model, [prompt], sample_keys(mx.random.key(3), 1, 2), max_tokens=12,
+                           eos_token_ids={tokenizer.eos_token_id})
+    for row in range(2):
+        completion = group.completion(row)
+        sequence = mx.array(prompt + completion)[None]
+        logits = model(sequence[:, :-1])[:, len(prompt) - 1:]
+        want = selected_log_probs(logits, sequence[:, len(prompt):])[0]
+        np.testing.assert_allclose(np.array(group.log_probs[row, :len(completion)]), np.array(want), atol=1e-5)
+
+
+def test_greedy_and_same_key_are_reproducible(story_model):
+    model, tokenizer = story_model
+    prompt = _prompts(tokenizer)[:1]
+    keys = sample_keys(mx.random.key(11), 1, 3)
+    first = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id])
+    again = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id])
+    assert np.array_equal(np.array(first.tokens), np.array(again.tokens))
+    greedy = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id],
+                            temperature=0)
+    assert len({tuple(greedy.completion(r)) for r in range(3)}) == 1
+    # a top-p so small that only the likeliest token survives samples greedily, whatever the temperature
+    nucleus = generate_group(model, prompt, keys, max_tokens=10, eos_token_ids=[tokenizer.eos_token_id],
+                             temperature=1.5, top_p=1e-6)
+    assert np.array_equal(np.array(nucleus.tokens), np.array(greedy.tokens))
+    with pytest.raises(ValueError, match="keys per prompt"):
+        generate_group(model, prompt * 2, keys, max_tokens=4, eos_token_ids=[2])
+
+
+def test_the_update_batch_recomputes_the_rollout_log_probs(story_model):
+    """Prompt + completion through the batching and selective head the other objectives use: at the same weights
+    the recomputed log-probs are the sampled ones (ratio 1), row by row, position by position."""
+    from mlxtune.data.batching import make_batch
+    from mlxtune.train.preference.objective import SequenceLogProbs
+
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer)
+    group = generate_group(model, prompts, sample_keys(mx.random.key(5), 2, 3), max_tokens=16,
+                           eos_token_ids={tokenizer.encode(".", add_special_tokens=False)[-1]})
+    examples = rollout_examples(prompts, group)
+    assert [int(e.supervised.sum()) for e in examples] == group.lengths
+    batch = make_batch(examples)
+    nll = SequenceLogProbs(model).position_nll(model, mx.array(batch.inputs), mx.array(batch.positions),
+                                               mx.array(batch.position_targets))
+    recomputed = -np.array(nll)[: batch.supervised_tokens]
+    sampled = np.concatenate([np.array(group.log_probs[r, :n]) for r, n in enumerate(group.lengths)])
+    np.testing.assert_allclose(recomputed, sampled, atol=1e-5)
