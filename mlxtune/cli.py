@@ -56,6 +56,9 @@ class MlxtuneGroup(click.Group):
 
 
 def _report(ctx, exc: MlxtuneError) -> None:
+    from mlxtune.runs import explain_disk_full
+
+    exc = explain_disk_full(exc)
     if ctx.meta.get("mlxtune.debug"):
         traceback.print_exc()
     click.echo(redact(f"error: {exc.message}"), err=True)
@@ -735,10 +738,10 @@ def models_rm(name, force, json_mode):
     Example:
       mlxtune models rm stories260K-4bit
     """
-    from mlxtune.library import remove_model
+    from mlxtune.runs import remove_unused_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
-    entry = remove_model(name, force=force)
+    entry = remove_unused_model(name, force=force)
     if json_mode:
         print_json({"removed": entry.name, "freed_bytes": entry.size_bytes})
     else:

@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
-    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "settings", "storage", "faults"]),
-    ("model facts", ["model_config", "plan", "memory", "cpu_quantized", "library", "hub", "models"]),
+    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "storage", "faults"]),
+    ("model facts", ["plan", "memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train"]),

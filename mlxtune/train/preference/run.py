@@ -34,8 +34,8 @@ from mlxtune.errors import UsageError
 from mlxtune.model_config import context_length, model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
-from mlxtune.runs import (BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, RESULT_FILE, RUN_FILE, RUN_MARKER,
-                          TEMPLATE_FILE)
+from mlxtune.runs import (BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, PREFERENCE_FILE, RESULT_FILE, RUN_FILE,
+                          RUN_MARKER, TEMPLATE_FILE)
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts, trainable_weights
@@ -56,7 +56,6 @@ from mlxtune.train.preference.objective import (
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import fmt_loss, make_console, sparkline, step_progress, summary_table, training_progress
 
-PREFERENCE_FILE = "preference.yaml"
 REFERENCE_FILE = "reference_logps.npz"
 MERGED_BASE = "sft-merged"
 STOP_ON = ("loss", "accuracy")
