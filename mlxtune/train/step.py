@@ -59,7 +59,7 @@ class TrainStep:
         self.model = model
         self.loss = loss
         self.state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, loss)
+        loss_and_grad = nn.value_and_grad(model, loss.for_gradient)
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def gradients(*arrays):
