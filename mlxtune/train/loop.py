@@ -453,6 +453,10 @@ def _try_largest_batch(trainer: TrainStep, datasets: Datasets, plan: BatchPlan, 
     first = step * settings.grad_accumulation
     if first <= largest < first + settings.grad_accumulation:
         return
+    # The optimizer's state (AdamW's two moments, as large as the trainable weights: large for `full`) is made
+    # lazily by the first update; made now, it is part of the trial's peak as it is of every later step's.
+    trainer.optimizer.init(trainer.model.trainable_parameters())
+    mx.eval(trainer.optimizer.state)
     trainer.accumulate([training_batch(datasets.train, plan, settings.seed, largest, parallel.rank, parallel.size)])
 
 

@@ -47,12 +47,13 @@ def test_budgets_parse_in_one_unit_and_bad_ones_are_refused():
 
 
 def test_calibration_cases_within_tolerance(tmp_path):
-    """Three of the calibration cases (docs/MEMORY.md has all of them): estimate within ±15% of MLX's peak."""
+    """Three of the calibration cases (docs/MEMORY.md has all of them): the estimate never below MLX's peak and at
+    most 15% above it."""
     bench = _bench()
     data = bench.make_data(tmp_path / "data")
     for name in ("stories-lora-short", "stories-dora-long-fullloss", "smollm-lora-short"):
-        row = bench.run_case(name, data, tmp_path / "models", tmp_path / "runs", iters=2)
-        assert abs(row["error"]) <= bench.TOLERANCE, row
+        row = bench.run_case(name, data, tmp_path / "models", tmp_path / "runs", iters=1)
+        assert bench.within_tolerance(row), row
 
 
 def test_plan_refuses_then_suggested_settings_fit(qwen_model, short_data, tmp_path):
