@@ -350,7 +350,10 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         tokens = batch.rows * batch.length
         float_bytes = 4 if run.on_cpu else 2
         one_block = tokens * _kept_per_token(facts, run) * float_bytes + batch.rows * facts.heads * batch.length**2 * 8
-        parts = dict(fixed, activations=one_block + 2 * tokens * facts.hidden * float_bytes,
+        # plus the MLP's two [tokens, intermediate] temporaries while a block runs (measured: the 152k-vocabulary
+        # validation pass of qwen-lora-long-pack-ckpt)
+        mlp = 2 * tokens * facts.intermediate * float_bytes
+        parts = dict(fixed, activations=one_block + mlp + 2 * tokens * facts.hidden * float_bytes,
                      loss=loss_bytes(facts, run, batch, training=False))
         total = sum(parts.values())
         if total > best_total:
