@@ -285,8 +285,9 @@ def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dic
     # The CPU backend's attention keeps its [rows, heads, L, L] probabilities; Metal's fused kernel keeps none.
     scores = batch.rows * facts.heads * batch.length**2 * 4
     kept_scores = scores if run.on_cpu else 0
-    # The backward pass of one block holds the gradients of its scores and of its MLP at once.
-    transient = 2 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
+    # The backward pass of one block holds the gradients of its scores (three score-sized arrays at once, measured on
+    # stories260K's long rows) and of its MLP at once.
+    transient = 3 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
     if run.grad_checkpoint:
         kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
     else:
