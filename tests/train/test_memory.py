@@ -60,7 +60,9 @@ def test_plan_refuses_then_suggested_settings_fit(qwen_model, short_data, tmp_pa
     default = run_cli("plan", "--model", qwen_model, "--data", short_data, "--json")
     assert default.returncode == 0, default.stderr
     needed = json.loads(default.stdout)["estimate_gb"]
-    budget = round(0.85 * needed, 3)  # below what the default settings need
+    # Below what the default settings need, within reach of checkpointing and smaller micro-batches: with the fused
+    # head gradient the loss term no longer grows with the batch, so smaller batches save less than they did.
+    budget = round(0.95 * needed, 3)
 
     refused = run_cli("plan", "--model", qwen_model, "--data", short_data, "--memory", f"{budget}GB", "--json")
     report = json.loads(refused.stdout)
