@@ -61,7 +61,9 @@ from mlxtune.train.recovery import (
     restore_progress,
     unlock_run_dir,
 )
-from mlxtune.train.planner import MemoryGuard, MemoryPlan, describe_change, is_out_of_memory, plan_for_run
+from mlxtune.memory import ModelFacts
+from mlxtune.train.planner import (DataLengths, MemoryGuard, MemoryPlan, describe_change, is_out_of_memory,
+                                    largest_first, plan_for_run)
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import GB, TrainingReporter, make_console
 
@@ -344,22 +346,30 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
                               batch_tokens=settings.batch_tokens, pack=settings.pack,
                               max_seq_length=settings.max_seq_length, packing_supported=plan.pack)[0]
 
+        facts, lengths = ModelFacts.from_dir(setup.model_path), DataLengths.of(datasets)
+        try_largest = True  # before the first step, and again after the guard changed the batches
+
         while step < total_steps and result.stopped != "interrupted":
-            tic = time.perf_counter()
-            # Dropout's randomness is a function of (seed, step): a resumed run draws what the original would.
-            # 1_000_003 is a prime larger than any step count, so no two (seed, step) pairs share a seed.
-            mx.random.seed(parallel.step_seed(settings.seed * 1_000_003 + step))
-            micro = [
-                training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k,
-                               parallel.rank, parallel.size)
-                for k in range(settings.grad_accumulation)
-            ]
             try:
+                if try_largest:
+                    try_largest = False
+                    _try_largest_batch(trainer, datasets, plan, settings, step, parallel,
+                                       largest_first(facts, settings, lengths, plan))
+                tic = time.perf_counter()
+                # Dropout's randomness is a function of (seed, step): a resumed run draws what the original
+                # would. 1_000_003 is a prime larger than any step count, so no two (seed, step) pairs share a seed.
+                mx.random.seed(parallel.step_seed(settings.seed * 1_000_003 + step))
+                micro = [
+                    training_batch(datasets.train, plan, settings.seed, step * settings.grad_accumulation + k,
+                                   parallel.rank, parallel.size)
+                    for k in range(settings.grad_accumulation)
+                ]
                 loss_sum, count, grads = trainer.accumulate(micro)
             except (RuntimeError, MemoryError) as exc:
                 if guard is None or not is_out_of_memory(exc):
                     raise
                 plan = shrink_batches(None)
+                try_largest = True
                 continue
             # Data-parallel: the world's sums (one rank: unchanged), so the update is the same per-token mean.
             loss_sum, count, tokens, grads = parallel.reduce_step(loss_sum, count, sum(b.tokens for b in micro if b),
@@ -430,6 +440,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
             if (guard is not None and guard.overshoot() and step < total_steps and result.stopped == "completed"
                     and not stop.signal_name):
                 plan = shrink_batches(guard.peak())
+                try_largest = True
             if result.stopped == "early-stopped":
                 reporter.early_stop(settings.patience, result.best_step, run_dir / BEST_DIR)
                 break
@@ -445,6 +456,22 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
         unlock_run_dir(run_dir)
     reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
+
+
+def _try_largest_batch(trainer: TrainStep, datasets: Datasets, plan: BatchPlan, settings: LoraSettings, step: int,
+                       parallel: DataParallel, largest: int) -> None:
+    """Fail fast: the run's largest micro-batch (`planner.largest_first`), once, before the step, untimed and
+    discarded (nothing is updated; dropout is seeded per step afterwards), so a run that would run out of memory
+    does so in its first minute rather than when that batch comes up hours in. Skipped when the step is about to
+    draw it anyway."""
+    first = step * settings.grad_accumulation
+    if first <= largest < first + settings.grad_accumulation:
+        return
+    # The optimizer's state (AdamW's two moments, as large as the trainable weights: large for `full`) is made
+    # lazily by the first update; made now, it is part of the trial's peak as it is of every later step's.
+    trainer.optimizer.init(trainer.model.trainable_parameters())
+    mx.eval(trainer.optimizer.state)
+    trainer.accumulate([training_batch(datasets.train, plan, settings.seed, largest, parallel.rank, parallel.size)])
 
 
 def floating_parameters(model) -> list[mx.array]:
