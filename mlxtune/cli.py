@@ -49,10 +49,16 @@ class MlxtuneGroup(click.Group):
             if environmental is not None:
                 _report(ctx, environmental)
             if ctx.meta.get("mlxtune.debug"):
-                traceback.print_exc()
+                _print_traceback()
             click.echo(redact(f"internal error: {type(exc).__name__}: {exc}"), err=True)
             click.echo("hint: rerun with `mlxtune --debug ...` and report the traceback", err=True)
             ctx.exit(1)
+
+
+def _print_traceback() -> None:
+    """--debug's traceback, with credentials redacted like every other line we print (a token in a URL or an
+    argument would otherwise reach a bug report)."""
+    click.echo(redact(traceback.format_exc()).rstrip("\n"), err=True)
 
 
 def _report(ctx, exc: MlxtuneError) -> None:
@@ -60,7 +66,7 @@ def _report(ctx, exc: MlxtuneError) -> None:
 
     exc = explain_disk_full(exc)
     if ctx.meta.get("mlxtune.debug"):
-        traceback.print_exc()
+        _print_traceback()
     click.echo(redact(f"error: {exc.message}"), err=True)
     if exc.hint:
         click.echo(redact(f"hint: {exc.hint}"), err=True)

@@ -288,7 +288,8 @@ def temp_dir(prefix: str) -> Path:
 
 
 # Environment variables whose values are credentials: never printed, logged or saved by mlxtune.
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY",
+                    "MLXTUNE_API_KEY")
 
 
 def redact(text: str) -> str:
