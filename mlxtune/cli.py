@@ -21,6 +21,7 @@ from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
+from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
 
 EXIT_INTERRUPTED = 130
 DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
@@ -48,15 +49,24 @@ class MlxtuneGroup(click.Group):
             if environmental is not None:
                 _report(ctx, environmental)
             if ctx.meta.get("mlxtune.debug"):
-                traceback.print_exc()
+                _print_traceback()
             click.echo(redact(f"internal error: {type(exc).__name__}: {exc}"), err=True)
             click.echo("hint: rerun with `mlxtune --debug ...` and report the traceback", err=True)
             ctx.exit(1)
 
 
+def _print_traceback() -> None:
+    """--debug's traceback, with credentials redacted like every other line we print (a token in a URL or an
+    argument would otherwise reach a bug report)."""
+    click.echo(redact(traceback.format_exc()).rstrip("\n"), err=True)
+
+
 def _report(ctx, exc: MlxtuneError) -> None:
+    from mlxtune.runs import explain_disk_full
+
+    exc = explain_disk_full(exc)
     if ctx.meta.get("mlxtune.debug"):
-        traceback.print_exc()
+        _print_traceback()
     click.echo(redact(f"error: {exc.message}"), err=True)
     if exc.hint:
         click.echo(redact(f"hint: {exc.hint}"), err=True)
@@ -519,6 +529,42 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
                  on_notice=lambda msg: click.echo(f"note: {msg}", err=True))
 
 
+@main.command("verify")
+@click.argument("run_dir", type=click.Path())
+@click.option("--hops", help=f"Comma-separated hops to check: {', '.join(HOPS)} [default: all].")
+@click.option("--checkpoint", default="last", show_default=True, help="Adapter the reference uses: last, best or a step number.")
+@click.option("--fused", type=click.Path(), help="A fused model directory to check [default: fuse into a temporary directory].")
+@click.option("--gguf", multiple=True, type=click.Path(), help="GGUF file to check (repeatable) [default: RUN-*.gguf beside the run].")
+@click.option("--ollama", multiple=True, type=click.Path(), help="Ollama folder to check (repeatable) [default: RUN-ollama beside the run].")
+@click.option("--serve", "serve_target", type=click.Path(), help="What the serve hop serves [default: the run].")
+@click.option("--samples", default=SAMPLES, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
+@click.option("--max-tokens", default=MAX_NEW_TOKENS, show_default=True, type=int, help="Greedy tokens generated per probe.")
+@_json_option
+def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, serve_target, samples, max_tokens, json_mode):
+    """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
+    llama.cpp, the Ollama folder, mlxtune serve) against base + adapter: prompt rendering byte for byte, the
+    end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
+    breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
+
+    \b
+    Examples:
+      mlxtune verify runs/demo
+      mlxtune verify runs/demo --hops fused,gguf --gguf runs/demo-q8_0.gguf --json
+    """
+    from mlxtune.ui import make_console, print_json
+    from mlxtune.verify import print_verify, verify_run
+
+    console = make_console(json_mode)
+    result = verify_run(run_dir, hops=[h.strip() for h in hops.split(",") if h.strip()] if hops else None,
+                        checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama),
+                        serve=serve_target, samples=samples, max_tokens=max_tokens, console=console)
+    if json_mode:
+        print_json(result.to_dict())
+    else:
+        print_verify(console, result)
+    sys.exit(0 if result.ok else 1)
+
+
 @main.command("eval")
 @click.argument("run_dir", type=click.Path())
 @click.option("--data", help="A data file, or a directory (its test split, else valid) [default: the run's data].")
@@ -704,10 +750,10 @@ def models_rm(name, force, json_mode):
     Example:
       mlxtune models rm stories260K-4bit
     """
-    from mlxtune.library import remove_model
+    from mlxtune.runs import remove_unused_model
     from mlxtune.ui import fmt_bytes, make_console, print_json
 
-    entry = remove_model(name, force=force)
+    entry = remove_unused_model(name, force=force)
     if json_mode:
         print_json({"removed": entry.name, "freed_bytes": entry.size_bytes})
     else:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlxtune.errors import UsageError
@@ -152,30 +153,15 @@ def _in_training(path: Path) -> bool:
     return False
 
 
-def runs_using(path: Path, runs_dir: Path = Path("runs")) -> list[Path]:
-    """The run directories in `runs_dir` (./runs, where runs go by default) trained on the model at `path`."""
-    from mlxtune.runs import RUN_FILE  # the run layout is runs.py's (which sits above the library)
-
-    target = Path(path).resolve()
-    found = []
-    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
-        try:
-            base = json.loads((run / RUN_FILE).read_text(encoding="utf-8")).get("base_model")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(base, str) and Path(base).resolve() == target:
-            found.append(run)
-    return found
-
-
-def remove_model(name: str, force: bool = False) -> ModelEntry:
-    """Delete a library entry; refused while a run trains on it, or (unless `force`) when runs in ./runs use it."""
+def remove_model(name: str, force: bool = False, used_by: Sequence[Path] = ()) -> ModelEntry:
+    """Delete a library entry; refused while a run trains on it, or (unless `force`) when `used_by` names runs
+    trained on it (`runs.remove_unused_model` finds them: the run layout sits above the library)."""
     entry = require_entry(name)
     path = library_dir() / name
     if _in_training(path):
         raise UsageError(f"model {name!r} is in use by a training run",
                          f"wait for the run to finish (or stop it), then: mlxtune models rm {name}")
-    users = runs_using(path)
+    users = list(used_by)
     if users and not force:
         listed = ", ".join(str(r) for r in users[:3]) + (", ..." if len(users) > 3 else "")
         raise UsageError(f"model {name!r} is the base of {len(users)} run(s) in ./runs ({listed}); without it they "

@@ -10,8 +10,9 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
 - activations kept for the backward pass in every block from the lowest adapted one up: norms, q/k/v, the attention
   probabilities (the CPU backend computes attention unfused and keeps them, [heads, L, L] per row), the attention
   output, the MLP's gate/up/product; with gradient checkpointing only each block's input, plus one block recomputed;
-- the loss workspace: the selective loss's kept softmax over supervised positions (or its recomputed chunks past
-  a budget, one per stream), or full logits with their softmax and gradient;
+- the loss workspace: in training with a frozen head (every run method), the fused head gradient's chunks in flight,
+  one per stream, nothing vocabulary-sized kept; in evaluation a forward chunk per stream; with full logits, the
+  logits with their softmax and gradient;
 - the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
 - a fixed allowance for MLX's own small buffers (RNG state, probes, compiled-graph constants).
 
@@ -43,7 +44,7 @@ HALF = ("F16", "BF16")
 KEPT_SOFTMAX_BYTES = 512 * 2**20
 CHUNK_LOGITS_BYTES = 64 * 2**20
 CHUNK_ROWS = 1024
-FUSED_CHUNK_ROWS = 64  # and mlxtune.train.preference.objective's chunk for the fused head gradient
+FUSED_CHUNK_ROWS = 64  # and the chunk of the fused head gradient (SFT, DPO and ORPO training)
 
 
 def fmt_gb(n_bytes: float | None, digits: int = 2) -> str:
@@ -216,7 +217,7 @@ class RunShape:
     on_cpu: bool = True
     streams: int = 1  # loss streams (one per core on the CPU backend)
     bits: int | None = None  # estimate as if the base were quantized to this many bits
-    fused_head: bool = False  # the head's gradient made chunk by chunk in the forward pass (preference objectives)
+    fused_head: bool = False  # the head's gradient made chunk by chunk in the forward pass (a frozen head in training)
 
 
 @dataclass
@@ -273,8 +274,9 @@ def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dic
     # The CPU backend's attention keeps its [rows, heads, L, L] probabilities; Metal's fused kernel keeps none.
     scores = batch.rows * facts.heads * batch.length**2 * 4
     kept_scores = scores if run.on_cpu else 0
-    # The backward pass of one block holds the gradients of its scores and of its MLP at once.
-    transient = 2 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
+    # The backward pass of one block holds the gradients of its scores (three score-sized arrays at once, measured on
+    # stories260K's long rows) and of its MLP at once.
+    transient = 3 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
     if run.grad_checkpoint:
         kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
     else:
@@ -298,7 +300,9 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
     chunk = min(chunk, max(1, -(-rows // max(run.streams, 1))))
     gathered = rows * facts.hidden * 4
     if not training:
-        return gathered + min(run.streams, -(-rows // chunk)) * 2 * chunk * vocab_row
+        # per stream: the chunk's logits, their shifted copy and exponentials, then the softmax (measured: three
+        # chunk-sized arrays at once, smollm-full-short-ckpt's validation pass)
+        return gathered + min(run.streams, -(-rows // chunk)) * 3 * chunk * vocab_row
     in_flight = min(run.streams, -(-rows // chunk))
     if run.fused_head:
         # differentiated chunk by chunk in the forward pass, nothing kept: per stream about six chunk-sized arrays at
@@ -336,7 +340,10 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         tokens = batch.rows * batch.length
         float_bytes = 4 if run.on_cpu else 2
         one_block = tokens * _kept_per_token(facts, run) * float_bytes + batch.rows * facts.heads * batch.length**2 * 8
-        parts = dict(fixed, activations=one_block + 2 * tokens * facts.hidden * float_bytes,
+        # plus the MLP's two [tokens, intermediate] temporaries while a block runs (measured: the 152k-vocabulary
+        # validation pass of qwen-lora-long-pack-ckpt)
+        mlp = 2 * tokens * facts.intermediate * float_bytes
+        parts = dict(fixed, activations=one_block + mlp + 2 * tokens * facts.hidden * float_bytes,
                      loss=loss_bytes(facts, run, batch, training=False))
         total = sum(parts.values())
         if total > best_total:

@@ -9,6 +9,7 @@
       best/                    the adapter with the lowest validation loss so far (BEST_DIR)
       checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR)
       metrics.jsonl, loss.png, result.json
+      verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
       .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
                                is ever reset, and then only of the files above
       .lock                    the writer's lock (train/recovery.py)
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 from dataclasses import dataclass
@@ -38,10 +40,11 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 RESULT_FILE = "result.json"
+PREFERENCE_FILE = "preference.yaml"  # a dpo/orpo run's objective settings (config.yaml stays a plain LoRA config)
+VERIFY_FILE = "verify.json"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
-PREFERENCE_FILE = "preference.yaml"
 REFERENCE_FILE = "reference_logps.npz"
 MERGED_BASE = "sft-merged"
 RUN_MARKER = ".mlxtune-run"  # proof that mlxtune created the directory (a folder of the user's is never reset)
@@ -247,3 +250,46 @@ def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, ad
         template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
     model.eval()
     return LoadedModel(model, tokenizer, config, template, "model" if template else "none", str(path), path)
+
+
+def runs_using(path: Path, runs_dir: Path = Path("runs")) -> list[Path]:
+    """The run directories in `runs_dir` (./runs, where runs go by default) trained on the model at `path`."""
+    target = Path(path).resolve()
+    found = []
+    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        try:
+            base = json.loads((run / RUN_FILE).read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and Path(base).resolve() == target:
+            found.append(run)
+    return found
+
+
+def remove_unused_model(name: str, force: bool = False):
+    """`models rm`: delete a library entry unless a run trains on it or (without `force`) runs in ./runs use it."""
+    from mlxtune.library import library_dir, remove_model
+
+    return remove_model(name, force=force, used_by=runs_using(library_dir() / name))
+
+
+def resume_command(where: Path) -> str | None:
+    """How to continue the run `where` is (or lies in) once its settings are saved: after a full disk the same
+    command would be refused ("run directory already exists"), --resume continues from the last checkpoint."""
+    for folder in [Path(where), *Path(where).parents][:4]:
+        if (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in (RUN_MARKER, RUN_FILE)):
+            preference = folder / PREFERENCE_FILE
+            found = re.search(r"^objective:\s*(\w+)", preference.read_text("utf-8", "replace"), re.M) if (
+                preference.is_file()) else None
+            return f"mlxtune {found[1] if found else 'lora'} --resume {folder}"
+    return None
+
+
+def explain_disk_full(error):
+    """A `storage.DiskFull` inside a run: its hint names the run's `--resume` command instead of "run it again"."""
+    from mlxtune.storage import DISK_FULL_AGAIN
+
+    resume = resume_command(error.where) if getattr(error, "where", None) else None
+    if resume and error.hint:
+        error.hint = error.hint.replace(DISK_FULL_AGAIN, f"continue the run: {resume}")
+    return error

@@ -96,31 +96,23 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+DISK_FULL_AGAIN = "run the same command again"
+
+
 class DiskFull(RunFailed):
-    """The disk filled up while writing; nothing written so far is lost."""
+    """The disk filled up while writing `where`; nothing written so far is lost. The CLI turns the hint into the
+    run's `--resume` command when `where` lies in a run (`runs.explain_disk_full`: the layout sits above storage)."""
 
-
-def _resume_command(where: Path) -> str | None:
-    """How to continue the run `where` is (or lies in) once its settings are saved: after a full disk the same
-    command would be refused ("run directory already exists"), --resume continues from the last checkpoint."""
-    from mlxtune.runs import CONFIG_FILE, RUN_FILE, RUN_MARKER  # the layout is runs.py's; imported here to avoid a cycle
-
-    for folder in [Path(where), *Path(where).parents][:4]:
-        if (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in (RUN_MARKER, RUN_FILE)):
-            preference = folder / "preference.yaml"  # a dpo/orpo run (train/preference/run.py PREFERENCE_FILE)
-            found = re.search(r"^objective:\s*(\w+)", preference.read_text("utf-8", "replace"), re.M) if (
-                preference.is_file()) else None
-            return f"mlxtune {found[1] if found else 'lora'} --resume {folder}"
-    return None
+    def __init__(self, message: str, hint: str | None = None, where: Path | None = None):
+        super().__init__(message, hint)
+        self.where = where
 
 
 def disk_full_error(where: Path, need: int | None = None) -> DiskFull:
     free = free_bytes(where)
     needs = f"; this step needs about {fmt_size(need)}" if need else ""
-    resume = _resume_command(where)
-    again = f"continue the run: {resume}" if resume else "run the same command again"
     return DiskFull(f"disk full writing {where} ({fmt_size(free)} free on {existing_ancestor(where)}{needs})",
-                    f"free some space (or choose an --out on another disk), then {again}")
+                    f"free some space (or choose an --out on another disk), then {DISK_FULL_AGAIN}", where=Path(where))
 
 
 def not_writable_error(where: Path, reason: str) -> UsageError:
@@ -296,7 +288,8 @@ def temp_dir(prefix: str) -> Path:
 
 
 # Environment variables whose values are credentials: never printed, logged or saved by mlxtune.
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY",
+                    "MLXTUNE_API_KEY")
 
 
 def redact(text: str) -> str:

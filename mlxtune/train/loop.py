@@ -47,8 +47,9 @@ from mlxtune.train.recovery import (
     data_fingerprint,
     find_resume_point,
 )
+from mlxtune.memory import ModelFacts
 from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.planner import MemoryGuard, MemoryPlan, plan_for_run
+from mlxtune.train.planner import DataLengths, MemoryGuard, MemoryPlan, largest_first, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import TrainingReporter, make_console
 
@@ -264,6 +265,24 @@ class SupervisedObjective(Objective):
 
     def save_settings(self, run_dir: Path) -> None:
         save_settings(self.settings, run_dir / CONFIG_FILE)
+
+    def try_first(self, step: int) -> None:
+        """Fail fast: the run's largest micro-batch (`planner.largest_first`), once, before the step, untimed and
+        discarded (nothing is updated; dropout is seeded per step afterwards), so a run that would run out of memory
+        does so in its first minute rather than when that batch comes up hours in. Skipped when the step is about
+        to draw it anyway."""
+        settings, setup = self.settings, self.setup
+        largest = largest_first(ModelFacts.from_dir(setup.model_path), settings, DataLengths.of(self.datasets),
+                                self.plan)
+        first = step * settings.grad_accumulation
+        if first <= largest < first + settings.grad_accumulation:
+            return
+        # The optimizer's state (AdamW's two moments, as large as the trainable weights: large for `full`) is made
+        # lazily by the first update; made now, it is part of the trial's peak as it is of every later step's.
+        self.trainer.optimizer.init(setup.model.trainable_parameters())
+        mx.eval(self.trainer.optimizer.state)
+        self.trainer.accumulate([training_batch(self.datasets.train, self.plan, settings.seed, largest,
+                                                self.parallel.rank, self.parallel.size)])
 
 
 def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:

@@ -149,35 +149,108 @@ def _cross_entropy_sum_vjp(primals, cotangents, outputs):
     return grad.astype(logits.dtype), mx.zeros_like(targets), mx.zeros_like(weights)
 
 
-def make_selective_loss_sum(head, vocab_size: int):
+# Rows per chunk of the fused head gradient: it keeps nothing per chunk, so small chunks bound the vocabulary-sized
+# temporaries (two chunks in flight) at little cost in speed (measured on the bench's SmolLM shape: 64 rows peak
+# 0.71 GB at ≈10% more step time, 341 rows 0.92 GB). Mirrored in mlxtune/memory.py.
+FUSED_CHUNK_ROWS = 64
+
+
+def head_token_nll_with_gradient(head):
+    """−log p(target) per row straight from hidden rows, for a head without trainable parameters, with its
+    gradient computed in the forward pass (the fused linear cross-entropy of Liger-Kernel and others).
+
+    d nll / d rows = (softmax − one_hot) @ W does not depend on what comes after the log-probs, so each chunk turns
+    its softmax into that `[rows, hidden]` gradient at once and the backward pass only scales it by the incoming
+    cotangent. Nothing vocabulary-sized outlives its chunk: the stock composition keeps every chunk's logits and
+    softmax (`[positions, vocab]`, twice) alive until the backward. Same arithmetic, moved; forward-only callers
+    (evaluation, the preference reference pass) skip it, since it always does the gradient's matmul."""
+
+    def logits_of(rows):
+        return head(rows).astype(mx.float32)
+
+    @mx.custom_function
+    def nll(rows, targets):
+        # The plain body, not a custom function's: a custom function's softmax output would stay alive as long as
+        # its sibling does.
+        nlls, probabilities = softmax_nll(logits_of(rows), targets)
+        # mx.vjp through the head: the right matmul for a plain, quantized or tied (embedding) head; its forward
+        # output is not used, so it is never computed.
+        _, (row_gradient,) = mx.vjp(logits_of, [rows], [nll_logit_gradient(probabilities, targets)])
+        return nlls, mx.stop_gradient(row_gradient)
+
+    @nll.vjp
+    def _nll_vjp(primals, cotangents, outputs):
+        rows, targets = primals
+        return (cotangents[0][:, None] * outputs[1]).astype(rows.dtype), mx.zeros_like(targets)
+
+    return nll
+
+
+def has_trainable_parameters(function) -> bool:
+    """Whether the module behind a head (a module, or a bound method such as `embed_tokens.as_linear`) trains."""
+    from mlx.utils import tree_flatten
+
+    module = getattr(function, "__self__", function)
+    return isinstance(module, nn.Module) and bool(tree_flatten(module.trainable_parameters()))
+
+
+def over_chunks(rows: mx.array, chunk: int, compute) -> list[mx.array]:
+    """`compute(start, rows[start:start + chunk])` for each chunk, round-robin over the loss streams (MLX's CPU
+    elementwise kernels, the softmax's exp among them, are single-threaded: one stream per core runs chunks in
+    parallel). A chunk starts once its stream's previous chunk has finished: without this order MLX may run every
+    chunk's head before any softmax, and all their `[rows, vocab]` logits are alive at once."""
+    streams = loss_streams()
+    parts = []
+    for number, start in enumerate(range(0, rows.shape[0], chunk)):
+        part = rows[start:start + chunk]
+        if number >= len(streams):
+            part = mx.depends(part, parts[number - len(streams)])
+        with mx.stream(streams[number % len(streams)]):
+            parts.append(compute(start, part))
+    return parts
+
+
+def make_selective_loss_sum(head, vocab_size: int, differentiable: bool = False):
+    """Σ weight · cross-entropy over the supervised rows, the head applied to those rows only, chunk by chunk.
+
+    `differentiable` (the training step): with a frozen head (LoRA, DoRA, full finetuning of the blocks) the head's
+    gradient is made chunk by chunk in the forward pass (`head_token_nll_with_gradient`) and nothing
+    vocabulary-sized is kept for the backward; a trainable head keeps each chunk's softmax up to a budget and past
+    it recomputes the chunk in the backward pass (`nn.utils.checkpoint`, so the head's own parameters get their
+    gradient too). Forward only (evaluation): the chunks' losses, nothing more."""
     max_rows = chunk_rows(vocab_size)
+    fused = head_token_nll_with_gradient(head) if differentiable and not has_trainable_parameters(head) else None
+    module = getattr(head, "__self__", head)
 
     def loss_of_rows(rows, targets, weights):
         return cross_entropy_sum(head(rows).astype(mx.float32), targets, weights)[0]
 
-    def chunk_loss(hidden_rows, targets, weights, recompute: bool):
-        if not recompute:
-            return loss_of_rows(hidden_rows, targets, weights)
-        # Recompute the chunk's logits in the backward pass instead of keeping them. Only the hidden rows are
-        # arguments: the integer targets and the weights are constants of the chunk, not things to differentiate.
-        return mx.checkpoint(lambda rows: loss_of_rows(rows, targets, weights))(hidden_rows)
+    def recomputed_loss_of_rows(rows, targets, weights):
+        # mlx's nn.utils.checkpoint passes the module's trainable parameters as arguments of the recomputed
+        # function: mx.checkpoint of a closure would drop a trainable head's gradient. The integer targets and the
+        # weights are constants of the chunk, not things to differentiate.
+        return nn.utils.checkpoint(module, lambda rows: loss_of_rows(rows, targets, weights))(rows)
 
     def selective_loss_sum(model, inputs, positions, targets, weights, segments=None):
         hidden = model.model(inputs, cache=packing_cache(model, segments))
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
         count = positions.shape[0]
-        streams = loss_streams()
-        # At least one chunk per stream: MLX's CPU elementwise kernels (the softmax's exp) are single-threaded,
-        # so spreading the chunks over one stream per core runs them in parallel.
-        chunk = min(max_rows, max(1, -(-count // len(streams))))
-        # Keeping every chunk's softmax for the backward pass saves recomputing head and softmax; past a budget
-        # the chunks are recomputed instead, so memory stays bounded whatever the batch.
-        recompute = count * vocab_size * 4 > KEPT_SOFTMAX_BYTES
+        # At least one chunk per stream, so every core has work.
+        per_stream = max(1, -(-count // len(loss_streams())))
+        if fused is not None:
+            chunk = min(FUSED_CHUNK_ROWS, per_stream)
+            parts = over_chunks(rows, chunk, lambda start, part: (
+                fused(part, targets[start:start + chunk])[0] * weights[start:start + chunk]).sum())
+        else:
+            chunk = min(max_rows, per_stream)
+            # Keeping every chunk's softmax for the backward pass saves recomputing head and softmax; past a
+            # budget the chunks are recomputed instead, so memory stays bounded whatever the batch.
+            keep = not differentiable or count * vocab_size * 4 <= KEPT_SOFTMAX_BYTES
+            body = loss_of_rows if keep else recomputed_loss_of_rows
+            parts = over_chunks(rows, chunk, lambda start, part: body(part, targets[start:start + chunk],
+                                                                     weights[start:start + chunk]))
         total = mx.array(0.0)
-        for number, start in enumerate(range(0, count, chunk)):
-            end = start + chunk
-            with mx.stream(streams[number % len(streams)]):
-                part = chunk_loss(rows[start:end], targets[start:end], weights[start:end], recompute)
+        for part in parts:
             total = total + part
         return total, weights.sum()
 
@@ -204,7 +277,12 @@ class Loss:
     def __init__(self, model, selective: bool = True):
         self.selective = selective and supports_selective_loss(model)
         vocab_size = getattr(getattr(model, "args", None), "vocab_size", None) or 32768
-        self.function = make_selective_loss_sum(output_head(model), vocab_size) if self.selective else full_loss_sum
+        head = output_head(model) if self.selective else None
+        # Built when the trainable parameters are settled (adapters attached): whether the head trains decides
+        # how the training loss makes its gradient.
+        self.function = make_selective_loss_sum(head, vocab_size) if self.selective else full_loss_sum
+        self.training_function = (make_selective_loss_sum(head, vocab_size, differentiable=True)
+                                  if self.selective else full_loss_sum)
 
     def arrays(self, batch: Batch) -> tuple[mx.array, ...]:
         if self.selective:
@@ -215,4 +293,9 @@ class Loss:
         return arrays if batch.segments is None else (*arrays, mx.array(batch.segments))
 
     def __call__(self, model, *arrays):
+        """The loss sum and supervised count, for a forward pass (evaluation)."""
         return self.function(model, *arrays)
+
+    def for_gradient(self, model, *arrays):
+        """The same numbers, for a step that takes their gradient (what `nn.value_and_grad` differentiates)."""
+        return self.training_function(model, *arrays)

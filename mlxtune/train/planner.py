@@ -37,7 +37,10 @@ def run_shape(settings: LoraSettings, cpu: bool | None = None, bits: int | None 
     return RunShape(method=settings.method, rank=settings.rank, layers=settings.layers,
                     target_modules=settings.target_modules, grad_checkpoint=settings.grad_checkpoint,
                     selective_loss=settings.selective_loss, grad_accumulation=settings.grad_accumulation,
-                    on_cpu=cpu, streams=loss_stream_count() if cpu else 1, bits=bits)
+                    on_cpu=cpu, streams=loss_stream_count() if cpu else 1, bits=bits,
+                    # the training loss makes a frozen head's gradient chunk by chunk (train/loss.py); no run
+                    # method trains the head
+                    fused_head=settings.selective_loss)
 
 
 def _shape_of(rows: list[list[int]], lengths: list[int], supervised: list[int], packed: bool) -> BatchShape:
@@ -67,6 +70,16 @@ def plan_epoch_from_lengths(lengths: list[int], plan, seed: int):
             return self.n
 
     return plan_epoch([_Sized(n) for n in lengths], plan, seed, 0)
+
+
+def largest_first(facts: ModelFacts, settings: LoraSettings, data: "DataLengths", plan) -> int:
+    """The index, in the first epoch, of the micro-batch with the largest estimated peak: the loop tries it before
+    its first step, so a run that will run out of memory does so in its first minute, not hours in."""
+    shapes = [_shape_of(rows, data.lengths, data.supervised, plan.pack)
+              for rows in plan_epoch_from_lengths(data.lengths, plan, settings.seed)]
+    run = run_shape(settings)
+    peaks = {shape: estimate(facts, run, [shape]).total for shape in set(shapes)}
+    return max(range(len(shapes)), key=lambda i: peaks[shapes[i]])
 
 
 def eval_shapes(valid, batch_size: int, val_batches: int) -> list[BatchShape]:

@@ -57,9 +57,10 @@ class TrainStep:
 
     def __init__(self, model, optimizer: optim.Optimizer, grad_clip: float, loss: Loss):
         self.model = model
+        self.optimizer = optimizer
         self.loss = loss
         self.state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, loss)
+        loss_and_grad = nn.value_and_grad(model, loss.for_gradient)
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def gradients(*arrays):

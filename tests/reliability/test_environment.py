@@ -184,9 +184,11 @@ def test_credentials_never_reach_logs_configs_cards_or_json(tmp_path):
     run = tmp_path / "run"
     outputs = [cli(*lora_args(run, iters=2), "--json", **env),
                cli("fuse", run, "--out", tmp_path / "fused", "--json", **env),
-               cli("pull", f"nobody/{SENTINEL}", HF_HUB_OFFLINE="1", **env)]  # an error echoing the token
-    assert [o.returncode for o in outputs] == [0, 0, 2], [o.stderr[-500:] for o in outputs]
+               cli("pull", f"nobody/{SENTINEL}", HF_HUB_OFFLINE="1", **env),  # an error echoing the token
+               cli("--debug", "pull", f"nobody/{SENTINEL}", HF_HUB_OFFLINE="1", **env)]  # and its traceback
+    assert [o.returncode for o in outputs] == [0, 0, 2, 2], [o.stderr[-500:] for o in outputs]
     assert "***" in outputs[2].stderr
+    assert "Traceback" in outputs[3].stderr and "***" in outputs[3].stderr
     for output in outputs:
         assert SENTINEL not in output.stdout + output.stderr
     for file in [*run.rglob("*"), *(tmp_path / "fused").rglob("*")]:

@@ -25,7 +25,7 @@ from mlxtune.errors import UsageError
 from mlxtune.export import export
 from mlxtune.fuse import fuse_run
 from mlxtune.library import remove_model
-from mlxtune.runs import RUN_MARKER, check_output, open_run
+from mlxtune.runs import RUN_MARKER, check_output, explain_disk_full, open_run
 from mlxtune.storage import atomic_write_text, check_writable, clean_stale_temp, create_file, disk_full_error
 from mlxtune.train.loop import resume_settings
 from mlxtune.train.metrics import MetricsLog, read_metrics
@@ -340,7 +340,7 @@ def test_models_rm_refuses_a_model_runs_use_or_one_in_training(tmp_path):
 
 
 def test_disk_full_in_a_run_points_to_resume(run):
-    error = disk_full_error(run / "checkpoints" / ".step-0000006.tmp")
+    error = explain_disk_full(disk_full_error(run / "checkpoints" / ".step-0000006.tmp"))
     assert f"mlxtune lora --resume {run}" in error.hint
 
 

@@ -14,7 +14,7 @@ from mlxtune import LoraSettings
 from mlxtune.data import load_datasets
 from mlxtune.data.batching import make_batch
 from mlxtune.train.adapters import attach_adapters
-from mlxtune.train.loss import Loss, full_loss_sum, supports_selective_loss
+from mlxtune.train.loss import Loss, full_loss_sum, output_head, supports_selective_loss
 
 
 def _model_and_batch():
@@ -31,17 +31,30 @@ def test_stories260k_head_is_separable():
     assert supports_selective_loss(model)
 
 
-@pytest.mark.parametrize("kept_softmax_bytes", [512 * 2**20, 0], ids=["softmax-kept", "recomputed"])
-def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy(kept_softmax_bytes, monkeypatch):
+def _head_module(model):
+    head = output_head(model)
+    return getattr(head, "__self__", head)
+
+
+@pytest.mark.parametrize(("head_trains", "kept_softmax_bytes", "for_gradient"), [
+    (False, 512 * 2**20, True), (True, 512 * 2**20, True), (True, 0, True), (False, 512 * 2**20, False)],
+    ids=["frozen-head-fused", "trainable-head-softmax-kept", "trainable-head-recomputed", "forward-function"])
+def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy(head_trains, kept_softmax_bytes,
+                                                                         for_gradient, monkeypatch):
+    """Every way the selective loss makes its gradient: a frozen head's fused chunks (LoRA's training path), a
+    trainable head's kept softmax and, past the budget, its recomputed chunks (the head's own parameters must get
+    their gradient there too), and the forward function differentiated as it is."""
     import mlxtune.train.loss as loss_module
 
     monkeypatch.setattr(loss_module, "KEPT_SOFTMAX_BYTES", kept_softmax_bytes)
     model, batch = _model_and_batch()
+    if head_trains:
+        _head_module(model).unfreeze()
     selective = Loss(model, selective=True)
     assert selective.selective
     assert 0 < batch.supervised_tokens < batch.inputs.size  # masking really removes positions
     grad_full = nn.value_and_grad(model, full_loss_sum)
-    grad_selective = nn.value_and_grad(model, selective)
+    grad_selective = nn.value_and_grad(model, selective.for_gradient if for_gradient else selective)
     (full_sum, full_count), full_grads = grad_full(model, mx.array(batch.inputs), mx.array(batch.targets),
                                                    mx.array(batch.mask))
     (sel_sum, sel_count), sel_grads = grad_selective(model, *selective.arrays(batch))
@@ -49,6 +62,7 @@ def test_selective_loss_and_gradients_equal_the_full_masked_cross_entropy(kept_s
     assert abs(sel_sum.item() - full_sum.item()) <= 1e-4 * abs(full_sum.item())
     full_flat, sel_flat = dict(tree_flatten(full_grads)), dict(tree_flatten(sel_grads))
     assert full_flat.keys() == sel_flat.keys()
+    assert head_trains == any("embed_tokens" in name or "lm_head" in name for name in full_flat)
     for name, expected in full_flat.items():
         expected, actual = np.array(expected), np.array(sel_flat[name])
         assert np.abs(actual - expected).max() <= 1e-4 * max(np.abs(expected).max(), 1e-6), name
@@ -73,8 +87,6 @@ def test_the_memory_estimator_mirrors_the_loss_limits():
     chunking limits must say what the training code does."""
     from mlxtune import memory
     from mlxtune.train import loss
-    from mlxtune.train.preference import objective
 
-    assert (memory.KEPT_SOFTMAX_BYTES, memory.CHUNK_LOGITS_BYTES, memory.CHUNK_ROWS) == (
-        loss.KEPT_SOFTMAX_BYTES, loss.CHUNK_LOGITS_BYTES, loss.CHUNK_ROWS)
-    assert memory.FUSED_CHUNK_ROWS == objective.FUSED_CHUNK_ROWS
+    assert (memory.KEPT_SOFTMAX_BYTES, memory.CHUNK_LOGITS_BYTES, memory.CHUNK_ROWS, memory.FUSED_CHUNK_ROWS) == (
+        loss.KEPT_SOFTMAX_BYTES, loss.CHUNK_LOGITS_BYTES, loss.CHUNK_ROWS, loss.FUSED_CHUNK_ROWS)

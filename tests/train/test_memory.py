@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import MODEL, ROOT, WIKISQL, run_cli
+from conftest import MODEL, ROOT, WIKISQL, WWDC25, run_cli
 
 from mlxtune.errors import UsageError
 from mlxtune.memory import GB, parse_memory
@@ -47,19 +47,22 @@ def test_budgets_parse_in_one_unit_and_bad_ones_are_refused():
 
 
 def test_calibration_cases_within_tolerance(tmp_path):
-    """Three of the calibration cases (docs/MEMORY.md has all of them): estimate within ±15% of MLX's peak."""
+    """Three of the calibration cases (docs/MEMORY.md has all of them): the estimate never below MLX's peak and at
+    most 15% above it."""
     bench = _bench()
     data = bench.make_data(tmp_path / "data")
     for name in ("stories-lora-short", "stories-dora-long-fullloss", "smollm-lora-short"):
-        row = bench.run_case(name, data, tmp_path / "models", tmp_path / "runs", iters=2)
-        assert abs(row["error"]) <= bench.TOLERANCE, row
+        row = bench.run_case(name, data, tmp_path / "models", tmp_path / "runs", iters=1)
+        assert bench.within_tolerance(row), row
 
 
 def test_plan_refuses_then_suggested_settings_fit(qwen_model, short_data, tmp_path):
     default = run_cli("plan", "--model", qwen_model, "--data", short_data, "--json")
     assert default.returncode == 0, default.stderr
     needed = json.loads(default.stdout)["estimate_gb"]
-    budget = round(0.85 * needed, 3)  # below what the default settings need
+    # Below what the default settings need, within reach of checkpointing and smaller micro-batches: with the fused
+    # head gradient the loss term no longer grows with the batch, so smaller batches save less than they did.
+    budget = round(0.95 * needed, 3)
 
     refused = run_cli("plan", "--model", qwen_model, "--data", short_data, "--memory", f"{budget}GB", "--json")
     report = json.loads(refused.stdout)
@@ -99,3 +102,46 @@ def test_guard_shrinks_batches_when_the_run_overshoots(tmp_path):
     assert any(e.get("memory_event") for e in events)
     assert f"batch_tokens: {changes[-1]['after']['batch_tokens']}" in (out / "config.yaml").read_text()
     shutil.rmtree(out)
+
+
+def test_the_largest_batch_runs_before_the_first_step(tmp_path):
+    """Fail fast: one long record among short ones, drawn late in the epoch; a one-step run already peaks as high
+    as the run that reaches it (the loop tries the largest batch first, untimed and discarded)."""
+    import mlx.core as mx
+
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.data.batching import batch_plan, plan_epoch
+    from mlxtune.data.dataset import load_datasets
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.loop import finetune
+    from mlxtune.ui import make_console
+
+    data = tmp_path / "data"
+    data.mkdir()
+    short = (WIKISQL / "train.jsonl").read_text(encoding="utf-8").splitlines()[:15]
+    long_record = json.loads((WWDC25 / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    records = short[:7] + [json.dumps({"text": long_record["prompt"] + "\n" + long_record["completion"]})] + short[7:]
+    (data / "train.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    (data / "valid.jsonl").write_text(short[0] + "\n", encoding="utf-8")
+
+    def run(iters: int, name: str):
+        settings = LoraSettings(model=str(MODEL), data=str(data), out=str(tmp_path / name), iters=iters,
+                                seed=seed, batch_size=2, max_seq_length=1024, report_every=1, eval_every=10**6,
+                                save_every=10**6, val_batches=1, memory="64GB")
+        mx.reset_peak_memory()
+        return finetune(settings, console=make_console(quiet=True))
+
+    train = load_datasets(data, load_tokenizer(MODEL), max_seq_length=1024).train
+    lengths = [len(e) for e in train]
+    plan, _ = batch_plan(lengths, batch_size=2, batch_tokens=None, pack=None, max_seq_length=1024,
+                         packing_supported=True)
+    longest = lengths.index(max(lengths))
+    assert max(lengths) > 3 * sorted(lengths)[-2]
+    # a seed whose first step doesn't draw the long record itself
+    seed = next(s for s in range(10) if not any(longest in row for row in plan_epoch(train, plan, s, 0)[0]))
+    epoch = plan_epoch(train, plan, seed, 0)
+
+    whole = run(len(epoch), "whole-epoch")
+    first = run(1, "one-step")
+    assert first.peak_memory_gb >= 0.98 * whole.peak_memory_gb, (first.peak_memory_gb, whole.peak_memory_gb)

@@ -29,14 +29,11 @@ import numpy as np
 
 from mlxtune.data.batching import evaluation_subset, make_batch
 from mlxtune.data.preference import PreferenceExample
-from mlxtune.train.loss import (chunk_rows, loss_streams, nll_logit_gradient, output_head, packing_cache,
-                                softmax_nll, supports_selective_loss)
+from mlxtune.train.loss import (FUSED_CHUNK_ROWS, chunk_rows, has_trainable_parameters,
+                                head_token_nll_with_gradient, loss_streams, nll_logit_gradient, output_head,
+                                over_chunks, packing_cache, softmax_nll, supports_selective_loss)
 
 OBJECTIVES = ("dpo", "orpo")
-# Rows per chunk of the fused head gradient: it keeps nothing per chunk, so small chunks bound the vocabulary-sized
-# temporaries (two chunks in flight) at little cost in speed (measured on the bench's SmolLM shape: 64 rows peak
-# 0.71 GB at ≈10% more step time, 341 rows 0.92 GB). Mirrored in mlxtune/memory.py.
-FUSED_CHUNK_ROWS = 64
 STAT_NAMES = ("chosen_reward", "rejected_reward", "accuracy", "chosen_nll")
 
 
@@ -90,45 +87,6 @@ def _token_nll_vjp(primals, cotangents, outputs):
     return grad.astype(logits.dtype), mx.zeros_like(targets)
 
 
-def head_token_nll_with_gradient(head):
-    """−log p(target) per row straight from hidden rows, for a head without trainable parameters, with its
-    gradient computed in the forward pass (the fused linear cross-entropy of Liger-Kernel and others).
-
-    d nll / d rows = (softmax − one_hot) @ W does not depend on what comes after the log-probs, so each chunk turns
-    its softmax into that `[rows, hidden]` gradient at once and the backward pass only scales it by the incoming
-    cotangent. Nothing vocabulary-sized outlives its chunk: the stock composition keeps every chunk's logits and
-    softmax (`[positions, vocab]`, twice) alive until the backward. Same arithmetic, moved; forward-only callers
-    (the reference pass, evaluation) use `forward_nll`, which skips the matmul."""
-
-    def logits_of(rows):
-        return head(rows).astype(mx.float32)
-
-    @mx.custom_function
-    def nll(rows, targets):
-        # The plain body, not token_nll: a custom function's softmax output would stay alive as long as its
-        # sibling does.
-        nlls, probabilities = softmax_nll(logits_of(rows), targets)
-        # mx.vjp through the head: the right matmul for a plain, quantized or tied (embedding) head; its forward
-        # output is not used, so it is never computed.
-        _, (row_gradient,) = mx.vjp(logits_of, [rows], [nll_logit_gradient(probabilities, targets)])
-        return nlls, mx.stop_gradient(row_gradient)
-
-    @nll.vjp
-    def _nll_vjp(primals, cotangents, outputs):
-        rows, targets = primals
-        return (cotangents[0][:, None] * outputs[1]).astype(rows.dtype), mx.zeros_like(targets)
-
-    return nll
-
-
-def has_trainable_parameters(function) -> bool:
-    """Whether the module behind a head (a module, or a bound method such as `embed_tokens.as_linear`) trains."""
-    from mlx.utils import tree_flatten
-
-    module = getattr(function, "__self__", function)
-    return isinstance(module, nn.Module) and bool(tree_flatten(module.trainable_parameters()))
-
-
 def forward_nll(logits, targets):
     """−log p(target) per row, for a forward pass only (no softmax array, nothing kept for a backward pass)."""
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
@@ -152,26 +110,21 @@ class SequenceLogProbs:
             return token_nll(rows, targets)[0]
         hidden = model.model(inputs, cache=packing_cache(model, None))
         rows = hidden.reshape(-1, hidden.shape[-1])[positions]
-        streams = loss_streams()
         count = positions.shape[0]
         # Under a gradient with a frozen head (LoRA and friends) the fused path keeps nothing vocabulary-sized for
         # the backward pass; a trainable head (full finetuning, an adapted head) needs the plain composition.
         fused = differentiable and not has_trainable_parameters(self.head)
-        chunk = min(FUSED_CHUNK_ROWS if fused else self.max_rows, max(1, -(-count // len(streams))))
-        parts = []
-        for number, start in enumerate(range(0, count, chunk)):
-            rows_part, targets_part = rows[start:start + chunk], targets[start:start + chunk]
-            if number >= len(streams):
-                # A chunk starts once its stream's previous chunk has finished: without this order MLX may run
-                # every chunk's head before any softmax, and all their `[rows, vocab]` logits are alive at once.
-                rows_part = mx.depends(rows_part, parts[number - len(streams)])
-            with mx.stream(streams[number % len(streams)]):
-                if fused:
-                    parts.append(self.fused_nll(rows_part, targets_part)[0])
-                elif differentiable:  # a trainable head: the composition, which keeps the softmax for backward
-                    parts.append(token_nll(self.head(rows_part).astype(mx.float32), targets_part)[0])
-                else:  # a forward pass only: nothing kept, no softmax made
-                    parts.append(forward_nll(self.head(rows_part).astype(mx.float32), targets_part))
+        chunk = min(FUSED_CHUNK_ROWS if fused else self.max_rows, max(1, -(-count // len(loss_streams()))))
+
+        def compute(start, rows_part):
+            targets_part = targets[start:start + chunk]
+            if fused:
+                return self.fused_nll(rows_part, targets_part)[0]
+            if differentiable:  # a trainable head: the composition, which keeps the softmax for backward
+                return token_nll(self.head(rows_part).astype(mx.float32), targets_part)[0]
+            return forward_nll(self.head(rows_part).astype(mx.float32), targets_part)  # nothing kept, no softmax
+
+        parts = over_chunks(rows, chunk, compute)
         return mx.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def __call__(self, model, inputs, positions, targets, weights, position_rows, differentiable: bool = False):
