@@ -178,17 +178,6 @@ class ModelFacts:
                 total += math.prod(shape) * (4 if upcast and dtype in HALF else DTYPE_BYTES.get(dtype, 4))
         return total
 
-    def block_parameters(self, layer: int) -> int:
-        """Parameters of a block as trained in `full` (quantized weights count unpacked)."""
-        total = 0
-        for module, in_width, out_width in self.block_linears(layer):
-            total += in_width * out_width
-        prefix = f"model.layers.{layer}."
-        for name, (dtype, shape) in self.tensors.items():
-            if name.startswith(prefix) and len(shape) == 1:
-                total += shape[0]
-        return total
-
 
 # ---------------------------------------------------------------------------------------------- the run
 

@@ -322,10 +322,6 @@ def save_settings(settings, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False) + END_MARK + "\n")
 
 
-def load_settings(path: str | Path, cls=LoraSettings):
-    return cls(**read_yaml_config(path, cls))
-
-
 def load_run_settings(path: str | Path, cls=LoraSettings):
     """A run's saved settings, refused unless the file is whole (END_MARK, or every setting present)."""
     path = Path(path)

@@ -89,13 +89,6 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(existing_ancestor(path)).free
 
 
-def tree_size(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-
-
 DISK_FULL_AGAIN = "run the same command again"
 
 

@@ -230,17 +230,6 @@ def read_preference_records(path: str | Path, problems: list[UsageError] | None 
     return records
 
 
-def looks_like_preference_data(path: str | Path) -> bool:
-    """True when the first record of the training file is preference-shaped."""
-    try:
-        files = find_splits(path)
-        rows = _raw_rows(files["train"])
-    except UsageError:
-        return False
-    first = next((row for _, row in rows if not isinstance(row, UsageError)), None)
-    return is_preference_row(first)
-
-
 def tokenize_pair(record: PreferenceRecord, tokenizer, template: str) -> PreferenceExample:
     """Both sides rendered with the prompt; only the answer's assistant turns are supervised (scored)."""
     sides = []
