@@ -34,12 +34,12 @@ from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.parallel import DataParallel
 from mlxtune.train.plot import plot_losses
 from mlxtune.train.planner import MemoryGuard, describe_change, is_out_of_memory
-from mlxtune.train.recovery import adapter_settings, unlock_run_dir
+from mlxtune.train.recovery import adapter_settings, claim_run_dir, unlock_run_dir
 from mlxtune.ui import GB, TrainingReporter
 
 
 class Objective:
-    """What one kind of training computes. Subclasses fill in every method that raises here.
+    """What one kind of training computes. Subclasses set `trainer` and fill in every method that raises here.
 
     `command` names the CLI command (resume hints); `watch` the validation metric early stopping and best/ follow.
     """
@@ -57,14 +57,16 @@ class Objective:
         loss is a mean over (supervised tokens, pairs); statistics are summed like the loss."""
         raise NotImplementedError
 
+    trainer = None  # the objective's compiled step: gradients and an `update(grads, count)` sharing `state`
+
     def update(self, grads, count) -> None:
         """Apply the step's gradients (their sum divided by `count`: a mean over the whole step)."""
-        raise NotImplementedError
+        self.trainer.update(grads, count)
 
     @property
     def state(self) -> list:
         """The arrays an update changes (evaluated by the engine after each step)."""
-        raise NotImplementedError
+        return self.trainer.state
 
     def tokens(self, micro: list) -> int:
         return sum(b.tokens for b in micro if b is not None)
@@ -186,6 +188,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def claim(run_dir: Path, resume: bool, reporter: TrainingReporter) -> None:
+    """The run directory locked for this process and checked to suit a new run (or a resume): recovery.py's rules
+    (a folder mlxtune did not create is never emptied; one stopped before its first checkpoint starts afresh)."""
+    for note in claim_run_dir(run_dir, resume):
+        reporter.note(note)
+
+
 def prepare_backend(settings, model, reporter: TrainingReporter) -> None:
     """The settings that shape the backend, applied: --threads (the system BLAS on the CPU backend),
     --cache-limit-gb, and float32 on the CPU backend (it has no fast half-precision matmul)."""
@@ -254,8 +263,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
 
     model.train()
     window = _new_window()
-    initial = (progress.best_val or {}).get("loss") if run.resumed else None
-    with StopRequest() as stop, reporter.training(run.total_steps, step, initial):
+    with StopRequest() as stop, reporter.training(run.total_steps, step, None):
         if step == 0 and objective.has_validation():
             val = evaluate(0)
             progress.initial_val = progress.best_val = val

@@ -43,12 +43,11 @@ from mlxtune.train.recovery import (
     check_resume_state,
     check_settings_unchanged,
     setting_differs,
-    claim_run_dir,
     data_fingerprint,
     find_resume_point,
 )
 from mlxtune.memory import ModelFacts
-from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.planner import DataLengths, MemoryGuard, MemoryPlan, largest_first, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import TrainingReporter, make_console
@@ -86,11 +85,6 @@ def total_optimizer_steps(settings: LoraSettings, train, plan: BatchPlan) -> int
         return settings.iters
     micro_batches = math.ceil(settings.epochs * batches_per_epoch(train, plan, settings.seed))
     return max(1, math.ceil(micro_batches / settings.grad_accumulation))
-
-
-def _prepare_run_dir(settings: LoraSettings, model_path: Path, resume: bool) -> tuple[Path, list[str]]:
-    run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path))
-    return run_dir, claim_run_dir(run_dir, resume)  # locked for this process; reusable if nothing was trained
 
 
 @dataclass
@@ -141,9 +135,8 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     hold_model(model_path)  # `models rm` refuses it while this run trains
     data_path = resolve_data_path(settings.data)
     if writes:
-        run_dir, dir_notes = _prepare_run_dir(settings, model_path, resume)
-        for note in dir_notes:
-            reporter.note(note)
+        run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path))
+        claim(run_dir, resume, reporter)  # locked for this process; reusable if nothing was trained
     else:
         run_dir = Path(settings.out)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
@@ -229,10 +222,6 @@ class SupervisedObjective(Objective):
         self.plan, self.parallel, self.loss = setup.plan, setup.parallel, setup.loss
         self.trainer = TrainStep(setup.model, setup.optimizer, self.settings.grad_clip, setup.loss)
 
-    @property
-    def state(self) -> list:
-        return self.trainer.state
-
     def batches(self, step: int) -> list:
         accumulation = self.settings.grad_accumulation
         return [training_batch(self.datasets.train, self.plan, self.settings.seed, step * accumulation + k,
@@ -241,9 +230,6 @@ class SupervisedObjective(Objective):
     def gradients(self, micro: list):
         loss_sum, count, grads = self.trainer.accumulate(micro)
         return loss_sum, count, None, grads
-
-    def update(self, grads, count) -> None:
-        self.trainer.update(grads, count)
 
     def has_validation(self) -> bool:
         return bool(self.datasets.valid)

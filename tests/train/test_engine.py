@@ -196,7 +196,7 @@ def test_dpo_moves_the_chosen_answers_up_against_the_rejected(pairs, tmp_path):
     records = [json.loads(line) for line in (pairs / "train.jsonl").read_text().splitlines()][:16]
     margins = []
     for r in records:
-        gain = {k: _answer_logps(tuned, tokenizer, r["prompt"], r[k]) - _answer_logps(base, tokenizer, r["prompt"], r[k])
-                for k in ("chosen", "rejected")}
+        gain = {k: _answer_logps(tuned, tokenizer, r["prompt"], r[k])
+                - _answer_logps(base, tokenizer, r["prompt"], r[k]) for k in ("chosen", "rejected")}
         margins.append(gain["chosen"] - gain["rejected"])
     assert sum(m > 0 for m in margins) >= 12, margins

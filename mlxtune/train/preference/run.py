@@ -39,9 +39,8 @@ from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, 
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import load_checkpoint
-from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.recovery import (LOCK_FILE, check_resume_state, claim_run_dir, data_fingerprint,
-                                    find_resume_point, unlock_run_dir)
+from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.recovery import LOCK_FILE, check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
 from mlxtune.train.preference.objective import (
     OBJECTIVES,
     PreferenceObjective,
@@ -260,10 +259,6 @@ class PairsObjective(Objective):
         self.plan = BatchPlan(batch_size=settings.batch_size)
         self.trainer = PreferenceStep(model, optimizer, settings.grad_clip, objective)
 
-    @property
-    def state(self) -> list:
-        return self.trainer.state
-
     def batches(self, step: int) -> list:
         accumulation = self.settings.grad_accumulation
         return [_pair_batch_at(self.sets.train, self.plan, self.settings.seed, step * accumulation + k,
@@ -271,9 +266,6 @@ class PairsObjective(Objective):
 
     def gradients(self, micro: list):
         return self.trainer.accumulate(micro)
-
-    def update(self, grads, count) -> None:
-        self.trainer.update(grads, count)
 
     def has_validation(self) -> bool:
         return bool(self.sets.valid)
@@ -323,7 +315,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
         run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, settings.objective)
-        _claim(run_dir, resume, reporter)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir, resume, reporter)
         settings.model = str(start_from(run_dir))
     if not settings.model:
         reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
@@ -335,7 +328,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     hold_model(model_path)  # `models rm` refuses it while this run trains
     if resume or not settings.from_run:
         run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), settings.objective)
-        _claim(run_dir, resume, reporter)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir, resume, reporter)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     reporter.start(settings.objective, model_path, run_dir)
@@ -418,12 +412,6 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     finish(run, result)
     _print_summary(console, result)
     return result
-
-
-def _claim(run_dir: Path, resume: bool, reporter: TrainingReporter) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for note in claim_run_dir(run_dir, resume):  # locked for this process, as a LoRA run
-        reporter.note(note)
 
 
 def _release_unused(run_dir: Path) -> None:
