@@ -93,6 +93,22 @@ def test_two_ranks_with_budget_b_train_like_one_rank_with_budget_2b(two_rank_run
     assert json.loads((two_rank_run / "run.json").read_text())["ranks"] == 2
 
 
+def test_two_ranks_with_uneven_token_counts_train_like_one_rank(tmp_path):
+    """Rows of different lengths (WikiSQL untruncated: 150-250 tokens) give the ranks different supervised-token
+    counts in a step: only per-token sums over the world (not the mean of per-rank means) match one rank."""
+    uneven = {**COMMON, "iters": 3, "eval_every": 3, "save_every": 3, "max_seq_length": 512}
+    two = tmp_path / "two"
+    done = subprocess.run(_two_ranks(two, **uneven, batch_tokens=512), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = tmp_path / "one"
+    finetune(LoraSettings(model=str(MODEL), data=str(WIKISQL), out=str(single), batch_tokens=1024, **uneven),
+             console=make_console(quiet=True))
+    for (step, key, got), (_, _, want) in zip(_losses(two), _losses(single), strict=True):
+        assert abs(got - want) <= 1e-5, (step, key, got, want)
+    _assert_same_adapters(two, single, atol=5e-5)  # longer rows: summation order moves the 5th digit
+
+
 def _rank_pid(rank: int, out: Path) -> int | None:
     """The process of `rank` among the ranks mlx.launch started for the run writing `out`."""
     for entry in Path("/proc").iterdir():
