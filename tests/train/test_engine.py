@@ -27,15 +27,14 @@ def pairs(tmp_path_factory):
 
 def _settings(objective: str, out, pairs, **overrides):
     common = dict(out=str(out), seed=0, learning_rate=3e-3, report_every=1, eval_every=1, save_every=10**6,
-                  val_batches=1, memory="64GB", iters=4)
+                  val_batches=1, memory="64GB", iters=4, max_seq_length=128)
     common.update(overrides)
     model = common.pop("model", str(MODEL))
     if objective == "sft":
         return LoraSettings(model=model, data=str(WIKISQL), **{"batch_size": 4, **common})
     from mlxtune.train.preference.run import PreferenceSettings
 
-    return PreferenceSettings(model=model, data=str(pairs), objective=objective, max_seq_length=128,
-                              **{"batch_size": 4, **common})
+    return PreferenceSettings(model=model, data=str(pairs), objective=objective, **{"batch_size": 4, **common})
 
 
 def _train(objective: str, settings, resume: bool = False) -> dict:
