@@ -7,12 +7,13 @@
       adapters.safetensors     the latest adapter, mlx-lm layout (ADAPTER_FILE + ADAPTER_CONFIG_FILE)
       adapter_config.json
       best/                    the adapter with the lowest validation loss so far (BEST_DIR)
-      checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR)
+      checkpoints/step-NNNNNNN/ resumable checkpoints; checkpoints/latest names the newest (CHECKPOINTS_DIR);
+                               each holds the adapter, OPTIMIZER_FILE, STATE_FILE and MANIFEST_FILE
       metrics.jsonl, loss.png, result.json
       verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
       .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
                                is ever reset, and then only of the files above
-      .lock                    the writer's lock (train/recovery.py)
+      .lock                    the writer's lock (LOCK_FILE; train/recovery.py)
     a dpo/orpo run adds:
       preference.yaml          the objective's own settings (PREFERENCE_FILE); config.yaml stays a LoRA config
       reference_logps.npz      precomputed reference log-probs per pair (REFERENCE_FILE)
@@ -47,6 +48,11 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
 REFERENCE_FILE = "reference_logps.npz"
 MERGED_BASE = "sft-merged"
+LOCK_FILE = ".lock"  # the PID of the process writing the run (train/recovery.py takes and releases it)
+# A checkpoint directory's own files, beside the adapter (train/checkpoint.py writes them).
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"  # sizes and SHA-256 of the checkpoint's other files; written last
 RUN_MARKER = ".mlxtune-run"  # proof that mlxtune created the directory (a folder of the user's is never reset)
 # What each entry of the layout must be when present: anything else is a one-line error, not a traceback.
 LAYOUT_FILES = (CONFIG_FILE, RUN_FILE, METRICS_FILE, RESULT_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TEMPLATE_FILE,

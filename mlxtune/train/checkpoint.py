@@ -22,12 +22,9 @@ from mlxtune.errors import UsageError
 from mlxtune.faults import fault_point
 from mlxtune.storage import atomic_write_text, create_file, fsync_dir, fsync_file, writing  # noqa: F401 (re-exported)
 
-from mlxtune.runs import ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, LATEST_POINTER, checkpoint_name
+from mlxtune.runs import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, CHECKPOINTS_DIR, LATEST_POINTER, MANIFEST_FILE,
+                          OPTIMIZER_FILE, STATE_FILE, checkpoint_name)
 
-# A checkpoint directory's own files, beside the adapter.
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-MANIFEST_FILE = "manifest.json"  # sizes and SHA-256 of the checkpoint's other files; written last
 KEEP_CHECKPOINTS = 2
 
 

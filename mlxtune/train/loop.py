@@ -24,6 +24,7 @@ from mlxtune.runs import (
     ADAPTER_FILE,
     CONFIG_FILE,
     RUN_FILE,
+    STATE_FILE,
     TEMPLATE_FILE,
     default_run_dir,
     read_run_settings,
@@ -32,7 +33,6 @@ from mlxtune.settings import LoraSettings, save_settings
 from mlxtune.storage import check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import (
-    STATE_FILE,
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,

@@ -22,11 +22,10 @@ from pathlib import Path
 
 from mlxtune.errors import UsageError
 from mlxtune.runs import (ADAPTER_CONFIG_FILE, ADAPTER_FILE, BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, LATEST_POINTER,
-                          METRICS_FILE, PLOT_FILE, RUN_FILE, RUN_MARKER, TEMPLATE_FILE, check_layout, is_marked,
-                          mark_run_dir)
+                          LOCK_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, RUN_MARKER, TEMPLATE_FILE, check_layout,
+                          is_marked, mark_run_dir)
 from mlxtune.train.checkpoint import checkpoint_step, resumable_checkpoint
 
-LOCK_FILE = ".lock"  # in the run directory: the PID of the process writing it
 # What a run writes before its first checkpoint: a directory holding only these has nothing trained in it.
 UNTRAINED_FILES = {CONFIG_FILE, RUN_FILE, METRICS_FILE, PLOT_FILE, BEST_DIR, CHECKPOINTS_DIR, TEMPLATE_FILE, LOCK_FILE,
                    RUN_MARKER}

@@ -33,14 +33,14 @@ from mlxtune.errors import UsageError
 from mlxtune.model_config import DEFAULT_QUANTIZE, context_length, model_name, read_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
-from mlxtune.runs import (CONFIG_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER, TEMPLATE_FILE,
-                          default_run_dir, follow_up_run_dir)
+from mlxtune.runs import (CONFIG_FILE, LOCK_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER,
+                          TEMPLATE_FILE, default_run_dir, follow_up_run_dir)
 from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import load_checkpoint
 from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.recovery import LOCK_FILE, check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
+from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
 from mlxtune.train.preference.objective import (
     OBJECTIVES,
     PreferenceObjective,
