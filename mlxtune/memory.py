@@ -15,7 +15,7 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
   logits with their softmax and gradient;
 - the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
 - a quantized base on the CPU backend (`cpu_quantized.py`): with `load` the float copies of its quantized weights,
-  with `call` the weights dequantized in flight (a few blocks' and the head's, per loss stream);
+  with `call` the head's float copy and a few blocks' weights dequantized in flight;
 - a fixed allowance for MLX's own small buffers (RNG state, probes, compiled-graph constants).
 
 `docs/MEMORY.md` has the calibration against measured peaks.
@@ -352,7 +352,7 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
             in_width * out_width * (4 if run.on_cpu else 2) for layer in _adapted(facts, run)
             for module, in_width, out_width in facts.block_linears(layer)
             if not run.target_modules or module in run.target_modules)
-    if run.dequantize != "off" and (facts.bits or run.bits):
+    if _quantized_base(facts, run):
         fixed["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run)
     best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
     for batch in batches:
@@ -399,23 +399,25 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
 # ------------------------------------------------------------------------- quantized bases on the CPU backend
 
 DEQUANTIZED_BLOCK_WEIGHTS = 7  # `call`: block weights dequantized at once in the compiled step (cpu_quantized.py)
-DEQUANTIZED_HEADS_PER_STREAM = 2  # `call`: the head dequantized per loss chunk: its forward and its gradient
+
+
+def _quantized_base(facts: ModelFacts, run: RunShape) -> bool:
+    return run.dequantize != "off" and bool(facts.bits or run.bits)
 
 
 def dequantized_path_bytes(facts: ModelFacts, run: RunShape) -> int:
     """Float weights a quantized base holds on the CPU backend beyond its packed ones: with `load` a copy of
-    every quantized weight for the whole run; with `call` the weights dequantized in flight — a few blocks'
-    largest, and the head's once per loss chunk in flight (one chunk per stream)."""
+    every quantized weight for the whole run; with `call` a copy of the head's (cpu_quantized.use_path: each loss
+    chunk would dequantize it again) and a few blocks' largest weights in flight."""
+    if not _quantized_base(facts, run):
+        return 0
     weights = facts.quantized_weights(run.bits)
     if run.dequantize == "load":
         return 4 * sum(weights.values())
-    if run.dequantize != "call":
-        return 0
     blocks = [count for name, count in weights.items() if name.startswith("model.layers.")]
     head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
                        else weights.get("model.embed_tokens.weight", 0))
-    return 4 * (DEQUANTIZED_BLOCK_WEIGHTS * max(blocks, default=0)
-                + DEQUANTIZED_HEADS_PER_STREAM * max(run.streams, 1) * head)
+    return 4 * (DEQUANTIZED_BLOCK_WEIGHTS * max(blocks, default=0) + head)
 
 
 DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
