@@ -9,7 +9,8 @@ On the CPU backend, the frozen base's `QuantizedLinear`/`QuantizedEmbedding` ins
   quarter of the memory budget, `memory.quantized_path`). The copy is a plain attribute, not a parameter: never
   saved, trained, counted or fused.
 - `call`: each call dequantizes, multiplies and lets the float weight go; a custom VJP dequantizes again for the
-  backward pass, so no float weight is kept from the forward pass to the backward.
+  backward pass, so no float weight is kept from the forward pass to the backward. The output head alone keeps a
+  float copy (every loss chunk would dequantize it, and the chunks' copies are alive together).
 
 Only the class changes: the packed weights, scales and biases stay the module's parameters, and every
 `isinstance(m, nn.QuantizedLinear)` (mlx-lm's LoRA/DoRA `from_base` and `fuse`, `dequantize_model`, saving) still

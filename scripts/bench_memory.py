@@ -9,6 +9,9 @@ the published SmolLM-135M and Qwen2.5-0.5B shapes (fewer layers, to fit 2 cores)
 The `*-default-600` cases are what a user gets: no batch/length flag at all, on prompt/completion records of about
 600 tokens (the defaults make batches of 4 × 608 with 384 supervised tokens per record).
 
+4-bit cases on the CPU backend compute through dequantized weights (mlxtune/cpu_quantized.py); the path follows the
+budget, and `MLXTUNE_DEQUANTIZE=load|call` forces one for a whole bench run (the children inherit it).
+
 Usage: .venv/bin/python scripts/bench_memory.py [--cases NAME,NAME] [--iters 2] [--json]
 Exit code 1 when an estimate is below the measured peak (the dangerous side: a run that doesn't fit) or more than
 15% above it.
@@ -39,8 +42,8 @@ MODELS = {  # name: (shape, layers kept, stored dtype, bits)
     "qwen-q4": ("qwen2.5-0.5b", 2, "bfloat16", 4),
     # small enough for the test suite, its weights large against its activations: the float weights of a 4-bit
     # base on the CPU backend (MLXTUNE_DEQUANTIZE=load|call) are most of its peak
-    "tiny-q4": ({**SHAPES["smollm-135m"], "hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-                 "num_key_value_heads": 4, "vocab_size": 8192}, 2, "bfloat16", 4),
+    "tiny-q4": ({**SHAPES["smollm-135m"], "hidden_size": 2048, "intermediate_size": 512, "num_attention_heads": 16,
+                 "num_key_value_heads": 4, "vocab_size": 8192}, 1, "bfloat16", 4),
 }
 # name: (model, data, settings). "short": WikiSQL text (≈100-300 tokens); "long": WWDC25 prompt/completion.
 CASES = {

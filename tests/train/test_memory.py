@@ -163,11 +163,13 @@ def bench_models(tmp_path_factory):
 def test_a_4bit_base_on_the_cpu_backend_is_estimated_with_its_float_weights(path, short_data, bench_models,
                                                                              tmp_path, monkeypatch):
     """A 4-bit base computing through dequantized weights (cpu_quantized.py): float copies held for the run
-    (`load`) or weights dequantized in flight (`call`); the estimate counts them, never under the measured peak."""
+    (`load`) or the head's copy and block weights dequantized in flight (`call`); the estimate counts them and is
+    never under the measured peak. The model's float weights are most of its peak: without them the estimate is
+    under (measured: 0.209 GB estimated without them, 0.274 GB `load` and 0.245 GB `call` measured)."""
     monkeypatch.setenv("MLXTUNE_DEQUANTIZE", path)
     row = _bench().run_case("tiny-q4-lora-short", {"short": short_data}, bench_models, tmp_path / "runs", iters=1)
-    assert row["parts"]["dequantized weights (CPU)"] > 0
-    assert _bench().within_tolerance(row), row
+    float_weights = row["parts"]["dequantized weights (CPU)"] * GB
+    assert row["estimate"] - float_weights < row["peak"] <= row["estimate"], row
 
 
 def test_the_planner_counts_the_float_copies_the_run_makes(bench_models):
