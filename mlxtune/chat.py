@@ -98,10 +98,11 @@ class PromptFormat:
 def prompt_format(loaded: LoadedModel, use_template: bool | None = None) -> PromptFormat:
     """The format the model was trained on. `use_template` forces (True) or refuses (False) a chat template."""
     run = loaded.run
-    if use_template is False or (use_template is None and run is not None and run.data_kind == "text"):
-        why = "the run was trained on plain text" if run is not None and run.data_kind == "text" else "--no-template"
+    if use_template is False or (use_template is None and loaded.data_kind == "text"):
+        why = "--no-template" if use_template is False else (
+            "the run was trained on plain text" if run is not None else "fused from a run trained on plain text")
         return PromptFormat("text", None, f"plain text ({why}): your message is continued as raw text")
-    if loaded.template is None and use_template is None and run is None:
+    if loaded.template is None and use_template is None and run is None:  # (a text-trained fused model: above)
         return PromptFormat("template", FALLBACK_CHAT_TEMPLATE,
                             "this model has no chat template: using mlxtune's fallback template "
                             "(### User: / ### Assistant:)")

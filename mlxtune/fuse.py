@@ -29,8 +29,8 @@ from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config
                                   weight_bytes, without_quantization)
 from mlxtune.models import load_model
 from mlxtune.train.loss import Loss
-from mlxtune.runs import (MERGED_BASE, METRICS_FILE, TEMPLATE_FILE, Run, check_output, open_for_inference,
-                          open_run)
+from mlxtune.runs import (FUSE_REPORT_FILE, MERGED_BASE, METRICS_FILE, TEMPLATE_FILE, Run, check_output,
+                          open_for_inference, open_run)
 from mlxtune.train.metrics import read_metrics
 from mlxtune.storage import (atomic_write_text, check_free_space, check_writable, clean_stale, staging_path, swap_in,
                              translate)
@@ -45,7 +45,6 @@ FLOAT32_CHECK_BYTES = 6 * GB  # a float32 copy this big still fits beside the mo
 # large for a float32 copy are compared in their own precision, where activations round too.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 HALF_WEIGHTS_TOLERANCE = 1e-3
-REPORT_FILE = "mlxtune_fuse.json"
 # Every file a tokenizer may be read from: transformers' fast tokenizer re-saves only tokenizer.json and its config,
 # but llama.cpp's converters, slow tokenizers and our GGUF writer read the SentencePiece model or vocab/merges files.
 # (Chat templates are not carried: the run's own template is written separately.)
@@ -307,8 +306,9 @@ def _write_extras(out: Path, run: Run, checkpoint: str, result: FuseResult) -> N
     """What inference needs beyond weights: the template training used, and a model card with the facts."""
     if run.chat_template:
         atomic_write_text(out / TEMPLATE_FILE, run.chat_template)
-    atomic_write_text(out / REPORT_FILE, json.dumps({"run": str(run.path), "checkpoint": checkpoint,
-                                                     **result.to_dict()}, indent=2) + "\n")
+    atomic_write_text(out / FUSE_REPORT_FILE, json.dumps({"run": str(run.path), "checkpoint": checkpoint,
+                                                          "data_kind": run.data_kind, **result.to_dict()},
+                                                         indent=2) + "\n")
     atomic_write_text(out / "README.md", model_card(run, checkpoint, result))
 
 

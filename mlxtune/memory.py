@@ -14,6 +14,8 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
   one per stream, nothing vocabulary-sized kept; in evaluation a forward chunk per stream; with full logits, the
   logits with their softmax and gradient;
 - the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
+- a quantized base on the CPU backend (`cpu_quantized.py`): with `load` the float copies of its quantized weights,
+  with `call` the head's float copy and a few blocks' weights dequantized in flight;
 - a fixed allowance for MLX's own small buffers (RNG state, probes, compiled-graph constants).
 
 `docs/MEMORY.md` has the calibration against measured peaks.
@@ -156,6 +158,24 @@ class ModelFacts:
     def _quantizable(self, name: str, shape: tuple) -> bool:
         return name.endswith(".weight") and len(shape) == 2 and shape[-1] % 64 == 0
 
+    def quantized_weights(self, bits: int | None = None) -> dict[str, int]:
+        """Weight name → its count of values, for every weight computed quantized: stored packed (a `.scales`
+        beside it) or, with `bits` on an unquantized model, every weight quantizing would pack."""
+        found = {}
+        for name, (dtype, shape) in self.tensors.items():
+            if len(shape) != 2 or not name.endswith(".weight"):
+                continue
+            if name[:-len("weight")] + "scales" in self.tensors:  # packed: 32 / bits values per uint32
+                found[name] = shape[0] * shape[1] * 32 // (self.bits or 4)
+            elif bits and not self.bits and self._quantizable(name, shape):
+                found[name] = shape[0] * shape[1]
+        return found
+
+    def dequantized_bytes(self, bits: int | None = None) -> int:
+        """Bytes of float32 copies of every quantized weight (the CPU backend computes in float32, so
+        `cpu_quantized.float_weight_bytes` of the loaded model comes to the same)."""
+        return 4 * sum(self.quantized_weights(bits).values())
+
     def block_linears(self, layer: int) -> list[tuple[str, int, int]]:
         """(module path, input width, output width) of every linear layer in block `layer`."""
         prefix = f"model.layers.{layer}."
@@ -207,6 +227,8 @@ class RunShape:
     streams: int = 1  # loss streams (one per core on the CPU backend)
     bits: int | None = None  # estimate as if the base were quantized to this many bits
     fused_head: bool = False  # the head's gradient made chunk by chunk in the forward pass (a frozen head in training)
+    # how a quantized base computes on the CPU backend (cpu_quantized.choose_path): off, call or load
+    dequantize: str = "off"
 
 
 @dataclass
@@ -319,6 +341,8 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
             in_width * out_width * (4 if run.on_cpu else 2) for layer in _adapted(facts, run)
             for module, in_width, out_width in facts.block_linears(layer)
             if not run.target_modules or module in run.target_modules)
+    if _quantized_base(facts, run):
+        fixed["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run)
     best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
     for batch in batches:
         parts = dict(fixed, **activation_bytes(facts, run, batch), loss=loss_bytes(facts, run, batch))
@@ -362,6 +386,28 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
 
 
 # ------------------------------------------------------------------------- quantized bases on the CPU backend
+
+DEQUANTIZED_BLOCK_WEIGHTS = 7  # `call`: block weights dequantized at once in the compiled step (cpu_quantized.py)
+
+
+def _quantized_base(facts: ModelFacts, run: RunShape) -> bool:
+    return run.dequantize != "off" and bool(facts.bits or run.bits)
+
+
+def dequantized_path_bytes(facts: ModelFacts, run: RunShape) -> int:
+    """Float weights a quantized base holds on the CPU backend beyond its packed ones: with `load` a copy of
+    every quantized weight for the whole run; with `call` a copy of the head's (cpu_quantized.use_path: each loss
+    chunk would dequantize it again) and a few blocks' largest weights in flight."""
+    if not _quantized_base(facts, run):
+        return 0
+    weights = facts.quantized_weights(run.bits)
+    if run.dequantize == "load":
+        return 4 * sum(weights.values())
+    blocks = [count for name, count in weights.items() if name.startswith("model.layers.")]
+    head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
+                       else weights.get("model.embed_tokens.weight", 0))
+    return 4 * (DEQUANTIZED_BLOCK_WEIGHTS * max(blocks, default=0) + head)
+
 
 DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
 

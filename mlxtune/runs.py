@@ -41,6 +41,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 RESULT_FILE = "result.json"
+FUSE_REPORT_FILE = "mlxtune_fuse.json"  # in a fused model's folder: its run, checkpoint, data kind and fuse check
 PREFERENCE_FILE = "preference.yaml"  # a dpo/orpo run's objective settings (config.yaml stays a plain LoRA config)
 VERIFY_FILE = "verify.json"
 BEST_DIR = "best"
@@ -225,6 +226,7 @@ class LoadedModel:
     source: str  # what to tell the user was loaded
     path: Path  # the model directory (a run's base model)
     run: Run | None = None
+    data_kind: str | None = None  # what the run (or the run a fused model came from) trained on: text | completion | chat
 
 
 def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, adapter: bool = True,
@@ -248,14 +250,27 @@ def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, ad
             template, origin = getattr(tokenizer, "chat_template", None), "model"
         model.eval()
         source = f"{run.base_model} + {run.path}" if adapter else str(run.base_model)
-        return LoadedModel(model, tokenizer, config, template, origin, source, run.base_model, run)
+        return LoadedModel(model, tokenizer, config, template, origin, source, run.base_model, run, run.data_kind)
     path = resolve_model(model_or_run, console=console)
     model, tokenizer, config = load_model(path)
     template = getattr(tokenizer, "chat_template", None)
     if (path / TEMPLATE_FILE).is_file():
         template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
+    data_kind = fused_data_kind(path)
+    if data_kind == "text":  # fused from a run trained on plain text: continue raw text, as the run itself does
+        template = None
     model.eval()
-    return LoadedModel(model, tokenizer, config, template, "model" if template else "none", str(path), path)
+    return LoadedModel(model, tokenizer, config, template, "model" if template else "none", str(path), path,
+                       data_kind=data_kind)
+
+
+def fused_data_kind(path: Path) -> str | None:
+    """The data kind of the run a fused model folder came from (its FUSE_REPORT_FILE), or None."""
+    try:
+        kind = json.loads((Path(path) / FUSE_REPORT_FILE).read_text(encoding="utf-8")).get("data_kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def runs_using(path: Path, runs_dir: Path = Path("runs")) -> list[Path]:

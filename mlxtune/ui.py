@@ -393,7 +393,8 @@ class TrainingReporter:
     def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float) -> None:
         self._history.append(train_loss)
         # A validation loss of an earlier step is shown with its step: it is not this step's measurement.
-        val = {} if self._val is None else {"val": f"{fmt_loss(self._val[0])} (step {self._val[1]})"}
+        shown = None if self._val is None else fmt_loss(self._val[0])
+        val = {} if shown in (None, "—") else {"val": f"{shown} (step {self._val[1]})"}
         self._progress.update(self._task, loss=fmt_loss(train_loss), speed=f"{tokens_per_second:.0f}",
                               memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history), **val)
 

@@ -9,6 +9,9 @@ the published SmolLM-135M and Qwen2.5-0.5B shapes (fewer layers, to fit 2 cores)
 The `*-default-600` cases are what a user gets: no batch/length flag at all, on prompt/completion records of about
 600 tokens (the defaults make batches of 4 × 608 with 384 supervised tokens per record).
 
+4-bit cases on the CPU backend compute through dequantized weights (mlxtune/cpu_quantized.py); the path follows the
+budget, and `MLXTUNE_DEQUANTIZE=load|call` forces one for a whole bench run (the children inherit it).
+
 Usage: .venv/bin/python scripts/bench_memory.py [--cases NAME,NAME] [--iters 2] [--json]
 Exit code 1 when an estimate is below the measured peak (the dangerous side: a run that doesn't fit) or more than
 15% above it.
@@ -27,6 +30,8 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mlxtune.synthetic import SHAPES  # noqa: E402  (the published shapes; imports no MLX)
 STORIES = ROOT / "examples" / "models" / "stories260K"
 UNDER = 0.0  # the estimate may not be below the measured peak at all
 TOLERANCE = 0.15  # and at most this much above it
@@ -35,6 +40,10 @@ MODELS = {  # name: (shape, layers kept, stored dtype, bits)
     "smollm-q4": ("smollm-135m", 4, "bfloat16", 4),
     "qwen-bf16": ("qwen2.5-0.5b", 2, "bfloat16", None),
     "qwen-q4": ("qwen2.5-0.5b", 2, "bfloat16", 4),
+    # small enough for the test suite, its weights large against its activations: the float weights of a 4-bit
+    # base on the CPU backend (MLXTUNE_DEQUANTIZE=load|call) are most of its peak
+    "tiny-q4": ({**SHAPES["smollm-135m"], "hidden_size": 2048, "intermediate_size": 512, "num_attention_heads": 16,
+                 "num_key_value_heads": 4, "vocab_size": 8192}, 1, "bfloat16", 4),
 }
 # name: (model, data, settings). "short": WikiSQL text (≈100-300 tokens); "long": WWDC25 prompt/completion.
 CASES = {
@@ -49,6 +58,7 @@ CASES = {
     "smollm-q4-dora-pack": ("smollm-q4", "short", {"method": "dora", "pack": True, "batch_tokens": 1024}),
     "qwen-lora-short-fullloss": ("qwen-bf16", "short", {"selective_loss": False, "batch_tokens": 512}),
     "qwen-q4-lora-short": ("qwen-q4", "short", {"batch_tokens": 512}),
+    "qwen-lora-short": ("qwen-bf16", "short", {"batch_tokens": 512}),  # qwen-q4-lora-short's bfloat16 twin
     "qwen-lora-long-pack-ckpt": ("qwen-bf16", "long", {"pack": True, "grad_checkpoint": True,
                                                        "max_seq_length": 512, "batch_tokens": 1024}),
     # The defaults (no batch/length setting) on ≈600-token prompt/completion records, both shapes.
@@ -56,6 +66,7 @@ CASES = {
     "qwen-lora-default-600": ("qwen-bf16", "600", {}),
     "qwen-full-default-600": ("qwen-bf16", "600", {"method": "full"}),
     "qwen-q4-lora-default-600": ("qwen-q4", "600", {}),
+    "tiny-q4-lora-short": ("tiny-q4", "short", {"batch_tokens": 512}),
 }
 RECORD_600 = (600, 640)  # tokens per "600" record (stories260K's tokenizer, prompt + completion)
 
@@ -123,7 +134,7 @@ def child(spec: dict) -> None:
     from mlxtune.memory import ModelFacts
     from mlxtune.settings import LoraSettings
     from mlxtune.train.loop import finetune
-    from mlxtune.train.planner import DataLengths, estimate_settings
+    from mlxtune.train.planner import DataLengths, estimate_settings, memory_budget
     from mlxtune.ui import make_console
 
     iters = spec.pop("iters")
@@ -134,7 +145,9 @@ def child(spec: dict) -> None:
     datasets = load_datasets(settings.data, load_tokenizer(settings.model), **settings.dataset_options())
     # The whole first epoch, as `mlxtune plan` and the run itself estimate it: the run tries its largest batch
     # before the first step (fail fast), so the measured peak covers it too.
-    value = estimate_settings(ModelFacts.from_dir(settings.model), settings, DataLengths.of(datasets))
+    # Under the run's own budget, which also decides how a quantized base computes on the CPU backend.
+    value = estimate_settings(ModelFacts.from_dir(settings.model), settings, DataLengths.of(datasets),
+                              budget=memory_budget(settings.memory)[0])
     print(json.dumps({"peak": peak, "estimate": value.total, "parts": value.to_dict()["parts_gb"]}))
 
 
@@ -161,8 +174,6 @@ def main() -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
-    sys.path.insert(0, str(ROOT))
-    import mlxtune  # noqa: F401
 
     cache = Path(os.environ.get("MLXTUNE_BENCH_CACHE", Path(tempfile.gettempdir()) / "mlxtune-bench-models"))
     rows = []

@@ -40,6 +40,23 @@ def test_text_trained_run_chats_in_raw_text_not_the_fallback_template(trained_ru
     assert record["messages"][-1]["role"] == "assistant"
 
 
+def test_a_fused_text_run_keeps_plain_text(trained_run, tmp_path):
+    """The fused model of a text-trained run continues raw text in chat, as the run itself does (not the fallback
+    chat template it never saw)."""
+    from mlxtune.chat import Conversation, Sampling
+    from mlxtune.runs import open_for_inference
+
+    run_dir, _ = trained_run
+    fused = tmp_path / "fused"
+    assert run_cli("fuse", run_dir, "--out", fused).returncode == 0
+    loaded = open_for_inference(fused)
+    conversation = Conversation(loaded, None, Sampling(max_tokens=4))
+    assert loaded.data_kind == "text" and conversation.format.kind == "text", conversation.format.description
+    assert "plain text" in conversation.format.description
+    ids, _ = conversation.prompt("table: 1-10015132-16")
+    assert ids == list(loaded.tokenizer.encode("table: 1-10015132-16"))
+
+
 def test_sampling_flags_are_seeded_and_validated(trained_run):
     from mlxtune.chat import generate_text
     from mlxtune.runs import open_for_inference

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxtune.data.template import TokenizedExample
-from mlxtune.paths import cache_dir
+from mlxtune.paths import cache_dir, mlxtune_home
 
 FORMAT_VERSION = 2  # 2: warnings in the metadata; Alpaca prompts joined with one newline
 
@@ -47,7 +47,9 @@ def _path(key: str) -> Path:
     return cache_dir("tokenized") / f"{key}.npz"
 
 
-def save_cached(key: str, splits: dict[str, list[TokenizedExample]], meta: dict) -> None:
+def save_cached(key: str, splits: dict[str, list[TokenizedExample]], meta: dict) -> str | None:
+    """Save the tokenized splits for the next run. The cache is optional: when it can't be written (a full disk or
+    read-only MLXTUNE_HOME) nothing is left behind and the returned note says so; the run goes on without it."""
     arrays = {"meta": np.array(json.dumps(meta))}
     for split, examples in splits.items():
         arrays[f"{split}_ids"] = np.concatenate([e.ids for e in examples]) if examples else np.zeros(0, np.int32)
@@ -55,11 +57,20 @@ def save_cached(key: str, splits: dict[str, list[TokenizedExample]], meta: dict)
                                          else np.zeros(0, bool))
         arrays[f"{split}_lengths"] = np.array([len(e) for e in examples], np.int64)
         arrays[f"{split}_sources"] = np.array([e.source for e in examples], dtype=str)
-    path = _path(key)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path = _path(key)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        reason = error.strerror or type(error).__name__
+        return (f"the tokenized data could not be cached in {mlxtune_home() / 'tokenized'} ({reason}): training without "
+                "the cache (the next run tokenizes again)")
+    return None
 
 
 def load_cached(key: str) -> tuple[dict[str, list[TokenizedExample]], dict] | None:

@@ -256,8 +256,11 @@ def load_datasets(
         raise UsageError(f"no usable training examples in {files['train']}", "check --max-seq-length and the data")
     warnings = data_warnings(records, tokenized, reports, files, max_seq_length, context_length, drop_long)
     if key:
-        cache.save_cached(key, tokenized, {"splits": list(tokenized), "kind": kind, "template": template.template,
-                                           "template_origin": template.origin, "notes": notes,
-                                           "warnings": [w.to_dict() for w in warnings]})
+        unsaved = cache.save_cached(key, tokenized, {"splits": list(tokenized), "kind": kind,
+                                                     "template": template.template,
+                                                     "template_origin": template.origin, "notes": notes,
+                                                     "warnings": [w.to_dict() for w in warnings]})
+        if unsaved:
+            notes = [*notes, unsaved]
     return Datasets(tokenized["train"], tokenized["valid"], tokenized["test"], kind, template, notes,
                     warnings=warnings)

@@ -32,9 +32,22 @@ def loss_stream_count() -> int:
     return max(1, min(os.cpu_count() or 1, 8)) if on_cpu() else 1
 
 
-def run_shape(settings: LoraSettings, cpu: bool | None = None, bits: int | None = None) -> RunShape:
+def dequantize_path(facts: ModelFacts, cpu: bool, bits: int | None = None, budget: int | None = None) -> str:
+    """How the run's quantized base will compute (`off` for an unquantized one): the run's own decision
+    (`cpu_quantized.choose_path`, by the float copies' size against `budget`; None: this machine's)."""
+    from mlxtune.cpu_quantized import choose_path
+
+    if not (facts.bits or bits):
+        return "off"
+    return choose_path(facts.dequantized_bytes(bits), budget, on_cpu=cpu)
+
+
+def run_shape(settings: LoraSettings, cpu: bool | None = None, bits: int | None = None, *,
+              facts: ModelFacts | None = None, budget: int | None = None) -> RunShape:
+    """The settings as the estimate sees them; with `facts`, how a quantized base computes under `budget`."""
     cpu = on_cpu() if cpu is None else cpu
-    return RunShape(method=settings.method, rank=settings.rank, layers=settings.layers,
+    return RunShape(dequantize="off" if facts is None else dequantize_path(facts, cpu, bits, budget),
+                    method=settings.method, rank=settings.rank, layers=settings.layers,
                     target_modules=settings.target_modules, grad_checkpoint=settings.grad_checkpoint,
                     selective_loss=settings.selective_loss, grad_accumulation=settings.grad_accumulation,
                     on_cpu=cpu, streams=loss_stream_count() if cpu else 1, bits=bits,
@@ -77,7 +90,7 @@ def largest_first(facts: ModelFacts, settings: LoraSettings, data: "DataLengths"
     its first step, so a run that will run out of memory does so in its first minute, not hours in."""
     shapes = [_shape_of(rows, data.lengths, data.supervised, plan.pack)
               for rows in plan_epoch_from_lengths(data.lengths, plan, settings.seed)]
-    run = run_shape(settings)
+    run = run_shape(settings, facts=facts)
     peaks = {shape: estimate(facts, run, [shape]).total for shape in set(shapes)}
     return max(range(len(shapes)), key=lambda i: peaks[shapes[i]])
 
@@ -109,8 +122,9 @@ class DataLengths:
 
 def estimate_settings(facts: ModelFacts, settings: LoraSettings, data: DataLengths, *, cpu: bool | None = None,
                       bits: int | None = None, limit: int | None = None, packing_supported: bool = True,
-                      with_eval: bool = True) -> Estimate:
-    """Peak bytes of training `settings` on `data` (the first `limit` batches, default: a whole epoch)."""
+                      with_eval: bool = True, budget: int | None = None) -> Estimate:
+    """Peak bytes of training `settings` on `data` (the first `limit` batches, default: a whole epoch) under
+    `budget` (which decides how a quantized base computes on the CPU backend; None: this machine's)."""
     lengths = data.lengths if settings.max_seq_length >= max(data.lengths) else data.truncated(
         settings.max_seq_length).lengths
     plan, _ = batch_plan(lengths, batch_size=settings.batch_size, batch_tokens=settings.batch_tokens,
@@ -118,7 +132,7 @@ def estimate_settings(facts: ModelFacts, settings: LoraSettings, data: DataLengt
                          packing_supported=packing_supported)
     shapes = batch_shapes(lengths, data.supervised, plan, settings.seed, limit)
     evals = eval_shapes(data.valid, settings.batch_size, settings.val_batches) if with_eval and data.valid else []
-    return estimate(facts, run_shape(settings, cpu, bits), shapes, evals)
+    return estimate(facts, run_shape(settings, cpu, bits, facts=facts, budget=budget), shapes, evals)
 
 
 @dataclass
@@ -174,7 +188,8 @@ def _fits(value: Estimate, budget: int) -> bool:
 def plan_memory(facts: ModelFacts, settings: LoraSettings, data: DataLengths, budget: int, budget_source: str,
                 *, cpu: bool | None = None, packing_supported: bool = True) -> MemoryPlan:
     """Estimate `settings`; when they don't fit, change them, cheapest change for quality first, until they do."""
-    current = estimate_settings(facts, settings, data, cpu=cpu, packing_supported=packing_supported)
+    current = estimate_settings(facts, settings, data, cpu=cpu, packing_supported=packing_supported,
+                                budget=budget)
     result = MemoryPlan(_fits(current, budget), current, budget, budget_source)
     if result.fits:
         return result
@@ -183,7 +198,8 @@ def plan_memory(facts: ModelFacts, settings: LoraSettings, data: DataLengths, bu
     suggested, reasons = {}, []
 
     def attempt(bits=None):
-        return estimate_settings(facts, trial, data, cpu=cpu, bits=bits, packing_supported=packing_supported)
+        return estimate_settings(facts, trial, data, cpu=cpu, bits=bits, packing_supported=packing_supported,
+                                 budget=budget)
 
     best = current
     # 1. Gradient checkpointing: the same training, slower (each block's forward pass runs twice).

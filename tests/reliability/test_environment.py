@@ -211,3 +211,15 @@ def test_a_huge_one_line_record_is_never_tokenized_whole(tmp_path):
     note = next(n for n in datasets.notes if "truncated" in n)
     longest = int(note.split("longest ")[1].split(")")[0])
     assert 128 < longest <= 128 * MAX_CHARS_PER_TOKEN, note  # cut before tokenizing, still reported as over
+
+
+def test_a_full_mlxtune_home_trains_without_the_tokenized_cache(tmp_path):
+    """The tokenized cache is optional: a full MLXTUNE_HOME (the --out disk has room) trains without it, says so,
+    and leaves no temporary file behind."""
+    with tmpfs(tmp_path / "home", 16 * 1024) as home:
+        run = tmp_path / "run"
+        result = cli(*lora_args(run, iters=2), MLXTUNE_HOME=str(home))
+        assert result.returncode == 0, result.stderr[-800:]
+        assert "could not be cached" in result.stdout + result.stderr
+        assert not list(home.rglob("*.npz")), list(home.rglob("*"))
+        assert (run / "adapters.safetensors").is_file()

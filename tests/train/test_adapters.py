@@ -33,7 +33,7 @@ def test_target_modules_limit_the_adapters_and_typos_are_refused(tmp_path):
     # Piped output (a log, CI): a plain progress line per report, not one live bar rendered at the end.
     progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["1/2", "2/2"], result.stdout
-    assert all(re.search(r"loss \d\.\d{3}  val \S+  \d+ tok/s  mem .* elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d$", line)
+    assert all(re.search(r"loss \d\.\d{3}  val \S+( \(step \d+\))?  \d+ tok/s  mem .* elapsed \d:\d\d:\d\d  ETA \d:\d\d:\d\d$", line)
                for line in progress), progress
     names = mx.load(str(run_dir / "adapters.safetensors")).keys()
     assert names and all(".q_proj." in n or ".v_proj." in n for n in names)

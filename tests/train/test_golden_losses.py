@@ -47,7 +47,8 @@ def test_sft_lora_losses_are_the_golden_ones(tmp_path):
 
     settings = LoraSettings(model=str(MODEL), data=str(WIKISQL), out=str(tmp_path / "sft"), iters=STEPS, seed=0,
                             learning_rate=3e-3, report_every=1, eval_every=10**6, save_every=10**6,
-                            val_batches=1, grad_accumulation=2, memory="64GB")
+                            val_batches=1, grad_accumulation=2, memory="64GB",
+                            max_seq_length=2048)  # as recorded (the default is now min(2048, the context): 512 here)
     finetune(settings, console=make_console(quiet=True), force=True)
     _check("sft", _losses(tmp_path / "sft"))
 

@@ -27,8 +27,9 @@ def pair_batch_shapes(pairs, batch_size: int, seed: int) -> list[BatchShape]:
     return sorted(shapes, key=lambda s: (s.rows * s.length, s.supervised))
 
 
-def estimate_preference(facts: ModelFacts, settings, train, valid, *, cpu: bool | None = None):
-    run = replace(run_shape(settings, cpu), fused_head=settings.method != "full")
+def estimate_preference(facts: ModelFacts, settings, train, valid, *, cpu: bool | None = None,
+                        budget: int | None = None):
+    run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
     evals = {_shape(b) for b in evaluation_pair_batches(valid, settings.batch_size, settings.val_batches)}
     return estimate(facts, run, pair_batch_shapes(train, settings.batch_size, settings.seed),
                     sorted(evals, key=lambda s: (s.rows * s.length, s.supervised)))
@@ -38,7 +39,7 @@ def plan_preference(facts: ModelFacts, settings, train, valid, budget: int, budg
                     *, cpu: bool | None = None) -> MemoryPlan:
     """Estimate a preference run; when it doesn't fit, suggest checkpointing, then fewer pairs per micro-batch with
     more accumulation (the same pairs per optimizer step)."""
-    current = estimate_preference(facts, settings, train, valid, cpu=cpu)
+    current = estimate_preference(facts, settings, train, valid, cpu=cpu, budget=budget)
     result = MemoryPlan(current.total <= budget, current, budget, budget_source)
     if result.fits:
         return result
@@ -46,14 +47,14 @@ def plan_preference(facts: ModelFacts, settings, train, valid, budget: int, budg
     best = current
     if not trial.grad_checkpoint:
         trial.grad_checkpoint = suggested["grad_checkpoint"] = True
-        best = estimate_preference(facts, trial, train, valid, cpu=cpu)
+        best = estimate_preference(facts, trial, train, valid, cpu=cpu, budget=budget)
         reasons.append(f"--grad-checkpoint: recompute activations in the backward pass, same results, slower "
                        f"({fmt_gb(best.total)})")
     while best.total > budget and trial.batch_size > 1:
         trial.batch_size //= 2
         trial.grad_accumulation *= 2
         suggested.update(batch_size=trial.batch_size, grad_accumulation=trial.grad_accumulation)
-        best = estimate_preference(facts, trial, train, valid, cpu=cpu)
+        best = estimate_preference(facts, trial, train, valid, cpu=cpu, budget=budget)
     if "batch_size" in suggested:
         reasons.append(f"--batch-size {trial.batch_size} --grad-accumulation {trial.grad_accumulation}: the same "
                        f"pairs per step in smaller micro-batches ({fmt_gb(best.total)})")
