@@ -11,8 +11,9 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
   probabilities (the CPU backend computes attention unfused and keeps them, [heads, L, L] per row), the attention
   output, the MLP's gate/up/product; with gradient checkpointing only each block's input, plus one block recomputed;
 - the loss workspace: in training with a frozen head (every run method), the fused head gradient's chunks in flight,
-  one per stream, nothing vocabulary-sized kept; in evaluation a forward chunk per stream; with full logits, the
-  logits with their softmax and gradient;
+  one per stream, nothing vocabulary-sized kept — a phase of its own at the end of the forward pass, so the peak is
+  the larger of that phase and the backward pass's, not their sum; in evaluation a forward chunk per stream; with
+  full logits, the logits with their softmax and gradient;
 - the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
 - a quantized base on the CPU backend (`cpu_quantized.py`): with `load` the float copies of its quantized weights,
   with `call` the head's float copy and a few blocks' weights dequantized in flight;
