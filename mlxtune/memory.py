@@ -343,9 +343,9 @@ FUSED_CHUNK_ARRAYS = 10  # chunk-sized float32 arrays per loss stream at the fus
 
 def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> int:
     """The fused head gradient's workspace while the loss runs, at the end of the forward pass: per stream about ten
-    chunk-sized float32 arrays (logits, shifted, exponentials, softmax, its gradient and the one-hot, of the chunk
-    finishing and the next one starting; fitted on the 152k-vocabulary short batches of docs/MEMORY.md), plus the
-    gathered rows and their gradient."""
+    chunk-sized float32 arrays (logits, exponentials, softmax and its gradient, of the chunk finishing and the next
+    one starting: fitted on the 152k-vocabulary short batches of docs/MEMORY.md, not counted array by array), plus
+    the gathered rows and their gradient."""
     rows = batch.supervised
     chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
     in_flight = min(run.streams, -(-rows // chunk))
