@@ -190,7 +190,8 @@ def main() -> int:
         print(json.dumps({"rows": rows, "lowest_error": low, "highest_error": high}, indent=2))
     else:
         print(f"\nerrors {100 * low:+.1f}% … {100 * high:+.1f}%"
-              f" (allowed −{100 * UNDER:.0f}% … +{100 * TOLERANCE:.0f}%) · {platform.machine()} {platform.system()} · {os.cpu_count()} cores · {date.today()}")
+              f" (allowed −{100 * UNDER:.0f}% … +{100 * TOLERANCE:.0f}%)"
+              f" · {platform.machine()} {platform.system()} · {os.cpu_count()} cores · {date.today()}")
     return 0 if all(within_tolerance(r) for r in rows) else 1
 
 
