@@ -11,8 +11,9 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
   probabilities (the CPU backend computes attention unfused and keeps them, [heads, L, L] per row), the attention
   output, the MLP's gate/up/product; with gradient checkpointing only each block's input, plus one block recomputed;
 - the loss workspace: in training with a frozen head (every run method), the fused head gradient's chunks in flight,
-  one per stream, nothing vocabulary-sized kept; in evaluation a forward chunk per stream; with full logits, the
-  logits with their softmax and gradient;
+  one per stream, nothing vocabulary-sized kept — a phase of its own at the end of the forward pass, so the peak is
+  the larger of that phase and the backward pass's, not their sum; in evaluation a forward chunk per stream; with
+  full logits, the logits with their softmax and gradient;
 - the packing mask ([rows, L, L] booleans, expanded to the scores' shape inside attention);
 - a quantized base on the CPU backend (`cpu_quantized.py`): with `load` the float copies of its quantized weights,
   with `call` the head's float copy and a few blocks' weights dequantized in flight;
@@ -316,16 +317,28 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
         return gathered + min(run.streams, -(-rows // chunk)) * 3 * chunk * vocab_row
     in_flight = min(run.streams, -(-rows // chunk))
     if run.fused_head:
-        # differentiated chunk by chunk in the forward pass, nothing kept: per stream about six chunk-sized arrays at
-        # the peak — logits, shifted, exponentials, softmax, its gradient, the next chunk's logits (docs/MEMORY.md:
-        # fitted on four DPO runs)
-        chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
-        return gathered + min(run.streams, -(-rows // chunk)) * 6 * chunk * vocab_row
+        # differentiated chunk by chunk in the forward pass, nothing vocabulary-sized kept for the backward: its own
+        # phase (`fused_loss_phase_bytes`); the backward pass holds only the rows' gradient
+        return 2 * gathered
     if rows * vocab_row > KEPT_SOFTMAX_BYTES:  # recomputed chunk by chunk: logits, softmax, gradient per stream
         return gathered + in_flight * 3 * chunk * vocab_row
     # every chunk's logits and softmax kept for the backward pass (the custom vjp holds its primal), plus one
     # chunk's gradient per stream
     return gathered + 2 * rows * vocab_row + in_flight * chunk * vocab_row
+
+
+FUSED_CHUNK_ARRAYS = 10  # chunk-sized float32 arrays per loss stream at the fused loss phase's peak (docs/MEMORY.md)
+
+
+def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> int:
+    """The fused head gradient's workspace while the loss runs, at the end of the forward pass: per stream about ten
+    chunk-sized float32 arrays (logits, exponentials, softmax and its gradient, of the chunk finishing and the next
+    one starting: fitted on the 152k-vocabulary short batches of docs/MEMORY.md, not counted array by array), plus
+    the gathered rows and their gradient."""
+    rows = batch.supervised
+    chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
+    in_flight = min(run.streams, -(-rows // chunk))
+    return 2 * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
 
 
 def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
@@ -346,6 +359,16 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
     best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
     for batch in batches:
         parts = dict(fixed, **activation_bytes(facts, run, batch), loss=loss_bytes(facts, run, batch))
+        if run.fused_head and run.selective_loss:
+            # Two phases peak apart: the loss at the end of the forward pass (every kept activation, the loss
+            # chunks' workspace) and the backward pass (the activations, one block's transients, the rows'
+            # gradient). With `call`, the blocks' weights dequantized in flight belong to the blocks' phase; the
+            # loss phase sees a few still alive (measured: 0–2.4).
+            loss_phase = dict(parts, **{"backward transient": 0, "loss": fused_loss_phase_bytes(facts, run, batch)})
+            if run.dequantize == "call" and "dequantized weights (CPU)" in parts:
+                loss_phase["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run, LOSS_PHASE_BLOCK_WEIGHTS)
+            if sum(loss_phase.values()) > sum(parts.values()):
+                parts = loss_phase
         total = sum(parts.values())
         if total > best_total or worst is None:
             best_total, best_parts, worst = total, parts, batch
@@ -394,7 +417,10 @@ def _quantized_base(facts: ModelFacts, run: RunShape) -> bool:
     return run.dequantize != "off" and bool(facts.bits or run.bits)
 
 
-def dequantized_path_bytes(facts: ModelFacts, run: RunShape) -> int:
+LOSS_PHASE_BLOCK_WEIGHTS = 3  # `call`: of those, still alive while the fused loss runs
+
+
+def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int = DEQUANTIZED_BLOCK_WEIGHTS) -> int:
     """Float weights a quantized base holds on the CPU backend beyond its packed ones: with `load` a copy of
     every quantized weight for the whole run; with `call` a copy of the head's (cpu_quantized.use_path: each loss
     chunk would dequantize it again) and a few blocks' largest weights in flight."""
@@ -406,7 +432,7 @@ def dequantized_path_bytes(facts: ModelFacts, run: RunShape) -> int:
     blocks = [count for name, count in weights.items() if name.startswith("model.layers.")]
     head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
                        else weights.get("model.embed_tokens.weight", 0))
-    return 4 * (DEQUANTIZED_BLOCK_WEIGHTS * max(blocks, default=0) + head)
+    return 4 * (block_weights * max(blocks, default=0) + head)
 
 
 DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)

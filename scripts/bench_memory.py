@@ -13,8 +13,8 @@ The `*-default-600` cases are what a user gets: no batch/length flag at all, on 
 budget, and `MLXTUNE_DEQUANTIZE=load|call` forces one for a whole bench run (the children inherit it).
 
 Usage: .venv/bin/python scripts/bench_memory.py [--cases NAME,NAME] [--iters 2] [--json]
-Exit code 1 when an estimate is below the measured peak (the dangerous side: a run that doesn't fit) or more than
-15% above it.
+Exit code 1 when an estimate is more than 5% below the measured peak (the dangerous side: a run that doesn't fit)
+or more than 15% above it (issue 24's bounds).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mlxtune.synthetic import SHAPES  # noqa: E402  (the published shapes; imports no MLX)
 STORIES = ROOT / "examples" / "models" / "stories260K"
-UNDER = 0.0  # the estimate may not be below the measured peak at all
+UNDER = 0.05  # the estimate may be at most this much below the measured peak (issue 24)
 TOLERANCE = 0.15  # and at most this much above it
 MODELS = {  # name: (shape, layers kept, stored dtype, bits)
     "smollm-bf16": ("smollm-135m", 4, "bfloat16", None),
@@ -189,7 +189,8 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rows": rows, "lowest_error": low, "highest_error": high}, indent=2))
     else:
-        print(f"\nerrors {100 * low:+.1f}% … {100 * high:+.1f}% (allowed {100 * UNDER:+.0f}% … +{100 * TOLERANCE:.0f}%)"
+        print(f"\nerrors {100 * low:+.1f}% … {100 * high:+.1f}%"
+              f" (allowed −{100 * UNDER:.0f}% … +{100 * TOLERANCE:.0f}%)"
               f" · {platform.machine()} {platform.system()} · {os.cpu_count()} cores · {date.today()}")
     return 0 if all(within_tolerance(r) for r in rows) else 1
 
