@@ -156,7 +156,10 @@ def use_path(model, path: str) -> int:
     modules = quantized_modules(model)
     for module in modules:
         base = next(b for b in SUBCLASSES if isinstance(module, b))
-        module.__class__ = base if path == "off" else SUBCLASSES[base]
+        wanted = base if path == "off" else SUBCLASSES[base]
+        if type(module) is wanted and (_float_copy(module) is not None) == (path == "load"):
+            continue  # already computing this way (loading did it; training chose the same): nothing to redo
+        module.__class__ = wanted
         # Outside the module's parameter tree on purpose (not saved, trained, counted or fused).
         module.__dict__["_float_weight"] = _dequantize(module) if path == "load" else None
     if path == "load":
