@@ -259,3 +259,15 @@ def test_inference_loads_compute_dequantized_and_generate_what_the_kernel_genera
     assert all(type(m) is nn.QuantizedLinear for m in layers)
     close(dequantized_logits, loaded.model(prompt), scale=10)
     assert generate_text(loaded, "one two three", max_tokens=24, use_template=False) == dequantized_text
+
+
+def test_a_float_copy_made_before_an_upcast_is_made_again_in_the_new_dtype():
+    linear = nn.Linear(64, 32)
+    linear.set_dtype(mx.float16)
+    layer = nn.QuantizedLinear.from_linear(linear, 32, 4)
+    use_path(layer, "load")
+    assert layer.__dict__["_float_weight"].dtype == mx.float16
+    use_path(layer, "load")  # loading did it, training asks again: kept
+    layer.set_dtype(mx.float32)  # training on the CPU backend upcasts (train/loop.py)
+    use_path(layer, "load")
+    assert layer.__dict__["_float_weight"].dtype == mx.float32
