@@ -185,6 +185,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     reporter.start(settings.method, model_path, run_dir)
     memory_plan = plan_for_run(settings, model_path, data_path, choose=choose_sizes and not resume,
                                force=force or resume, console=reporter.console)
+    reporter.info(f"loading the model from {model_path} …")  # said before each phase that can take minutes
     model, tokenizer, model_config = load_model(model_path)
     if settings.threads is not None and _on_cpu() and not set_blas_threads(settings.threads):
         reporter.note("--threads applies to the system BLAS, which is not in use here")
@@ -195,6 +196,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
         model.set_dtype(mx.float32)
         reporter.info("CPU backend: training in float32 (half-precision weights upcast)")
     context = text_config(model_config).get("max_position_embeddings")
+    reporter.info(f"reading and tokenizing {data_path} …")
     datasets = load_datasets(data_path, tokenizer, **settings.dataset_options(),
                              context_length=context if isinstance(context, int) else None)
     for note in datasets.notes:
@@ -306,6 +308,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     step = setup.start_step
     with _StopRequest() as stop, reporter.training(total_steps, step, val_loss):
         if step == 0 and datasets.valid:
+            reporter.info(f"measuring the validation loss before training ({_val_batches(settings, datasets)}) …")
             val_loss = validation_loss(model, datasets.valid, settings.batch_size, settings.val_batches, loss,
                                        parallel)
             result.initial_val_loss = result.best_val_loss = val_loss
@@ -415,6 +418,8 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
             stopping = parallel.any(stop.signal_name)  # every rank stops at the same step
             if writes and (step % settings.save_every == 0 or step == total_steps or stopping
                            or result.stopped == "early-stopped"):
+                if step == total_steps or stopping or result.stopped == "early-stopped":
+                    reporter.info(f"saving the adapter and checkpoint of step {step} to {run_dir} …")
                 _save(run_dir, model, optimizer, adapter_cfg, step,
                       progress_state(result, evals_without_gain, total_steps, data_files))
             reporter.step_done(step)
@@ -437,6 +442,13 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
         unlock_run_dir(run_dir)
     reporter.summary(result, run_dir / ADAPTER_FILE)
     return result
+
+
+def _val_batches(settings, datasets) -> str:
+    batches = -(-len(datasets.valid) // settings.batch_size)
+    if settings.val_batches >= 0:
+        batches = min(batches, settings.val_batches)
+    return f"{batches} batch{'es' if batches != 1 else ''} of up to {settings.batch_size}"
 
 
 def floating_parameters(model) -> list[mx.array]:
