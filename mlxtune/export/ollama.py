@@ -159,6 +159,8 @@ def modelfile(gguf_name: str, tokenizer, template: str | None, model_dir: Path,
     lines = [f"FROM ./{gguf_name}", ""]
     if kept:
         lines += ['TEMPLATE """' + kept["template"] + '"""', ""]
+        if kept.get("system"):
+            lines += ['SYSTEM """' + kept["system"] + '"""', ""]
         parameters = dict(kept.get("parameters") or {})
     else:
         pieces = template_pieces(tokenizer, template) if template else None
