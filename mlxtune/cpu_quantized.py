@@ -172,7 +172,13 @@ def use_path(model, path: str) -> int:
     head = quantized_head(model)
     for module in modules:
         base = next(b for b in SUBCLASSES if isinstance(module, b))
-        module.__class__ = base if path == "off" else SUBCLASSES[base]
+        wanted = base if path == "off" else SUBCLASSES[base]
+        copy = _float_copy(module)
+        if type(module) is wanted and (copy is not None) == (path == "load") and (
+                copy is None or copy.dtype == _float_dtype(module)):
+            continue  # already computing this way (loading did it; training chose the same): nothing to redo
+        # (a copy made before training upcast the model to float32 is made again, in float32)
+        module.__class__ = wanted
         # Outside the module's parameter tree on purpose (not saved, trained, counted or fused).
         copy = path == "load" or (path == "call" and module is head)
         module.__dict__["_float_weight"] = _dequantize(module) if copy else None

@@ -11,6 +11,7 @@ import difflib
 import os
 from pathlib import Path
 
+from mlxtune.cpu_quantized import accelerate_quantized
 from mlxtune.errors import UsageError
 from mlxtune.storage import environment_error
 from mlxtune.hub import is_hub_id, pull
@@ -70,4 +71,8 @@ def load_model(path: Path, adapter_path: Path | None = None):
         raise UsageError(f"could not load {what}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
                          "its config.json and weight files must match and be complete (download it again); an "
                          "adapter must come from a run on this same base model") from None
+    # The one hook for every command that loads a model (chat, generate, serve, eval, fuse, training): on the CPU
+    # backend a quantized base computes through dequantized weights, ~35x faster; Metal/CUDA keep MLX's kernels.
+    # Training chooses again with its memory plan once its adapters are attached (train/loop.py).
+    accelerate_quantized(model)
     return model, tokenizer, config

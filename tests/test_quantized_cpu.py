@@ -241,3 +241,33 @@ def test_doctor_says_how_quantized_layers_compute():
     assert "once at load" in json.loads(result.stdout)["quantized_layers"]
     result = run_cli("doctor")  # the table too
     assert "quantized layers" in result.stdout
+
+
+def test_inference_loads_compute_dequantized_and_generate_what_the_kernel_generates(q4_model):
+    """chat, generate, serve and eval load through models.load_model (via runs.open_for_inference): the same hook
+    as training makes their quantized layers compute through dequantized weights, with the kernel's tokens."""
+    from mlxtune.chat import generate_text
+    from mlxtune.runs import open_for_inference
+
+    loaded = open_for_inference(q4_model)
+    layers = [m for _, m in loaded.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(type(m) is DequantizedLinear for m in layers)
+    prompt = mx.array([[1, 17, 42, 99, 7, 300, 12]])
+    dequantized_logits = loaded.model(prompt)
+    dequantized_text = generate_text(loaded, "one two three", max_tokens=24, use_template=False)
+    use_path(loaded.model, "off")
+    assert all(type(m) is nn.QuantizedLinear for m in layers)
+    close(dequantized_logits, loaded.model(prompt), scale=10)
+    assert generate_text(loaded, "one two three", max_tokens=24, use_template=False) == dequantized_text
+
+
+def test_a_float_copy_made_before_an_upcast_is_made_again_in_the_new_dtype():
+    linear = nn.Linear(64, 32)
+    linear.set_dtype(mx.float16)
+    layer = nn.QuantizedLinear.from_linear(linear, 32, 4)
+    use_path(layer, "load")
+    assert layer.__dict__["_float_weight"].dtype == mx.float16
+    use_path(layer, "load")  # loading did it, training asks again: kept
+    layer.set_dtype(mx.float32)  # training on the CPU backend upcasts (train/loop.py)
+    use_path(layer, "load")
+    assert layer.__dict__["_float_weight"].dtype == mx.float32

@@ -139,7 +139,8 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             staging.mkdir()
             gguf_file = export_gguf(source, staging / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
             context = text_config(source.config).get("max_position_embeddings")
-            text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context)
+            text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context,
+                             base_dir=tokenizer_dir)  # an Ollama import's own TEMPLATE and stops
             create_file(staging / "Modelfile", text)
             tag = name.lower().replace("_", "-")
             next_step = f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}"

@@ -128,16 +128,45 @@ def _parameters(model_dir: Path) -> dict:
     return params
 
 
+def kept_from_ollama(base_dir: Path | None, template: str | None) -> dict | None:
+    """The TEMPLATE and parameters Ollama gave the model (kept at `mlxtune pull ollama:NAME`), when the model is
+    still rendered with the chat template it was imported with (a run with its own template gets a derived one)."""
+    from mlxtune.importers import OLLAMA_SETTINGS
+
+    kept_file = base_dir / OLLAMA_SETTINGS if base_dir else None
+    if kept_file is None or not kept_file.is_file():
+        return None
+    config_file = base_dir / "tokenizer_config.json"
+    imported = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template") if config_file.is_file() \
+        else None
+    kept = json.loads(kept_file.read_text(encoding="utf-8"))
+    return kept if kept.get("template") and imported == template else None
+
+
+def _parameter_lines(parameters: dict) -> list[str]:
+    lines = []
+    for key, value in parameters.items():
+        for one in value if isinstance(value, list) else [value]:  # Ollama keeps `stop` as a list
+            lines.append(f"PARAMETER {key} {json.dumps(one, ensure_ascii=False) if key == 'stop' else one}")
+    return lines
+
+
 def modelfile(gguf_name: str, tokenizer, template: str | None, model_dir: Path,
-              context_length: int | None = None) -> str:
-    pieces = template_pieces(tokenizer, template) if template else None
+              context_length: int | None = None, base_dir: Path | None = None) -> str:
+    """The Modelfile beside the exported GGUF: Ollama's own TEMPLATE and parameters when the model came from
+    Ollama (`base_dir` holds what the import kept), else a TEMPLATE and stops derived from the chat template."""
+    kept = kept_from_ollama(base_dir, template)
     lines = [f"FROM ./{gguf_name}", ""]
-    if pieces:
-        lines += ['TEMPLATE """' + go_template(pieces) + '"""', ""]
-    for stop in stop_strings(tokenizer, pieces):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
-    for key, value in _parameters(model_dir).items():
-        lines.append(f"PARAMETER {key} {value}")
+    if kept:
+        lines += ['TEMPLATE """' + kept["template"] + '"""', ""]
+        if kept.get("system"):
+            lines += ['SYSTEM """' + kept["system"] + '"""', ""]
+        parameters = dict(kept.get("parameters") or {})
+    else:
+        pieces = template_pieces(tokenizer, template) if template else None
+        if pieces:
+            lines += ['TEMPLATE """' + go_template(pieces) + '"""', ""]
+        parameters = {"stop": stop_strings(tokenizer, pieces), **_parameters(model_dir)}
     if context_length:
-        lines.append(f"PARAMETER num_ctx {context_length}")
-    return "\n".join(lines) + "\n"
+        parameters.setdefault("num_ctx", context_length)
+    return "\n".join(lines + _parameter_lines(parameters)) + "\n"

@@ -265,6 +265,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
     window = _new_window()
     with StopRequest() as stop, reporter.training(run.total_steps, step, None):
         if step == 0 and objective.has_validation():
+            reporter.info("measuring the validation loss before training …")  # it can take minutes on a big model
             val = evaluate(0)
             progress.initial_val = progress.best_val = val
             progress.best_step = 0
@@ -365,6 +366,8 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
                 stopping = parallel.any(stop.signal_name)  # every rank stops at the same step
                 if (step % settings.save_every == 0 or step == run.total_steps or stopping
                         or progress.stopped == "early-stopped"):
+                    if writes and (step == run.total_steps or stopping or progress.stopped == "early-stopped"):
+                        reporter.info(f"saving the adapter and checkpoint of step {step} to {run_dir} …")
                     save(step)
                 reporter.step_done(step)
                 progress.steps = step

