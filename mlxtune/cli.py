@@ -24,6 +24,7 @@ from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
 
 EXIT_INTERRUPTED = 130
+MAX_RANK_TIMEOUT = 86_400  # a day: longer than any step; past it a hung rank would never be noticed
 DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
 
 
@@ -164,6 +165,9 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
+    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
+                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")

@@ -108,6 +108,9 @@ def test_cli_refuses_out_of_bound_flags_with_exit_2(tmp_path):
     _one_line_error(invoke("lora", "--config", config, "--out", out), 2, "iters")
     _one_line_error(invoke("plan", "--model", MODEL, "--data", WIKISQL, "--cache-limit-gb", "1e30"), 2,
                     "cache_limit_gb")
+    for timeout in ("nan", "inf", "0", "1e12"):
+        _one_line_error(invoke("lora", "--model", MODEL, "--data", WIKISQL, "--out", out, "--nproc", 2,
+                               "--rank-timeout", timeout), 2, "--rank-timeout")
     assert not out.exists()
 
 
