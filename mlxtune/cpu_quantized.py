@@ -182,7 +182,7 @@ def use_path(model, path: str) -> int:
         # Outside the module's parameter tree on purpose (not saved, trained, counted or fused).
         copy = path == "load" or (path == "call" and module is head)
         module.__dict__["_float_weight"] = _dequantize(module) if copy else None
-    mx.eval([m.__dict__["_float_weight"] for m in modules if m.__dict__["_float_weight"] is not None])
+    mx.eval([copy for m in modules if (copy := m.__dict__.get("_float_weight")) is not None])
     return len(modules)
 
 
