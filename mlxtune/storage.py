@@ -145,16 +145,19 @@ def check_writable(path: Path) -> None:
 def translate(exc: BaseException, where: Path, need: int | None = None) -> MlxtuneError | None:
     """Our error for a file-system failure the user's machine caused, or None when it is something else.
 
-    MLX reports failed writes as RuntimeError ("[write] Unable to write N bytes"), without an errno: the cause is
-    then read from the file system itself (no space left, or not writable)."""
+    MLX reports failed writes as RuntimeError ("[write] Unable to write N bytes"), and numpy (under the gguf writer)
+    as an OSError without an errno: the cause is then read from the file system itself (no space left, or not
+    writable)."""
     if isinstance(exc, OSError) and exc.errno is not None:
         if exc.errno in DISK_FULL:
             return disk_full_error(where, need)
         if exc.errno in NOT_WRITABLE:
             return not_writable_error(where, exc.strerror or str(exc))
         return None
-    if isinstance(exc, RuntimeError) and re.search(r"\[(write|save|save_safetensors)\b|[Uu]nable to (write|open)",
-                                                   str(exc)):
+    # numpy's tofile (the gguf writer's) reports a short write as OSError("N requested and M written"), no errno
+    short_write = isinstance(exc, OSError) and re.search(r"\d+ requested and \d+ written", str(exc))
+    if short_write or isinstance(exc, RuntimeError) and re.search(
+            r"\[(write|save|save_safetensors)\b|[Uu]nable to (write|open)", str(exc)):
         if free_bytes(where) < max(need or 0, 1 << 20):
             return disk_full_error(where, need)
         folder = existing_ancestor(where)

@@ -223,3 +223,12 @@ def test_a_full_mlxtune_home_trains_without_the_tokenized_cache(tmp_path):
         assert "could not be cached" in result.stdout + result.stderr
         assert not list(home.rglob("*.npz")), list(home.rglob("*"))
         assert (run / "adapters.safetensors").is_file()
+
+
+def test_disk_full_during_a_gguf_adapter_export_is_a_disk_full_error(trained_run, tmp_path):
+    """numpy (under the gguf writer) reports a short write as an OSError without an errno: still a full disk."""
+    with tmpfs(tmp_path / "disk", 40 * 1024) as disk:
+        result = cli("export", trained_run[0], "--format", "gguf-adapter", "--out", disk / "adapter.gguf")
+        [error] = _one_line_error(result, 1, "disk full writing")
+        assert str(disk / "adapter.gguf") in error
+        assert list(disk.iterdir()) == [], "a partial export was left on the full disk"
