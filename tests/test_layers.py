@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
-    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "storage", "faults"]),
+    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "cli_options", "storage", "faults"]),
     ("model facts", ["memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),

@@ -35,14 +35,13 @@ from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
 from mlxtune.runs import (CONFIG_FILE, LOCK_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER,
                           TEMPLATE_FILE, default_run_dir, follow_up_run_dir)
-from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.settings import LoraSettings, PreferenceSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import load_checkpoint
 from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
 from mlxtune.train.preference.objective import (
-    OBJECTIVES,
     PreferenceObjective,
     SequenceLogProbs,
     adapters_off,
@@ -54,47 +53,6 @@ from mlxtune.train.preference.objective import (
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, step_progress, summary_table
 
-STOP_ON = ("loss", "accuracy")
-
-
-@dataclass
-class PreferenceSettings(LoraSettings):
-    """`mlxtune lora`'s settings plus the preference objective's own (saved apart, in preference.yaml)."""
-
-    objective: str = "dpo"  # dpo | orpo
-    beta: float = 0.1  # DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term
-    label_smoothing: float = 0.0  # DPO: assumed share of flipped labels (conservative DPO)
-    precompute_reference: bool = False  # DPO: reference log-probs computed once before training, cached per pair
-    from_run: str | None = None  # start from this supervised run (its adapter merged into the base)
-    from_checkpoint: str = "last"  # which adapter of --from: last, best or a step number
-    stop_on: str = "loss"  # early stopping watches the validation loss or the validation preference accuracy
-    skip_invalid: bool = False  # train without the bad records (each named in a note) instead of refusing the data
-
-    def validate(self) -> "PreferenceSettings":
-        super().validate()
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective {self.objective!r}", f"use one of {', '.join(OBJECTIVES)}")
-        if not self.beta > 0:
-            raise UsageError(f"beta must be positive, got {self.beta}", "set --beta (0.1 is usual)")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
-                             "set --label-smoothing (0 = plain DPO)")
-        if self.stop_on not in STOP_ON:
-            raise UsageError(f"unknown stop_on {self.stop_on!r}", f"use one of {', '.join(STOP_ON)}")
-        if self.objective == "orpo" and (self.precompute_reference or self.label_smoothing):
-            raise UsageError("ORPO uses no reference model and no label smoothing",
-                             "drop --precompute-reference/--label-smoothing, or use mlxtune dpo")
-        return self
-
-    def lora_part(self) -> LoraSettings:
-        own = {f.name for f in fields(LoraSettings)}
-        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
-
-    def preference_part(self) -> dict:
-        own = {f.name for f in fields(LoraSettings)}
-        return {k: v for k, v in self.to_dict().items() if k not in own}
-
-
 def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> None:
     """config.yaml stays a plain LoRA config (fuse/export/chat read it); the objective goes to preference.yaml."""
     save_settings(settings.lora_part(), run_dir / CONFIG_FILE)
@@ -102,9 +60,10 @@ def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> Non
 
 
 def load_preference_settings(run_dir: Path) -> PreferenceSettings:
-    lora = load_run_settings(run_dir / CONFIG_FILE)
+    lora = load_run_settings(run_dir / CONFIG_FILE, LoraSettings)  # lora's data settings in it are not ours
     extra = read_yaml_config(run_dir / PREFERENCE_FILE, PreferenceSettings)
-    return PreferenceSettings(**{**lora.to_dict(), **extra})
+    own = {f.name for f in fields(PreferenceSettings)}
+    return PreferenceSettings(**{**{k: v for k, v in lora.to_dict().items() if k in own}, **extra})
 
 
 def is_preference_run(run_dir: str | Path) -> bool:

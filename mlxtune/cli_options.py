@@ -1,0 +1,108 @@
+"""A command's flags made from its settings dataclass: name, type, choices, help and shown default, written once.
+
+Each field of a settings class (mlxtune/settings.py) carries its command-line form in its metadata (made with
+`settings.setting()`); `options_for` turns the fields a command takes into click options. How a new command adopts
+it (e.g. `grpo`):
+
+    @dataclass
+    class GrpoSettings(AdapterSettings):          # the model, data, optimizer, cadence and adapter flags come along
+        group_size: int = setting(8, "Completions sampled per prompt.")
+        loss_type: str = setting("grpo", "Loss normalisation.", choices=("grpo", "dr_grpo"))
+
+    @main.command("grpo", context_settings={"show_default": True})
+    @settings_options(GrpoSettings, "grpo")
+    @click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
+    def grpo(config_path, **flags):
+        settings = resolve_settings(config_path, flags, cls=GrpoSettings)   # defaults ← YAML ← flags
+
+A field that only some commands take says so (`commands=("dpo",)`); one that differs in meaning between them has
+`help_for`; one no command takes as a flag has `flag=None`. Never write a default into a help text: it is shown
+from the field's default (or its `shown` words, for a default decided at run time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import click
+
+# click's types for the settings' field types (the annotations are strings: `from __future__ import annotations`)
+_TYPES = {"int": int, "float": float, "str": str, "list[str]": str}  # a list is given comma-separated
+
+
+def shown_default(settings_field: dataclasses.Field) -> str | None:
+    """The default `--help` shows for a field: its `shown` words, else its default value; None: show none."""
+    meta = settings_field.metadata
+    if meta.get("shown") is not None:
+        return meta["shown"]
+    value = settings_field.default
+    if value is None or value is dataclasses.MISSING:
+        return None
+    if isinstance(value, bool):  # the switch that is on by default, as click names a flag's default
+        switch = _switches(settings_field)[0 if value else 1]
+        return switch.lstrip("-") if switch else None
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def takes(settings_field: dataclasses.Field, command: str) -> bool:
+    """Whether `command` has a flag for this field."""
+    meta = settings_field.metadata
+    if "flag" in meta and meta["flag"] is None:
+        return False
+    return command in meta.get("commands", (command,))
+
+
+def option_spec(settings_field: dataclasses.Field, command: str,
+                shown: dict[str, str] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """One field as `click.option`'s arguments for `command`; `shown` gives the default in words where it is
+    decided outside the settings."""
+    meta, name = settings_field.metadata, settings_field.name
+    kind = str(settings_field.type).split(" |")[0]
+    words = (shown or {}).get(name, shown_default(settings_field))
+    text = meta.get("help_for", {}).get(command, meta.get("help", ""))
+    # default None = not given (the YAML or the field's default applies), so click can't show the default itself:
+    # it is added here, from the field, in click's own form
+    attrs: dict[str, Any] = {"help": text if words is None else f"{text}  [default: {words}]", "default": None,
+                             "show_default": False}
+    if kind == "bool":
+        on, off = _switches(settings_field)
+        decls = [f"{on}/{off}" if off else on, name]
+        if not off:
+            attrs["is_flag"] = True
+    else:
+        decls = [_flag(settings_field), *meta.get("aliases", ()), name]
+        attrs["type"] = (click.Choice(meta["choices"]) if "choices" in meta
+                         else click.Path() if meta.get("path") else _TYPES[kind])
+    return decls, attrs
+
+
+def options_for(cls, command: str, shown: dict[str, str] | None = None) -> list[click.Option]:
+    """The click options of `command` from the settings dataclass `cls`, in field order: one per field it takes.
+
+    Every option's default is None (not given), so `settings.resolve_settings(config, flags, cls)` layers
+    defaults ← YAML ← flags; the default --help shows comes from the field (`shown_default`). `shown` overrides the
+    shown default of a field whose default is decided outside the settings (`--model`: the models' default)."""
+    return [click.Option(*option_spec(f, command, shown)) for f in dataclasses.fields(cls) if takes(f, command)]
+
+
+def settings_options(cls, command: str, shown: dict[str, str] | None = None):
+    """`options_for` as a decorator of a click command function (the options come first in --help)."""
+    def decorate(function):
+        for settings_field in reversed(dataclasses.fields(cls)):
+            if takes(settings_field, command):
+                decls, attrs = option_spec(settings_field, command, shown)
+                function = click.option(*decls, **attrs)(function)
+        return function
+    return decorate
+
+
+def _flag(settings_field: dataclasses.Field) -> str:
+    return settings_field.metadata.get("flag") or f"--{settings_field.name.replace('_', '-')}"
+
+
+def _switches(settings_field: dataclasses.Field) -> tuple[str, str | None]:
+    """A boolean's on and off switches: --pack/--no-pack, --selective-loss/--full-loss, --skip-invalid alone."""
+    on = _flag(settings_field)
+    off = settings_field.metadata.get("off", f"--no-{on.removeprefix('--')}")
+    return on, off
