@@ -224,8 +224,9 @@ def _preference_command(objective: str, summary: str, extra_help: str, extra_opt
 
         console = make_console(json_mode)
         if resume_dir:
-            settings = resume_preference_settings(resume_dir, {k: flags.get(k) for k in (
-                "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
+            if config_path:
+                raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
+            settings = resume_preference_settings(resume_dir, flags, objective)
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
         from mlxtune.fuse import merge_sft_run

@@ -169,6 +169,10 @@ class TrainSettings:
     def _fit_config(self, config: dict) -> None:
         """A part's own checks against the model's config.json (AdapterSettings: rank ≤ hidden size)."""
 
+    def refuse_unused(self, given) -> None:
+        """Refuse settings the user gave (`given`: names from the flags and the YAML) that these settings' other
+        values make do nothing."""
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -205,6 +209,14 @@ class AdapterSettings(TrainSettings):
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout")
         return self
+
+    def refuse_unused(self, given) -> None:
+        super().refuse_unused(given)
+        unused = [name for name in ("rank", "alpha", "dropout", "target_modules") if name in given]
+        if self.method == "full" and unused:
+            raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in unused)} "
+                             f"{'does' if len(unused) == 1 else 'do'} nothing with --method full (it trains whole "
+                             "blocks, no adapter)", "drop it, or use --method lora or dora; --layers chooses the blocks")
 
     def _fit_config(self, config: dict) -> None:
         from mlxtune.model_config import text_config
@@ -425,7 +437,8 @@ def resolve_settings(config_path: str | Path | None, overrides: dict[str, Any], 
         settings = cls(**values)
     except TypeError as exc:
         raise UsageError(f"invalid settings: {exc}", "check the keys in your config file") from None
-    return settings.validate()
+    settings.validate().refuse_unused(set(values))
+    return settings
 
 
 # The last line of a run's config.yaml: a file cut short (a crash mid-write, a bad copy) lacks it and is refused

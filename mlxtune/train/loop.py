@@ -39,10 +39,9 @@ from mlxtune.train.checkpoint import (
 )
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.recovery import (
-    CHANGEABLE_ON_RESUME,
+    apply_resume_flags,
     check_resume_state,
     check_settings_unchanged,
-    setting_differs,
     data_fingerprint,
     find_resume_point,
 )
@@ -332,18 +331,7 @@ def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
     if not config.is_file():
         raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
     settings = read_run_settings(config)
-    refused = []
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key in CHANGEABLE_ON_RESUME:
-            setattr(settings, key, value)
-        elif key != "out" and setting_differs(getattr(settings, key), value):
-            refused.append(f"--{key.replace('_', '-')} (the run has {getattr(settings, key)!r})")
-    if refused:
-        raise UsageError(f"can't change {', '.join(refused)} when resuming {run_dir}",
-                         "drop those flags, or start a new run with --out; --resume may change "
-                         + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
+    apply_resume_flags(settings, overrides, run_dir)
     settings.out = str(run_dir)
     settings = settings.validate()
     latest = latest_checkpoint(Path(run_dir))  # an edited config.yaml is refused now, before any model is loaded

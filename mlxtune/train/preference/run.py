@@ -40,7 +40,8 @@ from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import load_checkpoint
 from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
+from mlxtune.train.recovery import (apply_resume_flags, check_resume_state, data_fingerprint, find_resume_point,
+                                    unlock_run_dir)
 from mlxtune.train.preference.objective import (
     PreferenceObjective,
     SequenceLogProbs,
@@ -70,15 +71,18 @@ def is_preference_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / PREFERENCE_FILE).is_file()
 
 
-def resume_preference_settings(run_dir: str | Path, overrides: dict) -> PreferenceSettings:
+def resume_preference_settings(run_dir: str | Path, overrides: dict, objective: str | None = None) -> PreferenceSettings:
+    """A preference run's settings with `overrides` (flags; None = not given) applied as `mlxtune lora --resume`
+    applies them (recovery.apply_resume_flags); `objective`: the command resuming it, which must be the run's."""
     run_dir = Path(run_dir)
     if not is_preference_run(run_dir):
         raise UsageError(f"{run_dir} is not a preference run (no {PREFERENCE_FILE})",
                          "resume a LoRA run with mlxtune lora --resume")
     settings = load_preference_settings(run_dir)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(settings, key, value)
+    if objective is not None and objective != settings.objective:
+        raise UsageError(f"{run_dir} is a {settings.objective} run", f"resume it with mlxtune {settings.objective} "
+                         f"--resume {run_dir}")
+    apply_resume_flags(settings, overrides, run_dir)
     settings.out = str(run_dir)
     return settings.validate()
 
