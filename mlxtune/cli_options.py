@@ -2,17 +2,21 @@
 
 Each field of a settings class (mlxtune/settings.py) carries its command-line form in its metadata (made with
 `settings.setting()`); `options_for` turns the fields a command takes into click options. How a new command adopts
-it (e.g. `grpo`):
+it (e.g. `grpo`), in mlxtune/settings.py and cli.py:
 
     @dataclass
-    class GrpoSettings(AdapterSettings):          # the model, data, optimizer, cadence and adapter flags come along
-        group_size: int = setting(8, "Completions sampled per prompt.")
-        loss_type: str = setting("grpo", "Loss normalisation.", choices=("grpo", "dr_grpo"))
+    class GrpoSettings(FollowUpSettings):  # model, data, optimizer, cadence, adapter and --from come along
+        batch_size: int = setting(4, "Prompts per micro-batch.")   # a field re-declared: its place, new help
+        reward: list[str] | None = setting(help="A reward spec (repeatable; summed).", multiple=True)
+        group_size: int = setting(8, "Samples per prompt (G).")
+        loss_type: str = setting("grpo", "Loss normalisation.", choices=("grpo", "dr_grpo", "dapo"))
+        epsilon_high: float | None = setting(help="Clip the ratio above at 1 + ε.", shown="the preset's: 0.2")
 
     @main.command("grpo", context_settings={"show_default": True})
-    @settings_options(GrpoSettings, "grpo")
-    @click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
-    def grpo(config_path, **flags):
+    @settings_options(GrpoSettings, "grpo", _SHOWN)
+    @_config_option
+    @_resume_option
+    def grpo(config_path, resume_dir, **flags):
         settings = resolve_settings(config_path, flags, cls=GrpoSettings)   # defaults ← YAML ← flags
 
 A field that only some commands take says so (`commands=("dpo",)`); one that differs in meaning between them has
@@ -72,6 +76,8 @@ def option_spec(settings_field: dataclasses.Field, command: str,
             attrs["is_flag"] = True
     else:
         decls = [_flag(settings_field), *meta.get("aliases", ()), name]
+        if meta.get("multiple"):  # --reward a --reward b → ["a", "b"]; none given → None (not given)
+            attrs.update(multiple=True, callback=lambda ctx, param, values: list(values) or None)
         attrs["type"] = (click.Choice(meta["choices"]) if "choices" in meta
                          else click.Path() if meta.get("path") else _TYPES[kind])
     return decls, attrs

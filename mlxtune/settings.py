@@ -6,8 +6,8 @@ saved in the run directory as `config.yaml`, so a run can always be repeated or 
 Each training command's settings are made of parts, so a command holds only the settings it uses:
 `TrainSettings` (model, data, optimizer, schedule, cadence, memory: every training run), `AdapterSettings` (what
 is trained: method, rank, ...), `SftDataSettings` (how examples become batches: packing, prompt keys, ...).
-`LoraSettings` (`mlxtune lora`/`plan`) = all three; `PreferenceSettings` (`mlxtune dpo`/`orpo`) = the first two
-and the objective's own. Each field carries its command-line form in its metadata (`setting()`), from which
+`LoraSettings` (`mlxtune lora`/`plan`) = all three; `PreferenceSettings` (`mlxtune dpo`/`orpo`) = the first two,
+`--from` (`FollowUpSettings`) and the objective's own. Each field carries its command-line form in its metadata (`setting()`), from which
 `mlxtune.cli_options` makes the flags: a flag, its help and its shown default are written once, here.
 """
 
@@ -64,7 +64,7 @@ def setting(default: Any = None, help: str = "", **cli: Any) -> Any:
     `help`: one sentence, no default in it (the default is shown from `default`, or from `shown`). Optional, in
     `cli`: `flag` (the flag when not `--field-name`, e.g. "--from"), `aliases` (e.g. ("--lr",)), `off` (a boolean's
     off switch, e.g. "--full-loss"; default `--no-NAME`; None for a switch that is only ever turned on), `choices`,
-    `path` (the value is a file path), `shown` (the default in words, for a default decided at run time: "min(2048,
+    `path` (the value is a file path), `multiple` (a list field given by repeating the flag), `shown` (the default in words, for a default decided at run time: "min(2048,
     the model's context)"), `help_for` ({command: help} where one command means something else by it),
     `commands` (only these commands take the flag) and `flag=None` (a setting no command takes as a flag).
     """
@@ -265,7 +265,17 @@ class LoraSettings(AdapterSettings):
 
 
 @dataclass
-class PreferenceSettings(AdapterSettings):
+class FollowUpSettings(AdapterSettings):
+    """A run that may start from a supervised run (`--from`: its adapter merged into its base, which is then also
+    the reference): dpo, orpo (and any later objective that follows a supervised run)."""
+
+    from_run: str | None = setting(help="Start from this supervised run: its adapter is merged into its base, which "
+                                        "is also the reference.", flag="--from", path=True)
+    from_checkpoint: str = setting("last", "Adapter of --from to merge: last, best or a step number.")
+
+
+@dataclass
+class PreferenceSettings(FollowUpSettings):
     """Everything `mlxtune dpo`/`orpo` need: a training run and its adapter (pairs come in fixed batches of
     --batch-size pairs and only the answers are trained on, so lora's batching and prompt flags are not here) plus
     the objective's own settings, saved apart in preference.yaml."""
@@ -278,9 +288,6 @@ class PreferenceSettings(AdapterSettings):
     precompute_reference: bool = setting(False, "Compute the reference log-probs once before training and cache "
                                                 "them per pair (no reference pass per step); always on for --method "
                                                 "full.", commands=("dpo",))
-    from_run: str | None = setting(help="Start from this supervised run: its adapter is merged into its base, which "
-                                        "is also the reference.", flag="--from", path=True)
-    from_checkpoint: str = setting("last", "Adapter of --from to merge: last, best or a step number.")
     stop_on: str = setting("loss", "What --patience watches: validation loss or validation preference accuracy.",
                            choices=STOP_ON)
     skip_invalid: bool = setting(False, "Train without bad records (each named in a note) instead of refusing the "
