@@ -121,8 +121,8 @@ def _force_option(f):
 @_resume_option
 @click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch.")
 @click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="ring", help="MLX distributed backend; falls back to ring with a note when unusable.")
-@click.option("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, help="Seconds a rank waits for the others before the run fails.")
+@click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring].")
+@click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}].")
 @click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit.")
 @_force_option
 @_json_option
@@ -146,7 +146,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
-    if not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
         raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
                          f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
     if resume_dir:
@@ -161,7 +161,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
         from mlxtune.ui import summary_table
 
-        launch = dict(hosts=hosts, nproc=nproc, backend=backend, timeout=rank_timeout)
+        launch = dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT)
         if check:
             report = check_hosts(settings, **launch, console=console)
             if json_mode:
