@@ -396,6 +396,9 @@ def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
         raise UsageError(f"{path}: expected a mapping of settings, got {type(values).__name__}", "write `key: value` lines")
     known = _field_names(cls)
     for key in values:
+        if key in _field_names(LoraSettings) and key not in known:  # a lora run's config.yaml given to dpo, say
+            raise UsageError(f"{path}: {key} is a setting of `mlxtune lora`, not of this command",
+                             f"remove {key!r} from the file (this command has no --{key.replace('_', '-')})")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"

@@ -192,3 +192,10 @@ def test_resuming_a_preference_run_takes_the_safe_flags_and_refuses_the_others(t
         resume_preference_settings(tmp_path, {"beta": 0.5})
     with pytest.raises(UsageError, match="is a dpo run"):
         resume_preference_settings(tmp_path, {}, objective="orpo")
+
+
+def test_a_lora_setting_in_a_preference_config_is_named(tmp_path):
+    config = tmp_path / "dpo.yaml"
+    config.write_text("beta: 0.2\npack: true\n")
+    with pytest.raises(UsageError, match="pack is a setting of `mlxtune lora`, not of this command"):
+        resolve_settings(config, {}, PreferenceSettings)
