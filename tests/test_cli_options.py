@@ -181,19 +181,6 @@ def test_adapter_flags_with_method_full_are_refused():
     assert resolve_settings(None, {"method": "dora", "rank": 16}).rank == 16
 
 
-def test_resuming_a_preference_run_takes_the_safe_flags_and_refuses_the_others(tmp_path):
-    """`dpo --resume` as `lora --resume`: length, cadence and step sizes may change, the rest is refused."""
-    from mlxtune.train.preference.run import resume_preference_settings, save_preference_settings
-
-    save_preference_settings(PreferenceSettings(model="m", data="d", beta=0.2).validate(), tmp_path)
-    settings = resume_preference_settings(tmp_path, {"iters": 7, "learning_rate": 1e-3, "beta": 0.2, "rank": None})
-    assert (settings.iters, settings.learning_rate, settings.beta) == (7, 1e-3, 0.2)
-    with pytest.raises(UsageError, match=r"can't change --beta \(the run has 0.2\)"):
-        resume_preference_settings(tmp_path, {"beta": 0.5})
-    with pytest.raises(UsageError, match="is a dpo run"):
-        resume_preference_settings(tmp_path, {}, objective="orpo")
-
-
 def test_a_lora_setting_in_a_preference_config_is_named(tmp_path):
     config = tmp_path / "dpo.yaml"
     config.write_text("beta: 0.2\npack: true\n")

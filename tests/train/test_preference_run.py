@@ -131,6 +131,20 @@ def test_preference_settings_refuse_what_makes_no_sense(change, message):
         PreferenceSettings(**change).validate()
 
 
+def test_resuming_a_preference_run_takes_the_safe_flags_and_refuses_the_others(tmp_path):
+    """`dpo --resume` as `lora --resume`: length, cadence and step sizes may change, the rest is refused."""
+    from mlxtune.errors import UsageError
+    from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, save_preference_settings
+
+    save_preference_settings(PreferenceSettings(model="m", data="d", beta=0.2).validate(), tmp_path)
+    settings = resume_preference_settings(tmp_path, {"iters": 7, "learning_rate": 1e-3, "beta": 0.2, "rank": None})
+    assert (settings.iters, settings.learning_rate, settings.beta) == (7, 1e-3, 0.2)
+    with pytest.raises(UsageError, match=r"can't change --beta \(the run has 0.2\)"):
+        resume_preference_settings(tmp_path, {"beta": 0.5})
+    with pytest.raises(UsageError, match="is a dpo run"):
+        resume_preference_settings(tmp_path, {}, objective="orpo")
+
+
 def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(tmp_path):
     """`--precompute-reference` caches the log-probs of the untrained weights once; training must then follow the
     adapters-off reference step for step (same data order, same reference values), and the cache covers every
