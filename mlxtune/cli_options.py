@@ -1,8 +1,8 @@
 """A command's flags made from its settings dataclass: name, type, choices, help and shown default, written once.
 
 Each field of a settings class (mlxtune/settings.py) carries its command-line form in its metadata (made with
-`settings.setting()`); `options_for` turns the fields a command takes into click options. How a new command adopts
-it (e.g. `grpo`), in mlxtune/settings.py and cli.py:
+`settings.setting()`); `settings_options` turns the fields a command takes into click options. How a new command
+adopts it (e.g. `grpo`), in mlxtune/settings.py and cli.py:
 
     @dataclass
     class GrpoSettings(FollowUpSettings):  # model, data, optimizer, cadence, adapter and --from come along
@@ -83,17 +83,13 @@ def option_spec(settings_field: dataclasses.Field, command: str,
     return decls, attrs
 
 
-def options_for(cls, command: str, shown: dict[str, str] | None = None) -> list[click.Option]:
-    """The click options of `command` from the settings dataclass `cls`, in field order: one per field it takes.
+def settings_options(cls, command: str, shown: dict[str, str] | None = None):
+    """A click command's options from the settings dataclass `cls`: one per field `command` takes, in field order,
+    before the command's own in --help.
 
     Every option's default is None (not given), so `settings.resolve_settings(config, flags, cls)` layers
     defaults ← YAML ← flags; the default --help shows comes from the field (`shown_default`). `shown` overrides the
     shown default of a field whose default is decided outside the settings (`--model`: the models' default)."""
-    return [click.Option(*option_spec(f, command, shown)) for f in dataclasses.fields(cls) if takes(f, command)]
-
-
-def settings_options(cls, command: str, shown: dict[str, str] | None = None):
-    """`options_for` as a decorator of a click command function (the options come first in --help)."""
     def decorate(function):
         for settings_field in reversed(dataclasses.fields(cls)):
             if takes(settings_field, command):

@@ -3,12 +3,12 @@
 YAML keys and flag names are the same words (`learning_rate` ↔ `--learning-rate`). The resolved settings are
 saved in the run directory as `config.yaml`, so a run can always be repeated or resumed.
 
-Each training command's settings are made of parts, so a command holds only the settings it uses:
-`TrainSettings` (model, data, optimizer, schedule, cadence, memory: every training run), `AdapterSettings` (what
-is trained: method, rank, ...), `SftDataSettings` (how examples become batches: packing, prompt keys, ...).
-`LoraSettings` (`mlxtune lora`/`plan`) = all three; `PreferenceSettings` (`mlxtune dpo`/`orpo`) = the first two,
-`--from` (`FollowUpSettings`) and the objective's own. Each field carries its command-line form in its metadata (`setting()`), from which
-`mlxtune.cli_options` makes the flags: a flag, its help and its shown default are written once, here.
+Each training command's settings hold only what it uses, in layers: `TrainSettings` (model, data, optimizer,
+schedule, cadence, memory: every training run) ← `AdapterSettings` (what is trained: method, rank, ...) ←
+`LoraSettings` (`mlxtune lora`/`plan`: how examples become batches — packing, token budget, prompt keys) and
+`FollowUpSettings` (`--from` a supervised run) ← `PreferenceSettings` (`mlxtune dpo`/`orpo`: the objective's own).
+Each field carries its command-line form in its metadata (`setting()`), from which `mlxtune.cli_options` makes the
+flags: a flag, its help and its shown default are written once, here.
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ UPPER_BOUNDS = {
 
 
 def setting(default: Any = None, help: str = "", **cli: Any) -> Any:
-    """A settings field with its command-line form in the field's metadata (read by `cli_options.options_for`).
+    """A settings field with its command-line form in the field's metadata (read by `cli_options.settings_options`).
 
     `help`: one sentence, no default in it (the default is shown from `default`, or from `shown`). Optional, in
     `cli`: `flag` (the flag when not `--field-name`, e.g. "--from"), `aliases` (e.g. ("--lr",)), `off` (a boolean's
     off switch, e.g. "--full-loss"; default `--no-NAME`; None for a switch that is only ever turned on), `choices`,
-    `path` (the value is a file path), `multiple` (a list field given by repeating the flag), `shown` (the default in words, for a default decided at run time: "min(2048,
-    the model's context)"), `help_for` ({command: help} where one command means something else by it),
-    `commands` (only these commands take the flag) and `flag=None` (a setting no command takes as a flag).
+    `path` (the value is a file path), `multiple` (a list given by repeating the flag), `shown` (the default in
+    words, for a default decided at run time: "min(2048, the model's context)"), `help_for` ({command: help} where
+    one command means something else by it), `commands` (only these commands take the flag) and `flag=None` (a
+    setting no command takes as a flag).
     """
     return field(default=default, metadata={"help": help, **cli})
 
@@ -216,7 +217,8 @@ class AdapterSettings(TrainSettings):
         if self.method == "full" and unused:
             raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in unused)} "
                              f"{'does' if len(unused) == 1 else 'do'} nothing with --method full (it trains whole "
-                             "blocks, no adapter)", "drop it, or use --method lora or dora; --layers chooses the blocks")
+                             "blocks, no adapter)",
+                             "drop it, or use --method lora or dora; --layers chooses the blocks")
 
     def _fit_config(self, config: dict) -> None:
         from mlxtune.model_config import text_config
