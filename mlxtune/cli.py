@@ -165,9 +165,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
-    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
-        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
-                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
@@ -176,19 +174,8 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         settings = resume_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags)
-    if check or hosts or (nproc or 1) > 1:
-        from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
-        from mlxtune.ui import summary_table
-
-        launch = dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT)
-        if check:
-            report = check_hosts(settings, **launch, console=console)
-            if json_mode:
-                print_json(report.to_dict())
-            else:
-                console.print(summary_table("preflight", preflight_rows(report)))
-            sys.exit(0 if report.ok else 2)
-        result = train_distributed(settings, resume=bool(resume_dir), **launch, console=console, json_mode=json_mode)
+    if launch:
+        result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
     else:
         from mlxtune.train.loop import finetune
 
@@ -234,6 +221,33 @@ def plan_command(timed, json_mode, config_path=None, **flags):
 # Flags of the data-parallel launcher: they choose how a run is started, not what one rank holds in memory.
 _DATA_PARALLEL = {"nproc", "hosts", "backend", "rank_timeout", "check"}
 
+
+def _launch_options(nproc, hosts, backend, rank_timeout, check) -> dict | None:
+    """The data-parallel launcher's flags (lora, dpo, orpo), checked; None for a single-process run."""
+    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
+                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    if not (check or hosts or (nproc or 1) > 1):
+        return None
+    return dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT,
+                check=check)
+
+
+def _train_data_parallel(settings, resume: bool, launch: dict, console, json_mode: bool) -> dict:
+    """--nproc/--hosts: the run started by mlx.launch (train/distributed.py); --check: the preflight, then exit."""
+    from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
+    from mlxtune.ui import print_json, summary_table
+
+    launch = dict(launch)
+    if launch.pop("check"):
+        report = check_hosts(settings, **launch, console=console)
+        if json_mode:
+            print_json(report.to_dict())
+        else:
+            console.print(summary_table("preflight", preflight_rows(report)))
+        sys.exit(0 if report.ok else 2)
+    return train_distributed(settings, resume=resume, **launch, console=console, json_mode=json_mode)
+
 # `plan` takes every `lora` option (those other commands add to lora included), so a plan is for the same run; a
 # data-parallel run is planned per rank, so the launcher's flags are not among them.
 plan_command.params.extend(p for p in lora.params
@@ -242,22 +256,29 @@ plan_command.params.extend(p for p in lora.params
 
 # Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
 # prompt-selection flags don't apply to preference runs.
-_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
-                       *_DATA_PARALLEL}  # data-parallel: lora only for now
+_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key"}
 
 
 def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
-    def command(config_path, resume_dir, json_mode, force, **flags):
+    def command(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_timeout, check, **flags):
         from mlxtune.settings import resolve_settings
         from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, train_preference
         from mlxtune.ui import make_console, print_json
 
         console = make_console(json_mode)
+        launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
         if resume_dir:
             settings = resume_preference_settings(resume_dir, {k: flags.get(k) for k in (
                 "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
+        if launch:  # data-parallel, through the same launcher as lora
+            result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
+            if json_mode:
+                print_json(result)
+            if result.get("stopped") == "interrupted":
+                sys.exit(EXIT_INTERRUPTED)
+            return
         from mlxtune.fuse import merge_sft_run
 
         def start_from(run_dir):  # --from: merging is fuse's job, done before the training engine starts
@@ -301,6 +322,7 @@ main.add_command(_preference_command(
       mlxtune dpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
       mlxtune dpo --from runs/sft --data ./pairs --precompute-reference
       mlxtune dpo --resume runs/sft-dpo --iters 400
+      mlxtune dpo --model ./my-model --data ./pairs --nproc 2   # data-parallel (docs/DISTRIBUTED.md)
     """,
     [click.Option(["--beta"], type=float, help=_BETA_HELP["dpo"]),
      click.Option(["--label-smoothing"], type=float,
