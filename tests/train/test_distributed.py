@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import MLXTUNE, MODEL, WIKISQL, run_cli
+from conftest import MLXTUNE, MODEL, WIKISQL, make_pairs, run_cli
 from mlxtune import LoraSettings
 from mlxtune.train.checkpoint import latest_checkpoint
 from mlxtune.train.distributed import MARKER, _free_port_range, _mlx_launch_command
@@ -207,8 +207,6 @@ def test_dpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
     """`mlxtune dpo --nproc 2 --batch-size 2` = one rank with --batch-size 4: the same launcher and per-pair sums as
     lora. 15 pairs: the epoch's last batch has 3, split 2/1 between the ranks, so a mean of per-rank means (or a rank
     training on the whole batch) would differ from one rank."""
-    from test_preference_run import make_pairs
-
     from mlxtune.train.preference.run import PreferenceSettings, train_preference
 
     pairs = make_pairs(tmp_path / "pairs", train=15, valid=4)
