@@ -30,7 +30,7 @@ def __getattr__(name):
         "fuse_run": ("mlxtune.fuse", "fuse_run"),
         "generate_text": ("mlxtune.chat", "generate_text"),
         "chat_session": ("mlxtune.chat", "chat_session"),
-        "validation_loss": ("mlxtune.train.evaluate", "validation_loss"),
+        "validation_loss": ("mlxtune.train.validation", "validation_loss"),
         "evaluate_run": ("mlxtune.eval", "evaluate_run"),
         "make_server": ("mlxtune.serve", "make_server"),
     }

@@ -11,6 +11,7 @@
                                each holds the adapter, OPTIMIZER_FILE, STATE_FILE and MANIFEST_FILE
       metrics.jsonl, loss.png, result.json
       verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
+      eval.json, report.html   what `mlxtune eval` found: base vs tuned (EVAL_FILE, EVAL_REPORT_FILE; --out elsewhere)
       .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
                                is ever reset, and then only of the files above
       .lock                    the writer's lock (LOCK_FILE; train/recovery.py)
@@ -44,6 +45,8 @@ RESULT_FILE = "result.json"
 FUSE_REPORT_FILE = "mlxtune_fuse.json"  # in a fused model's folder: its run, checkpoint, data kind and fuse check
 PREFERENCE_FILE = "preference.yaml"  # a dpo/orpo run's objective settings (config.yaml stays a plain LoRA config)
 VERIFY_FILE = "verify.json"
+EVAL_FILE = "eval.json"
+EVAL_REPORT_FILE = "report.html"  # `mlxtune eval`'s self-contained page (FUSE_REPORT_FILE is fuse's JSON)
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name

@@ -15,7 +15,7 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import UsageError
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
