@@ -462,7 +462,7 @@ def _sampling_flags(temp_default: float, top_p_default: float, max_tokens_defaul
 
 
 def _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed):
-    from mlxtune.chat import Sampling
+    from mlxtune.inference import Sampling
 
     return Sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed).check()
 
@@ -486,7 +486,7 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, min_p, repetition_pe
       mlxtune generate runs/demo --prompt "table: players"
       mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8 --seed 1
     """
-    from mlxtune.chat import generate_text, prompt_format
+    from mlxtune.inference import generate_text, prompt_format
     from mlxtune.runs import open_for_inference
     from mlxtune.ui import print_json
 

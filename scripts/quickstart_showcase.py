@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mlxtune.chat import generate_text
+from mlxtune.inference import generate_text
 from mlxtune.runs import open_for_inference
 
 ANSWER_CUE = "A:"

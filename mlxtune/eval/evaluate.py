@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlxtune.chat import encode_messages, prompt_format
+from mlxtune.inference import encode_messages, prompt_format
 from mlxtune.errors import UsageError
 from mlxtune.eval.cases import EvalData, load_cases
 from mlxtune.eval.metrics import Metric, parse_metric

@@ -278,7 +278,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     settings, run_dir, model, datasets = setup.settings, setup.run_dir, setup.model, setup.datasets
     trainable, total = parameter_counts(model)
     reporter.header(settings, data_kind=datasets.kind, train_examples=len(datasets.train),
-                    valid_examples=len(datasets.valid), template_origin=datasets.template.origin,
+                    valid_examples=len(datasets.valid), template=datasets.template.name,
                     data_warnings=summary(datasets.warnings)
                     + (" (`mlxtune data check` lists them)" if datasets.warnings else ""),
                     trainable=trainable, total=total, steps=setup.total_steps,

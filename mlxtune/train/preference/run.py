@@ -489,7 +489,7 @@ def _print_header(console, settings: PreferenceSettings, sets: PreferenceSets, t
         ("method", f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else "full"),
         ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
         ("data", f"{sets.shape}: {len(sets.train)} train / {len(sets.valid)} valid pairs"),
-        ("template", sets.template.origin),
+        ("template", sets.template.name),
         ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es) of "
                   f"{settings.batch_size} pairs, lr {settings.learning_rate:g} {settings.schedule}"),
         ("log-probs", "selective (answer positions only)" if objective.logps.selective else "full logits"),
