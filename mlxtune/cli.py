@@ -115,15 +115,24 @@ def _force_option(f):
                         help="Train even when the plan says the settings won't fit the memory budget.")(f)
 
 
+def _launcher_options(f):
+    """The data-parallel launcher's flags (lora, dpo, orpo)."""
+    for option in reversed((
+        click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch."),
+        click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first."),
+        click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring]."),
+        click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}]."),
+        click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit."),
+    )):
+        f = option(f)
+    return f
+
+
 @main.command(context_settings={"show_default": True})
 @settings_options(LoraSettings, "lora", _SHOWN)
 @_config_option
 @_resume_option
-@click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch.")
-@click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first.")
-@click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring].")
-@click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}].")
-@click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit.")
+@_launcher_options
 @_force_option
 @_json_option
 def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout, check, force, **flags):
@@ -146,9 +155,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
-    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
-        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
-                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
@@ -157,19 +164,8 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         settings = resume_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags)
-    if check or hosts or (nproc or 1) > 1:
-        from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
-        from mlxtune.ui import summary_table
-
-        launch = dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT)
-        if check:
-            report = check_hosts(settings, **launch, console=console)
-            if json_mode:
-                print_json(report.to_dict())
-            else:
-                console.print(summary_table("preflight", preflight_rows(report)))
-            sys.exit(0 if report.ok else 2)
-        result = train_distributed(settings, resume=bool(resume_dir), **launch, console=console, json_mode=json_mode)
+    if launch:
+        result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
     else:
         from mlxtune.train.loop import finetune
 
@@ -214,21 +210,56 @@ def plan_command(timed, json_mode, config_path, **flags):
     sys.exit(0 if report["fits"] else 3)
 
 
+def _launch_options(nproc, hosts, backend, rank_timeout, check) -> dict | None:
+    """The data-parallel launcher's flags (lora, dpo, orpo), checked; None for a single-process run."""
+    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
+                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    if not (check or hosts or (nproc or 1) > 1):
+        return None
+    return dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT,
+                check=check)
+
+
+def _train_data_parallel(settings, resume: bool, launch: dict, console, json_mode: bool) -> dict:
+    """--nproc/--hosts: the run started by mlx.launch (train/distributed.py); --check: the preflight, then exit."""
+    from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
+    from mlxtune.ui import print_json, summary_table
+
+    launch = dict(launch)
+    if launch.pop("check"):
+        report = check_hosts(settings, **launch, console=console)
+        if json_mode:
+            print_json(report.to_dict())
+        else:
+            console.print(summary_table("preflight", preflight_rows(report)))
+        sys.exit(0 if report.ok else 2)
+    return train_distributed(settings, resume=resume, **launch, console=console, json_mode=json_mode)
+
+
 def _preference_command(objective: str, summary: str, extra_help: str, extra_options: tuple = ()):
     """`mlxtune dpo`/`orpo`: PreferenceSettings' flags for `objective`, --config/--resume/--force/--json, and
-    `extra_options` (click decorators: the launcher's flags, say)."""
-    def command(config_path, resume_dir, json_mode, force, **flags):
+    the launcher's flags, and `extra_options` (click decorators)."""
+    def command(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_timeout, check, **flags):
         from mlxtune.settings import PreferenceSettings, resolve_settings
         from mlxtune.train.preference.run import resume_preference_settings, train_preference
         from mlxtune.ui import make_console, print_json
 
         console = make_console(json_mode)
+        launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
         if resume_dir:
             if config_path:
                 raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
             settings = resume_preference_settings(resume_dir, flags, objective)
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
+        if launch:  # data-parallel, through the same launcher as lora
+            result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
+            if json_mode:
+                print_json(result)
+            if result.get("stopped") == "interrupted":
+                sys.exit(EXIT_INTERRUPTED)
+            return
         from mlxtune.fuse import merge_sft_run
 
         def start_from(run_dir):  # --from: merging is fuse's job, done before the training engine starts
@@ -242,7 +273,7 @@ def _preference_command(objective: str, summary: str, extra_help: str, extra_opt
             sys.exit(EXIT_INTERRUPTED)
 
     for decorate in reversed((settings_options(PreferenceSettings, objective, _SHOWN), _config_option,
-                              _resume_option, *extra_options, _force_option, _json_option)):
+                              _resume_option, _launcher_options, *extra_options, _force_option, _json_option)):
         command = decorate(command)
     return click.command(objective, help=summary + extra_help, short_help=summary.split("\n")[0],
                          context_settings={"show_default": True})(command)
@@ -263,6 +294,7 @@ main.add_command(_preference_command(
       mlxtune dpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
       mlxtune dpo --from runs/sft --data ./pairs --precompute-reference
       mlxtune dpo --resume runs/sft-dpo --iters 400
+      mlxtune dpo --model ./my-model --data ./pairs --nproc 2   # data-parallel (docs/DISTRIBUTED.md)
     """,
 ))
 main.add_command(_preference_command(
@@ -394,7 +426,7 @@ def _sampling_flags(temp_default: float, top_p_default: float, max_tokens_defaul
 
 
 def _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed):
-    from mlxtune.chat import Sampling
+    from mlxtune.inference import Sampling
 
     return Sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed).check()
 
@@ -418,7 +450,7 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, min_p, repetition_pe
       mlxtune generate runs/demo --prompt "table: players"
       mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8 --seed 1
     """
-    from mlxtune.chat import generate_text, prompt_format
+    from mlxtune.inference import generate_text, prompt_format
     from mlxtune.runs import open_for_inference
     from mlxtune.ui import print_json
 

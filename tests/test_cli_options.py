@@ -23,12 +23,8 @@ from mlxtune.settings import LoraSettings, PreferenceSettings, resolve_settings
 
 COMMANDS = {"lora": LoraSettings, "plan": LoraSettings, "dpo": PreferenceSettings, "orpo": PreferenceSettings}
 # Each command's flags that are not settings: how a run is started, printed or resumed.
-NOT_SETTINGS = {
-    "lora": {"config_path", "resume_dir", "nproc", "hosts", "backend", "rank_timeout", "check", "force", "json_mode"},
-    "plan": {"config_path", "timed", "json_mode"},
-    "dpo": {"config_path", "resume_dir", "force", "json_mode"},
-    "orpo": {"config_path", "resume_dir", "force", "json_mode"},
-}
+_LAUNCH = {"config_path", "resume_dir", "nproc", "hosts", "backend", "rank_timeout", "check", "force", "json_mode"}
+NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode"}, "dpo": _LAUNCH, "orpo": _LAUNCH}
 # The settings a command has no flag for, and why.
 NO_FLAG = {
     "lora": set(), "plan": set(),

@@ -15,7 +15,7 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import UsageError
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
@@ -277,7 +277,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     settings, run_dir, model, datasets = setup.settings, setup.run_dir, setup.model, setup.datasets
     trainable, total = parameter_counts(model)
     reporter.header(settings, data_kind=datasets.kind, train_examples=len(datasets.train),
-                    valid_examples=len(datasets.valid), template_origin=datasets.template.origin,
+                    valid_examples=len(datasets.valid), template=datasets.template.name,
                     data_warnings=summary(datasets.warnings)
                     + (" (`mlxtune data check` lists them)" if datasets.warnings else ""),
                     trainable=trainable, total=total, steps=setup.total_steps,

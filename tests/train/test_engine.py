@@ -9,8 +9,7 @@ import shutil
 import mlx.core as mx
 import pytest
 
-from conftest import MODEL, WIKISQL
-from test_preference_run import make_pairs
+from conftest import MODEL, WIKISQL, make_pairs
 
 from mlxtune import faults
 from mlxtune.errors import RunFailed
