@@ -240,7 +240,9 @@ def child_mlxtune_components(spec: dict) -> dict:
 
 
 def child_mlxtune_cli(spec: dict) -> dict:
-    """`mlxtune grpo` as a user runs it; figures from its run directory's metrics.jsonl."""
+    """`mlxtune grpo` as a user runs it, one metrics line per step (`--report-every 1`). Seconds per step: the wall
+    time between consecutive lines, watched as the run writes them (the same measure as mlx-lm-lora's per-step
+    report); rollout tok/s, reward and MLX peak from the lines themselves."""
     out = Path(spec["out"]) / "run"
     command = [sys.executable, "-m", "mlxtune", "grpo", "--model", spec["model"], "--data", spec["data"],
                "--reward", f"{spec['reward_file']}:arith", "--group-size", str(spec["group"]),
@@ -248,32 +250,30 @@ def child_mlxtune_cli(spec: dict) -> dict:
                "--max-completion-tokens", str(spec["max_completion_tokens"]),
                "--temperature", str(spec["temperature"]), "--iters", str(spec["iters"]), "--rank", str(spec["rank"]),
                "--alpha", str(spec["scale"] * spec["rank"]), "--learning-rate", str(spec["learning_rate"]),
-               "--beta", str(spec["beta"]), "--seed", str(spec["seed"]), "--out", str(out), "--json"]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": " ".join(command[2:]) + ": " + ((done.stderr or done.stdout).strip().splitlines() or ["?"])[-1]}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("split", "train") == "train" and "step" in r]
-
-    def field(row, *names):
-        for name in names:
-            if row.get(name) is not None:
-                return row[name]
-        return None
-
-    result = {"step_seconds": [], "rewards": [], "rollout_seconds": [], "rollout_tokens": [], "peak_memory_gb": 0.0}
-    for row in train:
-        result["step_seconds"].append(field(row, "step_seconds", "seconds", "step_time"))
-        result["rewards"].append(field(row, "reward_mean", "reward"))
-        rollout_seconds = field(row, "rollout_seconds")
-        tokens = field(row, "rollout_tokens", "completion_tokens")
-        speed = field(row, "rollout_tokens_per_second", "rollout_tok_s")
-        if rollout_seconds is None and speed and tokens:
-            rollout_seconds = tokens / speed
-        result["rollout_seconds"].append(rollout_seconds)
-        result["rollout_tokens"].append(tokens)
-        result["peak_memory_gb"] = max(result["peak_memory_gb"], field(row, "peak_memory_gb", "peak_memory") or 0.0)
-    return result
+               "--schedule", "constant", "--warmup-steps", "0", "--beta", str(spec["beta"]),
+               "--seed", str(spec["seed"]), "--report-every", "1", "--sample-every", "0", "--out", str(out), "--json"]
+    metrics = out / "metrics.jsonl"
+    seen, stamps = 0, []
+    with tempfile.TemporaryFile("w+") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while child.poll() is None:
+            lines = sum('"train_reward"' in line for line in metrics.read_text().splitlines(keepends=True)
+                        if line.endswith("\n")) if metrics.is_file() else 0
+            stamps += [time.perf_counter()] * (lines - seen)
+            seen = lines
+            time.sleep(0.02)
+        log.seek(0)
+        tail = (log.read().strip().splitlines() or ["no output"])[-1]
+    if child.returncode != 0 or not metrics.is_file():
+        return {"error": f"mlxtune grpo exit {child.returncode}: {tail}"}
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "train_reward" in r]
+    return {"step_seconds": [None] + [b - a for a, b in zip(stamps, stamps[1:])],  # step 1's start is not seen
+            "rewards": [r["train_reward"] for r in train],
+            "rollout_seconds": [r["train_completion_length"] * r["train_completions"]
+                                / r["train_rollout_tokens_per_second"] for r in train],
+            "rollout_tokens": [r["train_completion_length"] * r["train_completions"] for r in train],
+            "peak_memory_gb": max(r.get("peak_memory_gb") or 0.0 for r in train)}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -331,6 +331,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated: stories (bundled stories260K), smollm (SmolLM-135M shape, random "
                              "weights), or a path to an MLX model folder")
     parser.add_argument("--smollm-layers", type=int, default=4)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder for the random SmolLM-shaped model (e.g. an imported SmolLM2's): "
+                             "its real 49k vocabulary; default the bundled 512-token one")
     parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
@@ -392,9 +395,14 @@ def main(argv=None) -> None:
         elif name == "smollm":
             from mlxtune.synthetic import build_random_model
 
-            # the bundled tokenizer has 512 tokens: a larger vocabulary would sample ids it cannot decode
-            model_dir = build_random_model("smollm-135m", work / "smollm", layers=args.smollm_layers, vocab_size=512)
-            label = f"SmolLM-135M shape, {args.smollm_layers} blocks, 512 vocab, random weights"
+            if args.tokenizer:  # a real tokenizer: the shape's real vocabulary (where the head's memory goes)
+                model_dir = build_random_model("smollm-135m", work / "smollm", layers=args.smollm_layers,
+                                               tokenizer_dir=args.tokenizer)
+                label = f"SmolLM-135M shape, {args.smollm_layers} blocks, 49k vocab, random weights"
+            else:  # the bundled tokenizer has 512 tokens: a larger vocabulary would sample ids it cannot decode
+                model_dir = build_random_model("smollm-135m", work / "smollm", layers=args.smollm_layers,
+                                               vocab_size=512)
+                label = f"SmolLM-135M shape, {args.smollm_layers} blocks, 512 vocab, random weights"
         else:
             model_dir, label = Path(name), Path(name).name
         prompts = prompt_tokens(model_dir, data)
