@@ -107,6 +107,8 @@ def prompt_tokens(model_dir: Path, data: Path) -> list[dict]:
 def child_mlx_lm_lora(spec: dict) -> dict:
     import importlib.util
 
+    sys.path.insert(0, str(ROOT))
+    import mlxtune  # noqa: F401  (first: binds MLX to the same system BLAS as mlxtune's child; nothing else of it runs)
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -239,14 +241,16 @@ def child_mlxtune_components(spec: dict) -> dict:
             "rollout_tokens": [r[1] for r in rollouts], "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
-def child_mlxtune_cli(spec: dict) -> dict:
+def child_mlxtune_cli(spec: dict, accumulate: bool = False) -> dict:
     """`mlxtune grpo` as a user runs it, one metrics line per step (`--report-every 1`). Seconds per step: the wall
     time between consecutive lines, watched as the run writes them (the same measure as mlx-lm-lora's per-step
-    report); rollout tok/s, reward and MLX peak from the lines themselves."""
+    report); rollout tok/s, reward and MLX peak from the lines themselves. `accumulate`: the step's P prompts as P
+    micro-batches of one prompt (`--batch-size 1 --grad-accumulation P`): G rows per rollout and per update."""
+    prompts, micro = (1, spec["prompts_per_step"]) if accumulate else (spec["prompts_per_step"], 1)
     out = Path(spec["out"]) / "run"
     command = [sys.executable, "-m", "mlxtune", "grpo", "--model", spec["model"], "--data", spec["data"],
                "--reward", f"{spec['reward_file']}:arith", "--group-size", str(spec["group"]),
-               "--batch-size", str(spec["prompts_per_step"]),
+               "--batch-size", str(prompts), "--grad-accumulation", str(micro),
                "--max-completion-tokens", str(spec["max_completion_tokens"]),
                "--temperature", str(spec["temperature"]), "--iters", str(spec["iters"]), "--rank", str(spec["rank"]),
                "--alpha", str(spec["scale"] * spec["rank"]), "--learning-rate", str(spec["learning_rate"]),
@@ -280,10 +284,11 @@ def child_mlxtune_cli(spec: dict) -> dict:
 
 def run_child(python: str, tool: str, spec: dict, work: Path) -> dict:
     """The tool in its own process; its peak RSS (descendants included) from wait4."""
-    spec_file = work / f"spec-{tool}-{time.monotonic_ns()}.json"
+    spec_file = work / f"spec-{tool.split()[0]}-{time.monotonic_ns()}.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+    log = spec_file.with_suffix(".log")  # the child's own output (its progress bar), to follow a long run
+    with tempfile.TemporaryFile("w+") as stdout, open(log, "w+") as stderr:
         child = subprocess.Popen([python, __file__, "--child", tool, str(spec_file)], stdout=stdout, stderr=stderr,
                                  env=env, text=True)
         _, status, usage = os.wait4(child.pid, 0)
@@ -345,6 +350,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--mlxtune-side", choices=("auto", "cli", "components", "none"), default="auto")
+    parser.add_argument("--accumulation-row", action="store_true",
+                        help="also run mlxtune with the step's prompts as one-prompt micro-batches (less memory)")
     parser.add_argument("--competitor-python", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -359,7 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 CHILDREN = {"mlx-lm-lora": child_mlx_lm_lora, "mlxtune-components": child_mlxtune_components,
-            "mlxtune": child_mlxtune_cli}
+            "mlxtune": child_mlxtune_cli,
+            "mlxtune --batch-size 1 --grad-accumulation P": lambda spec: child_mlxtune_cli(spec, accumulate=True)}
 
 
 def main(argv=None) -> None:
@@ -379,6 +387,8 @@ def main(argv=None) -> None:
         side = "cli" if mlxtune_has_grpo() else "components"
     ours = {"cli": "mlxtune", "components": "mlxtune-components", "none": None}[side]
     tools = ["mlx-lm-lora"] + ([ours] if ours else [])
+    if args.accumulation_row and ours == "mlxtune":
+        tools.append("mlxtune --batch-size 1 --grad-accumulation P")
     work = Path(tempfile.mkdtemp(prefix="bench-grpo-"))
     data = write_prompts(work / "prompts", args.prompts)
     reward_file = work / "bench_reward.py"
@@ -409,7 +419,7 @@ def main(argv=None) -> None:
         runs: dict[str, list[dict]] = {tool: [] for tool in tools}
         for round_number in range(args.rounds):
             for tool in (tools if round_number % 2 == 0 else tools[::-1]):
-                out = work / f"{name.replace('/', '_')}-{tool}-{round_number}"
+                out = work / f"{name.replace('/', '_')}-{tool.split()[0]}{len(tool)}-{round_number}"
                 out.mkdir(parents=True, exist_ok=True)
                 spec = {**settings, "model": str(model_dir), "prompts": prompts, "seed": round_number, "out": str(out)}
                 result = run_child(competitor if tool == "mlx-lm-lora" else sys.executable, tool, spec, work)
