@@ -143,15 +143,13 @@ def child_mlx_lm_lora(spec: dict) -> dict:
     dataset = [(row["ids"], list(tokenizer.encode(row["answer"])), row["prompt"], row["answer"], None)
                for row in spec["prompts"]]
 
-    class Report(TrainingCallback):
-        def __init__(self):
-            self.rows = []
-            self.last = time.perf_counter()
+    class Report(TrainingCallback):  # one report per step (steps_per_report=1): its time and its info
+        stamps = [time.perf_counter()]
+        infos = []
 
         def on_train_loss_report(self, info):
-            now = time.perf_counter()
-            self.rows.append({"seconds": now - self.last, "reward": info["train_total_rewards_mean"]})
-            self.last = now
+            self.stamps.append(time.perf_counter())
+            self.infos.append(info)
 
     report = Report()
     adapter = Path(spec["out"]) / "adapters.safetensors"
@@ -164,7 +162,8 @@ def child_mlx_lm_lora(spec: dict) -> dict:
     train_grpo(model, reference if spec["beta"] else None, tokenizer, optim.Adam(learning_rate=spec["learning_rate"]),
                dataset, None, reward_funcs=[reward_module.arith], args=args, training_callback=report,
                end_answer_token="")
-    return {"step_seconds": [r["seconds"] for r in report.rows], "rewards": [r["reward"] for r in report.rows],
+    return {"step_seconds": [b - a for a, b in zip(report.stamps, report.stamps[1:])],
+            "rewards": [info["train_total_rewards_mean"] for info in report.infos],
             "rollout_seconds": [r[0] for r in rollouts], "rollout_tokens": [r[1] for r in rollouts],
             "peak_memory_gb": max(mx.get_peak_memory(), peak_before) / 1e9}
 
