@@ -30,8 +30,10 @@ mlx-lm-lora runs from its own virtual environment (`--competitor-python`, defaul
     python -m venv /work/venv-mlxlora
     /work/venv-mlxlora/bin/pip install "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" "mlx-lm-lora==5.10.2"
 
-Usage: .venv/bin/python scripts/bench_grpo.py [--models stories,smollm] [--iters 8] [--rounds 2] [--group 8]
-       [--prompts-per-step 2] [--max-completion-tokens 32] [--mlxtune-side auto|cli|components]
+Usage: .venv/bin/python scripts/bench_grpo.py [--models stories,smollm,MODEL_FOLDER] [--tokenizer SMOLLM2_FOLDER]
+       [--iters 8] [--rounds 2] [--group 8] [--prompts-per-step 2] [--max-completion-tokens 32]
+       [--mlxtune-side auto|cli|components|none] [--accumulation-row]
+Figures and what they mean: docs/BENCHMARKS.md, "Reinforcement learning (GRPO) vs mlx-lm-lora".
 """
 
 from __future__ import annotations
