@@ -119,3 +119,26 @@ def test_fuse_into_an_existing_directory_needs_overwrite(qlora_run, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (out / "keep.txt").read_text() == "user file"
 
+
+
+def test_merge_check_catches_one_layers_adapter_left_out(trained_run):
+    """The merge is checked in float32 before the model is rounded or written: a merge that leaves out one layer's
+    adapter fails it (a half-precision base can't hide it in its rounding: that comes after)."""
+    from mlx.utils import tree_unflatten
+
+    from mlxtune.errors import RunFailed
+    from mlxtune.fuse import _held_out, _log_probs, check_merge, merge_adapters
+    from mlxtune.runs import open_for_inference
+
+    run_dir, _ = trained_run
+    tuned = open_for_inference(run_dir)
+    model = tuned.model
+    model.set_dtype(mx.float32)
+    examples = _held_out(open_run(run_dir), tuned.tokenizer).check_examples()[:4]
+    expected = _log_probs(model, examples)
+    layer = model.layers[1]
+    layer.update_modules(tree_unflatten([(name, module.linear) for name, module in layer.named_modules()
+                                         if hasattr(module, "fuse")]))  # layer 1 back to its base: no adapter
+    merge_adapters(model)
+    with pytest.raises(RunFailed, match="merged model's log-probabilities differ"):
+        check_merge(model, examples, expected)
