@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxtune.cpu_quantized import match_dtype
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
 from mlxtune.train.evaluate import validation_loss
@@ -141,6 +142,7 @@ def _held_out(run: Run, tokenizer) -> _HeldOut:
 def _cast_floating(model, dtype) -> None:
     model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
                                  if mx.issubdtype(v.dtype, mx.floating)]))
+    match_dtype(model)  # the CPU backend's float copies of quantized weights follow (mlxtune/cpu_quantized.py)
 
 
 def _as_float32(model) -> None:
