@@ -49,9 +49,11 @@ CHECK_LENGTH = 256
 SURVIVAL_WARNING = 0.9
 FLOAT32_CHECK_BYTES = 6 * GB  # a float32 copy this big still fits beside the model on a 16 GB Mac
 # Max |log-prob difference| the merge and file checks allow. Compared in float32, only float32 arithmetic separates
-# the merged model from base + adapter (W·x + B·A·x against (W + B·A)·x) and the reloaded file from the model as
-# written. Models too large for a float32 copy are compared in their own precision, where activations round too.
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+# the merged model from base + adapter (W·x + B·A·x against (W + B·A)·x: 9.5e-5 measured on SmolLM2-135M, 30 layers
+# and log-probabilities down to about -30; a stories260K run ~1e-6) and the reloaded file from the model as written
+# (0 measured). Leaving out one layer's adapter moves them by far more. Models too large for a float32 copy are
+# compared in their own precision, where activations round too.
+TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1}
 # Every file a tokenizer may be read from: transformers' fast tokenizer re-saves only tokenizer.json and its config,
 # but llama.cpp's converters, slow tokenizers and our GGUF writer read the SentencePiece model or vocab/merges files.
 # (Chat templates are not carried: the run's own template is written separately.)
@@ -193,7 +195,7 @@ def check_merge(model, examples, expected: list[mx.array]) -> tuple[float, list[
         raise RunFailed(f"the merged model's log-probabilities differ from base+adapter by {diff:.2e} "
                         f"(> {tolerance:g}) before it was written; nothing written",
                         "report this with the run directory; the adapter itself is unaffected")
-    return diff
+    return diff, merged
 
 
 def _stored_dtype(model):
