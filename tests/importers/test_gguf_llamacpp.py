@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from smollm import CHATS, imported_smollm2, smollm2_gguf, teacher_forced_agreement
