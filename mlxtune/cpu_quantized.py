@@ -186,6 +186,17 @@ def use_path(model, path: str) -> int:
     return len(modules)
 
 
+def match_dtype(model) -> None:
+    """After the model's floats were cast (`set_dtype`, a float32 comparison), make its float copies again in the
+    new dtype: a float16 copy under float32 scales would compute with weights rounded to float16 (the fuse check
+    on SmolLM2 saw 0.13 in log-probability from it)."""
+    stale = [m for m in quantized_modules(model)
+             if (copy := _float_copy(m)) is not None and copy.dtype != _float_dtype(m)]
+    for module in stale:
+        module.__dict__["_float_weight"] = _dequantize(module)
+    mx.eval([m.__dict__["_float_weight"] for m in stale])
+
+
 def accelerate_quantized(model, budget: int | None = None) -> str | None:
     """On the CPU backend, make a quantized base compute through dequantized weights, the path chosen from the
     memory `budget` (bytes; None: this machine's). Returns a line saying what was done, or None."""

@@ -279,9 +279,13 @@ def print_fuse_result(console: Console, result) -> None:
         ("written to", escape(str(result.out))),
         ("quantization", quant),
         ("checked", f"{result.checked_tokens} held-out tokens"),
-        ("max |Δ log-prob|", f"{result.max_abs_diff:.2e}"
-                             + (f" ≤ {result.tolerance:g} ✓" if result.tolerance is not None else "")),
-        ("mean KL", f"{result.mean_kl:.2e} nats"),
+        ("merge check", f"max |Δ log-prob| {result.merge_diff:.2e} ≤ {result.tolerance:g} ✓  [dim](merged, before writing, "
+                        "vs base+adapter)[/]"),
+        *([("file check", f"max |Δ log-prob| {result.file_diff:.2e} ≤ {result.tolerance:g} ✓  [dim](read back vs "
+                          f"as written, {result.stored_dtype})[/]")] if result.file_diff is not None else []),
+        ("written vs base+adapter", f"max |Δ log-prob| {result.max_abs_diff:.2e} · mean KL {result.mean_kl:.2e} nats"
+                                    + ("" if result.quantization or result.stored_dtype == "float32" else
+                                       f"  [dim](rounding to {result.stored_dtype})[/]")),
         ({"valid": "validation loss", "chosen": "chosen-answer loss"}.get(result.loss_split, "train-data loss"),
          f"base {fmt_loss(result.loss_base)} · base+adapter {fmt_loss(result.loss_adapter)} · "
          f"fused {fmt_loss(result.loss_fused)}  [dim]({result.loss_examples} {result.loss_split} examples, "

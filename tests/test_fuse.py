@@ -41,7 +41,8 @@ def test_requantized_fuse_reports_survival_as_defined(trained_run, tmp_path):
     result = run_cli("fuse", run_dir, "--out", out, "--quantize", "4", "--group-size", "32", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # stdout is pure JSON: mlx-lm's own prints are kept out of it
-    assert report["quantization"] == {"bits": 4, "group_size": 32} and report["tolerance"] is None
+    assert report["quantization"] == {"bits": 4, "group_size": 32} and report["file_diff"] is None
+    assert report["merge_diff"] <= 1e-4 and report["tolerance"] == 1e-3  # the merge itself is checked before quantizing
 
     _, tokenizer, _ = load_model(MODEL)
     examples = _validation_examples(run_dir, tokenizer)
@@ -100,7 +101,7 @@ def qlora_run(tmp_path_factory):
 def test_qlora_fuse_dequantizes_the_base_and_matches(qlora_run, tmp_path):
     run_dir, base = qlora_run
     result = fuse_run(run_dir, tmp_path / "fused")
-    assert result.quantization is None and result.max_abs_diff <= result.tolerance == 1e-4
+    assert result.quantization is None and result.max_abs_diff <= 1e-4 and result.file_diff == 0.0
     assert result.survival == pytest.approx(1.0, abs=1e-3)
     fused, _, config = load_model(tmp_path / "fused")
     assert "quantization" not in config
@@ -118,3 +119,26 @@ def test_fuse_into_an_existing_directory_needs_overwrite(qlora_run, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (out / "keep.txt").read_text() == "user file"
 
+
+
+def test_merge_check_catches_one_layers_adapter_left_out(trained_run):
+    """The merge is checked in float32 before the model is rounded or written: a merge that leaves out one layer's
+    adapter fails it (a half-precision base can't hide it in its rounding: that comes after)."""
+    from mlx.utils import tree_unflatten
+
+    from mlxtune.errors import RunFailed
+    from mlxtune.fuse import _held_out, _log_probs, check_merge, merge_adapters
+    from mlxtune.runs import open_for_inference
+
+    run_dir, _ = trained_run
+    tuned = open_for_inference(run_dir)
+    model = tuned.model
+    model.set_dtype(mx.float32)
+    examples = _held_out(open_run(run_dir), tuned.tokenizer).check_examples()[:4]
+    expected = _log_probs(model, examples)
+    layer = model.layers[1]
+    layer.update_modules(tree_unflatten([(name, module.linear) for name, module in layer.named_modules()
+                                         if hasattr(module, "fuse")]))  # layer 1 back to its base: no adapter
+    merge_adapters(model)
+    with pytest.raises(RunFailed, match="merged model's log-probabilities differ"):
+        check_merge(model, examples, expected)

@@ -271,3 +271,20 @@ def test_a_float_copy_made_before_an_upcast_is_made_again_in_the_new_dtype():
     layer.set_dtype(mx.float32)  # training on the CPU backend upcasts (train/loop.py)
     use_path(layer, "load")
     assert layer.__dict__["_float_weight"].dtype == mx.float32
+
+
+def test_match_dtype_makes_stale_float_copies_again_after_a_cast():
+    """fuse casts a loaded model to float32 to compare: the float16 copy made at load would otherwise compute with
+    weights rounded to float16 under float32 scales."""
+    from mlxtune.cpu_quantized import match_dtype
+
+    linear = nn.Linear(64, 32)
+    linear.set_dtype(mx.float16)
+    layer = nn.QuantizedLinear.from_linear(linear, 32, 4)
+    use_path(layer, "load")
+    layer.set_dtype(mx.float32)
+    match_dtype(layer)
+    assert layer.__dict__["_float_weight"].dtype == mx.float32
+    x = mx.random.normal((4, 64))
+    kernel = mx.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], group_size=32, bits=4)
+    close(layer(x), kernel + layer["bias"])

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
-from smollm import imported_smollm2, smollm2_gguf
+from smollm import CHATS, imported_smollm2, smollm2_gguf, teacher_forced_agreement
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
 
@@ -17,16 +16,6 @@ TEXTS = [
     "中文 日本語 한국어", "def f(x):\n    return x ** 2  # square", "don't, won't, I'll, we've",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "SELECT name FROM users WHERE id = 42;",
 ]
-CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "user", "content": "How many legs does a spider have?"}],
-    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
-    [{"role": "user", "content": "Give me three tips for learning to code."}],
-]
-
-
 @pytest.fixture(scope="module")
 def llama():
     return llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=2, seed=0, verbose=False,
@@ -83,26 +72,7 @@ def test_next_token_agrees_with_llama_cpp(llama, mlx_model, float_model):
     """Teacher-forced on chat prompts and llama.cpp's own continuations: llama.cpp quantizes activations to 8 bits
     in its Q4/Q8 dot products, so near-ties may part; the argmax agrees at ≥95% of positions."""
     _, tokenizer = mlx_model
-    model = float_model
-    agree = total = 0
-    deltas = []
-    for chat in CHATS:
-        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        llama.reset()
-        continuation = []
-        for token in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            if len(continuation) == 24 or token == llama.token_eos():
-                break
-            continuation.append(token)
-        sequence = ids + continuation
-        llama.reset()
-        llama.eval(sequence)
-        theirs = np.array(llama.scores[:len(sequence)], dtype=np.float32)
-        ours = np.array(model(mx.array(sequence)[None])[0].astype(mx.float32))
-        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        total += len(sequence)
-        deltas.append(np.abs(ours - theirs).mean())
-    print(f"argmax agreement {agree}/{total}, mean |Δlogit| {np.mean(deltas):.3f}")
+    agree, total, delta = teacher_forced_agreement(llama, float_model, tokenizer)
+    print(f"argmax agreement {agree}/{total}, mean |Δlogit| {delta:.3f}")
     assert agree >= 0.95 * total, f"argmax agreement {agree}/{total}"
-    assert np.mean(deltas) < 0.5
+    assert delta < 0.5

