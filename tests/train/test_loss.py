@@ -80,13 +80,3 @@ def test_full_loss_fallback_when_asked():
     picked = np.take_along_axis(log_probs, batch.targets[..., None].astype(np.int64), -1)[..., 0]
     assert count.item() == batch.mask.sum() == batch.supervised_tokens
     assert loss_sum.item() == pytest.approx(-(picked * batch.mask).sum(), rel=1e-5)
-
-
-def test_the_memory_estimator_mirrors_the_loss_limits():
-    """mlxtune/memory.py can't import the training code (it plans before MLX loads a model): its copies of the
-    chunking limits must say what the training code does."""
-    from mlxtune import memory
-    from mlxtune.train import loss
-
-    assert (memory.KEPT_SOFTMAX_BYTES, memory.CHUNK_LOGITS_BYTES, memory.CHUNK_ROWS, memory.FUSED_CHUNK_ROWS) == (
-        loss.KEPT_SOFTMAX_BYTES, loss.CHUNK_LOGITS_BYTES, loss.CHUNK_ROWS, loss.FUSED_CHUNK_ROWS)

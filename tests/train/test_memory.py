@@ -11,7 +11,7 @@ import pytest
 from conftest import MODEL, ROOT, WIKISQL, WWDC25, run_cli
 
 from mlxtune.errors import UsageError
-from mlxtune.memory import GB, parse_memory
+from mlxtune.memory.budget import GB, parse_memory
 
 BENCH = ROOT / "scripts" / "bench_memory.py"
 
@@ -61,8 +61,9 @@ def test_the_fused_loss_peaks_in_its_own_phase(qwen_model):
     of the loss phase and the backward phase, not their sum (issue 24). Measured on the 2-block Qwen shape
     (docs/MEMORY.md): short batches were 9.7% under with one sum of six chunk arrays and the backward transient;
     default-length ones +12.8% over."""
-    from mlxtune.memory import (FUSED_CHUNK_ARRAYS, FUSED_CHUNK_ROWS, BatchShape, ModelFacts, RunShape,
-                                activation_bytes, estimate, fused_loss_phase_bytes)
+    from mlxtune.memory.estimate import (FUSED_CHUNK_ARRAYS, BatchShape, ModelFacts, RunShape, activation_bytes,
+                                         estimate, fused_loss_phase_bytes)
+    from mlxtune.memory.limits import FUSED_CHUNK_ROWS
 
     facts = ModelFacts.from_dir(qwen_model)
     run = RunShape(fused_head=True, streams=2)
@@ -200,8 +201,8 @@ def test_the_planner_counts_the_float_copies_the_run_makes(bench_models):
     from mlx_lm.utils import load_model
 
     from mlxtune.cpu_quantized import choose_path, float_weight_bytes
-    from mlxtune.memory import ModelFacts
-    from mlxtune.train.planner import dequantize_path
+    from mlxtune.memory.estimate import ModelFacts
+    from mlxtune.memory.planner import dequantize_path
 
     path = _bench().model_path("tiny-q4", bench_models)
     model, _ = load_model(path)

@@ -25,82 +25,19 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxtune.errors import UsageError
+from mlxtune.memory.budget import GB
+from mlxtune.memory.limits import (DEQUANTIZED_COPY_SHARE, FUSED_CHUNK_ROWS, KEPT_SOFTMAX_BYTES, chunk_rows,
+                                   cpu_loss_streams)
 from mlxtune.model_config import head_dim, read_config, read_safetensors_header, text_config
-from mlxtune.ui import GB  # the one unit shown to users: 10^9 bytes
 
-LARGEST_BUDGET = 2048 * GB  # beyond any Mac: a typo, not a budget
-MACHINE_RESERVE = 0.2  # of RAM left to the OS and other programs when there is no Metal working-set figure
-MIN_RESERVE = 2 * GB
 FIXED_ALLOWANCE = 4 * 10**6  # MLX's small buffers: RNG state, probe batches, compiled constants
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 HALF = ("F16", "BF16")
-
-# Mirrors of mlxtune.train.loss's limits (a test checks they agree): the kept softmax and the chunk size.
-KEPT_SOFTMAX_BYTES = 512 * 2**20
-CHUNK_LOGITS_BYTES = 64 * 2**20
-CHUNK_ROWS = 1024
-FUSED_CHUNK_ROWS = 64  # and the chunk of the fused head gradient (SFT, DPO and ORPO training)
-
-
-def fmt_gb(n_bytes: float | None, digits: int = 2) -> str:
-    return "—" if n_bytes is None else f"{n_bytes / GB:.{digits}f} GB"
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": GB, "gb": GB, "t": 10**12,
-          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-          "ti": 2**40, "tib": 2**40}
-
-
-def parse_memory(text: str | int | float) -> int:
-    """Bytes of a budget such as `16GB`, `16`, `12.5 GB`, `800MB` or `16GiB` (a bare number means GB)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"--memory {text!r} is not an amount of memory",
-                         "give a size such as --memory 16GB or --memory 8 (GB = 10^9 bytes)")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if value <= 0:
-        raise UsageError(f"--memory {text} leaves nothing to train in",
-                         "give the memory the run may use, e.g. --memory 16GB (omit it to use this machine's)")
-    if value > LARGEST_BUDGET:
-        raise UsageError(f"--memory {text} is more than any machine mlxtune runs on ({fmt_gb(LARGEST_BUDGET, 0)})",
-                         "give the memory the run may use, e.g. --memory 64GB")
-    return int(value)
-
-
-def _total_ram() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def machine_budget() -> tuple[int, str]:
-    """(bytes, where from) that this machine can give a training run.
-
-    With Metal: the GPU's recommended working set (`mx.device_info()`), the most macOS lets the GPU keep resident
-    without paging. Elsewhere: total RAM minus a reserve for the OS and other programs (20%, at least 2 GB).
-    """
-    import mlx.core as mx
-
-    if mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        size = int(info.get("max_recommended_working_set_size", 0))
-        if size:
-            return size, "Metal's recommended working set"
-    ram = _total_ram()
-    if not ram:
-        return 8 * GB, "assumed 8 GB (this system doesn't report its RAM)"
-    reserve = max(MIN_RESERVE, int(MACHINE_RESERVE * ram))
-    return max(ram - reserve, ram // 2), f"{fmt_gb(ram, 1)} RAM minus {fmt_gb(reserve, 1)} for the system"
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -308,8 +245,7 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
         # float32 logits of every position, kept with their log-softmax; the softmax and gradient in the backward
         return tokens * vocab_row * (4 if training else 2)
     rows = batch.supervised
-    chunk = max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // vocab_row))
-    chunk = min(chunk, max(1, -(-rows // max(run.streams, 1))))
+    chunk = min(chunk_rows(facts.vocab), max(1, -(-rows // max(run.streams, 1))))
     gathered = rows * facts.hidden * 4
     if not training:
         # per stream: the chunk's logits, their shifted copy and exponentials, then the softmax (measured: three
@@ -401,7 +337,7 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
 
         on_cpu = not mx.metal.is_available()
     facts = ModelFacts.from_dir(path)
-    run = RunShape(rank=rank, on_cpu=on_cpu, streams=min(os.cpu_count() or 1, 8) if on_cpu else 1)
+    run = RunShape(rank=rank, on_cpu=on_cpu, streams=cpu_loss_streams() if on_cpu else 1)
     lora = estimate(facts, run, [BatchShape(batch_size, seq_len, batch_size * seq_len // 2)])
     return {"inference_bytes": inference_bytes(facts, context, on_cpu), "lora_bytes": lora.total,
             "assumptions": {"context": context, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
@@ -433,9 +369,6 @@ def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int 
     head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
                        else weights.get("model.embed_tokens.weight", 0))
     return 4 * (block_weights * max(blocks, default=0) + head)
-
-
-DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
 
 
 def quantized_path(float_bytes: int, budget: int) -> str:
