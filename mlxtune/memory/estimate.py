@@ -247,11 +247,13 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
     rows = batch.supervised
     chunk = min(chunk_rows(facts.vocab), max(1, -(-rows // max(run.streams, 1))))
     gathered = rows * facts.hidden * 4
+    chunks = -(-rows // chunk)
+    in_flight = min(run.streams, chunks)
     if not training:
-        # per stream: the chunk's logits, their shifted copy and exponentials, then the softmax (measured: three
-        # chunk-sized arrays at once, smollm-full-short-ckpt's validation pass)
-        return gathered + min(run.streams, -(-rows // chunk)) * 3 * chunk * vocab_row
-    in_flight = min(run.streams, -(-rows // chunk))
+        # per stream: the chunk's logits, their shifted copy and exponentials (nothing kept past the chunk,
+        # train/loss.py's forward body); a stream with more chunks begins the next while one ends
+        arrays = EVAL_CHUNK_ARRAYS if chunks <= run.streams else EVAL_CHUNKS_ARRAYS
+        return gathered + in_flight * arrays * chunk * vocab_row
     if run.fused_head:
         # differentiated chunk by chunk in the forward pass, nothing vocabulary-sized kept for the backward: its own
         # phase (`fused_loss_phase_bytes`); the backward pass holds only the rows' gradient
@@ -263,6 +265,9 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
     return gathered + 2 * rows * vocab_row + in_flight * chunk * vocab_row
 
 
+# Chunk-sized float32 arrays per stream in a forward-only loss (validation), measured (tests/train/test_loss.py):
+EVAL_CHUNK_ARRAYS = 3  # one chunk per stream: logits, shifted logits, exponentials
+EVAL_CHUNKS_ARRAYS = 5  # several: the next chunk's first arrays beside the last one's
 FUSED_CHUNK_ARRAYS = 10  # chunk-sized float32 arrays per loss stream at the fused loss phase's peak (docs/MEMORY.md)
 
 
@@ -315,8 +320,13 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         # plus the MLP's two [tokens, intermediate] temporaries while a block runs (measured: the 152k-vocabulary
         # validation pass of qwen-lora-long-pack-ckpt)
         mlp = 2 * tokens * facts.intermediate * float_bytes
-        parts = dict(fixed, activations=one_block + mlp + 2 * tokens * facts.hidden * float_bytes,
-                     loss=loss_bytes(facts, run, batch, training=False))
+        hidden = 2 * tokens * facts.hidden * float_bytes  # the hidden states between blocks, and the last norm's
+        # A forward pass has the same two phases, one after the other: the blocks (one at a time, nothing kept)
+        # and the loss once they are done. The peak is the larger, not their sum (smollm-q4-lora-long-ckpt's
+        # validation was +27% over with the sum).
+        blocks = dict(fixed, activations=hidden + one_block + mlp, loss=0)
+        loss = dict(fixed, activations=hidden, loss=loss_bytes(facts, run, batch, training=False))
+        parts = max(blocks, loss, key=lambda phase: sum(phase.values()))
         total = sum(parts.values())
         if total > best_total:
             best_total, best_parts, worst = total, parts, batch
@@ -365,10 +375,12 @@ def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int 
     weights = facts.quantized_weights(run.bits)
     if run.dequantize == "load":
         return 4 * sum(weights.values())
-    blocks = [count for name, count in weights.items() if name.startswith("model.layers.")]
+    blocks = sorted((count for name, count in weights.items() if name.startswith("model.layers.")), reverse=True)
     head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
                        else weights.get("model.embed_tokens.weight", 0))
-    return 4 * (block_weights * max(blocks, default=0) + head)
+    # the largest `block_weights` of them: a model with fewer block weights has no more in flight (the 1-block test
+    # shape was +60% over with seven copies of its largest)
+    return 4 * (sum(blocks[:block_weights]) + head)
 
 
 def quantized_path(float_bytes: int, budget: int) -> str:

@@ -205,6 +205,11 @@ def make_selective_loss_sum(head, vocab_size: int, differentiable: bool = False)
     def loss_of_rows(rows, targets, weights):
         return cross_entropy_sum(head(rows).astype(mx.float32), targets, weights)[0]
 
+    def forward_loss_of_rows(rows, targets, weights):
+        # Evaluation: the plain body. cross_entropy_sum's softmax output would stay alive as long as its sibling (the
+        # chunk's sum, kept until the total) does, every chunk's [rows, vocab] at once; here it is never computed.
+        return (softmax_nll(head(rows).astype(mx.float32), targets)[0] * weights).sum()
+
     def recomputed_loss_of_rows(rows, targets, weights):
         # mlx's nn.utils.checkpoint passes the module's trainable parameters as arguments of the recomputed
         # function: mx.checkpoint of a closure would drop a trainable head's gradient. The integer targets and the
@@ -225,8 +230,9 @@ def make_selective_loss_sum(head, vocab_size: int, differentiable: bool = False)
             chunk = min(max_rows, per_stream)
             # Keeping every chunk's softmax for the backward pass saves recomputing head and softmax; past a
             # budget the chunks are recomputed instead, so memory stays bounded whatever the batch.
-            keep = not differentiable or count * vocab_size * 4 <= KEPT_SOFTMAX_BYTES
-            body = loss_of_rows if keep else recomputed_loss_of_rows
+            keep = count * vocab_size * 4 <= KEPT_SOFTMAX_BYTES
+            body = (forward_loss_of_rows if not differentiable else loss_of_rows if keep
+                    else recomputed_loss_of_rows)
             parts = over_chunks(rows, chunk, lambda start, part: body(part, targets[start:start + chunk],
                                                                      weights[start:start + chunk]))
         total = mx.array(0.0)
