@@ -12,14 +12,17 @@ One package, imports pointing one way (lowest first; `tests/test_layers.py` hold
 - `guard.py`    during the run: MLX's limit, the measured peak, smaller micro-batches when it overshoots;
 - `preference.py` DPO/ORPO: batches of pairs; `report.py` what `mlxtune plan` shows.
 
-An objective with batches of its own (preference pairs, RL rollouts) plans with four calls:
+An objective with batches of its own (preference pairs, RL rollouts) plans with these calls:
 
-    facts = ModelFacts.from_dir(model_path)                        # estimate.py: no weights loaded
-    run = run_shape(settings, facts=facts, budget=budget)            # planner.py: a LoraSettings-like object
+    budget, source = memory_budget(settings.memory)                 # budget.py
+    facts = ModelFacts.from_dir(model_path)                         # estimate.py: headers only, no weights loaded
+    run = run_shape(settings, facts=facts, budget=budget)           # planner.py: a LoraSettings-like object
     value = estimate(facts, run, [BatchShape(rows, length, supervised), ...], eval_batches)   # estimate.py
-    plan = MemoryPlan(value.total <= budget, value, budget, source)  # planner.py; budget from budget.memory_budget
+    plan = MemoryPlan(value.total <= budget, value, budget, source)   # planner.py
 
-`BatchShape.supervised` is the rows that go through the head (padded as the step pads them); a forward-only pass
-(a reference model, generation's prefill) is an `eval_batches` entry. Such an objective's module lives here,
-beside `preference.py`, at its layer.
+`BatchShape.supervised` is the positions that go through the head (padded as the step pads them); a forward-only
+pass (a reference model) is an `eval_batches` entry. A phase of the objective's own (RL's rollout: a KV cache and
+the sampler's vocabulary-sized rows) is `fixed_parts(facts, run)` (what every phase holds) plus its own terms
+(`kv_cache_bytes`), compared with `estimate(...)` of its update: the peak is the larger. Such an objective's module
+lives here, beside `preference.py` (`memory/grpo.py`, in the "training commands" layer of `tests/test_layers.py`).
 """

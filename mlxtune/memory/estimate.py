@@ -282,9 +282,9 @@ def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) 
     return 2 * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
 
 
-def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
-             eval_batches: list[BatchShape] = ()) -> Estimate:
-    """Peak bytes of a training run over these micro-batches (and validation batches)."""
+def fixed_parts(facts: ModelFacts, run: RunShape) -> dict[str, int]:
+    """What the run holds whatever the batch, in every phase: weights (and the float copies a quantized base
+    computes through), trainable parameters with their optimizer state, the allowance."""
     upcast = run.on_cpu and facts.has_half
     weights = facts.weight_bytes(upcast=upcast, bits=run.bits)
     trainable = trainable_bytes(facts, run)
@@ -297,6 +297,13 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
             if not run.target_modules or module in run.target_modules)
     if _quantized_base(facts, run):
         fixed["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run)
+    return fixed
+
+
+def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
+             eval_batches: list[BatchShape] = ()) -> Estimate:
+    """Peak bytes of a training run over these micro-batches (and validation batches)."""
+    fixed = fixed_parts(facts, run)
     best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
     for batch in batches:
         parts = dict(fixed, **activation_bytes(facts, run, batch), loss=loss_bytes(facts, run, batch))
@@ -333,10 +340,15 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
     return Estimate(best_total, best_parts, worst)
 
 
+def kv_cache_bytes(facts: ModelFacts, rows: int, context: int, width: int = 2) -> int:
+    """Keys and values of `rows` sequences of `context` tokens in every block, `width` bytes a value."""
+    return 2 * facts.layers * facts.kv_heads * facts.head_dim * rows * context * width
+
+
 def inference_bytes(facts: ModelFacts, context: int, on_cpu: bool = False) -> int:
     """Weights + a float16 KV cache of `context` tokens + one step's logits."""
-    kv_cache = 2 * facts.layers * facts.kv_heads * facts.head_dim * context * 2
-    return facts.weight_bytes(upcast=on_cpu and facts.has_half) + kv_cache + facts.vocab * 4 + FIXED_ALLOWANCE
+    return (facts.weight_bytes(upcast=on_cpu and facts.has_half) + kv_cache_bytes(facts, 1, context)
+            + facts.vocab * 4 + FIXED_ALLOWANCE)
 
 
 def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int = 4, seq_len: int = 1024,

@@ -212,3 +212,28 @@ def test_the_planner_counts_the_float_copies_the_run_makes(bench_models):
     for budget in (3 * facts.dequantized_bytes(), 5 * facts.dequantized_bytes()):
         assert dequantize_path(facts, True, budget=budget) == choose_path(float_weight_bytes(model), budget, True)
     assert dequantize_path(facts, False, budget=budget) == "off"
+
+
+def test_the_estimate_counts_what_can_be_alive_at_once(bench_models):
+    """Issue 24's over-estimates of 4-bit bases, each undone fails here. With `call`, the block weights in flight
+    are the largest ones the model has, never more copies than exist (the 1-block test shape counted seven copies of
+    its largest: +60% over). In a forward pass (validation) the blocks' phase and the loss's phase come one after
+    the other: the peak is the larger, not their sum (smollm-q4-lora-long-ckpt: +27% over with the sum)."""
+    from mlxtune.memory.estimate import (BatchShape, ModelFacts, RunShape, dequantized_path_bytes, estimate,
+                                         fixed_parts, loss_bytes)
+
+    facts = ModelFacts.from_dir(_bench().model_path("tiny-q4", bench_models))
+    weights = facts.quantized_weights()
+    blocks = sum(count for name, count in weights.items() if name.startswith("model.layers."))
+    call = RunShape(dequantize="call", streams=2, fused_head=True)
+    assert dequantized_path_bytes(facts, call) == 4 * (blocks + weights["model.embed_tokens.weight"])
+
+    # validation batches of 4 × 224 tokens: next to no positions through the head (the blocks' phase is the
+    # peak), then many (the loss's phase is)
+    fixed = fixed_parts(facts, call)
+    blocks = estimate(facts, call, [], [BatchShape(4, 224, 8)])
+    assert blocks.parts["loss"] == 0 and blocks.parts["activations"] > 0
+    batch = BatchShape(4, 224, 4096)
+    value, loss = estimate(facts, call, [], [batch]), loss_bytes(facts, call, batch, training=False)
+    assert value.parts == dict(fixed, activations=2 * 4 * 224 * facts.hidden * 4, loss=loss)  # hidden states only
+    assert value.total < sum(fixed.values()) + blocks.parts["activations"] + loss
