@@ -251,8 +251,9 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
     in_flight = min(run.streams, chunks)
     if not training:
         # per stream: the chunk's logits, their shifted copy and exponentials (nothing kept past the chunk,
-        # train/loss.py's forward body); a stream with more chunks begins the next while one ends
-        arrays = EVAL_CHUNK_ARRAYS if chunks <= run.streams else EVAL_CHUNKS_ARRAYS
+        # train/loss.py's forward body); when every stream has chunks after its first, each begins the next while
+        # one ends (measured with 2 streams: 3 chunks 2.3 arrays per stream, 7–19 chunks 5.0)
+        arrays = EVAL_CHUNKS_ARRAYS if chunks >= 2 * run.streams else EVAL_CHUNK_ARRAYS
         return gathered + in_flight * arrays * chunk * vocab_row
     if run.fused_head:
         # differentiated chunk by chunk in the forward pass, nothing vocabulary-sized kept for the backward: its own
@@ -266,20 +267,24 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
 
 
 # Chunk-sized float32 arrays per stream in a forward-only loss (validation), measured (tests/train/test_loss.py):
-EVAL_CHUNK_ARRAYS = 3  # one chunk per stream: logits, shifted logits, exponentials
-EVAL_CHUNKS_ARRAYS = 5  # several: the next chunk's first arrays beside the last one's
-FUSED_CHUNK_ARRAYS = 10  # chunk-sized float32 arrays per loss stream at the fused loss phase's peak (docs/MEMORY.md)
+EVAL_CHUNK_ARRAYS = 3  # one chunk at a time: logits, shifted logits, exponentials
+EVAL_CHUNKS_ARRAYS = 5  # two chunks or more on every stream: the next chunk's first arrays beside the last one's
+FUSED_CHUNK_ARRAYS = 9  # chunk-sized float32 arrays per loss stream at the fused loss phase's peak (docs/MEMORY.md)
+# [rows, hidden] float32 arrays at the fused loss's peak, measured on the loss alone with 2 streams: 7–10.5 over
+# hidden widths 512–4096 (the test shape, 2048 wide against an 8k vocabulary, was 16% under with 2)
+FUSED_ROW_ARRAYS = 10
 
 
 def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> int:
     """The fused head gradient's workspace while the loss runs, at the end of the forward pass: per stream about ten
     chunk-sized float32 arrays (logits, exponentials, softmax and its gradient, of the chunk finishing and the next
     one starting: fitted on the 152k-vocabulary short batches of docs/MEMORY.md, not counted array by array), plus
-    the gathered rows and their gradient."""
+    about ten [rows, hidden] float32 arrays (FUSED_ROW_ARRAYS: the gathered rows, the chunks' row gradients and
+    their way back into the rows' gradient), which show where the hidden width is large against the vocabulary."""
     rows = batch.supervised
     chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
     in_flight = min(run.streams, -(-rows // chunk))
-    return 2 * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
+    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
 
 
 def fixed_parts(facts: ModelFacts, run: RunShape) -> dict[str, int]:
