@@ -109,9 +109,9 @@ def test_evaluation_keeps_no_chunk_softmax():
     from mlxtune.memory.limits import chunk_rows
     from mlxtune.train.loss import loss_streams, make_selective_loss_sum
 
-    vocab, width = 4096, 8
+    vocab, width = 2048, 8
     chunk, streams = chunk_rows(vocab), len(loss_streams())
-    rows = 6 * streams * chunk  # six chunks per stream
+    rows = 12 * streams * chunk  # twelve chunks per stream: kept softmaxes would be twelve arrays and more
     model = _Model(vocab, width)
     mx.eval(model.parameters())
     loss = make_selective_loss_sum(model.head, vocab)
@@ -124,4 +124,4 @@ def test_evaluation_keeps_no_chunk_softmax():
     base = mx.get_active_memory()
     mx.eval(loss(model, inputs, positions, targets, weights))
     arrays_per_stream = (mx.get_peak_memory() - base) / (streams * chunk * vocab * 4)
-    assert arrays_per_stream <= EVAL_CHUNKS_ARRAYS + 0.5, arrays_per_stream
+    assert arrays_per_stream <= EVAL_CHUNKS_ARRAYS + 1.5, arrays_per_stream  # measured 5.0–5.5
