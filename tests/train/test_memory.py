@@ -82,7 +82,7 @@ def test_plan_refuses_then_suggested_settings_fit(qwen_model, short_data, tmp_pa
     assert default.returncode == 0, default.stderr
     needed = json.loads(default.stdout)["estimate_gb"]
     # Below what the default settings need, within reach of checkpointing and smaller micro-batches: with the fused
-    # head gradient the loss phase's workspace (ten chunks per stream, ≈0.78 GB over this 152k vocabulary) does not
+    # head gradient the loss phase's workspace (seven chunks per stream, ≈0.55 GB over this 152k vocabulary) does not
     # shrink with the batch, so smaller batches save only the activations (3% of this 1-block model's peak).
     budget = round(0.97 * needed, 3)
 
