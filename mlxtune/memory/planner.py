@@ -271,6 +271,9 @@ def _shrink_batches(trial: LoraSettings, attempt, budget: int, suggested: dict, 
         else:
             trial.batch_tokens = size
             factor = math.ceil((original.batch_tokens or start) / size)
+            # validation batches hold `batch_size` examples whatever the token budget: they shrink alike (with
+            # the fused loss a validation batch can be the run's peak)
+            trial.batch_size = max(1, original.batch_size // factor)
         # Bounded like the flag (a 4-billion-step accumulation never finishes a step): fewer tokens per step then.
         trial.grad_accumulation = min(original.grad_accumulation * factor, UPPER_BOUNDS["grad_accumulation"])
         value = attempt()
@@ -281,9 +284,14 @@ def _shrink_batches(trial: LoraSettings, attempt, budget: int, suggested: dict, 
         return None
     key = "batch_size" if fixed else "batch_tokens"
     suggested[key] = getattr(trial, key)
+    extra = ""
+    if not fixed and trial.batch_size != original.batch_size:
+        suggested["batch_size"] = trial.batch_size
+        extra = f" --batch-size {trial.batch_size}"
     suggested["grad_accumulation"] = trial.grad_accumulation
-    reasons.append(f"--{key.replace('_', '-')} {getattr(trial, key)} --grad-accumulation {trial.grad_accumulation}: "
-                   f"smaller micro-batches, the same tokens per optimizer step ({fmt_gb(found.total)})")
+    reasons.append(f"--{key.replace('_', '-')} {getattr(trial, key)}{extra} --grad-accumulation "
+                   f"{trial.grad_accumulation}: smaller micro-batches, the same tokens per optimizer step "
+                   f"({fmt_gb(found.total)})")
     return found
 
 
