@@ -151,7 +151,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
       mlxtune lora --config configs/quickstart.yaml --hosts mac1,mac2     # one rank per Mac (docs/DISTRIBUTED.md)
     """
     from mlxtune.settings import resolve_settings
-    from mlxtune.train.planner import sizes_given
+    from mlxtune.memory.planner import sizes_given
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
@@ -198,7 +198,7 @@ def plan_command(timed, json_mode, config_path, **flags):
       mlxtune plan --model ./my-model --data ./data --memory 8GB --batch-tokens 8192 --json
     """
     from mlxtune.settings import resolve_settings
-    from mlxtune.train.memory_plan import plan_report
+    from mlxtune.memory.report import plan_report
     from mlxtune.ui import make_console, print_json, print_memory_plan
 
     console = make_console(json_mode)

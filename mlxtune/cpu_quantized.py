@@ -6,7 +6,7 @@ On the CPU backend, the frozen base's `QuantizedLinear`/`QuantizedEmbedding` ins
 `__call__` computes the same product another way:
 
 - `load`: a float copy of the weight, dequantized once, multiplies directly (used when all the copies fit in a
-  quarter of the memory budget, `memory.quantized_path`). The copy is a plain attribute, not a parameter: never
+  quarter of the memory budget, `memory/estimate.py`'s `quantized_path`). The copy is a plain attribute, not a parameter: never
   saved, trained, counted or fused.
 - `call`: each call dequantizes, multiplies and lets the float weight go; a custom VJP dequantizes again for the
   backward pass, so no float weight is kept from the forward pass to the backward. The output head alone keeps a
@@ -142,7 +142,8 @@ def requested_path() -> str | None:
 
 def choose_path(float_bytes: int, budget: int | None = None, on_cpu: bool | None = None) -> str:
     """`off` (MLX's quantized kernels), `call` or `load` for a model whose float copies take `float_bytes`."""
-    from mlxtune.memory import machine_budget, quantized_path
+    from mlxtune.memory.budget import machine_budget
+    from mlxtune.memory.estimate import quantized_path
 
     if on_cpu is None:
         on_cpu = mx.default_device() == mx.cpu
@@ -209,7 +210,7 @@ def accelerate_quantized(model, budget: int | None = None) -> str | None:
 
 
 def describe(path: str, float_bytes: int, forced: bool = False) -> str:
-    from mlxtune.memory import fmt_gb
+    from mlxtune.memory.budget import fmt_gb
 
     why = f"{ENV}={path}" if forced else None
     if path == "load":
@@ -223,7 +224,8 @@ def describe(path: str, float_bytes: int, forced: bool = False) -> str:
 
 def policy(budget: int) -> str:
     """What `mlxtune doctor` says about quantized bases on this machine (with `budget`, the training budget)."""
-    from mlxtune.memory import DEQUANTIZED_COPY_SHARE, fmt_gb
+    from mlxtune.memory.budget import fmt_gb
+    from mlxtune.memory.limits import DEQUANTIZED_COPY_SHARE
 
     if mx.default_device() != mx.cpu:
         return "MLX's quantized kernels (not the CPU backend: nothing to change)"

@@ -91,7 +91,7 @@ def diagnose(measure: bool = True) -> dict:
         "hf_cache": hf_cache,
         "offline": os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"),
     }
-    from mlxtune.memory import machine_budget
+    from mlxtune.memory.budget import machine_budget
 
     budget, source = machine_budget()
     report["memory_budget_gb"], report["memory_budget_source"] = budget / 1e9, source

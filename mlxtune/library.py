@@ -183,7 +183,7 @@ def base_source(path: Path) -> str:
 
 def model_info(reference: str) -> dict:
     """Config summary and estimated memory (inference, LoRA at default settings) of a library entry or directory."""
-    from mlxtune.memory import model_memory
+    from mlxtune.memory.estimate import model_memory
 
     entry = find_entry(reference)
     local = Path(reference).expanduser()

@@ -131,10 +131,11 @@ def child(spec: dict) -> None:
     from mlx_lm.utils import load_tokenizer
 
     from mlxtune.data.dataset import load_datasets
-    from mlxtune.memory import ModelFacts
+    from mlxtune.memory.budget import memory_budget
+    from mlxtune.memory.estimate import ModelFacts
+    from mlxtune.memory.planner import DataLengths, estimate_settings
     from mlxtune.settings import LoraSettings
     from mlxtune.train.loop import finetune
-    from mlxtune.train.planner import DataLengths, estimate_settings, memory_budget
     from mlxtune.ui import make_console
 
     iters = spec.pop("iters")

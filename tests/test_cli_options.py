@@ -118,7 +118,7 @@ def test_every_flag_reaches_the_settings_and_every_setting_has_a_flag(command):
 
 # Where each command's work starts; the settings it gets are read there or in a module those import. (cli.py's own
 # reads count too: `--from` is merged there, before training starts.)
-ENTRY = {"lora": {"train.loop", "train.distributed"}, "plan": {"train.memory_plan"},
+ENTRY = {"lora": {"train.loop", "train.distributed"}, "plan": {"memory.report"},
          "dpo": {"train.preference.run", "fuse"}, "orpo": {"train.preference.run", "fuse"}}
 
 

@@ -13,12 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
     ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "cli_options", "storage", "faults"]),
+    # memory/: the budget, the limits and the estimate sit with the model facts; its planner and guard with the
+    # training components; the plans of preference runs and of `mlxtune plan` with the training commands.
     ("model facts", ["memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
-    ("training components", ["train"]),
+    ("training components", ["train", "memory.planner", "memory.guard"]),
     # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
-    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed"]),
+    ("training commands", ["train.loop", "train.preference", "train.distributed", "memory.preference",
+                           "memory.report"]),
     # Prompt formats, generation and conversations: what chat, serve, eval, verify and export share.
     ("inference", ["inference"]),
     ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check", "verify"]),

@@ -18,7 +18,7 @@ from conftest import WIKISQL, run_cli
 from mlxtune.cpu_quantized import (DequantizedEmbedding, DequantizedLinear, ENV, accelerate_quantized, choose_path,
                                    float_weight_bytes, policy, use_path)
 from mlxtune.errors import UsageError
-from mlxtune.memory import quantized_path
+from mlxtune.memory.estimate import quantized_path
 
 pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU backend's path")
 

@@ -33,7 +33,7 @@ from mlxtune.train.checkpoint import save_adapter, save_checkpoint
 from mlxtune.train.metrics import MetricsLog
 from mlxtune.train.parallel import DataParallel
 from mlxtune.train.plot import plot_losses
-from mlxtune.train.planner import MemoryGuard, describe_change, is_out_of_memory
+from mlxtune.memory.guard import MemoryGuard, describe_change, is_out_of_memory
 from mlxtune.train.recovery import adapter_settings, claim_run_dir, unlock_run_dir
 from mlxtune.ui import GB, TrainingReporter
 

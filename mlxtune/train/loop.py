@@ -45,9 +45,10 @@ from mlxtune.train.recovery import (
     data_fingerprint,
     find_resume_point,
 )
-from mlxtune.memory import ModelFacts
+from mlxtune.memory.estimate import ModelFacts
+from mlxtune.memory.guard import MemoryGuard
 from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.planner import DataLengths, MemoryGuard, MemoryPlan, largest_first, plan_for_run
+from mlxtune.memory.planner import DataLengths, MemoryPlan, largest_first, plan_for_run
 from mlxtune.train.step import TrainStep, build_optimizer
 from mlxtune.ui import TrainingReporter, make_console
 
@@ -115,7 +116,7 @@ def prepare_training(settings: LoraSettings, *, resume: bool = False, reporter: 
     """Resolve the model and data, create (or reopen) the run directory, load the model with its adapters and the
     datasets, and restore the latest checkpoint when resuming. `settings` itself is left as it was.
     With `parallel`, this process is one rank of a data-parallel run (train/distributed.py starts those).
-    Memory is planned before the model loads (train/planner.py): with `choose_sizes` the planner picks the
+    Memory is planned before the model loads (memory/planner.py): with `choose_sizes` the planner picks the
     batch/length settings for the budget; otherwise settings that won't fit are refused unless `force`."""
     reporter = reporter or TrainingReporter(make_console())
     parallel = parallel or DataParallel()

@@ -10,21 +10,13 @@ used instead.
 
 from __future__ import annotations
 
-import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxtune.data.batching import Batch
-
-# Chunks bound the peak memory of the head + cross-entropy, whose rows are vocabulary-sized, while staying large
-# enough that each chunk is one big matmul rather than many small ones (a 32k vocabulary: 1024 rows = 128 MiB).
-CHUNK_ROWS = 1024  # supervised positions per head+cross-entropy chunk, at most
-# Keeping the softmax saves one exp pass in the backward (MLX's CPU exp is scalar and single-threaded); 512 MiB
-# is the most memory we let that cost (about 900 rows of a 150k vocabulary); beyond it the softmax is recomputed.
-KEPT_SOFTMAX_BYTES = 512 * 2**20  # float32 softmax kept for the backward pass, at most (else recomputed)
-CHUNK_LOGITS_BYTES = 64 * 2**20  # and at most this much float32 logits per chunk (a 150k vocabulary: ~110 rows)
-
+# The chunks' sizes and the streams, defined with the memory estimate that counts them.
+from mlxtune.memory.limits import FUSED_CHUNK_ROWS, KEPT_SOFTMAX_BYTES, chunk_rows, cpu_loss_streams
 
 class SegmentMaskCache:
     """A pass-through per-layer "cache" whose only job is to hand mlx-lm's attention our packing mask.
@@ -104,16 +96,10 @@ def loss_streams() -> list:
     """One stream per CPU core on the CPU backend; the default stream elsewhere (a GPU is parallel already)."""
     if not _STREAMS:
         if mx.default_device() == mx.cpu:
-            cores = max(1, min(os.cpu_count() or 1, 8))
-            _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(cores))
+            _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(cpu_loss_streams()))
         else:
             _STREAMS.append(mx.default_stream(mx.default_device()))
     return _STREAMS
-
-
-def chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk: the logits, their softmax and its gradient live at once, per stream."""
-    return max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // (4 * max(vocab_size, 1))))
 
 
 def softmax_nll(logits, targets):
@@ -147,12 +133,6 @@ def _cross_entropy_sum_vjp(primals, cotangents, outputs):
     logits, targets, weights = primals
     grad = nll_logit_gradient(outputs[1], targets) * (cotangents[0] * weights)[:, None]
     return grad.astype(logits.dtype), mx.zeros_like(targets), mx.zeros_like(weights)
-
-
-# Rows per chunk of the fused head gradient: it keeps nothing per chunk, so small chunks bound the vocabulary-sized
-# temporaries (two chunks in flight) at little cost in speed (measured on the bench's SmolLM shape: 64 rows peak
-# 0.71 GB at ≈10% more step time, 341 rows 0.92 GB). Mirrored in mlxtune/memory.py.
-FUSED_CHUNK_ROWS = 64
 
 
 def head_token_nll_with_gradient(head):
@@ -225,6 +205,11 @@ def make_selective_loss_sum(head, vocab_size: int, differentiable: bool = False)
     def loss_of_rows(rows, targets, weights):
         return cross_entropy_sum(head(rows).astype(mx.float32), targets, weights)[0]
 
+    def forward_loss_of_rows(rows, targets, weights):
+        # Evaluation: the plain body. cross_entropy_sum's softmax output would stay alive as long as its sibling (the
+        # chunk's sum, kept until the total) does, every chunk's [rows, vocab] at once; here it is never computed.
+        return (softmax_nll(head(rows).astype(mx.float32), targets)[0] * weights).sum()
+
     def recomputed_loss_of_rows(rows, targets, weights):
         # mlx's nn.utils.checkpoint passes the module's trainable parameters as arguments of the recomputed
         # function: mx.checkpoint of a closure would drop a trainable head's gradient. The integer targets and the
@@ -245,8 +230,9 @@ def make_selective_loss_sum(head, vocab_size: int, differentiable: bool = False)
             chunk = min(max_rows, per_stream)
             # Keeping every chunk's softmax for the backward pass saves recomputing head and softmax; past a
             # budget the chunks are recomputed instead, so memory stays bounded whatever the batch.
-            keep = not differentiable or count * vocab_size * 4 <= KEPT_SOFTMAX_BYTES
-            body = loss_of_rows if keep else recomputed_loss_of_rows
+            keep = count * vocab_size * 4 <= KEPT_SOFTMAX_BYTES
+            body = (forward_loss_of_rows if not differentiable else loss_of_rows if keep
+                    else recomputed_loss_of_rows)
             parts = over_chunks(rows, chunk, lambda start, part: body(part, targets[start:start + chunk],
                                                                      weights[start:start + chunk]))
         total = mx.array(0.0)

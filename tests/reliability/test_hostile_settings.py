@@ -126,8 +126,8 @@ def test_rank_past_the_models_hidden_size_is_refused_before_loading(tmp_path):
 
 
 def test_planner_suggestions_stay_within_the_bounds():
-    from mlxtune.memory import ModelFacts
-    from mlxtune.train.planner import DataLengths, plan_memory
+    from mlxtune.memory.estimate import ModelFacts
+    from mlxtune.memory.planner import DataLengths, plan_memory
 
     facts = ModelFacts.from_dir(MODEL)
     lengths = [500] * 64

@@ -82,11 +82,46 @@ def test_full_loss_fallback_when_asked():
     assert loss_sum.item() == pytest.approx(-(picked * batch.mask).sum(), rel=1e-5)
 
 
-def test_the_memory_estimator_mirrors_the_loss_limits():
-    """mlxtune/memory.py can't import the training code (it plans before MLX loads a model): its copies of the
-    chunking limits must say what the training code does."""
-    from mlxtune import memory
-    from mlxtune.train import loss
+class _Embedding(nn.Module):
+    """A model body whose hidden states are its tokens' embeddings: the loss is all there is to measure."""
 
-    assert (memory.KEPT_SOFTMAX_BYTES, memory.CHUNK_LOGITS_BYTES, memory.CHUNK_ROWS, memory.FUSED_CHUNK_ROWS) == (
-        loss.KEPT_SOFTMAX_BYTES, loss.CHUNK_LOGITS_BYTES, loss.CHUNK_ROWS, loss.FUSED_CHUNK_ROWS)
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+
+    def __call__(self, inputs, cache=None):
+        return self.embed(inputs)
+
+
+class _Model(nn.Module):
+    def __init__(self, vocab: int, width: int):
+        super().__init__()
+        self.model = _Embedding(vocab, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+
+def test_evaluation_keeps_no_chunk_softmax():
+    """Forward only (validation), the selective loss holds a few chunk-sized arrays per stream, as the memory
+    estimate counts them (`memory/estimate.py`, EVAL_CHUNKS_ARRAYS), however many chunks: through
+    `cross_entropy_sum` every chunk's softmax stayed alive beside its sum until the total, a [rows, vocab] softmax
+    on a long validation batch that the estimate never counted (issue 24)."""
+    from mlxtune.memory.estimate import EVAL_CHUNKS_ARRAYS
+    from mlxtune.memory.limits import chunk_rows
+    from mlxtune.train.loss import loss_streams, make_selective_loss_sum
+
+    vocab, width = 2048, 8
+    chunk, streams = chunk_rows(vocab), len(loss_streams())
+    rows = 12 * streams * chunk  # twelve chunks per stream: kept softmaxes would be twelve arrays and more
+    model = _Model(vocab, width)
+    mx.eval(model.parameters())
+    loss = make_selective_loss_sum(model.head, vocab)
+    inputs = mx.random.randint(0, vocab, (1, rows))
+    positions, targets, weights = mx.arange(rows), mx.random.randint(0, vocab, (rows,)), mx.ones((rows,))
+    mx.eval(inputs, positions, targets, weights)
+    mx.eval(loss(model, inputs, positions, targets, weights))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(loss(model, inputs, positions, targets, weights))
+    arrays_per_stream = (mx.get_peak_memory() - base) / (streams * chunk * vocab * 4)
+    assert arrays_per_stream <= EVAL_CHUNKS_ARRAYS + 1.5, arrays_per_stream  # measured 5.0–5.5

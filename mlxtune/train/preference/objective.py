@@ -29,10 +29,11 @@ import numpy as np
 
 from mlxtune.data.batching import evaluation_subset, make_batch
 from mlxtune.data.preference import PreferenceExample
+from mlxtune.memory.limits import FUSED_CHUNK_ROWS, chunk_rows
 from mlxtune.settings import PREFERENCE_OBJECTIVES
-from mlxtune.train.loss import (FUSED_CHUNK_ROWS, chunk_rows, has_trainable_parameters,
-                                head_token_nll_with_gradient, loss_streams, nll_logit_gradient, output_head,
-                                over_chunks, packing_cache, softmax_nll, supports_selective_loss)
+from mlxtune.train.loss import (has_trainable_parameters, head_token_nll_with_gradient, loss_streams,
+                                nll_logit_gradient, output_head, over_chunks, packing_cache, softmax_nll,
+                                supports_selective_loss)
 
 OBJECTIVES = PREFERENCE_OBJECTIVES  # the names live with the settings, which check them
 STAT_NAMES = ("chosen_reward", "rejected_reward", "accuracy", "chosen_nll")

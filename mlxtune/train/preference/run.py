@@ -205,9 +205,10 @@ def precompute_references(model, objective: PreferenceObjective, sets: Preferenc
 
 def check_memory(settings: PreferenceSettings, model_path: Path, sets: PreferenceSets, *, force: bool, console):
     """The planner's verdict on this run; a refusal (with settings that fit) unless `force` or resuming."""
-    from mlxtune.memory import ModelFacts
-    from mlxtune.train.planner import memory_budget, over_budget
-    from mlxtune.train.preference.memory import plan_preference
+    from mlxtune.memory.budget import memory_budget
+    from mlxtune.memory.estimate import ModelFacts
+    from mlxtune.memory.planner import over_budget
+    from mlxtune.memory.preference import plan_preference
 
     budget, source = memory_budget(settings.memory)
     plan = plan_preference(ModelFacts.from_dir(model_path), settings, sets.train, sets.valid, budget, source)

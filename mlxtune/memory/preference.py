@@ -1,4 +1,5 @@
-"""Memory for preference runs: the planner's estimate (mlxtune/memory.py) for batches of pairs, and settings that fit.
+"""Memory for preference runs: the planner's estimate (`memory/estimate.py`) for batches of pairs, and settings that
+fit.
 
 A step over B pairs is one batch of 2B rows (chosen rows, then rejected rows) whose answer positions go through
 the head; with a frozen head the head's gradient is made chunk by chunk in the forward pass (objective.py), so
@@ -10,8 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mlxtune.data.batching import BatchPlan, plan_epoch
-from mlxtune.memory import BatchShape, ModelFacts, estimate, fmt_gb
-from mlxtune.train.planner import MemoryPlan, run_shape
+from mlxtune.memory.budget import fmt_gb
+from mlxtune.memory.estimate import BatchShape, ModelFacts, estimate
+from mlxtune.memory.planner import MemoryPlan, run_shape
 from mlxtune.train.preference.objective import evaluation_pair_batches, make_pair_batch
 
 

@@ -1,24 +1,24 @@
-"""Memory planning for a run: will these settings fit the budget, which do, and recovery when a run overshoots.
+"""Memory planning for a run: will these settings fit the budget, and which do.
 
-The estimate itself (`mlxtune.memory`) works from shapes; this module turns a dataset and settings into those
-shapes (the batches the run will really draw), searches for settings that fit, and guards the run.
+The estimate itself (`memory/estimate.py`) works from shapes; this module turns a dataset and settings into those
+shapes (the batches the run will really draw) and searches for settings that fit. The run's guard is
+`memory/guard.py`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 from mlxtune.data.batching import PAD_MULTIPLE, POSITIONS_MULTIPLE, batch_plan, evaluation_batches, plan_epoch
-from mlxtune.errors import RunFailed
-from mlxtune.memory import GB, BatchShape, Estimate, ModelFacts, RunShape, estimate, fmt_gb
-from mlxtune.settings import UPPER_BOUNDS, LoraSettings, TrainSettings
+from mlxtune.memory.budget import GB, fmt_gb, memory_budget
+from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, RunShape, estimate
+from mlxtune.memory.limits import cpu_loss_streams
+from mlxtune.settings import UPPER_BOUNDS, LoraSettings
 
 # Settings that size a batch: when the user gave none of them, the planner chooses.
 SIZING_KEYS = ("batch_size", "batch_tokens", "pack", "max_seq_length", "grad_accumulation", "grad_checkpoint")
 MIN_SEQ_LENGTH = 256
-GUARD_RETRIES = 2
 
 
 def on_cpu() -> bool:
@@ -29,7 +29,7 @@ def on_cpu() -> bool:
 
 def loss_stream_count() -> int:
     """As many as mlxtune.train.loss.loss_streams() uses, without creating them."""
-    return max(1, min(os.cpu_count() or 1, 8)) if on_cpu() else 1
+    return cpu_loss_streams() if on_cpu() else 1
 
 
 def dequantize_path(facts: ModelFacts, cpu: bool, bits: int | None = None, budget: int | None = None) -> str:
@@ -271,6 +271,9 @@ def _shrink_batches(trial: LoraSettings, attempt, budget: int, suggested: dict, 
         else:
             trial.batch_tokens = size
             factor = math.ceil((original.batch_tokens or start) / size)
+            # validation batches hold `batch_size` examples whatever the token budget: they shrink alike (with
+            # the fused loss a validation batch can be the run's peak)
+            trial.batch_size = max(1, original.batch_size // factor)
         # Bounded like the flag (a 4-billion-step accumulation never finishes a step): fewer tokens per step then.
         trial.grad_accumulation = min(original.grad_accumulation * factor, UPPER_BOUNDS["grad_accumulation"])
         value = attempt()
@@ -281,9 +284,14 @@ def _shrink_batches(trial: LoraSettings, attempt, budget: int, suggested: dict, 
         return None
     key = "batch_size" if fixed else "batch_tokens"
     suggested[key] = getattr(trial, key)
+    extra = ""
+    if not fixed and trial.batch_size != original.batch_size:
+        suggested["batch_size"] = trial.batch_size
+        extra = f" --batch-size {trial.batch_size}"
     suggested["grad_accumulation"] = trial.grad_accumulation
-    reasons.append(f"--{key.replace('_', '-')} {getattr(trial, key)} --grad-accumulation {trial.grad_accumulation}: "
-                   f"smaller micro-batches, the same tokens per optimizer step ({fmt_gb(found.total)})")
+    reasons.append(f"--{key.replace('_', '-')} {getattr(trial, key)}{extra} --grad-accumulation "
+                   f"{trial.grad_accumulation}: smaller micro-batches, the same tokens per optimizer step "
+                   f"({fmt_gb(found.total)})")
     return found
 
 
@@ -293,112 +301,7 @@ def apply_suggestions(settings: LoraSettings, suggested: dict) -> None:
             setattr(settings, key, value)
 
 
-# ----------------------------------------------------------------------------------------- the run's guard
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """MLX's allocation failures: `[malloc] Unable to allocate …` (CPU and Metal), Metal's `Insufficient Memory`."""
-    text = str(exc).lower()
-    return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "unable to allocate" in text or "insufficient memory" in text or "out of memory" in text
-        or isinstance(exc, MemoryError))
-
-
-class MemoryGuard:
-    """Holds a run to its budget: MLX's memory limit, and a check of the measured peak after every step.
-
-    On Metal, MLX treats the limit as a guideline: an evaluation past it waits for scheduled work to finish and free
-    memory, and only an allocation the system can't satisfy fails. On the CPU backend the limit only paces the
-    scheduler: nothing fails until the OS itself runs out (then the OOM killer, not an exception). So the guard
-    compares MLX's peak with the budget after each optimizer step and treats an overshoot like an allocation
-    failure: the run shrinks its micro-batches before the machine starts swapping.
-    """
-
-    def __init__(self, budget: int, retries: int = GUARD_RETRIES):
-        import mlx.core as mx
-
-        self.budget = budget
-        self.retries_left = retries
-        self.previous_limit = mx.set_memory_limit(budget)
-        mx.reset_peak_memory()
-
-    def peak(self) -> int:
-        import mlx.core as mx
-
-        return mx.get_peak_memory()
-
-    def close(self) -> None:
-        """MLX's memory limit back to what it was before the guard set it."""
-        import mlx.core as mx
-
-        mx.set_memory_limit(self.previous_limit)
-
-    def overshoot(self) -> int | None:
-        peak = self.peak()
-        return peak if peak > self.budget else None
-
-    def shrink(self, settings: TrainSettings, current_tokens: int | None, longest: int, peak: int | None,
-               step: int, fixed_batches: bool = False) -> dict:
-        """Halve the micro-batch (doubling accumulation, so a step sees the same tokens); the change as a record."""
-        import mlx.core as mx
-
-        if self.retries_left <= 0:
-            raise RunFailed(
-                f"the run exceeded its memory budget of {fmt_gb(self.budget)} again at step {step + 1} after "
-                f"shrinking its batches {GUARD_RETRIES} times; the last good weights (step {step}) are saved",
-                "raise --memory, or resume with --grad-checkpoint / a smaller --max-seq-length "
-                "(`mlxtune plan` shows what fits)")
-        def sizes() -> dict:  # fixed batches of pairs have no token budget (their settings hold none)
-            return {"batch_tokens": None if fixed_batches else settings.batch_tokens,
-                    "batch_size": settings.batch_size, "grad_accumulation": settings.grad_accumulation}
-
-        before = sizes()
-        fixed = fixed_batches or (settings.pack is False and not settings.batch_tokens)  # preference: pairs
-        if fixed:
-            if settings.batch_size <= 1:
-                raise self._cannot_shrink(step)
-            settings.batch_size = max(1, settings.batch_size // 2)
-        else:
-            current = settings.batch_tokens or current_tokens
-            smallest = PAD_MULTIPLE * math.ceil((longest - 1) / PAD_MULTIPLE)
-            if current <= smallest:
-                raise self._cannot_shrink(step)
-            settings.batch_tokens = max(smallest, current // 2)
-        settings.grad_accumulation *= 2
-        self.retries_left -= 1
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        after = sizes()
-        return {"step": step, "memory_event": "over budget" if peak else "out of memory",
-                "peak_memory_gb": None if peak is None else round(peak / GB, 4),
-                "budget_gb": round(self.budget / GB, 4), "before": before, "after": after}
-
-    def _cannot_shrink(self, step: int) -> RunFailed:
-        return RunFailed(f"one example alone exceeds the memory budget of {fmt_gb(self.budget)} (step {step + 1}); "
-                         f"the last good weights (step {step}) are saved",
-                         "resume with --grad-checkpoint or a smaller --max-seq-length, or raise --memory")
-
-
-def describe_change(event: dict) -> str:
-    before, after = event["before"], event["after"]
-    what = ("peak " + fmt_gb(event["peak_memory_gb"] * GB) if event["peak_memory_gb"] is not None
-            else "an allocation failed")
-    key = "batch_tokens" if after["batch_tokens"] else "batch_size"
-    return (f"memory: {what} over the {fmt_gb(event['budget_gb'] * GB)} budget at step {event['step']}: "
-            f"{key.replace('_', ' ')} {before[key]} → {after[key]}, grad accumulation "
-            f"{before['grad_accumulation']} → {after['grad_accumulation']} (about the same tokens per step); continuing")
-
-
 # ------------------------------------------------------------------------------------------- before a run
-
-
-def memory_budget(memory: str | None) -> tuple[int, str]:
-    """(bytes, source) of the budget: `--memory` when given, else what this machine can give."""
-    from mlxtune.memory import machine_budget, parse_memory
-
-    if memory is not None and str(memory).strip() != "":
-        return parse_memory(memory), "--memory"
-    return machine_budget()
 
 
 def plan_for_data(settings: LoraSettings, model_path, data_path) -> MemoryPlan:

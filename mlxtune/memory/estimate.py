@@ -25,82 +25,19 @@ allocates at its peak (`mx.get_peak_memory()`), term by term from the architectu
 from __future__ import annotations
 
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxtune.errors import UsageError
+from mlxtune.memory.budget import GB
+from mlxtune.memory.limits import (DEQUANTIZED_COPY_SHARE, FUSED_CHUNK_ROWS, KEPT_SOFTMAX_BYTES, chunk_rows,
+                                   cpu_loss_streams)
 from mlxtune.model_config import head_dim, read_config, read_safetensors_header, text_config
-from mlxtune.ui import GB  # the one unit shown to users: 10^9 bytes
 
-LARGEST_BUDGET = 2048 * GB  # beyond any Mac: a typo, not a budget
-MACHINE_RESERVE = 0.2  # of RAM left to the OS and other programs when there is no Metal working-set figure
-MIN_RESERVE = 2 * GB
 FIXED_ALLOWANCE = 4 * 10**6  # MLX's small buffers: RNG state, probe batches, compiled constants
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 HALF = ("F16", "BF16")
-
-# Mirrors of mlxtune.train.loss's limits (a test checks they agree): the kept softmax and the chunk size.
-KEPT_SOFTMAX_BYTES = 512 * 2**20
-CHUNK_LOGITS_BYTES = 64 * 2**20
-CHUNK_ROWS = 1024
-FUSED_CHUNK_ROWS = 64  # and the chunk of the fused head gradient (SFT, DPO and ORPO training)
-
-
-def fmt_gb(n_bytes: float | None, digits: int = 2) -> str:
-    return "—" if n_bytes is None else f"{n_bytes / GB:.{digits}f} GB"
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": GB, "gb": GB, "t": 10**12,
-          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-          "ti": 2**40, "tib": 2**40}
-
-
-def parse_memory(text: str | int | float) -> int:
-    """Bytes of a budget such as `16GB`, `16`, `12.5 GB`, `800MB` or `16GiB` (a bare number means GB)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise UsageError(f"--memory {text!r} is not an amount of memory",
-                         "give a size such as --memory 16GB or --memory 8 (GB = 10^9 bytes)")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if value <= 0:
-        raise UsageError(f"--memory {text} leaves nothing to train in",
-                         "give the memory the run may use, e.g. --memory 16GB (omit it to use this machine's)")
-    if value > LARGEST_BUDGET:
-        raise UsageError(f"--memory {text} is more than any machine mlxtune runs on ({fmt_gb(LARGEST_BUDGET, 0)})",
-                         "give the memory the run may use, e.g. --memory 64GB")
-    return int(value)
-
-
-def _total_ram() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def machine_budget() -> tuple[int, str]:
-    """(bytes, where from) that this machine can give a training run.
-
-    With Metal: the GPU's recommended working set (`mx.device_info()`), the most macOS lets the GPU keep resident
-    without paging. Elsewhere: total RAM minus a reserve for the OS and other programs (20%, at least 2 GB).
-    """
-    import mlx.core as mx
-
-    if mx.metal.is_available():
-        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-        size = int(info.get("max_recommended_working_set_size", 0))
-        if size:
-            return size, "Metal's recommended working set"
-    ram = _total_ram()
-    if not ram:
-        return 8 * GB, "assumed 8 GB (this system doesn't report its RAM)"
-    reserve = max(MIN_RESERVE, int(MACHINE_RESERVE * ram))
-    return max(ram - reserve, ram // 2), f"{fmt_gb(ram, 1)} RAM minus {fmt_gb(reserve, 1)} for the system"
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -308,14 +245,16 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
         # float32 logits of every position, kept with their log-softmax; the softmax and gradient in the backward
         return tokens * vocab_row * (4 if training else 2)
     rows = batch.supervised
-    chunk = max(32, min(CHUNK_ROWS, CHUNK_LOGITS_BYTES // vocab_row))
-    chunk = min(chunk, max(1, -(-rows // max(run.streams, 1))))
+    chunk = min(chunk_rows(facts.vocab), max(1, -(-rows // max(run.streams, 1))))
     gathered = rows * facts.hidden * 4
+    chunks = -(-rows // chunk)
+    in_flight = min(run.streams, chunks)
     if not training:
-        # per stream: the chunk's logits, their shifted copy and exponentials, then the softmax (measured: three
-        # chunk-sized arrays at once, smollm-full-short-ckpt's validation pass)
-        return gathered + min(run.streams, -(-rows // chunk)) * 3 * chunk * vocab_row
-    in_flight = min(run.streams, -(-rows // chunk))
+        # per stream: the chunk's logits, their shifted copy and exponentials (nothing kept past the chunk,
+        # train/loss.py's forward body); when every stream has chunks after its first, each begins the next while
+        # one ends (measured with 2 streams: 3 chunks 2.3 arrays per stream, 7–19 chunks 5.0)
+        arrays = EVAL_CHUNKS_ARRAYS if chunks >= 2 * run.streams else EVAL_CHUNK_ARRAYS
+        return gathered + in_flight * arrays * chunk * vocab_row
     if run.fused_head:
         # differentiated chunk by chunk in the forward pass, nothing vocabulary-sized kept for the backward: its own
         # phase (`fused_loss_phase_bytes`); the backward pass holds only the rows' gradient
@@ -327,23 +266,33 @@ def loss_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape, training: bo
     return gathered + 2 * rows * vocab_row + in_flight * chunk * vocab_row
 
 
-FUSED_CHUNK_ARRAYS = 10  # chunk-sized float32 arrays per loss stream at the fused loss phase's peak (docs/MEMORY.md)
+# Chunk-sized float32 arrays per stream in a forward-only loss (validation), measured (tests/train/test_loss.py):
+EVAL_CHUNK_ARRAYS = 3  # one chunk at a time: logits, shifted logits, exponentials
+EVAL_CHUNKS_ARRAYS = 5  # two chunks or more on every stream: the next chunk's first arrays beside the last one's
+# Chunk-sized float32 arrays per loss stream at the fused loss phase's peak: 6.1–6.9 measured on the loss alone
+# (49k and 152k vocabularies, 512–2048 rows, 2 streams). The ten fitted before were fitted on steps whose peak was
+# really their validation pass, every chunk's softmax kept (docs/MEMORY.md).
+FUSED_CHUNK_ARRAYS = 7
+# [rows, hidden] float32 arrays at the fused loss's peak, measured on the loss alone with 2 streams: 7–10.5 over
+# hidden widths 512–4096 (the test shape, 2048 wide against an 8k vocabulary, was 16% under with 2)
+FUSED_ROW_ARRAYS = 10
 
 
 def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> int:
-    """The fused head gradient's workspace while the loss runs, at the end of the forward pass: per stream about ten
+    """The fused head gradient's workspace while the loss runs, at the end of the forward pass: per stream about seven
     chunk-sized float32 arrays (logits, exponentials, softmax and its gradient, of the chunk finishing and the next
-    one starting: fitted on the 152k-vocabulary short batches of docs/MEMORY.md, not counted array by array), plus
-    the gathered rows and their gradient."""
+    one starting: measured on the loss alone, not counted array by array), plus
+    about ten [rows, hidden] float32 arrays (FUSED_ROW_ARRAYS: the gathered rows, the chunks' row gradients and
+    their way back into the rows' gradient), which show where the hidden width is large against the vocabulary."""
     rows = batch.supervised
     chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
     in_flight = min(run.streams, -(-rows // chunk))
-    return 2 * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
+    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
 
 
-def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
-             eval_batches: list[BatchShape] = ()) -> Estimate:
-    """Peak bytes of a training run over these micro-batches (and validation batches)."""
+def fixed_parts(facts: ModelFacts, run: RunShape) -> dict[str, int]:
+    """What the run holds whatever the batch, in every phase: weights (and the float copies a quantized base
+    computes through), trainable parameters with their optimizer state, the allowance."""
     upcast = run.on_cpu and facts.has_half
     weights = facts.weight_bytes(upcast=upcast, bits=run.bits)
     trainable = trainable_bytes(facts, run)
@@ -356,6 +305,13 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
             if not run.target_modules or module in run.target_modules)
     if _quantized_base(facts, run):
         fixed["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run)
+    return fixed
+
+
+def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
+             eval_batches: list[BatchShape] = ()) -> Estimate:
+    """Peak bytes of a training run over these micro-batches (and validation batches)."""
+    fixed = fixed_parts(facts, run)
     best_total, best_parts, worst = sum(fixed.values()), dict(fixed), None
     for batch in batches:
         parts = dict(fixed, **activation_bytes(facts, run, batch), loss=loss_bytes(facts, run, batch))
@@ -379,18 +335,28 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         # plus the MLP's two [tokens, intermediate] temporaries while a block runs (measured: the 152k-vocabulary
         # validation pass of qwen-lora-long-pack-ckpt)
         mlp = 2 * tokens * facts.intermediate * float_bytes
-        parts = dict(fixed, activations=one_block + mlp + 2 * tokens * facts.hidden * float_bytes,
-                     loss=loss_bytes(facts, run, batch, training=False))
+        hidden = 2 * tokens * facts.hidden * float_bytes  # the hidden states between blocks, and the last norm's
+        # A forward pass has the same two phases, one after the other: the blocks (one at a time, nothing kept)
+        # and the loss once they are done. The peak is the larger, not their sum (smollm-q4-lora-long-ckpt's
+        # validation was +27% over with the sum).
+        blocks = dict(fixed, activations=hidden + one_block + mlp, loss=0)
+        loss = dict(fixed, activations=hidden, loss=loss_bytes(facts, run, batch, training=False))
+        parts = max(blocks, loss, key=lambda phase: sum(phase.values()))
         total = sum(parts.values())
         if total > best_total:
             best_total, best_parts, worst = total, parts, batch
     return Estimate(best_total, best_parts, worst)
 
 
+def kv_cache_bytes(facts: ModelFacts, rows: int, context: int, width: int = 2) -> int:
+    """Keys and values of `rows` sequences of `context` tokens in every block, `width` bytes a value."""
+    return 2 * facts.layers * facts.kv_heads * facts.head_dim * rows * context * width
+
+
 def inference_bytes(facts: ModelFacts, context: int, on_cpu: bool = False) -> int:
     """Weights + a float16 KV cache of `context` tokens + one step's logits."""
-    kv_cache = 2 * facts.layers * facts.kv_heads * facts.head_dim * context * 2
-    return facts.weight_bytes(upcast=on_cpu and facts.has_half) + kv_cache + facts.vocab * 4 + FIXED_ALLOWANCE
+    return (facts.weight_bytes(upcast=on_cpu and facts.has_half) + kv_cache_bytes(facts, 1, context)
+            + facts.vocab * 4 + FIXED_ALLOWANCE)
 
 
 def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int = 4, seq_len: int = 1024,
@@ -401,7 +367,7 @@ def model_memory(path: str | Path, context: int, rank: int = 8, batch_size: int 
 
         on_cpu = not mx.metal.is_available()
     facts = ModelFacts.from_dir(path)
-    run = RunShape(rank=rank, on_cpu=on_cpu, streams=min(os.cpu_count() or 1, 8) if on_cpu else 1)
+    run = RunShape(rank=rank, on_cpu=on_cpu, streams=cpu_loss_streams() if on_cpu else 1)
     lora = estimate(facts, run, [BatchShape(batch_size, seq_len, batch_size * seq_len // 2)])
     return {"inference_bytes": inference_bytes(facts, context, on_cpu), "lora_bytes": lora.total,
             "assumptions": {"context": context, "rank": rank, "batch_size": batch_size, "seq_len": seq_len,
@@ -429,13 +395,12 @@ def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int 
     weights = facts.quantized_weights(run.bits)
     if run.dequantize == "load":
         return 4 * sum(weights.values())
-    blocks = [count for name, count in weights.items() if name.startswith("model.layers.")]
+    blocks = sorted((count for name, count in weights.items() if name.startswith("model.layers.")), reverse=True)
     head = weights.get("lm_head.weight", 0 if "lm_head.weight" in facts.tensors
                        else weights.get("model.embed_tokens.weight", 0))
-    return 4 * (block_weights * max(blocks, default=0) + head)
-
-
-DEQUANTIZED_COPY_SHARE = 0.25  # of the budget that float copies of a quantized base may take (cpu_quantized.py)
+    # the largest `block_weights` of them: a model with fewer block weights has no more in flight (the 1-block test
+    # shape was +60% over with seven copies of its largest)
+    return 4 * (sum(blocks[:block_weights]) + head)
 
 
 def quantized_path(float_bytes: int, budget: int) -> str:

@@ -13,7 +13,7 @@ from mlxtune.errors import UsageError
 from mlxtune.models import DEFAULT_BASE_MODEL, resolve_model
 from mlxtune.settings import LoraSettings
 from mlxtune.train.loop import finetune
-from mlxtune.train.planner import SIZING_KEYS, MemoryPlan, apply_suggestions, on_cpu, plan_for_data
+from mlxtune.memory.planner import SIZING_KEYS, MemoryPlan, apply_suggestions, on_cpu, plan_for_data
 from mlxtune.ui import make_console
 
 
