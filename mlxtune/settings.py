@@ -45,7 +45,14 @@ UPPER_BOUNDS = {
     "min_delta": 10**6,
     "threads": 4096,
     "cache_limit_gb": 10**4,  # 10 TB
-    "beta": 10**4,  # dpo/orpo
+    "beta": 10**4,  # dpo/orpo/grpo
+    "group_size": 4096,  # grpo
+    "max_completion_tokens": 2**20,
+    "temperature": 100.0,
+    "epsilon_low": 1.0,
+    "epsilon_high": 100.0,
+    "updates_per_batch": 1024,
+    "sample_every": 10**7,
 }
 
 

@@ -1,0 +1,387 @@
+"""`mlxtune grpo`: GRPO (train/grpo/objective.py) run by the training engine.
+
+The same engine as `mlxtune lora` and `mlxtune dpo` (train/engine.py: checkpoints, exact resume with the data
+fingerprint, best/, patience, the NaN guard, signals, the memory guard, metrics.jsonl, loss.png). The run directory
+is an ordinary run — config.yaml stays a plain LoRA config, GRPO's own settings go to grpo.yaml — so fuse, export,
+chat and eval take it like any other. `--from RUN_DIR` starts from a supervised run merged into its base
+(fuse.merge_sft_run), which is also the reference when β > 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlx.core as mx
+import yaml
+
+from mlxtune.cpu_quantized import accelerate_quantized, requested_path
+from mlxtune.data.dataset import resolve_data_path
+from mlxtune.data.prompts import PROMPT_KEY, PromptRecord, prompt_ids, read_prompt_splits
+from mlxtune.data.template import choose_template
+from mlxtune.errors import UsageError
+from mlxtune.library import hold_model
+from mlxtune.model_config import DEFAULT_QUANTIZE, model_name
+from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
+from mlxtune.runs import (CONFIG_FILE, GRPO_FILE, LOCK_FILE, RUN_FILE, RUN_MARKER, SAMPLES_FILE, TEMPLATE_FILE,
+                          default_run_dir, follow_up_run_dir)
+from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.storage import atomic_write_text, check_writable
+from mlxtune.train.adapters import attach_adapters, parameter_counts
+from mlxtune.train.checkpoint import load_checkpoint
+from mlxtune.train.engine import TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.grpo.losses import PRESETS, preset
+from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
+from mlxtune.train.grpo.rewards import check_fields, parse_rewards
+from mlxtune.train.preference.run import PreferenceStep
+from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
+from mlxtune.train.step import build_optimizer
+from mlxtune.ui import TrainingReporter, make_console, summary_table
+
+# Which settings `grpo --resume` may change (the rest would train a different adapter or sample differently).
+RESUMABLE = ("iters", "eval_every", "save_every", "report_every", "val_batches", "sample_every")
+
+
+@dataclass
+class GrpoSettings(LoraSettings):
+    """`mlxtune lora`'s settings (batch_size = prompts per micro-batch) plus GRPO's own (saved in grpo.yaml).
+
+    Defaults follow TRL's GRPOConfig where it has one: β = 0 (no reference pass; TRL's default since v0.19),
+    temperature 1, top-p 1, ε 0.2 (DAPO's preset: 0.28 above), μ = 1 (`num_iterations`); G = 8
+    (`num_generations`), and completions of up to 256 tokens (`max_completion_length`)."""
+
+    reward: list[str] | None = None  # --reward specs (train/grpo/rewards.py), summed with their weights
+    group_size: int = 8  # G: samples per prompt
+    max_completion_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # weight of the KL to the reference (adapters off); 0: no reference pass
+    loss_type: str = "grpo"  # grpo | dr_grpo | dapo (losses.PRESETS)
+    epsilon_low: float | None = None  # None: the preset's
+    epsilon_high: float | None = None
+    updates_per_batch: int = 1  # μ: optimizer updates per rollout batch
+    sample_every: int = 10  # write the step's completions with their rewards to samples.jsonl every N steps; 0: never
+    from_run: str | None = None  # start from this supervised run (its adapter merged into the base)
+    from_checkpoint: str = "last"
+
+    def validate(self) -> "GrpoSettings":
+        super().validate()
+        if isinstance(self.reward, str):
+            self.reward = [self.reward]
+        if self.loss_type not in PRESETS:
+            raise UsageError(f"unknown loss type {self.loss_type!r}", f"use one of {', '.join(PRESETS)}")
+        for name in ("group_size", "max_completion_tokens", "updates_per_batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}",
+                                 f"set --{name.replace('_', '-')}")
+        if self.group_size < 2:
+            raise UsageError("group_size must be at least 2: a group's advantage compares its samples",
+                             "set --group-size (8 is usual)")
+        if self.sample_every < 0:
+            raise UsageError(f"sample_every can't be negative, got {self.sample_every}", "0 writes no samples")
+        for name in ("temperature", "top_p", "beta", "epsilon_low", "epsilon_high"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a finite number ≥ 0, got {value}",
+                                 f"set --{name.replace('_', '-')}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", "set --top-p (1 = off)")
+        if self.epsilon_low is not None and self.epsilon_low >= 1:
+            raise UsageError(f"epsilon_low must be below 1, got {self.epsilon_low}", "0.2 is usual")
+        return self
+
+    def loss_config(self):
+        overrides = {"beta": self.beta, "max_completion_tokens": self.max_completion_tokens}
+        overrides.update({k: getattr(self, k) for k in ("epsilon_low", "epsilon_high")
+                          if getattr(self, k) is not None})
+        return preset(self.loss_type, **overrides)
+
+    def lora_part(self) -> LoraSettings:
+        own = {f.name for f in fields(LoraSettings)}
+        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
+
+    def grpo_part(self) -> dict:
+        own = {f.name for f in fields(LoraSettings)}
+        return {"objective": "grpo", **{k: v for k, v in self.to_dict().items() if k not in own}}
+
+
+def save_grpo_settings(settings: GrpoSettings, run_dir: Path) -> None:
+    save_settings(settings.lora_part(), run_dir / CONFIG_FILE)
+    atomic_write_text(run_dir / GRPO_FILE, yaml.safe_dump(settings.grpo_part(), sort_keys=False))
+
+
+def is_grpo_run(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / GRPO_FILE).is_file()
+
+
+def load_grpo_settings(run_dir: str | Path) -> GrpoSettings:
+    lora = load_run_settings(Path(run_dir) / CONFIG_FILE)
+    extra = {k: v for k, v in read_yaml_config(Path(run_dir) / GRPO_FILE, GrpoSettings).items() if k != "objective"}
+    return GrpoSettings(**{**lora.to_dict(), **extra})
+
+
+def resume_grpo_settings(run_dir: str | Path, overrides: dict) -> GrpoSettings:
+    run_dir = Path(run_dir)
+    if not is_grpo_run(run_dir):
+        raise UsageError(f"{run_dir} is not a GRPO run (no {GRPO_FILE})",
+                         "resume a LoRA run with mlxtune lora --resume, a DPO run with mlxtune dpo --resume")
+    settings = load_grpo_settings(run_dir)
+    for key in RESUMABLE:
+        if overrides.get(key) is not None:
+            setattr(settings, key, overrides[key])
+    settings.out = str(run_dir)
+    return settings.validate()
+
+
+@dataclass
+class GrpoResult:
+    run_dir: str
+    steps: int
+    total_steps: int
+    initial_val: dict | None = None  # mean reward (greedy) on the held-out prompts, and each reward's mean
+    final_val: dict | None = None
+    best_step: int | None = None
+    best_val: dict | None = None
+    final_train: dict | None = None  # the last report window: rewards, kl, clip fraction, lengths, rates
+    tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+    memory_estimate_gb: float | None = None
+    memory_budget_gb: float | None = None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    stopped: str = "completed"
+    notes: list | None = None
+    memory_changes: list | None = None
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class PromptSets:
+    train: list[tuple[PromptRecord, list[int]]]  # each record with its rendered prompt's token ids
+    valid: list[tuple[PromptRecord, list[int]]]
+    template_origin: str
+    notes: list[str]
+
+
+def tokenize_prompts(records: dict[str, list[PromptRecord]], tokenizer, settings: GrpoSettings,
+                     notes: list[str]) -> PromptSets:
+    """Each prompt rendered with the chat template; prompts leaving no room for a completion within
+    max_seq_length are left out (each counted in a note)."""
+    choice = choose_template(tokenizer, "chat", settings.chat_template)
+    room = settings.max_seq_length - settings.max_completion_tokens
+    if room < 1:
+        raise UsageError(f"--max-completion-tokens {settings.max_completion_tokens} leaves no room for a prompt "
+                         f"within --max-seq-length {settings.max_seq_length}",
+                         "lower --max-completion-tokens or raise --max-seq-length")
+    out = {}
+    for split in ("train", "valid"):
+        pairs = [(r, prompt_ids(r, tokenizer, choice.template)) for r in records.get(split, [])]
+        kept = [(r, ids) for r, ids in pairs if len(ids) <= room]
+        if len(kept) < len(pairs):
+            notes.append(f"{len(pairs) - len(kept)} {split} prompt(s) longer than {room} tokens (max_seq_length − "
+                         "max_completion_tokens) left out")
+        out[split] = kept
+    if not out["train"]:
+        raise UsageError("no training prompt fits", "raise --max-seq-length or lower --max-completion-tokens")
+    return PromptSets(out["train"], out["valid"], choice.origin, notes)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _sample_writer(run_dir: Path):
+    def write(step: int, samples: list[dict]) -> None:
+        with open(run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    return write
+
+
+def _trim_samples(run_dir: Path, step: int) -> None:
+    """On resume: samples of steps after the checkpoint are drawn again, so their old lines go."""
+    path = run_dir / SAMPLES_FILE
+    if path.is_file():
+        kept = [line for line in path.read_text("utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(kept))
+
+
+def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = False, console=None,
+               start_from=None) -> GrpoResult:
+    """Train adapters with GRPO as `settings` say; with `resume`, continue `settings.out`. Settings the memory
+    planner says won't fit are refused before training unless `force`. `start_from(run_dir) -> model path`: what
+    makes the starting model for `settings.from_run` (the CLI passes fuse.merge_sft_run)."""
+    reporter = TrainingReporter(console or make_console())
+    console = reporter.console
+    settings = copy.deepcopy(settings).validate()
+    requested_path()
+    if not settings.data:
+        raise UsageError("no data given", "pass --data with prompts ({\"prompt\": …, \"answer\": …} per line)")
+    rewards = parse_rewards(settings.reward or [])  # a bad reward spec or file fails before anything loads
+    if settings.from_run and not resume and start_from is None:
+        raise UsageError("--from needs its supervised run merged first",
+                         "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
+    data_path = resolve_data_path(settings.data)
+    records, notes = read_prompt_splits(data_path, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
+    for split in ("train", "valid"):
+        check_fields(rewards, [r.fields for r in records.get(split, [])], [r.source for r in records.get(split, [])])
+    check_writable(Path(settings.out or "runs"))
+    if settings.from_run and not resume:
+        run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, "grpo")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir, resume, reporter)
+        settings.model = str(start_from(run_dir))
+    if not settings.model:
+        reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
+        settings.model = DEFAULT_BASE_MODEL
+    model_path = resolve_model(settings.model, console=console)
+    settings.fit_model(model_path)
+    hold_model(model_path)
+    if resume or not settings.from_run:
+        run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), "grpo")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir, resume, reporter)
+    settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
+
+    reporter.start("grpo", model_path, run_dir)
+    model, tokenizer, model_config = load_model(model_path)
+    prepare_backend(settings, model, reporter)
+    sets = tokenize_prompts(records, tokenizer, settings, notes)
+    for note in sets.notes:
+        reporter.note(note)
+    try:
+        memory_plan = check_grpo_memory(settings, model_path, sets, force=force or resume, console=console)
+    except UsageError:
+        _release_unused(run_dir)
+        raise
+
+    mx.random.seed(settings.seed)
+    adapter_cfg = attach_adapters(model, settings)
+    quantized = accelerate_quantized(model, memory_plan.budget)
+    if quantized:
+        reporter.info(quantized)
+    total_steps = settings.iters or max(1, math.ceil(settings.epochs * len(sets.train) / (
+        settings.batch_size * settings.grad_accumulation)))
+    # The schedule counts optimizer updates: μ per step.
+    optimizer = build_optimizer(settings, total_steps * settings.updates_per_batch)
+    start_step, resumed = 0, None
+    data_files = data_fingerprint(data_path)
+    if resume:
+        point = find_resume_point(run_dir, total_steps)
+        for warning in point.warnings:
+            reporter.warning(warning)
+        if point.checkpoint is not None:
+            resumed = load_checkpoint(point.checkpoint, model, optimizer)
+            start_step = resumed["step"]
+            if start_step >= total_steps:
+                raise UsageError(f"{run_dir} already trained {start_step} of {total_steps} steps",
+                                 f"extend it: mlxtune grpo --resume {run_dir} --iters N (N > {start_step})")
+            check_resume_state(run_dir, resumed, total_steps, data_files, settings)
+            reporter.resumed(point.checkpoint.name, start_step, total_steps)
+        _trim_samples(run_dir, start_step)
+    save_grpo_settings(settings, run_dir)
+    info = {"base_model": str(model_path), "model_type": model_config.get("model_type"), "data_kind": "prompts",
+            "objective": "grpo", "template_origin": sets.template_origin, "train_examples": len(sets.train),
+            "valid_examples": len(sets.valid), "adapter": adapter_cfg, "from_run": settings.from_run}
+    template = choose_template(tokenizer, "chat", settings.chat_template)
+    if template.template and template.origin != "model":
+        atomic_write_text(run_dir / TEMPLATE_FILE, template.template)
+    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
+
+    loss = GrpoLoss(model, settings.loss_config(), settings.selective_loss,
+                    old_policy=settings.updates_per_batch > 1)
+    trainable, total = parameter_counts(model)
+    if settings.grad_checkpoint:
+        grad_checkpoint(model)
+    _print_header(console, settings, sets, trainable, total, total_steps, model_config.get("quantization"),
+                  memory_plan)
+    objective = GrpoObjective(model, tokenizer, PreferenceStep(model, optimizer, settings.grad_clip, loss), loss,
+                              settings, rewards, sets.train, sets.valid, _eos_ids(tokenizer), _sample_writer(run_dir))
+    run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,
+                      f"{model_name(model_path)} · {run_dir.name} · GRPO", start_step, resume, resumed, data_files,
+                      memory_budget=memory_plan.budget)
+    progress = train(run, objective, reporter)
+    result = GrpoResult(str(run_dir), progress.steps, total_steps, progress.initial_val, progress.final_val,
+                        progress.best_step, progress.best_val, progress.final_train, progress.tokens_per_second,
+                        progress.peak_memory_gb, memory_plan.to_dict()["estimate_gb"],
+                        memory_plan.to_dict()["budget_gb"], trainable, total, progress.stopped,
+                        list(sets.notes) + progress.notes, progress.memory_changes)
+    finish(run, result)
+    _print_summary(console, result)
+    return result
+
+
+def check_grpo_memory(settings: GrpoSettings, model_path: Path, sets: PromptSets, *, force: bool, console):
+    """The planner's verdict on this run (rollout + update); a refusal with settings that fit unless `force`."""
+    from mlxtune.memory import ModelFacts
+    from mlxtune.train.grpo.memory import plan_grpo
+    from mlxtune.train.planner import memory_budget, over_budget
+
+    budget, source = memory_budget(settings.memory)
+    plan = plan_grpo(ModelFacts.from_dir(model_path), settings, max(len(ids) for _, ids in sets.train), budget,
+                     source)
+    if plan.fits or force:
+        if not plan.fits:
+            console.print(f"[yellow]warning:[/] {plan.verdict()}; --force: trying anyway")
+        return plan
+    hint = (f"use {plan.flags()}, or --force to try anyway" if plan.suggested_fits else
+            "use a smaller or 4-bit model, fewer --group-size or --max-completion-tokens, raise --memory, or --force")
+    raise over_budget(plan, hint)
+
+
+def _release_unused(run_dir: Path) -> None:
+    unlock_run_dir(run_dir)
+    if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, total, steps, quantization,
+                  memory_plan) -> None:
+    method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
+    config = settings.loss_config()
+    rows = [
+        ("objective", f"{settings.loss_type} ({config.aggregation} mean), ε {config.epsilon_low:g}/"
+                      f"{config.epsilon_high:g}, β {settings.beta:g}, μ {settings.updates_per_batch}"),
+        ("rewards", ", ".join(settings.reward or [])),
+        ("rollouts", f"{settings.batch_size * settings.grad_accumulation} prompts × G {settings.group_size} per "
+                     f"step, up to {settings.max_completion_tokens} tokens, temperature {settings.temperature:g}, "
+                     f"top-p {settings.top_p:g}"),
+        ("method", f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else "full"),
+        ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
+        ("data", f"prompts: {len(sets.train)} train / {len(sets.valid)} valid"),
+        ("template", sets.template_origin),
+        ("steps", f"{steps} steps × {settings.updates_per_batch} update(s), lr {settings.learning_rate:g} "
+                  f"{settings.schedule}"),
+        ("memory", f"{memory_plan.verdict()} ({memory_plan.budget_source})"),
+        ("device", str(mx.default_device())),
+    ]
+    console.print(summary_table("grpo run", rows))
+
+
+def _print_summary(console, result: GrpoResult) -> None:
+    def val(d, key, fmt="{:.3f}"):
+        return "—" if not d or d.get(key) is None else fmt.format(d[key])
+
+    train = result.final_train
+    rows = [
+        ("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
+        ("val reward", f"{val(result.initial_val, 'reward')} → {val(result.final_val, 'reward')} "
+                       f"(best step {result.best_step})"),
+        ("train", f"reward {val(train, 'reward')} ± {val(train, 'reward_std')} · kl {val(train, 'kl')} · "
+                  f"clipped {val(train, 'clip_fraction')} · length {val(train, 'completion_length', '{:.1f}')}"),
+        ("speed", f"rollout {val(train, 'rollout_tokens_per_second', '{:.0f}')} tok/s · update "
+                  f"{val(train, 'update_tokens_per_second', '{:.0f}')} tok/s"),
+        ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
+        ("adapter", f"{result.run_dir}/adapters.safetensors"),
+    ]
+    console.print(summary_table("result", rows))
