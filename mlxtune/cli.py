@@ -327,6 +327,73 @@ main.add_command(_preference_command(
 ))
 
 
+# `mlxtune grpo`: reinforcement learning with verifiable rewards, the engine's third objective (docs/RL.md).
+_NOT_FOR_GRPO = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "completion_key", "batch_size",
+                 *_DATA_PARALLEL}
+
+
+def _grpo(config_path, resume_dir, json_mode, force, **flags):
+    from mlxtune.fuse import merge_sft_run
+    from mlxtune.settings import resolve_settings
+    from mlxtune.train.grpo.run import GrpoSettings, resume_grpo_settings, train_grpo
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    flags["reward"] = list(flags["reward"]) or None
+    settings = (resume_grpo_settings(resume_dir, flags) if resume_dir else
+                resolve_settings(config_path, flags, cls=GrpoSettings))
+    result = train_grpo(settings, resume=bool(resume_dir), force=bool(force), console=console,
+                        start_from=lambda run_dir: merge_sft_run(settings.from_run, run_dir,
+                                                                 settings.from_checkpoint, console))
+    if json_mode:
+        print_json(result.to_dict())
+    if result.stopped == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
+
+
+main.add_command(click.Command(
+    "grpo", callback=_grpo, context_settings={"show_default": True},
+    short_help="Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.",
+    help="""Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.
+
+    \b
+    Data: one prompt per line, {"prompt": "…", "answer": "…"} (or a message list as the prompt); every other
+    field is passed to the rewards. Each step samples --group-size completions of --batch-size prompts, scores
+    them, and moves the adapter towards the completions that beat their group (docs/RL.md).
+
+    \b
+    Rewards (--reward, repeatable, summed; a weight in front: 0.5*format): exact[:FIELD], contains[:FIELD],
+    number[:FIELD], regex:PATTERN, json[:SCHEMA], format, format:think, or FILE.py:NAME (TRL's convention).
+
+    \b
+    Examples:
+      mlxtune grpo --model SmolLM2-135M-Instruct --data ./arith --reward number --reward 0.5*format --iters 100
+      mlxtune grpo --from runs/sft --data ./prompts --reward rewards.py:brevity --beta 0.04
+      mlxtune grpo --resume runs/smollm-grpo --iters 200
+    """,
+    params=[p for p in lora.params if p.name not in _NOT_FOR_GRPO] + [
+        click.Option(["--reward"], multiple=True, help="A reward spec (repeatable; summed with their weights)."),
+        click.Option(["--batch-size"], type=int, help="Prompts per micro-batch [default: 4]."),
+        click.Option(["--group-size"], type=int, help="Samples per prompt (G) [default: 8]."),
+        click.Option(["--max-completion-tokens"], type=int, help="Longest completion sampled [default: 256]."),
+        click.Option(["--temperature"], type=float, help="Sampling temperature [default: 1]."),
+        click.Option(["--top-p"], type=float, help="Nucleus sampling; 1 = off [default: 1]."),
+        click.Option(["--beta"], type=float, help="Weight of the KL to the reference (the adapter switched off); "
+                                                  "0 = no reference pass [default: 0, as TRL]."),
+        click.Option(["--loss-type"], type=click.Choice(["grpo", "dr_grpo", "dapo"]),
+                     help="grpo: sequence mean; dr_grpo: no length or std normalisation; dapo: token mean, "
+                          "clip-higher [default: grpo]."),
+        click.Option(["--epsilon-low"], type=float, help="Clip the ratio below at 1 − ε [default: the preset's, 0.2]."),
+        click.Option(["--epsilon-high"], type=float,
+                     help="Clip the ratio above at 1 + ε [default: the preset's, 0.2; dapo 0.28]."),
+        click.Option(["--updates-per-batch"], type=int, help="Optimizer updates per rollout batch (μ) [default: 1]."),
+        click.Option(["--sample-every"], type=int,
+                     help="Write the step's completions and rewards to samples.jsonl every N steps; 0 = never "
+                          "[default: 10]."),
+        *[o for o in _FROM_OPTIONS if o.name in ("from_run", "from_checkpoint")],
+    ]))
+
+
 @main.command("rank-worker", hidden=True)
 @click.argument("spec")
 @click.option("--hello", is_flag=True, help="Only form the world and time one all_sum (for --check).")

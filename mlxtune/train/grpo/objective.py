@@ -44,7 +44,7 @@ class PromptBatch:
 
     records: list[PromptRecord]
     ids: list[list[int]]
-    key_index: int  # seed·1_000_003 + (step·micro-batches + k)·… : see `GrpoObjective.batches`
+    key_index: int  # the run-wide index of its first prompt (step · prompts per step + offset): keys its sampling
     step: int
     tokens: int = 0  # prompt + completion tokens of one update pass, set once the rollout is made
     rollout: Rollout | None = None
@@ -129,6 +129,7 @@ class GrpoObjective(Objective):
     command = "grpo"
     watch = "reward"
     higher_is_better = True
+    shown = "reward"
 
     def __init__(self, model, tokenizer, trainer, loss: GrpoLoss, settings, rewards: list[Reward],
                  train: list[tuple[PromptRecord, list[int]]], valid: list[tuple[PromptRecord, list[int]]],
@@ -153,15 +154,16 @@ class GrpoObjective(Objective):
         for index in range(start, start + per_step):
             epoch, within = divmod(index, len(self.train))
             picked.append(int(self.prompt_order(epoch)[within]))
-        # The sampling key of a micro-batch is that of its first prompt's index: the same prompts sample the same
-        # completions however the memory guard splits the step (each row's key is split from it in order).
-        return [PromptBatch([self.train[i][0] for i in picked[k:k + size]], [self.train[i][1] for i in
-                                                                             picked[k:k + size]],
-                            start + k, step) for k in range(0, per_step, size)]
+        return [PromptBatch([self.train[i][0] for i in picked[k:k + size]],
+                            [self.train[i][1] for i in picked[k:k + size]], start + k, step)
+                for k in range(0, per_step, size)]
 
     def keys(self, batch: PromptBatch) -> mx.array:
-        key = mx.random.key(self.settings.seed * 1_000_003 + batch.key_index)
-        return sample_keys(key, len(batch.ids), self.settings.group_size)
+        """G sampling keys per prompt, from the prompt's place in the run (seed, step, position in the step): the
+        same samples however the memory guard splits the step into micro-batches, and again on resume."""
+        seed = self.settings.seed * 1_000_003 + batch.key_index
+        return mx.concatenate([sample_keys(mx.random.key(seed + j), 1, self.settings.group_size)
+                               for j in range(len(batch.ids))])
 
     # --- rollouts and rewards -----------------------------------------------------------------------------------
 
@@ -249,7 +251,7 @@ class GrpoObjective(Objective):
         return self.valid[:n]
 
     def validate(self) -> dict:
-        """Mean reward of one greedy completion per held-out prompt (deterministic: `best/` follows it)."""
+        """Mean reward of one completion per held-out prompt, sampled with fixed keys (`best/` follows it)."""
         out = mean_reward(self, self.validation_prompts())
         out.pop("totals")
         return out
@@ -257,8 +259,9 @@ class GrpoObjective(Objective):
     def summarise(self, loss_sum: float, count: float, stats) -> dict:
         return summarise(loss_sum, count, np.asarray(stats, np.float64), [r.spec for r in self.rewards])
 
-    def rates(self, count: float, seconds: float) -> dict:
-        return {}
+    def progress_note(self, m: dict) -> str:
+        return (f"reward {m['reward']:.3f} ± {m['reward_std']:.2f} · kl {m['kl']:.3g} · clip {m['clip_fraction']:.2f}"
+                f" · len {m['completion_length']:.0f} · rollout {m['rollout_tokens_per_second']:.0f} tok/s")
 
     def shrink(self, guard, peak: int | None, step: int) -> dict:
         # Fewer prompts per micro-batch, more micro-batches: the prompts (and samples) of a step are unchanged.
@@ -289,15 +292,21 @@ class GrpoObjective(Objective):
         self.trainer.accumulate([update])
 
 
+VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)
+
+
 def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[int]]],
                 batch_size: int | None = None) -> dict:
-    """Greedy completions of `items`, scored: mean total reward, each reward's mean, and per-prompt totals."""
-    batch_size = batch_size or objective.settings.batch_size
+    """One completion per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
+    key is the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
+    total reward, each reward's mean, and the per-prompt totals. Temperature 0 is greedy."""
+    s = objective.settings
+    batch_size = batch_size or s.batch_size
     totals, per_reward = [], {r.spec: [] for r in objective.rewards}
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        ids = [item[1] for item in chunk]
-        rollout = objective.generate(ids, sample_keys(mx.random.key(0), len(ids), 1), 0.0, 1.0)
+        keys = mx.stack([mx.random.key(VALIDATION_KEY + start + j) for j in range(len(chunk))])
+        rollout = objective.generate([item[1] for item in chunk], keys, s.temperature, s.top_p)
         _, scores = objective.score([item[0] for item in chunk], rollout)
         totals.extend(scores.total.tolist())
         for name, row in zip(scores.names, scores.values):

@@ -1,0 +1,166 @@
+"""`mlxtune grpo` end to end on the bundled story model, through the CLI: a reward that bites (the word "she" in
+the completion: about 1 sampled completion in 10 of the base model and none of its greedy ones has it; after 8
+steps nearly all do), its metrics, samples and chart, `mlxtune eval` of base vs tuned, a failing user reward (one line, the
+checkpoint kept, --resume continues), and the memory planner's refusal. The engine's own behaviours (exact resume,
+best/, the NaN and memory guards) are tested for GRPO with the other objectives in test_engine.py."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL, run_cli
+
+NAMES = ["Lily", "Tom", "Sue", "Ben", "Max", "Anna", "Sam", "Mia"]
+STARTS = ["Once upon a time, there was a little", "One day, {n} went to the", "{n} saw a big",
+          "{n} liked to play with", "The sun was shining and {n}", "{n} had a toy"]
+# The learning run: 4 prompts × G 8 per step, up to 16 tokens, lr 1e-2 (measured: the train reward 0.2 → 0.9 by
+# step 4 and 1.0 from step 6; the greedy validation reward 0 → 1 at step 6).
+STEPS = 8
+LEARN = ["--reward", "contains", "--group-size", 8, "--batch-size", 4, "--max-completion-tokens", 16,
+         "--temperature", 1.0, "--iters", STEPS, "--rank", 8, "--learning-rate", 1e-2, "--eval-every", STEPS,
+         "--val-batches", 2, "--report-every", 1, "--sample-every", 4, "--save-every", 4, "--memory", "64GB"]
+
+
+def make_prompts(out: Path, train: int = 48, valid: int = 8) -> Path:
+    """Story openings; every record's `answer` is "she" (what the `contains` reward looks for)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, count in (("train", train), ("valid", valid)):
+        lines = [json.dumps({"prompt": rng.choice(STARTS).format(n=rng.choice(NAMES)), "answer": "she"})
+                 for _ in range(count)]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    return make_prompts(tmp_path_factory.mktemp("prompts"))
+
+
+@pytest.fixture(scope="module")
+def learned(prompts, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("grpo") / "run"
+    result = run_cli("grpo", "--model", MODEL, "--data", prompts, "--out", run_dir, *LEARN, "--json")
+    assert result.returncode == 0, result.stderr
+    return run_dir, json.loads(result.stdout)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_reward_rises_from_its_base_level(learned):
+    run_dir, result = learned
+    assert result["initial_val"]["reward"] <= 0.25, result["initial_val"]
+    assert result["final_val"]["reward"] > 0.8, result["final_val"]
+    assert result["final_train"]["reward"] > 0.8, result["final_train"]
+    assert result["best_step"] == STEPS and result["stopped"] == "completed"
+    train = [r for r in _records(run_dir) if "train_reward" in r]
+    assert train[0]["train_reward"] < 0.3 < 0.8 < train[-1]["train_reward"]
+    for key in ("train_reward_std", "train_reward_contains", "train_reward_contains_std", "train_zero_std_groups",
+                "train_completion_length", "train_kl", "train_clip_fraction", "train_rollout_tokens_per_second",
+                "train_update_tokens_per_second"):
+        assert key in train[-1], key
+    assert 1 <= train[-1]["train_completion_length"] <= 16
+
+
+def test_samples_and_settings_are_in_the_run_directory(learned):
+    run_dir, _ = learned
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [4, 8] and len(samples) == 2 * 4 * 8
+    last = [s for s in samples if s["step"] == 8]
+    assert all(s["rewards"]["contains"] == float("she" in s["completion"]) for s in last)
+    assert all(set(s) >= {"prompt", "completion", "source", "total", "advantage"} for s in samples)
+    grpo = (run_dir / "grpo.yaml").read_text()
+    assert "reward:\n- contains" in grpo and "group_size: 8" in grpo and "loss_type: grpo" in grpo
+    assert (run_dir / "loss.png").is_file() and (run_dir / "best" / "adapters.safetensors").is_file()
+
+
+def test_eval_reports_the_mean_reward_of_base_and_tuned(learned):
+    run_dir, _ = learned
+    result = run_cli("eval", run_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metric"] == "mean reward"
+    base, tuned = report["task"]["base"], report["task"]["tuned"]
+    assert base["value"] < 0.3 < 0.8 < tuned["value"]
+    low, high = report["task"]["difference"]["low"], report["task"]["difference"]["high"]
+    assert 0 < low <= high
+
+
+REWARD_FILE = '''
+import os
+
+calls = 0
+
+
+def flaky(prompts, completions, answer, **kwargs):
+    """Like `contains`, until the third call (with GRPO_TEST_FAIL set): then it raises, returns NaN or too few."""
+    global calls
+    calls += 1
+    fail = os.environ.get("GRPO_TEST_FAIL")
+    if fail and calls >= 3:
+        if fail == "raise":
+            raise ZeroDivisionError("division by zero")
+        if fail == "nan":
+            return [float("nan")] * len(completions)
+        return [0.0] * (len(completions) - 1)
+    return [float(a in c) for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("raise", r"reward .*rewards\.py:flaky failed on .*train\.jsonl:\d+: ZeroDivisionError: division by zero"),
+    ("nan", r"reward .*rewards\.py:flaky returned nan on .*train\.jsonl:\d+"),
+    ("length", r"reward .*rewards\.py:flaky returned 7 values for 8 completions"),
+])
+def test_a_failing_reward_stops_with_one_line_and_resume_continues(kind, message, prompts, tmp_path):
+    """Calls: 1 = the validation before training, 2 = step 1, 3 = step 2 fails. The step-1 checkpoint is kept."""
+    import os
+    import re
+
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    run_dir = tmp_path / "run"
+    args = ["grpo", "--model", MODEL, "--data", prompts, "--out", run_dir, "--reward",
+            f"{tmp_path / 'rewards.py'}:flaky", "--group-size", 4, "--batch-size", 2, "--max-completion-tokens", 6,
+            "--iters", 3, "--save-every", 1, "--eval-every", 100, "--val-batches", 1, "--memory", "64GB"]
+    os.environ["GRPO_TEST_FAIL"] = kind
+    try:
+        failed = run_cli(*args)
+    finally:
+        del os.environ["GRPO_TEST_FAIL"]
+    assert failed.returncode == 1, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (run_dir / "checkpoints" / "step-0000001").is_dir()
+    if kind == "raise":
+        resumed = run_cli("grpo", "--resume", run_dir, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["steps"] == 3
+
+
+def test_the_planner_refuses_settings_that_do_not_fit(prompts, tmp_path):
+    result = run_cli("grpo", "--model", MODEL, "--data", prompts, "--out", tmp_path / "run", "--reward", "contains",
+                     "--group-size", 64, "--batch-size", 8, "--max-completion-tokens", 512, "--memory", "0.01GB")
+    assert result.returncode == 2, result.stderr
+    assert "does not fit" in result.stderr and "hint:" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_rollout_memory_grows_with_the_group_and_the_completion():
+    from mlxtune.memory import ModelFacts
+    from mlxtune.train.grpo.memory import estimate_grpo, rollout_bytes
+    from mlxtune.train.grpo.run import GrpoSettings
+
+    facts = ModelFacts.from_dir(MODEL)
+    small = rollout_bytes(facts, rows=8, context=64, prompt=16, on_cpu=True)
+    assert rollout_bytes(facts, rows=16, context=64, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
+    assert rollout_bytes(facts, rows=8, context=128, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
+    one = estimate_grpo(facts, GrpoSettings(group_size=8, max_completion_tokens=64), 32, cpu=True).total
+    more = estimate_grpo(facts, GrpoSettings(group_size=32, max_completion_tokens=256), 32, cpu=True).total
+    assert more > one
