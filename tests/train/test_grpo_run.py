@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -80,11 +81,13 @@ def test_samples_and_settings_are_in_the_run_directory(learned):
     assert (run_dir / "loss.png").is_file() and (run_dir / "best" / "adapters.safetensors").is_file()
 
 
-def test_eval_reports_the_mean_reward_of_base_and_tuned(learned):
+def test_eval_reports_the_mean_reward_of_base_and_tuned(learned, tmp_path):
+    """`mlxtune eval`'s library call (the CLI only prints it): base vs tuned on the held-out prompts."""
+    from mlxtune.eval import evaluate_run
+
     run_dir, _ = learned
-    result = run_cli("eval", run_dir, "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = evaluate_run(run_dir, out=tmp_path).to_dict()
+    assert "mean reward" in (tmp_path / "report.html").read_text()
     assert report["metric"] == "mean reward"
     base, tuned = report["task"]["base"], report["task"]["tuned"]
     assert base["value"] < 0.3 < 0.8 < tuned["value"]
@@ -113,42 +116,65 @@ def flaky(prompts, completions, answer, **kwargs):
 '''
 
 
+def _flaky_args(prompts, tmp_path) -> list:
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    return ["--model", MODEL, "--data", prompts, "--out", tmp_path / "run", "--reward",
+            f"{tmp_path / 'rewards.py'}:flaky", "--group-size", 4, "--batch-size", 2, "--max-completion-tokens", 6,
+            "--iters", 3, "--save-every", 1, "--eval-every", 100, "--val-batches", 1, "--memory", "64GB"]
+
+
+def test_a_raising_reward_stops_with_one_line_and_resume_continues(prompts, tmp_path, monkeypatch):
+    """Calls: 1 = the validation before training, 2 = step 1, 3 = step 2 raises. The step-1 checkpoint is kept and
+    `--resume` (the reward fixed: the variable unset) finishes the run."""
+    monkeypatch.setenv("GRPO_TEST_FAIL", "raise")
+    failed = run_cli("grpo", *_flaky_args(prompts, tmp_path))
+    monkeypatch.delenv("GRPO_TEST_FAIL")
+    assert failed.returncode == 1, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert re.search(r"reward .*rewards\.py:flaky failed on .*train\.jsonl:\d+: ZeroDivisionError: division by zero "
+                     r"\(at rewards\.py:\d+\)$", errors[0]), errors[0]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
+    from mlxtune.train.grpo.run import resume_grpo_settings, train_grpo  # in-process: one CLI start is enough
+    from mlxtune.ui import make_console
+
+    resumed = train_grpo(resume_grpo_settings(tmp_path / "run", {}), resume=True, console=make_console(quiet=True))
+    assert resumed.steps == 3 and resumed.stopped == "completed"
+
+
 @pytest.mark.parametrize("kind,message", [
-    ("raise", r"reward .*rewards\.py:flaky failed on .*train\.jsonl:\d+: ZeroDivisionError: division by zero"),
     ("nan", r"reward .*rewards\.py:flaky returned nan on .*train\.jsonl:\d+"),
     ("length", r"reward .*rewards\.py:flaky returned 7 values for 8 completions"),
 ])
-def test_a_failing_reward_stops_with_one_line_and_resume_continues(kind, message, prompts, tmp_path):
-    """Calls: 1 = the validation before training, 2 = step 1, 3 = step 2 fails. The step-1 checkpoint is kept."""
-    import os
-    import re
+def test_a_reward_returning_nan_or_too_few_stops_the_run(kind, message, prompts, tmp_path, monkeypatch):
+    """The same stop in-process (the CLI's one line is the test above): the error names the function and the
+    record, and the step-1 checkpoint is kept."""
+    from mlxtune.settings import resolve_settings
+    from mlxtune.train.grpo.rewards import RewardError
+    from mlxtune.train.grpo.run import GrpoSettings, train_grpo
+    from mlxtune.ui import make_console
 
-    (tmp_path / "rewards.py").write_text(REWARD_FILE)
-    run_dir = tmp_path / "run"
-    args = ["grpo", "--model", MODEL, "--data", prompts, "--out", run_dir, "--reward",
-            f"{tmp_path / 'rewards.py'}:flaky", "--group-size", 4, "--batch-size", 2, "--max-completion-tokens", 6,
-            "--iters", 3, "--save-every", 1, "--eval-every", 100, "--val-batches", 1, "--memory", "64GB"]
-    os.environ["GRPO_TEST_FAIL"] = kind
-    try:
-        failed = run_cli(*args)
-    finally:
-        del os.environ["GRPO_TEST_FAIL"]
-    assert failed.returncode == 1, failed.stderr
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), failed.stderr
-    assert "Traceback" not in failed.stderr
-    assert (run_dir / "checkpoints" / "step-0000001").is_dir()
-    if kind == "raise":
-        resumed = run_cli("grpo", "--resume", run_dir, "--json")
-        assert resumed.returncode == 0, resumed.stderr
-        assert json.loads(resumed.stdout)["steps"] == 3
+    args = _flaky_args(prompts, tmp_path)
+    flags = {str(k).lstrip("-").replace("-", "_"): v for k, v in zip(args[::2], args[1::2])}
+    flags["reward"] = [flags["reward"]]
+    settings = resolve_settings(None, {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()},
+                                cls=GrpoSettings)
+    monkeypatch.setenv("GRPO_TEST_FAIL", kind)
+    with pytest.raises(RewardError, match=message):
+        train_grpo(settings, console=make_console(quiet=True))
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()
 
 
 def test_the_planner_refuses_settings_that_do_not_fit(prompts, tmp_path):
-    result = run_cli("grpo", "--model", MODEL, "--data", prompts, "--out", tmp_path / "run", "--reward", "contains",
-                     "--group-size", 64, "--batch-size", 8, "--max-completion-tokens", 512, "--memory", "0.01GB")
-    assert result.returncode == 2, result.stderr
-    assert "does not fit" in result.stderr and "hint:" in result.stderr
+    from mlxtune.errors import UsageError
+    from mlxtune.train.grpo.run import GrpoSettings, train_grpo
+    from mlxtune.ui import make_console
+
+    settings = GrpoSettings(model=str(MODEL), data=str(prompts), out=str(tmp_path / "run"), reward=["contains"],
+                            group_size=64, batch_size=8, max_completion_tokens=256, memory="0.01GB")
+    with pytest.raises(UsageError, match="more than the .* memory budget") as refused:
+        train_grpo(settings, console=make_console(quiet=True))
+    assert "--group-size" in refused.value.hint
     assert not (tmp_path / "run").exists()
 
 

@@ -333,7 +333,7 @@ def summarise(loss_sum: float, count: float, stats: np.ndarray, names: list[str]
         out[f"reward_{name}"] = m
         out[f"reward_{name}_std"] = float(np.sqrt(max(squares / applied - m ** 2, 0.0))) if applied else float("nan")
     tokens = max(loss["loss_tokens"], 1.0)
-    out.update({"zero_std_groups": base["zero_std_groups"] / max(base["groups"], 1.0),
+    out.update({"completions": int(base["completions"]), "zero_std_groups": base["zero_std_groups"] / max(base["groups"], 1.0),
                 "completion_length": base["completion_tokens"] / n,
                 "kl": loss["kl"] / tokens, "clip_fraction": (loss["clip_low"] + loss["clip_high"]) / tokens,
                 "clip_low": loss["clip_low"] / tokens, "clip_high": loss["clip_high"] / tokens,

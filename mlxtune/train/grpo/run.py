@@ -106,7 +106,7 @@ class GrpoSettings(LoraSettings):
 
     def grpo_part(self) -> dict:
         own = {f.name for f in fields(LoraSettings)}
-        return {"objective": "grpo", **{k: v for k, v in self.to_dict().items() if k not in own}}
+        return {k: v for k, v in self.to_dict().items() if k not in own}
 
 
 def save_grpo_settings(settings: GrpoSettings, run_dir: Path) -> None:
@@ -120,7 +120,7 @@ def is_grpo_run(run_dir: str | Path) -> bool:
 
 def load_grpo_settings(run_dir: str | Path) -> GrpoSettings:
     lora = load_run_settings(Path(run_dir) / CONFIG_FILE)
-    extra = {k: v for k, v in read_yaml_config(Path(run_dir) / GRPO_FILE, GrpoSettings).items() if k != "objective"}
+    extra = read_yaml_config(Path(run_dir) / GRPO_FILE, GrpoSettings)
     return GrpoSettings(**{**lora.to_dict(), **extra})
 
 
