@@ -1,9 +1,10 @@
 """`mlxtune eval` on a GRPO run: the mean reward of base vs tuned on held-out prompts, with the same bootstrap
 intervals as every other evaluation.
 
-Each prompt gets one greedy completion from each model, scored by the run's own rewards (grpo.yaml). The base is the
-run's model with its adapter switched off (one model in memory, as for preference runs), so both are scored on the
-same prompts and the difference is paired. Prompts: `--data`, else the run's test split, else its validation split
+Each prompt gets one completion from each model, sampled at the run's temperature and top-p with a fixed key per
+prompt (the same for both models; temperature 0: greedy), scored by the run's own rewards (grpo.yaml) — what the run's
+validation measures. The base is the run's model with its adapter switched off (one model in memory, as for
+preference runs), so both are scored on the same prompts with the same keys and the difference is paired. Prompts: `--data`, else the run's test split, else its validation split
 (held out of training: a file, or the fixed-seed 10% training held out).
 """
 

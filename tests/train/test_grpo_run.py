@@ -190,3 +190,32 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
     one = estimate_grpo(facts, GrpoSettings(group_size=8, max_completion_tokens=64), 32, cpu=True).total
     more = estimate_grpo(facts, GrpoSettings(group_size=32, max_completion_tokens=256), 32, cpu=True).total
     assert more > one
+
+
+def test_update_log_probs_line_up_with_the_rollout(prompts):
+    """The update's per-token log-probs, recomputed through the selective head and laid out as [rows, T], equal the
+    rollout's own at the same weights (so the ratio starts at 1), and are 0 past each completion's end."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.utils import load
+
+    from mlxtune.data.prompts import prompt_ids, read_prompt_records
+    from mlxtune.data.template import choose_template
+    from mlxtune.train.grpo.losses import preset
+    from mlxtune.train.grpo.objective import GrpoLoss, update_batch
+    from mlxtune.train.grpo.rollout import generate_group, sample_keys
+
+    model, tokenizer = load(str(MODEL))
+    template = choose_template(tokenizer, "chat").template
+    ids = [prompt_ids(r, tokenizer, template) for r in read_prompt_records(prompts / "train.jsonl")[:3]]
+    keys = sample_keys(mx.random.key(5), 3, 4)
+    first = generate_group(model, ids, keys, max_tokens=12, eos_token_ids={tokenizer.eos_token_id})
+    stop = {first.completion(0)[4], first.completion(5)[2]}  # tokens the samples write: they stop unevenly
+    rollout = generate_group(model, ids, keys, max_tokens=12, eos_token_ids=stop)
+    assert len(set(rollout.lengths)) > 1
+    batch = update_batch(ids, rollout, np.zeros(12, np.float32))
+    loss = GrpoLoss(model, preset("grpo"))
+    recomputed = loss.token_log_probs(model, batch.arrays, batch.gather, differentiable=False)
+    mask = np.array(rollout.mask)
+    np.testing.assert_allclose(np.array(recomputed)[mask], np.array(rollout.log_probs)[mask], atol=1e-5)
+    assert np.all(np.array(recomputed)[~mask] == 0)

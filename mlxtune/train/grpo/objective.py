@@ -311,7 +311,7 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
         totals.extend(scores.total.tolist())
         for name, row in zip(scores.names, scores.values):
             per_reward[name].extend(row.tolist())
-    out = {"reward": float(np.mean(totals)), "loss": -float(np.mean(totals)), "totals": totals}
+    out = {"reward": float(np.mean(totals)), "totals": totals}  # no validation loss: the reward is the measure
     for name, values in per_reward.items():
         values = np.array(values)
         applied = values[~np.isnan(values)]

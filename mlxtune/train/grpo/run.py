@@ -142,7 +142,7 @@ class GrpoResult:
     run_dir: str
     steps: int
     total_steps: int
-    initial_val: dict | None = None  # mean reward (greedy) on the held-out prompts, and each reward's mean
+    initial_val: dict | None = None  # mean reward on the held-out prompts (fixed-key samples), each reward's mean
     final_val: dict | None = None
     best_step: int | None = None
     best_val: dict | None = None
