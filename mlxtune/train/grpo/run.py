@@ -12,33 +12,30 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 
-from mlxtune.cpu_quantized import accelerate_quantized, requested_path
+from mlxtune.cpu_quantized import requested_path
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.prompts import PROMPT_KEY, PromptRecord, prompt_ids, read_prompt_splits
 from mlxtune.data.template import choose_template
 from mlxtune.errors import UsageError
-from mlxtune.library import hold_model
-from mlxtune.model_config import DEFAULT_QUANTIZE, model_name
-from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
-from mlxtune.runs import (CONFIG_FILE, GRPO_FILE, LOCK_FILE, RUN_FILE, RUN_MARKER, SAMPLES_FILE, TEMPLATE_FILE,
-                          default_run_dir, follow_up_run_dir)
-from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.model_config import model_name
+from mlxtune.models import load_model
+from mlxtune.runs import GRPO_FILE, RUN_FILE, SAMPLES_FILE, TEMPLATE_FILE
+from mlxtune.settings import LoraSettings
 from mlxtune.storage import atomic_write_text, check_writable
-from mlxtune.train.adapters import attach_adapters, parameter_counts
-from mlxtune.train.checkpoint import load_checkpoint
-from mlxtune.train.engine import TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.adapters import parameter_counts
+from mlxtune.train.engine import TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.grpo.losses import PRESETS, preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
 from mlxtune.train.grpo.rewards import check_fields, parse_rewards
 from mlxtune.train.preference.run import PreferenceStep
-from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
+from mlxtune.train.recovery import data_fingerprint
+from mlxtune.train.runsetup import (load_split_settings, open_run_dir, plan_then_adapt, restore,
+                                    save_split_settings, verdict_or_refusal)
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, summary_table
 
@@ -100,18 +97,11 @@ class GrpoSettings(LoraSettings):
                           if getattr(self, k) is not None})
         return preset(self.loss_type, **overrides)
 
-    def lora_part(self) -> LoraSettings:
-        own = {f.name for f in fields(LoraSettings)}
-        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
-
-    def grpo_part(self) -> dict:
-        own = {f.name for f in fields(LoraSettings)}
-        return {k: v for k, v in self.to_dict().items() if k not in own}
 
 
 def save_grpo_settings(settings: GrpoSettings, run_dir: Path) -> None:
-    save_settings(settings.lora_part(), run_dir / CONFIG_FILE)
-    atomic_write_text(run_dir / GRPO_FILE, yaml.safe_dump(settings.grpo_part(), sort_keys=False))
+    """config.yaml stays a plain LoRA config (fuse/export/chat read it); GRPO's own settings go to grpo.yaml."""
+    save_split_settings(settings, run_dir, GRPO_FILE)
 
 
 def is_grpo_run(run_dir: str | Path) -> bool:
@@ -119,9 +109,7 @@ def is_grpo_run(run_dir: str | Path) -> bool:
 
 
 def load_grpo_settings(run_dir: str | Path) -> GrpoSettings:
-    lora = load_run_settings(Path(run_dir) / CONFIG_FILE)
-    extra = read_yaml_config(Path(run_dir) / GRPO_FILE, GrpoSettings)
-    return GrpoSettings(**{**lora.to_dict(), **extra})
+    return load_split_settings(Path(run_dir), GRPO_FILE, GrpoSettings)
 
 
 def resume_grpo_settings(run_dir: str | Path, overrides: dict) -> GrpoSettings:
@@ -236,22 +224,9 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     for split in ("train", "valid"):
         check_fields(rewards, [r.fields for r in records.get(split, [])], [r.source for r in records.get(split, [])])
     check_writable(Path(settings.out or "runs"))
-    if settings.from_run and not resume:
-        run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, "grpo")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        claim(run_dir, resume, reporter)
-        settings.model = str(start_from(run_dir))
-    if not settings.model:
-        reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
-        settings.model = DEFAULT_BASE_MODEL
-    model_path = resolve_model(settings.model, console=console)
-    settings.fit_model(model_path)
-    hold_model(model_path)
-    if resume or not settings.from_run:
-        run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), "grpo")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        claim(run_dir, resume, reporter)
-    settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
+    run_dir, model_path = open_run_dir(settings, resume=resume, reporter=reporter, start_from=start_from,
+                                       kind="grpo")
+    settings.data = str(data_path.resolve())
 
     reporter.start("grpo", model_path, run_dir)
     model, tokenizer, model_config = load_model(model_path)
@@ -259,17 +234,8 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     sets = tokenize_prompts(records, tokenizer, settings, notes)
     for note in sets.notes:
         reporter.note(note)
-    try:
-        memory_plan = check_grpo_memory(settings, model_path, sets, force=force or resume, console=console)
-    except UsageError:
-        _release_unused(run_dir)
-        raise
-
-    mx.random.seed(settings.seed)
-    adapter_cfg = attach_adapters(model, settings)
-    quantized = accelerate_quantized(model, memory_plan.budget)
-    if quantized:
-        reporter.info(quantized)
+    memory_plan, adapter_cfg = plan_then_adapt(settings, model, run_dir, lambda: check_grpo_memory(
+        settings, model_path, sets, force=force or resume, console=console), reporter)
     total_steps = settings.iters or max(1, math.ceil(settings.epochs * len(sets.train) / (
         settings.batch_size * settings.grad_accumulation)))
     # The schedule counts optimizer updates: μ per step.
@@ -277,17 +243,7 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     start_step, resumed = 0, None
     data_files = data_fingerprint(data_path)
     if resume:
-        point = find_resume_point(run_dir, total_steps)
-        for warning in point.warnings:
-            reporter.warning(warning)
-        if point.checkpoint is not None:
-            resumed = load_checkpoint(point.checkpoint, model, optimizer)
-            start_step = resumed["step"]
-            if start_step >= total_steps:
-                raise UsageError(f"{run_dir} already trained {start_step} of {total_steps} steps",
-                                 f"extend it: mlxtune grpo --resume {run_dir} --iters N (N > {start_step})")
-            check_resume_state(run_dir, resumed, total_steps, data_files, settings)
-            reporter.resumed(point.checkpoint.name, start_step, total_steps)
+        start_step, resumed = restore(run_dir, total_steps, model, optimizer, data_files, settings, reporter, "grpo")
         _trim_samples(run_dir, start_step)
     save_grpo_settings(settings, run_dir)
     info = {"base_model": str(model_path), "model_type": model_config.get("model_type"), "data_kind": "prompts",
@@ -325,24 +281,13 @@ def check_grpo_memory(settings: GrpoSettings, model_path: Path, sets: PromptSets
     """The planner's verdict on this run (rollout + update); a refusal with settings that fit unless `force`."""
     from mlxtune.memory import ModelFacts
     from mlxtune.train.grpo.memory import plan_grpo
-    from mlxtune.train.planner import memory_budget, over_budget
+    from mlxtune.train.planner import memory_budget
 
     budget, source = memory_budget(settings.memory)
     plan = plan_grpo(ModelFacts.from_dir(model_path), settings, max(len(ids) for _, ids in sets.train), budget,
                      source)
-    if plan.fits or force:
-        if not plan.fits:
-            console.print(f"[yellow]warning:[/] {plan.verdict()}; --force: trying anyway")
-        return plan
-    hint = (f"use {plan.flags()}, or --force to try anyway" if plan.suggested_fits else
-            "use a smaller or 4-bit model, fewer --group-size or --max-completion-tokens, raise --memory, or --force")
-    raise over_budget(plan, hint)
-
-
-def _release_unused(run_dir: Path) -> None:
-    unlock_run_dir(run_dir)
-    if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return verdict_or_refusal(plan, force=force, console=console, hint=(
+        "use a smaller or 4-bit model, a smaller --group-size or --max-completion-tokens, raise --memory, or --force"))
 
 
 def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, total, steps, quantization,
@@ -356,8 +301,8 @@ def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, 
         ("rollouts", f"{settings.batch_size * settings.grad_accumulation} prompts × G {settings.group_size} per "
                      f"step, up to {settings.max_completion_tokens} tokens, temperature {settings.temperature:g}, "
                      f"top-p {settings.top_p:g}"),
-        ("method", f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else "full"),
-        ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
+        ("adapter", (f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else
+                     "full") + f" · {trainable:,} of {total:,} parameters trained"),
         ("data", f"prompts: {len(sets.train)} train / {len(sets.valid)} valid"),
         ("template", sets.template_origin),
         ("steps", f"{steps} steps × {settings.updates_per_batch} update(s), lr {settings.learning_rate:g} "
@@ -368,20 +313,20 @@ def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, 
     console.print(summary_table("grpo run", rows))
 
 
-def _print_summary(console, result: GrpoResult) -> None:
-    def val(d, key, fmt="{:.3f}"):
-        return "—" if not d or d.get(key) is None else fmt.format(d[key])
+def _shown(values: dict | None, key: str, fmt: str = "{:.3f}") -> str:
+    return "—" if not values or values.get(key) is None else fmt.format(values[key])
 
-    train = result.final_train
+
+def _print_summary(console, result: GrpoResult) -> None:
+    train, val = result.final_train, _shown
     rows = [
-        ("steps", f"{result.steps}/{result.total_steps} ({result.stopped})"),
         ("val reward", f"{val(result.initial_val, 'reward')} → {val(result.final_val, 'reward')} "
-                       f"(best step {result.best_step})"),
+                       f"(best step {result.best_step}; {result.steps}/{result.total_steps} steps, {result.stopped})"),
         ("train", f"reward {val(train, 'reward')} ± {val(train, 'reward_std')} · kl {val(train, 'kl')} · "
                   f"clipped {val(train, 'clip_fraction')} · length {val(train, 'completion_length', '{:.1f}')}"),
         ("speed", f"rollout {val(train, 'rollout_tokens_per_second', '{:.0f}')} tok/s · update "
-                  f"{val(train, 'update_tokens_per_second', '{:.0f}')} tok/s"),
-        ("peak memory", f"{result.peak_memory_gb or 0:.2f} GB"),
+                  f"{val(train, 'update_tokens_per_second', '{:.0f}')} tok/s · peak memory "
+                  f"{result.peak_memory_gb or 0:.2f} GB"),
         ("adapter", f"{result.run_dir}/adapters.safetensors"),
     ]
     console.print(summary_table("result", rows))
