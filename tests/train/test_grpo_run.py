@@ -219,3 +219,24 @@ def test_update_log_probs_line_up_with_the_rollout(prompts):
     mask = np.array(rollout.mask)
     np.testing.assert_allclose(np.array(recomputed)[mask], np.array(rollout.log_probs)[mask], atol=1e-5)
     assert np.all(np.array(recomputed)[~mask] == 0)
+
+
+def test_kl_clipping_and_several_updates_per_rollout(prompts, tmp_path):
+    """β > 0 (the reference: the adapter switched off), μ = 2 updates per rollout batch and DAPO's token-level loss:
+    the KL to the reference is 0 before the adapter moves and positive after; the second update of a batch sees a
+    ratio off 1, and with a large learning rate some tokens are clipped."""
+    from mlxtune.train.grpo.run import GrpoSettings, train_grpo
+    from mlxtune.ui import make_console
+
+    out = tmp_path / "run"
+    settings = GrpoSettings(model=str(MODEL), data=str(prompts), out=str(out), reward=["contains"], group_size=4,
+                            batch_size=2, max_completion_tokens=8, iters=2, beta=0.1, updates_per_batch=2,
+                            loss_type="dapo", learning_rate=5e-2, report_every=1, eval_every=100, val_batches=1,
+                            memory="64GB", warmup_steps=0)
+    result = train_grpo(settings, console=make_console(quiet=True))
+    assert result.stopped == "completed"
+    train = [r for r in _records(out) if "train_kl" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[-1]["train_kl"] > 0 and all(r["train_clip_fraction"] >= 0 for r in train)
+    assert max(r["train_clip_fraction"] for r in train) > 0
+    assert "beta: 0.1" in (out / "grpo.yaml").read_text() and "updates_per_batch: 2" in (out / "grpo.yaml").read_text()

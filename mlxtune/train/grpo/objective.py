@@ -91,9 +91,10 @@ class GrpoLoss:
         return mx.stop_gradient(out)
 
     def loss_arrays(self, model, batch: UpdateBatch) -> tuple:
-        unused = mx.zeros((1,))  # an unused πold or reference: the compiled function's arity stays fixed
-        old = batch.old if batch.old is not None else unused
-        reference = batch.reference if batch.reference is not None else unused
+        # An unused πold or reference: a placeholder keeps the compiled function's arity fixed (two distinct arrays:
+        # one array passed as two inputs of a compiled function breaks its input map).
+        old = batch.old if batch.old is not None else mx.zeros((1,))
+        reference = batch.reference if batch.reference is not None else mx.zeros((1,))
         return (*batch.arrays, batch.gather, batch.advantages, batch.mask, old, reference)
 
     def __call__(self, model, inputs, positions, targets, weights, rows, gather, advantages, mask, old, reference):
@@ -102,7 +103,10 @@ class GrpoLoss:
                                 old_log_probs=old if self.old_policy else None,
                                 reference_log_probs=reference if self.config.beta else None)
         tokens = mask.astype(mx.float32).sum()
-        count = tokens if self.config.aggregation == "token" else mx.array(float(mask.shape[0]))
+        # The "token" count is computed apart from `tokens`: returning that same array as the count failed inside
+        # the compiled step on MLX 0.32.4 (IndexError: _Map_base::at); test_grpo_run.py runs the dapo preset.
+        count = (mask.astype(mx.float32).sum(axis=1).sum() if self.config.aggregation == "token"
+                 else mx.array(float(mask.shape[0])))
         sums = mx.stack([stats["kl"] * tokens, stats["clip_low"] * tokens, stats["clip_high"] * tokens, tokens])
         return loss * count, count, mx.stop_gradient(sums)
 
@@ -223,14 +227,7 @@ class GrpoObjective(Objective):
             self.on_samples(micro[0].step + 1, [x for b, u in zip(micro, updates)
                                                 for x in self.samples(b, np.array(u.advantages))])
         tic = time.perf_counter()
-        if self.loss.config.beta:
-            for update in updates:
-                update.reference = self.loss.frozen_log_probs(self.model, update, reference=True)
-                mx.eval(update.reference)
-        if s.updates_per_batch > 1:  # πold: the sampling policy, in training mode, before the first update
-            for update in updates:
-                update.old = self.loss.frozen_log_probs(self.model, update, reference=False)
-                mx.eval(update.old)
+        self.frozen(updates)
         loss_stats = np.zeros(len(LOSS_STATS))
         for number in range(s.updates_per_batch):
             loss_sum, count, step_stats, grads = self.trainer.accumulate(updates)
@@ -242,6 +239,17 @@ class GrpoObjective(Objective):
         stats[ROLLOUT_STATS.index("update_seconds")] = time.perf_counter() - tic
         stats[ROLLOUT_STATS.index("update_tokens")] = sum(b.tokens for b in micro) * s.updates_per_batch
         return loss_sum, count, mx.array(np.concatenate([stats, loss_stats]).astype(np.float32)), grads
+
+    def frozen(self, updates: list[UpdateBatch]) -> None:
+        """The log-probs the updates compare with, each evaluated on its own: the reference's (β > 0) and πold's
+        (μ > 1: the sampling policy in training mode, before the first update)."""
+        for update in updates:
+            if self.loss.config.beta:
+                update.reference = self.loss.frozen_log_probs(self.model, update, reference=True)
+                mx.eval(update.reference)
+            if self.loss.old_policy:
+                update.old = self.loss.frozen_log_probs(self.model, update, reference=False)
+                mx.eval(update.old)
 
     def has_validation(self) -> bool:
         return bool(self.valid)
@@ -287,6 +295,7 @@ class GrpoObjective(Objective):
                           [p for p in range(len(ids)) for _ in range(s.group_size)], mx.zeros((rows, 2)), 0.0,
                           rows * s.max_completion_tokens)
         update = update_batch(ids, rollout, np.zeros(rows, np.float32))
+        self.frozen([update])
         self.trainer.optimizer.init(self.model.trainable_parameters())
         mx.eval(self.trainer.optimizer.state)
         self.trainer.accumulate([update])
