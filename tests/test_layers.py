@@ -18,7 +18,8 @@ LAYERS = [
     ("data", ["data"]),
     ("training components", ["train"]),
     # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
-    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed"]),
+    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed",
+                           "train.grpo.objective", "train.grpo.run"]),
     ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check", "verify"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]

@@ -137,11 +137,12 @@ class GrpoObjective(Objective):
 
     def __init__(self, model, tokenizer, trainer, loss: GrpoLoss, settings, rewards: list[Reward],
                  train: list[tuple[PromptRecord, list[int]]], valid: list[tuple[PromptRecord, list[int]]],
-                 eos_token_ids, on_samples=None):
+                 eos_token_ids, on_samples=None, save_settings=None):
         self.model, self.tokenizer, self.trainer, self.loss = model, tokenizer, trainer, loss
         self.settings, self.rewards, self.train, self.valid = settings, rewards, train, valid
         self.eos_token_ids = eos_token_ids
         self.on_samples = on_samples  # (step, list of sample dicts): where --sample-every's samples go
+        self._save_settings = save_settings  # (settings, run_dir): how the run saves them (grpo.yaml + config.yaml)
 
     # --- the step's prompts -------------------------------------------------------------------------------------
 
@@ -276,9 +277,7 @@ class GrpoObjective(Objective):
         return guard.shrink(self.settings, None, 0, peak, step, fixed_batches=True)
 
     def save_settings(self, run_dir) -> None:
-        from mlxtune.train.grpo.run import save_grpo_settings
-
-        save_grpo_settings(self.settings, run_dir)
+        self._save_settings(self.settings, run_dir)
 
     def nan_hint(self) -> str:
         return "lower --learning-rate (or --epsilon-high / --updates-per-batch)"

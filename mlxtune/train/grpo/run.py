@@ -262,7 +262,8 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     _print_header(console, settings, sets, trainable, total, total_steps, model_config.get("quantization"),
                   memory_plan)
     objective = GrpoObjective(model, tokenizer, PreferenceStep(model, optimizer, settings.grad_clip, loss), loss,
-                              settings, rewards, sets.train, sets.valid, eos_ids(tokenizer), _sample_writer(run_dir))
+                              settings, rewards, sets.train, sets.valid, eos_ids(tokenizer), _sample_writer(run_dir),
+                              save_grpo_settings)
     run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,
                       f"{model_name(model_path)} · {run_dir.name} · GRPO", start_step, resume, resumed, data_files,
                       memory_budget=memory_plan.budget)
