@@ -51,7 +51,7 @@ def print_summary(console: Console, result) -> None:
 def overlap_line(overlap: dict | None, examples: int) -> str:
     """One sentence on whether the scored examples were trained on (terminal and report say the same)."""
     if overlap is None:
-        return "overlap with the training data: not checked (preference pairs, or the run's data is gone)"
+        return "overlap with the training data: not checked (preference pairs, RL prompts, or the run's data is gone)"
     if not overlap["examples"]:
         return f"overlap with the training data: none of the {examples} scored examples was trained on"
     shown = ", ".join(overlap["sources"][:5]) + (" …" if overlap["examples"] > 5 else "")
