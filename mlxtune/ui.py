@@ -282,7 +282,8 @@ def print_fuse_result(console: Console, result) -> None:
         ("max |Δ log-prob|", f"{result.max_abs_diff:.2e}"
                              + (f" ≤ {result.tolerance:g} ✓" if result.tolerance is not None else "")),
         ("mean KL", f"{result.mean_kl:.2e} nats"),
-        ({"valid": "validation loss", "chosen": "chosen-answer loss"}.get(result.loss_split, "train-data loss"),
+        ({"valid": "validation loss", "chosen": "chosen-answer loss", "prompts": "prompt-text loss"}.get(
+            result.loss_split, "train-data loss"),
          f"base {fmt_loss(result.loss_base)} · base+adapter {fmt_loss(result.loss_adapter)} · "
          f"fused {fmt_loss(result.loss_fused)}  [dim]({result.loss_examples} {result.loss_split} examples, "
          "as training measures it)[/]"),

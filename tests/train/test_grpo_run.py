@@ -95,6 +95,17 @@ def test_eval_reports_the_mean_reward_of_base_and_tuned(learned, tmp_path):
     assert 0 < low <= high
 
 
+def test_the_run_fuses_like_any_other(learned, tmp_path):
+    """fuse checks the fused model on the run's held-out prompts' text (a GRPO run has no answers to score)."""
+    from mlxtune.fuse import fuse_run
+
+    run_dir, _ = learned
+    result = fuse_run(run_dir, tmp_path / "fused")
+    assert result.loss_split == "prompts" and result.loss_examples == 8 and result.checked_tokens > 0
+    assert result.max_abs_diff <= result.tolerance
+    assert (tmp_path / "fused" / "model.safetensors").is_file()
+
+
 REWARD_FILE = '''
 import os
 

@@ -180,6 +180,25 @@ def tokenize_prompts(records: dict[str, list[PromptRecord]], tokenizer, settings
     return PromptSets(out["train"], out["valid"], choice.origin, notes)
 
 
+def held_out_prompt_examples(run_dir: str | Path, tokenizer) -> tuple[list, str]:
+    """A GRPO run's held-out prompts (its validation split, else its training prompts) rendered as training renders
+    them, every token supervised: the text `fuse` checks the fused model on (a GRPO run has no answers to score).
+    Returns (examples, split)."""
+    import numpy as np
+
+    from mlxtune.data.template import TokenizedExample
+
+    settings = load_grpo_settings(run_dir)
+    records, _ = read_prompt_splits(settings.data, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
+    split = "valid" if records.get("valid") else "train"
+    template = choose_template(tokenizer, "chat", settings.chat_template).template
+    examples = []
+    for record in records[split]:
+        ids = np.asarray(prompt_ids(record, tokenizer, template)[: settings.max_seq_length], np.int32)
+        examples.append(TokenizedExample(ids, np.ones(len(ids), bool), record.source))
+    return examples, split
+
+
 def eos_ids(tokenizer) -> set[int]:
     ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
     if tokenizer.eos_token_id is not None:
