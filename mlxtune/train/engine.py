@@ -270,7 +270,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
     window = _new_window()
     with StopRequest() as stop, reporter.training(run.total_steps, step, None):
         if step == 0 and objective.has_validation():
-            reporter.info("measuring the validation loss before training …")  # it can take minutes on a big model
+            reporter.info(f"measuring the validation {objective.shown} before training …")  # minutes on a big model
             val = evaluate(0)
             progress.initial_val = progress.best_val = val
             progress.best_step = 0
