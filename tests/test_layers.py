@@ -18,7 +18,8 @@ LAYERS = [
     ("data", ["data"]),
     ("training components", ["train"]),
     # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
-    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed"]),
+    ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed",
+                           "train.grpo.objective", "train.grpo.run"]),
     # Prompt formats, generation and conversations: what chat, serve, eval, verify and export share.
     ("inference", ["inference"]),
     ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check", "verify"]),
