@@ -1,13 +1,13 @@
 """What the runs of the engine's non-SFT objectives (dpo/orpo, grpo) set up alike before `engine.train`: their
 settings split between config.yaml (a plain LoRA config that fuse/export/chat read) and the objective's own file,
-the run directory (with `--from` a supervised run merged into it first), the memory verdict, and the checkpoint a
-resume continues from. One place, so the objectives differ only in what they compute.
+the run directory (with `--from` a supervised run merged into it first), the memory verdict, the checkpoint a
+resume continues from, and the result they return. One place, so the objectives differ only in what they compute.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlx.core as mx
@@ -133,3 +133,40 @@ def plan_then_adapt(settings, model, run_dir: Path, plan, reporter, *, writes: b
     if quantized:
         reporter.info(quantized)
     return memory_plan, adapter_cfg
+
+
+@dataclass
+class ObjectiveResult:
+    """What a dpo/orpo or grpo run returns (and writes to result.json): the engine's progress and the planner's
+    memory figures; each objective adds its own fields."""
+
+    run_dir: str
+    steps: int
+    total_steps: int
+    initial_val: dict | None = None  # the objective's validation metrics before training
+    final_val: dict | None = None
+    best_step: int | None = None
+    best_val: dict | None = None
+    final_train: dict | None = None  # the last report window's metrics
+    tokens_per_second: float | None = None
+    peak_memory_gb: float | None = None
+    memory_estimate_gb: float | None = None  # the planner's estimate of the peak, made before training
+    memory_budget_gb: float | None = None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    stopped: str = "completed"
+    notes: list | None = None
+    memory_changes: list | None = None  # what the memory guard changed, and why
+
+    @classmethod
+    def of(cls, run_dir: Path, progress, total_steps: int, memory_plan, trainable: int, total: int, notes: list,
+           **own):
+        """The result of a finished `engine.train` (`progress`); `notes`: the set-up's, before the engine's."""
+        plan = memory_plan.to_dict()
+        return cls(str(run_dir), progress.steps, total_steps, progress.initial_val, progress.final_val,
+                   progress.best_step, progress.best_val, progress.final_train, progress.tokens_per_second,
+                   progress.peak_memory_gb, plan["estimate_gb"], plan["budget_gb"], trainable, total,
+                   progress.stopped, list(notes) + progress.notes, progress.memory_changes, **own)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,8 +34,8 @@ from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
 from mlxtune.train.grpo.rewards import check_fields, parse_rewards
 from mlxtune.train.preference.run import PreferenceStep
 from mlxtune.train.recovery import data_fingerprint
-from mlxtune.train.runsetup import (load_split_settings, open_run_dir, plan_then_adapt, restore,
-                                    save_split_settings, verdict_or_refusal)
+from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
+                                    restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, summary_table
 
@@ -79,28 +79,9 @@ def resume_grpo_settings(run_dir: str | Path, overrides: dict) -> GrpoSettings:
     return settings.validate()
 
 
-@dataclass
-class GrpoResult:
-    run_dir: str
-    steps: int
-    total_steps: int
-    initial_val: dict | None = None  # mean reward on the held-out prompts (fixed-key samples), each reward's mean
-    final_val: dict | None = None
-    best_step: int | None = None
-    best_val: dict | None = None
-    final_train: dict | None = None  # the last report window: rewards, kl, clip fraction, lengths, rates
-    tokens_per_second: float | None = None
-    peak_memory_gb: float | None = None
-    memory_estimate_gb: float | None = None
-    memory_budget_gb: float | None = None
-    trainable_parameters: int = 0
-    total_parameters: int = 0
-    stopped: str = "completed"
-    notes: list | None = None
-    memory_changes: list | None = None
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+class GrpoResult(ObjectiveResult):
+    """A grpo run's result: its validation metrics are the mean reward on the held-out prompts (fixed-key samples)
+    and each reward's mean; its train metrics the last window's rewards, KL, clip fraction, lengths and rates."""
 
 
 @dataclass
@@ -240,11 +221,7 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
                       f"{model_name(model_path)} · {run_dir.name} · GRPO", start_step, resume, resumed, data_files,
                       memory_budget=memory_plan.budget)
     progress = train(run, objective, reporter)
-    result = GrpoResult(str(run_dir), progress.steps, total_steps, progress.initial_val, progress.final_val,
-                        progress.best_step, progress.best_val, progress.final_train, progress.tokens_per_second,
-                        progress.peak_memory_gb, memory_plan.to_dict()["estimate_gb"],
-                        memory_plan.to_dict()["budget_gb"], trainable, total, progress.stopped,
-                        list(sets.notes) + progress.notes, progress.memory_changes)
+    result = GrpoResult.of(run_dir, progress, total_steps, memory_plan, trainable, total, sets.notes)
     finish(run, result)
     _print_summary(console, result)
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,8 +37,8 @@ from mlxtune.train.adapters import parameter_counts
 from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
-from mlxtune.train.runsetup import (load_split_settings, open_run_dir, plan_then_adapt, restore,
-                                    save_split_settings, verdict_or_refusal)
+from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
+                                    restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.preference.objective import (
     STAT_NAMES,
     PreferenceObjective,
@@ -83,29 +83,9 @@ def resume_preference_settings(run_dir: str | Path, overrides: dict, objective: 
 
 
 @dataclass
-class PreferenceResult:
-    run_dir: str
-    objective: str
-    steps: int
-    total_steps: int
-    initial_val: dict | None = None  # loss, accuracy, margin, rewards before training
-    final_val: dict | None = None
-    best_step: int | None = None
-    best_val: dict | None = None
-    final_train: dict | None = None
-    tokens_per_second: float | None = None
-    peak_memory_gb: float | None = None
-    memory_estimate_gb: float | None = None  # the planner's estimate of the peak, made before training
-    memory_budget_gb: float | None = None
-    trainable_parameters: int = 0
-    total_parameters: int = 0
+class PreferenceResult(ObjectiveResult):
+    objective: str = "dpo"  # dpo | orpo
     reference: str = "adapters off"  # adapters off | precomputed | none
-    stopped: str = "completed"
-    notes: list | None = None
-    memory_changes: list | None = None  # what the memory guard changed, and why
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class PreferenceStep:
@@ -353,12 +333,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
               memory_budget=memory_plan.budget)
     progress = train(run, PairsObjective(model, optimizer, settings, sets, objective, references, parallel),
                      reporter)
-    result = PreferenceResult(str(run_dir), settings.objective, progress.steps, total_steps, progress.initial_val,
-                              progress.final_val, progress.best_step, progress.best_val, progress.final_train,
-                              progress.tokens_per_second, progress.peak_memory_gb,
-                              memory_plan.to_dict()["estimate_gb"], memory_plan.to_dict()["budget_gb"], trainable,
-                              total, reference_mode, progress.stopped, list(sets.notes) + progress.notes,
-                              progress.memory_changes)
+    result = PreferenceResult.of(run_dir, progress, total_steps, memory_plan, trainable, total, sets.notes,
+                                 objective=settings.objective, reference=reference_mode)
     finish(run, result)
     _print_summary(console, result)
     return result
