@@ -19,7 +19,7 @@ from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
 from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.cli_options import settings_options
-from mlxtune.settings import LoraSettings, PreferenceSettings
+from mlxtune.settings import GrpoSettings, LoraSettings, PreferenceSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
@@ -311,6 +311,54 @@ main.add_command(_preference_command(
       mlxtune orpo --from runs/sft --data ./pairs
     """,
 ))
+
+
+# `mlxtune grpo`: reinforcement learning with verifiable rewards, the engine's third objective (docs/RL.md). No
+# launcher flags: a GRPO run is one process.
+@main.command("grpo", context_settings={"show_default": True},
+              short_help="Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.")
+@settings_options(GrpoSettings, "grpo", _SHOWN)
+@_config_option
+@_resume_option
+@_force_option
+@_json_option
+def grpo(config_path, resume_dir, json_mode, force, **flags):
+    """Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.
+
+    \b
+    Data: one prompt per line, {"prompt": "…", "answer": "…"} (or a message list as the prompt); every other
+    field is passed to the rewards. Each step samples --group-size completions of --batch-size prompts, scores
+    them, and moves the adapter towards the completions that beat their group (docs/RL.md).
+
+    \b
+    Rewards (--reward, repeatable, summed; a weight in front: 0.5*format): exact[:FIELD], contains[:FIELD],
+    number[:FIELD], regex:PATTERN, json[:SCHEMA], format, format:think, or FILE.py:NAME (TRL's convention).
+
+    \b
+    Examples:
+      mlxtune grpo --model SmolLM2-135M-Instruct --data ./arith --reward number --reward 0.5*format --iters 100
+      mlxtune grpo --from runs/sft --data ./prompts --reward rewards.py:brevity --beta 0.04
+      mlxtune grpo --resume runs/smollm-grpo --iters 200
+    """
+    from mlxtune.fuse import merge_sft_run
+    from mlxtune.settings import resolve_settings
+    from mlxtune.train.grpo.run import resume_grpo_settings, train_grpo
+    from mlxtune.ui import make_console, print_json
+
+    console = make_console(json_mode)
+    if resume_dir:
+        if config_path:
+            raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
+        settings = resume_grpo_settings(resume_dir, flags)
+    else:
+        settings = resolve_settings(config_path, flags, cls=GrpoSettings)
+    result = train_grpo(settings, resume=bool(resume_dir), force=bool(force), console=console,
+                        start_from=lambda run_dir: merge_sft_run(settings.from_run, run_dir,
+                                                                 settings.from_checkpoint, console))
+    if json_mode:
+        print_json(result.to_dict())
+    if result.stopped == "interrupted":
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @main.command("rank-worker", hidden=True)

@@ -136,6 +136,11 @@ def _held_out(run: Run, tokenizer) -> _HeldOut:
 
         examples = chosen_examples(s.data, tokenizer, s.chat_template, s.seed)
         return _HeldOut(examples, "chosen", s.batch_size, s.val_batches, s.selective_loss)
+    if run.info.get("objective") == "grpo":  # a GRPO run has no answers: its held-out prompts' text
+        from mlxtune.train.grpo.run import held_out_prompt_examples
+
+        examples, _ = held_out_prompt_examples(run.path, tokenizer)
+        return _HeldOut(examples, "prompts", s.batch_size, s.val_batches, s.selective_loss)
     datasets = load_datasets(s.data, tokenizer, **s.dataset_options())
     split = "valid" if datasets.valid else "train"
     return _HeldOut(datasets.valid or datasets.train, split, s.batch_size, s.val_batches, s.selective_loss)
@@ -364,6 +369,9 @@ def loss_label(result: FuseResult) -> str:
     if result.loss_split == "chosen":
         return (f"Loss on the chosen answers of {result.loss_examples} preference pairs (a preference run's own "
                 "validation measure is its preference loss):")
+    if result.loss_split == "prompts":
+        return (f"Loss on the text of {result.loss_examples} held-out prompts (a GRPO run's own validation measure is "
+                "its mean reward):")
     return f"Training-data loss ({result.loss_examples} examples; the run had no validation set):"
 
 

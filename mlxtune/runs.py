@@ -44,6 +44,8 @@ PLOT_FILE = "loss.png"
 RESULT_FILE = "result.json"
 FUSE_REPORT_FILE = "mlxtune_fuse.json"  # in a fused model's folder: its run, checkpoint, data kind and fuse check
 PREFERENCE_FILE = "preference.yaml"  # a dpo/orpo run's objective settings (config.yaml stays a plain LoRA config)
+GRPO_FILE = "grpo.yaml"  # a grpo run's objective settings (rewards, group size, loss type, …)
+SAMPLES_FILE = "samples.jsonl"  # a grpo run's completions with their rewards, every --sample-every steps
 VERIFY_FILE = "verify.json"
 EVAL_FILE = "eval.json"
 EVAL_REPORT_FILE = "report.html"  # `mlxtune eval`'s self-contained page (FUSE_REPORT_FILE is fuse's JSON)
@@ -294,6 +296,8 @@ def resume_command(where: Path) -> str | None:
     command would be refused ("run directory already exists"), --resume continues from the last checkpoint."""
     for folder in [Path(where), *Path(where).parents][:4]:
         if (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in (RUN_MARKER, RUN_FILE)):
+            if (folder / GRPO_FILE).is_file():
+                return f"mlxtune grpo --resume {folder}"
             preference = folder / PREFERENCE_FILE
             found = re.search(r"^objective:\s*(\w+)", preference.read_text("utf-8", "replace"), re.M) if (
                 preference.is_file()) else None

@@ -6,7 +6,8 @@ saved in the run directory as `config.yaml`, so a run can always be repeated or 
 Each training command's settings hold only what it uses, in layers: `TrainSettings` (model, data, optimizer,
 schedule, cadence, memory: every training run) ← `AdapterSettings` (what is trained: method, rank, ...) ←
 `LoraSettings` (`mlxtune lora`/`plan`: how examples become batches — packing, token budget, prompt keys) and
-`FollowUpSettings` (`--from` a supervised run) ← `PreferenceSettings` (`mlxtune dpo`/`orpo`: the objective's own).
+`FollowUpSettings` (`--from` a supervised run) ← `PreferenceSettings` (`mlxtune dpo`/`orpo`: the objective's own)
+and `GrpoSettings` (`mlxtune grpo`: its prompts' field and the objective's own).
 Each field carries its command-line form in its metadata (`setting()`), from which `mlxtune.cli_options` makes the
 flags: a flag, its help and its shown default are written once, here.
 """
@@ -29,6 +30,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TARGETS = ("wandb",)
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 STOP_ON = ("loss", "accuracy")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # train/grpo/losses.py's PRESETS
 
 # The largest value each setting can sensibly take. Past these a run never finishes (a step of 10^14
 # micro-batches), overflows MLX's integers (`std::bad_cast` at --iters 1e21) or asks for more than any machine has;
@@ -54,7 +56,14 @@ UPPER_BOUNDS = {
     "min_delta": 10**6,
     "threads": 4096,
     "cache_limit_gb": 10**4,  # 10 TB
-    "beta": 10**4,  # dpo/orpo
+    "beta": 10**4,  # dpo/orpo/grpo
+    "group_size": 4096,  # grpo
+    "max_completion_tokens": 2**20,
+    "temperature": 100.0,
+    "epsilon_low": 1.0,
+    "epsilon_high": 100.0,
+    "updates_per_batch": 1024,
+    "sample_every": 10**7,
 }
 
 
@@ -90,7 +99,8 @@ class TrainSettings:
     iters: int | None = setting(help="Optimizer steps (overrides --epochs).")  # None = derived from epochs
     epochs: float = setting(1.0, "Passes over the training data.")
     batch_size: int = setting(4, "Examples per micro-batch.", help_for={"dpo": "Pairs per micro-batch.",
-                                                                        "orpo": "Pairs per micro-batch."})
+                                                                        "orpo": "Pairs per micro-batch.",
+                                                                        "grpo": "Prompts per micro-batch."})
     grad_accumulation: int = setting(1, "Micro-batches per optimizer step.")
     grad_checkpoint: bool = setting(False, "Recompute activations in the backward pass to save memory.")
     selective_loss: bool = setting(True, "Loss on supervised positions only, never materialising full logits "
@@ -269,7 +279,7 @@ class LoraSettings(AdapterSettings):
 @dataclass
 class FollowUpSettings(AdapterSettings):
     """A run that may start from a supervised run (`--from`: its adapter merged into its base, which is then also
-    the reference): dpo, orpo (and any later objective that follows a supervised run)."""
+    the reference): dpo, orpo and grpo."""
 
     from_run: str | None = setting(help="Start from this supervised run: its adapter is merged into its base, which "
                                         "is also the reference.", flag="--from", path=True)
@@ -312,16 +322,59 @@ class PreferenceSettings(FollowUpSettings):
         _check_upper_bounds(self)
         return self
 
-    def lora_part(self) -> LoraSettings:
-        """config.yaml's settings: a plain LoRA config (fuse, export, chat and generate read it), lora's data
-        settings at their defaults."""
-        own = _field_names(LoraSettings)
-        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
 
-    def preference_part(self) -> dict:
-        """preference.yaml's settings: the objective's own."""
-        shared = set(_field_names(AdapterSettings))
-        return {k: v for k, v in self.to_dict().items() if k not in shared}
+
+@dataclass
+class GrpoSettings(FollowUpSettings):
+    """Everything `mlxtune grpo` needs: a training run and its adapter (--batch-size prompts per micro-batch), the
+    prompts' field, and GRPO's own settings, saved apart in grpo.yaml.
+
+    Defaults follow TRL's GRPOConfig where it has one: β = 0 (no reference pass; TRL's default since v0.19),
+    temperature 1, top-p 1, ε 0.2 (DAPO's preset: 0.28 above), μ = 1 (`num_iterations`); G = 8
+    (`num_generations`), and completions of up to 256 tokens (`max_completion_length`)."""
+
+    prompt_key: str | None = setting(help="Field holding the prompt, e.g. question.", shown="prompt")
+    reward: list[str] | None = setting(help="A reward spec (repeatable; summed with their weights).", multiple=True)
+    group_size: int = setting(8, "Samples per prompt (G).")
+    max_completion_tokens: int = setting(256, "Longest completion sampled.")
+    temperature: float = setting(1.0, "Sampling temperature.")
+    top_p: float = setting(1.0, "Nucleus sampling; 1 = off.")
+    beta: float = setting(0.0, "Weight of the KL to the reference (the adapter switched off); 0 = no reference pass "
+                               "(as TRL).")
+    loss_type: str = setting("grpo", "grpo: sequence mean; dr_grpo: no length or std normalisation; dapo: token "
+                                     "mean, clip-higher.", choices=GRPO_LOSS_TYPES)
+    epsilon_low: float | None = setting(help="Clip the ratio below at 1 − ε.", shown="the preset's, 0.2")
+    epsilon_high: float | None = setting(help="Clip the ratio above at 1 + ε.", shown="the preset's, 0.2; dapo 0.28")
+    updates_per_batch: int = setting(1, "Optimizer updates per rollout batch (μ).")
+    sample_every: int = setting(10, "Write the step's completions and rewards to samples.jsonl every N steps; 0 = "
+                                    "never.")
+
+    def validate(self) -> "GrpoSettings":
+        super().validate()
+        if isinstance(self.reward, str):
+            self.reward = [self.reward]
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise UsageError(f"unknown loss type {self.loss_type!r}", f"use one of {', '.join(GRPO_LOSS_TYPES)}")
+        for name in ("group_size", "max_completion_tokens", "updates_per_batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}",
+                                 f"set --{name.replace('_', '-')}")
+        if self.group_size < 2:
+            raise UsageError("group_size must be at least 2: a group's advantage compares its samples",
+                             "set --group-size (8 is usual)")
+        if self.sample_every < 0:
+            raise UsageError(f"sample_every can't be negative, got {self.sample_every}", "0 writes no samples")
+        for name in ("temperature", "top_p", "beta", "epsilon_low", "epsilon_high"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a finite number ≥ 0, got {value}",
+                                 f"set --{name.replace('_', '-')}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", "set --top-p (1 = off)")
+        if self.epsilon_low is not None and self.epsilon_low >= 1:
+            raise UsageError(f"epsilon_low must be below 1, got {self.epsilon_low}", "0.2 is usual")
+        _check_upper_bounds(self)
+        return self
 
 
 def _check_at_least_one(values: dict[str, Any]) -> None:

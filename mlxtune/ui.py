@@ -286,7 +286,8 @@ def print_fuse_result(console: Console, result) -> None:
         ("written vs base+adapter", f"max |Δ log-prob| {result.max_abs_diff:.2e} · mean KL {result.mean_kl:.2e} nats"
                                     + ("" if result.quantization or result.stored_dtype == "float32" else
                                        f"  [dim](rounding to {result.stored_dtype})[/]")),
-        ({"valid": "validation loss", "chosen": "chosen-answer loss"}.get(result.loss_split, "train-data loss"),
+        ({"valid": "validation loss", "chosen": "chosen-answer loss", "prompts": "prompt-text loss"}.get(
+            result.loss_split, "train-data loss"),
          f"base {fmt_loss(result.loss_base)} · base+adapter {fmt_loss(result.loss_adapter)} · "
          f"fused {fmt_loss(result.loss_fused)}  [dim]({result.loss_examples} {result.loss_split} examples, "
          "as training measures it)[/]"),
@@ -377,6 +378,9 @@ class TrainingReporter:
         self.console.print(summary_table("run", rows))
 
     def initial_validation(self, val: dict) -> None:
+        if "reward" in val:  # grpo: the mean reward of greedy completions of the held-out prompts
+            self.console.print(f"validation mean reward before training: {val['reward']:.3f}")
+            return
         accuracy = f", preference accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""
         self.console.print(f"validation loss before training: {fmt_loss(val['loss'])}{accuracy}")
 
@@ -394,12 +398,13 @@ class TrainingReporter:
             finally:
                 self._progress = self._task = None
 
-    def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float) -> None:
+    def train_report(self, train_loss: float, tokens_per_second: float, peak_memory_gb: float,
+                     note: str = "") -> None:
         self._history.append(train_loss)
         # A validation loss of an earlier step is shown with its step: it is not this step's measurement.
         shown = None if self._val is None else fmt_loss(self._val[0])
         val = {} if shown in (None, "—") else {"val": f"{shown} (step {self._val[1]})"}
-        self._progress.update(self._task, loss=fmt_loss(train_loss), speed=f"{tokens_per_second:.0f}",
+        self._progress.update(self._task, loss=fmt_loss(train_loss) + (f" · {note}" if note else ""), speed=f"{tokens_per_second:.0f}",
                               memory=f"{peak_memory_gb:.2f}GB", spark=sparkline(self._history), **val)
 
     def val_report(self, val_loss: float) -> None:

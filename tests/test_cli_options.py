@@ -19,17 +19,20 @@ from conftest import run_cli
 from test_layers import PACKAGE, _graph, _modules
 from mlxtune.cli import main
 from mlxtune.errors import UsageError
-from mlxtune.settings import LoraSettings, PreferenceSettings, resolve_settings
+from mlxtune.settings import GrpoSettings, LoraSettings, PreferenceSettings, resolve_settings
 
-COMMANDS = {"lora": LoraSettings, "plan": LoraSettings, "dpo": PreferenceSettings, "orpo": PreferenceSettings}
+COMMANDS = {"lora": LoraSettings, "plan": LoraSettings, "dpo": PreferenceSettings, "orpo": PreferenceSettings,
+            "grpo": GrpoSettings}
 # Each command's flags that are not settings: how a run is started, printed or resumed.
 _LAUNCH = {"config_path", "resume_dir", "nproc", "hosts", "backend", "rank_timeout", "check", "force", "json_mode"}
-NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode"}, "dpo": _LAUNCH, "orpo": _LAUNCH}
+NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode"}, "dpo": _LAUNCH, "orpo": _LAUNCH,
+                "grpo": {"config_path", "resume_dir", "force", "json_mode"}}  # grpo: one process, no launcher
 # The settings a command has no flag for, and why.
 NO_FLAG = {
     "lora": set(), "plan": set(),
     "dpo": {"objective"},  # the command is the objective
     "orpo": {"objective", "label_smoothing", "precompute_reference"},  # ORPO has no reference model
+    "grpo": set(),
 }
 
 
@@ -104,7 +107,8 @@ def test_every_flag_reaches_the_settings_and_every_setting_has_a_flag(command):
         else:
             value = _other_value(field)
             args = [param.opts[0], str(value)]
-            expected = value.split(",") if field.name == "target_modules" else value
+            expected = (value.split(",") if field.name == "target_modules" else
+                        [value] if field.metadata.get("multiple") else value)  # --reward a: ["a"]
         ctx = main.commands[command].make_context(command, list(args))  # click consumes the list
         flags = {k: v for k, v in ctx.params.items() if k in _fields(cls)}
         if cls is PreferenceSettings:
@@ -119,7 +123,8 @@ def test_every_flag_reaches_the_settings_and_every_setting_has_a_flag(command):
 # Where each command's work starts; the settings it gets are read there or in a module those import. (cli.py's own
 # reads count too: `--from` is merged there, before training starts.)
 ENTRY = {"lora": {"train.loop", "train.distributed"}, "plan": {"memory.report"},
-         "dpo": {"train.preference.run", "fuse"}, "orpo": {"train.preference.run", "fuse"}}
+         "dpo": {"train.preference.run", "fuse"}, "orpo": {"train.preference.run", "fuse"},
+         "grpo": {"train.grpo.run", "fuse"}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +152,7 @@ def test_every_setting_a_command_takes_is_read_by_the_code_it_runs():
 
 
 def test_no_help_restates_a_default():
-    for cls in (LoraSettings, PreferenceSettings):
+    for cls in (LoraSettings, PreferenceSettings, GrpoSettings):
         for field in dataclasses.fields(cls):
             texts = [field.metadata.get("help", ""), *field.metadata.get("help_for", {}).values()]
             assert not any("default" in text.lower() for text in texts), (field.name, texts)

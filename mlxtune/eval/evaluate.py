@@ -13,6 +13,7 @@ from mlxtune.errors import UsageError
 from mlxtune.eval.cases import EvalData, load_cases
 from mlxtune.eval.metrics import Metric, parse_metric
 from mlxtune.eval.preference import preference_scores
+from mlxtune.eval.rewards import reward_scores
 from mlxtune.eval.scoring import example_losses, greedy_batch, tokens_containing
 from mlxtune.eval.stats import Interval, exp_interval, mean_interval, paired_ratio_difference, ratio_interval
 from mlxtune.runs import EVAL_FILE, EVAL_REPORT_FILE, METRICS_FILE, open_for_inference, open_run
@@ -44,8 +45,8 @@ class EvalResult:
     supervised_tokens: int
     skipped: int
     metric: str | None
-    loss: dict  # base / tuned / difference (tuned − base, nats per supervised token: negative = better)
-    perplexity: dict
+    loss: dict | None  # base / tuned / difference (tuned − base, nats/supervised token: negative = better); None: grpo
+    perplexity: dict | None
     task: dict | None  # base / tuned / difference (tuned − base), share of examples
     verdict: dict
     samples: list[dict]
@@ -167,6 +168,10 @@ def evaluate_run(
                                             preference["examples"]), samples=[],
                             curves=_curves(run.path), **preference)
         return _write(result, out_dir)
+    rewards = reward_scores(run, data, checkpoint, limit)
+    if rewards is not None:  # a GRPO run: the mean reward of greedy completions is the task; no loss to compare
+        return _write(EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, curves=_curves(run.path),
+                                 **rewards), out_dir)
     with quiet_stdout():
         tuned = open_for_inference(run.path, checkpoint)
     cases = load_cases(run, tuned.tokenizer, prompt_format(tuned).template, data, limit)

@@ -87,25 +87,31 @@ def loss_curve_chart(curves: dict, loss: dict) -> str | None:
     return _svg(figure)
 
 
-def comparison_chart(loss: dict, task: dict | None) -> str:
+def _bars(axes, values: dict, scale: float, ylabel: str, title: str):
+    names = ["base", "tuned"]
+    heights = [values[n]["value"] * scale for n in names]
+    errors = [[(values[n]["value"] - values[n]["low"]) * scale for n in names],
+              [(values[n]["high"] - values[n]["value"]) * scale for n in names]]
+    axes.bar(names, heights, yerr=errors, capsize=8, color=[BASE_COLOUR, TUNED_COLOUR])
+    for x, height in enumerate(heights):
+        axes.annotate(f"{height:.3g}", (x, height), textcoords="offset points", xytext=(14, 3), fontsize=9)
+    axes.set_ylabel(ylabel)
+    if scale == 100.0:
+        axes.set_ylim(0, 105)
+    axes.set_title(title)
+    axes.grid(alpha=0.3, axis="y")
+
+
+def comparison_chart(loss: dict | None, task: dict | None) -> str:
     plt = _pyplot()
+    if loss is None:  # a GRPO run: the mean reward alone, on its own scale
+        figure, axes = plt.subplots(figsize=(4.6, 3.8), dpi=100)
+        _bars(axes, task, 1.0, task["metric"], f"{task['metric']} (95% CI)")
+        figure.tight_layout()
+        return _svg(figure)
     panels = 2 if task else 1
     figure, axes_list = plt.subplots(1, panels, figsize=(3.4 * panels + 1.2, 3.8), dpi=100, squeeze=False)
-
-    def bars(axes, values: dict, scale: float, ylabel: str, title: str):
-        names = ["base", "tuned"]
-        heights = [values[n]["value"] * scale for n in names]
-        errors = [[(values[n]["value"] - values[n]["low"]) * scale for n in names],
-                  [(values[n]["high"] - values[n]["value"]) * scale for n in names]]
-        axes.bar(names, heights, yerr=errors, capsize=8, color=[BASE_COLOUR, TUNED_COLOUR])
-        for x, height in enumerate(heights):
-            axes.annotate(f"{height:.3g}", (x, height), textcoords="offset points", xytext=(14, 3), fontsize=9)
-        axes.set_ylabel(ylabel)
-        if scale == 100.0:
-            axes.set_ylim(0, 105)
-        axes.set_title(title)
-        axes.grid(alpha=0.3, axis="y")
-
+    bars = _bars
     bars(axes_list[0][0], loss, 1.0, "nats / supervised token", "loss (95% CI)")
     if task:
         bars(axes_list[0][1], task, 100.0, "% of examples", f"{task['metric']} (95% CI)")
@@ -116,6 +122,10 @@ def comparison_chart(loss: dict, task: dict | None) -> str:
 def _comparison_rows(result) -> list[tuple[str, str, str, str]]:
     loss, ppl = result.loss, result.perplexity
     fmt = format_interval
+    if loss is None:  # a GRPO run: the mean reward (not a share of examples)
+        task = result.task
+        return [(f"{task['metric']} ({task['examples']} prompts)", fmt(task["base"]), fmt(task["tuned"]),
+                 fmt(task["difference"], signed=True))]
     rows = [("loss (nats/token)", fmt(loss["base"]), fmt(loss["tuned"]), fmt(loss["difference"], signed=True)),
             ("perplexity", fmt(ppl["base"], digits=2), fmt(ppl["tuned"], digits=2), "")]
     if result.task:
@@ -130,7 +140,7 @@ def render_report(result) -> str:
     verdict = result.verdict
     klass = "better" if verdict.get("better") else "worse" if verdict.get("worse") else ""
     charts = [comparison_chart(result.loss, result.task)]
-    curve = loss_curve_chart(result.curves, result.loss)
+    curve = loss_curve_chart(result.curves, result.loss) if result.loss is not None else None
     if curve:
         charts.append(curve)
     table_rows = "".join(

@@ -21,11 +21,16 @@ def print_summary(console: Console, result) -> None:
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
     table.add_column("tuned − base", justify="right")
-    table.add_row("loss (nats/token)", _interval(result.loss["base"]), _interval(result.loss["tuned"]),
-                  _interval(result.loss["difference"], signed=True))
-    table.add_row("perplexity", _interval(result.perplexity["base"], digits=2),
-                  _interval(result.perplexity["tuned"], digits=2), "")
-    if result.task:
+    if result.loss is not None:  # a GRPO run has no reference answers: its task (mean reward) is the comparison
+        table.add_row("loss (nats/token)", _interval(result.loss["base"]), _interval(result.loss["tuned"]),
+                      _interval(result.loss["difference"], signed=True))
+        table.add_row("perplexity", _interval(result.perplexity["base"], digits=2),
+                      _interval(result.perplexity["tuned"], digits=2), "")
+    if result.task and result.kind == "prompts":
+        task = result.task
+        table.add_row(escape(task["metric"]), _interval(task["base"]), _interval(task["tuned"]),
+                      _interval(task["difference"], signed=True))
+    elif result.task:
         task = result.task
         table.add_row(escape(f"{task['metric']} %"), _interval(task["base"], 100, 1), _interval(task["tuned"], 100, 1),
                       _interval(task["difference"], 100, 1, signed=True))
@@ -46,7 +51,7 @@ def print_summary(console: Console, result) -> None:
 def overlap_line(overlap: dict | None, examples: int) -> str:
     """One sentence on whether the scored examples were trained on (terminal and report say the same)."""
     if overlap is None:
-        return "overlap with the training data: not checked (preference pairs, or the run's data is gone)"
+        return "overlap with the training data: not checked (preference pairs, RL prompts, or the run's data is gone)"
     if not overlap["examples"]:
         return f"overlap with the training data: none of the {examples} scored examples was trained on"
     shown = ", ".join(overlap["sources"][:5]) + (" …" if overlap["examples"] > 5 else "")

@@ -1,4 +1,4 @@
-"""The training engine: one loop for every objective (SFT, DPO, ORPO; GRPO next).
+"""The training engine: one loop for every objective (SFT, DPO, ORPO, GRPO).
 
 The engine owns what every run needs and no objective should write twice: the step's straight line (batches →
 gradients → data-parallel sums → NaN/inf guard → update), the evaluation cadence, best/ and patience through the
@@ -47,6 +47,7 @@ class Objective:
     command = "lora"
     watch = "loss"
     higher_is_better = False
+    shown = "loss"  # the validation metric the live progress line shows
 
     def batches(self, step: int) -> list:
         """This rank's micro-batches of optimizer step `step` (a pure function of the seed and the step)."""
@@ -85,6 +86,10 @@ class Objective:
     def rates(self, count: float, seconds: float) -> dict:
         """Extra throughput figures of a report window for metrics.jsonl."""
         return {}
+
+    def progress_note(self, train_metrics: dict) -> str:
+        """Extra figures for the live progress line, after the loss (nothing by default)."""
+        return ""
 
     def better(self, metrics: dict, best: dict | None, min_delta: float) -> bool:
         """Whether validation `metrics` beat the best so far (nanoGPT's one visible condition)."""
@@ -265,7 +270,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
     window = _new_window()
     with StopRequest() as stop, reporter.training(run.total_steps, step, None):
         if step == 0 and objective.has_validation():
-            reporter.info("measuring the validation loss before training …")  # it can take minutes on a big model
+            reporter.info(f"measuring the validation {objective.shown} before training …")  # minutes on a big model
             val = evaluate(0)
             progress.initial_val = progress.best_val = val
             progress.best_step = 0
@@ -344,7 +349,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
                     progress.tokens_per_second = record["tokens_per_second"]
                     progress.peak_memory_gb = record["peak_memory_gb"]
                     reporter.train_report(train_metrics["loss"], record["tokens_per_second"],
-                                          record["peak_memory_gb"])
+                                          record["peak_memory_gb"], objective.progress_note(train_metrics))
                     window = _new_window()
 
                 if objective.has_validation() and (step % settings.eval_every == 0 or step == run.total_steps):
@@ -356,7 +361,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
                             save_best(run_dir, model, run.adapter_config)
                     else:
                         progress.evals_without_gain += 1
-                    reporter.val_report(val["loss"])
+                    reporter.val_report(val[objective.shown])
                     if writes:
                         plot_losses(metrics_path, run_dir / PLOT_FILE, run.plot_title)
                     if settings.patience and progress.evals_without_gain >= settings.patience:

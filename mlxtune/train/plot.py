@@ -1,4 +1,5 @@
-"""loss.png: train and validation loss over steps, redrawn during and at the end of a run."""
+"""loss.png: train and validation loss over steps (and a preference run's accuracy, a GRPO run's mean reward),
+redrawn during and at the end of a run."""
 
 from __future__ import annotations
 
@@ -33,16 +34,20 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     axes.grid(alpha=0.3)
     handles, labels = axes.get_legend_handles_labels()
     accuracy = _preference_series(read_metrics(metrics_path))
-    if accuracy:  # a preference run (dpo/orpo): its loss is per pair, and preference accuracy goes on a second axis
-        axes.set_ylabel("loss (per pair)")
+    reward = _preference_series(read_metrics(metrics_path), ("train_reward", "val_reward"))
+    if accuracy or reward:  # dpo/orpo: preference accuracy on a second axis; grpo: the mean reward
+        axes.set_ylabel("loss (per pair)" if accuracy else "loss (clipped surrogate)")
         second = axes.twinx()
         styles = {"train_accuracy": ("train accuracy", "#2ca02c", "-"), "val_accuracy": ("validation accuracy",
-                                                                                         "#2ca02c", "--")}
-        for key, points in accuracy.items():
+                                                                                         "#2ca02c", "--"),
+                  "train_reward": ("train mean reward", "#2ca02c", "-"),
+                  "val_reward": ("validation mean reward", "#2ca02c", "--")}
+        for key, points in (accuracy or reward).items():
             label, color, line = styles[key]
             second.plot(*zip(*points), label=label, color=color, linestyle=line, marker="." if "val" in key else None)
-        second.set_ylabel("preference accuracy")
-        second.set_ylim(0.0, 1.05)
+        second.set_ylabel("preference accuracy" if accuracy else "mean reward")
+        if accuracy:
+            second.set_ylim(0.0, 1.05)
         extra_handles, extra_labels = second.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
     axes.legend(handles, labels, fontsize=8)
@@ -55,10 +60,11 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "") -> Path | N
     return out_path
 
 
-def _preference_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+def _preference_series(records: list[dict], keys=("train_accuracy", "val_accuracy")
+                       ) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     for record in records:
-        for key in ("train_accuracy", "val_accuracy"):
+        for key in keys:
             if key in record:
                 series.setdefault(key, []).append((record["step"], record[key]))
     return series

@@ -1,4 +1,4 @@
-"""The training engine's behaviours, tested once for every objective (SFT, DPO, ORPO) on the bundled story model:
+"""The training engine's behaviours, tested once for every objective (SFT, DPO, ORPO, GRPO) on the bundled story model:
 best/ and patience, exact resume after Ctrl-C, the NaN guard, the memory guard. Each run is a few steps (~2 s)."""
 
 from __future__ import annotations
@@ -10,18 +10,30 @@ import mlx.core as mx
 import pytest
 
 from conftest import MODEL, WIKISQL, make_pairs
+from test_grpo_run import make_prompts
 
 from mlxtune import faults
 from mlxtune.errors import RunFailed
 from mlxtune.settings import LoraSettings
 from mlxtune.ui import make_console
 
-OBJECTIVES = ["sft", "dpo", "orpo"]
+OBJECTIVES = ["sft", "dpo", "orpo", "grpo"]
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return make_pairs(tmp_path_factory.mktemp("pairs"), train=32, valid=8)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    return make_prompts(tmp_path_factory.mktemp("prompts"), train=16, valid=4)
+
+
+@pytest.fixture
+def data(request, objective):
+    """The objective's data: WikiSQL examples (sft), pairs (dpo, orpo) or prompts (grpo)."""
+    return request.getfixturevalue("prompts" if objective == "grpo" else "pairs")
 
 
 def _settings(objective: str, out, pairs, **overrides):
@@ -31,7 +43,12 @@ def _settings(objective: str, out, pairs, **overrides):
     model = common.pop("model", str(MODEL))
     if objective == "sft":
         return LoraSettings(model=model, data=str(WIKISQL), **{"batch_size": 4, **common})
-    from mlxtune.train.preference.run import PreferenceSettings
+    if objective == "grpo":  # 2 prompts × 4 samples of up to 8 tokens per step; reward: "she" in the completion
+        from mlxtune.settings import GrpoSettings
+
+        return GrpoSettings(model=model, data=str(pairs), reward=["contains"], group_size=4,
+                            max_completion_tokens=8, **{"batch_size": 2, **common})
+    from mlxtune.settings import PreferenceSettings
 
     return PreferenceSettings(model=model, data=str(pairs), objective=objective, **{"batch_size": 4, **common})
 
@@ -42,6 +59,10 @@ def _train(objective: str, settings, resume: bool = False) -> dict:
         from mlxtune.train.loop import finetune
 
         return finetune(settings, resume=resume, console=console, force=True).to_dict()
+    if objective == "grpo":
+        from mlxtune.train.grpo.run import train_grpo
+
+        return train_grpo(settings, resume=resume, console=console, force=True).to_dict()
     from mlxtune.train.preference.run import train_preference
 
     return train_preference(settings, resume=resume, console=console, force=True).to_dict()
@@ -52,6 +73,10 @@ def _resume(objective: str, run_dir, pairs) -> dict:
         from mlxtune.train.loop import resume_settings
 
         return _train(objective, resume_settings(run_dir, {}), resume=True)
+    if objective == "grpo":
+        from mlxtune.train.grpo.run import resume_grpo_settings
+
+        return _train(objective, resume_grpo_settings(run_dir, {}), resume=True)
     from mlxtune.train.preference.run import resume_preference_settings
 
     return _train(objective, resume_preference_settings(run_dir, {}), resume=True)
@@ -66,11 +91,11 @@ def _weights(path) -> dict:
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_best_keeps_the_best_adapter_and_patience_stops(objective, pairs, tmp_path):
+def test_best_keeps_the_best_adapter_and_patience_stops(objective, data, tmp_path):
     """A min_delta no evaluation can beat: best/ stays the step-0 adapter (LoRA's B is zero there), and patience 2
     stops the run after two evaluations without gain. A loop writing each new adapter to best/ fails here."""
     out = tmp_path / objective
-    result = _train(objective, _settings(objective, out, pairs, min_delta=1e6, patience=2))
+    result = _train(objective, _settings(objective, out, data, min_delta=1e6, patience=2))
     assert result["stopped"] == "early-stopped" and result["steps"] == 2 and result["best_step"] == 0
     best, last = _weights(out / "best" / "adapters.safetensors"), _weights(out / "adapters.safetensors")
     lora_b = [name for name in best if name.endswith("lora_b")]
@@ -79,13 +104,13 @@ def test_best_keeps_the_best_adapter_and_patience_stops(objective, pairs, tmp_pa
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_best_is_the_adapter_of_the_best_validation(objective, pairs, tmp_path):
+def test_best_is_the_adapter_of_the_best_validation(objective, data, tmp_path):
     out = tmp_path / objective
-    settings = _settings(objective, out, pairs, iters=3, save_every=1, learning_rate=1e-2)
+    settings = _settings(objective, out, data, iters=3, save_every=1, learning_rate=1e-2)
     result = _train(objective, settings)
-    watch = getattr(settings, "stop_on", "loss")
+    watch = "reward" if objective == "grpo" else getattr(settings, "stop_on", "loss")
     vals = [(r["step"], r[f"val_{watch}"]) for r in _records(out) if f"val_{watch}" in r]
-    best_step = min(vals, key=lambda v: v[1])[0]
+    best_step = (max if objective == "grpo" else min)(vals, key=lambda v: v[1])[0]  # the first of equals
     assert result["best_step"] == best_step, vals
     expected = out / "checkpoints" / f"step-{best_step:07d}" / "adapters.safetensors"
     if best_step == 0:
@@ -96,16 +121,16 @@ def test_best_is_the_adapter_of_the_best_validation(objective, pairs, tmp_path):
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(objective, pairs, tmp_path, monkeypatch):
+def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(objective, data, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    _train(objective, _settings(objective, whole, pairs, eval_every=2))
+    _train(objective, _settings(objective, whole, data, eval_every=2))
     cut = tmp_path / "cut"
     monkeypatch.setenv(faults.ENV, "train.step:2:INT")  # SIGINT to this process after the second step
     monkeypatch.setattr(faults, "_reached", {})
-    result = _train(objective, _settings(objective, cut, pairs, eval_every=2))
+    result = _train(objective, _settings(objective, cut, data, eval_every=2))
     assert result["stopped"] == "interrupted" and result["steps"] == 2
     monkeypatch.delenv(faults.ENV)
-    result = _resume(objective, cut, pairs)
+    result = _resume(objective, cut, data)
     assert result["stopped"] == "completed" and result["steps"] == 4
     a, b = _weights(whole / "adapters.safetensors"), _weights(cut / "adapters.safetensors")
     assert all(mx.array_equal(a[k], b[k]).item() for k in a)
@@ -114,25 +139,25 @@ def test_ctrl_c_then_resume_ends_with_the_uninterrupted_weights(objective, pairs
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_resume_refuses_changed_data(objective, pairs, tmp_path):
+def test_resume_refuses_changed_data(objective, data, tmp_path):
     out = tmp_path / objective
-    data = tmp_path / "data"
-    shutil.copytree(WIKISQL if objective == "sft" else pairs, data)
-    first = _settings(objective, out, pairs, iters=2, save_every=1)
-    first.data = str(data)
+    copied = tmp_path / "data"
+    shutil.copytree(WIKISQL if objective == "sft" else data, copied)
+    first = _settings(objective, out, data, iters=2, save_every=1)
+    first.data = str(copied)
     _train(objective, first)
-    with (data / "train.jsonl").open("a", encoding="utf-8") as f:
-        f.write((data / "train.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
+    with (copied / "train.jsonl").open("a", encoding="utf-8") as f:
+        f.write((copied / "train.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n")
     from mlxtune.errors import UsageError
 
-    settings = _settings(objective, out, pairs, iters=4, save_every=1)
-    settings.data = str(data)
+    settings = _settings(objective, out, data, iters=4, save_every=1)
+    settings.data = str(copied)
     with pytest.raises(UsageError, match="the data changed"):
         _train(objective, settings, resume=True)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_nan_loss_stops_with_the_last_good_weights(objective, pairs, tmp_path):
+def test_nan_loss_stops_with_the_last_good_weights(objective, data, tmp_path):
     """A model whose final norm is NaN: the loss is NaN at step 1, the run fails with a hint, and what it saved is
     finite (the step-0 adapter)."""
     model = tmp_path / "nan-model"
@@ -144,30 +169,32 @@ def test_nan_loss_stops_with_the_last_good_weights(objective, pairs, tmp_path):
     mx.save_safetensors(str(model / "model.safetensors"), weights, metadata={"format": "mlx"})
     out = tmp_path / objective
     with pytest.raises(RunFailed, match=r"the loss became nan at step 1; the last good weights \(step 0\) are saved"):
-        _train(objective, _settings(objective, out, pairs, model=str(model), eval_every=10**6))
+        _train(objective, _settings(objective, out, data, model=str(model), eval_every=10**6))
     saved = _weights(out / "adapters.safetensors")
     assert all(mx.all(mx.isfinite(v)).item() for v in saved.values())
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
-def test_memory_guard_keeps_the_examples_per_step_when_it_shrinks(objective, pairs, tmp_path):
+def test_memory_guard_keeps_the_examples_per_step_when_it_shrinks(objective, data, tmp_path):
     """A budget the first step exceeds: half the micro-batch, twice the accumulation — the same examples (pairs) per
     optimizer step, as config.yaml and metrics.jsonl say; MLX's memory limit is restored after the run."""
     limit = mx.set_memory_limit(2**40)
     mx.set_memory_limit(limit)
     out = tmp_path / objective
-    fixed = {"pack": False} if objective == "sft" else {}  # pairs always come in fixed batches
-    result = _train(objective, _settings(objective, out, pairs, memory="0.001GB", iters=2, eval_every=10**6,
+    fixed = {"pack": False} if objective == "sft" else {}  # pairs and prompts always come in fixed batches
+    result = _train(objective, _settings(objective, out, data, memory="0.001GB", iters=2, eval_every=10**6,
                                          **fixed))
     assert result["steps"] == 2 and result["stopped"] == "completed"
     (change,) = result["memory_changes"]
     before, after = change["before"], change["after"]
     assert after["batch_size"] == before["batch_size"] // 2
     assert after["batch_size"] * after["grad_accumulation"] == before["batch_size"] * before["grad_accumulation"]
-    assert "batch_size: 2" in (out / "config.yaml").read_text() and "grad_accumulation: 2" in (
-        out / "config.yaml").read_text()
-    if objective != "sft":
+    config = (out / "config.yaml").read_text()
+    assert f"batch_size: {after['batch_size']}\n" in config and "grad_accumulation: 2\n" in config
+    if objective in ("dpo", "orpo"):
         assert [r["pairs"] for r in _records(out) if "pairs" in r] == [4, 4]
+    if objective == "grpo":  # 2 prompts × 4 samples per step, before and after the shrink
+        assert [r["train_completions"] for r in _records(out) if "train_completions" in r] == [8, 8]
     assert mx.set_memory_limit(limit) == limit  # the guard put the limit back
 
 

@@ -13,36 +13,32 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-import yaml
 from mlx.utils import tree_map
 
-from mlxtune.cpu_quantized import accelerate_quantized, requested_path
+from mlxtune.cpu_quantized import requested_path
 from mlxtune.data.batching import BatchPlan, batches_per_epoch, plan_epoch
 from mlxtune.data.dataset import resolve_data_path
 from mlxtune.data.preference import PreferenceSets, read_preference_splits, tokenize_preference_splits
 from mlxtune.data.quality import context_warnings
 from mlxtune.errors import UsageError
-from mlxtune.model_config import DEFAULT_QUANTIZE, context_length, model_name, read_config
-from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
-from mlxtune.library import hold_model
-from mlxtune.runs import (CONFIG_FILE, LOCK_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER,
-                          TEMPLATE_FILE, default_run_dir, follow_up_run_dir)
-from mlxtune.settings import LoraSettings, PreferenceSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.model_config import context_length, model_name, read_config
+from mlxtune.models import load_model
+from mlxtune.runs import PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, TEMPLATE_FILE
+from mlxtune.settings import PreferenceSettings
 from mlxtune.storage import atomic_write_text, check_writable
-from mlxtune.train.adapters import attach_adapters, parameter_counts
-from mlxtune.train.checkpoint import load_checkpoint
-from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
+from mlxtune.train.adapters import parameter_counts
+from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
-from mlxtune.train.recovery import (apply_resume_flags, check_resume_state, data_fingerprint, find_resume_point,
-                                    unlock_run_dir)
+from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
+from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
+                                    restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.preference.objective import (
     STAT_NAMES,
     PreferenceObjective,
@@ -56,17 +52,14 @@ from mlxtune.train.preference.objective import (
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, step_progress, summary_table
 
+
 def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> None:
     """config.yaml stays a plain LoRA config (fuse/export/chat read it); the objective goes to preference.yaml."""
-    save_settings(settings.lora_part(), run_dir / CONFIG_FILE)
-    atomic_write_text(run_dir / PREFERENCE_FILE, yaml.safe_dump(settings.preference_part(), sort_keys=False))
+    save_split_settings(settings, run_dir, PREFERENCE_FILE)
 
 
 def load_preference_settings(run_dir: Path) -> PreferenceSettings:
-    lora = load_run_settings(run_dir / CONFIG_FILE, LoraSettings)  # lora's data settings in it are not ours
-    extra = read_yaml_config(run_dir / PREFERENCE_FILE, PreferenceSettings)
-    own = {f.name for f in fields(PreferenceSettings)}
-    return PreferenceSettings(**{**{k: v for k, v in lora.to_dict().items() if k in own}, **extra})
+    return load_split_settings(run_dir, PREFERENCE_FILE, PreferenceSettings)
 
 
 def is_preference_run(run_dir: str | Path) -> bool:
@@ -90,29 +83,9 @@ def resume_preference_settings(run_dir: str | Path, overrides: dict, objective: 
 
 
 @dataclass
-class PreferenceResult:
-    run_dir: str
-    objective: str
-    steps: int
-    total_steps: int
-    initial_val: dict | None = None  # loss, accuracy, margin, rewards before training
-    final_val: dict | None = None
-    best_step: int | None = None
-    best_val: dict | None = None
-    final_train: dict | None = None
-    tokens_per_second: float | None = None
-    peak_memory_gb: float | None = None
-    memory_estimate_gb: float | None = None  # the planner's estimate of the peak, made before training
-    memory_budget_gb: float | None = None
-    trainable_parameters: int = 0
-    total_parameters: int = 0
+class PreferenceResult(ObjectiveResult):
+    objective: str = "dpo"  # dpo | orpo
     reference: str = "adapters off"  # adapters off | precomputed | none
-    stopped: str = "completed"
-    notes: list | None = None
-    memory_changes: list | None = None  # what the memory guard changed, and why
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class PreferenceStep:
@@ -212,14 +185,9 @@ def check_memory(settings: PreferenceSettings, model_path: Path, sets: Preferenc
 
     budget, source = memory_budget(settings.memory)
     plan = plan_preference(ModelFacts.from_dir(model_path), settings, sets.train, sets.valid, budget, source)
-    if plan.fits or force:
-        if not plan.fits:
-            console.print(f"[yellow]warning:[/] {plan.verdict()}; --force: trying anyway")
-        return plan
-    hint = (f"use {plan.flags()}, or --force to try anyway" if plan.suggested_fits else
-            "use a smaller or 4-bit model (`mlxtune pull MODEL --quantize 4`), a shorter --max-seq-length, raise "
-            "--memory, or --force")
-    raise over_budget(plan, hint)
+    return verdict_or_refusal(plan, force=force, console=console, hint=(
+        "use a smaller or 4-bit model (`mlxtune pull MODEL --quantize 4`), a shorter --max-seq-length, raise "
+        "--memory, or --force"))
 
 
 class PairsObjective(Objective):
@@ -302,25 +270,12 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
     if writes:
         check_writable(Path(settings.out or "runs"))
-    if settings.from_run and not resume:
-        run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, settings.objective)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        claim(run_dir, resume, reporter)
-        settings.model = str(start_from(run_dir))
-    if not settings.model:
-        reporter.default_model(DEFAULT_BASE_MODEL, DEFAULT_QUANTIZE)
-        settings.model = DEFAULT_BASE_MODEL
-    model_path = resolve_model(settings.model, console=console)
-    settings.fit_model(model_path)  # max_seq_length from the model's context; its files checked before loading
+    # the other ranks are given rank 0's run directory (train/distributed.py): they neither create nor claim it
+    run_dir, model_path = open_run_dir(settings, resume=resume, reporter=reporter, start_from=start_from,
+                                       kind=settings.objective, writes=writes)
     for warning in context_warnings(settings.max_seq_length, context_length(read_config(model_path)), []):
         reporter.warning(warning.message)
-    hold_model(model_path)  # `models rm` refuses it while this run trains
-    if resume or not settings.from_run:
-        run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), settings.objective)
-        if writes:  # the other ranks are given rank 0's run directory (train/distributed.py)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            claim(run_dir, resume, reporter)
-    settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
+    settings.data = str(data_path.resolve())
 
     reporter.start(settings.objective, model_path, run_dir)
     model, tokenizer, model_config = load_model(model_path)
@@ -331,18 +286,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
         reporter.note(note)
     # Planned once the pairs are tokenized (with the model's own tokenizer, so after loading the weights): the
     # step's activations and head, not the weights, are what grows with the settings.
-    try:
-        memory_plan = check_memory(settings, model_path, sets, force=force or resume, console=console)
-    except UsageError:
-        if writes:
-            _release_unused(run_dir)  # refused before anything was written: no empty run directory left behind
-        raise
-
-    mx.random.seed(settings.seed)
-    adapter_cfg = attach_adapters(model, settings)
-    quantized = accelerate_quantized(model, memory_plan.budget)  # CPU backend only
-    if quantized:
-        reporter.info(quantized)
+    memory_plan, adapter_cfg = plan_then_adapt(settings, model, run_dir, lambda: check_memory(
+        settings, model_path, sets, force=force or resume, console=console), reporter, writes=writes)
     objective = PreferenceObjective(model, settings.objective, settings.beta, settings.label_smoothing,
                                     settings.selective_loss)
     if settings.iters is not None:
@@ -357,18 +302,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     data_files = data_fingerprint(data_path)
     if resume:
         check_resume_ranks(run_dir, parallel.size)
-        point = find_resume_point(run_dir, total_steps)
-        for warning in point.warnings:
-            reporter.warning(warning)
-        if point.checkpoint is not None:
-            resumed = load_checkpoint(point.checkpoint, model, optimizer)
-            start_step = resumed["step"]
-            if start_step >= total_steps:
-                raise UsageError(f"{run_dir} already trained {start_step} of {total_steps} steps",
-                                 f"extend it: mlxtune {settings.objective} --resume {run_dir} --iters N "
-                                 f"(N > {start_step})")
-            check_resume_state(run_dir, resumed, total_steps, data_files, settings)
-            reporter.resumed(point.checkpoint.name, start_step, total_steps)
+        start_step, resumed = restore(run_dir, total_steps, model, optimizer, data_files, settings, reporter,
+                                      settings.objective)
     parallel.broadcast_weights(model)  # every rank starts from rank 0's weights
     if writes:
         save_preference_settings(settings, run_dir)
@@ -399,21 +334,11 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
               memory_budget=memory_plan.budget)
     progress = train(run, PairsObjective(model, optimizer, settings, sets, objective, references, parallel),
                      reporter)
-    result = PreferenceResult(str(run_dir), settings.objective, progress.steps, total_steps, progress.initial_val,
-                              progress.final_val, progress.best_step, progress.best_val, progress.final_train,
-                              progress.tokens_per_second, progress.peak_memory_gb,
-                              memory_plan.to_dict()["estimate_gb"], memory_plan.to_dict()["budget_gb"], trainable,
-                              total, reference_mode, progress.stopped, list(sets.notes) + progress.notes,
-                              progress.memory_changes)
+    result = PreferenceResult.of(run_dir, progress, total_steps, memory_plan, trainable, total, sets.notes,
+                                 objective=settings.objective, reference=reference_mode)
     finish(run, result)
     _print_summary(console, result)
     return result
-
-
-def _release_unused(run_dir: Path) -> None:
-    unlock_run_dir(run_dir)
-    if run_dir.is_dir() and all(p.name in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model_config: dict, adapter_cfg: dict,

@@ -1,0 +1,78 @@
+"""Memory for GRPO runs: the rollout and the update, each planned with the planner's primitives (mlxtune/memory.py).
+
+A step's peak is the larger of its two phases (the rollout's arrays are gone, but for the tokens, when the update
+starts):
+- rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
+  holds its own copy of its prompt's keys and values), the decode step's logits and sampling temporaries over the
+  vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
+- update: one micro-batch of batch_size × G rows of prompt + completion, the completion's positions through the
+  selective head — the same estimate as an SFT/DPO micro-batch of that shape (activations, fused head's chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from mlxtune.data.batching import PAD_MULTIPLE
+from mlxtune.memory.budget import fmt_gb
+from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate
+from mlxtune.memory.planner import MemoryPlan, run_shape
+
+SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
+
+
+def rollout_bytes(facts: ModelFacts, rows: int, context: int, prompt: int, on_cpu: bool) -> dict[str, int]:
+    """The rollout's own arrays: KV cache, the decode step's vocabulary-sized arrays, one prompt's prefill logits."""
+    width = 4 if on_cpu else 2  # the cache's dtype: the model's (float32 on the CPU backend)
+    return {"kv cache": 2 * facts.layers * facts.kv_heads * facts.head_dim * rows * context * width,
+            "decode logits": SAMPLING_ARRAYS * rows * facts.vocab * 4,
+            "prefill logits": prompt * facts.vocab * 4}
+
+
+def update_shape(settings, longest_prompt: int) -> BatchShape:
+    rows = settings.batch_size * settings.group_size
+    length = PAD_MULTIPLE * -(-(longest_prompt + settings.max_completion_tokens - 1) // PAD_MULTIPLE)
+    return BatchShape(rows, length, rows * settings.max_completion_tokens)
+
+
+def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
+                  budget: int | None = None) -> Estimate:
+    run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
+    update = estimate(facts, run, [update_shape(settings, longest_prompt)])
+    fixed = {k: v for k, v in update.parts.items()
+             if k in ("weights", "trainable + optimizer", "allowance") or k.startswith("dequantized")}
+    rows = settings.batch_size * settings.group_size
+    rollout = dict(fixed, **rollout_bytes(facts, rows, longest_prompt + settings.max_completion_tokens,
+                                          longest_prompt, run.on_cpu))
+    if sum(rollout.values()) > update.total:
+        return Estimate(sum(rollout.values()), rollout, BatchShape(rows, longest_prompt +
+                                                                   settings.max_completion_tokens, 0))
+    return update
+
+
+def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, budget_source: str,
+              *, cpu: bool | None = None) -> MemoryPlan:
+    """Estimate a GRPO run; when it doesn't fit, suggest --grad-checkpoint, then fewer prompts per micro-batch with
+    more accumulation (the same prompts and samples per step)."""
+    def of(trial):
+        return estimate_grpo(facts, trial, longest_prompt, cpu=cpu, budget=budget)
+
+    current = of(settings)
+    plan = MemoryPlan(current.total <= budget, current, budget, budget_source)
+    if plan.fits:
+        return plan
+    trial = replace(settings, grad_checkpoint=True)
+    found = of(trial)
+    plan.suggested = {} if settings.grad_checkpoint else {"grad_checkpoint": True}
+    if not settings.grad_checkpoint:
+        plan.reasons.append(f"--grad-checkpoint: activations recomputed in the backward pass ({fmt_gb(found.total)})")
+    split = False
+    while found.total > budget and trial.batch_size > 1:
+        trial = replace(trial, batch_size=trial.batch_size // 2, grad_accumulation=trial.grad_accumulation * 2)
+        found, split = of(trial), True
+    if split:
+        plan.suggested.update(batch_size=trial.batch_size, grad_accumulation=trial.grad_accumulation)
+        plan.reasons.append(f"--batch-size {trial.batch_size} --grad-accumulation {trial.grad_accumulation}: the "
+                            f"same prompts per step, fewer per rollout ({fmt_gb(found.total)})")
+    plan.suggested_estimate, plan.suggested_fits = found, found.total <= budget
+    return plan

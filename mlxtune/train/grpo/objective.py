@@ -1,0 +1,350 @@
+"""GRPO as the training engine's third objective (after SFT and DPO/ORPO): rollouts, rewards, the clipped update.
+
+One engine step is one rollout batch — `batch_size × grad_accumulation` prompts, G samples each — followed by μ
+optimizer updates on it (`updates_per_batch`; the GRPO paper's μ, TRL's `num_iterations`). The step's prompts and
+its sampling keys are a pure function of (seed, step), so a resumed run draws and samples exactly what the
+uninterrupted one would. Updates 1 … μ−1 are applied here; the engine applies the μ-th (its NaN guard, data-parallel
+sums and update are the same as for every objective).
+
+Per micro-batch: `generate_group` (no gradient, the model in eval mode) → the rewards (`rewards.score`, weights
+summed) → `group_advantages` → the samples as prompt + completion rows (`rollout_examples`) → their per-token
+log-probs recomputed in training mode through the selective head (`SequenceLogProbs`, as DPO) → `grpo_loss`.
+With μ > 1, πold is those log-probs before the first update; with μ = 1 the ratio is 1. With β > 0 the reference is
+the same weights with the adapters switched off (`adapters_off`, as DPO's).
+
+The loss the engine sees is a sum with a count, so accumulation and data-parallel sums give the batch's mean:
+`sequence` and `constant` aggregations count completions, `token` counts completion tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from mlxtune.data.batching import make_batch
+from mlxtune.data.prompts import PromptRecord
+from mlxtune.train.engine import Objective
+from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
+from mlxtune.train.grpo.rewards import Reward, as_completions, score
+from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
+from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
+
+# Per step, summed over micro-batches and windows; `summarise` turns them into means and rates.
+ROLLOUT_STATS = ("completions", "groups", "zero_std_groups", "completion_tokens", "rollout_seconds",
+                 "update_seconds", "update_tokens", "reward_sum", "reward_squares")
+LOSS_STATS = ("kl", "clip_low", "clip_high", "loss_tokens")  # token sums over every update
+
+
+@dataclass
+class PromptBatch:
+    """A micro-batch of prompts: the records, their token ids, and the index that keys their sampling."""
+
+    records: list[PromptRecord]
+    ids: list[list[int]]
+    key_index: int  # the run-wide index of its first prompt (step · prompts per step + offset): keys its sampling
+    step: int
+    tokens: int = 0  # prompt + completion tokens of one update pass, set once the rollout is made
+    rollout: Rollout | None = None
+    texts: list[str] = field(default_factory=list)
+    scores: object = None
+
+
+@dataclass
+class UpdateBatch:
+    """The rows of one micro-batch's update: its padded batch arrays and what maps them to [rows, T]."""
+
+    arrays: tuple
+    gather: mx.array  # [rows, T] index into the flat log-probs (pad: the appended 0)
+    advantages: mx.array
+    mask: mx.array
+    old: mx.array | None = None
+    reference: mx.array | None = None
+
+
+class GrpoLoss:
+    """The clipped GRPO loss of one micro-batch as (loss sum, count, statistics), for `nn.value_and_grad`."""
+
+    def __init__(self, model, config: GRPOLossConfig, selective: bool = True, old_policy: bool = False):
+        self.config = config
+        self.old_policy = old_policy  # μ > 1: the ratio is taken against the sampling policy's log-probs
+        self.logps = SequenceLogProbs(model, selective)
+
+    def token_log_probs(self, model, arrays, gather, differentiable: bool) -> mx.array:
+        inputs, positions, targets = arrays[:3]
+        nll = self.logps.position_nll(model, inputs, positions, targets, differentiable)
+        return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
+
+    def frozen_log_probs(self, model, batch: UpdateBatch, reference: bool) -> mx.array:
+        """Log-probs without gradient: the policy as it is (πold), or with its adapters off (the reference)."""
+        was_training = model.training
+        if reference:
+            with adapters_off(model):
+                model.eval()
+                out = self.token_log_probs(model, batch.arrays, batch.gather, False)
+        else:
+            out = self.token_log_probs(model, batch.arrays, batch.gather, False)
+        if reference and was_training:
+            model.train()
+        return mx.stop_gradient(out)
+
+    def loss_arrays(self, model, batch: UpdateBatch) -> tuple:
+        # An unused πold or reference: a placeholder keeps the compiled function's arity fixed (two distinct arrays:
+        # one array passed as two inputs of a compiled function breaks its input map).
+        old = batch.old if batch.old is not None else mx.zeros((1,))
+        reference = batch.reference if batch.reference is not None else mx.zeros((1,))
+        return (*batch.arrays, batch.gather, batch.advantages, batch.mask, old, reference)
+
+    def __call__(self, model, inputs, positions, targets, weights, rows, gather, advantages, mask, old, reference):
+        log_probs = self.token_log_probs(model, (inputs, positions, targets), gather, True)
+        loss, stats = grpo_loss(log_probs, advantages, mask, self.config,
+                                old_log_probs=old if self.old_policy else None,
+                                reference_log_probs=reference if self.config.beta else None)
+        tokens = mask.astype(mx.float32).sum()
+        # The "token" count is computed apart from `tokens`: returning that same array as the count failed inside
+        # the compiled step on MLX 0.32.4 (IndexError: _Map_base::at); test_grpo_run.py runs the dapo preset.
+        count = (mask.astype(mx.float32).sum(axis=1).sum() if self.config.aggregation == "token"
+                 else mx.array(float(mask.shape[0])))
+        sums = mx.stack([stats["kl"] * tokens, stats["clip_low"] * tokens, stats["clip_high"] * tokens, tokens])
+        return loss * count, count, mx.stop_gradient(sums)
+
+
+def update_batch(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray) -> UpdateBatch:
+    """The rollout's rows as one padded batch (prompt + completion, the completion supervised), with the index
+    that lays the flat per-position log-probs out as [rows, T] like the rollout's mask."""
+    batch = make_batch(rollout_examples(prompt_ids, rollout))
+    lengths = rollout.lengths
+    rows, width = rollout.mask.shape
+    gather = np.full((rows, width), batch.position_weights.shape[0], np.int32)  # the appended 0 after the padding
+    offset = 0
+    for row, length in enumerate(lengths):
+        gather[row, :length] = np.arange(offset, offset + length)
+        offset += length
+    arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
+              mx.array(batch.position_weights), mx.array(np.zeros(1, np.int32)))
+    return UpdateBatch(arrays, mx.array(gather), mx.array(advantages, dtype=mx.float32), rollout.mask)
+
+
+class GrpoObjective(Objective):
+    """GRPO for the engine. `trainer`: the compiled gradients + update shared with DPO (`PreferenceStep`)."""
+
+    command = "grpo"
+    watch = "reward"
+    higher_is_better = True
+    shown = "reward"
+
+    def __init__(self, model, tokenizer, trainer, loss: GrpoLoss, settings, rewards: list[Reward],
+                 train: list[tuple[PromptRecord, list[int]]], valid: list[tuple[PromptRecord, list[int]]],
+                 eos_token_ids, on_samples=None, save_settings=None):
+        self.model, self.tokenizer, self.trainer, self.loss = model, tokenizer, trainer, loss
+        self.settings, self.rewards, self.train, self.valid = settings, rewards, train, valid
+        self.eos_token_ids = eos_token_ids
+        self.on_samples = on_samples  # (step, list of sample dicts): where --sample-every's samples go
+        self._save_settings = save_settings  # (settings, run_dir): how the run saves them (grpo.yaml + config.yaml)
+
+    # --- the step's prompts -------------------------------------------------------------------------------------
+
+    def prompts_per_step(self) -> int:
+        return self.settings.batch_size * self.settings.grad_accumulation
+
+    def prompt_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.settings.seed, epoch]).permutation(len(self.train))
+
+    def batches(self, step: int) -> list:
+        per_step, size = self.prompts_per_step(), self.settings.batch_size
+        start = step * per_step
+        picked = []
+        for index in range(start, start + per_step):
+            epoch, within = divmod(index, len(self.train))
+            picked.append(int(self.prompt_order(epoch)[within]))
+        return [PromptBatch([self.train[i][0] for i in picked[k:k + size]],
+                            [self.train[i][1] for i in picked[k:k + size]], start + k, step)
+                for k in range(0, per_step, size)]
+
+    def keys(self, batch: PromptBatch) -> mx.array:
+        """G sampling keys per prompt, from the prompt's place in the run (seed, step, position in the step): the
+        same samples however the memory guard splits the step into micro-batches, and again on resume."""
+        seed = self.settings.seed * 1_000_003 + batch.key_index
+        return mx.concatenate([sample_keys(mx.random.key(seed + j), 1, self.settings.group_size)
+                               for j in range(len(batch.ids))])
+
+    # --- rollouts and rewards -----------------------------------------------------------------------------------
+
+    def generate(self, ids: list[list[int]], keys: mx.array, temperature: float, top_p: float) -> Rollout:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return generate_group(self.model, ids, keys, max_tokens=self.settings.max_completion_tokens,
+                                  eos_token_ids=self.eos_token_ids, temperature=temperature, top_p=top_p)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def score(self, records: list[PromptRecord], rollout: Rollout):
+        texts = [self.tokenizer.decode([t for t in rollout.completion(row) if t not in self.eos_token_ids])
+                 for row in range(len(rollout.prompt_index))]
+        owners = [records[p] for p in rollout.prompt_index]
+        prompts = [r.prompt for r in owners]
+        return texts, score(self.rewards, prompts, as_completions(texts, prompts), [r.fields for r in owners],
+                            [r.source for r in owners])
+
+    def rollout(self, batch: PromptBatch) -> tuple[UpdateBatch, np.ndarray]:
+        """The micro-batch's samples, rewards and update rows, and its rollout statistics."""
+        s = self.settings
+        batch.rollout = rollout = self.generate(batch.ids, self.keys(batch), s.temperature, s.top_p)
+        batch.texts, batch.scores = self.score(batch.records, rollout)
+        total = batch.scores.total
+        grouped = total.reshape(-1, s.group_size)
+        advantages = np.array(group_advantages(mx.array(total), s.group_size, self.loss.config.scale_rewards))
+        update = update_batch(batch.ids, rollout, advantages)
+        batch.tokens = int(sum(len(p) for p in batch.ids) * s.group_size + rollout.generated_tokens)
+        stats = [len(total), grouped.shape[0], float((grouped.std(axis=1) == 0).sum()), rollout.generated_tokens,
+                 rollout.seconds, 0.0, 0.0, float(total.sum()), float((total ** 2).sum())]
+        for row in batch.scores.values:
+            applied = row[~np.isnan(row)]
+            stats += [float(applied.sum()), float((applied ** 2).sum()), float(applied.size)]
+        return update, np.array(stats, np.float64)
+
+    def samples(self, batch: PromptBatch, advantages: np.ndarray) -> list[dict]:
+        out = []
+        for row, text in enumerate(batch.texts):
+            record = batch.records[batch.rollout.prompt_index[row]]
+            rewards = {name: (None if np.isnan(v[row]) else float(v[row]))
+                       for name, v in zip(batch.scores.names, batch.scores.values)}
+            out.append({"step": batch.step + 1, "source": record.source, "prompt": record.prompt,
+                        "completion": text, "rewards": rewards, "total": float(batch.scores.total[row]),
+                        "advantage": float(advantages[row])})
+        return out
+
+    # --- the engine's calls -------------------------------------------------------------------------------------
+
+    def gradients(self, micro: list):
+        s = self.settings
+        made = [self.rollout(batch) for batch in micro]
+        updates, stats = [u for u, _ in made], sum(st for _, st in made)
+        if self.on_samples is not None and s.sample_every and (micro[0].step + 1) % s.sample_every == 0:
+            self.on_samples(micro[0].step + 1, [x for b, u in zip(micro, updates)
+                                                for x in self.samples(b, np.array(u.advantages))])
+        tic = time.perf_counter()
+        self.frozen(updates)
+        loss_stats = np.zeros(len(LOSS_STATS))
+        for number in range(s.updates_per_batch):
+            loss_sum, count, step_stats, grads = self.trainer.accumulate(updates)
+            loss_stats += np.array(step_stats)
+            if number == s.updates_per_batch - 1 or not np.isfinite((loss_sum / count).item()):
+                break  # the last update is the engine's (as is a NaN: its guard stops the run)
+            self.trainer.update(grads, count)
+            mx.eval(self.trainer.state)
+        stats[ROLLOUT_STATS.index("update_seconds")] = time.perf_counter() - tic
+        stats[ROLLOUT_STATS.index("update_tokens")] = sum(b.tokens for b in micro) * s.updates_per_batch
+        return loss_sum, count, mx.array(np.concatenate([stats, loss_stats]).astype(np.float32)), grads
+
+    def frozen(self, updates: list[UpdateBatch]) -> None:
+        """The log-probs the updates compare with, each evaluated on its own: the reference's (β > 0) and πold's
+        (μ > 1: the sampling policy in training mode, before the first update)."""
+        for update in updates:
+            if self.loss.config.beta:
+                update.reference = self.loss.frozen_log_probs(self.model, update, reference=True)
+                mx.eval(update.reference)
+            if self.loss.old_policy:
+                update.old = self.loss.frozen_log_probs(self.model, update, reference=False)
+                mx.eval(update.old)
+
+    def has_validation(self) -> bool:
+        return bool(self.valid)
+
+    def validation_prompts(self) -> list[tuple[PromptRecord, list[int]]]:
+        n = len(self.valid) if self.settings.val_batches < 0 else self.settings.val_batches * self.settings.batch_size
+        return self.valid[:n]
+
+    def validate(self) -> dict:
+        """Mean reward of one completion per held-out prompt, sampled with fixed keys (`best/` follows it)."""
+        out = mean_reward(self, self.validation_prompts())
+        out.pop("totals")
+        return out
+
+    def summarise(self, loss_sum: float, count: float, stats) -> dict:
+        return summarise(loss_sum, count, np.asarray(stats, np.float64), [r.spec for r in self.rewards])
+
+    def progress_note(self, m: dict) -> str:
+        return (f"reward {m['reward']:.3f} ± {m['reward_std']:.2f} · kl {m['kl']:.3g} · clip {m['clip_fraction']:.2f}"
+                f" · len {m['completion_length']:.0f} · rollout {m['rollout_tokens_per_second']:.0f} tok/s")
+
+    def shrink(self, guard, peak: int | None, step: int) -> dict:
+        # Fewer prompts per micro-batch, more micro-batches: the prompts (and samples) of a step are unchanged.
+        return guard.shrink(self.settings, None, 0, peak, step, fixed_batches=True)
+
+    def save_settings(self, run_dir) -> None:
+        self._save_settings(self.settings, run_dir)
+
+    def nan_hint(self) -> str:
+        return "lower --learning-rate (or --epsilon-high / --updates-per-batch)"
+
+    def try_first(self, step: int) -> None:
+        """Fail fast: the longest rows an update can see (the longest prompts' group, every sample run to
+        --max-completion-tokens) through one gradient pass, untimed and discarded."""
+        s = self.settings
+        longest = sorted(self.train, key=lambda item: -len(item[1]))[: s.batch_size]
+        ids = [item[1] for item in longest]
+        rows = len(ids) * s.group_size
+        tokens = mx.ones((rows, s.max_completion_tokens), mx.int32)
+        rollout = Rollout(tokens, mx.ones(tokens.shape, mx.bool_), mx.zeros(tokens.shape),
+                          [p for p in range(len(ids)) for _ in range(s.group_size)], mx.zeros((rows, 2)), 0.0,
+                          rows * s.max_completion_tokens)
+        update = update_batch(ids, rollout, np.zeros(rows, np.float32))
+        self.frozen([update])
+        self.trainer.optimizer.init(self.model.trainable_parameters())
+        mx.eval(self.trainer.optimizer.state)
+        self.trainer.accumulate([update])
+
+
+VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)
+
+
+def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[int]]],
+                batch_size: int | None = None) -> dict:
+    """One completion per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
+    key is the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
+    total reward, each reward's mean, and the per-prompt totals. Temperature 0 is greedy."""
+    s = objective.settings
+    batch_size = batch_size or s.batch_size
+    totals, per_reward = [], {r.spec: [] for r in objective.rewards}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        keys = mx.stack([mx.random.key(VALIDATION_KEY + start + j) for j in range(len(chunk))])
+        rollout = objective.generate([item[1] for item in chunk], keys, s.temperature, s.top_p)
+        _, scores = objective.score([item[0] for item in chunk], rollout)
+        totals.extend(scores.total.tolist())
+        for name, row in zip(scores.names, scores.values):
+            per_reward[name].extend(row.tolist())
+    out = {"reward": float(np.mean(totals)), "totals": totals}  # no validation loss: the reward is the measure
+    for name, values in per_reward.items():
+        values = np.array(values)
+        applied = values[~np.isnan(values)]
+        out[f"reward_{name}"] = float(applied.mean()) if applied.size else None
+    return out
+
+
+def summarise(loss_sum: float, count: float, stats: np.ndarray, names: list[str]) -> dict:
+    """A report window's means and rates from the summed statistics."""
+    base = dict(zip(ROLLOUT_STATS, stats[:len(ROLLOUT_STATS)]))
+    per = stats[len(ROLLOUT_STATS):len(stats) - len(LOSS_STATS)].reshape(-1, 3)
+    loss = dict(zip(LOSS_STATS, stats[len(stats) - len(LOSS_STATS):]))
+    n = max(base["completions"], 1.0)
+    mean = base["reward_sum"] / n
+    out = {"loss": loss_sum / max(count, 1.0), "reward": mean,
+           "reward_std": float(np.sqrt(max(base["reward_squares"] / n - mean ** 2, 0.0)))}
+    for name, (total, squares, applied) in zip(names, per):
+        m = total / applied if applied else float("nan")
+        out[f"reward_{name}"] = m
+        out[f"reward_{name}_std"] = float(np.sqrt(max(squares / applied - m ** 2, 0.0))) if applied else float("nan")
+    tokens = max(loss["loss_tokens"], 1.0)
+    out.update({"completions": int(base["completions"]), "zero_std_groups": base["zero_std_groups"] / max(base["groups"], 1.0),
+                "completion_length": base["completion_tokens"] / n,
+                "kl": loss["kl"] / tokens, "clip_fraction": (loss["clip_low"] + loss["clip_high"]) / tokens,
+                "clip_low": loss["clip_low"] / tokens, "clip_high": loss["clip_high"] / tokens,
+                "rollout_tokens_per_second": base["completion_tokens"] / max(base["rollout_seconds"], 1e-9),
+                "update_tokens_per_second": base["update_tokens"] / max(base["update_seconds"], 1e-9)})
+    return out
