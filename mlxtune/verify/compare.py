@@ -88,3 +88,12 @@ def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | 
     return position / max(len(ours), len(theirs), 1), {
         "probe": probe, unit: position, "agreed": show(ours[:position])[-40:],
         "reference": rest(ours, reference.stopped), "hop": rest(theirs, hop.stopped)}
+
+
+def finetune_kept(loss_base: float | None, forced: dict) -> float | None:
+    """The share of the finetune's loss gain (base → reference, on the supervised tokens) the hop keeps; None when
+    the finetune gained too little on these tokens for a share to mean anything (under 0.01 nats per token)."""
+    if loss_base is None or forced.get("loss") is None:
+        return None
+    gain = loss_base - forced["loss_reference"]
+    return (loss_base - forced["loss"]) / gain if gain > 0.01 else None
