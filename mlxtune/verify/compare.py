@@ -75,8 +75,10 @@ def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | 
     ending the same way), and where they part (None when they don't). Tokens where the hop gives them, else text."""
     if reference.tokens is not None and hop.tokens is not None:
         ours, theirs, show = reference.tokens, hop.tokens, decode
-    else:  # text from a server, which holds back a character cut off by the token limit (U+FFFD): so do we
-        ours, theirs, show = reference.text.rstrip("\ufffd"), hop.text.rstrip("\ufffd"), (lambda piece: piece)
+    else:  # text from a server: bytes that are no UTF-8 character (U+FFFD) are left out on both sides, since a
+        # streaming detokenizer emits them differently from a whole decode (and holds back one cut off at the end)
+        ours, theirs = reference.text.replace("\ufffd", ""), hop.text.replace("\ufffd", "")
+        show = lambda piece: piece  # noqa: E731
     if ours == theirs and reference.stopped == hop.stopped:
         return 1.0, None
     position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))

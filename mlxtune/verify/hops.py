@@ -121,14 +121,15 @@ class MlxHop:
             def bias(tokens, logits):
                 return logits + mx.where(mx.arange(logits.shape[-1]) == force, 1e4, 0.0)
             processors.append(bias)
-        tokens, stopped = [], False
+        tokens, pieces, stopped = [], [], False
         for response in stream_generate(self.loaded.model, self.tokenizer, rendered.ids, max_tokens=max_tokens,
                                         sampler=make_sampler(temp=0.0), logits_processors=processors):
+            pieces.append(response.text)  # the streaming detokenizer's text, as chat and serve show it
             if response.finish_reason == "stop":
                 stopped = True
             else:
                 tokens.append(response.token)
-        text = self.tokenizer.decode(tokens)
+        text = "".join(pieces)
         for stop in self.format.stops:
             if stop in text:
                 text, stopped = text[:text.index(stop)], True
@@ -341,11 +342,10 @@ def lmstudio_target(target) -> tuple[Path, str]:
 def jinja_environment():
     """A Jinja environment set up as chat templates expect it (Hugging Face's and @huggingface/jinja's settings:
     blocks trimmed, loop controls, `tojson` keeping non-ASCII)."""
-    import jinja2
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     return environment
 

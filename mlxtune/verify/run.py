@@ -320,7 +320,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
             elif name == "ollama":
                 plan += [(f"ollama {p.name}", p) for p in ollama_dirs]
             elif name == "lmstudio":
-                plan += [(f"lmstudio {p.parent.name}/{p.name}" if kind == "gguf" else f"lmstudio {p.name} (MLX)",
+                plan += [(f"lmstudio {p.parent.parent.name}/{p.parent.name}" if kind == "gguf" else f"lmstudio {p.name} (MLX)",
                           (p, kind)) for p, kind in lmstudio_models]
             elif name == "serve":
                 plan.append((name, serve or run.path))
