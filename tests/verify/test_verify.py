@@ -95,6 +95,9 @@ def fused(chat_run, tmp_path_factory):
 
 
 def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
+    from mlxtune.eval import evaluate_run
+
+    evaluate_run(chat_run, samples=0, max_tokens=4)  # the run's report.html, which verify adds its section to
     result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--json")
     assert result.returncode == 0, result.stderr + result.stdout
     report = json.loads(result.stdout)
@@ -109,7 +112,16 @@ def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
     assert by_name["fused"]["teacher_forced"]["agreement"] == 1.0  # float32 fuse: exact
     assert by_name["fused"]["greedy"]["same"] == 5
     assert by_name["fused-q4"]["teacher_forced"]["loss_delta"] > by_name["fused-q8"]["teacher_forced"]["loss_delta"]
+    assert by_name["fused-q4"]["thresholds"] == {"kept": 0.75} and by_name["fused-q4"]["teacher_forced"]["kept"] > 0.75
+    # The fallback template reads `tools`: the tool call renders the same through the fused model and llama.cpp;
+    # Ollama's derived TEMPLATE and the server don't take tools, and say so.
+    assert [by_name[name]["features"]["tool call"]["status"] for name in names] == [
+        "same", "same", "same", "same", "unsupported", "unsupported"]
     assert json.loads((chat_run / "verify.json").read_text())["ok"]
+    html = (chat_run / "report.html").read_text()
+    section = html[html.index("<h2 id=verify>"):]
+    assert "every hop renders, stops and answers like base + adapter" in section
+    assert section.count("<span class=pass>pass</span>") == len(names) and "demo-ollama" in section
 
 
 def _skip_layer_adapter(fused: Path, out: Path, layer: int) -> Path:
@@ -331,8 +343,8 @@ def test_go_template_renderer_matches_go(tmp_path):
 
 
 def test_unknown_hop_is_a_usage_error(chat_run):
-    result = run_cli("verify", chat_run, "--hops", "fused,lmstudio")
-    assert result.returncode == 2 and "unknown hop 'lmstudio'" in result.stderr
+    result = run_cli("verify", chat_run, "--hops", "fused,vllm")
+    assert result.returncode == 2 and "unknown hop 'vllm'" in result.stderr
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
     result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
     assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
