@@ -106,27 +106,43 @@ def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tun
 
 def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
     """`mlxtune verify` on the real instruct model (ChatML, <|im_end|>) after the short run: the fused model (as
-    stored and re-quantized to 8 and 4 bits), its GGUF in llama.cpp, the Ollama folder (Go TEMPLATE), the same GGUF
-    in LM Studio's PUBLISHER/NAME/FILE.gguf layout (the embedded template in Jinja) and serve all pass, with their
-    agreement figures in verify.json."""
+    stored and re-quantized to 8 and 4 bits), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
+    the chat template, the same GGUF in LM Studio's PUBLISHER/NAME/FILE.gguf layout (the embedded template in
+    Jinja) and serve all pass, with their agreement figures. The Ollama folder `export` writes for this run keeps
+    the TEMPLATE its Ollama import came with (here a legacy .System/.Prompt one): verify names that hop, since it
+    renders a multi-turn chat, and a chat without a system message, otherwise than training did."""
+    from mlxtune.export.ollama import modelfile
+    from mlxtune.runs import open_for_inference
+
     run_dir, env, _ = tuned
-    exported = _cli("export", run_dir, "--format", "ollama", "--out", tmp_path / "ollama", "--no-verify", env=env)
+    kept = tmp_path / "ollama-kept"
+    exported = _cli("export", run_dir, "--format", "ollama", "--out", kept, "--no-verify", env=env)
     assert exported.returncode == 0, exported.stderr
-    [gguf_file] = (tmp_path / "ollama").glob("*.gguf")
+    [gguf_file] = kept.glob("*.gguf")
+    assert TEMPLATE in (kept / "Modelfile").read_text()
+    derived = tmp_path / "ollama-derived"
+    derived.mkdir()
+    (derived / gguf_file.name).hardlink_to(gguf_file)
+    loaded = open_for_inference(run_dir)
+    (derived / "Modelfile").write_text(modelfile(gguf_file.name, loaded.tokenizer, loaded.template, loaded.path))
+    del loaded
     lmstudio = tmp_path / "lmstudio" / "mlxtune" / run_dir.name
     lmstudio.mkdir(parents=True)
     (lmstudio / gguf_file.name).hardlink_to(gguf_file)
-    result = _cli("verify", run_dir, "--gguf", gguf_file, "--ollama", tmp_path / "ollama", "--lmstudio", lmstudio,
-                  "--samples", 1, "--max-tokens", 8, "--json", env=env, timeout=900)
+    result = _cli("verify", run_dir, "--gguf", gguf_file, "--ollama", derived, "--ollama", kept, "--lmstudio",
+                  lmstudio, "--samples", 1, "--max-tokens", 8, "--json", env=env, timeout=1800)
     report = json.loads(result.stdout)
-    assert result.returncode == 0, [(hop["name"], hop["problems"]) for hop in report["hops"]]
-    assert report["end_of_turn"]["text"] == "<|im_end|>" and len(report["end_of_turn"]["ids"]) == 1
     hops = {hop["name"]: hop for hop in report["hops"]}
-    assert list(hops) == ["fused", "fused-q8", "fused-q4", f"gguf {gguf_file.name}", "ollama ollama",
-                          f"lmstudio mlxtune/{run_dir.name}", "serve"]
-    assert hops["ollama ollama"]["template"].startswith("the Modelfile's Go TEMPLATE")
+    assert list(hops) == ["fused", "fused-q8", "fused-q4", f"gguf {gguf_file.name}", "ollama ollama-derived",
+                          "ollama ollama-kept", f"lmstudio mlxtune/{run_dir.name}", "serve"]
+    assert result.returncode == 1 and [name for name, hop in hops.items() if not hop["ok"]] == [
+        "ollama ollama-kept"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
+    assert hops["ollama ollama-kept"]["problems"][0].startswith("rendering: "), hops["ollama ollama-kept"]
+    assert report["end_of_turn"]["text"] == "<|im_end|>" and len(report["end_of_turn"]["ids"]) == 1
     assert hops[f"lmstudio mlxtune/{run_dir.name}"]["template"] == "the GGUF's embedded template (Jinja)"
     for name, hop in hops.items():
+        if name == "ollama ollama-kept":
+            continue
         assert hop["rendering"]["ok"] and "byte-identical" in hop["rendering"]["detail"], (name, hop["rendering"])
         assert "generation stops on it" in hop["stopping"]["detail"] or name == "serve", (name, hop["stopping"])
         if name != "serve":
