@@ -188,15 +188,3 @@ def write_report(result, path: Path) -> Path:
     atomic_write_text(path, render_report(result))
     return path
 
-
-def refresh_report(run_dir: Path) -> Path | None:
-    """Write the run's report.html again from its eval.json (after `mlxtune verify` wrote verify.json); None when
-    the run has not been evaluated into its own directory."""
-    import json
-
-    from mlxtune.eval.evaluate import EVAL_FILE, REPORT_FILE, EvalResult
-
-    data_file = Path(run_dir) / EVAL_FILE
-    if not data_file.is_file():
-        return None
-    return write_report(EvalResult(**json.loads(data_file.read_text(encoding="utf-8"))), Path(run_dir) / REPORT_FILE)

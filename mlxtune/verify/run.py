@@ -370,7 +370,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                           [p.name for p in reference.probes], results)
     result.files = {"verify": str(run.path / VERIFY_FILE)}
     atomic_write_text(run.path / VERIFY_FILE, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    from mlxtune.eval.report import refresh_report
+    from mlxtune.eval.evaluate import refresh_report
 
     report = refresh_report(run.path)  # the run's report.html gets (or updates) its verify section
     if report is not None:
