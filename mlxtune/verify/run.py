@@ -49,11 +49,11 @@ class HopResult:
     precision: str  # the threshold class: exact | f32 | half | q8 | q4
     rendering: dict  # {"ok", "detail", "difference"?}
     stopping: dict  # {"ok", "detail"}
-    # feature probe name ("tool call", "thinking on", ...) → {"status": same | differs | unsupported, "detail"}
-    teacher_forced: dict | None
+    teacher_forced: dict | None  # agreement, losses, loss_delta, kept (share of the finetune's gain), ...
     # {"same": identical replies, "probes", "prefix": mean share agreed before parting, "first_divergence"}
     greedy: dict
     thresholds: dict
+    # feature probe name ("tool call", "thinking on", ...) → {"status": same | differs | unsupported, "detail"}
     features: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
