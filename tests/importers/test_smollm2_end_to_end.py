@@ -106,11 +106,13 @@ def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tun
 
 def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
     """`mlxtune verify` on the real instruct model (ChatML, <|im_end|>) after the short run: the fused model (as
-    stored and re-quantized to 8 and 4 bits), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
+    stored and re-quantized to 8 bits), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
     the chat template, the same GGUF in LM Studio's PUBLISHER/NAME/FILE.gguf layout (the embedded template in
     Jinja) and serve all pass, with their agreement figures. The Ollama folder `export` writes for this run keeps
     the TEMPLATE its Ollama import came with (here a legacy .System/.Prompt one): verify names that hop, since it
-    renders a multi-turn chat, and a chat without a system message, otherwise than training did."""
+    renders a multi-turn chat, and a chat without a system message, otherwise than training did. (fused-q4 is left
+    out: 4-bit re-quantization of this 4-bit base keeps about a quarter of a 4-step finetune's gain, which verify
+    rightly fails; docs/VERIFY.md.)"""
     from mlxtune.export.ollama import modelfile
     from mlxtune.runs import open_for_inference
 
@@ -129,11 +131,12 @@ def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
     lmstudio = tmp_path / "lmstudio" / "mlxtune" / run_dir.name
     lmstudio.mkdir(parents=True)
     (lmstudio / gguf_file.name).hardlink_to(gguf_file)
-    result = _cli("verify", run_dir, "--gguf", gguf_file, "--ollama", derived, "--ollama", kept, "--lmstudio",
-                  lmstudio, "--samples", 1, "--max-tokens", 8, "--json", env=env, timeout=1800)
+    result = _cli("verify", run_dir, "--hops", "fused,fused-q8,gguf,ollama,lmstudio,serve", "--gguf", gguf_file,
+                  "--ollama", derived, "--ollama", kept, "--lmstudio", lmstudio, "--samples", 1, "--max-tokens", 8,
+                  "--json", env=env, timeout=1800)
     report = json.loads(result.stdout)
     hops = {hop["name"]: hop for hop in report["hops"]}
-    assert list(hops) == ["fused", "fused-q8", "fused-q4", f"gguf {gguf_file.name}", "ollama ollama-derived",
+    assert list(hops) == ["fused", "fused-q8", f"gguf {gguf_file.name}", "ollama ollama-derived",
                           "ollama ollama-kept", f"lmstudio mlxtune/{run_dir.name}", "serve"]
     assert result.returncode == 1 and [name for name, hop in hops.items() if not hop["ok"]] == [
         "ollama ollama-kept"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
