@@ -559,14 +559,15 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, lmstudio, serve_target, samples, max_tokens,
                    json_mode):
     """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
-    llama.cpp, the Ollama folder, LM Studio, mlxtune serve) against base + adapter: prompt rendering byte for byte, the
-    end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
+    llama.cpp, the Ollama folder, LM Studio, mlxtune serve) against base + adapter: prompt rendering byte for
+    byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
     breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
 
     \b
     Examples:
       mlxtune verify runs/demo
       mlxtune verify runs/demo --hops fused,gguf --gguf runs/demo-q8_0.gguf --json
+      mlxtune verify runs/demo --lmstudio someone/demo-GGUF
     """
     from mlxtune.ui import make_console, print_json
     from mlxtune.verify import print_verify, verify_run
