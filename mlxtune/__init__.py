@@ -28,9 +28,9 @@ def __getattr__(name):
     lazy = {
         "finetune": ("mlxtune.train.loop", "finetune"),
         "fuse_run": ("mlxtune.fuse", "fuse_run"),
-        "generate_text": ("mlxtune.chat", "generate_text"),
+        "generate_text": ("mlxtune.inference", "generate_text"),
         "chat_session": ("mlxtune.chat", "chat_session"),
-        "validation_loss": ("mlxtune.train.evaluate", "validation_loss"),
+        "validation_loss": ("mlxtune.train.validation", "validation_loss"),
         "evaluate_run": ("mlxtune.eval", "evaluate_run"),
         "make_server": ("mlxtune.serve", "make_server"),
     }

@@ -18,14 +18,14 @@ from mlxtune.errors import MlxtuneError, UsageError
 from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
 from mlxtune.models import DEFAULT_BASE_MODEL
-from mlxtune.settings import METHODS, REPORT_TARGETS, SCHEDULES, LoraSettings
+from mlxtune.cli_options import settings_options
+from mlxtune.settings import LoraSettings, PreferenceSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
 
 EXIT_INTERRUPTED = 130
 MAX_RANK_TIMEOUT = 86_400  # a day: longer than any step; past it a hung rank would never be noticed
-DEFAULTS = LoraSettings()  # help texts show the settings' own defaults
 
 
 class MlxtuneGroup(click.Group):
@@ -94,56 +94,46 @@ def _json_option(f):
     return click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON on stdout.")(f)
 
 
+# The default of --model is the models' (resolved when a run starts), not a settings field's.
+_SHOWN = {"model": f"{DEFAULT_BASE_MODEL}, {DEFAULT_QUANTIZE}-bit"}
+
+
+def _config_option(f):
+    return click.option("--config", "config_path", type=click.Path(),
+                        help="YAML file with any of these settings (flags given too take precedence).")(f)
+
+
+def _resume_option(f):
+    return click.option("--resume", "resume_dir", type=click.Path(),
+                        help="Continue the run in this directory from its last checkpoint; length, evaluation/saving "
+                             "cadence and optimizer step sizes may change, flags that would train a different "
+                             "adapter are refused.")(f)
+
+
+def _force_option(f):
+    return click.option("--force", is_flag=True, default=None,
+                        help="Train even when the plan says the settings won't fit the memory budget.")(f)
+
+
+def _launcher_options(f):
+    """The data-parallel launcher's flags (lora, dpo, orpo)."""
+    for option in reversed((
+        click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch."),
+        click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first."),
+        click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring]."),
+        click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}]."),
+        click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit."),
+    )):
+        f = option(f)
+    return f
+
+
 @main.command(context_settings={"show_default": True})
-@click.option("--model", help=f"Base model: a library name, a local directory or a hub id (pulled on first use) [default: {DEFAULT_BASE_MODEL}, {DEFAULT_QUANTIZE}-bit].")
-@click.option("--data", help="Directory with train/valid(/test) files, or one file: .jsonl, .json, .csv or .parquet; "
-                             "or a Hugging Face dataset id (org/name or hf:org/name).")
-@click.option("--out", help="Run directory [default: runs/<model>-<time>].")
-@click.option("--config", "config_path", type=click.Path(), help="YAML file with any of these settings.")
-@click.option("--resume", "resume_dir", type=click.Path(), help="Continue the run in this directory from its last checkpoint; length, evaluation/saving cadence and optimizer step sizes may change, flags that would train a different adapter are refused.")
-@click.option("--method", type=click.Choice(METHODS), help=f"Adapter type [default: {DEFAULTS.method}].")
-@click.option("--layers", type=int, help="Adapt the last N blocks [default: all].")
-@click.option("--target-modules", help="Comma-separated modules to adapt, e.g. self_attn.q_proj,self_attn.v_proj [default: every linear layer].")
-@click.option("--rank", type=int, help=f"LoRA rank [default: {DEFAULTS.rank}].")
-@click.option("--alpha", type=float, help=f"LoRA alpha; scale = alpha / rank [default: {DEFAULTS.alpha:g}].")
-@click.option("--dropout", type=float, help=f"LoRA dropout [default: {DEFAULTS.dropout:g}].")
-@click.option("--learning-rate", "--lr", "learning_rate", type=float, help=f"Peak learning rate [default: {DEFAULTS.learning_rate:g}].")
-@click.option("--schedule", type=click.Choice(SCHEDULES), help=f"LR schedule after warmup [default: {DEFAULTS.schedule}].")
-@click.option("--warmup-steps", type=int, help="Linear warmup steps [default: 5% of steps].")
-@click.option("--weight-decay", type=float, help=f"AdamW weight decay [default: {DEFAULTS.weight_decay:g}].")
-@click.option("--grad-clip", type=float, help=f"Clip the gradient norm; 0 = off [default: {DEFAULTS.grad_clip:g}].")
-@click.option("--iters", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, help=f"Passes over the training data [default: {DEFAULTS.epochs:g}].")
-@click.option("--batch-size", type=int, help=f"Examples per micro-batch [default: {DEFAULTS.batch_size}].")
-@click.option("--batch-tokens", type=int, help="Token budget per micro-batch, filled with examples of similar length [default: batch size × mean length].")
-@click.option("--pack/--no-pack", default=None, help="--pack: several examples per row, isolated by the attention mask; --no-pack: fixed batches of --batch-size [default: length-bucketed token budget].")
-@click.option("--grad-accumulation", type=int, help=f"Micro-batches per optimizer step [default: {DEFAULTS.grad_accumulation}].")
-@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute activations to save memory.")
-@click.option("--selective-loss/--full-loss", default=None,
-              help="Loss on supervised positions only, never materialising full logits [default: selective].")
-@click.option("--max-seq-length", type=int, help="Truncate longer examples (reported) [default: min(2048, the model's context)].")
-@click.option("--train-on-prompt/--no-train-on-prompt", default=None, help="Also train on prompt tokens [default: no].")
-@click.option("--drop-long/--no-drop-long", default=None, help="Drop examples over --max-seq-length instead of truncating.")
-@click.option("--prompt-key", help="Field holding the prompt, e.g. question [default: auto-detected].")
-@click.option("--completion-key", help="Field holding the completion, e.g. answer [default: auto-detected].")
-@click.option("--chat-template", type=click.Path(), help="Jinja chat template file overriding the model's.")
-@click.option("--eval-every", type=int, help=f"Validation every N steps [default: {DEFAULTS.eval_every}].")
-@click.option("--val-batches", type=int, help=f"Validation batches per evaluation; -1 = all [default: {DEFAULTS.val_batches}].")
-@click.option("--patience", type=int, help="Early stop after N evaluations without a better validation loss [default: off].")
-@click.option("--min-delta", type=float, help=f"Smallest validation-loss gain that counts for --patience [default: {DEFAULTS.min_delta:g}].")
-@click.option("--save-every", type=int, help=f"Checkpoint every N steps [default: {DEFAULTS.save_every}].")
-@click.option("--report-every", type=int, help=f"Log training metrics every N steps [default: {DEFAULTS.report_every}].")
-@click.option("--seed", type=int, help=f"Seed for data order and initialisation [default: {DEFAULTS.seed}].")
-@click.option("--report-to", type=click.Choice(REPORT_TARGETS), help="Also log metrics to Weights & Biases (needs wandb).")
-@click.option("--threads", type=int, help="BLAS threads on the CPU backend [default: one per core].")
-@click.option("--cache-limit-gb", type=float, help="MLX buffer cache size in GB (10^9 bytes) [default: MLX's own].")
-@click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch.")
-@click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first.")
-@click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring].")
-@click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}].")
-@click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit.")
-@click.option("--memory", help="Memory budget, e.g. 16GB (GB = 10^9 bytes) [default: what this machine can give; see `mlxtune plan`].")
-@click.option("--force", is_flag=True, default=None, help="Train even when the plan says the settings won't fit the memory budget.")
+@settings_options(LoraSettings, "lora", _SHOWN)
+@_config_option
+@_resume_option
+@_launcher_options
+@_force_option
 @_json_option
 def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout, check, force, **flags):
     """Finetune a model with LoRA (or DoRA / full) on your data.
@@ -165,9 +155,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
-    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
-        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
-                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
@@ -176,19 +164,8 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         settings = resume_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags)
-    if check or hosts or (nproc or 1) > 1:
-        from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
-        from mlxtune.ui import summary_table
-
-        launch = dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT)
-        if check:
-            report = check_hosts(settings, **launch, console=console)
-            if json_mode:
-                print_json(report.to_dict())
-            else:
-                console.print(summary_table("preflight", preflight_rows(report)))
-            sys.exit(0 if report.ok else 2)
-        result = train_distributed(settings, resume=bool(resume_dir), **launch, console=console, json_mode=json_mode)
+    if launch:
+        result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
     else:
         from mlxtune.train.loop import finetune
 
@@ -201,14 +178,18 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         sys.exit(EXIT_INTERRUPTED)
 
 
+# `plan` takes every setting `lora` takes, so a plan is for the same run; a data-parallel run is planned per rank, so
+# the launcher's flags are not among them.
 @main.command("plan", context_settings={"show_default": True})
+@settings_options(LoraSettings, "plan", _SHOWN)
+@_config_option
 @click.option("--time", "timed", is_flag=True, help="Also time a few warm-up steps and give the expected duration.")
 @_json_option
-def plan_command(timed, json_mode, config_path=None, **flags):
+def plan_command(timed, json_mode, config_path, **flags):
     """Will a finetune fit in memory? The estimated peak for these settings against the memory budget, and
     when it doesn't fit, the settings that do (cheapest change for quality first), each with its reason.
 
-    Takes every `mlxtune lora` option. Reads the weight files' headers and tokenizes the data; loads no weights
+    Takes every setting of `mlxtune lora`. Reads the weight files' headers and tokenizes the data; loads no weights
     (except with --time).
 
     \b
@@ -220,8 +201,6 @@ def plan_command(timed, json_mode, config_path=None, **flags):
     from mlxtune.train.memory_plan import plan_report
     from mlxtune.ui import make_console, print_json, print_memory_plan
 
-    flags.pop("resume_dir", None)
-    flags.pop("force", None)
     console = make_console(json_mode)
     report = plan_report(resolve_settings(config_path, flags), timed=timed, console=console)
     if json_mode:
@@ -231,33 +210,56 @@ def plan_command(timed, json_mode, config_path=None, **flags):
     sys.exit(0 if report["fits"] else 3)
 
 
-# Flags of the data-parallel launcher: they choose how a run is started, not what one rank holds in memory.
-_DATA_PARALLEL = {"nproc", "hosts", "backend", "rank_timeout", "check"}
-
-# `plan` takes every `lora` option (those other commands add to lora included), so a plan is for the same run; a
-# data-parallel run is planned per rank, so the launcher's flags are not among them.
-plan_command.params.extend(p for p in lora.params
-                           if p.name not in {"json_mode", "resume_dir", "force", *_DATA_PARALLEL})
-
-
-# Pairs come in fixed batches of --batch-size pairs, and only the answers are trained on: lora's batching and
-# prompt-selection flags don't apply to preference runs.
-_NOT_FOR_PREFERENCE = {"pack", "batch_tokens", "train_on_prompt", "drop_long", "prompt_key", "completion_key",
-                       *_DATA_PARALLEL}  # data-parallel: lora only for now
+def _launch_options(nproc, hosts, backend, rank_timeout, check) -> dict | None:
+    """The data-parallel launcher's flags (lora, dpo, orpo), checked; None for a single-process run."""
+    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+        raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
+                         f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
+    if not (check or hosts or (nproc or 1) > 1):
+        return None
+    return dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT,
+                check=check)
 
 
-def _preference_command(objective: str, summary: str, extra_help: str, own_options: list[click.Option]):
-    def command(config_path, resume_dir, json_mode, force, **flags):
-        from mlxtune.settings import resolve_settings
-        from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, train_preference
+def _train_data_parallel(settings, resume: bool, launch: dict, console, json_mode: bool) -> dict:
+    """--nproc/--hosts: the run started by mlx.launch (train/distributed.py); --check: the preflight, then exit."""
+    from mlxtune.train.distributed import check_hosts, preflight_rows, train_distributed
+    from mlxtune.ui import print_json, summary_table
+
+    launch = dict(launch)
+    if launch.pop("check"):
+        report = check_hosts(settings, **launch, console=console)
+        if json_mode:
+            print_json(report.to_dict())
+        else:
+            console.print(summary_table("preflight", preflight_rows(report)))
+        sys.exit(0 if report.ok else 2)
+    return train_distributed(settings, resume=resume, **launch, console=console, json_mode=json_mode)
+
+
+def _preference_command(objective: str, summary: str, extra_help: str, extra_options: tuple = ()):
+    """`mlxtune dpo`/`orpo`: PreferenceSettings' flags for `objective`, --config/--resume/--force/--json, and
+    the launcher's flags, and `extra_options` (click decorators)."""
+    def command(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_timeout, check, **flags):
+        from mlxtune.settings import PreferenceSettings, resolve_settings
+        from mlxtune.train.preference.run import resume_preference_settings, train_preference
         from mlxtune.ui import make_console, print_json
 
         console = make_console(json_mode)
+        launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
         if resume_dir:
-            settings = resume_preference_settings(resume_dir, {k: flags.get(k) for k in (
-                "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches")})
+            if config_path:
+                raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
+            settings = resume_preference_settings(resume_dir, flags, objective)
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
+        if launch:  # data-parallel, through the same launcher as lora
+            result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
+            if json_mode:
+                print_json(result)
+            if result.get("stopped") == "interrupted":
+                sys.exit(EXIT_INTERRUPTED)
+            return
         from mlxtune.fuse import merge_sft_run
 
         def start_from(run_dir):  # --from: merging is fuse's job, done before the training engine starts
@@ -270,22 +272,13 @@ def _preference_command(objective: str, summary: str, extra_help: str, own_optio
         if result.stopped == "interrupted":
             sys.exit(EXIT_INTERRUPTED)
 
-    shared = [p for p in lora.params if p.name not in _NOT_FOR_PREFERENCE]
-    return click.Command(objective, callback=command, params=shared + own_options, help=summary + extra_help,
-                         short_help=summary.split("\n")[0], context_settings={"show_default": True})
+    for decorate in reversed((settings_options(PreferenceSettings, objective, _SHOWN), _config_option,
+                              _resume_option, _launcher_options, *extra_options, _force_option, _json_option)):
+        command = decorate(command)
+    return click.command(objective, help=summary + extra_help, short_help=summary.split("\n")[0],
+                         context_settings={"show_default": True})(command)
 
 
-_BETA_HELP = {"dpo": "How strongly the policy is held to the reference (higher = closer) [default: 0.1].",
-              "orpo": "Weight of the odds-ratio term against the chosen answers' NLL [default: 0.1]."}
-_FROM_OPTIONS = [
-    click.Option(["--from", "from_run"], type=click.Path(),
-                 help="Start from this supervised run: its adapter is merged into its base, which is also the reference."),
-    click.Option(["--from-checkpoint"], help="Adapter of --from to merge: last, best or a step number [default: last]."),
-    click.Option(["--stop-on"], type=click.Choice(["loss", "accuracy"]),
-                 help="What --patience watches: validation loss or validation preference accuracy [default: loss]."),
-    click.Option(["--skip-invalid"], is_flag=True, default=None,
-                 help="Train without bad records (each named in a note) instead of refusing the data."),
-]
 main.add_command(_preference_command(
     "dpo",
     "Train on preference pairs with DPO (the reference is the model with its adapter switched off).",
@@ -301,14 +294,8 @@ main.add_command(_preference_command(
       mlxtune dpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
       mlxtune dpo --from runs/sft --data ./pairs --precompute-reference
       mlxtune dpo --resume runs/sft-dpo --iters 400
+      mlxtune dpo --model ./my-model --data ./pairs --nproc 2   # data-parallel (docs/DISTRIBUTED.md)
     """,
-    [click.Option(["--beta"], type=float, help=_BETA_HELP["dpo"]),
-     click.Option(["--label-smoothing"], type=float,
-                  help="Assumed share of mislabelled pairs (conservative DPO) [default: 0]."),
-     click.Option(["--precompute-reference/--no-precompute-reference"], default=None,
-                  help="Compute the reference log-probs once before training and cache them per pair "
-                       "(no reference pass per step) [default: no; always for --method full]."),
-     *_FROM_OPTIONS],
 ))
 main.add_command(_preference_command(
     "orpo",
@@ -316,14 +303,13 @@ main.add_command(_preference_command(
     """
 
     \b
-    Same data shapes and flags as `mlxtune dpo`.
+    Same data shapes as `mlxtune dpo`; its flags but DPO's reference ones (--label-smoothing, --precompute-reference).
 
     \b
     Examples:
       mlxtune orpo --model Qwen2.5-0.5B-Instruct-4bit --data ./pairs --beta 0.1 --iters 200
       mlxtune orpo --from runs/sft --data ./pairs
     """,
-    [click.Option(["--beta"], type=float, help=_BETA_HELP["orpo"]), *_FROM_OPTIONS],
 ))
 
 
@@ -451,7 +437,7 @@ def _sampling_flags(temp_default: float, top_p_default: float, max_tokens_defaul
 
 
 def _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed):
-    from mlxtune.chat import Sampling
+    from mlxtune.inference import Sampling
 
     return Sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed).check()
 
@@ -475,7 +461,7 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, min_p, repetition_pe
       mlxtune generate runs/demo --prompt "table: players"
       mlxtune generate fused/demo --prompt "Once upon a time" --max-tokens 50 --temp 0.8 --seed 1
     """
-    from mlxtune.chat import generate_text, prompt_format
+    from mlxtune.inference import generate_text, prompt_format
     from mlxtune.runs import open_for_inference
     from mlxtune.ui import print_json
 

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxtune.data.dataset import load_datasets
 from mlxtune.errors import RunFailed, UsageError
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.library import base_source, models_in_use
 from mlxtune.faults import fault_point
 from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config_dtype, directory_size, read_config,

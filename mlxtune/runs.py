@@ -11,6 +11,7 @@
                                each holds the adapter, OPTIMIZER_FILE, STATE_FILE and MANIFEST_FILE
       metrics.jsonl, loss.png, result.json
       verify.json              what `mlxtune verify` found, hop by hop (VERIFY_FILE)
+      eval.json, report.html   what `mlxtune eval` found: base vs tuned (EVAL_FILE, EVAL_REPORT_FILE; --out elsewhere)
       .mlxtune-run             written when mlxtune creates the directory (RUN_MARKER): only a marked directory
                                is ever reset, and then only of the files above
       .lock                    the writer's lock (LOCK_FILE; train/recovery.py)
@@ -44,6 +45,8 @@ RESULT_FILE = "result.json"
 FUSE_REPORT_FILE = "mlxtune_fuse.json"  # in a fused model's folder: its run, checkpoint, data kind and fuse check
 PREFERENCE_FILE = "preference.yaml"  # a dpo/orpo run's objective settings (config.yaml stays a plain LoRA config)
 VERIFY_FILE = "verify.json"
+EVAL_FILE = "eval.json"
+EVAL_REPORT_FILE = "report.html"  # `mlxtune eval`'s self-contained page (FUSE_REPORT_FILE is fuse's JSON)
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"  # a file in CHECKPOINTS_DIR holding the newest checkpoint's directory name
@@ -216,13 +219,14 @@ def check_output(out: str | Path, *, run: str | Path | None = None, base_model: 
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference, with the chat template its prompts should be rendered with."""
+    """A model ready for inference, with the facts that decide how its prompts are rendered (which template:
+    data/template.py's `choose_template`, through inference.prompt_format — not decided here)."""
 
     model: object
     tokenizer: object  # mlx-lm TokenizerWrapper
     config: dict
-    template: str | None  # the template to render chats with, None = raw text
-    template_origin: str  # model | run | none
+    own_template: str | None  # the model's own chat template (a model folder's chat_template.jinja, else the tokenizer's)
+    trained_template: Path | None  # a run's copy of the template it trained with, when not the model's own
     source: str  # what to tell the user was loaded
     path: Path  # the model directory (a run's base model)
     run: Run | None = None
@@ -231,37 +235,28 @@ class LoadedModel:
 
 def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, adapter: bool = True,
                        console=None) -> LoadedModel:
-    """Load a run (its base model + the `checkpoint` adapter, unless `adapter` is False) or a model reference.
-
-    The template: a text-trained run has none (raw continuation); otherwise the run's own template file, else the
-    model's. A model directory's chat_template.jinja (as fuse writes it) wins over its tokenizer's template.
-    """
+    """Load a run (its base model + the `checkpoint` adapter, unless `adapter` is False) or a model reference, with
+    what the template choice needs: the run's saved template, the model's own (a model directory's
+    chat_template.jinja, as fuse writes it, wins over its tokenizer's) and the data kind trained on."""
     from mlxtune.models import load_model, resolve_model  # loading sits above the layout this module owns
 
     if is_run_dir(model_or_run):
         run = open_run(model_or_run)
         adapter_dir = run.adapter_dir(checkpoint) if adapter else None
         model, tokenizer, config = load_model(run.base_model, adapter_dir)
-        if run.data_kind == "text":
-            template, origin = None, "none"
-        elif run.chat_template:
-            template, origin = run.chat_template, "run"
-        else:
-            template, origin = getattr(tokenizer, "chat_template", None), "model"
+        saved = run.path / TEMPLATE_FILE
         model.eval()
         source = f"{run.base_model} + {run.path}" if adapter else str(run.base_model)
-        return LoadedModel(model, tokenizer, config, template, origin, source, run.base_model, run, run.data_kind)
+        return LoadedModel(model, tokenizer, config, getattr(tokenizer, "chat_template", None),
+                           saved if saved.is_file() else None, source, run.base_model, run, run.data_kind)
     path = resolve_model(model_or_run, console=console)
     model, tokenizer, config = load_model(path)
     template = getattr(tokenizer, "chat_template", None)
     if (path / TEMPLATE_FILE).is_file():
         template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
-    data_kind = fused_data_kind(path)
-    if data_kind == "text":  # fused from a run trained on plain text: continue raw text, as the run itself does
-        template = None
     model.eval()
-    return LoadedModel(model, tokenizer, config, template, "model" if template else "none", str(path), path,
-                       data_kind=data_kind)
+    # fused_data_kind: a model fused from a run trained on plain text continues raw text, as the run itself does
+    return LoadedModel(model, tokenizer, config, template, None, str(path), path, data_kind=fused_data_kind(path))
 
 
 def fused_data_kind(path: Path) -> str | None:

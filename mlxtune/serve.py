@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from mlxtune.chat import Conversation, Sampling, context_window, encode_messages, stream_reply
+from mlxtune.inference import Conversation, Sampling, context_window, encode_messages, stream_reply
 from mlxtune.errors import UsageError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat request a local client sends

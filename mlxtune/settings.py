@@ -2,6 +2,13 @@
 
 YAML keys and flag names are the same words (`learning_rate` ↔ `--learning-rate`). The resolved settings are
 saved in the run directory as `config.yaml`, so a run can always be repeated or resumed.
+
+Each training command's settings hold only what it uses, in layers: `TrainSettings` (model, data, optimizer,
+schedule, cadence, memory: every training run) ← `AdapterSettings` (what is trained: method, rank, ...) ←
+`LoraSettings` (`mlxtune lora`/`plan`: how examples become batches — packing, token budget, prompt keys) and
+`FollowUpSettings` (`--from` a supervised run) ← `PreferenceSettings` (`mlxtune dpo`/`orpo`: the objective's own).
+Each field carries its command-line form in its metadata (`setting()`), from which `mlxtune.cli_options` makes the
+flags: a flag, its help and its shown default are written once, here.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,8 @@ from mlxtune.errors import UsageError
 METHODS = ("lora", "dora", "full")
 SCHEDULES = ("cosine", "linear", "constant")
 REPORT_TARGETS = ("wandb",)
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+STOP_ON = ("loss", "accuracy")
 
 # The largest value each setting can sensibly take. Past these a run never finishes (a step of 10^14
 # micro-batches), overflows MLX's integers (`std::bad_cast` at --iters 1e21) or asks for more than any machine has;
@@ -49,53 +58,192 @@ UPPER_BOUNDS = {
 }
 
 
-@dataclass
-class LoraSettings:
-    """Everything `mlxtune lora` needs. LoRA scale is `alpha / rank` (the PEFT meaning)."""
+def setting(default: Any = None, help: str = "", **cli: Any) -> Any:
+    """A settings field with its command-line form in the field's metadata (read by `cli_options.settings_options`).
 
-    model: str | None = None
-    data: str | None = None
-    out: str | None = None  # run directory; default runs/<model>-<timestamp>
-    method: str = "lora"
-    layers: int | None = None  # adapt the last N blocks; None = all blocks
-    target_modules: list[str] | None = None  # e.g. [self_attn.q_proj, self_attn.v_proj]; None = every linear layer
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    learning_rate: float = 2e-4
-    schedule: str = "cosine"
-    warmup_steps: int | None = None  # None = 5% of the optimizer steps
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    iters: int | None = None  # optimizer steps; None = derived from epochs
-    epochs: float = 1.0
-    batch_size: int = 4
-    batch_tokens: int | None = None  # token budget per micro-batch; default = batch_size × mean length (rounded up to 64)
-    pack: bool | None = None  # True: several examples per row, isolated by the mask; None: length-bucketed budget; False + no budget: fixed batches
-    grad_accumulation: int = 1
-    grad_checkpoint: bool = False
-    selective_loss: bool = True  # head + cross-entropy on supervised positions only (falls back when unsupported)
-    max_seq_length: int | None = None  # None = min(2048, the model's context window), resolved by fit_model
-    train_on_prompt: bool = False
-    drop_long: bool = False  # drop (instead of truncate) examples over max_seq_length
-    prompt_key: str | None = None  # custom prompt/completion field names, e.g. question/answer
-    completion_key: str | None = None
-    chat_template: str | None = None  # a Jinja file that overrides the model's template
-    eval_every: int = 50
-    val_batches: int = 25  # -1 = the whole validation set
-    patience: int | None = None  # stop after this many evaluations without a better validation loss
-    min_delta: float = 0.0  # an improvement smaller than this doesn't count
-    save_every: int = 100
-    report_every: int = 10
-    seed: int = 0
-    report_to: str | None = None  # "wandb" to also log metrics to Weights & Biases
-    threads: int | None = None  # BLAS threads on the CPU backend; None = one per core (the library's default)
-    memory: str | None = None  # memory budget, e.g. "16GB" (GB = 10^9 bytes); None = what this machine can give
-    cache_limit_gb: float | None = None  # MLX buffer cache; None = MLX's default (measured: a bigger one only costs RSS)
+    `help`: one sentence, no default in it (the default is shown from `default`, or from `shown`). Optional, in
+    `cli`: `flag` (the flag when not `--field-name`, e.g. "--from"), `aliases` (e.g. ("--lr",)), `off` (a boolean's
+    off switch, e.g. "--full-loss"; default `--no-NAME`; None for a switch that is only ever turned on), `choices`,
+    `path` (the value is a file path), `multiple` (a list given by repeating the flag), `shown` (the default in
+    words, for a default decided at run time: "min(2048, the model's context)"), `help_for` ({command: help} where
+    one command means something else by it), `commands` (only these commands take the flag) and `flag=None` (a
+    setting no command takes as a flag).
+    """
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainSettings:
+    """What every training run needs: the model and data, the optimizer and its schedule, the run's length, the
+    evaluation/saving cadence, the seed and the machine's memory and threads."""
+
+    model: str | None = setting(help="Base model: a library name, a local directory or a hub id (pulled on first "
+                                     "use).")
+    data: str | None = setting(help="Directory with train/valid(/test) files, or one file: .jsonl, .json, .csv or "
+                                    ".parquet; or a Hugging Face dataset id (org/name or hf:org/name).")
+    out: str | None = setting(help="Run directory.", shown="runs/<model>-<time>")
+    learning_rate: float = setting(2e-4, "Peak learning rate.", aliases=("--lr",))
+    schedule: str = setting("cosine", "LR schedule after warmup.", choices=SCHEDULES)
+    warmup_steps: int | None = setting(help="Linear warmup steps.", shown="5% of steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    grad_clip: float = setting(1.0, "Clip the gradient norm; 0 = off.")
+    iters: int | None = setting(help="Optimizer steps (overrides --epochs).")  # None = derived from epochs
+    epochs: float = setting(1.0, "Passes over the training data.")
+    batch_size: int = setting(4, "Examples per micro-batch.", help_for={"dpo": "Pairs per micro-batch.",
+                                                                        "orpo": "Pairs per micro-batch."})
+    grad_accumulation: int = setting(1, "Micro-batches per optimizer step.")
+    grad_checkpoint: bool = setting(False, "Recompute activations in the backward pass to save memory.")
+    selective_loss: bool = setting(True, "Loss on supervised positions only, never materialising full logits "
+                                         "(falls back where unsupported).", off="--full-loss")
+    max_seq_length: int | None = setting(help="Truncate longer examples (reported).",
+                                         shown="min(2048, the model's context)")  # resolved by fit_model
+    chat_template: str | None = setting(help="Jinja chat template file overriding the model's.", path=True)
+    eval_every: int = setting(50, "Validation every N steps.")
+    val_batches: int = setting(25, "Validation batches per evaluation; -1 = all.")
+    patience: int | None = setting(help="Early stop after N evaluations without a better validation result.",
+                                   shown="off")
+    min_delta: float = setting(0.0, "Smallest validation gain that counts for --patience.")
+    save_every: int = setting(100, "Checkpoint every N steps.")
+    report_every: int = setting(10, "Log training metrics every N steps.")
+    seed: int = setting(0, "Seed for data order and initialisation.")
+    report_to: str | None = setting(help="Also log metrics to Weights & Biases (needs wandb).", choices=REPORT_TARGETS)
+    threads: int | None = setting(help="BLAS threads on the CPU backend.", shown="one per core")
+    memory: str | None = setting(help="Memory budget, e.g. 16GB (GB = 10^9 bytes).",
+                                 shown="what this machine can give; see `mlxtune plan`")
+    # MLX's buffer cache; None = MLX's default (measured: a bigger one only costs RSS)
+    cache_limit_gb: float | None = setting(help="MLX buffer cache size in GB (10^9 bytes).", shown="MLX's own")
+
+    def validate(self):
+        """Types, then this part's bounds; each part's `validate` adds its own (cooperatively, via super())."""
+        _check_types(self)
+        positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
+                    "eval_every": self.eval_every, "save_every": self.save_every, "report_every": self.report_every}
+        if self.max_seq_length is not None:  # None: resolved from the model (fit_model)
+            positive["max_seq_length"] = self.max_seq_length
+        _check_at_least_one(positive)
+        if self.iters is not None and self.iters < 1:
+            raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
+        _check_finite(self, ("learning_rate", "weight_decay", "grad_clip", "epochs", "min_delta", "cache_limit_gb"))
+        if self.epochs <= 0:
+            raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
+        for name in ("weight_decay", "grad_clip", "min_delta"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} can't be negative, got {getattr(self, name)}",
+                                 f"set --{name.replace('_', '-')} to 0 or more")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UsageError(f"warmup_steps can't be negative, got {self.warmup_steps}",
+                             "set --warmup-steps to 0 or more, or omit it for 5% of the steps")
+        if self.val_batches == 0 or self.val_batches < -1:
+            raise UsageError(f"val_batches must be at least 1 (or -1 for all), got {self.val_batches}",
+                             "set --val-batches; a run without validation data skips evaluation by itself")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"seed must be in [0, 2^32), got {self.seed}", "set --seed to e.g. 0")
+        if self.report_to is not None and self.report_to not in REPORT_TARGETS:
+            raise UsageError(f"unknown report target {self.report_to!r}", "use --report-to wandb")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"patience must be at least 1, got {self.patience}", "omit --patience to never stop early")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1, got {self.threads}", "omit --threads to use every core")
+        if self.cache_limit_gb is not None and self.cache_limit_gb < 0:
+            raise UsageError(f"cache_limit_gb can't be negative, got {self.cache_limit_gb}", "set --cache-limit-gb")
+        if self.learning_rate <= 0:
+            raise UsageError(f"learning_rate must be positive, got {self.learning_rate}", "set --learning-rate")
+        if self.learning_rate > 1:
+            raise UsageError(f"learning_rate {self.learning_rate:g} is far too large (above 1)",
+                             "LoRA learning rates are around 1e-4 to 1e-3: set --learning-rate 2e-4")
+        return self
+
+    def fit_model(self, model_path: str | Path):
+        """The settings that depend on the model, from its files before anything loads: max_seq_length (when not
+        given) becomes min(2048, its context window), and its config.json must describe its weights."""
+        from mlxtune.model_config import check_weights_match, max_seq_length_for, read_config
+
+        config = read_config(Path(model_path))
+        check_weights_match(Path(model_path), config)
+        if self.max_seq_length is None:
+            self.max_seq_length = max_seq_length_for(config)
+        self._fit_config(config)
+        return self
+
+    def _fit_config(self, config: dict) -> None:
+        """A part's own checks against the model's config.json (AdapterSettings: rank ≤ hidden size)."""
+
+    def refuse_unused(self, given) -> None:
+        """Refuse settings the user gave (`given`: names from the flags and the YAML) that these settings' other
+        values make do nothing."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AdapterSettings(TrainSettings):
+    """What is trained: LoRA/DoRA adapters on some blocks and modules, or (`full`) the last blocks themselves.
+    LoRA scale is `alpha / rank` (the PEFT meaning)."""
+
+    method: str = setting("lora", "Adapter type.", choices=METHODS)
+    layers: int | None = setting(help="Adapt the last N blocks.", shown="all")
+    target_modules: list[str] | None = setting(help="Comma-separated modules to adapt, e.g. "
+                                                    "self_attn.q_proj,self_attn.v_proj.", shown="every linear layer")
+    rank: int = setting(8, "LoRA rank.")
+    alpha: float = setting(16.0, "LoRA alpha; scale = alpha / rank.")
+    dropout: float = setting(0.0, "LoRA dropout.")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def validate(self):
+        super().validate()
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
+        _check_at_least_one({"rank": self.rank})
+        _check_finite(self, ("alpha", "dropout"))
+        if self.alpha <= 0:
+            raise UsageError(f"alpha must be positive, got {self.alpha}", "set --alpha (scale = alpha / rank)")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if self.layers is not None and self.layers < 1:
+            raise UsageError(f"layers must be at least 1, got {self.layers}", "omit --layers to adapt every block")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout")
+        return self
+
+    def refuse_unused(self, given) -> None:
+        super().refuse_unused(given)
+        unused = [name for name in ("rank", "alpha", "dropout", "target_modules") if name in given]
+        if self.method == "full" and unused:
+            raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in unused)} "
+                             f"{'does' if len(unused) == 1 else 'do'} nothing with --method full (it trains whole "
+                             "blocks, no adapter)",
+                             "drop it, or use --method lora or dora; --layers chooses the blocks")
+
+    def _fit_config(self, config: dict) -> None:
+        from mlxtune.model_config import text_config
+
+        super()._fit_config(config)
+        hidden = text_config(config).get("hidden_size")
+        if self.method != "full" and isinstance(hidden, int) and self.rank > hidden:
+            raise UsageError(f"rank {self.rank} is larger than the model's hidden size ({hidden})",
+                             f"set --rank {min(hidden, 8)} or less (a rank past the width adds nothing; 8 to 64 "
+                             "is usual)")
+
+
+@dataclass
+class LoraSettings(AdapterSettings):
+    """Everything `mlxtune lora` (and `plan`) needs: a training run, its adapter, and how its examples (prompt and
+    completion, chat, text) become batches."""
+
+    batch_tokens: int | None = setting(help="Token budget per micro-batch, filled with examples of similar length.",
+                                       shown="batch size × mean length")  # rounded up to 64
+    pack: bool | None = setting(help="--pack: several examples per row, isolated by the attention mask; --no-pack: "
+                                     "fixed batches of --batch-size.", shown="length-bucketed token budget")
+    train_on_prompt: bool = setting(False, "Also train on prompt tokens.")
+    drop_long: bool = setting(False, "Drop examples over --max-seq-length instead of truncating them.")
+    prompt_key: str | None = setting(help="Field holding the prompt, e.g. question.", shown="auto-detected")
+    completion_key: str | None = setting(help="Field holding the completion, e.g. answer.", shown="auto-detected")
 
     @property
     def record_keys(self) -> tuple[str, str] | None:
@@ -111,91 +259,83 @@ class LoraSettings:
                 "keys": self.record_keys}
 
     def validate(self) -> "LoraSettings":
-        _check_types(self)
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
-        positive = {
-            "rank": self.rank,
-            "batch_size": self.batch_size,
-            "grad_accumulation": self.grad_accumulation,
-            "eval_every": self.eval_every,
-            "save_every": self.save_every,
-            "report_every": self.report_every,
-        }
-        if self.max_seq_length is not None:  # None: resolved from the model (fit_model)
-            positive["max_seq_length"] = self.max_seq_length
-        for name, value in positive.items():
-            if value is None or value < 1:
-                raise UsageError(f"{name} must be at least 1, got {value}", f"set --{name.replace('_', '-')}")
+        super().validate()
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise UsageError(f"batch_tokens must be at least 1, got {self.batch_tokens}", "set --batch-tokens")
-        if self.iters is not None and self.iters < 1:
-            raise UsageError(f"iters must be at least 1, got {self.iters}", "set --iters or use --epochs")
-        for name in ("learning_rate", "alpha", "dropout", "weight_decay", "grad_clip", "epochs", "min_delta",
-                     "cache_limit_gb"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise UsageError(f"{name} must be a finite number, got {value}",
-                                 f"set --{name.replace('_', '-')} to a real number")
-        if self.epochs <= 0:
-            raise UsageError(f"epochs must be positive, got {self.epochs}", "set --epochs")
-        for name in ("weight_decay", "grad_clip", "min_delta"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} can't be negative, got {getattr(self, name)}",
-                                 f"set --{name.replace('_', '-')} to 0 or more")
-        if self.alpha <= 0:
-            raise UsageError(f"alpha must be positive, got {self.alpha}", "set --alpha (scale = alpha / rank)")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UsageError(f"warmup_steps can't be negative, got {self.warmup_steps}",
-                             "set --warmup-steps to 0 or more, or omit it for 5% of the steps")
-        if self.val_batches == 0 or self.val_batches < -1:
-            raise UsageError(f"val_batches must be at least 1 (or -1 for all), got {self.val_batches}",
-                             "set --val-batches; a run without validation data skips evaluation by itself")
-        if not 0 <= self.seed < 2**32:
-            raise UsageError(f"seed must be in [0, 2^32), got {self.seed}", "set --seed to e.g. 0")
-        if self.report_to is not None and self.report_to not in REPORT_TARGETS:
-            raise UsageError(f"unknown report target {self.report_to!r}", "use --report-to wandb")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
-        if self.patience is not None and self.patience < 1:
-            raise UsageError(f"patience must be at least 1, got {self.patience}", "omit --patience to never stop early")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, got {self.threads}", "omit --threads to use every core")
-        if self.cache_limit_gb is not None and self.cache_limit_gb < 0:
-            raise UsageError(f"cache_limit_gb can't be negative, got {self.cache_limit_gb}", "set --cache-limit-gb")
-        if self.layers is not None and self.layers < 1:
-            raise UsageError(f"layers must be at least 1, got {self.layers}", "omit --layers to adapt every block")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}", "set --dropout")
-        if self.learning_rate <= 0:
-            raise UsageError(f"learning_rate must be positive, got {self.learning_rate}", "set --learning-rate")
-        if self.learning_rate > 1:
-            raise UsageError(f"learning_rate {self.learning_rate:g} is far too large (above 1)",
-                             "LoRA learning rates are around 1e-4 to 1e-3: set --learning-rate 2e-4")
         _check_upper_bounds(self)
         return self
 
-    def fit_model(self, model_path: str | Path) -> "LoraSettings":
-        """The settings that depend on the model, from its files before anything loads: max_seq_length (when not
-        given) becomes min(2048, its context window), rank may not pass its hidden size, and its config.json must
-        describe its weights."""
-        from mlxtune.model_config import check_weights_match, max_seq_length_for, read_config, text_config
 
-        config = read_config(Path(model_path))
-        check_weights_match(Path(model_path), config)
-        if self.max_seq_length is None:
-            self.max_seq_length = max_seq_length_for(config)
-        hidden = text_config(config).get("hidden_size")
-        if self.method != "full" and isinstance(hidden, int) and self.rank > hidden:
-            raise UsageError(f"rank {self.rank} is larger than the model's hidden size ({hidden})",
-                             f"set --rank {min(hidden, 8)} or less (a rank past the width adds nothing; 8 to 64 "
-                             "is usual)")
+@dataclass
+class FollowUpSettings(AdapterSettings):
+    """A run that may start from a supervised run (`--from`: its adapter merged into its base, which is then also
+    the reference): dpo, orpo (and any later objective that follows a supervised run)."""
+
+    from_run: str | None = setting(help="Start from this supervised run: its adapter is merged into its base, which "
+                                        "is also the reference.", flag="--from", path=True)
+    from_checkpoint: str = setting("last", "Adapter of --from to merge: last, best or a step number.")
+
+
+@dataclass
+class PreferenceSettings(FollowUpSettings):
+    """Everything `mlxtune dpo`/`orpo` need: a training run and its adapter (pairs come in fixed batches of
+    --batch-size pairs and only the answers are trained on, so lora's batching and prompt flags are not here) plus
+    the objective's own settings, saved apart in preference.yaml."""
+
+    objective: str = setting("dpo", flag=None)  # dpo | orpo: chosen by the command
+    beta: float = setting(0.1, help_for={
+        "dpo": "How strongly the policy is held to the reference (higher = closer).",
+        "orpo": "Weight of the odds-ratio term against the chosen answers' NLL."})
+    label_smoothing: float = setting(0.0, "Assumed share of mislabelled pairs (conservative DPO).", commands=("dpo",))
+    precompute_reference: bool = setting(False, "Compute the reference log-probs once before training and cache "
+                                                "them per pair (no reference pass per step); always on for --method "
+                                                "full.", commands=("dpo",))
+    stop_on: str = setting("loss", "What --patience watches: validation loss or validation preference accuracy.",
+                           choices=STOP_ON)
+    skip_invalid: bool = setting(False, "Train without bad records (each named in a note) instead of refusing the "
+                                        "data.", off=None)
+
+    def validate(self) -> "PreferenceSettings":
+        super().validate()
+        if self.objective not in PREFERENCE_OBJECTIVES:
+            raise UsageError(f"unknown objective {self.objective!r}", f"use one of {', '.join(PREFERENCE_OBJECTIVES)}")
+        if not self.beta > 0:
+            raise UsageError(f"beta must be positive, got {self.beta}", "set --beta (0.1 is usual)")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
+                             "set --label-smoothing (0 = plain DPO)")
+        if self.stop_on not in STOP_ON:
+            raise UsageError(f"unknown stop_on {self.stop_on!r}", f"use one of {', '.join(STOP_ON)}")
+        if self.objective == "orpo" and (self.precompute_reference or self.label_smoothing):
+            raise UsageError("ORPO uses no reference model and no label smoothing",
+                             "drop --precompute-reference/--label-smoothing, or use mlxtune dpo")
+        _check_upper_bounds(self)
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def lora_part(self) -> LoraSettings:
+        """config.yaml's settings: a plain LoRA config (fuse, export, chat and generate read it), lora's data
+        settings at their defaults."""
+        own = _field_names(LoraSettings)
+        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
+
+    def preference_part(self) -> dict:
+        """preference.yaml's settings: the objective's own."""
+        shared = set(_field_names(AdapterSettings))
+        return {k: v for k, v in self.to_dict().items() if k not in shared}
+
+
+def _check_at_least_one(values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        if value is None or value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}", f"set --{name.replace('_', '-')}")
+
+
+def _check_finite(settings, names) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value}",
+                             f"set --{name.replace('_', '-')} to a real number")
 
 
 def _check_upper_bounds(settings) -> None:
@@ -258,6 +398,9 @@ def read_yaml_config(path: str | Path, cls=LoraSettings) -> dict[str, Any]:
         raise UsageError(f"{path}: expected a mapping of settings, got {type(values).__name__}", "write `key: value` lines")
     known = _field_names(cls)
     for key in values:
+        if key in _field_names(LoraSettings) and key not in known:  # a lora run's config.yaml given to dpo, say
+            raise UsageError(f"{path}: {key} is a setting of `mlxtune lora`, not of this command",
+                             f"remove {key!r} from the file (this command has no --{key.replace('_', '-')})")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
@@ -306,7 +449,8 @@ def resolve_settings(config_path: str | Path | None, overrides: dict[str, Any], 
         settings = cls(**values)
     except TypeError as exc:
         raise UsageError(f"invalid settings: {exc}", "check the keys in your config file") from None
-    return settings.validate()
+    settings.validate().refuse_unused(set(values))
+    return settings
 
 
 # The last line of a run's config.yaml: a file cut short (a crash mid-write, a bad copy) lacks it and is refused

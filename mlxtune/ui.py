@@ -349,7 +349,7 @@ class TrainingReporter:
     def resumed(self, checkpoint_name: str, step: int, total_steps: int) -> None:
         self.console.print(escape(f"resuming from {checkpoint_name} (step {step} of {total_steps})"))
 
-    def header(self, settings, *, data_kind: str, train_examples: int, valid_examples: int, template_origin: str,
+    def header(self, settings, *, data_kind: str, train_examples: int, valid_examples: int, template: str,
                data_warnings: str, trainable: int, total: int, steps: int, quantization: dict | None, loss_mode: str, batching: str,
                device: str, ranks: str | None = None) -> None:
         method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
@@ -361,7 +361,7 @@ class TrainingReporter:
             ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
             ("data", f"{data_kind}: {train_examples} train / {valid_examples} valid examples"),
             ("data warnings", data_warnings),
-            ("template", template_origin),
+            ("template", template),
             ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es), "
                       f"lr {settings.learning_rate:g} {settings.schedule}"),
             ("batching", batching),

@@ -42,7 +42,7 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 
 
 def mlxtune_round(loaded, ids, new_tokens):
-    from mlxtune.chat import Sampling, run_reply
+    from mlxtune.inference import Sampling, run_reply
 
     reply = run_reply(loaded, ids, Sampling(max_tokens=new_tokens, temperature=0.0))
     return reply.prompt_tps, reply.generation_tps, reply.generation_tokens

@@ -143,7 +143,7 @@ import json, mlxtune
 from mlx_lm import load
 from mlxtune.cpu_quantized import accelerate_quantized
 from mlxtune.data import load_datasets
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 model, tokenizer = load({str(model_dir)!r}, adapter_path={str(adapter_dir)!r})
 accelerate_quantized(model)
 valid = load_datasets({str(data)!r}, tokenizer, max_seq_length={max_seq_length}).valid[:32]

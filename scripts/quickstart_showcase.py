@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mlxtune.chat import generate_text
+from mlxtune.inference import generate_text, prompt_format
 from mlxtune.runs import open_for_inference
 
 ANSWER_CUE = "A:"
@@ -31,8 +31,9 @@ def questions(data_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
-def answer(loaded, prompt: str) -> str:
-    text = generate_text(loaded, prompt, max_tokens=MAX_TOKENS, repetition_penalty=REPETITION_PENALTY)
+def answer(loaded, prompt: str, use_template: bool) -> str:
+    text = generate_text(loaded, prompt, max_tokens=MAX_TOKENS, repetition_penalty=REPETITION_PENALTY,
+                         use_template=use_template)
     return text.strip().split("\n", 1)[0].strip()
 
 
@@ -51,6 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     models = {"base": open_for_inference(args.base), "tuned": open_for_inference(args.tuned)}
+    # Both get the prompt in the tuned model's format (plain text for a text-trained run): the base model on its own
+    # would get mlxtune's fallback chat template, a format the comparison is not about.
+    use_template = prompt_format(models["tuned"]).kind == "template"
     pairs = questions(args.data)
     counted = pairs[: args.count]
     shown, tables = [], set()  # questions about different tables: the first question of each
@@ -64,7 +68,7 @@ def main() -> None:
 
     def answer_of(name: str, prompt: str) -> str:
         if (name, prompt) not in cache:
-            cache[name, prompt] = answer(models[name], prompt)
+            cache[name, prompt] = answer(models[name], prompt, use_template)
         return cache[name, prompt]
 
     for prompt, reference in shown:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,38 @@ def run_cli(*args, input: str | None = None, cwd: Path | None = None, timeout: i
     return subprocess.run(
         [*MLXTUNE, *map(str, args)], input=input, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
     )
+
+
+# Preference pairs from the bundled WikiSQL data (dpo/orpo tests in train/ and reliability/):
+# chosen = the true SQL answer, rejected = a word-order corruption of it.
+def corrupt(answer: str, number: int, rng: random.Random) -> str:
+    """Two adjacent words swapped (even pairs) or the words after the first two reversed (odd pairs): the base
+    model prefers the first corruption to the truth and the truth to the second, so overall it can't tell."""
+    words = answer.split()
+    if number % 2:
+        return " ".join(words[:2] + words[:1:-1])
+    at = rng.randrange(len(words) - 1)
+    words[at], words[at + 1] = words[at + 1], words[at]
+    return " ".join(words)
+
+
+def make_pairs(out: Path, train: int = 160, valid: int = 32, longest: int = 120) -> Path:
+    """Short WikiSQL questions with their SQL (chosen) and a word-order corruption of it (rejected)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, wanted in (("train", train), ("valid", valid)):
+        pairs = []
+        for line in (WIKISQL / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+            head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
+            question = head.rsplit("\nQ: ", 1)[1].strip()
+            if len(question) + len(answer) <= longest and len(answer.split()) > 3:
+                rejected = corrupt(answer, len(pairs), rng)
+                if rejected != answer:
+                    pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
+            if len(pairs) == wanted:
+                break
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return out
 
 
 def mlx_greedy(model, ids: list[int], n: int = 32, eos: int | None = None) -> list[int]:

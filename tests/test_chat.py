@@ -17,7 +17,7 @@ from conftest import MLXTUNE, run_cli
 
 
 def test_text_trained_run_chats_in_raw_text_not_the_fallback_template(trained_run, tmp_path):
-    from mlxtune.chat import Conversation, Sampling, generate_text
+    from mlxtune.inference import Conversation, Sampling, generate_text
     from mlxtune.runs import open_for_inference
 
     run_dir, _ = trained_run
@@ -43,7 +43,7 @@ def test_text_trained_run_chats_in_raw_text_not_the_fallback_template(trained_ru
 def test_a_fused_text_run_keeps_plain_text(trained_run, tmp_path):
     """The fused model of a text-trained run continues raw text in chat, as the run itself does (not the fallback
     chat template it never saw)."""
-    from mlxtune.chat import Conversation, Sampling
+    from mlxtune.inference import Conversation, Sampling
     from mlxtune.runs import open_for_inference
 
     run_dir, _ = trained_run
@@ -58,7 +58,7 @@ def test_a_fused_text_run_keeps_plain_text(trained_run, tmp_path):
 
 
 def test_sampling_flags_are_seeded_and_validated(trained_run):
-    from mlxtune.chat import generate_text
+    from mlxtune.inference import generate_text
     from mlxtune.runs import open_for_inference
 
     run_dir, _ = trained_run
@@ -73,7 +73,7 @@ def test_sampling_flags_are_seeded_and_validated(trained_run):
 
 
 def test_history_is_trimmed_to_the_context_window(model_dir):
-    from mlxtune.chat import Conversation, Sampling
+    from mlxtune.inference import Conversation, Sampling
     from mlxtune.runs import open_for_inference
 
     conversation = Conversation(open_for_inference(model_dir), None, Sampling(max_tokens=100))
@@ -125,7 +125,7 @@ def test_chat_compare_streams_base_and_tuned_side_by_side_in_a_terminal(trained_
 def test_prompt_completion_run_renders_with_its_training_template_and_says_so(trained_run, tmp_path):
     import shutil
 
-    from mlxtune.chat import encode_messages, prompt_format
+    from mlxtune.inference import encode_messages, prompt_format
     from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
     from mlxtune.runs import RUN_FILE, TEMPLATE_FILE, open_for_inference
 
@@ -147,7 +147,8 @@ def test_prompt_completion_run_renders_with_its_training_template_and_says_so(tr
 def test_ctrl_c_stops_the_reply_and_a_second_ctrl_c_at_the_prompt_quits(model_dir):
     import signal
 
-    from mlxtune.chat import Sampling, chat_session
+    from mlxtune.chat import chat_session
+    from mlxtune.inference import Sampling
 
     lines, written, notices = iter(["Once upon a time"]), [], []
 
@@ -175,7 +176,7 @@ def test_ctrl_c_stops_the_reply_and_a_second_ctrl_c_at_the_prompt_quits(model_di
 def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(model_dir):
     import mlx.core as mx
 
-    from mlxtune.chat import Sampling, stream_reply
+    from mlxtune.inference import Sampling, stream_reply
     from mlxtune.runs import open_for_inference
 
     loaded = open_for_inference(model_dir)
@@ -199,7 +200,7 @@ def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(
 
 @pytest.mark.parametrize("temperature, top_p, min_p", [(1.3, 0.9, 0.0), (0.9, 0.8, 0.05)])
 def test_sampler_draws_what_mlx_lms_make_sampler_draws(temperature, top_p, min_p):
-    from mlxtune.chat import Sampling
+    from mlxtune.inference import Sampling
 
     """Sampling passes its values to mlx-lm's compiled steps as arrays (no compile per value); the tokens must be
     the ones mlx-lm's own make_sampler draws, or an mlx-lm upgrade changed those steps."""
@@ -215,3 +216,39 @@ def test_sampler_draws_what_mlx_lms_make_sampler_draws(temperature, top_p, min_p
         mx.random.seed(7)
         drawn.append([sampler(logprobs).item() for _ in range(200)])
     assert drawn[0] == drawn[1]
+
+
+@pytest.mark.parametrize("which", ["model without a template", "text-trained run"])
+def test_one_template_rule_for_training_chat_generate_serve_verify_and_export(which, model_dir, trained_run):
+    """Every command renders with what data/template.py's `choose_template` decides, and names it the same way: a
+    model without a template gets mlxtune's fallback everywhere, a text-trained run stays plain text everywhere. A
+    second decision point anywhere (generate continuing raw text, serve or export choosing on their own) fails here."""
+    from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, TEMPLATE_NAMES, choose_template
+    from mlxtune.export.source import open_source
+    from mlxtune.inference import Conversation, Sampling, encode_messages, generate_text, prompt_format, run_reply
+    from mlxtune.runs import open_for_inference
+    from mlxtune.serve import make_server
+    from mlxtune.verify.hops import MlxHop
+
+    source = model_dir if which == "model without a template" else trained_run[0]
+    expected = (FALLBACK_CHAT_TEMPLATE, TEMPLATE_NAMES["fallback"]) if source == model_dir else (
+        None, TEMPLATE_NAMES["none"])
+    loaded = open_for_inference(source)
+    training = choose_template(loaded.tokenizer, "chat" if source == model_dir else loaded.run.data_kind)
+    fmt = prompt_format(loaded)
+    assert (training.template, training.name) == (fmt.template, fmt.name) == expected
+    assert Conversation(loaded, None, Sampling()).format == fmt  # chat
+    assert fmt.name in fmt.description  # the header says it in the same words
+    prompt = "Once upon a time"
+    ids = encode_messages(loaded, [{"role": "user", "content": prompt}], fmt)
+    assert generate_text(loaded, prompt, max_tokens=6) == run_reply(loaded, ids, Sampling(max_tokens=6),
+                                                                    fmt.stops).text  # generate
+    server = make_server(source, port=0)
+    try:
+        assert server.chat_format == fmt  # serve
+    finally:
+        server.server_close()
+        server.engine.stop()
+    assert MlxHop("mlx", source).template_name == fmt.name  # verify
+    with open_source(source) as exported:
+        assert exported.chat_template == fmt.template  # export (GGUF, Ollama, LM Studio, hf)

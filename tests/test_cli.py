@@ -70,7 +70,9 @@ def test_generate_on_a_run_is_greedy_base_plus_adapter(trained_run):
                 for target, model in ((run_dir, tuned), (MODEL, base))}
     assert expected[str(run_dir)] != expected[str(MODEL)]  # the adapter changes the answer: dropping it shows
     for target in (run_dir, MODEL):
-        result = run_cli("generate", target, "-p", PROBE, "-m", 10, "--json")
+        # the bare model would get mlxtune's fallback template (the one template rule): --no-template continues raw text
+        raw = ["--no-template"] if target == MODEL else []
+        result = run_cli("generate", target, "-p", PROBE, "-m", 10, "--json", *raw)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["text"].strip() == expected[str(target)]
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from conftest import MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, finetune
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.fuse import fuse_run, survival_ratio, survival_warning
 from mlxtune.hub import pull
 from mlxtune.models import load_model

@@ -12,13 +12,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mlxtune"
 
 # Lowest first. A module may import modules of its own layer or below. New modules must be placed here.
 LAYERS = [
-    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "storage", "faults"]),
+    ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "cli_options", "storage", "faults"]),
     ("model facts", ["memory", "cpu_quantized", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train"]),
     # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
     ("training commands", ["train.loop", "train.memory_plan", "train.preference", "train.distributed"]),
+    # Prompt formats, generation and conversations: what chat, serve, eval, verify and export share.
+    ("inference", ["inference"]),
     ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check", "verify"]),
     ("entry points", ["cli", "__main__", "__init__"]),
 ]

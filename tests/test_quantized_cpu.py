@@ -246,7 +246,7 @@ def test_doctor_says_how_quantized_layers_compute():
 def test_inference_loads_compute_dequantized_and_generate_what_the_kernel_generates(q4_model):
     """chat, generate, serve and eval load through models.load_model (via runs.open_for_inference): the same hook
     as training makes their quantized layers compute through dequantized weights, with the kernel's tokens."""
-    from mlxtune.chat import generate_text
+    from mlxtune.inference import generate_text
     from mlxtune.runs import open_for_inference
 
     loaded = open_for_inference(q4_model)

@@ -73,3 +73,21 @@ def test_test_script_says_what_the_long_quiet_install_is_before_it_starts(tmp_pa
     assert "compiles llama-cpp-python from source" in out and "MLXTUNE_SKIP_INTEROP=1" in out
     assert out.index("compiles llama-cpp-python") < out.index("the install would run here")
     assert "PyTorch (CPU, ~200 MB download)" in out
+
+
+def test_bench_grpo_refuses_settings_that_would_time_nothing(capsys):
+    """The GRPO benchmark's arguments (its runs take minutes; only the parsing is checked here)."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("bench_grpo", ROOT / "scripts" / "bench_grpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--models", "stories", "--iters", "5", "--group", "4"])
+    assert (args.iters, args.group, args.mlxtune_side) == (5, 4, "auto")
+    for bad in (["--iters", "2"], ["--group", "0"], ["--prompts", "1", "--prompts-per-step", "2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args(bad)
+        assert exit_info.value.code == 2
+    assert "warm-up steps" in capsys.readouterr().err

@@ -197,7 +197,7 @@ def test_a_client_that_disconnects_stops_its_generation(server):
 
 
 def test_serve_answers_with_the_adapter_not_the_base(server, trained_run):
-    from mlxtune.chat import generate_text
+    from mlxtune.inference import generate_text
     from mlxtune.runs import open_for_inference
 
     port, model_id = server

@@ -43,23 +43,46 @@ class TokenizedExample:
         return len(self.ids)
 
 
+# What each choice is called wherever it is printed (training's run table, chat/generate/serve headers, verify rows).
+TEMPLATE_NAMES = {"model": "the model's own template",
+                  "fallback": "mlxtune's fallback template (### User: / ### Assistant:)",
+                  "none": "plain text"}
+
+
 @dataclass
 class TemplateChoice:
-    template: str | None  # None for plain-text data
-    origin: str  # "model", "fallback", "file:<path>" or "none"
+    template: str | None  # None for plain text
+    origin: str  # "model", "fallback", "file:<path>" or "none" (plain text): saved in run.json as template_origin
+
+    @property
+    def name(self) -> str:
+        """The choice in words, the same in every command."""
+        if self.origin.startswith("file:"):
+            return f"the template file {self.origin[len('file:'):]}"
+        return TEMPLATE_NAMES[self.origin]
 
 
-def choose_template(tokenizer, kind: str, template_file: str | None = None) -> TemplateChoice:
+def _named(template: str, origin: str) -> TemplateChoice:
+    # mlxtune's fallback is called so wherever it comes from: a run's saved copy, a fused model's chat_template.jinja.
+    return TemplateChoice(template, "fallback" if template == FALLBACK_CHAT_TEMPLATE else origin)
+
+
+def choose_template(tokenizer, kind: str, template_file: str | Path | None = None, *,
+                    own: str | None = None) -> TemplateChoice:
+    """The one rule for which chat template renders prompts — in training, data checks, chat, generate, serve, eval,
+    verify and export alike. `kind` "text" (plain-text data, or a run trained on it): plain text, no template.
+    Otherwise the template file (the user's --chat-template, or the copy a run saved of what it trained with), else
+    the model's own (`own`: a model folder's chat_template.jinja; else the tokenizer's), else mlxtune's fallback."""
     if kind == "text":
         return TemplateChoice(None, "none")
     if template_file:
         path = Path(template_file)
         if not path.is_file():
             raise UsageError(f"chat template file not found: {path}", "give a Jinja template file")
-        return TemplateChoice(path.read_text(encoding="utf-8"), f"file:{path}")
-    own = getattr(tokenizer, "chat_template", None)
+        return _named(path.read_text(encoding="utf-8"), f"file:{path}")
+    own = own or getattr(tokenizer, "chat_template", None)
     if own:
-        return TemplateChoice(own, "model")
+        return _named(own, "model")
     return TemplateChoice(FALLBACK_CHAT_TEMPLATE, "fallback")
 
 

@@ -8,20 +8,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlxtune.chat import encode_messages, prompt_format
+from mlxtune.inference import encode_messages, prompt_format
 from mlxtune.errors import UsageError
 from mlxtune.eval.cases import EvalData, load_cases
 from mlxtune.eval.metrics import Metric, parse_metric
 from mlxtune.eval.preference import preference_scores
 from mlxtune.eval.scoring import example_losses, greedy_batch, tokens_containing
 from mlxtune.eval.stats import Interval, exp_interval, mean_interval, paired_ratio_difference, ratio_interval
-from mlxtune.runs import METRICS_FILE, open_for_inference, open_run
+from mlxtune.runs import EVAL_FILE, EVAL_REPORT_FILE, METRICS_FILE, open_for_inference, open_run
 from mlxtune.train.checkpoint import atomic_write_text
 from mlxtune.train.metrics import read_metrics
 from mlxtune.ui import quiet_stdout
 
-EVAL_FILE = "eval.json"
-REPORT_FILE = "report.html"
 MAX_NEW_TOKENS = 256
 
 
@@ -223,9 +221,9 @@ def _write(result: EvalResult, out_dir: Path) -> EvalResult:
     from mlxtune.eval.report import write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    result.files = {"eval": str(out_dir / EVAL_FILE), "report": str(out_dir / REPORT_FILE)}
+    result.files = {"eval": str(out_dir / EVAL_FILE), "report": str(out_dir / EVAL_REPORT_FILE)}
     atomic_write_text(out_dir / EVAL_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
-    write_report(result, out_dir / REPORT_FILE)
+    write_report(result, out_dir / EVAL_REPORT_FILE)
     return result
 
 

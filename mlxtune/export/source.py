@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlxtune.model_config import without_quantization
+from mlxtune.inference import prompt_format
 from mlxtune.runs import TEMPLATE_FILE, is_run_dir, open_for_inference
 from mlxtune.storage import atomic_write_text, temp_dir
 
@@ -51,7 +52,9 @@ def open_source(run_or_model: str | Path, checkpoint: str = "last", console=None
         dequantize_model(loaded.model)
         config = without_quantization(loaded.config)
         weights = dict(tree_flatten(loaded.model.parameters()))
-        yield ExportSource(loaded.path, config, weights, loaded.tokenizer, loaded.template, str(run_or_model))
+        # the template chat/generate/serve render with (inference.prompt_format: the one template rule)
+        template = prompt_format(loaded).template
+        yield ExportSource(loaded.path, config, weights, loaded.tokenizer, template, str(run_or_model))
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)

@@ -6,16 +6,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlxtune.settings import LoraSettings
+from mlxtune.settings import AdapterSettings
 
 
-def adapted_layer_count(model, settings: LoraSettings) -> int:
+def adapted_layer_count(model, settings: AdapterSettings) -> int:
     """Blocks to adapt: all by default; asking for more than the model has means all of them."""
     total = len(model.layers)
     return total if settings.layers is None else min(settings.layers, total)
 
 
-def adapter_config(model, settings: LoraSettings) -> dict:
+def adapter_config(model, settings: AdapterSettings) -> dict:
     """The adapter_config.json that mlx-lm (and mlxtune) read back."""
     lora_parameters = {"rank": settings.rank, "scale": settings.scale, "dropout": settings.dropout}
     if settings.target_modules:
@@ -28,7 +28,7 @@ def adapter_config(model, settings: LoraSettings) -> dict:
     }
 
 
-def check_target_modules(model, settings: LoraSettings) -> None:
+def check_target_modules(model, settings: AdapterSettings) -> None:
     """Every named module must exist in the blocks: a typo would otherwise train nothing."""
     if not settings.target_modules:
         return
@@ -42,7 +42,7 @@ def check_target_modules(model, settings: LoraSettings) -> None:
                          f"target modules here: {', '.join(linear)}")
 
 
-def attach_adapters(model, settings: LoraSettings) -> dict:
+def attach_adapters(model, settings: AdapterSettings) -> dict:
     """Freeze the base and make the adapters (or, for `full`, the last blocks) trainable. Returns the config."""
     check_target_modules(model, settings)
     config = adapter_config(model, settings)

@@ -5,6 +5,7 @@ slot, `mx.distributed` (ring, JACCL or MPI) carries the collectives, train/paral
     mlxtune lora ... --hosts mac1,mac2         one rank per Mac (this one first: rank 0 writes the run)
     mlxtune lora ... --hosts hosts.json        mlx.launch's hostfile (ssh names, IPs, RDMA devices, backend)
     mlxtune lora ... --hosts ... --check       preflight only: SSH, versions, model/data, backend, world size
+    mlxtune dpo|orpo ... --nproc 2             the same for preference runs (PreferenceSettings: the objective)
 
 The parent (this module's `train_distributed`) resolves everything once — model, data, run directory, settings —
 checks every host, then runs mlx.launch with a rank command that carries those settings (`mlxtune rank-worker`).
@@ -405,33 +406,45 @@ def _sync_run_dir(run_dir: Path, layout: Layout) -> None:
                             "check SSH access and disk space there")
 
 
+def _command(settings: LoraSettings) -> str:
+    """The command a run belongs to: lora, or a preference objective (PreferenceSettings carries it)."""
+    return getattr(settings, "objective", None) or "lora"
+
+
 def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None, nproc: int | None,
                       backend: str = "ring", timeout: float = DEFAULT_TIMEOUT, console=None, json_mode: bool = False):
-    """Run `settings` as a data-parallel job; returns the RunResult of rank 0 (as a dict)."""
+    """Run `settings` (LoraSettings, or PreferenceSettings for dpo/orpo) as a data-parallel job; returns rank 0's
+    result (as a dict)."""
     # Only light imports here: the ranks load MLX models; the parent just launches and watches them.
     from mlxtune.data.dataset import resolve_data_path
     from mlxtune.train.parallel import check_resume_ranks
     from mlxtune.train.recovery import has_training
     from mlxtune.model_config import model_name
     from mlxtune.models import resolve_model
+    from mlxtune.runs import default_run_dir
     from mlxtune.ui import make_console
 
     console = console or make_console(json_mode)
+    command = _command(settings)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     layout = plan_layout(hosts, nproc)
-    settings = LoraSettings(**settings.to_dict()).validate()
+    settings = type(settings)(**settings.to_dict()).validate()
+    if getattr(settings, "from_run", None) and not resume:
+        raise UsageError("--from is not available with --nproc/--hosts",
+                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
+                         "pass --model MODEL_DIR")
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     model_path = resolve_model(settings.model, console=console) if settings.model else None
     if model_path is None:
         raise UsageError("--model is needed with --nproc/--hosts", "give the model every host has, e.g. a library name")
     data_path = resolve_data_path(settings.data).resolve()
-    run_dir = Path(settings.out or Path("runs") / f"{model_name(model_path)}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = run_dir.resolve()
+    objective = None if command == "lora" else command
+    run_dir = Path(settings.out or default_run_dir(model_name(model_path), objective)).resolve()
     if not resume and has_training(run_dir):  # rank 0 claims (and locks) the directory itself
         raise UsageError(f"run directory {run_dir} already exists",
-                         f"continue it with: mlxtune lora --resume {run_dir} {_world_flags(hosts, nproc)}   "
+                         f"continue it with: mlxtune {command} --resume {run_dir} {_world_flags(hosts, nproc)}   "
                          "(or pick another --out)")
     settings.model, settings.data, settings.out = str(Path(model_path).resolve()), str(data_path), str(run_dir)
 
@@ -440,13 +453,13 @@ def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None
         console.print(f"[yellow]note:[/] {note}")
     if not report.ok:
         raise UsageError("preflight failed: " + "; ".join(report.problems),
-                         "fix the hosts listed; `mlxtune lora --hosts ... --check` checks again without training")
+                         f"fix the hosts listed; `mlxtune {command} --hosts ... --check` checks again without training")
     if resume:
         check_resume_ranks(run_dir, layout.world_size)
         _sync_run_dir(run_dir, layout)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    resume_hint = f"continue with: mlxtune lora --resume {run_dir} {_world_flags(hosts, nproc)}"
+    resume_hint = f"continue with: mlxtune {command} --resume {run_dir} {_world_flags(hosts, nproc)}"
     spec = {"settings": settings.to_dict(), "resume": resume, "world_size": layout.world_size,
             "backend": report.backend, "hosts": layout.hosts, "timeout": timeout, "resume_hint": resume_hint,
             "json": json_mode}
@@ -663,12 +676,19 @@ def _train_rank(spec: dict, group, watchdog, host: str) -> int:
     from mlxtune.ui import make_console
 
     parallel = DataParallel(group, spec["hosts"], spec["timeout"], spec["resume_hint"], spec["backend"], watchdog)
-    settings = LoraSettings(**spec["settings"])
+    settings = LoraSettings(**{k: v for k, v in spec["settings"].items() if k in LoraSettings.__dataclass_fields__})
     parallel.check_same(fingerprint(settings.model, settings.data, spec["settings"], _software()))
-    from mlxtune.train.loop import finetune  # after the check: a refused rank stops before the heavy imports
-
     _watch_stdin_for_stop()
     console = make_console(spec.get("json", False), quiet=not parallel.is_main)
-    result = finetune(settings, resume=spec["resume"], console=console, parallel=parallel)
+    # after the check: a refused rank stops before the heavy imports
+    if "objective" in spec["settings"]:  # dpo / orpo
+        from mlxtune.train.preference.run import PreferenceSettings, train_preference
+
+        result = train_preference(PreferenceSettings(**spec["settings"]), resume=spec["resume"],
+                                  console=console, parallel=parallel)
+    else:
+        from mlxtune.train.loop import finetune
+
+        result = finetune(settings, resume=spec["resume"], console=console, parallel=parallel)
     _marker(parallel.rank, host, "done", result.stopped)
     return 0

@@ -15,7 +15,7 @@ from mlxtune.data.dataset import Datasets, load_datasets, resolve_data_path
 from mlxtune.data.quality import steps_warning, summary
 from mlxtune.errors import UsageError
 from mlxtune.cpu_quantized import accelerate_quantized, requested_path
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.train.loss import Loss, supports_packing
 from mlxtune.model_config import DEFAULT_QUANTIZE, model_name, text_config
 from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
@@ -39,10 +39,9 @@ from mlxtune.train.checkpoint import (
 )
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.recovery import (
-    CHANGEABLE_ON_RESUME,
+    apply_resume_flags,
     check_resume_state,
     check_settings_unchanged,
-    setting_differs,
     data_fingerprint,
     find_resume_point,
 )
@@ -278,7 +277,7 @@ def run_training(setup: TrainingSetup, reporter: TrainingReporter) -> RunResult:
     settings, run_dir, model, datasets = setup.settings, setup.run_dir, setup.model, setup.datasets
     trainable, total = parameter_counts(model)
     reporter.header(settings, data_kind=datasets.kind, train_examples=len(datasets.train),
-                    valid_examples=len(datasets.valid), template_origin=datasets.template.origin,
+                    valid_examples=len(datasets.valid), template=datasets.template.name,
                     data_warnings=summary(datasets.warnings)
                     + (" (`mlxtune data check` lists them)" if datasets.warnings else ""),
                     trainable=trainable, total=total, steps=setup.total_steps,
@@ -332,18 +331,7 @@ def resume_settings(run_dir: str | Path, overrides: dict) -> LoraSettings:
     if not config.is_file():
         raise UsageError(f"{run_dir} is not an mlxtune run (no {CONFIG_FILE})", "give the run directory to resume")
     settings = read_run_settings(config)
-    refused = []
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key in CHANGEABLE_ON_RESUME:
-            setattr(settings, key, value)
-        elif key != "out" and setting_differs(getattr(settings, key), value):
-            refused.append(f"--{key.replace('_', '-')} (the run has {getattr(settings, key)!r})")
-    if refused:
-        raise UsageError(f"can't change {', '.join(refused)} when resuming {run_dir}",
-                         "drop those flags, or start a new run with --out; --resume may change "
-                         + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
+    apply_resume_flags(settings, overrides, run_dir)
     settings.out = str(run_dir)
     settings = settings.validate()
     latest = latest_checkpoint(Path(run_dir))  # an edited config.yaml is refused now, before any model is loaded

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from mlxtune.data.batching import PAD_MULTIPLE, POSITIONS_MULTIPLE, batch_plan, evaluation_batches, plan_epoch
 from mlxtune.errors import RunFailed
 from mlxtune.memory import GB, BatchShape, Estimate, ModelFacts, RunShape, estimate, fmt_gb
-from mlxtune.settings import UPPER_BOUNDS, LoraSettings
+from mlxtune.settings import UPPER_BOUNDS, LoraSettings, TrainSettings
 
 # Settings that size a batch: when the user gave none of them, the planner chooses.
 SIZING_KEYS = ("batch_size", "batch_tokens", "pack", "max_seq_length", "grad_accumulation", "grad_checkpoint")
@@ -337,7 +337,7 @@ class MemoryGuard:
         peak = self.peak()
         return peak if peak > self.budget else None
 
-    def shrink(self, settings: LoraSettings, current_tokens: int | None, longest: int, peak: int | None,
+    def shrink(self, settings: TrainSettings, current_tokens: int | None, longest: int, peak: int | None,
                step: int, fixed_batches: bool = False) -> dict:
         """Halve the micro-batch (doubling accumulation, so a step sees the same tokens); the change as a record."""
         import mlx.core as mx
@@ -348,8 +348,11 @@ class MemoryGuard:
                 f"shrinking its batches {GUARD_RETRIES} times; the last good weights (step {step}) are saved",
                 "raise --memory, or resume with --grad-checkpoint / a smaller --max-seq-length "
                 "(`mlxtune plan` shows what fits)")
-        before = {"batch_tokens": settings.batch_tokens, "batch_size": settings.batch_size,
-                  "grad_accumulation": settings.grad_accumulation}
+        def sizes() -> dict:  # fixed batches of pairs have no token budget (their settings hold none)
+            return {"batch_tokens": None if fixed_batches else settings.batch_tokens,
+                    "batch_size": settings.batch_size, "grad_accumulation": settings.grad_accumulation}
+
+        before = sizes()
         fixed = fixed_batches or (settings.pack is False and not settings.batch_tokens)  # preference: pairs
         if fixed:
             if settings.batch_size <= 1:
@@ -365,7 +368,7 @@ class MemoryGuard:
         self.retries_left -= 1
         mx.clear_cache()
         mx.reset_peak_memory()
-        after = {k: getattr(settings, k) for k in before}
+        after = sizes()
         return {"step": step, "memory_event": "over budget" if peak else "out of memory",
                 "peak_memory_gb": None if peak is None else round(peak / GB, 4),
                 "budget_gb": round(self.budget / GB, 4), "before": before, "after": after}

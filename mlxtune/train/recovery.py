@@ -246,6 +246,23 @@ def settings_changes(saved: dict, current: dict) -> list[str]:
     return changes
 
 
+def apply_resume_flags(settings, overrides: dict, run_dir) -> None:
+    """Apply flags given to a resume (`overrides`, None = not given) to the run's own settings: the
+    CHANGEABLE_ON_RESUME ones are taken, any other that differs from the run's value is refused, naming it."""
+    refused = []
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in CHANGEABLE_ON_RESUME:
+            setattr(settings, key, value)
+        elif key != "out" and setting_differs(getattr(settings, key), value):
+            refused.append(f"--{key.replace('_', '-')} (the run has {getattr(settings, key)!r})")
+    if refused:
+        raise UsageError(f"can't change {', '.join(refused)} when resuming {run_dir}",
+                         "drop those flags, or start a new run with --out; --resume may change "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in CHANGEABLE_ON_RESUME))
+
+
 def setting_differs(saved, given) -> bool:
     """Whether a setting's value `given` (a flag, an edited config.yaml) is not the `saved` one."""
     if saved is None or given is None:

@@ -11,11 +11,11 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from mlxtune.data.batching import Batch
-from mlxtune.settings import LoraSettings
+from mlxtune.settings import TrainSettings
 from mlxtune.train.loss import Loss
 
 
-def learning_rate_schedule(settings: LoraSettings, total_steps: int):
+def learning_rate_schedule(settings: TrainSettings, total_steps: int):
     """Linear warmup from lr/warmup (the first step already learns), then cosine, linear or constant decay."""
     peak = settings.learning_rate
     warmup = default_warmup(settings, total_steps)
@@ -36,13 +36,13 @@ def learning_rate_schedule(settings: LoraSettings, total_steps: int):
     return schedule
 
 
-def default_warmup(settings: LoraSettings, total_steps: int) -> int:
+def default_warmup(settings: TrainSettings, total_steps: int) -> int:
     if settings.warmup_steps is not None:
         return settings.warmup_steps
     return max(0, int(0.05 * total_steps))
 
 
-def build_optimizer(settings: LoraSettings, total_steps: int) -> optim.Optimizer:
+def build_optimizer(settings: TrainSettings, total_steps: int) -> optim.Optimizer:
     # bias_correction=True: PyTorch's AdamW. MLX defaults to none, which enlarges the first steps' updates
     # (3.2× at step 1), so a learning rate would not mean what it means elsewhere.
     return optim.AdamW(

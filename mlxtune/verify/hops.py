@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, render_chat
+from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, TEMPLATE_NAMES, render_chat
 from mlxtune.errors import UsageError
 
 
@@ -49,10 +49,11 @@ class StopSet:
     strings: list[str] = field(default_factory=list)  # text that ends generation
 
 
-def describe_template(template: str | None, own: str = "the model's chat template") -> str:
+def describe_template(template: str | None, own: str) -> str:
+    """An exported file's template (GGUF, Modelfile) in the words of data/template.py's TEMPLATE_NAMES."""
     if template is None:
-        return "none (plain text)"
-    return "mlxtune's fallback template" if template == FALLBACK_CHAT_TEMPLATE else own
+        return TEMPLATE_NAMES["none"]
+    return TEMPLATE_NAMES["fallback"] if template == FALLBACK_CHAT_TEMPLATE else own
 
 
 def with_added_bos(tokenizer, text: str, ids: list[int]) -> str:
@@ -69,7 +70,7 @@ class MlxHop:
     gives_logits = True  # teacher-forced checks and forced-stop generation apply
 
     def __init__(self, name: str, model_or_run, checkpoint: str = "last", template_kind: str | None = None):
-        from mlxtune.chat import prompt_format
+        from mlxtune.inference import prompt_format
         from mlxtune.runs import open_for_inference
         from mlxtune.ui import quiet_stdout
 
@@ -79,14 +80,11 @@ class MlxHop:
         self.source = self.loaded.source
         self.format = prompt_format(self.loaded)
         self.template_kind = template_kind or self.format.kind
-        plain = self.format.kind == "text" or (self.loaded.run is None and self.loaded.template is None)
-        self.template_name = "none (plain text)" if plain else describe_template(
-            self.format.template, "the run's template" if self.loaded.template_origin == "run" else
-            "the model's chat template")
+        self.template_name = self.format.name  # the one template rule's choice (inference.prompt_format)
         self.tokenizer = self.loaded.tokenizer
 
     def render(self, probe) -> Rendered:
-        from mlxtune.chat import encode_messages
+        from mlxtune.inference import encode_messages
 
         if probe.messages is None:
             return Rendered(probe.text, list(self.tokenizer.encode(probe.text)))
@@ -389,10 +387,7 @@ class ServeHop:
         self.source = f"http://127.0.0.1:{self.server.server_address[1]}/v1 ({self.server.source})"
         self.engine = self.server.engine
         self.format = self.server.chat_format
-        self.template_name = (describe_template(self.format.template, "the run's template" if
-                                                self.engine.loaded.template_origin == "run" else
-                                                "the model's chat template")
-                              if self.format.kind == "template" else "none (plain text)")
+        self.template_name = self.format.name
 
     def render(self, probe) -> Rendered:
         if probe.messages is None:

@@ -51,7 +51,7 @@ def test_eval_loss_is_the_training_validation_loss(trained_run):
     from mlxtune.runs import open_for_inference
     from mlxtune.data.formats import read_records
     from mlxtune.data.template import tokenize_records
-    from mlxtune.train.evaluate import validation_loss
+    from mlxtune.train.validation import validation_loss
 
     run_dir, _ = trained_run
     loaded = open_for_inference(run_dir)

@@ -43,7 +43,7 @@ def test_a_single_file_run_is_evaluated_on_the_records_training_held_out(single_
     assert "none of the 9 scored examples was trained on" in result.stdout
 
     # exactly the records training held out (same seed): the eval cases are those records, in that order
-    from mlxtune.chat import prompt_format
+    from mlxtune.inference import prompt_format
     from mlxtune.eval.cases import load_cases
     from mlxtune.runs import open_for_inference, open_run
 

@@ -43,14 +43,16 @@ def tuned(tmp_path_factory):
 def test_lora_uses_the_models_chatml_template_and_masks_the_prompt(tuned):
     from mlxtune.data.formats import parse_record
     from mlxtune.data.template import tokenize_record
+    from mlxtune.inference import prompt_format
     from mlxtune.runs import open_for_inference
 
     run_dir, env, output = tuned
-    assert "│ template      │ model " in output and "chat: 16 train / 4 valid" in output
+    assert "│ template      │ the model's own template" in output and "chat: 16 train / 4 valid" in output
     loaded = open_for_inference(run_dir)
-    assert loaded.template_origin == "model" and "<|im_start|>" in loaded.template
+    fmt = prompt_format(loaded)
+    assert fmt.name == "the model's own template" and "<|im_start|>" in fmt.template
     record = parse_record(json.loads((CHAT_DATA / "train.jsonl").read_text().splitlines()[0]), "train.jsonl:1")
-    example = tokenize_record(record, loaded.tokenizer, loaded.template, train_on_prompt=False)
+    example = tokenize_record(record, loaded.tokenizer, fmt.template, train_on_prompt=False)
     everything = loaded.tokenizer.decode(example.ids.tolist())
     assert everything.count("<|im_start|>") == 3 and "Capital of France? One word." in everything
     # Only the reply and its end-of-turn are learnt: the system and user turns, and the assistant header, are not.

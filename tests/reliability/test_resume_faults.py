@@ -12,7 +12,7 @@ import time
 import pytest
 from rich.console import Console
 
-from conftest import MLXTUNE, WIKISQL
+from conftest import MLXTUNE, MODEL, WIKISQL, make_pairs
 from mlxtune.errors import UsageError
 from mlxtune.train.checkpoint import resumable_checkpoint, verify_checkpoint
 from mlxtune.train.loop import finetune, resume_settings
@@ -178,3 +178,35 @@ def test_ctrl_c_during_the_first_validation_saves_a_checkpoint(tmp_path):
     assert "checkpoint saved at step 0" in result.stdout and f"mlxtune lora --resume {run}" in result.stdout
     checkpoint, warnings = resumable_checkpoint(run)
     assert checkpoint is not None and checkpoint.name == "step-0000000" and not warnings
+
+
+# min_delta 1: no evaluation beats the starting one, so a resume that forgot the best-so-far would move best/.
+PAIRS_RUN = dict(iters=6, batch_size=2, learning_rate=3e-3, dropout=0.1, eval_every=2, val_batches=1, save_every=2,
+                 report_every=1, min_delta=1.0, patience=4)
+
+
+@pytest.mark.parametrize("objective", ["dpo"])
+def test_a_preference_run_killed_inside_a_checkpoint_resumes_to_the_uninterrupted_adapter(objective, tmp_path):
+    """The engine's exact resume for preference runs too: SIGKILL while the step-4 checkpoint's optimizer state is
+    written; the resume skips the half-written checkpoint, continues from step 2 and ends with the uninterrupted
+    run's adapter and best/ (dropout on, so the per-step RNG matters)."""
+    from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, train_preference
+
+    pairs = make_pairs(tmp_path / "pairs", train=12, valid=4)
+    whole = tmp_path / "whole"
+    reference = train_preference(PreferenceSettings(model=str(MODEL), data=str(pairs), out=str(whole),
+                                                    objective=objective, **PAIRS_RUN), console=make_console(quiet=True))
+    killed = tmp_path / "killed"
+    flags = [str(x) for key, value in PAIRS_RUN.items() for x in (f"--{key.replace('_', '-')}", value)]
+    first = cli(objective, "--model", MODEL, "--data", pairs, "--out", killed, *flags,
+                fault="checkpoint.optimizer:2")
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert_run_intact(killed)
+    buffer = io.StringIO()
+    result = train_preference(resume_preference_settings(killed, {}), resume=True,
+                              console=Console(file=buffer, width=200))
+    assert result.steps == 6 and "resuming from step-0000002" in buffer.getvalue(), buffer.getvalue()
+    assert (result.best_step, result.best_val, result.initial_val) == (
+        reference.best_step, reference.best_val, reference.initial_val)
+    assert_same_adapter(killed / "adapters.safetensors", whole / "adapters.safetensors")
+    assert_same_adapter(killed / "best" / "adapters.safetensors", whole / "best" / "adapters.safetensors")

@@ -9,8 +9,7 @@ import shutil
 import mlx.core as mx
 import pytest
 
-from conftest import MODEL, WIKISQL
-from test_preference_run import make_pairs
+from conftest import MODEL, WIKISQL, make_pairs
 
 from mlxtune import faults
 from mlxtune.errors import RunFailed
@@ -157,8 +156,9 @@ def test_memory_guard_keeps_the_examples_per_step_when_it_shrinks(objective, pai
     limit = mx.set_memory_limit(2**40)
     mx.set_memory_limit(limit)
     out = tmp_path / objective
-    result = _train(objective, _settings(objective, out, pairs, memory="0.001GB", iters=2, pack=False,
-                                         eval_every=10**6))
+    fixed = {"pack": False} if objective == "sft" else {}  # pairs always come in fixed batches
+    result = _train(objective, _settings(objective, out, pairs, memory="0.001GB", iters=2, eval_every=10**6,
+                                         **fixed))
     assert result["steps"] == 2 and result["stopped"] == "completed"
     (change,) = result["memory_changes"]
     before, after = change["before"], change["after"]

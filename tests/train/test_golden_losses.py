@@ -13,8 +13,7 @@ import os
 
 import pytest
 
-from conftest import MODEL, WIKISQL
-from test_preference_run import make_pairs
+from conftest import MODEL, WIKISQL, make_pairs
 
 from mlxtune.settings import LoraSettings
 from mlxtune.ui import make_console

@@ -4,43 +4,12 @@ chosen = the true SQL answer, rejected = the same words in reverse order."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, WIKISQL, run_cli
+from conftest import MODEL, make_pairs, run_cli
 from mlxtune.eval import evaluate_run
-
-
-def corrupt(answer: str, number: int, rng: random.Random) -> str:
-    """Two adjacent words swapped (even pairs) or the words after the first two reversed (odd pairs): the base
-    model prefers the first corruption to the truth and the truth to the second, so overall it can't tell."""
-    words = answer.split()
-    if number % 2:
-        return " ".join(words[:2] + words[:1:-1])
-    at = rng.randrange(len(words) - 1)
-    words[at], words[at + 1] = words[at + 1], words[at]
-    return " ".join(words)
-
-
-def make_pairs(out: Path, train: int = 160, valid: int = 32, longest: int = 120) -> Path:
-    """Short WikiSQL questions with their SQL (chosen) and a word-order corruption of it (rejected)."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for split, wanted in (("train", train), ("valid", valid)):
-        pairs = []
-        for line in (WIKISQL / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
-            head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
-            question = head.rsplit("\nQ: ", 1)[1].strip()
-            if len(question) + len(answer) <= longest and len(answer.split()) > 3:
-                rejected = corrupt(answer, len(pairs), rng)
-                if rejected != answer:
-                    pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
-            if len(pairs) == wanted:
-                break
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +98,20 @@ def test_preference_settings_refuse_what_makes_no_sense(change, message):
 
     with pytest.raises(UsageError, match=message):
         PreferenceSettings(**change).validate()
+
+
+def test_resuming_a_preference_run_takes_the_safe_flags_and_refuses_the_others(tmp_path):
+    """`dpo --resume` as `lora --resume`: length, cadence and step sizes may change, the rest is refused."""
+    from mlxtune.errors import UsageError
+    from mlxtune.train.preference.run import PreferenceSettings, resume_preference_settings, save_preference_settings
+
+    save_preference_settings(PreferenceSettings(model="m", data="d", beta=0.2).validate(), tmp_path)
+    settings = resume_preference_settings(tmp_path, {"iters": 7, "learning_rate": 1e-3, "beta": 0.2, "rank": None})
+    assert (settings.iters, settings.learning_rate, settings.beta) == (7, 1e-3, 0.2)
+    with pytest.raises(UsageError, match=r"can't change --beta \(the run has 0.2\)"):
+        resume_preference_settings(tmp_path, {"beta": 0.5})
+    with pytest.raises(UsageError, match="is a dpo run"):
+        resume_preference_settings(tmp_path, {}, objective="orpo")
 
 
 def test_precomputed_reference_trains_exactly_like_the_adapters_off_reference(tmp_path):

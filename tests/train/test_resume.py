@@ -18,7 +18,7 @@ from conftest import MLXTUNE, MODEL, WIKISQL, run_cli
 from mlxtune import LoraSettings, UsageError
 from mlxtune.data import load_datasets
 from mlxtune.settings import save_settings
-from mlxtune.train.evaluate import validation_loss
+from mlxtune.train.validation import validation_loss
 from mlxtune.train.checkpoint import latest_checkpoint
 from mlxtune.train.loop import finetune, resume_settings
 from mlxtune.ui import make_console

@@ -29,11 +29,12 @@ import numpy as np
 
 from mlxtune.data.batching import evaluation_subset, make_batch
 from mlxtune.data.preference import PreferenceExample
+from mlxtune.settings import PREFERENCE_OBJECTIVES
 from mlxtune.train.loss import (FUSED_CHUNK_ROWS, chunk_rows, has_trainable_parameters,
                                 head_token_nll_with_gradient, loss_streams, nll_logit_gradient, output_head,
                                 over_chunks, packing_cache, softmax_nll, supports_selective_loss)
 
-OBJECTIVES = ("dpo", "orpo")
+OBJECTIVES = PREFERENCE_OBJECTIVES  # the names live with the settings, which check them
 STAT_NAMES = ("chosen_reward", "rejected_reward", "accuracy", "chosen_nll")
 
 
@@ -283,22 +284,27 @@ def summarise(loss_sum: float, pairs: float, stats) -> dict:
 
 
 def evaluate_pairs(model, objective: PreferenceObjective, pairs: list[PreferenceExample], batch_size: int = 4,
-                   max_batches: int = -1, references: dict | None = None) -> dict:
-    """Mean loss, rewards, margin and preference accuracy over (a fixed subset of) the pairs."""
+                   max_batches: int = -1, references: dict | None = None, parallel=None) -> dict:
+    """Mean loss, rewards, margin and preference accuracy over (a fixed subset of) the pairs. With a `parallel`
+    (train.parallel.DataParallel) each rank computes its share of the batches and the sums are added up."""
     if not pairs:
         return {}
     was_training = model.training
     model.eval()
-    loss_total, count, stats = 0.0, 0.0, np.zeros(len(STAT_NAMES))
-    for batch in evaluation_pair_batches(pairs, batch_size, max_batches, references):
+    totals = np.zeros(2 + len(STAT_NAMES))  # loss sum, pairs, statistics (float64 across batches)
+    for index, batch in enumerate(evaluation_pair_batches(pairs, batch_size, max_batches, references)):
+        if parallel is not None and not parallel.mine(index):
+            continue
         loss_sum, n, batch_stats = objective(model, *objective.loss_arrays(model, batch), differentiable=False)
         mx.eval(loss_sum, batch_stats)
-        loss_total += loss_sum.item()
-        count += n.item()
-        stats += np.array(batch_stats)
+        totals += np.array([loss_sum.item(), n.item(), *np.array(batch_stats)])
+    if parallel is not None and parallel.distributed:
+        values = np.array(mx.stack(parallel.sum(*[mx.array(v, dtype=mx.float32) for v in totals])), np.float64)
+    else:
+        values = totals
     if was_training:
         model.train()
-    return summarise(loss_total, count, stats)
+    return summarise(float(values[0]), float(values[1]), values[2:])
 
 
 def evaluation_pair_batches(pairs: list[PreferenceExample], batch_size: int, max_batches: int = -1,

@@ -35,14 +35,16 @@ from mlxtune.models import DEFAULT_BASE_MODEL, load_model, resolve_model
 from mlxtune.library import hold_model
 from mlxtune.runs import (CONFIG_FILE, LOCK_FILE, PREFERENCE_FILE, REFERENCE_FILE, RUN_FILE, RUN_MARKER,
                           TEMPLATE_FILE, default_run_dir, follow_up_run_dir)
-from mlxtune.settings import LoraSettings, load_run_settings, read_yaml_config, save_settings
+from mlxtune.settings import LoraSettings, PreferenceSettings, load_run_settings, read_yaml_config, save_settings
 from mlxtune.storage import atomic_write_text, check_writable
 from mlxtune.train.adapters import attach_adapters, parameter_counts
 from mlxtune.train.checkpoint import load_checkpoint
 from mlxtune.train.engine import Objective, TrainingRun, claim, finish, grad_checkpoint, prepare_backend, train
-from mlxtune.train.recovery import check_resume_state, data_fingerprint, find_resume_point, unlock_run_dir
+from mlxtune.train.parallel import DataParallel, check_resume_ranks
+from mlxtune.train.recovery import (apply_resume_flags, check_resume_state, data_fingerprint, find_resume_point,
+                                    unlock_run_dir)
 from mlxtune.train.preference.objective import (
-    OBJECTIVES,
+    STAT_NAMES,
     PreferenceObjective,
     SequenceLogProbs,
     adapters_off,
@@ -54,47 +56,6 @@ from mlxtune.train.preference.objective import (
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, step_progress, summary_table
 
-STOP_ON = ("loss", "accuracy")
-
-
-@dataclass
-class PreferenceSettings(LoraSettings):
-    """`mlxtune lora`'s settings plus the preference objective's own (saved apart, in preference.yaml)."""
-
-    objective: str = "dpo"  # dpo | orpo
-    beta: float = 0.1  # DPO: strength of the pull towards the reference; ORPO: weight of the odds-ratio term
-    label_smoothing: float = 0.0  # DPO: assumed share of flipped labels (conservative DPO)
-    precompute_reference: bool = False  # DPO: reference log-probs computed once before training, cached per pair
-    from_run: str | None = None  # start from this supervised run (its adapter merged into the base)
-    from_checkpoint: str = "last"  # which adapter of --from: last, best or a step number
-    stop_on: str = "loss"  # early stopping watches the validation loss or the validation preference accuracy
-    skip_invalid: bool = False  # train without the bad records (each named in a note) instead of refusing the data
-
-    def validate(self) -> "PreferenceSettings":
-        super().validate()
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective {self.objective!r}", f"use one of {', '.join(OBJECTIVES)}")
-        if not self.beta > 0:
-            raise UsageError(f"beta must be positive, got {self.beta}", "set --beta (0.1 is usual)")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise UsageError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}",
-                             "set --label-smoothing (0 = plain DPO)")
-        if self.stop_on not in STOP_ON:
-            raise UsageError(f"unknown stop_on {self.stop_on!r}", f"use one of {', '.join(STOP_ON)}")
-        if self.objective == "orpo" and (self.precompute_reference or self.label_smoothing):
-            raise UsageError("ORPO uses no reference model and no label smoothing",
-                             "drop --precompute-reference/--label-smoothing, or use mlxtune dpo")
-        return self
-
-    def lora_part(self) -> LoraSettings:
-        own = {f.name for f in fields(LoraSettings)}
-        return LoraSettings(**{k: v for k, v in self.to_dict().items() if k in own})
-
-    def preference_part(self) -> dict:
-        own = {f.name for f in fields(LoraSettings)}
-        return {k: v for k, v in self.to_dict().items() if k not in own}
-
-
 def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> None:
     """config.yaml stays a plain LoRA config (fuse/export/chat read it); the objective goes to preference.yaml."""
     save_settings(settings.lora_part(), run_dir / CONFIG_FILE)
@@ -102,24 +63,28 @@ def save_preference_settings(settings: PreferenceSettings, run_dir: Path) -> Non
 
 
 def load_preference_settings(run_dir: Path) -> PreferenceSettings:
-    lora = load_run_settings(run_dir / CONFIG_FILE)
+    lora = load_run_settings(run_dir / CONFIG_FILE, LoraSettings)  # lora's data settings in it are not ours
     extra = read_yaml_config(run_dir / PREFERENCE_FILE, PreferenceSettings)
-    return PreferenceSettings(**{**lora.to_dict(), **extra})
+    own = {f.name for f in fields(PreferenceSettings)}
+    return PreferenceSettings(**{**{k: v for k, v in lora.to_dict().items() if k in own}, **extra})
 
 
 def is_preference_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / PREFERENCE_FILE).is_file()
 
 
-def resume_preference_settings(run_dir: str | Path, overrides: dict) -> PreferenceSettings:
+def resume_preference_settings(run_dir: str | Path, overrides: dict, objective: str | None = None) -> PreferenceSettings:
+    """A preference run's settings with `overrides` (flags; None = not given) applied as `mlxtune lora --resume`
+    applies them (recovery.apply_resume_flags); `objective`: the command resuming it, which must be the run's."""
     run_dir = Path(run_dir)
     if not is_preference_run(run_dir):
         raise UsageError(f"{run_dir} is not a preference run (no {PREFERENCE_FILE})",
                          "resume a LoRA run with mlxtune lora --resume")
     settings = load_preference_settings(run_dir)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(settings, key, value)
+    if objective is not None and objective != settings.objective:
+        raise UsageError(f"{run_dir} is a {settings.objective} run", f"resume it with mlxtune {settings.objective} "
+                         f"--resume {run_dir}")
+    apply_resume_flags(settings, overrides, run_dir)
     settings.out = str(run_dir)
     return settings.validate()
 
@@ -175,8 +140,10 @@ class PreferenceStep:
         self.gradients, self.update = gradients, update
 
     def accumulate(self, batches):
+        """Loss sum, pair count, statistics and summed gradients of one step. A None batch (a data-parallel rank
+        with no share of a short batch) adds nothing; with none at all everything is zero."""
         total = None
-        for batch in batches:
+        for batch in (b for b in batches if b is not None):
             # The reference pass runs outside the compiled gradient: it swaps the adapter layers out and back.
             # It is evaluated on its own, first: in one graph with the policy pass, its vocabulary-sized
             # temporaries would be alive at the same time as the policy's (a third more peak memory).
@@ -188,23 +155,30 @@ class PreferenceStep:
             # One micro-batch at a time (as train/step.py): together they would hold all their activations at
             # once, and gradient accumulation would save no memory.
             mx.eval(*total)
+        if total is None:
+            total = (mx.array(0.0), mx.array(0.0), mx.zeros(len(STAT_NAMES)),
+                     tree_map(mx.zeros_like, self.model.trainable_parameters()))
+            mx.eval(*total)
         return total
 
 
-def _pair_batch_at(pairs, plan: BatchPlan, seed: int, index: int, references):
-    """The `index`-th training batch of pairs, counting across epochs (a pure function of seed and index)."""
+def _pair_batch_at(pairs, plan: BatchPlan, seed: int, index: int, references, rank: int = 0, ranks: int = 1):
+    """The `index`-th training batch of pairs, counting across epochs (a pure function of seed and index). With
+    `ranks` > 1: this rank's share, every `ranks`-th pair from pair `rank` on (None when it has none)."""
     epoch = 0
     while True:
         batches = plan_epoch(pairs, plan, seed, epoch)
         if index < len(batches):
-            return make_pair_batch([pairs[i] for row in batches[index] for i in row], references)
+            share = [pairs[i] for row in batches[index] for i in row][rank::ranks]
+            return make_pair_batch(share, references) if share else None
         index -= len(batches)
         epoch += 1
 
 
 def precompute_references(model, objective: PreferenceObjective, sets: PreferenceSets, run_dir: Path,
-                          batch_size: int, console) -> dict[str, tuple[float, float]]:
-    """Reference log-probs of every pair, from the weights before training; cached in the run by pair fingerprint."""
+                          batch_size: int, console, save: bool = True) -> dict[str, tuple[float, float]]:
+    """Reference log-probs of every pair, from the weights before training; cached in the run by pair fingerprint
+    (written only when `save`: data-parallel ranks other than 0 compute theirs and write nothing)."""
     path = run_dir / REFERENCE_FILE
     cached: dict[str, tuple[float, float]] = {}
     if path.is_file():
@@ -220,6 +194,7 @@ def precompute_references(model, objective: PreferenceObjective, sets: Preferenc
                 values = answer_logps(model, group, batch_size, logps)
                 cached.update({p.fingerprint: (float(v[0]), float(v[1])) for p, v in zip(group, values)})
                 progress.update(task, advance=len(group))
+    if pairs and save:
         keys = sorted(cached)
         tmp = path.with_name(f".{path.stem}.tmp.npz")
         tmp.unlink(missing_ok=True)  # numpy opens the name as it finds it: a planted link is removed, not followed
@@ -250,19 +225,19 @@ class PairsObjective(Objective):
     """DPO or ORPO for the engine: fixed batches of pairs, the loss's mean over pairs, accuracy and margins."""
 
     def __init__(self, model, optimizer, settings: PreferenceSettings, sets: PreferenceSets,
-                 objective: PreferenceObjective, references: dict | None):
+                 objective: PreferenceObjective, references: dict | None, parallel: DataParallel):
         self.model, self.settings, self.sets, self.objective = model, settings, sets, objective
-        self.references = references
+        self.references, self.parallel = references, parallel
         self.command = settings.objective
         self.watch = settings.stop_on
         self.higher_is_better = settings.stop_on == "accuracy"
-        self.plan = BatchPlan(batch_size=settings.batch_size)
+        self.plan = world_pair_plan(settings, parallel)
         self.trainer = PreferenceStep(model, optimizer, settings.grad_clip, objective)
 
     def batches(self, step: int) -> list:
-        accumulation = self.settings.grad_accumulation
+        accumulation, parallel = self.settings.grad_accumulation, self.parallel
         return [_pair_batch_at(self.sets.train, self.plan, self.settings.seed, step * accumulation + k,
-                               self.references) for k in range(accumulation)]
+                               self.references, parallel.rank, parallel.size) for k in range(accumulation)]
 
     def gradients(self, micro: list):
         return self.trainer.accumulate(micro)
@@ -272,7 +247,7 @@ class PairsObjective(Objective):
 
     def validate(self) -> dict:
         return evaluate_pairs(self.model, self.objective, self.sets.valid, self.settings.batch_size,
-                              self.settings.val_batches, self.references)
+                              self.settings.val_batches, self.references, self.parallel)
 
     def summarise(self, loss_sum: float, count: float, stats) -> dict:
         return summarise(loss_sum, count, stats)
@@ -283,7 +258,7 @@ class PairsObjective(Objective):
     def shrink(self, guard, peak: int | None, step: int) -> dict:
         # Pairs come in fixed batches: half the pairs per micro-batch, twice the micro-batches per step.
         event = guard.shrink(self.settings, None, 0, peak, step, fixed_batches=True)
-        self.plan = BatchPlan(batch_size=self.settings.batch_size)
+        self.plan = world_pair_plan(self.settings, self.parallel)
         return event
 
     def save_settings(self, run_dir: Path) -> None:
@@ -293,26 +268,39 @@ class PairsObjective(Objective):
         return "lower --learning-rate or --beta"
 
 
+def world_pair_plan(settings: PreferenceSettings, parallel: DataParallel) -> BatchPlan:
+    """Fixed batches of pairs for the whole world (--batch-size per rank × ranks); each rank takes its share."""
+    return BatchPlan(batch_size=parallel.world_batch(settings.batch_size, None)[0])
+
+
 def train_preference(settings: PreferenceSettings, *, resume: bool = False, force: bool = False,
-                     console=None, start_from=None) -> PreferenceResult:
+                     console=None, start_from=None, parallel: DataParallel | None = None) -> PreferenceResult:
     """Train adapters with DPO or ORPO as `settings` say; with `resume`, continue `settings.out`. Settings the
-    memory planner says won't fit are refused before training unless `force`.
+    memory planner says won't fit are refused before training unless `force`. With `parallel`, this process is
+    one rank of a data-parallel run (train/distributed.py starts those); rank 0 alone writes the run directory.
 
     `start_from(run_dir) -> model path`: with `settings.from_run`, what makes the starting model inside the claimed
     run directory before anything loads (the CLI passes fuse.merge_sft_run: merging is fuse's job, not train/'s)."""
     reporter = TrainingReporter(console or make_console())
     console = reporter.console
+    parallel = parallel or DataParallel()
+    writes = parallel.is_main
     settings = copy.deepcopy(settings).validate()
     requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
+    if settings.from_run and not resume and parallel.distributed:
+        raise UsageError("--from is not available with --nproc/--hosts",
+                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
+                         "pass --model MODEL_DIR")
     if settings.from_run and not resume and start_from is None:
         raise UsageError("--from needs its supervised run merged first",
                          "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
     data_path = resolve_data_path(settings.data)
     # bad data fails before any model is loaded
     records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
-    check_writable(Path(settings.out or "runs"))
+    if writes:
+        check_writable(Path(settings.out or "runs"))
     if settings.from_run and not resume:
         run_dir = Path(settings.out) if settings.out else follow_up_run_dir(settings.from_run, settings.objective)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,8 +316,9 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     hold_model(model_path)  # `models rm` refuses it while this run trains
     if resume or not settings.from_run:
         run_dir = Path(settings.out) if settings.out else default_run_dir(model_name(model_path), settings.objective)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        claim(run_dir, resume, reporter)
+        if writes:  # the other ranks are given rank 0's run directory (train/distributed.py)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            claim(run_dir, resume, reporter)
     settings.model, settings.data, settings.out = str(model_path), str(data_path.resolve()), str(run_dir)
 
     reporter.start(settings.objective, model_path, run_dir)
@@ -344,7 +333,8 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     try:
         memory_plan = check_memory(settings, model_path, sets, force=force or resume, console=console)
     except UsageError:
-        _release_unused(run_dir)  # refused before anything was written: no empty run directory left behind
+        if writes:
+            _release_unused(run_dir)  # refused before anything was written: no empty run directory left behind
         raise
 
     mx.random.seed(settings.seed)
@@ -357,7 +347,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     if settings.iters is not None:
         total_steps = settings.iters
     else:
-        micro = math.ceil(settings.epochs * batches_per_epoch(sets.train, BatchPlan(batch_size=settings.batch_size),
+        micro = math.ceil(settings.epochs * batches_per_epoch(sets.train, world_pair_plan(settings, parallel),
                                                               settings.seed))
         total_steps = max(1, math.ceil(micro / settings.grad_accumulation))
     optimizer = build_optimizer(settings, total_steps)
@@ -365,6 +355,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     start_step, resumed = 0, None
     data_files = data_fingerprint(data_path)
     if resume:
+        check_resume_ranks(run_dir, parallel.size)
         point = find_resume_point(run_dir, total_steps)
         for warning in point.warnings:
             reporter.warning(warning)
@@ -377,8 +368,10 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
                                  f"(N > {start_step})")
             check_resume_state(run_dir, resumed, total_steps, data_files, settings)
             reporter.resumed(point.checkpoint.name, start_step, total_steps)
-    save_preference_settings(settings, run_dir)
-    _write_run_info(run_dir, sets, model_path, model_config, adapter_cfg, settings)
+    parallel.broadcast_weights(model)  # every rank starts from rank 0's weights
+    if writes:
+        save_preference_settings(settings, run_dir)
+        _write_run_info(run_dir, sets, model_path, model_config, adapter_cfg, settings, parallel.size)
 
     references = None
     reference_mode = "none"
@@ -391,18 +384,20 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
             if resume and not (run_dir / REFERENCE_FILE).is_file():
                 raise UsageError(f"{run_dir / REFERENCE_FILE} is missing: the reference can't be recomputed "
                                  "from trained weights", "start a new run")
-            references = precompute_references(model, objective, sets, run_dir, settings.batch_size * 2, console)
+            references = precompute_references(model, objective, sets, run_dir, settings.batch_size * 2, console,
+                                               save=writes)
             reference_mode = "precomputed"
 
     trainable, total = parameter_counts(model)
     if settings.grad_checkpoint:
         grad_checkpoint(model)
     _print_header(console, settings, sets, trainable, total, total_steps, reference_mode, objective,
-                  model_config.get("quantization"), memory_plan)
+                  model_config.get("quantization"), memory_plan, parallel)
     run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,
-              f"{model_name(model_path)} · {run_dir.name}", start_step, resume, resumed, data_files,
+              f"{model_name(model_path)} · {run_dir.name}", start_step, resume, resumed, data_files, parallel,
               memory_budget=memory_plan.budget)
-    progress = train(run, PairsObjective(model, optimizer, settings, sets, objective, references), reporter)
+    progress = train(run, PairsObjective(model, optimizer, settings, sets, objective, references, parallel),
+                     reporter)
     result = PreferenceResult(str(run_dir), settings.objective, progress.steps, total_steps, progress.initial_val,
                               progress.final_val, progress.best_step, progress.best_val, progress.final_train,
                               progress.tokens_per_second, progress.peak_memory_gb,
@@ -421,7 +416,7 @@ def _release_unused(run_dir: Path) -> None:
 
 
 def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model_config: dict, adapter_cfg: dict,
-                    settings: PreferenceSettings) -> None:
+                    settings: PreferenceSettings, ranks: int) -> None:
     info = {
         "base_model": str(model_path),
         "model_type": model_config.get("model_type"),
@@ -433,6 +428,7 @@ def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model
         "valid_examples": len(sets.valid),
         "adapter": adapter_cfg,
         "from_run": settings.from_run,
+        "ranks": ranks,  # data-parallel ranks: a resume needs as many (the batches depend on it)
     }
     if sets.template.template and sets.template.origin != "model":
         atomic_write_text(run_dir / TEMPLATE_FILE, sets.template.template)
@@ -440,7 +436,8 @@ def _write_run_info(run_dir: Path, sets: PreferenceSets, model_path: Path, model
 
 
 def _print_header(console, settings: PreferenceSettings, sets: PreferenceSets, trainable, total, steps,
-                  reference_mode, objective: PreferenceObjective, quantization, memory_plan) -> None:
+                  reference_mode, objective: PreferenceObjective, quantization, memory_plan,
+                  parallel: DataParallel) -> None:
     method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
     if settings.objective == "dpo":
         loss = f"DPO sigmoid, beta {settings.beta:g}" + (
@@ -455,13 +452,15 @@ def _print_header(console, settings: PreferenceSettings, sets: PreferenceSets, t
         ("method", f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else "full"),
         ("trainable", f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"),
         ("data", f"{sets.shape}: {len(sets.train)} train / {len(sets.valid)} valid pairs"),
-        ("template", sets.template.origin),
+        ("template", sets.template.name),
         ("steps", f"{steps} optimizer steps × {settings.grad_accumulation} micro-batch(es) of "
                   f"{settings.batch_size} pairs, lr {settings.learning_rate:g} {settings.schedule}"),
         ("log-probs", "selective (answer positions only)" if objective.logps.selective else "full logits"),
         ("memory", f"{memory_plan.verdict()} ({memory_plan.budget_source})"),
         ("device", str(mx.default_device())),
     ]
+    if parallel.distributed:
+        rows.append(("ranks", parallel.describe()))
     console.print(summary_table("preference run", rows))
 
 
