@@ -546,8 +546,8 @@ def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, lmstudio, ser
                    json_mode):
     """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
     llama.cpp, the Ollama folder, LM Studio, mlxtune serve) against base + adapter: prompt rendering byte for
-    byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
-    breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
+    byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1
+    when a hop breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
 
     \b
     Examples:
@@ -560,7 +560,8 @@ def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, lmstudio, ser
 
     console = make_console(json_mode)
     result = verify_run(run_dir, hops=[h.strip() for h in hops.split(",") if h.strip()] if hops else None,
-                        checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama), lmstudio=list(lmstudio),
+                        checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama),
+                        lmstudio=list(lmstudio),
                         serve=serve_target, samples=samples, max_tokens=max_tokens, console=console)
     if json_mode:
         print_json(result.to_dict())
