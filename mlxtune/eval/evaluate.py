@@ -235,4 +235,5 @@ def refresh_report(run_dir: Path) -> Path | None:
     data_file = Path(run_dir) / EVAL_FILE
     if not data_file.is_file():
         return None
-    return write_report(EvalResult(**json.loads(data_file.read_text(encoding="utf-8"))), Path(run_dir) / REPORT_FILE)
+    result = EvalResult(**json.loads(data_file.read_text(encoding="utf-8")))
+    return write_report(result, Path(run_dir) / EVAL_REPORT_FILE)
