@@ -425,8 +425,10 @@ def _template_flag(f):
               help="GGUF tensor type (norms always stay f32).")
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--verify/--no-verify", default=None, help="Check the export against base + adapter as `mlxtune "
+              "verify` does; exit 1 if it breaks [default: on for a run's gguf, ollama and lmstudio exports].")
 @_json_option
-def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, json_mode):
+def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, verify, json_mode):
     """Export a run (fused first, verified) or a model for other tools.
 
     \b
@@ -440,18 +442,27 @@ def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, json_
     from mlxtune.export import export
     from mlxtune.ui import make_console, print_json
 
+    from mlxtune.verify import print_verify, verify_by_default, verify_export
+
     console = make_console(json_mode)
     with console.status(f"exporting ({fmt})"):
         result = export(run_or_model, fmt, out, outtype=outtype, checkpoint=checkpoint, overwrite=overwrite,
                         console=console)
+    checked = None
+    if verify or verify is None and verify_by_default(run_or_model, fmt):
+        checked = verify_export(run_or_model, fmt, result.path, checkpoint, console=console)
     if json_mode:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), **({"verify": checked.to_dict()} if checked else {})})
     else:
         console.print(f"[green]written:[/] {result.path}")
         for warning in result.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
+        if checked:
+            print_verify(console, checked)
         if result.next_step:
             console.print(f"next: {result.next_step}")
+    if checked and not checked.ok:
+        sys.exit(1)
 
 
 def _sampling_flags(temp_default: float, top_p_default: float, max_tokens_default: int):
@@ -574,20 +585,23 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 @click.option("--fused", type=click.Path(), help="A fused model directory to check [default: fuse into a temporary directory].")
 @click.option("--gguf", multiple=True, type=click.Path(), help="GGUF file to check (repeatable) [default: RUN-*.gguf beside the run].")
 @click.option("--ollama", multiple=True, type=click.Path(), help="Ollama folder to check (repeatable) [default: RUN-ollama beside the run].")
+@click.option("--lmstudio", multiple=True, help="LM Studio model to check (repeatable): PUBLISHER/NAME in its models folder, a folder or a .gguf [default: mlxtune/RUN there].")
 @click.option("--serve", "serve_target", type=click.Path(), help="What the serve hop serves [default: the run].")
 @click.option("--samples", default=SAMPLES, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
 @click.option("--max-tokens", default=MAX_NEW_TOKENS, show_default=True, type=int, help="Greedy tokens generated per probe.")
 @_json_option
-def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, serve_target, samples, max_tokens, json_mode):
+def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, lmstudio, serve_target, samples, max_tokens,
+                   json_mode):
     """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
-    llama.cpp, the Ollama folder, mlxtune serve) against base + adapter: prompt rendering byte for byte, the
-    end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1 when a hop
-    breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
+    llama.cpp, the Ollama folder, LM Studio, mlxtune serve) against base + adapter: prompt rendering byte for
+    byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1
+    when a hop breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
 
     \b
     Examples:
       mlxtune verify runs/demo
       mlxtune verify runs/demo --hops fused,gguf --gguf runs/demo-q8_0.gguf --json
+      mlxtune verify runs/demo --lmstudio someone/demo-GGUF
     """
     from mlxtune.ui import make_console, print_json
     from mlxtune.verify import print_verify, verify_run
@@ -595,6 +609,7 @@ def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, serve_target,
     console = make_console(json_mode)
     result = verify_run(run_dir, hops=[h.strip() for h in hops.split(",") if h.strip()] if hops else None,
                         checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama),
+                        lmstudio=list(lmstudio),
                         serve=serve_target, samples=samples, max_tokens=max_tokens, console=console)
     if json_mode:
         print_json(result.to_dict())

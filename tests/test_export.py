@@ -3,6 +3,7 @@ derived from), LM Studio installs, the LoRA GGUF's layout, and clear refusals.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -73,6 +74,13 @@ def test_ollama_export_of_a_run(trained_run, tmp_path):
     report = json.loads(result.stdout)
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", f"{run_dir.name}-f16.gguf"]
     assert report["next_step"].endswith(f"ollama run {run_dir.name.lower()}")
+    # verified by default where llama.cpp's binding is installed: it renders, stops and answers like base + adapter
+    if importlib.util.find_spec("llama_cpp") is not None:
+        verified = report["verify"]
+        assert verified["ok"] and [hop["name"] for hop in verified["hops"]] == ["ollama ollama"], verified
+        assert verified["hops"][0]["template"] == "none (Ollama's default)"  # a text run: raw completion
+    else:
+        assert "verify" not in report
     # a text run has no chat template: the Modelfile is raw completion
     assert "TEMPLATE" not in (out / "Modelfile").read_text()
 
@@ -84,7 +92,7 @@ def test_lmstudio_install_goes_to_its_models_folder(trained_run, tmp_path):
     import sys
 
     done = subprocess.run([sys.executable, "-m", "mlxtune", "export", str(run_dir), "--format", "lmstudio",
-                           "--json"], capture_output=True, text=True, env=env, timeout=600)
+                           "--json", "--no-verify"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     installed = tmp_path / "lms" / "mlxtune" / run_dir.name
     assert json.loads(done.stdout)["path"] == str(installed)

@@ -86,13 +86,15 @@ def choose_template(tokenizer, kind: str, template_file: str | Path | None = Non
     return TemplateChoice(FALLBACK_CHAT_TEMPLATE, "fallback")
 
 
-def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False, tools=None) -> str:
-    """Hugging Face's rendering of `template`, bounded in time and output size (data/sandbox.py)."""
+def render_chat(tokenizer, messages, template: str, add_generation_prompt: bool = False, tools=None,
+                **switches) -> str:
+    """Hugging Face's rendering of `template`, bounded in time and output size (data/sandbox.py). `switches` are
+    the template's own variables (`enable_thinking=False`)."""
     try:
         with time_limit():
             rendered = tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
-                tools=tools,
+                tools=tools, **switches,
             )
         return check_output(rendered, sum(len(str(m)) for m in messages) + len(str(tools or "")))
     except TemplateLimit as exc:

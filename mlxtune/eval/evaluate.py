@@ -230,3 +230,15 @@ def _write(result: EvalResult, out_dir: Path) -> EvalResult:
     atomic_write_text(out_dir / EVAL_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
     write_report(result, out_dir / EVAL_REPORT_FILE)
     return result
+
+
+def refresh_report(run_dir: Path) -> Path | None:
+    """Write the run's report.html again from its eval.json (after `mlxtune verify` wrote verify.json); None when
+    the run has not been evaluated into its own directory."""
+    from mlxtune.eval.report import write_report
+
+    data_file = Path(run_dir) / EVAL_FILE
+    if not data_file.is_file():
+        return None
+    result = EvalResult(**json.loads(data_file.read_text(encoding="utf-8")))
+    return write_report(result, Path(run_dir) / EVAL_REPORT_FILE)

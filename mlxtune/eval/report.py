@@ -31,6 +31,7 @@ th { background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: ta
 figure.chart svg { width: 100%; height: auto; }
 pre { white-space: pre-wrap; margin: 0; font: 13px/1.35 ui-monospace, Menlo, Consolas, monospace; }
 .hit { background: #eef8ee; }
+.pass { color: #2e7d32; font-weight: 600; } .fail { color: #c62828; font-weight: 600; }
 """
 
 SCRIPT = """
@@ -135,6 +136,22 @@ def _comparison_rows(result) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _verify_section(run: str) -> str:
+    """The run's verify.json (`mlxtune verify`, `export --verify`) as a section, when there is one."""
+    import json
+
+    from mlxtune.runs import VERIFY_FILE
+    from mlxtune.verify.report import verify_html
+
+    path = Path(run) / VERIFY_FILE
+    if not path.is_file():
+        return ""
+    try:
+        return verify_html(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError):
+        return "<h2>Round trip (verify)</h2><p class=meta>verify.json is unreadable: run mlxtune verify again.</p>"
+
+
 def render_report(result) -> str:
     e = html.escape
     verdict = result.verdict
@@ -171,6 +188,7 @@ def render_report(result) -> str:
 <p class=meta>Values with 95% bootstrap intervals over examples ({e('paired')} for the difference).</p>
 <div class=charts>{''.join(f'<figure class=chart>{chart}</figure>' for chart in charts)}</div>
 {samples}
+{_verify_section(result.run)}
 <script>{SCRIPT}</script>
 </body></html>
 """
@@ -179,3 +197,4 @@ def render_report(result) -> str:
 def write_report(result, path: Path) -> Path:
     atomic_write_text(path, render_report(result))
     return path
+

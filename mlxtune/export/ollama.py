@@ -41,7 +41,12 @@ def _between(text: str, start: str | None, end: str | None) -> str:
 
 
 def template_pieces(tokenizer, template: str) -> TemplatePieces:
+    # A BOS the template writes is cut only when the tokenizer adds one itself (as llama.cpp and Ollama then do): where
+    # it doesn't, the BOS text is the template's own first marker (SmolLM2's BOS is <|im_start|>) and must stay.
     bos = getattr(tokenizer, "bos_token", None) or ""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos and (bos_id is None or list(tokenizer.encode("a"))[:1] != [bos_id]):
+        bos = ""
     p = PROBE
     full = _render(tokenizer, template, [
         {"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]},

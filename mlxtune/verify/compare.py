@@ -75,8 +75,10 @@ def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | 
     ending the same way), and where they part (None when they don't). Tokens where the hop gives them, else text."""
     if reference.tokens is not None and hop.tokens is not None:
         ours, theirs, show = reference.tokens, hop.tokens, decode
-    else:  # text from a server, which holds back a character cut off by the token limit (U+FFFD): so do we
-        ours, theirs, show = reference.text.rstrip("\ufffd"), hop.text.rstrip("\ufffd"), (lambda piece: piece)
+    else:  # text from a server: bytes that are no UTF-8 character (U+FFFD) are left out on both sides, since a
+        # streaming detokenizer emits them differently from a whole decode (and holds back one cut off at the end)
+        ours, theirs = reference.text.replace("\ufffd", ""), hop.text.replace("\ufffd", "")
+        show = lambda piece: piece  # noqa: E731
     if ours == theirs and reference.stopped == hop.stopped:
         return 1.0, None
     position = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
@@ -88,3 +90,12 @@ def greedy_agreement(probe: str, reference, hop, decode) -> tuple[float, dict | 
     return position / max(len(ours), len(theirs), 1), {
         "probe": probe, unit: position, "agreed": show(ours[:position])[-40:],
         "reference": rest(ours, reference.stopped), "hop": rest(theirs, hop.stopped)}
+
+
+def finetune_kept(loss_base: float | None, forced: dict) -> float | None:
+    """The share of the finetune's loss gain (base → reference, on the supervised tokens) the hop keeps; None when
+    the finetune gained too little on these tokens for a share to mean anything (under 0.01 nats per token)."""
+    if loss_base is None or forced.get("loss") is None:
+        return None
+    gain = loss_base - forced["loss_reference"]
+    return (loss_base - forced["loss"]) / gain if gain > 0.01 else None

@@ -333,9 +333,21 @@ def render(template: str, data: dict) -> str:
     return "".join(out)
 
 
-def ollama_data(messages: list[dict]) -> dict:
-    """What Ollama hands a chat template: .Messages (Role, Content) plus the legacy .System/.Prompt/.Response."""
+def _ollama_message(message: dict) -> dict:
+    out = {"Role": message["role"], "Content": message["content"]}
+    if message.get("tool_calls"):
+        out["ToolCalls"] = [{"Function": {"Name": call["function"]["name"], "Arguments": call["function"]["arguments"]}}
+                            for call in message["tool_calls"]]
+    return out
+
+
+def ollama_data(messages: list[dict], tools: list[dict] | None = None, think: bool | None = None) -> dict:
+    """What Ollama hands a chat template: .Messages (Role, Content, ToolCalls) plus the legacy .System/.Prompt/
+    .Response, .Tools, and .Think (the request's think switch)."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    return {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages],
-            "System": system, "Prompt": prompt, "Response": "", "Tools": []}
+    data = {"Messages": [_ollama_message(m) for m in messages],
+            "System": system, "Prompt": prompt, "Response": "", "Tools": list(tools or [])}
+    if think is not None:
+        data["Think"] = think
+    return data

@@ -3,7 +3,9 @@ tokens, which tokens or strings end a reply, its next-token logits, and its own 
 
 - `MlxHop`: an MLX model directory or a run (base + adapter) loaded as `mlxtune chat`/`generate` load it.
 - `LlamaCppHop`: a GGUF file in llama.cpp (llama-cpp-python): its embedded Jinja template rendered by llama-cpp-
-  python's own formatter (as llama.cpp's chat endpoint and LM Studio use it), its end-of-generation ids.
+  python's own formatter (as llama.cpp's chat endpoint uses it), its end-of-generation ids.
+- `LmStudioHop`: a model in LM Studio's folder layout (PUBLISHER/NAME/FILE.gguf): the GGUF's embedded template
+  rendered by a plain Jinja engine with the variables LM Studio passes, then llama.cpp (LM Studio's GGUF engine).
 - `OllamaHop`: an Ollama folder: the Modelfile's Go TEMPLATE rendered as Ollama renders it, its stop parameters,
   and its GGUF in llama.cpp (Ollama's engine).
 - `ServeHop`: `mlxtune serve` started for real on a free port: its request-rendering code and its HTTP answers.
@@ -22,6 +24,10 @@ import numpy as np
 
 from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE, TEMPLATE_NAMES, render_chat
 from mlxtune.errors import UsageError
+
+
+class Unsupported(Exception):
+    """The hop has no way to take a feature probe's tools or switch; the message says what the hop does instead."""
 
 
 @dataclass
@@ -82,8 +88,14 @@ class MlxHop:
 
         if probe.messages is None:
             return Rendered(probe.text, list(self.tokenizer.encode(probe.text)))
-        text = render_chat(self.tokenizer, probe.messages, self.format.template, add_generation_prompt=True)
-        ids = encode_messages(self.loaded, probe.messages, self.format)
+        if probe.feature:  # tools and switches: rendered through the tokenizer as chat and serve render
+            text = render_chat(self.tokenizer, probe.messages, self.format.template, True, probe.tools,
+                               **probe.switches)
+            bos = self.tokenizer.bos_token or ""
+            ids = list(self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos))))
+        else:
+            text = render_chat(self.tokenizer, probe.messages, self.format.template, add_generation_prompt=True)
+            ids = encode_messages(self.loaded, probe.messages, self.format)
         return Rendered(with_added_bos(self.tokenizer, text, ids), ids)
 
     def stops(self) -> StopSet:
@@ -107,14 +119,15 @@ class MlxHop:
             def bias(tokens, logits):
                 return logits + mx.where(mx.arange(logits.shape[-1]) == force, 1e4, 0.0)
             processors.append(bias)
-        tokens, stopped = [], False
+        tokens, pieces, stopped = [], [], False
         for response in stream_generate(self.loaded.model, self.tokenizer, rendered.ids, max_tokens=max_tokens,
                                         sampler=make_sampler(temp=0.0), logits_processors=processors):
+            pieces.append(response.text)  # the streaming detokenizer's text, as chat and serve show it
             if response.finish_reason == "stop":
                 stopped = True
             else:
                 tokens.append(response.token)
-        text = self.tokenizer.decode(tokens)
+        text = "".join(pieces)
         for stop in self.format.stops:
             if stop in text:
                 text, stopped = text[:text.index(stop)], True
@@ -168,19 +181,22 @@ class LlamaCppHop:
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
+    def format_prompt(self, probe, bos: str, eos: str) -> str:
+        """The GGUF's Jinja template rendered by llama-cpp-python's formatter (BOS/EOS text from the vocabulary)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        formatter = Jinja2ChatFormatter(self.template, eos_token=eos, bos_token=bos)
+        return formatter(messages=probe.messages, tools=probe.tools, **probe.switches).prompt
+
     def render(self, probe) -> Rendered:
         if probe.messages is None:
             return Rendered(probe.text, self.tokenize(probe.text, True))
         if not self.template:
             raise UsageError(f"{self.path} has no chat template", "export it again with mlxtune export")
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        # The GGUF's Jinja template rendered by llama-cpp-python's formatter (BOS/EOS text from the vocabulary), then
-        # llama.cpp's server rule (common/chat.cpp): when the vocabulary adds BOS, a BOS the template wrote is cut
-        # and the tokenizer adds it, so the prompt starts with exactly one.
+        # Then llama.cpp's server rule (common/chat.cpp): when the vocabulary adds BOS, a BOS the template wrote is
+        # cut and the tokenizer adds it, so the prompt starts with exactly one.
         bos = self.token_text(self.llm.token_bos())
-        formatter = Jinja2ChatFormatter(self.template, eos_token=self.token_text(self.llm.token_eos()), bos_token=bos)
-        text = formatter(messages=probe.messages).prompt
+        text = self.format_prompt(probe, bos, self.token_text(self.llm.token_eos()))
         if not self.llama_cpp.llama_vocab_get_add_bos(self.vocab):
             return Rendered(text, self.tokenize(text, False))
         text = text[len(bos):] if bos and text.startswith(bos) else text
@@ -276,9 +292,17 @@ class OllamaHop(LlamaCppHop):
 
         if probe.messages is None:
             return Rendered(probe.text, self.tokenize(probe.text, True))
-        if self.modelfile["template"] is None:
+        template = self.modelfile["template"]
+        if template is None:
             raise UsageError("the Modelfile has no TEMPLATE", "export the folder again")
-        text = render(self.modelfile["template"], ollama_data(probe.messages))
+        # Ollama offers tools and thinking only to a TEMPLATE that reads .Tools / .Think; others are refused with
+        # "does not support tools/thinking".
+        if probe.tools and ".Tools" not in template:
+            raise Unsupported("its TEMPLATE reads no .Tools: Ollama answers 'does not support tools'")
+        think = probe.switches.get("enable_thinking")
+        if set(probe.switches) - {"enable_thinking"} or think is not None and ".Think" not in template:
+            raise Unsupported("its TEMPLATE reads no .Think: Ollama refuses think and renders the default")
+        text = render(template, ollama_data(probe.messages, probe.tools, think))
         # Ollama tokenizes the rendered prompt with the model's special tokens, BOS first when the GGUF asks.
         add_bos = bool(self.llama_cpp.llama_vocab_get_add_bos(self.vocab))
         bos = self.token_text(self.llm.token_bos()) if add_bos else ""
@@ -290,6 +314,60 @@ class OllamaHop(LlamaCppHop):
     def greedy(self, rendered: Rendered, max_tokens: int, force: int | None = None, probe=None,
                stop_strings=()) -> Generation:
         return super().greedy(rendered, max_tokens, force, probe, self.modelfile["stops"])
+
+
+def lmstudio_target(target) -> tuple[Path, str]:
+    """A model as LM Studio keeps it: PUBLISHER/NAME/FILE.gguf (the folder, the file, or PUBLISHER/NAME inside LM
+    Studio's models folder) or an MLX model folder (what `mlxtune export --format lmstudio` installs).
+    Returns (path, "gguf" | "mlx")."""
+    from mlxtune.export import lmstudio_models_dir
+
+    path = Path(target)
+    if not path.exists() and len(Path(target).parts) in (2, 3):
+        path = lmstudio_models_dir() / target
+    if path.is_file() and path.suffix == ".gguf":
+        return path, "gguf"
+    if (path / "config.json").is_file():
+        return path, "mlx"
+    # mmproj files are vision projectors beside the language model, not models (as `mlxtune pull lmstudio:` reads)
+    files = sorted(p for p in path.glob("*.gguf") if not p.name.lower().startswith("mmproj")) if path.is_dir() else []
+    if len(files) != 1:
+        raise UsageError(f"{target}: {'several' if files else 'no'} model GGUF files in LM Studio's folder {path}",
+                         "give PUBLISHER/NAME/FILE.gguf, or a folder holding one model (.gguf or MLX)")
+    return files[0], "gguf"
+
+
+def jinja_environment():
+    """A Jinja environment set up as chat templates expect it (Hugging Face's and @huggingface/jinja's settings:
+    blocks trimmed, loop controls, `tojson` keeping non-ASCII)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    return environment
+
+
+class LmStudioHop(LlamaCppHop):
+    """A GGUF in LM Studio's layout, prompted as LM Studio prompts it: the embedded Jinja template rendered by a
+    Jinja engine (LM Studio's own is @huggingface/jinja; jinja2 with the same settings here) with the vocabulary's
+    BOS/EOS text, the tools and the switches (its thinking toggle sets enable_thinking); then llama.cpp."""
+
+    def __init__(self, name: str, gguf_file: Path, n_ctx: int = 1024, source: str | None = None):
+        super().__init__(name, gguf_file, n_ctx)
+        self.source = source or str(gguf_file)
+        if self.template:
+            self.template_name = describe_template(self.template, "the GGUF's embedded template") + " (Jinja)"
+
+    def format_prompt(self, probe, bos: str, eos: str) -> str:
+        def raise_exception(message):
+            raise UsageError(f"chat template failed: {message}", "check the GGUF's embedded template")
+
+        variables = {"messages": probe.messages, "add_generation_prompt": True, "bos_token": bos,
+                     "eos_token": eos, "raise_exception": raise_exception, **probe.switches}
+        if probe.tools:
+            variables["tools"] = probe.tools
+        return jinja_environment().from_string(self.template).render(**variables)
 
 
 class ServeHop:
@@ -314,6 +392,10 @@ class ServeHop:
     def render(self, probe) -> Rendered:
         if probe.messages is None:
             return Rendered(probe.text, self.engine.encode_text(probe.text))
+        if probe.tools:
+            raise Unsupported("mlxtune serve refuses 'tools' with a 400 error")
+        if probe.switches:
+            raise Unsupported("mlxtune serve takes no template switches: it renders the template's default")
         ids = self.engine.encode_chat(probe.messages)  # the server's own request path
         if self.format.kind != "template":
             return Rendered(None, ids)

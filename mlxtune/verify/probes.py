@@ -1,9 +1,11 @@
 """The prompts every hop is checked on: a sample of the run's held-out data plus fixed probes that exercise the
-template (a system prompt, a multi-turn chat, an empty user message, non-ASCII text)."""
+template (a system prompt, a multi-turn chat, an empty user message, non-ASCII text), and feature probes where the
+template has the feature: a tool call (a template that reads `tools`) and both settings of a thinking switch (a
+template that reads `enable_thinking`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlxtune.data.dataset import scored_split
 from mlxtune.data.formats import Record
@@ -20,12 +22,30 @@ FIXED_PROBES = {
 }
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
+                   "required": ["city"]}}}]
+TOOL_CALL = [{"role": "user", "content": "What is the weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "content": "18 °C, sunny"}]
+THINKING_QUESTION = [{"role": "user", "content": "What is 17 + 25?"}]
+
+
 @dataclass
 class Probe:
     name: str
     messages: list[dict] | None  # the conversation up to the reply (None: a plain-text run)
     text: str | None  # a plain-text run's prompt
     answer: str | None  # the data's reference reply; None: the reference model's own greedy reply is used
+    tools: list[dict] | None = None  # a feature probe: the tools offered
+    switches: dict = field(default_factory=dict)  # a feature probe: template variables, e.g. enable_thinking
+
+    @property
+    def feature(self) -> str | None:
+        """"tools" or a switch's name: a probe checked for rendering only (its reply is not compared)."""
+        return "tools" if self.tools else next(iter(self.switches), None)
 
     def record(self, answer: str) -> Record:
         """The probe completed by `answer`, as a training record (rendered and masked exactly as training does)."""
@@ -81,4 +101,18 @@ def build_probes(run, samples: int, chat: bool) -> list[Probe]:
             probes.append(probe)
     if chat:
         probes += [Probe(name, messages, None, None) for name, messages in FIXED_PROBES.items()]
+    return probes
+
+
+def feature_probes(template: str | None) -> list[Probe]:
+    """A tool call where the template reads `tools`; the thinking switch on and off where it reads
+    `enable_thinking` (Qwen3's and similar templates)."""
+    if template is None:
+        return []
+    probes = []
+    if "tools" in template:
+        probes.append(Probe("tool call", TOOL_CALL, None, None, tools=TOOLS))
+    if "enable_thinking" in template:
+        probes += [Probe(f"thinking {'on' if on else 'off'}", THINKING_QUESTION, None, None,
+                         switches={"enable_thinking": on}) for on in (True, False)]
     return probes

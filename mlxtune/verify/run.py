@@ -10,27 +10,34 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from mlxtune.data.template import tokenize_record
 from mlxtune.errors import UsageError
 from mlxtune.runs import VERIFY_FILE, open_run
 from mlxtune.train.checkpoint import atomic_write_text
-from mlxtune.verify.compare import end_of_turn, greedy_agreement, rendering_difference, teacher_forced
-from mlxtune.verify.probes import build_probes
+from mlxtune.verify.compare import (end_of_turn, finetune_kept, greedy_agreement, rendering_difference,
+                                    teacher_forced)
+from mlxtune.verify.hops import Unsupported
+from mlxtune.verify.probes import build_probes, feature_probes
 
-HOPS = ("fused", "fused-q8", "fused-q4", "gguf", "ollama", "serve")
+HOPS = ("fused", "fused-q8", "fused-q4", "gguf", "ollama", "lmstudio", "serve")
 MAX_NEW_TOKENS = 32
 SAMPLES = 4
 
-# What each kind of hop must keep, measured on stories260K after a short LoRA run (docs/VERIFY.md): teacher-forced
-# top-token agreement on the reference answers, |Δ loss| in nats per supervised token, share of probes whose greedy
-# reply is the reference's. A hop that computes in float32 as the reference does matches exactly; rounded weights
-# (half precision, 8 and 4 bits) move near-ties, so their greedy replies may part from the reference's.
+# What each kind of hop must keep, measured after short LoRA runs on stories260K and SmolLM2-135M-Instruct
+# (docs/VERIFY.md): teacher-forced top-token agreement on the reference answers, |Δ loss| in nats per supervised
+# token, the mean share of each greedy reply reproduced before parting, and the share of the finetune's loss gain
+# (base → base + adapter) the hop keeps. A hop that computes in float32 as the reference does matches exactly;
+# rounded weights (half precision, 8 bits) move near-ties, so their greedy replies may part from the reference's.
+# 4 bits move the top token itself on small models (stories260K, width 64: 71% agreement while 90% of the
+# finetune's gain survives), so a q4 hop is judged on the gain it keeps; its agreement is shown, not judged.
 THRESHOLDS = {
     "exact": {"agreement": 1.0, "loss_delta": 1e-4, "greedy": 1.0},
     "f32": {"agreement": 0.99, "loss_delta": 1e-3, "greedy": 0.9},
     "half": {"agreement": 0.9, "loss_delta": 1e-2, "greedy": 0.3},
     "q8": {"agreement": 0.9, "loss_delta": 2e-2, "greedy": 0.25},
-    "q4": {"agreement": 0.8, "loss_delta": 0.25, "greedy": 0.1},
+    "q4": {"kept": 0.75},
 }
 
 
@@ -42,10 +49,12 @@ class HopResult:
     precision: str  # the threshold class: exact | f32 | half | q8 | q4
     rendering: dict  # {"ok", "detail", "difference"?}
     stopping: dict  # {"ok", "detail"}
-    teacher_forced: dict | None
+    teacher_forced: dict | None  # agreement, losses, loss_delta, kept (share of the finetune's gain), ...
     # {"same": identical replies, "probes", "prefix": mean share agreed before parting, "first_divergence"}
     greedy: dict
     thresholds: dict
+    # feature probe name ("tool call", "thinking on", ...) → {"status": same | differs | unsupported, "detail"}
+    features: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -82,9 +91,11 @@ class _Reference:
     probes: list
     rendered: list
     generations: list
-    examples: list  # (probe index, TokenizedExample) teacher-forced
+    examples: list  # TokenizedExample, teacher-forced
     logits: list
     end_of_turn: dict
+    features: list  # (feature probe, its rendering by the reference)
+    loss_base: float | None = None  # the base model's loss on the examples' supervised tokens
 
 
 def _reference(ref, run, samples: int, max_tokens: int) -> _Reference:
@@ -92,6 +103,12 @@ def _reference(ref, run, samples: int, max_tokens: int) -> _Reference:
     probes = build_probes(run, samples, chat)
     if not probes:
         raise UsageError(f"no probes: {run.path}'s held-out data has no usable record", "check the run's --data")
+    features = []
+    for probe in feature_probes(ref.format.template) if chat else []:
+        try:
+            features.append((probe, ref.render(probe)))
+        except UsageError:  # the template names the feature but can't render this probe: nothing to compare
+            pass
     rendered = [ref.render(p) for p in probes]
     generations = [ref.greedy(r, max_tokens) for r in rendered]
     examples, logits = [], []
@@ -103,7 +120,21 @@ def _reference(ref, run, samples: int, max_tokens: int) -> _Reference:
         examples.append(example)
         logits.append(ref.logits(example.ids.tolist()))
     return _Reference(probes, rendered, generations, examples, logits,
-                      end_of_turn(ref.tokenizer, ref.format.template))
+                      end_of_turn(ref.tokenizer, ref.format.template), features)
+
+
+def _base_loss(run, checkpoint: str, reference: _Reference) -> float | None:
+    """The base model's loss on the reference examples: what "the finetune's gain" is measured from."""
+    import mlx.core as mx
+
+    from mlxtune.runs import open_for_inference
+    from mlxtune.ui import quiet_stdout
+
+    with quiet_stdout():
+        base = open_for_inference(run.path, checkpoint, adapter=False)
+    logits = [np.array(base.model(mx.array(e.ids.tolist())[None])[0].astype(mx.float32)) for e in reference.examples]
+    del base
+    return teacher_forced(reference.examples, reference.logits, logits)["loss"]
 
 
 def _check_rendering(hop, reference: _Reference) -> tuple[dict, list]:
@@ -149,13 +180,35 @@ def _check_stopping(hop, reference: _Reference, rendered: list) -> dict:
     return {"ok": True, "detail": f"end of turn {shown} in the stop set ({where}); generation stops on it"}
 
 
+def _check_features(hop, reference: _Reference) -> dict:
+    """How the hop takes each feature probe: rendered the same, rendered differently, or not taken at all."""
+    found = {}
+    for probe, expected in reference.features:
+        try:
+            actual = hop.render(probe)
+        except Unsupported as exc:
+            found[probe.name] = {"status": "unsupported", "detail": str(exc)}
+            continue
+        except UsageError as exc:
+            found[probe.name] = {"status": "differs", "detail": exc.message}
+            continue
+        if actual.text is not None and actual.text != expected.text:
+            found[probe.name] = {"status": "differs", "detail": "renders differently from training's template",
+                                 "difference": rendering_difference(expected.text, actual.text)}
+        else:
+            found[probe.name] = {"status": "same", "detail": "byte-identical to training's template"}
+    return found
+
+
 def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: int) -> HopResult:
     rendering, rendered = _check_rendering(hop, reference)
+    features = _check_features(hop, reference) if rendered else {}
     stopping = _check_stopping(hop, reference, rendered) if rendered else {"ok": False, "detail": "not rendered"}
     forced = None
     if rendered and hop.gives_logits:
         forced = teacher_forced(reference.examples, reference.logits,
                                 [hop.logits(e.ids.tolist()) for e in reference.examples])
+        forced["kept"] = finetune_kept(reference.loss_base, forced)
     same, shares, divergence = 0, [], None
     for probe, rendering_, expected in zip(reference.probes, rendered, reference.generations):
         share, parted = greedy_agreement(probe.name, expected, hop.greedy(rendering_, max_tokens, probe=probe),
@@ -171,29 +224,38 @@ def check_hop(hop, precision: str, reference: _Reference, decode, max_tokens: in
         problems.append(f"rendering: {rendering['detail']}")
     if not stopping["ok"]:
         problems.append(f"stopping: {stopping['detail']}")
+    for name, feature in features.items():
+        if feature["status"] == "differs":
+            problems.append(f"{name}: {feature['detail']}")
     if forced and forced["agreement"] is not None:
-        if forced["agreement"] < thresholds["agreement"]:
+        if forced["agreement"] < thresholds.get("agreement", 0):
             problems.append(f"teacher-forced agreement {forced['agreement']:.1%} < {thresholds['agreement']:.0%}")
-        if abs(forced["loss_delta"]) > thresholds["loss_delta"]:
+        if abs(forced["loss_delta"]) > thresholds.get("loss_delta", float("inf")):
             problems.append(f"loss differs by {forced['loss_delta']:+.2e} (> {thresholds['loss_delta']:g})")
-    if rendered and greedy["prefix"] < thresholds["greedy"]:
+        if forced["kept"] is not None and forced["kept"] < thresholds.get("kept", float("-inf")):
+            problems.append(f"keeps {forced['kept']:.0%} of the finetune's loss gain (< {thresholds['kept']:.0%})")
+    if rendered and greedy["prefix"] < thresholds.get("greedy", 0):
         problems.append(f"greedy replies agree on {greedy['prefix']:.0%} of their tokens before parting "
                         f"(< {thresholds['greedy']:.0%})")
     return HopResult(hop.name, hop.source, hop.template_name, precision, rendering, stopping, forced, greedy,
-                     thresholds, problems)
+                     thresholds, features, problems)
 
 
 def _unchecked(name: str, source: str, problem: str) -> HopResult:
     return HopResult(name, source, "—", "—", {"ok": False, "detail": problem}, {"ok": False, "detail": "not checked"},
-                     None, {"same": 0, "probes": 0, "prefix": 0.0, "first_divergence": None}, {}, [problem])
+                     None, {"same": 0, "probes": 0, "prefix": 0.0, "first_divergence": None}, {}, {}, [problem])
 
 
 def exports_beside(run_path: Path) -> dict[str, list[Path]]:
-    """The exports `mlxtune export RUN` writes by default: RUN-<outtype>.gguf and the RUN-ollama folder."""
+    """The exports `mlxtune export RUN` writes by default: RUN-<outtype>.gguf, the RUN-ollama folder, and
+    LM Studio's mlxtune/RUN folder."""
+    from mlxtune.export import lmstudio_models_dir
+
     name = run_path.name
     ggufs = sorted(p for p in run_path.parent.glob(f"{name}-*.gguf") if not p.name.endswith("-lora.gguf"))
     ollama = [p for p in [run_path.parent / f"{name}-ollama"] if (p / "Modelfile").is_file()]
-    return {"gguf": ggufs, "ollama": ollama}
+    lmstudio = [p for p in [lmstudio_models_dir() / "mlxtune" / name] if p.is_dir()]
+    return {"gguf": ggufs, "ollama": ollama, "lmstudio": lmstudio}
 
 
 def _precision_of_mlx(path: Path) -> str:
@@ -208,14 +270,15 @@ def _precision_of_mlx(path: Path) -> str:
 
 def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint: str = "last",
                fused: str | Path | None = None, gguf: list[str | Path] = (), ollama: list[str | Path] = (),
-               serve: str | Path | None = None, samples: int = SAMPLES, max_tokens: int = MAX_NEW_TOKENS,
+               lmstudio: list[str | Path] = (), serve: str | Path | None = None, samples: int = SAMPLES, max_tokens: int = MAX_NEW_TOKENS,
                console=None) -> VerifyResult:
     """Check every hop in `hops` (default: all) against base + adapter; write verify.json into the run.
 
-    The fused hops fuse into a temporary directory unless `fused` names a fused model; GGUF and Ollama hops check
-    `gguf`/`ollama` or, by default, the exports beside the run; the serve hop serves `serve` (default: the run)."""
+    The fused hops fuse into a temporary directory unless `fused` names a fused model; GGUF, Ollama and LM Studio
+    hops check `gguf`/`ollama`/`lmstudio` or, by default, the exports beside the run (LM Studio: its models
+    folder's mlxtune/RUN); the serve hop serves `serve` (default: the run)."""
     from mlxtune.storage import temp_dir
-    from mlxtune.verify.hops import LlamaCppHop, MlxHop, OllamaHop, ServeHop
+    from mlxtune.verify.hops import LlamaCppHop, LmStudioHop, MlxHop, OllamaHop, ServeHop, lmstudio_target
 
     hops = list(hops or HOPS)
     unknown = [h for h in hops if h not in HOPS]
@@ -229,6 +292,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
     found = exports_beside(run.path)
     gguf_files = [Path(p) for p in gguf] or found["gguf"]
     ollama_dirs = [Path(p) for p in ollama] or found["ollama"]
+    lmstudio_models = [lmstudio_target(p) for p in lmstudio] or [lmstudio_target(p) for p in found["lmstudio"]]
 
     def say(text: str) -> None:
         if console is not None:
@@ -239,6 +303,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
     reference = _reference(ref, run, samples, max_tokens)
     decode = ref.tokenizer.decode
     ref.close()  # only its tokenizer is needed from here: one model in memory at a time
+    reference.loss_base = _base_loss(run, checkpoint, reference)
     # llama.cpp's context must hold the longest teacher-forced example and the longest prompt plus its reply.
     context = max([len(e.ids) for e in reference.examples] + [len(r.ids) + max_tokens for r in reference.rendered]) + 8
     results: list[HopResult] = []
@@ -254,6 +319,9 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                 plan += [(f"gguf {p.name}", p) for p in gguf_files]
             elif name == "ollama":
                 plan += [(f"ollama {p.name}", p) for p in ollama_dirs]
+            elif name == "lmstudio":
+                plan += [(f"lmstudio {p.parent.parent.name}/{p.parent.name}" if kind == "gguf" else f"lmstudio {p.name} (MLX)",
+                          (p, kind)) for p, kind in lmstudio_models]
             elif name == "serve":
                 plan.append((name, serve or run.path))
         for name, target in plan:
@@ -273,6 +341,13 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                 elif name.startswith("ollama"):
                     hop = OllamaHop(name, target, context)
                     precision = {"f32": "f32", "q8_0": "q8"}.get(hop.outtype, "half")
+                elif name.startswith("lmstudio"):
+                    target, kind = target
+                    if kind == "mlx":  # LM Studio's MLX engine: mlx-lm with the tokenizer's own template
+                        hop, precision = MlxHop(name, target), _precision_of_mlx(Path(target))
+                    else:
+                        hop = LmStudioHop(name, target, context)
+                        precision = {"f32": "f32", "q8_0": "q8"}.get(hop.outtype, "half")
                 else:
                     hop, precision = ServeHop(name, target, checkpoint), "exact"
             except (UsageError, RuntimeError, ValueError, OSError) as exc:  # not a model this hop can load
@@ -295,4 +370,39 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
                           [p.name for p in reference.probes], results)
     result.files = {"verify": str(run.path / VERIFY_FILE)}
     atomic_write_text(run.path / VERIFY_FILE, json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    from mlxtune.eval.evaluate import refresh_report
+
+    report = refresh_report(run.path)  # the run's report.html gets (or updates) its verify section
+    if report is not None:
+        result.files["report"] = str(report)
     return result
+
+
+# The exports `export --verify` checks, each by the hop of the same name; on by default for a run (each costs one
+# load of the exported model and the probes: seconds on small models). hf and gguf-adapter have no hop of their own.
+VERIFIED_FORMATS = ("gguf", "ollama", "lmstudio")
+
+
+def verify_by_default(run_or_model, fmt: str) -> bool:
+    """`export` verifies a run's gguf, ollama and lmstudio exports unless told not to; the GGUF ones only where
+    llama.cpp's Python binding is installed (the export itself doesn't need it)."""
+    import importlib.util
+
+    from mlxtune.runs import is_run_dir
+
+    if fmt not in VERIFIED_FORMATS or not is_run_dir(run_or_model):
+        return False
+    return fmt == "lmstudio" or importlib.util.find_spec("llama_cpp") is not None
+
+
+def verify_export(run_dir, fmt: str, path, checkpoint: str = "last", console=None) -> VerifyResult:
+    """The hop an export wrote (`mlxtune export RUN --verify`), checked against base + adapter."""
+    from mlxtune.runs import is_run_dir
+
+    if fmt not in VERIFIED_FORMATS:
+        raise UsageError(f"--verify checks {', '.join(VERIFIED_FORMATS)} exports, not {fmt}",
+                         f"leave out --verify, or check the fused model: mlxtune verify {run_dir} --hops fused")
+    if not is_run_dir(run_dir):
+        raise UsageError(f"--verify needs a run: {run_dir} is a model (nothing to compare it with)",
+                         "leave out --verify")
+    return verify_run(run_dir, hops=[fmt], checkpoint=checkpoint, console=console, **{fmt: [path]})

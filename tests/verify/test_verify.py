@@ -18,6 +18,29 @@ from mlxtune.verify.gotemplate import ollama_data, render
 PROBE_OPTIONS = {"samples": 1, "max_tokens": 12}
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen3's shape, small: tools in a system block, tool calls and responses, and an enable_thinking switch that writes
+# an empty <think> block when thinking is off.
+THINKING = """{%- if tools %}<|im_start|>system
+# Tools
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'assistant' %}<|im_start|>assistant
+{% if message.tool_calls %}{% for call in message.tool_calls %}<tool_call>{{ call.function | tojson }}</tool_call>\
+{% endfor %}{% else %}{{ message.content }}{% endif %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>{{ message.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
 
 
 def _chat_records(count: int) -> list[dict]:
@@ -72,6 +95,9 @@ def fused(chat_run, tmp_path_factory):
 
 
 def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
+    from mlxtune.eval import evaluate_run
+
+    evaluate_run(chat_run, samples=0, max_tokens=4)  # the run's report.html, which verify adds its section to
     result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--json")
     assert result.returncode == 0, result.stderr + result.stdout
     report = json.loads(result.stdout)
@@ -86,7 +112,16 @@ def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
     assert by_name["fused"]["teacher_forced"]["agreement"] == 1.0  # float32 fuse: exact
     assert by_name["fused"]["greedy"]["same"] == 5
     assert by_name["fused-q4"]["teacher_forced"]["loss_delta"] > by_name["fused-q8"]["teacher_forced"]["loss_delta"]
+    assert by_name["fused-q4"]["thresholds"] == {"kept": 0.75} and by_name["fused-q4"]["teacher_forced"]["kept"] > 0.75
+    # The fallback template reads `tools`: the tool call renders the same through the fused model and llama.cpp;
+    # Ollama's derived TEMPLATE and the server don't take tools, and say so.
+    assert [by_name[name]["features"]["tool call"]["status"] for name in names] == [
+        "same", "same", "same", "same", "unsupported", "unsupported"]
     assert json.loads((chat_run / "verify.json").read_text())["ok"]
+    html = (chat_run / "report.html").read_text()
+    section = html[html.index("<h2 id=verify>"):]
+    assert "every hop renders, stops and answers like base + adapter" in section
+    assert section.count("<span class=pass>pass</span>") == len(names) and "demo-ollama" in section
 
 
 def _skip_layer_adapter(fused: Path, out: Path, layer: int) -> Path:
@@ -168,21 +203,24 @@ def test_broken_gguf_and_ollama_are_caught(chat_run, exports, tmp_path):
     assert _problems(result, "ollama changed").startswith("rendering: 5 of 5 prompts differ")
 
 
-def _chatml_model(out: Path) -> Path:
+def _chatml_model(out: Path, template: str = CHATML, thinking: bool = False) -> Path:
     """A random-weight llama whose tokenizer has ChatML's markers as special tokens and <|im_end|> as EOS, like
-    SmolLM2-Instruct; its tokenizer adds a BOS that the template doesn't write."""
+    SmolLM2-Instruct; its tokenizer adds a BOS that the template doesn't write. `thinking`: <think> and </think>
+    are added (not special) tokens, as in Qwen3 (mlx-lm then renders with enable_thinking=True by default)."""
     from mlxtune.synthetic import build_random_model
 
+    added = [("<|im_start|>", True), ("<|im_end|>", True)] + ([("<think>", False), ("</think>", False)]
+                                                              if thinking else [])
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 514, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+              "vocab_size": 512 + len(added), "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
               "tie_word_embeddings": False}
-    build_random_model(config, out, seed=3, chat_template=CHATML)
+    build_random_model(config, out, seed=3, chat_template=template)
     tokenizer_json = json.loads((out / "tokenizer.json").read_text())
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
-    for offset, token in enumerate(["<|im_start|>", "<|im_end|>"]):
+    for offset, (token, special) in enumerate(added):
         info = {"content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                "special": True}
+                "special": special}
         tokenizer_json["added_tokens"].append({"id": 512 + offset, **info})
         tokenizer_config.setdefault("added_tokens_decoder", {})[str(512 + offset)] = info
     tokenizer_config["eos_token"] = "<|im_end|>"
@@ -191,26 +229,67 @@ def _chatml_model(out: Path) -> Path:
     return out
 
 
-def test_chatml_end_of_turn_and_bos_reach_every_hop(tmp_path):
-    """A ChatML template (the real-model case): the end of turn is <|im_end|>, and the BOS the tokenizer adds in
-    front of the template reaches llama.cpp and Ollama too (llama.cpp's server rule; Ollama's tokenizer)."""
+def _edit_gguf_template(source: Path, out: Path, old: str, new: str) -> Path:
+    """A copy of `source` whose embedded chat template has `old` replaced by `new` (same length, in place)."""
+    import gguf
+
+    assert len(old) == len(new)
+    shutil.copy(source, out)
+    reader = gguf.GGUFReader(str(out), "r+")
+    value = reader.fields["tokenizer.chat_template"].parts[-1]
+    text = bytes(value).decode()
+    assert old in text
+    value[:] = list(text.replace(old, new).encode())
+    reader.data.flush()
+    del reader
+    return out
+
+
+def test_chatml_thinking_and_tools_reach_every_hop(tmp_path, monkeypatch):
+    """A ChatML template with tools and an enable_thinking switch (Qwen3's shape): the end of turn is <|im_end|>,
+    the BOS the tokenizer adds in front of the template reaches llama.cpp, LM Studio and Ollama (llama.cpp's server
+    rule; Ollama's tokenizer); the tool call and both thinking settings render byte for byte in the fused model,
+    llama.cpp and LM Studio, and Ollama and serve say they don't take them. A GGUF whose embedded template writes
+    the thinking-off block differently is caught in LM Studio, by the switch's probe alone."""
     pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
     from mlxtune.export import export
     from mlxtune.settings import LoraSettings
     from mlxtune.train.loop import finetune
     from mlxtune.verify import verify_run
 
-    model = _chatml_model(tmp_path / "chatml")
+    model = _chatml_model(tmp_path / "chatml", THINKING, thinking=True)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _chat_records(20)))
     run_dir = tmp_path / "runs" / "cm"
     finetune(LoraSettings(model=str(model), data=str(data), out=str(run_dir), iters=3, learning_rate=1e-2,
                           batch_size=4, max_seq_length=96, eval_every=3, save_every=3, val_batches=1))
-    export(run_dir, "gguf", outtype="f32")
+    gguf_file = Path(export(run_dir, "gguf", outtype="f32").path)
     export(run_dir, "ollama")
-    result = verify_run(run_dir, hops=["gguf", "ollama", "serve"], **PROBE_OPTIONS)
+    # LM Studio's layout: PUBLISHER/NAME/FILE.gguf in its models folder, named as `mlxtune pull lmstudio:` names it
+    lms = tmp_path / "lms"
+    (lms / "someone" / "cm").mkdir(parents=True)
+    (lms / "someone" / "cm" / gguf_file.name).hardlink_to(gguf_file)
+    (lms / "someone" / "cm-thonk").mkdir()
+    _edit_gguf_template(gguf_file, lms / "someone" / "cm-thonk" / "cm.gguf", "</think>", "</thonk>")
+    monkeypatch.setenv("LMSTUDIO_MODELS_DIR", str(lms))
+    result = verify_run(run_dir, hops=["fused", "gguf", "ollama", "lmstudio", "serve"],
+                        lmstudio=["someone/cm", lms / "someone" / "cm-thonk"], **PROBE_OPTIONS)
     assert result.end_of_turn == {"text": "<|im_end|>", "ids": [513]}
-    assert result.ok, [h.problems for h in result.hops]
+    assert [h.name for h in result.hops] == ["fused", "gguf cm-f32.gguf", "ollama cm-ollama",
+                                              "lmstudio someone/cm", "lmstudio someone/cm-thonk", "serve"]
+    hops = {h.name: h for h in result.hops}
+    assert [name for name, hop in hops.items() if not hop.ok] == ["lmstudio someone/cm-thonk"], [(n, h.problems) for n, h in hops.items()]
+    assert hops["lmstudio someone/cm-thonk"].problems == ["thinking off: renders differently from training's template"]
+    assert hops["lmstudio someone/cm-thonk"].rendering["ok"]  # the template's default path is untouched
+    for name in ("fused", "gguf cm-f32.gguf", "lmstudio someone/cm"):
+        assert {k: f["status"] for k, f in hops[name].features.items()} == {
+            "tool call": "same", "thinking on": "same", "thinking off": "same"}, (name, hops[name].features)
+    assert {k: f["status"] for k, f in hops["ollama cm-ollama"].features.items()} == dict.fromkeys(
+        ["tool call", "thinking on", "thinking off"], "unsupported")
+    assert "reads no .Think" in hops["ollama cm-ollama"].features["thinking off"]["detail"]
+    assert "refuses 'tools'" in hops["serve"].features["tool call"]["detail"]
+    assert "renders the template's default" in hops["serve"].features["thinking off"]["detail"]
+    assert "(Jinja)" in hops["lmstudio someone/cm"].template
     for hop in result.hops:
         assert "513" in hop.stopping["detail"] or "<|im_end|>" in hop.stopping["detail"], hop.stopping
     modelfile = (run_dir.parent / "cm-ollama" / "Modelfile").read_text()
@@ -264,8 +343,8 @@ def test_go_template_renderer_matches_go(tmp_path):
 
 
 def test_unknown_hop_is_a_usage_error(chat_run):
-    result = run_cli("verify", chat_run, "--hops", "fused,lmstudio")
-    assert result.returncode == 2 and "unknown hop 'lmstudio'" in result.stderr
+    result = run_cli("verify", chat_run, "--hops", "fused,vllm")
+    assert result.returncode == 2 and "unknown hop 'vllm'" in result.stderr
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
     result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
     assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
