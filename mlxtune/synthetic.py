@@ -1,4 +1,5 @@
-"""Models with real architecture shapes and random weights, for speed/memory benchmarks and architecture tests.
+"""Models with real architecture shapes and random weights, for speed/memory benchmarks and architecture tests; and
+the preference pairs the tests and benchmarks make from the bundled WikiSQL answers (`corrupt_answer`).
 
 Shapes matter there, not skill: the configs below are the published ones (layer count reducible to fit the time).
 The tokenizer is borrowed from the bundled stories260K (its ids fit any larger vocabulary).
@@ -7,6 +8,7 @@ The tokenizer is borrowed from the bundled stories260K (its ids fit any larger v
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -70,3 +72,15 @@ def build_random_model(config: dict | str, out: str | Path, *, layers: int | Non
         tokenizer_config["chat_template"] = chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return out
+
+
+def corrupt_answer(answer: str, number: int, rng: random.Random) -> str:
+    """A rejected answer for pair `number`: two adjacent words swapped (even pairs) or the words after the first two
+    reversed (odd pairs). On WikiSQL the base model prefers the first corruption to the truth and the truth to the
+    second, so overall it can't tell chosen from rejected before training."""
+    words = answer.split()
+    if number % 2:
+        return " ".join(words[:2] + words[:1:-1])
+    at = rng.randrange(len(words) - 1)
+    words[at], words[at + 1] = words[at + 1], words[at]
+    return " ".join(words)

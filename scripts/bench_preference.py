@@ -47,22 +47,16 @@ SETTINGS = {"rank": 8, "scale": 2.0, "learning_rate": 1e-4, "beta": 0.1, "batch_
 
 # ------------------------------------------------------------------------------------------- shared data
 
-def corrupt(answer: str, number: int, rng: random.Random) -> str:
-    words = answer.split()
-    if number % 2:
-        return " ".join(words[:2] + words[:1:-1])
-    at = rng.randrange(len(words) - 1)
-    words[at], words[at + 1] = words[at + 1], words[at]
-    return " ".join(words)
-
-
 def write_pairs(out: Path, split: str, count: int) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from mlxtune.synthetic import corrupt_answer  # the pairs the tests train on too
+
     rng = random.Random(0)
     rows = []
     for line in (WIKISQL / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
         head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
         if len(answer.split()) > 3:
-            rejected = corrupt(answer, len(rows), rng)
+            rejected = corrupt_answer(answer, len(rows), rng)
             if rejected != answer:
                 rows.append({"prompt": head.rsplit("\nQ: ", 1)[1].strip(), "chosen": answer, "rejected": rejected})
         if len(rows) == count:

@@ -20,6 +20,8 @@ atexit.register(shutil.rmtree, os.environ["MLXTUNE_HOME"], ignore_errors=True)
 import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is imported)
 import pytest
 
+from mlxtune.synthetic import corrupt_answer
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "stories260K"
 WIKISQL = ROOT / "examples" / "data" / "wikisql"
@@ -35,18 +37,7 @@ def run_cli(*args, input: str | None = None, cwd: Path | None = None, timeout: i
 
 
 # Preference pairs from the bundled WikiSQL data (dpo/orpo tests in train/ and reliability/):
-# chosen = the true SQL answer, rejected = a word-order corruption of it.
-def corrupt(answer: str, number: int, rng: random.Random) -> str:
-    """Two adjacent words swapped (even pairs) or the words after the first two reversed (odd pairs): the base
-    model prefers the first corruption to the truth and the truth to the second, so overall it can't tell."""
-    words = answer.split()
-    if number % 2:
-        return " ".join(words[:2] + words[:1:-1])
-    at = rng.randrange(len(words) - 1)
-    words[at], words[at + 1] = words[at + 1], words[at]
-    return " ".join(words)
-
-
+# chosen = the true SQL answer, rejected = a word-order corruption of it (mlxtune.synthetic.corrupt_answer).
 def make_pairs(out: Path, train: int = 160, valid: int = 32, longest: int = 120) -> Path:
     """Short WikiSQL questions with their SQL (chosen) and a word-order corruption of it (rejected)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +48,7 @@ def make_pairs(out: Path, train: int = 160, valid: int = 32, longest: int = 120)
             head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
             question = head.rsplit("\nQ: ", 1)[1].strip()
             if len(question) + len(answer) <= longest and len(answer.split()) > 3:
-                rejected = corrupt(answer, len(pairs), rng)
+                rejected = corrupt_answer(answer, len(pairs), rng)
                 if rejected != answer:
                     pairs.append({"prompt": question, "chosen": answer, "rejected": rejected})
             if len(pairs) == wanted:
