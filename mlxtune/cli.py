@@ -120,8 +120,8 @@ def _launcher_options(f):
     for option in reversed((
         click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch."),
         click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first."),
-        click.option("--backend", type=click.Choice(BACKENDS), help="MLX distributed backend; falls back to ring with a note when unusable [default: ring]."),
-        click.option("--rank-timeout", type=float, help=f"Seconds a rank waits for the others before the run fails [default: {DEFAULT_TIMEOUT:g}]."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="ring", show_default=True, help="MLX distributed backend; falls back to ring with a note when unusable."),
+        click.option("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Seconds a rank waits for the others before the run fails."),
         click.option("--check", is_flag=True, help="With --nproc/--hosts: check SSH, versions, model, data, backend and the world size, then exit."),
     )):
         f = option(f)
@@ -212,12 +212,12 @@ def plan_command(timed, json_mode, config_path, **flags):
 
 def _launch_options(nproc, hosts, backend, rank_timeout, check) -> dict | None:
     """The data-parallel launcher's flags (lora, dpo, orpo), checked; None for a single-process run."""
-    if rank_timeout is not None and not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
+    if not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
         raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
                          f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
     if not (check or hosts or (nproc or 1) > 1):
         return None
-    return dict(hosts=hosts, nproc=nproc, backend=backend or "ring", timeout=rank_timeout or DEFAULT_TIMEOUT,
+    return dict(hosts=hosts, nproc=nproc, backend=backend, timeout=rank_timeout,
                 check=check)
 
 
