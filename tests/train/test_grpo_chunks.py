@@ -1,7 +1,7 @@
 """The GRPO update in row chunks (objective.py's `update_chunks`) gives the whole batch's loss, statistics and
 gradient: per preset (sequence mean, DAPO's token level over the whole batch's tokens, Dr. GRPO's constant), with
 the KL to the reference and a ratio off 1 (πold from before the adapter moved), on the story model's real
-rollouts of uneven lengths, chunks of uneven size."""
+rollouts of uneven lengths, chunks of uneven size; and the planner's estimate of the update is one chunk's."""
 
 from __future__ import annotations
 
@@ -72,3 +72,13 @@ def test_a_chunked_update_is_the_whole_batch(setup, name):
     assert max(np.abs(g).max() for g in whole_grads.values()) > 1e-4
     for key, g in whole_grads.items():
         np.testing.assert_allclose(grads[key], g, atol=1e-5, rtol=1e-4, err_msg=key)
+
+
+def test_the_planner_estimates_one_chunk_of_the_update():
+    """The update's estimate is one chunk's rows, however many prompts × G the rollout decodes together."""
+    from mlxtune.train.grpo.memory import UPDATE_ROWS, update_shape
+    from mlxtune.train.grpo.run import GrpoSettings
+
+    assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64), 32).rows == UPDATE_ROWS
+    small = GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)
+    assert update_shape(small, 32).rows == min(2, UPDATE_ROWS)
