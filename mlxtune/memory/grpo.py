@@ -5,8 +5,10 @@ starts):
 - rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
   holds its own copy of its prompt's keys and values), the decode step's logits and sampling temporaries over the
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
-- update: one micro-batch of batch_size × G rows of prompt + completion, the completion's positions through the
-  selective head — the same estimate as an SFT/DPO micro-batch of that shape (activations, fused head's chunks).
+- update: one chunk of the update — `UPDATE_ROWS` of the batch_size × G rows (objective.py runs the update's
+  forward/backward chunk by chunk, one evaluated before the next) — of prompt + completion, the completion's
+  positions through the selective head: the same estimate as an SFT/DPO micro-batch of that shape (activations,
+  fused head's chunks).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from mlxtune.memory.budget import fmt_gb
 from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate
 from mlxtune.memory.planner import MemoryPlan, run_shape
 
+# Rows per forward/backward of the update (and per reference/πold pass; objective.py's `update_chunks`). mlx-lm-lora
+# updates 2 rows at a time; 4 keeps the update's activations a fraction of a G × prompts batch's (the step's peak is
+# then the rollout's or the weights') at little cost in update speed. A constant, not a setting: the loss and the
+# gradient are the whole batch's for any value.
+UPDATE_ROWS = 4
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
 
 
@@ -30,7 +37,8 @@ def rollout_bytes(facts: ModelFacts, rows: int, context: int, prompt: int, on_cp
 
 
 def update_shape(settings, longest_prompt: int) -> BatchShape:
-    rows = settings.batch_size * settings.group_size
+    """The shape of one chunk of the update (the largest: all its rows run to --max-completion-tokens)."""
+    rows = min(settings.batch_size * settings.group_size, UPDATE_ROWS)
     length = PAD_MULTIPLE * -(-(longest_prompt + settings.max_completion_tokens - 1) // PAD_MULTIPLE)
     return BatchShape(rows, length, rows * settings.max_completion_tokens)
 

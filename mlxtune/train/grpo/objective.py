@@ -14,6 +14,13 @@ the same weights with the adapters switched off (`adapters_off`, as DPO's).
 
 The loss the engine sees is a sum with a count, so accumulation and data-parallel sums give the batch's mean:
 `sequence` and `constant` aggregations count completions, `token` counts completion tokens.
+
+The rollout decodes a micro-batch's rows as one batch (the speed), but its update — the reference and πold passes
+and every forward/backward — runs `UPDATE_ROWS` rows at a time (`update_chunks`), one chunk evaluated before the
+next (`PreferenceStep.accumulate`), so the update holds one chunk's activations, not G × prompts rows'. The sum with
+a count makes that exact: a chunk returns its completions' (or tokens') loss sum and their count, so the step's
+Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a chunk's
+— and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from mlxtune.data.batching import make_batch
 from mlxtune.data.prompts import PromptRecord
 from mlxtune.train.engine import Objective
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
+from mlxtune.train.grpo.memory import UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
@@ -50,6 +58,7 @@ class PromptBatch:
     rollout: Rollout | None = None
     texts: list[str] = field(default_factory=list)
     scores: object = None
+    advantages: np.ndarray | None = None
 
 
 @dataclass
@@ -114,17 +123,30 @@ class GrpoLoss:
 def update_batch(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray) -> UpdateBatch:
     """The rollout's rows as one padded batch (prompt + completion, the completion supervised), with the index
     that lays the flat per-position log-probs out as [rows, T] like the rollout's mask."""
-    batch = make_batch(rollout_examples(prompt_ids, rollout))
+    return update_chunks(prompt_ids, rollout, advantages, len(rollout.prompt_index))[0]
+
+
+def update_chunks(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray,
+                  rows_per_chunk: int = UPDATE_ROWS) -> list[UpdateBatch]:
+    """The rollout's rows as padded batches of up to `rows_per_chunk` rows each, in order (see the module
+    docstring: their loss sums and counts add up to the whole batch's)."""
+    examples = rollout_examples(prompt_ids, rollout)
     lengths = rollout.lengths
-    rows, width = rollout.mask.shape
-    gather = np.full((rows, width), batch.position_weights.shape[0], np.int32)  # the appended 0 after the padding
-    offset = 0
-    for row, length in enumerate(lengths):
-        gather[row, :length] = np.arange(offset, offset + length)
-        offset += length
-    arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
-              mx.array(batch.position_weights), mx.array(np.zeros(1, np.int32)))
-    return UpdateBatch(arrays, mx.array(gather), mx.array(advantages, dtype=mx.float32), rollout.mask)
+    advantages = np.asarray(advantages, np.float32)
+    chunks = []
+    for start in range(0, len(examples), max(1, rows_per_chunk)):
+        stop = min(start + max(1, rows_per_chunk), len(examples))
+        batch = make_batch(examples[start:stop])
+        mask = rollout.mask[start:stop]
+        gather = np.full(mask.shape, batch.position_weights.shape[0], np.int32)  # the appended 0 after the padding
+        offset = 0
+        for row, length in enumerate(lengths[start:stop]):
+            gather[row, :length] = np.arange(offset, offset + length)
+            offset += length
+        arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
+                  mx.array(batch.position_weights), mx.array(np.zeros(1, np.int32)))
+        chunks.append(UpdateBatch(arrays, mx.array(gather), mx.array(advantages[start:stop]), mask))
+    return chunks
 
 
 class GrpoObjective(Objective):
@@ -190,24 +212,24 @@ class GrpoObjective(Objective):
         return texts, score(self.rewards, prompts, as_completions(texts, prompts), [r.fields for r in owners],
                             [r.source for r in owners])
 
-    def rollout(self, batch: PromptBatch) -> tuple[UpdateBatch, np.ndarray]:
-        """The micro-batch's samples, rewards and update rows, and its rollout statistics."""
+    def rollout(self, batch: PromptBatch) -> tuple[list[UpdateBatch], np.ndarray]:
+        """The micro-batch's samples, rewards and update rows (in chunks), and its rollout statistics."""
         s = self.settings
         batch.rollout = rollout = self.generate(batch.ids, self.keys(batch), s.temperature, s.top_p)
         batch.texts, batch.scores = self.score(batch.records, rollout)
         total = batch.scores.total
         grouped = total.reshape(-1, s.group_size)
-        advantages = np.array(group_advantages(mx.array(total), s.group_size, self.loss.config.scale_rewards))
-        update = update_batch(batch.ids, rollout, advantages)
+        batch.advantages = np.array(group_advantages(mx.array(total), s.group_size, self.loss.config.scale_rewards))
+        updates = update_chunks(batch.ids, rollout, batch.advantages)
         batch.tokens = int(sum(len(p) for p in batch.ids) * s.group_size + rollout.generated_tokens)
         stats = [len(total), grouped.shape[0], float((grouped.std(axis=1) == 0).sum()), rollout.generated_tokens,
                  rollout.seconds, 0.0, 0.0, float(total.sum()), float((total ** 2).sum())]
         for row in batch.scores.values:
             applied = row[~np.isnan(row)]
             stats += [float(applied.sum()), float((applied ** 2).sum()), float(applied.size)]
-        return update, np.array(stats, np.float64)
+        return updates, np.array(stats, np.float64)
 
-    def samples(self, batch: PromptBatch, advantages: np.ndarray) -> list[dict]:
+    def samples(self, batch: PromptBatch) -> list[dict]:
         out = []
         for row, text in enumerate(batch.texts):
             record = batch.records[batch.rollout.prompt_index[row]]
@@ -215,7 +237,7 @@ class GrpoObjective(Objective):
                        for name, v in zip(batch.scores.names, batch.scores.values)}
             out.append({"step": batch.step + 1, "source": record.source, "prompt": record.prompt,
                         "completion": text, "rewards": rewards, "total": float(batch.scores.total[row]),
-                        "advantage": float(advantages[row])})
+                        "advantage": float(batch.advantages[row])})
         return out
 
     # --- the engine's calls -------------------------------------------------------------------------------------
@@ -223,10 +245,9 @@ class GrpoObjective(Objective):
     def gradients(self, micro: list):
         s = self.settings
         made = [self.rollout(batch) for batch in micro]
-        updates, stats = [u for u, _ in made], sum(st for _, st in made)
+        updates, stats = [u for chunks, _ in made for u in chunks], sum(st for _, st in made)
         if self.on_samples is not None and s.sample_every and (micro[0].step + 1) % s.sample_every == 0:
-            self.on_samples(micro[0].step + 1, [x for b, u in zip(micro, updates)
-                                                for x in self.samples(b, np.array(u.advantages))])
+            self.on_samples(micro[0].step + 1, [x for b in micro for x in self.samples(b)])
         tic = time.perf_counter()
         self.frozen(updates)
         loss_stats = np.zeros(len(LOSS_STATS))
@@ -242,8 +263,8 @@ class GrpoObjective(Objective):
         return loss_sum, count, mx.array(np.concatenate([stats, loss_stats]).astype(np.float32)), grads
 
     def frozen(self, updates: list[UpdateBatch]) -> None:
-        """The log-probs the updates compare with, each evaluated on its own: the reference's (β > 0) and πold's
-        (μ > 1: the sampling policy in training mode, before the first update)."""
+        """The log-probs the updates compare with, chunk by chunk, each evaluated on its own: the reference's
+        (β > 0) and πold's (μ > 1: the sampling policy in training mode, before the first update)."""
         for update in updates:
             if self.loss.config.beta:
                 update.reference = self.loss.frozen_log_probs(self.model, update, reference=True)
@@ -293,11 +314,11 @@ class GrpoObjective(Objective):
         rollout = Rollout(tokens, mx.ones(tokens.shape, mx.bool_), mx.zeros(tokens.shape),
                           [p for p in range(len(ids)) for _ in range(s.group_size)], mx.zeros((rows, 2)), 0.0,
                           rows * s.max_completion_tokens)
-        update = update_batch(ids, rollout, np.zeros(rows, np.float32))
-        self.frozen([update])
+        updates = update_chunks(ids, rollout, np.zeros(rows, np.float32))
+        self.frozen(updates)
         self.trainer.optimizer.init(self.model.trainable_parameters())
         mx.eval(self.trainer.optimizer.state)
-        self.trainer.accumulate([update])
+        self.trainer.accumulate(updates)
 
 
 VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)

@@ -1,0 +1,84 @@
+"""The GRPO update in row chunks (objective.py's `update_chunks`) gives the whole batch's loss, statistics and
+gradient: per preset (sequence mean, DAPO's token level over the whole batch's tokens, Dr. GRPO's constant), with
+the KL to the reference and a ratio off 1 (πold from before the adapter moved), on the story model's real
+rollouts of uneven lengths, chunks of uneven size; and the planner's estimate of the update is one chunk's."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import load
+
+from conftest import MODEL
+from mlxtune.settings import LoraSettings
+from mlxtune.train.adapters import attach_adapters
+from mlxtune.train.grpo.losses import preset
+from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective, update_chunks
+from mlxtune.train.grpo.rollout import generate_group, sample_keys
+from mlxtune.train.preference.run import PreferenceStep
+
+ROWS = 12  # 3 prompts × G 4, in chunks of 5, 5 and 2 (a group split across chunks, a short last chunk)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = load(str(MODEL))
+    ids = [tokenizer.encode(text) for text in ("Once upon a time", "Tom saw a big", "The sun was shining and")]
+    keys = sample_keys(mx.random.key(3), len(ids), ROWS // len(ids))
+    first = generate_group(model, ids, keys, max_tokens=10, eos_token_ids={tokenizer.eos_token_id})
+    stop = {first.completion(0)[3], first.completion(6)[1]}  # tokens the samples write: they stop unevenly
+    rollout = generate_group(model, ids, keys, max_tokens=10, eos_token_ids=stop)
+    assert len(set(rollout.lengths)) > 1
+    attach_adapters(model, LoraSettings(rank=4, seed=0))
+    advantages = np.random.default_rng(0).normal(size=ROWS).astype(np.float32)
+    return model, ids, rollout, advantages
+
+
+def _moved(model, scale: float):
+    """The adapter's weights off zero (a deterministic direction): the policy differs from the reference."""
+    rng = np.random.default_rng(1)
+    model.update(tree_map(lambda w: mx.array(rng.normal(scale=scale, size=w.shape).astype(np.float32)),
+                          model.trainable_parameters()))
+
+
+def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int):
+    """(loss, statistics, gradient) of one update, through the run's own passes: the frozen reference and πold
+    (chunk by chunk) and the compiled accumulation, from the same weights each time."""
+    _moved(model, 0.02)  # πold: the policy before the update
+    loss = GrpoLoss(model, preset(name, beta=0.1, max_completion_tokens=10), old_policy=True)
+    step = PreferenceStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
+    objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
+    updates = update_chunks(*chunks, rows_per_chunk)
+    objective.frozen(updates)
+    _moved(model, 0.05)  # the update's weights: ratios off 1, some clipped
+    loss_sum, count, stats, grads = step.accumulate(updates)
+    assert len(updates) == -(-ROWS // rows_per_chunk)
+    return ((loss_sum / count).item(), np.array(stats),
+            {k: np.array(v / count) for k, v in tree_flatten(grads)})
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "dapo"])
+def test_a_chunked_update_is_the_whole_batch(setup, name):
+    model, ids, rollout, advantages = setup
+    chunks = (ids, rollout, advantages)
+    whole_loss, whole_stats, whole_grads = _loss_and_gradient(model, name, chunks, ROWS)
+    loss, stats, grads = _loss_and_gradient(model, name, chunks, 5)
+    assert whole_stats[0] > 0 and whole_stats[1] + whole_stats[2] > 0  # the KL and the clip both bite
+    assert abs(loss - whole_loss) <= 1e-5 * max(1.0, abs(whole_loss)), (loss, whole_loss)
+    np.testing.assert_allclose(stats, whole_stats, rtol=1e-5, atol=1e-5)
+    assert max(np.abs(g).max() for g in whole_grads.values()) > 1e-4
+    for key, g in whole_grads.items():
+        np.testing.assert_allclose(grads[key], g, atol=1e-5, rtol=1e-4, err_msg=key)
+
+
+def test_the_planner_estimates_one_chunk_of_the_update():
+    """The update's estimate is one chunk's rows, however many prompts × G the rollout decodes together."""
+    from mlxtune.train.grpo.memory import UPDATE_ROWS, update_shape
+    from mlxtune.train.grpo.run import GrpoSettings
+
+    assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64), 32).rows == UPDATE_ROWS
+    small = GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)
+    assert update_shape(small, 32).rows == min(2, UPDATE_ROWS)
