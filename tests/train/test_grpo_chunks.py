@@ -76,8 +76,8 @@ def test_a_chunked_update_is_the_whole_batch(setup, name):
 
 def test_the_planner_estimates_one_chunk_of_the_update():
     """The update's estimate is one chunk's rows, however many prompts × G the rollout decodes together."""
-    from mlxtune.train.grpo.memory import UPDATE_ROWS, update_shape
-    from mlxtune.train.grpo.run import GrpoSettings
+    from mlxtune.memory.grpo import UPDATE_ROWS, update_shape
+    from mlxtune.settings import GrpoSettings
 
     assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64), 32).rows == UPDATE_ROWS
     small = GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)

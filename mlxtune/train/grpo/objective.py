@@ -35,7 +35,7 @@ from mlxtune.data.batching import make_batch
 from mlxtune.data.prompts import PromptRecord
 from mlxtune.train.engine import Objective
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
-from mlxtune.train.grpo.memory import UPDATE_ROWS
+from mlxtune.memory.grpo import UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
