@@ -41,6 +41,18 @@ def tuned(tmp_path_factory):
     return run_dir, env, trained.stdout + trained.stderr
 
 
+@pytest.fixture(scope="module")
+def ollama_export(tuned):
+    """`export --format ollama` of the tuned run, once (verify is the subject of its own test, not of each export):
+    the f16 GGUF and the Modelfile, which keeps the TEMPLATE its Ollama import came with."""
+    run_dir, env, _ = tuned
+    out = run_dir.parent / "ollama-kept"
+    exported = _cli("export", run_dir, "--format", "ollama", "--out", out, "--no-verify", env=env)
+    assert exported.returncode == 0, exported.stderr
+    [gguf_file] = out.glob("*.gguf")
+    return out, gguf_file
+
+
 def test_lora_uses_the_models_chatml_template_and_masks_the_prompt(tuned):
     from mlxtune.data.formats import parse_record
     from mlxtune.data.template import tokenize_record
@@ -106,14 +118,11 @@ def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tun
     assert f"PARAMETER temperature {PARAMS['temperature']}" in lines
 
 
-def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(tuned, tmp_path):
+def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(ollama_export):
     llama_cpp = pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
-    run_dir, env, _ = tuned
-    # export fuses first: a float16-stored base (this import) passes fuse's merge and file checks.
-    result = _cli("export", run_dir, "--format", "gguf", "--outtype", "q8_0", "--out", tmp_path / "tuned.gguf",
-                  "--json", env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    llama = llama_cpp.Llama(model_path=str(tmp_path / "tuned.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    # export fused first: a float16-stored base (this import) passes fuse's merge and file checks.
+    _, gguf_file = ollama_export
+    llama = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=256, n_threads=2, verbose=False)
     # llama.cpp's own chat path: the template from the GGUF's metadata, stopping at its end-of-turn token.
     reply = llama.create_chat_completion(messages=[{"role": "user", "content": PROMPT}], max_tokens=40,
                                          temperature=0.0)
@@ -122,9 +131,9 @@ def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(tuned, tmp_path):
     assert "<|im" not in choice["message"]["content"] and choice["message"]["content"].strip(), reply
 
 
-def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
+def test_every_hop_of_the_tuned_model_passes_verify(tuned, ollama_export, tmp_path):
     """`mlxtune verify` on the real instruct model (ChatML, <|im_end|>) after the short run: the fused model (as
-    stored and re-quantized to 8 bits), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
+    stored; its 8-bit re-quantization is tests/verify's, on the story model), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
     the chat template, the same GGUF in LM Studio's PUBLISHER/NAME/FILE.gguf layout (the embedded template in
     Jinja) and serve all pass, with their agreement figures. The Ollama folder `export` writes for this run keeps
     the TEMPLATE its Ollama import came with (here a legacy .System/.Prompt one): verify names that hop, since it
@@ -136,10 +145,7 @@ def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
     from mlxtune.runs import open_for_inference
 
     run_dir, env, _ = tuned
-    kept = tmp_path / "ollama-kept"
-    exported = _cli("export", run_dir, "--format", "ollama", "--out", kept, "--no-verify", env=env)
-    assert exported.returncode == 0, exported.stderr
-    [gguf_file] = kept.glob("*.gguf")
+    kept, gguf_file = ollama_export
     assert TEMPLATE in (kept / "Modelfile").read_text()
     derived = tmp_path / "ollama-derived"
     derived.mkdir()
@@ -150,12 +156,12 @@ def test_every_hop_of_the_tuned_model_passes_verify(tuned, tmp_path):
     lmstudio = tmp_path / "lmstudio" / "mlxtune" / run_dir.name
     lmstudio.mkdir(parents=True)
     (lmstudio / gguf_file.name).hardlink_to(gguf_file)
-    result = _cli("verify", run_dir, "--hops", "fused,fused-q8,gguf,ollama,lmstudio,serve", "--gguf", gguf_file,
+    result = _cli("verify", run_dir, "--hops", "fused,gguf,ollama,lmstudio,serve", "--gguf", gguf_file,
                   "--ollama", derived, "--ollama", kept, "--lmstudio", lmstudio, "--samples", 1, "--max-tokens", 8,
                   "--json", env=env, timeout=1800)
     report = json.loads(result.stdout)
     hops = {hop["name"]: hop for hop in report["hops"]}
-    assert list(hops) == ["fused", "fused-q8", f"gguf {gguf_file.name}", "ollama ollama-derived",
+    assert list(hops) == ["fused", f"gguf {gguf_file.name}", "ollama ollama-derived",
                           "ollama ollama-kept", f"lmstudio mlxtune/{run_dir.name}", "serve"]
     assert result.returncode == 1 and [name for name, hop in hops.items() if not hop["ok"]] == [
         "ollama ollama-kept"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
