@@ -185,7 +185,7 @@ PAIRS_RUN = dict(iters=6, batch_size=2, learning_rate=3e-3, dropout=0.1, eval_ev
                  report_every=1, min_delta=1.0, patience=4)
 
 
-@pytest.mark.parametrize("objective", ["dpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_a_preference_run_killed_inside_a_checkpoint_resumes_to_the_uninterrupted_adapter(objective, tmp_path):
     """The engine's exact resume for preference runs too: SIGKILL while the step-4 checkpoint's optimizer state is
     written; the resume skips the half-written checkpoint, continues from step 2 and ends with the uninterrupted
