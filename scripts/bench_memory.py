@@ -34,7 +34,10 @@ sys.path.insert(0, str(ROOT))
 from mlxtune.synthetic import SHAPES  # noqa: E402  (the published shapes; imports no MLX)
 STORIES = ROOT / "examples" / "models" / "stories260K"
 UNDER = 0.05  # the estimate may be at most this much below the measured peak (issue 24)
-TOLERANCE = 0.15  # and at most this much above it
+TOLERANCE = 0.15  # and at most this much above it,
+# or this many bytes above it, whichever is larger: below ~0.1 GB the peak moves by a few MB between machines with the
+# allocator's and BLAS's own buffers (stories-lora-short: 0.072 GB here, 0.069 GB on CI, one estimate of 0.079 GB)
+OVER_SLACK = 16 * 10**6
 MODELS = {  # name: (shape, layers kept, stored dtype, bits)
     "smollm-bf16": ("smollm-135m", 4, "bfloat16", None),
     "smollm-q4": ("smollm-135m", 4, "bfloat16", 4),
@@ -191,13 +194,14 @@ def main() -> int:
         print(json.dumps({"rows": rows, "lowest_error": low, "highest_error": high}, indent=2))
     else:
         print(f"\nerrors {100 * low:+.1f}% … {100 * high:+.1f}%"
-              f" (allowed −{100 * UNDER:.0f}% … +{100 * TOLERANCE:.0f}%)"
+              f" (allowed −{100 * UNDER:.0f}% … +{100 * TOLERANCE:.0f}% or +{OVER_SLACK / 1e6:.0f} MB)"
               f" · {platform.machine()} {platform.system()} · {os.cpu_count()} cores · {date.today()}")
     return 0 if all(within_tolerance(r) for r in rows) else 1
 
 
 def within_tolerance(row: dict) -> bool:
-    return -UNDER <= row["error"] <= TOLERANCE
+    over = row["estimate"] - row["peak"]
+    return -UNDER <= row["error"] and (row["error"] <= TOLERANCE or over <= OVER_SLACK)
 
 
 if __name__ == "__main__":
