@@ -136,7 +136,8 @@ def _flaky_args(prompts, tmp_path) -> list:
 
 def test_a_raising_reward_stops_with_one_line_and_resume_continues(prompts, tmp_path, monkeypatch):
     """Calls: 1 = the validation before training, 2 = step 1, 3 = step 2 raises. The step-1 checkpoint is kept and
-    `--resume` (the reward fixed: the variable unset) finishes the run."""
+    `--resume` (the reward fixed: the variable unset) finishes the run, taking a flag the engine's resume rule lets
+    change (--sample-every) and refusing one that would sample differently (--group-size), as `lora --resume`."""
     monkeypatch.setenv("GRPO_TEST_FAIL", "raise")
     failed = run_cli("grpo", *_flaky_args(prompts, tmp_path))
     monkeypatch.delenv("GRPO_TEST_FAIL")
@@ -149,8 +150,16 @@ def test_a_raising_reward_stops_with_one_line_and_resume_continues(prompts, tmp_
     from mlxtune.train.grpo.run import resume_grpo_settings, train_grpo  # in-process: one CLI start is enough
     from mlxtune.ui import make_console
 
-    resumed = train_grpo(resume_grpo_settings(tmp_path / "run", {}), resume=True, console=make_console(quiet=True))
+    from mlxtune.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"can't change --group-size \(the run has 4\) when resuming") as refused:
+        resume_grpo_settings(tmp_path / "run", {"group_size": 8, "sample_every": 1})
+    assert "--sample-every" in refused.value.hint
+    settings = resume_grpo_settings(tmp_path / "run", {"group_size": 4, "sample_every": 1, "reward": None})
+    resumed = train_grpo(settings, resume=True, console=make_console(quiet=True))
     assert resumed.steps == 3 and resumed.stopped == "completed"
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [2, 3]  # --sample-every 1 taken (the run's was 10)
 
 
 @pytest.mark.parametrize("kind,message", [
