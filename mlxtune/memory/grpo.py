@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mlxtune.data.batching import PAD_MULTIPLE
-from mlxtune.memory.budget import fmt_gb
+from mlxtune.memory.budget import fmt_gb, memory_budget
 from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate
 from mlxtune.memory.planner import MemoryPlan, run_shape
 
@@ -43,19 +43,24 @@ def update_shape(settings, longest_prompt: int) -> BatchShape:
     return BatchShape(rows, length, rows * settings.max_completion_tokens)
 
 
-def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
-                  budget: int | None = None) -> Estimate:
+def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
+                budget: int | None = None) -> dict[str, Estimate]:
+    """The step's two phases, each with the weights and the trainable state: the rollout (all the micro-batch's
+    samples decoding as one batch) and the update (its largest chunk of `UPDATE_ROWS` rows)."""
     run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
     update = estimate(facts, run, [update_shape(settings, longest_prompt)])
     fixed = {k: v for k, v in update.parts.items()
              if k in ("weights", "trainable + optimizer", "allowance") or k.startswith("dequantized")}
-    rows = settings.batch_size * settings.group_size
-    rollout = dict(fixed, **rollout_bytes(facts, rows, longest_prompt + settings.max_completion_tokens,
-                                          longest_prompt, run.on_cpu))
-    if sum(rollout.values()) > update.total:
-        return Estimate(sum(rollout.values()), rollout, BatchShape(rows, longest_prompt +
-                                                                   settings.max_completion_tokens, 0))
-    return update
+    rows, context = settings.batch_size * settings.group_size, longest_prompt + settings.max_completion_tokens
+    rollout = dict(fixed, **rollout_bytes(facts, rows, context, longest_prompt, run.on_cpu))
+    return {"rollout": Estimate(sum(rollout.values()), rollout, BatchShape(rows, context, 0)), "update": update}
+
+
+def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
+                  budget: int | None = None) -> Estimate:
+    """A step's peak: the larger of its two phases (`grpo_phases`)."""
+    phases = grpo_phases(facts, settings, longest_prompt, cpu=cpu, budget=budget)
+    return phases["rollout"] if phases["rollout"].total > phases["update"].total else phases["update"]
 
 
 def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, budget_source: str,
@@ -84,3 +89,10 @@ def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, bud
                             f"same prompts per step, fewer per rollout ({fmt_gb(found.total)})")
     plan.suggested_estimate, plan.suggested_fits = found, found.total <= budget
     return plan
+
+
+def plan_for_prompts(settings, model_path, longest_prompt: int) -> MemoryPlan:
+    """The plan of a GRPO run of `settings` on `model_path` whose longest prompt is `longest_prompt` tokens, against
+    the budget of `settings.memory` (the run's check and `mlxtune plan --objective grpo` alike)."""
+    budget, source = memory_budget(settings.memory)
+    return plan_grpo(ModelFacts.from_dir(model_path), settings, longest_prompt, budget, source)

@@ -199,6 +199,35 @@ def test_the_planner_refuses_settings_that_do_not_fit(prompts, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_plan_shows_the_rollout_and_the_update_and_suggests_settings_that_fit(prompts):
+    """`mlxtune plan --objective grpo`: both phases (the rollout decoding 8 prompts × G 64 as one batch, the update
+    in chunks of UPDATE_ROWS rows), the larger of them against the budget, and a refusal (exit 3) with settings that
+    fit — the run's own planner's."""
+    result = run_cli("plan", "--objective", "grpo", "--model", MODEL, "--data", prompts, "--group-size", 64,
+                     "--batch-size", 8, "--max-completion-tokens", 256, "--memory", "0.1GB", "--json")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    rollout, update = report["phases"]["rollout"], report["phases"]["update"]
+    assert rollout["worst_batch"]["rows"] == 8 * 64 and update["worst_batch"]["rows"] == report["update_rows"] == 4
+    assert report["estimate_gb"] == max(rollout["estimate_gb"], update["estimate_gb"]) > report["budget_gb"] == 0.1
+    assert report["settings"]["group_size"] == 64 and report["parts_gb"]["kv cache"] > 0
+    suggested = report["suggested"]
+    assert report["suggested_fits"] and suggested["batch_size"] * suggested["grad_accumulation"] == 8, report
+
+
+def test_plan_takes_grpo_flags_for_a_grpo_run_only():
+    from mlxtune.errors import UsageError
+    from mlxtune.memory.report import plan_settings
+    from mlxtune.settings import GrpoSettings
+
+    assert isinstance(plan_settings("grpo", None, {"group_size": 4, "pack": None}), GrpoSettings)
+    with pytest.raises(UsageError, match="--pack is a lora batching setting"):
+        plan_settings("grpo", None, {"pack": True})
+    with pytest.raises(UsageError, match="--group-size sizes a GRPO run") as refused:
+        plan_settings("lora", None, {"group_size": 4})
+    assert "--objective grpo" in refused.value.hint
+
+
 def test_rollout_memory_grows_with_the_group_and_the_completion():
     from mlxtune.memory.estimate import ModelFacts
     from mlxtune.memory.grpo import estimate_grpo, rollout_bytes

@@ -225,15 +225,15 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
 
 def check_grpo_memory(settings: GrpoSettings, model_path: Path, sets: PromptSets, *, force: bool, console):
     """The planner's verdict on this run (rollout + update); a refusal with settings that fit unless `force`."""
-    from mlxtune.memory.estimate import ModelFacts
-    from mlxtune.memory.grpo import plan_grpo
-    from mlxtune.memory.budget import memory_budget
+    from mlxtune.memory.grpo import plan_for_prompts
 
-    budget, source = memory_budget(settings.memory)
-    plan = plan_grpo(ModelFacts.from_dir(model_path), settings, max(len(ids) for _, ids in sets.train), budget,
-                     source)
+    plan = plan_for_prompts(settings, model_path, longest_prompt(sets))
     return verdict_or_refusal(plan, force=force, console=console, hint=(
         "use a smaller or 4-bit model, a smaller --group-size or --max-completion-tokens, raise --memory, or --force"))
+
+
+def longest_prompt(sets: PromptSets) -> int:
+    return max(len(ids) for _, ids in sets.train)
 
 
 def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, total, steps, quantization,
