@@ -233,10 +233,15 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
     from mlxtune.memory.grpo import estimate_grpo, rollout_bytes
     from mlxtune.settings import GrpoSettings
 
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    from mlxtune.memory.grpo import KV_CACHE_STEP
+
+    assert KV_CACHE_STEP == BatchKVCache.step == KVCache.step  # how mlx-lm's caches grow (the estimate's steps)
     facts = ModelFacts.from_dir(MODEL)
-    small = rollout_bytes(facts, rows=8, context=64, prompt=16, on_cpu=True)
-    assert rollout_bytes(facts, rows=16, context=64, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
-    assert rollout_bytes(facts, rows=8, context=128, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
+    small = rollout_bytes(facts, 2, 4, prompt=16, completion=64, on_cpu=True)
+    assert rollout_bytes(facts, 2, 8, prompt=16, completion=64, on_cpu=True)["kv cache"] > small["kv cache"]
+    assert rollout_bytes(facts, 2, 4, prompt=16, completion=300, on_cpu=True)["kv cache"] > small["kv cache"]
     one = estimate_grpo(facts, GrpoSettings(group_size=8, max_completion_tokens=64), 32, cpu=True).total
     more = estimate_grpo(facts, GrpoSettings(group_size=32, max_completion_tokens=256), 32, cpu=True).total
     assert more > one
