@@ -273,6 +273,10 @@ EVAL_CHUNKS_ARRAYS = 5  # two chunks or more on every stream: the next chunk's f
 # (49k and 152k vocabularies, 512–2048 rows, 2 streams). The ten fitted before were fitted on steps whose peak was
 # really their validation pass, every chunk's softmax kept (docs/MEMORY.md).
 FUSED_CHUNK_ARRAYS = 7
+# With at most one chunk per stream nothing of a next chunk overlaps: 3.0 chunk-sized arrays per stream measured on
+# a GRPO update chunk (4 rows × 32 completion tokens, 49k vocabulary, 2 streams: scripts/bench_grpo_memory.py); 4
+# keeps a margin (an update of 2 rows × 16 tokens is still under: docs/MEMORY.md, GRPO runs)
+FUSED_ONE_CHUNK_ARRAYS = 4
 # [rows, hidden] float32 arrays at the fused loss's peak, measured on the loss alone with 2 streams: 7–10.5 over
 # hidden widths 512–4096 (the test shape, 2048 wide against an 8k vocabulary, was 16% under with 2)
 FUSED_ROW_ARRAYS = 10
@@ -286,8 +290,10 @@ def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) 
     their way back into the rows' gradient), which show where the hidden width is large against the vocabulary."""
     rows = batch.supervised
     chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
-    in_flight = min(run.streams, -(-rows // chunk))
-    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
+    chunks = -(-rows // chunk)
+    in_flight = min(run.streams, chunks)
+    arrays = FUSED_CHUNK_ARRAYS if chunks > run.streams else FUSED_ONE_CHUNK_ARRAYS
+    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * arrays * chunk * facts.vocab * 4
 
 
 def fixed_parts(facts: ModelFacts, run: RunShape) -> dict[str, int]:
