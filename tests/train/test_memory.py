@@ -60,7 +60,9 @@ def test_the_fused_loss_peaks_in_its_own_phase(qwen_model):
     """With a frozen head the loss's vocabulary-sized work ends before the backward pass: the estimate is the larger
     of the loss phase and the backward phase, not their sum (issue 24). Measured on the 2-block Qwen shape
     (docs/MEMORY.md): short batches were 9.7% under with one sum of six chunk arrays and the backward transient;
-    default-length ones +12.8% over."""
+    default-length ones +12.8% over. Which phase peaks depends on the batch: a block's backward pass, counted as
+    measured (its MLP's 16 [tokens, intermediate] arrays), outgrows the loss's workspace on the default 4 × 672
+    tokens; counted as before (two), it never did, and the tiny 4-bit test shape was 8.8% under."""
     from mlxtune.memory.estimate import (FUSED_CHUNK_ARRAYS, BatchShape, ModelFacts, RunShape, activation_bytes,
                                          estimate, fused_loss_phase_bytes)
     from mlxtune.memory.limits import FUSED_CHUNK_ROWS
