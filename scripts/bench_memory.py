@@ -9,6 +9,9 @@ the published SmolLM-135M and Qwen2.5-0.5B shapes (fewer layers, to fit 2 cores)
 The `*-default-600` cases are what a user gets: no batch/length flag at all, on prompt/completion records of about
 600 tokens (the defaults make batches of 4 × 608 with 384 supervised tokens per record).
 
+The `*-dpo`/`*-orpo` cases train through `train_preference` and compare with the preference planner's estimate
+(mlxtune/memory/preference.py).
+
 4-bit cases on the CPU backend compute through dequantized weights (mlxtune/cpu_quantized.py); the path follows the
 budget, and `MLXTUNE_DEQUANTIZE=load|call` forces one for a whole bench run (the children inherit it).
 
