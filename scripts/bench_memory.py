@@ -112,7 +112,8 @@ def make_pairs(out: Path) -> Path:
     rng = random.Random(0)
     for split, count in PAIRS.items():
         rows = []
-        for line in (ROOT / "examples" / "data" / "wikisql" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines():
+        source = ROOT / "examples" / "data" / "wikisql" / f"{split}.jsonl"
+        for line in source.read_text(encoding="utf-8").splitlines():
             head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
             rejected = corrupt_answer(answer, len(rows), rng)
             if len(answer.split()) > 3 and rejected != answer:

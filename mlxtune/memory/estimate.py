@@ -235,9 +235,10 @@ def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dic
     kept_scores = scores if run.on_cpu else 0
     # The backward pass runs one block at a time: its attention's backward, then its MLP's, each with its own
     # gradients on top of what the block keeps (counted above, so taken off here).
-    transient = max(ATTENTION_BACKWARD_SCORES * scores + ATTENTION_BACKWARD_ROWS * tokens * facts.hidden * float_bytes,
-                    scores + tokens * (MLP_BACKWARD_INTERMEDIATE * facts.intermediate
-                                       + MLP_BACKWARD_ROWS * facts.hidden) * float_bytes) - (per_block + kept_scores)
+    block = max(ATTENTION_BACKWARD_SCORES * scores + ATTENTION_BACKWARD_ROWS * tokens * facts.hidden * float_bytes,
+                scores + tokens * (MLP_BACKWARD_INTERMEDIATE * facts.intermediate
+                                   + MLP_BACKWARD_ROWS * facts.hidden) * float_bytes)
+    transient = max(0, block - per_block - kept_scores)
     if run.grad_checkpoint:
         kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
     else:
