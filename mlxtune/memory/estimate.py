@@ -215,6 +215,16 @@ def _kept_per_token(facts: ModelFacts, run: RunShape) -> int:
     return 4 * facts.hidden + 2 * q_width + 2 * kv_width + 5 * facts.intermediate + lora
 
 
+# One block's backward pass, forward arrays included, measured block by block with its gradient (LoRA's and the
+# input's) on the bench's three shapes, 2 × 256 tokens (docs/MEMORY.md): the attention's peaks at about 4 score-sized
+# arrays and 24 [tokens, hidden] ones (2048 wide, 16 heads: 99 MB), the MLP's at 16 [tokens, intermediate] and 12
+# [tokens, hidden] arrays beside the attention's kept scores (Qwen2.5-0.5B's 4864: 174 MB; SmolLM-135M's: 60 MB).
+ATTENTION_BACKWARD_SCORES = 4
+ATTENTION_BACKWARD_ROWS = 24
+MLP_BACKWARD_INTERMEDIATE = 16
+MLP_BACKWARD_ROWS = 12
+
+
 def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dict[str, int]:
     blocks = len(_adapted(facts, run))
     tokens = batch.rows * batch.length
@@ -223,9 +233,12 @@ def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dic
     # The CPU backend's attention keeps its [rows, heads, L, L] probabilities; Metal's fused kernel keeps none.
     scores = batch.rows * facts.heads * batch.length**2 * 4
     kept_scores = scores if run.on_cpu else 0
-    # The backward pass of one block holds the gradients of its scores (three score-sized arrays at once, measured on
-    # stories260K's long rows) and of its MLP at once.
-    transient = 3 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
+    # The backward pass runs one block at a time: its attention's backward, then its MLP's, each with its own
+    # gradients on top of what the block keeps (counted above, so taken off here).
+    block = max(ATTENTION_BACKWARD_SCORES * scores + ATTENTION_BACKWARD_ROWS * tokens * facts.hidden * float_bytes,
+                scores + tokens * (MLP_BACKWARD_INTERMEDIATE * facts.intermediate
+                                   + MLP_BACKWARD_ROWS * facts.hidden) * float_bytes)
+    transient = max(0, block - per_block - kept_scores)
     if run.grad_checkpoint:
         kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
     else:
@@ -324,8 +337,10 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         if run.fused_head and run.selective_loss:
             # Two phases peak apart: the loss at the end of the forward pass (every kept activation, the loss
             # chunks' workspace) and the backward pass (the activations, one block's transients, the rows'
-            # gradient). With `call`, the blocks' weights dequantized in flight belong to the blocks' phase; the
-            # loss phase sees a few still alive (measured: 0–2.4).
+            # gradient). With `call`, the blocks' weights are dequantized in flight: the loss phase sees a few still
+            # alive (measured: 0–2.4), the backward phase's peak about one (below).
+            if run.dequantize == "call" and "dequantized weights (CPU)" in parts:
+                parts["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run, BACKWARD_PHASE_BLOCK_WEIGHTS)
             loss_phase = dict(parts, **{"backward transient": 0, "loss": fused_loss_phase_bytes(facts, run, batch)})
             if run.dequantize == "call" and "dequantized weights (CPU)" in parts:
                 loss_phase["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run, LOSS_PHASE_BLOCK_WEIGHTS)
@@ -390,6 +405,10 @@ def _quantized_base(facts: ModelFacts, run: RunShape) -> bool:
 
 
 LOSS_PHASE_BLOCK_WEIGHTS = 3  # `call`: of those, still alive while the fused loss runs
+# `call`: of those, alive at the backward phase's peak, where one block's backward arrays are (the tiny test shape's
+# `call` step peaked 1.6 MB above its `load` twin's, less its float copies: its scores' and rows' gradients need no
+# weight; an MLP's backward needs the one it multiplies by)
+BACKWARD_PHASE_BLOCK_WEIGHTS = 1
 
 
 def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int = DEQUANTIZED_BLOCK_WEIGHTS) -> int:
