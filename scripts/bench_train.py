@@ -411,6 +411,7 @@ def qlora_profile(rounds: int, work: Path) -> dict:
     """Where the `load` path's QLoRA step on SmolLM2 goes, piece by piece, against the same weights as a plain
     float32 model: both models in this process, each piece timed on each model in turn (`mx.eval` closing every
     piece), min and median over `rounds`."""
+    import mlxtune  # noqa: F401  (the system BLAS, before mlx: a step hangs without it)
     import mlx.core as mx
     from mlx_lm.utils import dequantize_model, load_model
 
