@@ -15,7 +15,7 @@ import pytest
 
 from conftest import MLXTUNE
 from smollm import smollm2_gguf
-from test_stores_and_errors import PARAMS, TEMPLATE, make_ollama_store
+from ollama_store import PARAMS, TEMPLATE, make_ollama_store
 
 CHAT_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "chat-capitals"
 PROMPT = "Capital of Sweden? One word."

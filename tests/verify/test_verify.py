@@ -98,7 +98,7 @@ def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
     from mlxtune.eval import evaluate_run
 
     evaluate_run(chat_run, samples=0, max_tokens=4)  # the run's report.html, which verify adds its section to
-    result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--json")
+    result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--requantize", "8,4", "--json")
     assert result.returncode == 0, result.stderr + result.stdout
     report = json.loads(result.stdout)
     assert report["ok"] and report["end_of_turn"] == {"text": "</s>", "ids": [2]}
