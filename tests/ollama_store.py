@@ -16,6 +16,8 @@ PARAMS = {"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.2}
 
 
 def place(source: Path, dest: Path) -> None:
+    if dest.exists():  # a blob another tag already named (blobs are named by their content)
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, dest)  # the real 98 MB file, without copying it where the filesystem allows
