@@ -405,6 +405,8 @@ def test_unknown_hop_is_a_usage_error(chat_run):
     result = run_cli("verify", chat_run, "--hops", "fused,vllm")
     assert result.returncode == 2 and "unknown hop 'vllm'" in result.stderr
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
+    result = run_cli("verify", chat_run, "--requantize", "8,3")
+    assert result.returncode == 2 and "--requantize 3: not a bit width" in result.stderr, result.stderr
     result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
     assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
     bogus = chat_run.parent / "bogus.gguf"
