@@ -137,23 +137,23 @@ def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(ollama_export):
 
 def test_every_hop_of_the_tuned_model_passes_verify(tuned, ollama_export):
     """`mlxtune verify` on the real instruct model (ChatML, <|im_end|>) after the short run: the fused model (as
-    stored), its f16 GGUF in llama.cpp, the Ollama folder `export` wrote (the TEMPLATE derived from the chat
-    template, its default system prompt included) and serve all pass, with their agreement figures. What the story
-    and the tiny ChatML models already cover is left to tests/verify: re-quantized copies (`--requantize`; fused-q4
-    of this 4-bit base keeps about a quarter of a 4-step finetune's gain: docs/VERIFY.md), LM Studio's Jinja
-    rendering of the same file, and a kept Ollama TEMPLATE that renders otherwise."""
+    stored, float16) and the Ollama folder `export` wrote — its f16 GGUF in llama.cpp, its TEMPLATE derived from the
+    chat template (SmolLM2's default system prompt included) — pass, with their agreement figures. The other hops
+    run the same code on this model's files and are covered where they are cheaper: the GGUF's embedded template in
+    llama.cpp and LM Studio's Jinja, serve, and a kept Ollama TEMPLATE that renders otherwise on the tiny ChatML
+    model (tests/verify), re-quantized copies (`--requantize`) on the story model — fused-q4 of this 4-bit base
+    keeps about a quarter of a 4-step finetune's gain (docs/VERIFY.md); llama.cpp's own chat path stopping at
+    <|im_end|> on this GGUF, and serve's, are tested above."""
     run_dir, env, _ = tuned
-    folder, gguf_file = ollama_export
-    result = _cli("verify", run_dir, "--hops", "fused,gguf,ollama,serve", "--gguf", gguf_file, "--ollama", folder,
-                  "--samples", 1, "--max-tokens", 8, "--json", env=env, timeout=1800)
+    folder, _ = ollama_export
+    result = _cli("verify", run_dir, "--hops", "fused,ollama", "--ollama", folder, "--samples", 1, "--max-tokens", 8,
+                  "--json", env=env, timeout=1800)
     report = json.loads(result.stdout)
     hops = {hop["name"]: hop for hop in report["hops"]}
-    assert list(hops) == ["fused", f"gguf {gguf_file.name}", f"ollama {folder.name}", "serve"]
+    assert list(hops) == ["fused", f"ollama {folder.name}"]
     assert result.returncode == 0 and report["ok"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
     assert report["end_of_turn"]["text"] == "<|im_end|>" and len(report["end_of_turn"]["ids"]) == 1
     for name, hop in hops.items():
         assert hop["rendering"]["ok"] and "byte-identical" in hop["rendering"]["detail"], (name, hop["rendering"])
-        assert "generation stops on it" in hop["stopping"]["detail"] or name == "serve", (name, hop["stopping"])
-        if name != "serve":
-            assert hop["teacher_forced"]["agreement"] >= hop["thresholds"].get("agreement", 0), (name, hop)
-    assert hops["serve"]["greedy"]["same"] == hops["serve"]["greedy"]["probes"] == 5
+        assert "generation stops on it" in hop["stopping"]["detail"], (name, hop["stopping"])
+        assert hop["teacher_forced"]["agreement"] >= hop["thresholds"]["agreement"], (name, hop)

@@ -246,6 +246,7 @@ def test_export_keeps_an_ollama_template_only_where_it_renders_as_trained(tmp_pa
     from mlxtune.importers import pull_gguf
     from mlxtune.settings import LoraSettings
     from mlxtune.train.loop import finetune
+    from mlxtune.verify import verify_export
 
     model = _chatml_model(tmp_path / "chatml")
     gguf_file = export(model, "gguf", tmp_path / "cm.gguf", outtype="f32").path
@@ -271,14 +272,13 @@ def test_export_keeps_an_ollama_template_only_where_it_renders_as_trained(tmp_pa
     run_dir = tmp_path / "runs" / "cm"
     finetune(LoraSettings(model=legacy, data=str(data), out=str(run_dir), iters=2, learning_rate=1e-2, batch_size=4,
                           max_seq_length=96, eval_every=2, save_every=2, val_batches=1))
-    result = run_cli("export", run_dir, "--format", "ollama", "--out", tmp_path / "derived", "--json")
-    assert result.returncode == 0, result.stderr + result.stdout
-    report = json.loads(result.stdout)
-    assert report["warnings"] == [
+    exported = export(run_dir, "ollama", tmp_path / "derived")
+    assert exported.warnings == [
         "Ollama's TEMPLATE from the import was not kept: it renders the 'multi-turn' probe otherwise than the chat "
         "template the model was trained with; wrote one derived from the chat template instead (--keep-template "
-        "writes the original)"], report["warnings"]
-    assert report["verify"]["ok"] and [h["name"] for h in report["verify"]["hops"]] == ["ollama derived"]
+        "writes the original)"], exported.warnings
+    checked = verify_export(run_dir, "ollama", exported.path)  # what `export` runs by default after writing
+    assert checked.ok and [h.name for h in checked.hops] == ["ollama derived"], [h.problems for h in checked.hops]
     derived = (tmp_path / "derived" / "Modelfile").read_text()
     assert TEMPLATE not in derived and "PARAMETER temperature 0.2" in derived  # the import's parameters stay
 
