@@ -238,15 +238,14 @@ GO_CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_e
 def test_export_keeps_an_ollama_template_only_where_it_renders_as_trained(tmp_path, monkeypatch):
     """A model pulled from an Ollama store keeps its TEMPLATE at `export --format ollama` where that TEMPLATE renders
     the probes as the chat template training uses (verbatim, its stops plus the end of turn); a legacy one that
-    drops earlier turns is replaced by a derived TEMPLATE, with one line saying why, and the export's default verify
-    passes; `--keep-template` writes the original, and the export's verify fails and exits 1 naming the hop."""
+    drops earlier turns is replaced by a derived TEMPLATE, with one line saying why; `--keep-template` writes the
+    original, and the export of a run on it — verified by default — exits 1 naming the hop."""
     pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
     from mlxtune.errors import UsageError
     from mlxtune.export import export
     from mlxtune.importers import pull_gguf
     from mlxtune.settings import LoraSettings
     from mlxtune.train.loop import finetune
-    from mlxtune.verify import verify_export
 
     model = _chatml_model(tmp_path / "chatml")
     gguf_file = export(model, "gguf", tmp_path / "cm.gguf", outtype="f32").path
@@ -267,21 +266,20 @@ def test_export_keeps_an_ollama_template_only_where_it_renders_as_trained(tmp_pa
     with pytest.raises(UsageError, match="no Ollama TEMPLATE to keep"):
         export(model, "ollama", tmp_path / "none", keep_template=True)
 
+    exported = export(legacy, "ollama", tmp_path / "derived")
+    assert exported.warnings == [
+        "Ollama's TEMPLATE from the import was not kept: it renders the 'multi-turn' probe otherwise than the chat "
+        "template the model was trained with; wrote one derived from the chat template instead (--keep-template "
+        "writes the original)"], exported.warnings
+    derived = (tmp_path / "derived" / "Modelfile").read_text()
+    assert TEMPLATE not in derived and "PARAMETER temperature 0.2" in derived  # the import's parameters stay
+    # (a derived TEMPLATE passing verify: test_chatml_thinking_and_tools_reach_every_hop and the SmolLM2 test)
+
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _chat_records(12)))
     run_dir = tmp_path / "runs" / "cm"
     finetune(LoraSettings(model=legacy, data=str(data), out=str(run_dir), iters=2, learning_rate=1e-2, batch_size=4,
                           max_seq_length=96, eval_every=2, save_every=2, val_batches=1))
-    exported = export(run_dir, "ollama", tmp_path / "derived")
-    assert exported.warnings == [
-        "Ollama's TEMPLATE from the import was not kept: it renders the 'multi-turn' probe otherwise than the chat "
-        "template the model was trained with; wrote one derived from the chat template instead (--keep-template "
-        "writes the original)"], exported.warnings
-    checked = verify_export(run_dir, "ollama", exported.path)  # what `export` runs by default after writing
-    assert checked.ok and [h.name for h in checked.hops] == ["ollama derived"], [h.problems for h in checked.hops]
-    derived = (tmp_path / "derived" / "Modelfile").read_text()
-    assert TEMPLATE not in derived and "PARAMETER temperature 0.2" in derived  # the import's parameters stay
-
     result = run_cli("export", run_dir, "--format", "ollama", "--out", tmp_path / "kept", "--keep-template")
     assert result.returncode == 1, result.stderr + result.stdout
     assert "ollama kept: rendering: 2 of 5 prompts differ" in result.stdout, result.stdout
