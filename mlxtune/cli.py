@@ -19,7 +19,7 @@ from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
 from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.cli_options import settings_options
-from mlxtune.settings import GrpoSettings, LoraSettings, PreferenceSettings
+from mlxtune.settings import GRPO_PLAN_KEYS, GrpoSettings, LoraSettings, PreferenceSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 from mlxtune.verify.run import DEFAULT_HOPS, HOPS, MAX_NEW_TOKENS, REQUANTIZED, SAMPLES
@@ -182,27 +182,31 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
 # the launcher's flags are not among them.
 @main.command("plan", context_settings={"show_default": True})
 @settings_options(LoraSettings, "plan", _SHOWN)
+@click.option("--objective", type=click.Choice(("lora", "grpo")), default="lora",
+              help="The run to plan: `mlxtune lora`'s, or `mlxtune grpo`'s (its rollout and its update).")
+@settings_options(GrpoSettings, "plan", names=GRPO_PLAN_KEYS)
 @_config_option
 @click.option("--time", "timed", is_flag=True, help="Also time a few warm-up steps and give the expected duration.")
 @_json_option
-def plan_command(timed, json_mode, config_path, **flags):
+def plan_command(timed, json_mode, config_path, objective, **flags):
     """Will a finetune fit in memory? The estimated peak for these settings against the memory budget, and
     when it doesn't fit, the settings that do (cheapest change for quality first), each with its reason.
 
-    Takes every setting of `mlxtune lora`. Reads the weight files' headers and tokenizes the data; loads no weights
-    (except with --time).
+    Takes every setting of `mlxtune lora`; with --objective grpo, a `mlxtune grpo` run's (--group-size,
+    --max-completion-tokens, a grpo --config): its rollout and its update, each estimated. Reads the weight files'
+    headers and tokenizes the data; loads no weights (except with --time).
 
     \b
     Examples:
       mlxtune plan --model Qwen2.5-0.5B-Instruct-4bit --data ./data
       mlxtune plan --model ./my-model --data ./data --memory 8GB --batch-tokens 8192 --json
+      mlxtune plan --objective grpo --model SmolLM2-135M-Instruct --data ./arith --group-size 8 --batch-size 4
     """
-    from mlxtune.settings import resolve_settings
-    from mlxtune.memory.report import plan_report
+    from mlxtune.memory.report import plan_report, plan_settings
     from mlxtune.ui import make_console, print_json, print_memory_plan
 
     console = make_console(json_mode)
-    report = plan_report(resolve_settings(config_path, flags), timed=timed, console=console)
+    report = plan_report(plan_settings(objective, config_path, flags), timed=timed, console=console)
     if json_mode:
         print_json(report)
     else:

@@ -83,16 +83,16 @@ def option_spec(settings_field: dataclasses.Field, command: str,
     return decls, attrs
 
 
-def settings_options(cls, command: str, shown: dict[str, str] | None = None):
-    """A click command's options from the settings dataclass `cls`: one per field `command` takes, in field order,
-    before the command's own in --help.
+def settings_options(cls, command: str, shown: dict[str, str] | None = None, names: tuple[str, ...] | None = None):
+    """A click command's options from the settings dataclass `cls`: one per field `command` takes (of `names`, when
+    given), in field order, before the command's own in --help.
 
     Every option's default is None (not given), so `settings.resolve_settings(config, flags, cls)` layers
     defaults ← YAML ← flags; the default --help shows comes from the field (`shown_default`). `shown` overrides the
     shown default of a field whose default is decided outside the settings (`--model`: the models' default)."""
     def decorate(function):
         for settings_field in reversed(dataclasses.fields(cls)):
-            if takes(settings_field, command):
+            if takes(settings_field, command) and (names is None or settings_field.name in names):
                 decls, attrs = option_spec(settings_field, command, shown)
                 function = click.option(*decls, **attrs)(function)
         return function

@@ -173,19 +173,36 @@ def input_fault(exc: Exception, dest: Path, message: str, hint: str) -> Exceptio
     return UsageError(f"{message}: {type(exc).__name__}: {exc}".splitlines()[0], hint)
 
 
-def existing_entry(dest: Path, source: str, force: bool, console) -> ModelEntry | None:
+def existing_entry(dest: Path, source: str, force: bool, console, fingerprint: dict | None = None) -> ModelEntry | None:
     """The entry at `dest` when it already holds `source` (nothing to do); a UsageError when it holds something
-    else and `force` is off; None when `dest` is free or may be replaced."""
+    else and `force` is off; None when `dest` is free or may be replaced.
+
+    `fingerprint` (a source file's size and sha256, importers.stores.fingerprint): when the entry recorded one too,
+    the content decides, not the path: the same file copied elsewhere (another clone's venv) is the same source, a
+    changed file at the same path is not."""
     clean_stale(dest)  # a killed pull's staging copy; an old entry a killed swap had moved aside is put back
     if force or not (dest.exists() or dest.is_symlink()):
         return None
     existing = read_entry(dest) if dest.is_dir() else None
-    if existing is not None and existing.source == source:
-        console.print(f"{dest.name} is already in the library ({dest}); --force to convert again")
+    recorded = existing.extra.get("fingerprint") if existing else None
+    if fingerprint and recorded:
+        same = _content(recorded) == _content(fingerprint)
+    else:
+        same = existing is not None and existing.source == source
+    if same:
+        elsewhere = "" if existing.source == source else f", the same file as {existing.source}"
+        console.print(f"{dest.name} is already in the library ({dest}{elsewhere}); --force to convert again")
         return existing
-    what = f"holds {existing.source}" if existing else "exists and is not a model pulled by mlxtune"
+    if existing and existing.source == source:
+        what = f"holds an earlier version of {source} (the file has changed since)"
+    else:
+        what = f"holds {existing.source}" if existing else "exists and is not a model pulled by mlxtune"
     raise UsageError(f"{dest.name} is already in the library and {what} ({dest})",
                      "pass --force to replace it, or choose another --name")
+
+
+def _content(fingerprint: dict) -> tuple:
+    return fingerprint.get("size"), fingerprint.get("sha256")
 
 
 def _convert(source_dir: Path, out: Path, quantize: str, group_size: int, dtype: str | None,

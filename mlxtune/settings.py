@@ -31,6 +31,7 @@ REPORT_TARGETS = ("wandb",)
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")
 STOP_ON = ("loss", "accuracy")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")  # train/grpo/losses.py's PRESETS
+GRPO_PLAN_KEYS = ("group_size", "max_completion_tokens")  # what `plan --objective grpo` takes besides lora's flags
 
 # The largest value each setting can sensibly take. Past these a run never finishes (a step of 10^14
 # micro-batches), overflows MLX's integers (`std::bad_cast` at --iters 1e21) or asks for more than any machine has;

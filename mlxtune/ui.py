@@ -451,6 +451,11 @@ def print_memory_plan(console: Console, report: dict) -> None:
                            + ("[green]fits[/]" if report["fits"] else "[red]does not fit[/]")),
     ]
     rows += [(f"  {name}", gb(value)) for name, value in report["parts_gb"].items() if value >= 0.0005]
+    for name, phase in (report.get("phases") or {}).items():  # grpo: the step's peak is the larger phase
+        shape = phase["worst_batch"]
+        what = (f"{shape['rows']} samples × {shape['length']} tokens" if name == "rollout" else
+                f"chunks of {shape['rows']} rows × {shape['length']} tokens")
+        rows.append((f"{name} phase", f"{gb(phase['estimate_gb'])} ({what})"))
     timing = report.get("timing")
     if timing and timing.get("expected_seconds"):
         minutes = timing["expected_seconds"] / 60
@@ -466,4 +471,4 @@ def print_memory_plan(console: Console, report: dict) -> None:
         flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                          for k, v in report["suggested"].items() if k != "quantize")
         if flags:
-            console.print(f"try: mlxtune lora ... {flags}")
+            console.print(f"try: mlxtune {report.get('objective', 'lora')} ... {flags}")

@@ -9,6 +9,9 @@ the published SmolLM-135M and Qwen2.5-0.5B shapes (fewer layers, to fit 2 cores)
 The `*-default-600` cases are what a user gets: no batch/length flag at all, on prompt/completion records of about
 600 tokens (the defaults make batches of 4 × 608 with 384 supervised tokens per record).
 
+The `*-dpo`/`*-orpo` cases train through `train_preference` and compare with the preference planner's estimate
+(mlxtune/memory/preference.py).
+
 4-bit cases on the CPU backend compute through dequantized weights (mlxtune/cpu_quantized.py); the path follows the
 budget, and `MLXTUNE_DEQUANTIZE=load|call` forces one for a whole bench run (the children inherit it).
 
@@ -70,7 +73,14 @@ CASES = {
     "qwen-full-default-600": ("qwen-bf16", "600", {"method": "full"}),
     "qwen-q4-lora-default-600": ("qwen-q4", "600", {}),
     "tiny-q4-lora-short": ("tiny-q4", "short", {"batch_tokens": 512}),
+    # Preference runs (`mlxtune dpo`/`orpo`, memory/preference.py): WikiSQL pairs, one batch of pairs trained (the
+    # whole epoch) and one validated, as a run draws them.
+    "stories-dpo": ("stories", "pairs", {"objective": "dpo", "batch_size": 4}),
+    "stories-orpo": ("stories", "pairs", {"objective": "orpo", "batch_size": 4}),
+    "smollm-dpo": ("smollm-bf16", "pairs", {"objective": "dpo", "batch_size": 4}),
+    "smollm-orpo": ("smollm-bf16", "pairs", {"objective": "orpo", "batch_size": 4}),
 }
+PAIRS = {"train": 4, "valid": 4}  # one batch of four pairs each
 RECORD_600 = (600, 640)  # tokens per "600" record (stories260K's tokenizer, prompt + completion)
 
 
@@ -87,7 +97,31 @@ def make_data(root: Path) -> dict[str, Path]:
             (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         paths[name] = out
     paths["600"] = make_600(root / "600")
+    paths["pairs"] = make_pairs(root / "pairs")
     return paths
+
+
+def make_pairs(out: Path) -> Path:
+    """Preference pairs from WikiSQL: the question (prompt), its SQL (chosen) and a corruption of it (rejected),
+    as the preference tests and bench_preference.py make them."""
+    import random
+
+    from mlxtune.synthetic import corrupt_answer
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, count in PAIRS.items():
+        rows = []
+        source = ROOT / "examples" / "data" / "wikisql" / f"{split}.jsonl"
+        for line in source.read_text(encoding="utf-8").splitlines():
+            head, answer = json.loads(line)["text"].rsplit("\nA: ", 1)
+            rejected = corrupt_answer(answer, len(rows), rng)
+            if len(answer.split()) > 3 and rejected != answer:
+                rows.append({"prompt": head.rsplit("\nQ: ", 1)[1].strip(), "chosen": answer, "rejected": rejected})
+            if len(rows) == count:
+                break
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
 
 
 def make_600(out: Path, train: int = 8, valid: int = 2) -> Path:
@@ -142,6 +176,8 @@ def child(spec: dict) -> None:
     from mlxtune.ui import make_console
 
     iters = spec.pop("iters")
+    if "objective" in spec:
+        return preference_child(spec, iters)
     settings = LoraSettings(iters=iters, val_batches=1, eval_every=10**6, save_every=10**6, report_every=1, **spec)
     settings.fit_model(settings.model)  # max_seq_length from the model, as the run resolves it
     finetune(settings, console=make_console(quiet=True))
@@ -152,6 +188,32 @@ def child(spec: dict) -> None:
     # Under the run's own budget, which also decides how a quantized base computes on the CPU backend.
     value = estimate_settings(ModelFacts.from_dir(settings.model), settings, DataLengths.of(datasets),
                               budget=memory_budget(settings.memory)[0])
+    print(json.dumps({"peak": peak, "estimate": value.total, "parts": value.to_dict()["parts_gb"]}))
+
+
+def preference_child(spec: dict, iters: int) -> None:
+    """`child` for a DPO or ORPO run: trained through mlxtune's own `train_preference`, estimated by the planner
+    the run itself asks (memory/preference.py)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxtune.data.preference import load_preference_sets
+    from mlxtune.memory.budget import memory_budget
+    from mlxtune.memory.estimate import ModelFacts
+    from mlxtune.memory.preference import estimate_preference
+    from mlxtune.settings import PreferenceSettings
+    from mlxtune.train.preference.run import train_preference
+    from mlxtune.ui import make_console
+
+    settings = PreferenceSettings(iters=iters, val_batches=1, eval_every=10**6, save_every=10**6, report_every=1,
+                                  **spec)
+    settings.fit_model(settings.model)
+    train_preference(settings, console=make_console(quiet=True))
+    peak = mx.get_peak_memory()
+    sets = load_preference_sets(settings.data, load_tokenizer(settings.model), max_seq_length=settings.max_seq_length,
+                                seed=settings.seed)
+    value = estimate_preference(ModelFacts.from_dir(settings.model), settings, sets.train, sets.valid,
+                                budget=memory_budget(settings.memory)[0])
     print(json.dumps({"peak": peak, "estimate": value.total, "parts": value.to_dict()["parts_gb"]}))
 
 

@@ -25,7 +25,9 @@ COMMANDS = {"lora": LoraSettings, "plan": LoraSettings, "dpo": PreferenceSetting
             "grpo": GrpoSettings}
 # Each command's flags that are not settings: how a run is started, printed or resumed.
 _LAUNCH = {"config_path", "resume_dir", "nproc", "hosts", "backend", "rank_timeout", "check", "force", "json_mode"}
-NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode"}, "dpo": _LAUNCH, "orpo": _LAUNCH,
+# plan: --objective grpo and the GRPO settings that size its memory (GrpoSettings', checked in test_grpo_run.py)
+NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode", "objective", "group_size",
+                                          "max_completion_tokens"}, "dpo": _LAUNCH, "orpo": _LAUNCH,
                 "grpo": {"config_path", "resume_dir", "force", "json_mode"}}  # grpo: one process, no launcher
 # The settings a command has no flag for, and why.
 NO_FLAG = {

@@ -11,8 +11,8 @@ import re
 
 from mlxtune.importers.gguf_model import convert
 from mlxtune.importers.gguf_tokenizer import build_tokenizer
-from mlxtune.importers.stores import GGUFSource, is_gguf_reference, resolve
-from mlxtune.library import ModelEntry, check_entry_name, library_dir, write_entry
+from mlxtune.importers.stores import GGUFSource, fingerprint, is_gguf_reference, resolve
+from mlxtune.library import ModelEntry, check_entry_name, library_dir, read_entry, write_entry
 
 OLLAMA_SETTINGS = "ollama.json"
 
@@ -39,7 +39,10 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
     source = resolve(reference)
     name = check_entry_name(name) if name is not None else default_name(source, quantize)
     dest = library_dir() / name
-    existing = existing_entry(dest, source.source, force, console)
+    # The same GGUF under another path (a second clone's venv, a copy) is the same source: compared by content.
+    earlier = read_entry(dest) if dest.is_dir() else None
+    identity = fingerprint(source.path, earlier.extra.get("fingerprint") if earlier else None)
+    existing = existing_entry(dest, source.source, force, console, identity)
     if existing is not None:
         return existing
     library_dir().mkdir(parents=True, exist_ok=True)
@@ -59,7 +62,8 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
             raise input_fault(exc, dest, f"could not import {source.source}",
                               "the GGUF may be damaged or of a variant this importer doesn't handle "
                               "(the library is unchanged)") from None
-        entry.extra = {"gguf": {"file": str(source.path), "types": summary["types"], "notes": summary["notes"]}}
+        entry.extra = {"gguf": {"file": str(source.path), "types": summary["types"], "notes": summary["notes"]},
+                       "fingerprint": identity}
         write_entry(staging, entry)
     entry.path = str(dest)
     return entry

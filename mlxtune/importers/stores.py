@@ -3,6 +3,7 @@ folder (`lmstudio:PUBLISHER/NAME`). Resolves a reference to the GGUF file plus w
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,21 @@ def resolve(reference: str) -> GGUFSource:
         raise UsageError(f"{reference}: no such GGUF file", "give the path of a .gguf file, ollama:NAME or "
                                                            "lmstudio:PUBLISHER/NAME")
     return GGUFSource(path=path, source=str(path.resolve()), base_name=path.name[:-len(".gguf")])
+
+
+def fingerprint(path: Path, recorded: dict | None = None) -> dict:
+    """What makes the GGUF at `path` the same model wherever it lies: its size and the sha256 of its bytes (read in
+    1 MiB pieces), with its resolved path and mtime. `recorded` is an earlier fingerprint: when it names this very
+    file, unchanged (same path, size and mtime), its digest is reused instead of reading gigabytes again."""
+    stat = path.stat()
+    where = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if recorded and recorded.get("sha256") and all(recorded.get(key) == value for key, value in where.items()):
+        return {**where, "sha256": recorded["sha256"]}
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(1 << 20):
+            digest.update(piece)
+    return {**where, "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------------------------------------- Ollama

@@ -215,6 +215,16 @@ def _kept_per_token(facts: ModelFacts, run: RunShape) -> int:
     return 4 * facts.hidden + 2 * q_width + 2 * kv_width + 5 * facts.intermediate + lora
 
 
+# One block's backward pass, forward arrays included, measured block by block with its gradient (LoRA's and the
+# input's) on the bench's three shapes, 2 × 256 tokens (docs/MEMORY.md): the attention's peaks at about 4 score-sized
+# arrays and 24 [tokens, hidden] ones (2048 wide, 16 heads: 99 MB), the MLP's at 16 [tokens, intermediate] and 12
+# [tokens, hidden] arrays beside the attention's kept scores (Qwen2.5-0.5B's 4864: 174 MB; SmolLM-135M's: 60 MB).
+ATTENTION_BACKWARD_SCORES = 4
+ATTENTION_BACKWARD_ROWS = 24
+MLP_BACKWARD_INTERMEDIATE = 16
+MLP_BACKWARD_ROWS = 12
+
+
 def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dict[str, int]:
     blocks = len(_adapted(facts, run))
     tokens = batch.rows * batch.length
@@ -223,9 +233,12 @@ def activation_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) -> dic
     # The CPU backend's attention keeps its [rows, heads, L, L] probabilities; Metal's fused kernel keeps none.
     scores = batch.rows * facts.heads * batch.length**2 * 4
     kept_scores = scores if run.on_cpu else 0
-    # The backward pass of one block holds the gradients of its scores (three score-sized arrays at once, measured on
-    # stories260K's long rows) and of its MLP at once.
-    transient = 3 * scores + tokens * (2 * facts.intermediate + 2 * facts.hidden) * float_bytes
+    # The backward pass runs one block at a time: its attention's backward, then its MLP's, each with its own
+    # gradients on top of what the block keeps (counted above, so taken off here).
+    block = max(ATTENTION_BACKWARD_SCORES * scores + ATTENTION_BACKWARD_ROWS * tokens * facts.hidden * float_bytes,
+                scores + tokens * (MLP_BACKWARD_INTERMEDIATE * facts.intermediate
+                                   + MLP_BACKWARD_ROWS * facts.hidden) * float_bytes)
+    transient = max(0, block - per_block - kept_scores)
     if run.grad_checkpoint:
         kept = blocks * tokens * facts.hidden * float_bytes + per_block + kept_scores
     else:
@@ -273,6 +286,10 @@ EVAL_CHUNKS_ARRAYS = 5  # two chunks or more on every stream: the next chunk's f
 # (49k and 152k vocabularies, 512–2048 rows, 2 streams). The ten fitted before were fitted on steps whose peak was
 # really their validation pass, every chunk's softmax kept (docs/MEMORY.md).
 FUSED_CHUNK_ARRAYS = 7
+# With at most one chunk per stream nothing of a next chunk overlaps: 3.0 chunk-sized arrays per stream measured on
+# a GRPO update chunk (4 rows × 32 completion tokens, 49k vocabulary, 2 streams: scripts/bench_grpo_memory.py); 4
+# keeps a margin (an update of 2 rows × 16 tokens is still under: docs/MEMORY.md, GRPO runs)
+FUSED_ONE_CHUNK_ARRAYS = 4
 # [rows, hidden] float32 arrays at the fused loss's peak, measured on the loss alone with 2 streams: 7–10.5 over
 # hidden widths 512–4096 (the test shape, 2048 wide against an 8k vocabulary, was 16% under with 2)
 FUSED_ROW_ARRAYS = 10
@@ -286,8 +303,10 @@ def fused_loss_phase_bytes(facts: ModelFacts, run: RunShape, batch: BatchShape) 
     their way back into the rows' gradient), which show where the hidden width is large against the vocabulary."""
     rows = batch.supervised
     chunk = min(FUSED_CHUNK_ROWS, max(1, -(-rows // max(run.streams, 1))))
-    in_flight = min(run.streams, -(-rows // chunk))
-    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * FUSED_CHUNK_ARRAYS * chunk * facts.vocab * 4
+    chunks = -(-rows // chunk)
+    in_flight = min(run.streams, chunks)
+    arrays = FUSED_CHUNK_ARRAYS if chunks > run.streams else FUSED_ONE_CHUNK_ARRAYS
+    return FUSED_ROW_ARRAYS * rows * facts.hidden * 4 + in_flight * arrays * chunk * facts.vocab * 4
 
 
 def fixed_parts(facts: ModelFacts, run: RunShape) -> dict[str, int]:
@@ -318,8 +337,10 @@ def estimate(facts: ModelFacts, run: RunShape, batches: list[BatchShape],
         if run.fused_head and run.selective_loss:
             # Two phases peak apart: the loss at the end of the forward pass (every kept activation, the loss
             # chunks' workspace) and the backward pass (the activations, one block's transients, the rows'
-            # gradient). With `call`, the blocks' weights dequantized in flight belong to the blocks' phase; the
-            # loss phase sees a few still alive (measured: 0–2.4).
+            # gradient). With `call`, the blocks' weights are dequantized in flight: the loss phase sees a few still
+            # alive (measured: 0–2.4), the backward phase's peak about one (below).
+            if run.dequantize == "call" and "dequantized weights (CPU)" in parts:
+                parts["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run, BACKWARD_PHASE_BLOCK_WEIGHTS)
             loss_phase = dict(parts, **{"backward transient": 0, "loss": fused_loss_phase_bytes(facts, run, batch)})
             if run.dequantize == "call" and "dequantized weights (CPU)" in parts:
                 loss_phase["dequantized weights (CPU)"] = dequantized_path_bytes(facts, run, LOSS_PHASE_BLOCK_WEIGHTS)
@@ -384,6 +405,10 @@ def _quantized_base(facts: ModelFacts, run: RunShape) -> bool:
 
 
 LOSS_PHASE_BLOCK_WEIGHTS = 3  # `call`: of those, still alive while the fused loss runs
+# `call`: of those, alive at the backward phase's peak, where one block's backward arrays are (the tiny test shape's
+# `call` step peaked 1.6 MB above its `load` twin's, less its float copies: its scores' and rows' gradients need no
+# weight; an MLP's backward needs the one it multiplies by)
+BACKWARD_PHASE_BLOCK_WEIGHTS = 1
 
 
 def dequantized_path_bytes(facts: ModelFacts, run: RunShape, block_weights: int = DEQUANTIZED_BLOCK_WEIGHTS) -> int:

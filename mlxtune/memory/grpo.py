@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from mlxtune.data.batching import PAD_MULTIPLE
-from mlxtune.memory.budget import fmt_gb
-from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate
+from mlxtune.memory.budget import fmt_gb, memory_budget
+from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate, kv_cache_bytes
 from mlxtune.memory.planner import MemoryPlan, run_shape
 
 # Rows per forward/backward of the update (and per reference/πold pass; objective.py's `update_chunks`). mlx-lm-lora
@@ -26,12 +26,27 @@ from mlxtune.memory.planner import MemoryPlan, run_shape
 # gradient are the whole batch's for any value.
 UPDATE_ROWS = 4
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
+KV_CACHE_STEP = 256  # mlx-lm's KVCache and BatchKVCache grow by this many positions (their `step`; tested equal)
 
 
-def rollout_bytes(facts: ModelFacts, rows: int, context: int, prompt: int, on_cpu: bool) -> dict[str, int]:
-    """The rollout's own arrays: KV cache, the decode step's vocabulary-sized arrays, one prompt's prefill logits."""
+def cache_positions(prompt: int, completion: int) -> int:
+    """Positions per sample in the rollout's batch cache at its peak. mlx-lm's BatchKVCache (`merge`d from the prompts'
+    caches: the longest prompt's length exactly) grows by KV_CACHE_STEP positions when full, concatenating the old
+    buffer with a new one: at the last growth both are alive. `completion − 1` positions are appended (the last
+    token is sampled, not fed)."""
+    growths = -(-(completion - 1) // KV_CACHE_STEP)
+    return prompt if growths <= 0 else 2 * prompt + KV_CACHE_STEP * (2 * growths - 1)
+
+
+def rollout_bytes(facts: ModelFacts, prompts: int, group_size: int, prompt: int, completion: int,
+                  on_cpu: bool) -> dict[str, int]:
+    """The rollout's own arrays: the batch KV cache of prompts × G samples (`cache_positions`) and each prompt's
+    prefill cache, the decode step's vocabulary-sized arrays, one prompt's prefill logits."""
     width = 4 if on_cpu else 2  # the cache's dtype: the model's (float32 on the CPU backend)
-    return {"kv cache": 2 * facts.layers * facts.kv_heads * facts.head_dim * rows * context * width,
+    rows = prompts * group_size
+    prefill = prompts * KV_CACHE_STEP * -(-prompt // KV_CACHE_STEP)  # KVCache: whole steps too
+    return {"kv cache": kv_cache_bytes(facts, rows, cache_positions(prompt, completion), width)
+            + kv_cache_bytes(facts, 1, prefill, width),
             "decode logits": SAMPLING_ARRAYS * rows * facts.vocab * 4,
             "prefill logits": prompt * facts.vocab * 4}
 
@@ -43,19 +58,25 @@ def update_shape(settings, longest_prompt: int) -> BatchShape:
     return BatchShape(rows, length, rows * settings.max_completion_tokens)
 
 
-def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
-                  budget: int | None = None) -> Estimate:
+def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
+                budget: int | None = None) -> dict[str, Estimate]:
+    """The step's two phases, each with the weights and the trainable state: the rollout (all the micro-batch's
+    samples decoding as one batch) and the update (its largest chunk of `UPDATE_ROWS` rows)."""
     run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
     update = estimate(facts, run, [update_shape(settings, longest_prompt)])
     fixed = {k: v for k, v in update.parts.items()
              if k in ("weights", "trainable + optimizer", "allowance") or k.startswith("dequantized")}
-    rows = settings.batch_size * settings.group_size
-    rollout = dict(fixed, **rollout_bytes(facts, rows, longest_prompt + settings.max_completion_tokens,
-                                          longest_prompt, run.on_cpu))
-    if sum(rollout.values()) > update.total:
-        return Estimate(sum(rollout.values()), rollout, BatchShape(rows, longest_prompt +
-                                                                   settings.max_completion_tokens, 0))
-    return update
+    rows, context = settings.batch_size * settings.group_size, longest_prompt + settings.max_completion_tokens
+    rollout = dict(fixed, **rollout_bytes(facts, settings.batch_size, settings.group_size, longest_prompt,
+                                          settings.max_completion_tokens, run.on_cpu))
+    return {"rollout": Estimate(sum(rollout.values()), rollout, BatchShape(rows, context, 0)), "update": update}
+
+
+def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
+                  budget: int | None = None) -> Estimate:
+    """A step's peak: the larger of its two phases (`grpo_phases`)."""
+    phases = grpo_phases(facts, settings, longest_prompt, cpu=cpu, budget=budget)
+    return phases["rollout"] if phases["rollout"].total > phases["update"].total else phases["update"]
 
 
 def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, budget_source: str,
@@ -84,3 +105,10 @@ def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, bud
                             f"same prompts per step, fewer per rollout ({fmt_gb(found.total)})")
     plan.suggested_estimate, plan.suggested_fits = found, found.total <= budget
     return plan
+
+
+def plan_for_prompts(settings, model_path, longest_prompt: int) -> MemoryPlan:
+    """The plan of a GRPO run of `settings` on `model_path` whose longest prompt is `longest_prompt` tokens, against
+    the budget of `settings.memory` (the run's check and `mlxtune plan --objective grpo` alike)."""
+    budget, source = memory_budget(settings.memory)
+    return plan_grpo(ModelFacts.from_dir(model_path), settings, longest_prompt, budget, source)

@@ -227,6 +227,7 @@ CHANGEABLE_ON_RESUME = (
     "iters", "epochs", "eval_every", "save_every", "report_every", "val_batches", "patience", "min_delta",
     "learning_rate", "schedule", "warmup_steps", "weight_decay", "grad_clip", "grad_checkpoint", "report_to",
     "threads", "cache_limit_gb", "memory",
+    "sample_every",  # grpo: how often completions are written to samples.jsonl
 )
 NOT_COMPARED = ("out", "data")  # where the run lives; the data is compared by its fingerprint instead
 

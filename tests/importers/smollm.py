@@ -38,14 +38,12 @@ def imported_smollm2():
     return pull_gguf(str(smollm2_gguf()), name="smollm2-test")
 
 
-def teacher_forced_agreement(llama, model, tokenizer, continuation: int = 24) -> tuple[int, int, float]:
-    """(positions where the next-token argmax agrees, positions, mean |Δlogit|) between llama.cpp (`llama`, made with
-    logits_all=True) and the MLX `model`, fed the same tokens: each chat prompt and llama.cpp's greedy continuation."""
-    import mlx.core as mx
+def llama_cpp_reference(llama, tokenizer, continuation: int = 24) -> list:
+    """[(tokens, llama.cpp's logits at each position)] for each chat prompt followed by llama.cpp's own greedy
+    continuation (`llama` made with logits_all=True): what the teacher-forced comparisons are made against."""
     import numpy as np
 
-    agree = total = 0
-    deltas = []
+    reference = []
     for chat in CHATS:
         prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
@@ -58,9 +56,76 @@ def teacher_forced_agreement(llama, model, tokenizer, continuation: int = 24) ->
         sequence = ids + tokens
         llama.reset()
         llama.eval(sequence)
-        theirs = np.array(llama.scores[:len(sequence)], dtype=np.float32)
-        ours = np.array(model(mx.array(sequence)[None])[0].astype(mx.float32))
-        agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
-        total += len(sequence)
-        deltas.append(np.abs(ours - theirs).mean())
-    return agree, total, float(np.mean(deltas))
+        reference.append((sequence, np.array(llama.scores[:len(sequence)], dtype=np.float32)))
+    return reference
+
+
+def logits_of(model, reference: list) -> list:
+    """The MLX `model`'s logits on the reference's token sequences, in the reference's form."""
+    import mlx.core as mx
+    import numpy as np
+
+    return [(sequence, np.array(model(mx.array(sequence)[None])[0].astype(mx.float32))) for sequence, _ in reference]
+
+
+def agreement(reference: list, ours: list) -> tuple[int, int, float, list[float]]:
+    """(contexts where the next-token argmax agrees, contexts, mean |Δlogit|, the reference's top-two gap at each
+    miss) between two lists of (tokens, logits). Each distinct context (token prefix) counts once: four of the five
+    chats open with SmolLM2's default system prompt, and counted per chat its positions weighed up to five times."""
+    import numpy as np
+
+    seen, misses = set(), []
+    agree = 0
+    for (sequence, theirs), (_, mine) in zip(reference, ours):
+        for position in range(len(sequence)):
+            context = tuple(sequence[:position + 1])
+            if context in seen:
+                continue
+            seen.add(context)
+            top_two = np.sort(theirs[position])[-2:]
+            if mine[position].argmax() == theirs[position].argmax():
+                agree += 1
+            else:
+                misses.append(float(top_two[1] - top_two[0]))
+    delta = float(np.mean([np.abs(mine - theirs).mean() for (_, theirs), (_, mine) in zip(reference, ours)]))
+    return agree, len(seen), delta, misses
+
+
+def teacher_forced_agreement(llama, model, tokenizer, continuation: int = 24) -> tuple[int, int, float, list[float]]:
+    """agreement() of the MLX `model` with llama.cpp on the chat prompts and llama.cpp's continuations."""
+    reference = llama_cpp_reference(llama, tokenizer, continuation)
+    return agreement(reference, logits_of(model, reference))
+
+
+def q8_0_round(x):
+    """`x` rounded as llama.cpp rounds the activations of its Q4_0/Q4_1/Q8_0 dot products on the CPU (Q8_0 along
+    the last axis: blocks of 32, int8 codes round(x·127/amax), one float16 scale amax/127)."""
+    import mlx.core as mx
+
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = mx.abs(blocks).max(axis=-1, keepdims=True)
+    codes = mx.round(blocks * mx.where(amax > 0, 127 / mx.maximum(amax, 1e-30), 0))
+    return (codes * (amax / 127).astype(mx.float16).astype(x.dtype)).reshape(x.shape)
+
+
+def with_llama_cpp_activations(model):
+    """`model` (dequantized, float32) with every linear layer and the tied output projection fed q8_0_round()ed
+    inputs, as llama.cpp computes a file whose matrices are all Q4_0/Q4_1/Q8_0."""
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    class RoundedInput(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x):  # an embedding's token ids pass as they are
+            return self.inner(x) if isinstance(self.inner, nn.Embedding) else self.inner(q8_0_round(x))
+
+        def as_linear(self, x):  # a tied embedding as the output projection
+            return self.inner.as_linear(q8_0_round(x))
+
+    wrapped = [(name, RoundedInput(module)) for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Embedding))]
+    model.update_modules(tree_unflatten(wrapped))
+    return model

@@ -3,16 +3,17 @@ one-line refusals of bad inputs (nothing left in the library)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-from conftest import MLXTUNE
+from conftest import MLXTUNE, MODEL
 from ollama_store import PARAMS, TEMPLATE, make_ollama_store, place
 from smollm import smollm2_gguf
 
@@ -103,3 +104,35 @@ def test_bad_input_is_one_line_and_leaves_no_entry(tmp_path, smollm_gguf, case):
     assert_one_error(result.stderr)
     library = home / "models"
     assert not library.exists() or not [p for p in library.iterdir()]
+
+
+def test_the_same_gguf_from_another_path_is_already_in_the_library(tmp_path):
+    """A second clone's copy of the GGUF is the same source (compared by size and sha256, not by path): nothing to
+    do. The recorded file changed in place is not: refused with the hint, the entry untouched."""
+    from mlxtune.export.gguf import export_gguf
+    from mlxtune.export.source import open_source
+
+    first, copy = tmp_path / "clone-a" / "stories260K.gguf", tmp_path / "clone-b" / "stories260K.gguf"
+    first.parent.mkdir()
+    copy.parent.mkdir()
+    with open_source(MODEL) as source:
+        export_gguf(source, first, "f32")
+    shutil.copyfile(first, copy)
+    env = {"MLXTUNE_HOME": str(tmp_path / "home")}
+
+    imported = _pull(str(first), env_extra=env)
+    assert imported.returncode == 0, imported.stderr
+    entry = json.loads(imported.stdout)
+    assert entry["extra"]["fingerprint"]["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+
+    again = _pull(str(copy), env_extra=env)
+    assert again.returncode == 0 and "already in the library" in again.stderr, again.stderr
+    assert json.loads(again.stdout) == entry  # nothing updated, the source still the first path
+
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    first.write_bytes(data)
+    changed = _pull(str(first), env_extra=env)
+    assert changed.returncode == 2 and "earlier version" in changed.stderr.splitlines()[0], changed.stderr
+    assert_one_error(changed.stderr)
+    assert json.loads((Path(entry["path"]) / "mlxtune.json").read_text())["created"] == entry["created"]

@@ -82,3 +82,19 @@ def test_the_planner_estimates_one_chunk_of_the_update():
     assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64), 32).rows == UPDATE_ROWS
     small = GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)
     assert update_shape(small, 32).rows == min(2, UPDATE_ROWS)
+
+
+def test_one_fused_loss_chunk_per_stream_counts_fewer_arrays():
+    """An update chunk of 4 rows × 32 completion tokens is one fused-loss chunk per stream (2 streams): nothing of a
+    next chunk overlaps, FUSED_ONE_CHUNK_ARRAYS per stream (the bench's case: 0.437 GB estimated with seven, 0.337
+    measured; docs/MEMORY.md); longer updates keep FUSED_CHUNK_ARRAYS."""
+    from mlxtune.memory.estimate import (FUSED_CHUNK_ARRAYS, FUSED_ONE_CHUNK_ARRAYS, FUSED_ROW_ARRAYS, BatchShape,
+                                         ModelFacts, RunShape, fused_loss_phase_bytes)
+    from mlxtune.memory.limits import FUSED_CHUNK_ROWS
+
+    facts, run = ModelFacts.from_dir(MODEL), RunShape(fused_head=True, streams=2)
+    chunk = FUSED_CHUNK_ROWS * facts.vocab * 4
+    rows = FUSED_ROW_ARRAYS * facts.hidden * 4
+    assert FUSED_ONE_CHUNK_ARRAYS < FUSED_CHUNK_ARRAYS
+    assert fused_loss_phase_bytes(facts, run, BatchShape(4, 96, 128)) == 128 * rows + 2 * FUSED_ONE_CHUNK_ARRAYS * chunk
+    assert fused_loss_phase_bytes(facts, run, BatchShape(4, 320, 256)) == 256 * rows + 2 * FUSED_CHUNK_ARRAYS * chunk

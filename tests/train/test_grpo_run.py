@@ -136,7 +136,8 @@ def _flaky_args(prompts, tmp_path) -> list:
 
 def test_a_raising_reward_stops_with_one_line_and_resume_continues(prompts, tmp_path, monkeypatch):
     """Calls: 1 = the validation before training, 2 = step 1, 3 = step 2 raises. The step-1 checkpoint is kept and
-    `--resume` (the reward fixed: the variable unset) finishes the run."""
+    `--resume` (the reward fixed: the variable unset) finishes the run, taking a flag the engine's resume rule lets
+    change (--sample-every) and refusing one that would sample differently (--group-size), as `lora --resume`."""
     monkeypatch.setenv("GRPO_TEST_FAIL", "raise")
     failed = run_cli("grpo", *_flaky_args(prompts, tmp_path))
     monkeypatch.delenv("GRPO_TEST_FAIL")
@@ -149,8 +150,16 @@ def test_a_raising_reward_stops_with_one_line_and_resume_continues(prompts, tmp_
     from mlxtune.train.grpo.run import resume_grpo_settings, train_grpo  # in-process: one CLI start is enough
     from mlxtune.ui import make_console
 
-    resumed = train_grpo(resume_grpo_settings(tmp_path / "run", {}), resume=True, console=make_console(quiet=True))
+    from mlxtune.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"can't change --group-size \(the run has 4\) when resuming") as refused:
+        resume_grpo_settings(tmp_path / "run", {"group_size": 8, "sample_every": 1})
+    assert "--sample-every" in refused.value.hint
+    settings = resume_grpo_settings(tmp_path / "run", {"group_size": 4, "sample_every": 1, "reward": None})
+    resumed = train_grpo(settings, resume=True, console=make_console(quiet=True))
     assert resumed.steps == 3 and resumed.stopped == "completed"
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [2, 3]  # --sample-every 1 taken (the run's was 10)
 
 
 @pytest.mark.parametrize("kind,message", [
@@ -190,15 +199,49 @@ def test_the_planner_refuses_settings_that_do_not_fit(prompts, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_plan_shows_the_rollout_and_the_update_and_suggests_settings_that_fit(prompts):
+    """`mlxtune plan --objective grpo`: both phases (the rollout decoding 8 prompts × G 64 as one batch, the update
+    in chunks of UPDATE_ROWS rows), the larger of them against the budget, and a refusal (exit 3) with settings that
+    fit — the run's own planner's."""
+    result = run_cli("plan", "--objective", "grpo", "--model", MODEL, "--data", prompts, "--group-size", 64,
+                     "--batch-size", 8, "--max-completion-tokens", 256, "--memory", "0.1GB", "--json")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    rollout, update = report["phases"]["rollout"], report["phases"]["update"]
+    assert rollout["worst_batch"]["rows"] == 8 * 64 and update["worst_batch"]["rows"] == report["update_rows"] == 4
+    assert report["estimate_gb"] == max(rollout["estimate_gb"], update["estimate_gb"]) > report["budget_gb"] == 0.1
+    assert report["settings"]["group_size"] == 64 and report["parts_gb"]["kv cache"] > 0
+    suggested = report["suggested"]
+    assert report["suggested_fits"] and suggested["batch_size"] * suggested["grad_accumulation"] == 8, report
+
+
+def test_plan_takes_grpo_flags_for_a_grpo_run_only():
+    from mlxtune.errors import UsageError
+    from mlxtune.memory.report import plan_settings
+    from mlxtune.settings import GrpoSettings
+
+    assert isinstance(plan_settings("grpo", None, {"group_size": 4, "pack": None}), GrpoSettings)
+    with pytest.raises(UsageError, match="--pack is a lora batching setting"):
+        plan_settings("grpo", None, {"pack": True})
+    with pytest.raises(UsageError, match="--group-size sizes a GRPO run") as refused:
+        plan_settings("lora", None, {"group_size": 4})
+    assert "--objective grpo" in refused.value.hint
+
+
 def test_rollout_memory_grows_with_the_group_and_the_completion():
     from mlxtune.memory.estimate import ModelFacts
     from mlxtune.memory.grpo import estimate_grpo, rollout_bytes
     from mlxtune.settings import GrpoSettings
 
+    from mlx_lm.models.cache import BatchKVCache, KVCache
+
+    from mlxtune.memory.grpo import KV_CACHE_STEP
+
+    assert KV_CACHE_STEP == BatchKVCache.step == KVCache.step  # how mlx-lm's caches grow (the estimate's steps)
     facts = ModelFacts.from_dir(MODEL)
-    small = rollout_bytes(facts, rows=8, context=64, prompt=16, on_cpu=True)
-    assert rollout_bytes(facts, rows=16, context=64, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
-    assert rollout_bytes(facts, rows=8, context=128, prompt=16, on_cpu=True)["kv cache"] == 2 * small["kv cache"]
+    small = rollout_bytes(facts, 2, 4, prompt=16, completion=64, on_cpu=True)
+    assert rollout_bytes(facts, 2, 8, prompt=16, completion=64, on_cpu=True)["kv cache"] > small["kv cache"]
+    assert rollout_bytes(facts, 2, 4, prompt=16, completion=300, on_cpu=True)["kv cache"] > small["kv cache"]
     one = estimate_grpo(facts, GrpoSettings(group_size=8, max_completion_tokens=64), 32, cpu=True).total
     more = estimate_grpo(facts, GrpoSettings(group_size=32, max_completion_tokens=256), 32, cpu=True).total
     assert more > one

@@ -60,21 +60,30 @@ def test_the_fused_loss_peaks_in_its_own_phase(qwen_model):
     """With a frozen head the loss's vocabulary-sized work ends before the backward pass: the estimate is the larger
     of the loss phase and the backward phase, not their sum (issue 24). Measured on the 2-block Qwen shape
     (docs/MEMORY.md): short batches were 9.7% under with one sum of six chunk arrays and the backward transient;
-    default-length ones +12.8% over."""
+    default-length ones +12.8% over. Which phase peaks depends on the batch: a block's backward pass, counted as
+    measured (its MLP's 16 [tokens, intermediate] arrays), outgrows the loss's workspace on the default 4 × 672
+    tokens; counted as before (two), it never did, and the tiny 4-bit test shape was 8.8% under."""
     from mlxtune.memory.estimate import (FUSED_CHUNK_ARRAYS, BatchShape, ModelFacts, RunShape, activation_bytes,
                                          estimate, fused_loss_phase_bytes)
     from mlxtune.memory.limits import FUSED_CHUNK_ROWS
 
     facts = ModelFacts.from_dir(qwen_model)
     run = RunShape(fused_head=True, streams=2)
+    phases = []
     for batch in (BatchShape(2, 256, 512), BatchShape(4, 672, 2560)):
         value = estimate(facts, run, [batch])
         loss_phase = fused_loss_phase_bytes(facts, run, batch)
         backward = activation_bytes(facts, run, batch)["backward transient"]
         assert loss_phase >= 2 * FUSED_CHUNK_ARRAYS * FUSED_CHUNK_ROWS * facts.vocab * 4  # two streams' chunks
         assert value.total == sum(value.parts.values())
-        # the loss phase dominates over a 152k vocabulary: its workspace alone, no backward transient beside it
-        assert value.parts["backward transient"] == 0 and value.parts["loss"] == loss_phase > backward
+        # one phase or the other, never both: the loss's workspace, or a block's backward beside the rows' gradient
+        rows_gradient = 2 * batch.supervised * facts.hidden * 4
+        phase = (value.parts["backward transient"], value.parts["loss"])
+        assert phase in ((0, loss_phase), (backward, rows_gradient)), (phase, loss_phase, backward)
+        phases.append("loss" if phase == (0, loss_phase) else "backward")
+    # over a 152k vocabulary the loss's workspace dominates short batches; the default 4 × 672 tokens' backward
+    # through the 4864-wide MLP (16 [tokens, intermediate] arrays measured) outgrows it
+    assert phases == ["loss", "backward"]
 
 
 def test_plan_refuses_then_suggested_settings_fit(qwen_model, short_data, tmp_path):
@@ -181,21 +190,20 @@ def bench_models(tmp_path_factory):
 
 
 @pytest.mark.skipif(not _on_cpu(), reason="Metal/CUDA keep MLX's quantized kernels: no float weights to count")
-@pytest.mark.parametrize("path", [
-    # Open (issue 24, docs/MEMORY.md): this shape's training step (2048 wide against an 8k vocabulary) peaks about 9%
-    # above its estimate with `load`; the validation estimate's old sum of its two phases hid it.
-    pytest.param("load", marks=pytest.mark.xfail(strict=True, reason="training step under by ~9% on this shape")),
-    "call"])
+@pytest.mark.parametrize("path", ["load", "call"])
 def test_a_4bit_base_on_the_cpu_backend_is_estimated_with_its_float_weights(path, short_data, bench_models,
                                                                              tmp_path, monkeypatch):
     """A 4-bit base computing through dequantized weights (cpu_quantized.py): float copies held for the run
     (`load`) or the head's copy and block weights dequantized in flight (`call`); the estimate counts them and is
-    never under the measured peak. The model's float weights are most of its peak: without them the estimate is
-    under (measured: 0.209 GB estimated without them, 0.274 GB `load` and 0.245 GB `call` measured)."""
+    within issue 24's bounds. The model's float weights are most of its peak: without them the estimate is far
+    under (measured: 0.298 GB `load` and 0.245 GB `call`). Its step peaks in a block's backward pass (2048 wide, 16
+    heads, against an 8k vocabulary): with the backward counted as before (three score arrays, two [tokens, hidden]
+    and two [tokens, intermediate]), `load` was 8.8% under."""
     monkeypatch.setenv("MLXTUNE_DEQUANTIZE", path)
     row = _bench().run_case("tiny-q4-lora-short", {"short": short_data}, bench_models, tmp_path / "runs", iters=1)
     float_weights = row["parts"]["dequantized weights (CPU)"] * GB
-    assert row["estimate"] - float_weights < row["peak"] <= row["estimate"], row
+    assert _bench().within_tolerance(row), row
+    assert row["estimate"] - float_weights < 0.95 * row["peak"], row
 
 
 def test_the_planner_counts_the_float_copies_the_run_makes(bench_models):

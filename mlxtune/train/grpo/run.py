@@ -33,15 +33,11 @@ from mlxtune.train.grpo.losses import GRPOLossConfig, preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
 from mlxtune.train.grpo.rewards import check_fields, parse_rewards
 from mlxtune.train.preference.run import PreferenceStep
-from mlxtune.train.recovery import data_fingerprint
+from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
 from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
                                     restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, summary_table
-
-# Which settings `grpo --resume` may change (the rest would train a different adapter or sample differently).
-RESUMABLE = ("iters", "eval_every", "save_every", "report_every", "val_batches", "sample_every")
-
 
 def loss_config(settings: GrpoSettings) -> GRPOLossConfig:
     """The loss's options: the --loss-type preset, with β, the completion length and any ε given."""
@@ -67,14 +63,14 @@ def load_grpo_settings(run_dir: str | Path) -> GrpoSettings:
 
 
 def resume_grpo_settings(run_dir: str | Path, overrides: dict) -> GrpoSettings:
+    """A GRPO run's settings with `overrides` (flags; None = not given) applied as `mlxtune lora --resume` applies
+    them (recovery.apply_resume_flags): the changeable ones taken, any other change refused."""
     run_dir = Path(run_dir)
     if not is_grpo_run(run_dir):
         raise UsageError(f"{run_dir} is not a GRPO run (no {GRPO_FILE})",
                          "resume a LoRA run with mlxtune lora --resume, a DPO run with mlxtune dpo --resume")
     settings = load_grpo_settings(run_dir)
-    for key in RESUMABLE:
-        if overrides.get(key) is not None:
-            setattr(settings, key, overrides[key])
+    apply_resume_flags(settings, overrides, run_dir)
     settings.out = str(run_dir)
     return settings.validate()
 
@@ -229,15 +225,15 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
 
 def check_grpo_memory(settings: GrpoSettings, model_path: Path, sets: PromptSets, *, force: bool, console):
     """The planner's verdict on this run (rollout + update); a refusal with settings that fit unless `force`."""
-    from mlxtune.memory.estimate import ModelFacts
-    from mlxtune.memory.grpo import plan_grpo
-    from mlxtune.memory.budget import memory_budget
+    from mlxtune.memory.grpo import plan_for_prompts
 
-    budget, source = memory_budget(settings.memory)
-    plan = plan_grpo(ModelFacts.from_dir(model_path), settings, max(len(ids) for _, ids in sets.train), budget,
-                     source)
+    plan = plan_for_prompts(settings, model_path, longest_prompt(sets))
     return verdict_or_refusal(plan, force=force, console=console, hint=(
         "use a smaller or 4-bit model, a smaller --group-size or --max-completion-tokens, raise --memory, or --force"))
+
+
+def longest_prompt(sets: PromptSets) -> int:
+    return max(len(ids) for _, ids in sets.train)
 
 
 def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, total, steps, quantization,
