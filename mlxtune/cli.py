@@ -22,7 +22,7 @@ from mlxtune.cli_options import settings_options
 from mlxtune.settings import GRPO_PLAN_KEYS, GrpoSettings, LoraSettings, PreferenceSettings
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
-from mlxtune.verify.run import HOPS, MAX_NEW_TOKENS, SAMPLES
+from mlxtune.verify.run import DEFAULT_HOPS, HOPS, MAX_NEW_TOKENS, REQUANTIZED, SAMPLES
 
 EXIT_INTERRUPTED = 130
 MAX_RANK_TIMEOUT = 86_400  # a day: longer than any step; past it a hung rank would never be noticed
@@ -431,8 +431,11 @@ def _template_flag(f):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--verify/--no-verify", default=None, help="Check the export against base + adapter as `mlxtune "
               "verify` does; exit 1 if it breaks [default: on for a run's gguf, ollama and lmstudio exports].")
+@click.option("--keep-template", is_flag=True, help="ollama, for a model pulled from Ollama: write its original "
+              "TEMPLATE even where it renders prompts otherwise than the chat template training used [default: "
+              "kept only where it renders the same].")
 @_json_option
-def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, verify, json_mode):
+def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, verify, keep_template, json_mode):
     """Export a run (fused first, verified) or a model for other tools.
 
     \b
@@ -451,7 +454,7 @@ def export_command(run_or_model, fmt, out, outtype, checkpoint, overwrite, verif
     console = make_console(json_mode)
     with console.status(f"exporting ({fmt})"):
         result = export(run_or_model, fmt, out, outtype=outtype, checkpoint=checkpoint, overwrite=overwrite,
-                        console=console)
+                        keep_template=keep_template, console=console)
     checked = None
     if verify or verify is None and verify_by_default(run_or_model, fmt):
         checked = verify_export(run_or_model, fmt, result.path, checkpoint, console=console)
@@ -584,7 +587,10 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 
 @main.command("verify")
 @click.argument("run_dir", type=click.Path())
-@click.option("--hops", help=f"Comma-separated hops to check: {', '.join(HOPS)} [default: all].")
+@click.option("--hops", help=f"Comma-separated hops to check: {', '.join(HOPS)} [default: "
+              f"{', '.join(DEFAULT_HOPS)}: the fused model, the exports found, serve].")
+@click.option("--requantize", help=f"Also check the fused model re-quantized to these bit widths "
+              f"(comma-separated: {','.join(REQUANTIZED)}), as `fuse --quantize` would make it.")
 @click.option("--checkpoint", default="last", show_default=True, help="Adapter the reference uses: last, best or a step number.")
 @click.option("--fused", type=click.Path(), help="A fused model directory to check [default: fuse into a temporary directory].")
 @click.option("--gguf", multiple=True, type=click.Path(), help="GGUF file to check (repeatable) [default: RUN-*.gguf beside the run].")
@@ -594,24 +600,27 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 @click.option("--samples", default=SAMPLES, show_default=True, type=int, help="Held-out records used as probes (besides the fixed probes).")
 @click.option("--max-tokens", default=MAX_NEW_TOKENS, show_default=True, type=int, help="Greedy tokens generated per probe.")
 @_json_option
-def verify_command(run_dir, hops, checkpoint, fused, gguf, ollama, lmstudio, serve_target, samples, max_tokens,
-                   json_mode):
-    """Does the model you ship behave like the one you evaluated? Every hop (fused, re-quantized, GGUF in
-    llama.cpp, the Ollama folder, LM Studio, mlxtune serve) against base + adapter: prompt rendering byte for
-    byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies. Writes verify.json; exits 1
-    when a hop breaks rendering or stopping or falls below its threshold (docs/VERIFY.md).
+def verify_command(run_dir, hops, requantize, checkpoint, fused, gguf, ollama, lmstudio, serve_target, samples,
+                   max_tokens, json_mode):
+    """Does the model you ship behave like the one you evaluated? Every hop you have (fused, GGUF in llama.cpp,
+    the Ollama folder, LM Studio, mlxtune serve; re-quantized copies with --requantize) against base + adapter:
+    prompt rendering byte for byte, the end-of-turn stop, teacher-forced agreement and loss, greedy replies.
+    Writes verify.json; exits 1 when a hop breaks rendering or stopping or falls below its threshold
+    (docs/VERIFY.md).
 
     \b
     Examples:
       mlxtune verify runs/demo
       mlxtune verify runs/demo --hops fused,gguf --gguf runs/demo-q8_0.gguf --json
       mlxtune verify runs/demo --lmstudio someone/demo-GGUF
+      mlxtune verify runs/demo --requantize 8,4
     """
     from mlxtune.ui import make_console, print_json
     from mlxtune.verify import print_verify, verify_run
 
     console = make_console(json_mode)
     result = verify_run(run_dir, hops=[h.strip() for h in hops.split(",") if h.strip()] if hops else None,
+                        requantize=[b.strip() for b in requantize.split(",") if b.strip()] if requantize else [],
                         checkpoint=checkpoint, fused=fused, gguf=list(gguf), ollama=list(ollama),
                         lmstudio=list(lmstudio),
                         serve=serve_target, samples=samples, max_tokens=max_tokens, console=console)

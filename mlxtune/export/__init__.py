@@ -75,13 +75,18 @@ def check_export_output(run_or_model: str | Path, target: Path) -> None:
 
 
 def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, outtype: str = "f16",
-           checkpoint: str = "last", overwrite: bool = False, console=None) -> ExportResult:
+           checkpoint: str = "last", overwrite: bool = False, keep_template: bool = False,
+           console=None) -> ExportResult:
     """Write `run_or_model` in format `fmt` to `out` (a .gguf file for gguf/gguf-adapter, else a directory).
+    `keep_template` (ollama): write the TEMPLATE an Ollama import came with even where it renders otherwise than
+    training's chat template (export/ollama.modelfile).
 
     Each output is written under a hidden staging name beside `out` and renamed into place complete: a failed or
     killed export leaves no partial file, and with `overwrite` the old output stays until the new one is there."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
+    if keep_template and fmt != "ollama":
+        raise UsageError(f"--keep-template is for --format ollama, not {fmt}", "leave out --keep-template")
     name = _default_name(run_or_model)
     if out is None and fmt != "lmstudio":
         out = default_output(run_or_model, fmt, outtype)
@@ -116,6 +121,13 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
         tokenizer_dir = open_run(run_or_model).base_model if is_run_dir(run_or_model) else resolve_model(
             run_or_model, console=console)
         vocabulary(tokenizer_dir, read_config(tokenizer_dir))
+        if keep_template:
+            from mlxtune.export.ollama import kept_settings
+
+            if kept_settings(Path(tokenizer_dir)) is None:
+                raise UsageError(f"--keep-template: {run_or_model} has no Ollama TEMPLATE to keep (its model was not "
+                                 "pulled from Ollama)", "leave out --keep-template: a TEMPLATE is derived from the "
+                                 "chat template")
 
     notes: list[str] = []
     with staged(target, overwrite) as staging, open_source(run_or_model, checkpoint, console) as source:
@@ -140,7 +152,8 @@ def export(run_or_model: str | Path, fmt: str, out: str | Path | None = None, ou
             gguf_file = export_gguf(source, staging / f"{name}-{outtype}.gguf", outtype, name=name, warnings=notes)
             context = text_config(source.config).get("max_position_embeddings")
             text = modelfile(gguf_file.name, source.tokenizer, source.chat_template, source.path, context,
-                             base_dir=tokenizer_dir)  # an Ollama import's own TEMPLATE and stops
+                             base_dir=tokenizer_dir, keep_template=keep_template,
+                             notes=notes)  # an Ollama import's own TEMPLATE and stops where they render as trained
             create_file(staging / "Modelfile", text)
             tag = name.lower().replace("_", "-")
             next_step = f"cd {target} && ollama create {tag} -f Modelfile && ollama run {tag}"

@@ -40,13 +40,16 @@ def _between(text: str, start: str | None, end: str | None) -> str:
     return text[begin:stop]
 
 
-def template_pieces(tokenizer, template: str) -> TemplatePieces:
-    # A BOS the template writes is cut only when the tokenizer adds one itself (as llama.cpp and Ollama then do): where
-    # it doesn't, the BOS text is the template's own first marker (SmolLM2's BOS is <|im_start|>) and must stay.
+def _added_bos(tokenizer) -> str:
+    """The BOS text cut from a rendering: only when the tokenizer adds one itself (as llama.cpp and Ollama then do);
+    where it doesn't, the BOS text is the template's own first marker (SmolLM2's BOS is <|im_start|>) and stays."""
     bos = getattr(tokenizer, "bos_token", None) or ""
     bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos and (bos_id is None or list(tokenizer.encode("a"))[:1] != [bos_id]):
-        bos = ""
+    return "" if bos and (bos_id is None or list(tokenizer.encode("a"))[:1] != [bos_id]) else bos
+
+
+def template_pieces(tokenizer, template: str) -> TemplatePieces:
+    bos = _added_bos(tokenizer)
     p = PROBE
     full = _render(tokenizer, template, [
         {"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"]},
@@ -133,19 +136,49 @@ def _parameters(model_dir: Path) -> dict:
     return params
 
 
-def kept_from_ollama(base_dir: Path | None, template: str | None) -> dict | None:
-    """The TEMPLATE and parameters Ollama gave the model (kept at `mlxtune pull ollama:NAME`), when the model is
-    still rendered with the chat template it was imported with (a run with its own template gets a derived one)."""
+def kept_settings(base_dir: Path | None) -> dict | None:
+    """The TEMPLATE, SYSTEM and parameters Ollama gave the model, kept at `mlxtune pull ollama:NAME`; None when the
+    model did not come from Ollama (or Ollama gave it no TEMPLATE)."""
     from mlxtune.importers import OLLAMA_SETTINGS
 
     kept_file = base_dir / OLLAMA_SETTINGS if base_dir else None
     if kept_file is None or not kept_file.is_file():
         return None
-    config_file = base_dir / "tokenizer_config.json"
-    imported = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template") if config_file.is_file() \
-        else None
     kept = json.loads(kept_file.read_text(encoding="utf-8"))
-    return kept if kept.get("template") and imported == template else None
+    return kept if kept.get("template") else None
+
+
+def kept_from_ollama(base_dir: Path | None, template: str | None) -> dict | None:
+    """The kept settings (kept_settings) when the model is still rendered with the chat template it was imported
+    with (a run with its own template gets a derived TEMPLATE)."""
+    kept = kept_settings(base_dir)
+    config_file = base_dir / "tokenizer_config.json" if kept else None
+    imported = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template") \
+        if config_file and config_file.is_file() else None
+    return kept if kept and imported == template else None
+
+
+def kept_template_difference(tokenizer, template: str, kept: dict) -> str | None:
+    """None when the kept TEMPLATE (with its SYSTEM, as Ollama applies it) renders verify's fixed chat probes byte
+    for byte as training's `template` does; else what differs, in words. A legacy TEMPLATE (.System/.Prompt) drops
+    earlier turns and a template's default system prompt, so a model tuned on the Jinja rendering would be prompted
+    otherwise in Ollama than it was trained."""
+    from mlxtune.verify.gotemplate import ollama_data, render
+    from mlxtune.verify.probes import FIXED_PROBES
+
+    bos = _added_bos(tokenizer)
+    for name, messages in FIXED_PROBES.items():
+        try:
+            trained = _render(tokenizer, template, messages, bos)
+        except UsageError:  # training's template refuses this conversation: nothing to compare
+            continue
+        try:
+            ollama = render(kept["template"], ollama_data(messages, system=kept.get("system")))
+        except UsageError as exc:
+            return f"it can't be rendered here ({exc.message})"
+        if ollama != trained:
+            return f"it renders the {name!r} probe otherwise than the chat template the model was trained with"
+    return None
 
 
 def _parameter_lines(parameters: dict) -> list[str]:
@@ -156,22 +189,47 @@ def _parameter_lines(parameters: dict) -> list[str]:
     return lines
 
 
+def _with_end_of_turn(stops: list[str], tokenizer, template: str | None) -> list[str]:
+    """`stops` plus the text that ends an assistant turn in `template` (what verify checks Ollama stops on)."""
+    from mlxtune.verify.compare import end_of_turn
+
+    return [stop for stop in dict.fromkeys([*stops, end_of_turn(tokenizer, template)["text"]]) if stop]
+
+
 def modelfile(gguf_name: str, tokenizer, template: str | None, model_dir: Path,
-              context_length: int | None = None, base_dir: Path | None = None) -> str:
-    """The Modelfile beside the exported GGUF: Ollama's own TEMPLATE and parameters when the model came from
-    Ollama (`base_dir` holds what the import kept), else a TEMPLATE and stops derived from the chat template."""
-    kept = kept_from_ollama(base_dir, template)
+              context_length: int | None = None, base_dir: Path | None = None, keep_template: bool = False,
+              notes: list[str] | None = None) -> str:
+    """The Modelfile beside the exported GGUF. A model that came from Ollama (`base_dir` holds what the import kept)
+    gets Ollama's own TEMPLATE, SYSTEM and parameters back when that TEMPLATE renders prompts as training did, or
+    with `keep_template`; otherwise (and for every other model) a TEMPLATE derived from the chat template, keeping
+    the import's parameters. The template's end of turn is always a stop. Why a kept TEMPLATE was replaced goes to
+    `notes`."""
+    kept = kept_settings(base_dir) if keep_template else kept_from_ollama(base_dir, template)
+    replaced = None
+    if kept and not keep_template and template:
+        why = kept_template_difference(tokenizer, template, kept)
+        if why:
+            replaced, kept = kept, None
+            if notes is not None:
+                notes.append(f"Ollama's TEMPLATE from the import was not kept: {why}; wrote one derived from the "
+                             "chat template instead (--keep-template writes the original)")
     lines = [f"FROM ./{gguf_name}", ""]
     if kept:
         lines += ['TEMPLATE """' + kept["template"] + '"""', ""]
         if kept.get("system"):
             lines += ['SYSTEM """' + kept["system"] + '"""', ""]
         parameters = dict(kept.get("parameters") or {})
+        stops = parameters.get("stop") or []
+        parameters["stop"] = _with_end_of_turn(stops if isinstance(stops, list) else [stops], tokenizer, template)
     else:
         pieces = template_pieces(tokenizer, template) if template else None
         if pieces:
             lines += ['TEMPLATE """' + go_template(pieces) + '"""', ""]
-        parameters = {"stop": stop_strings(tokenizer, pieces), **_parameters(model_dir)}
+        parameters = {**_parameters(model_dir), **((replaced or {}).get("parameters") or {})}
+        stops = parameters.get("stop") or []
+        stops = [*(stops if isinstance(stops, list) else [stops]), *stop_strings(tokenizer, pieces)]
+        parameters = {"stop": _with_end_of_turn(stops, tokenizer, template),
+                      **{k: v for k, v in parameters.items() if k != "stop"}}
     if context_length:
         parameters.setdefault("num_ctx", context_length)
     return "\n".join(lines + _parameter_lines(parameters)) + "\n"

@@ -341,9 +341,18 @@ def _ollama_message(message: dict) -> dict:
     return out
 
 
-def ollama_data(messages: list[dict], tools: list[dict] | None = None, think: bool | None = None) -> dict:
+def with_modelfile_system(messages: list[dict], system: str | None) -> list[dict]:
+    """Ollama's chat handler: the Modelfile's SYSTEM goes first as a system message when the chat starts without one."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def ollama_data(messages: list[dict], tools: list[dict] | None = None, think: bool | None = None,
+                system: str | None = None) -> dict:
     """What Ollama hands a chat template: .Messages (Role, Content, ToolCalls) plus the legacy .System/.Prompt/
-    .Response, .Tools, and .Think (the request's think switch)."""
+    .Response, .Tools, and .Think (the request's think switch); `system` is the Modelfile's SYSTEM."""
+    messages = with_modelfile_system(messages, system)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     data = {"Messages": [_ollama_message(m) for m in messages],

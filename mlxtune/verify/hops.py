@@ -254,7 +254,7 @@ _MODELFILE_TEMPLATE = re.compile(r'^TEMPLATE\s+"""(.*?)"""', re.S | re.M)
 
 
 def read_modelfile(path: Path) -> dict:
-    """FROM, TEMPLATE and the stop parameters of an Ollama Modelfile."""
+    """FROM, TEMPLATE, SYSTEM and the stop parameters of an Ollama Modelfile."""
     text = path.read_text(encoding="utf-8")
     found = _MODELFILE_TEMPLATE.search(text)
     single = re.search(r'^TEMPLATE\s+(?!""")(.+)$', text, re.M)
@@ -265,7 +265,9 @@ def read_modelfile(path: Path) -> dict:
         value = value.strip()
         stops.append(json.loads(value) if value.startswith('"') else value)
     source = re.search(r"^FROM\s+(.+)$", text, re.M)
-    return {"from": source.group(1).strip() if source else None, "template": template, "stops": stops}
+    system = re.search(r'^SYSTEM\s+"""(.*?)"""', text, re.S | re.M)
+    return {"from": source.group(1).strip() if source else None, "template": template, "stops": stops,
+            "system": system.group(1) if system else None}
 
 
 class OllamaHop(LlamaCppHop):
@@ -302,7 +304,7 @@ class OllamaHop(LlamaCppHop):
         think = probe.switches.get("enable_thinking")
         if set(probe.switches) - {"enable_thinking"} or think is not None and ".Think" not in template:
             raise Unsupported("its TEMPLATE reads no .Think: Ollama refuses think and renders the default")
-        text = render(template, ollama_data(probe.messages, probe.tools, think))
+        text = render(template, ollama_data(probe.messages, probe.tools, think, self.modelfile["system"]))
         # Ollama tokenizes the rendered prompt with the model's special tokens, BOS first when the GGUF asks.
         add_bos = bool(self.llama_cpp.llama_vocab_get_add_bos(self.vocab))
         bos = self.token_text(self.llm.token_bos()) if add_bos else ""

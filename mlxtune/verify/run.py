@@ -22,6 +22,10 @@ from mlxtune.verify.hops import Unsupported
 from mlxtune.verify.probes import build_probes, feature_probes
 
 HOPS = ("fused", "fused-q8", "fused-q4", "gguf", "ollama", "lmstudio", "serve")
+# Re-quantized copies are not something the user has until they make one (`fuse -q`): checked on request
+# (`--requantize 8,4`); a q4 copy of a 4-bit base can lose most of a short finetune (docs/VERIFY.md).
+REQUANTIZED = {"8": "fused-q8", "4": "fused-q4"}
+DEFAULT_HOPS = tuple(h for h in HOPS if h not in REQUANTIZED.values())
 MAX_NEW_TOKENS = 32
 SAMPLES = 4
 
@@ -268,11 +272,28 @@ def _precision_of_mlx(path: Path) -> str:
     return "exact" if weights_dtype(path, config) == "float32" else "half"
 
 
-def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint: str = "last",
+def selected_hops(hops: list[str] | None, requantize: list[str] = ()) -> list[str]:
+    """`hops` (default: every hop the user has, DEFAULT_HOPS) plus the re-quantized fused hops `requantize` names."""
+    unknown = [h for h in hops or [] if h not in HOPS]
+    if unknown:
+        raise UsageError(f"unknown hop {unknown[0]!r}", f"choose from {', '.join(HOPS)}")
+    bad = [bits for bits in requantize if str(bits) not in REQUANTIZED]
+    if bad:
+        raise UsageError(f"--requantize {bad[0]}: not a bit width verify re-quantizes to",
+                         f"choose from {','.join(REQUANTIZED)}")
+    chosen = list(hops or DEFAULT_HOPS)
+    extra = [REQUANTIZED[str(bits)] for bits in requantize if REQUANTIZED[str(bits)] not in chosen]
+    if not hops:  # in HOPS order: fused, its re-quantized copies, then the exports
+        return [h for h in HOPS if h in chosen + extra]
+    return chosen + extra
+
+
+def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, requantize: list[str] = (), checkpoint: str = "last",
                fused: str | Path | None = None, gguf: list[str | Path] = (), ollama: list[str | Path] = (),
                lmstudio: list[str | Path] = (), serve: str | Path | None = None, samples: int = SAMPLES, max_tokens: int = MAX_NEW_TOKENS,
                console=None) -> VerifyResult:
-    """Check every hop in `hops` (default: all) against base + adapter; write verify.json into the run.
+    """Check every hop in `hops` (default: the fused model, the exports found and serve; `requantize` adds fused
+    copies re-quantized to those bit widths) against base + adapter; write verify.json into the run.
 
     The fused hops fuse into a temporary directory unless `fused` names a fused model; GGUF, Ollama and LM Studio
     hops check `gguf`/`ollama`/`lmstudio` or, by default, the exports beside the run (LM Studio: its models
@@ -280,10 +301,7 @@ def verify_run(run_dir: str | Path, *, hops: list[str] | None = None, checkpoint
     from mlxtune.storage import temp_dir
     from mlxtune.verify.hops import LlamaCppHop, LmStudioHop, MlxHop, OllamaHop, ServeHop, lmstudio_target
 
-    hops = list(hops or HOPS)
-    unknown = [h for h in hops if h not in HOPS]
-    if unknown:
-        raise UsageError(f"unknown hop {unknown[0]!r}", f"choose from {', '.join(HOPS)}")
+    hops = selected_hops(hops, requantize)
     run = open_run(run_dir)
     run.adapter_dir(checkpoint)
     for given in [fused, *gguf, *ollama, serve]:

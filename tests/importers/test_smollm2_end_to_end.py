@@ -15,7 +15,7 @@ import pytest
 
 from conftest import MLXTUNE
 from smollm import smollm2_gguf
-from test_stores_and_errors import PARAMS, TEMPLATE, make_ollama_store
+from ollama_store import PARAMS, TEMPLATE, make_ollama_store
 
 CHAT_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "chat-capitals"
 PROMPT = "Capital of Sweden? One word."
@@ -44,11 +44,14 @@ def tuned(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ollama_export(tuned):
     """`export --format ollama` of the tuned run, once (verify is the subject of its own test, not of each export):
-    the f16 GGUF and the Modelfile, which keeps the TEMPLATE its Ollama import came with."""
+    the f16 GGUF and the Modelfile. The legacy TEMPLATE the Ollama import came with renders chats otherwise than the
+    GGUF's Jinja template training used (no default system prompt, no earlier turns), so the export derives one and
+    says why."""
     run_dir, env, _ = tuned
-    out = run_dir.parent / "ollama-kept"
+    out = run_dir.parent / "ollama-export"
     exported = _cli("export", run_dir, "--format", "ollama", "--out", out, "--no-verify", env=env)
     assert exported.returncode == 0, exported.stderr
+    assert "Ollama's TEMPLATE from the import was not kept: it renders the " in exported.stdout, exported.stdout
     [gguf_file] = out.glob("*.gguf")
     return out, gguf_file
 
@@ -106,9 +109,10 @@ def test_tuned_model_stops_at_im_end_in_serve(tuned):
 
 def test_export_ollama_of_an_ollama_import_gives_back_its_template_and_stops(tuned, tmp_path):
     # The imported model: the base directory holds what the import kept (the run's own export fuses first; the
-    # Modelfile code is the same for both).
+    # Modelfile code is the same for both). Its legacy TEMPLATE renders otherwise than training's: written as it
+    # was only with --keep-template (tests/verify covers the default and verify's verdict on the tiny model).
     _, env, _ = tuned
-    result = _cli("export", "smollm2", "--format", "ollama", "--out", tmp_path / "ollama", env=env)
+    result = _cli("export", "smollm2", "--format", "ollama", "--out", tmp_path / "ollama", "--keep-template", env=env)
     assert result.returncode == 0, result.stderr
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert 'TEMPLATE """' + TEMPLATE + '"""' in modelfile
@@ -131,48 +135,25 @@ def test_run_exported_as_gguf_stops_at_im_end_in_llama_cpp(ollama_export):
     assert "<|im" not in choice["message"]["content"] and choice["message"]["content"].strip(), reply
 
 
-def test_every_hop_of_the_tuned_model_passes_verify(tuned, ollama_export, tmp_path):
+def test_every_hop_of_the_tuned_model_passes_verify(tuned, ollama_export):
     """`mlxtune verify` on the real instruct model (ChatML, <|im_end|>) after the short run: the fused model (as
-    stored; its 8-bit re-quantization is tests/verify's, on the story model), its GGUF in llama.cpp, an Ollama folder with the TEMPLATE derived from
-    the chat template, the same GGUF in LM Studio's PUBLISHER/NAME/FILE.gguf layout (the embedded template in
-    Jinja) and serve all pass, with their agreement figures. The Ollama folder `export` writes for this run keeps
-    the TEMPLATE its Ollama import came with (here a legacy .System/.Prompt one): verify names that hop, since it
-    renders a multi-turn chat, and a chat without a system message, otherwise than training did. (fused-q4 is left
-    out: 4-bit re-quantization of this 4-bit base keeps about a quarter of a 4-step finetune's gain, which verify
-    rightly fails; docs/VERIFY.md.)"""
-    from mlxtune.export.ollama import modelfile
-    from mlxtune.inference import prompt_format
-    from mlxtune.runs import open_for_inference
-
+    stored, float16) and the Ollama folder `export` wrote — its f16 GGUF in llama.cpp, its TEMPLATE derived from the
+    chat template (SmolLM2's default system prompt included) — pass, with their agreement figures. The other hops
+    run the same code on this model's files and are covered where they are cheaper: the GGUF's embedded template in
+    llama.cpp and LM Studio's Jinja, serve, and a kept Ollama TEMPLATE that renders otherwise on the tiny ChatML
+    model (tests/verify), re-quantized copies (`--requantize`) on the story model — fused-q4 of this 4-bit base
+    keeps about a quarter of a 4-step finetune's gain (docs/VERIFY.md); llama.cpp's own chat path stopping at
+    <|im_end|> on this GGUF, and serve's, are tested above."""
     run_dir, env, _ = tuned
-    kept, gguf_file = ollama_export
-    assert TEMPLATE in (kept / "Modelfile").read_text()
-    derived = tmp_path / "ollama-derived"
-    derived.mkdir()
-    (derived / gguf_file.name).hardlink_to(gguf_file)
-    loaded = open_for_inference(run_dir)
-    (derived / "Modelfile").write_text(modelfile(gguf_file.name, loaded.tokenizer, prompt_format(loaded).template, loaded.path))
-    del loaded
-    lmstudio = tmp_path / "lmstudio" / "mlxtune" / run_dir.name
-    lmstudio.mkdir(parents=True)
-    (lmstudio / gguf_file.name).hardlink_to(gguf_file)
-    result = _cli("verify", run_dir, "--hops", "fused,gguf,ollama,lmstudio,serve", "--gguf", gguf_file,
-                  "--ollama", derived, "--ollama", kept, "--lmstudio", lmstudio, "--samples", 1, "--max-tokens", 8,
+    folder, _ = ollama_export
+    result = _cli("verify", run_dir, "--hops", "fused,ollama", "--ollama", folder, "--samples", 1, "--max-tokens", 8,
                   "--json", env=env, timeout=1800)
     report = json.loads(result.stdout)
     hops = {hop["name"]: hop for hop in report["hops"]}
-    assert list(hops) == ["fused", f"gguf {gguf_file.name}", "ollama ollama-derived",
-                          "ollama ollama-kept", f"lmstudio mlxtune/{run_dir.name}", "serve"]
-    assert result.returncode == 1 and [name for name, hop in hops.items() if not hop["ok"]] == [
-        "ollama ollama-kept"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
-    assert hops["ollama ollama-kept"]["problems"][0].startswith("rendering: "), hops["ollama ollama-kept"]
+    assert list(hops) == ["fused", f"ollama {folder.name}"]
+    assert result.returncode == 0 and report["ok"], [(hop["name"], hop["problems"]) for hop in report["hops"]]
     assert report["end_of_turn"]["text"] == "<|im_end|>" and len(report["end_of_turn"]["ids"]) == 1
-    assert hops[f"lmstudio mlxtune/{run_dir.name}"]["template"] == "the GGUF's embedded template (Jinja)"
     for name, hop in hops.items():
-        if name == "ollama ollama-kept":
-            continue
         assert hop["rendering"]["ok"] and "byte-identical" in hop["rendering"]["detail"], (name, hop["rendering"])
-        assert "generation stops on it" in hop["stopping"]["detail"] or name == "serve", (name, hop["stopping"])
-        if name != "serve":
-            assert hop["teacher_forced"]["agreement"] >= hop["thresholds"].get("agreement", 0), (name, hop)
-    assert hops["serve"]["greedy"]["same"] == hops["serve"]["greedy"]["probes"] == 5
+        assert "generation stops on it" in hop["stopping"]["detail"], (name, hop["stopping"])
+        assert hop["teacher_forced"]["agreement"] >= hop["thresholds"]["agreement"], (name, hop)

@@ -13,51 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from conftest import MLXTUNE, MODEL
+from ollama_store import PARAMS, TEMPLATE, make_ollama_store, place
 from smollm import smollm2_gguf
-
-TEMPLATE = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-            "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n")
-PARAMS = {"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.2}
-
-
-def _place(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, dest)  # the real 98 MB file, without copying it where the filesystem allows
-    except OSError:
-        shutil.copyfile(source, dest)
-
-
-def _blob(root: Path, data: bytes | None = None, file: Path | None = None) -> dict:
-    digest = hashlib.sha256(data if data is not None else file.read_bytes()).hexdigest()
-    path = root / "blobs" / f"sha256-{digest}"
-    if data is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    else:
-        _place(file, path)
-    return {"digest": f"sha256:{digest}", "size": path.stat().st_size}
 
 
 @pytest.fixture
 def smollm_gguf() -> Path:
     return smollm2_gguf()
-
-
-def make_ollama_store(root: Path, gguf: Path, name: str = "smollm2", tag: str = "135m") -> None:
-    """manifests/registry.ollama.ai/library/NAME/TAG naming the model, template and params blobs."""
-    layers = [{"mediaType": "application/vnd.ollama.image.model", **_blob(root, file=gguf)},
-              {"mediaType": "application/vnd.ollama.image.template", **_blob(root, TEMPLATE.encode())},
-              {"mediaType": "application/vnd.ollama.image.params", **_blob(root, json.dumps(PARAMS).encode())}]
-    config = _blob(root, b'{"model_format":"gguf","model_family":"llama"}')
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
-                "layers": layers}
-    path = root / "manifests" / "registry.ollama.ai" / "library" / name / tag
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest))
 
 
 def assert_one_error(stderr: str) -> None:
@@ -94,7 +57,7 @@ def test_ollama_store_by_name_keeps_template_and_stops(tmp_path, smollm_gguf):
 def test_lmstudio_folder_by_name(tmp_path, smollm_gguf):
     home = tmp_path / "user"
     folder = home / ".lmstudio" / "models" / "HuggingFaceTB" / "SmolLM2-135M-Instruct-GGUF"
-    _place(smollm_gguf, folder / smollm_gguf.name)
+    place(smollm_gguf, folder / smollm_gguf.name)
     (folder / "mmproj-model-f16.gguf").write_bytes(b"GGUF")  # a vision projector beside it is not the model
     env = {"HOME": str(home), "MLXTUNE_HOME": str(tmp_path / "lib")}
     result = _pull("lmstudio:HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", env_extra=env)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL, run_cli
+from ollama_store import PARAMS, TEMPLATE, make_ollama_store
 from mlxtune.verify.gotemplate import ollama_data, render
 
 PROBE_OPTIONS = {"samples": 1, "max_tokens": 12}
@@ -98,7 +99,7 @@ def test_every_hop_passes_with_the_fallback_template_named(chat_run, exports):
     from mlxtune.eval import evaluate_run
 
     evaluate_run(chat_run, samples=0, max_tokens=4)  # the run's report.html, which verify adds its section to
-    result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--json")
+    result = run_cli("verify", chat_run, "--samples", 1, "--max-tokens", 12, "--requantize", "8,4", "--json")
     assert result.returncode == 0, result.stderr + result.stdout
     report = json.loads(result.stdout)
     assert report["ok"] and report["end_of_turn"] == {"text": "</s>", "ids": [2]}
@@ -229,6 +230,62 @@ def _chatml_model(out: Path, template: str = CHATML, thinking: bool = False) -> 
     return out
 
 
+# Ollama's own ChatML TEMPLATE: renders every conversation as CHATML does (the legacy TEMPLATE keeps only the last
+# user message, so a multi-turn chat renders otherwise).
+GO_CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
+
+def test_export_keeps_an_ollama_template_only_where_it_renders_as_trained(tmp_path, monkeypatch):
+    """A model pulled from an Ollama store keeps its TEMPLATE at `export --format ollama` where that TEMPLATE renders
+    the probes as the chat template training uses (verbatim, its stops plus the end of turn); a legacy one that
+    drops earlier turns is replaced by a derived TEMPLATE, with one line saying why; `--keep-template` writes the
+    original, and the export of a run on it — verified by default — exits 1 naming the hop."""
+    pytest.importorskip("llama_cpp", reason="interop suite: pip install -e '.[interop]'")
+    from mlxtune.errors import UsageError
+    from mlxtune.export import export
+    from mlxtune.importers import pull_gguf
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.loop import finetune
+
+    model = _chatml_model(tmp_path / "chatml")
+    gguf_file = export(model, "gguf", tmp_path / "cm.gguf", outtype="f32").path
+    store = tmp_path / "ollama"
+    make_ollama_store(store, Path(gguf_file), "cm", "chatml", GO_CHATML, {"stop": ["<|im_start|>"], "num_ctx": 256})
+    make_ollama_store(store, Path(gguf_file), "cm", "legacy", TEMPLATE, PARAMS)
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    same, legacy = (pull_gguf(f"ollama:cm:{tag}", name=f"cm-{tag}").path for tag in ("chatml", "legacy"))
+
+    kept = export(same, "ollama", tmp_path / "same")
+    assert kept.warnings == []
+    text = (tmp_path / "same" / "Modelfile").read_text()
+    assert 'TEMPLATE """' + GO_CHATML + '"""' in text
+    assert [line for line in text.splitlines() if line.startswith("PARAMETER")] == [
+        'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"', "PARAMETER num_ctx 256"]  # + end of turn
+    with pytest.raises(UsageError, match="--keep-template is for --format ollama"):
+        export(same, "gguf", keep_template=True)
+    with pytest.raises(UsageError, match="no Ollama TEMPLATE to keep"):
+        export(model, "ollama", tmp_path / "none", keep_template=True)
+
+    exported = export(legacy, "ollama", tmp_path / "derived")
+    assert exported.warnings == [
+        "Ollama's TEMPLATE from the import was not kept: it renders the 'multi-turn' probe otherwise than the chat "
+        "template the model was trained with; wrote one derived from the chat template instead (--keep-template "
+        "writes the original)"], exported.warnings
+    derived = (tmp_path / "derived" / "Modelfile").read_text()
+    assert TEMPLATE not in derived and "PARAMETER temperature 0.2" in derived  # the import's parameters stay
+    # (a derived TEMPLATE passing verify: test_chatml_thinking_and_tools_reach_every_hop and the SmolLM2 test)
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _chat_records(12)))
+    run_dir = tmp_path / "runs" / "cm"
+    finetune(LoraSettings(model=legacy, data=str(data), out=str(run_dir), iters=2, learning_rate=1e-2, batch_size=4,
+                          max_seq_length=96, eval_every=2, save_every=2, val_batches=1))
+    result = run_cli("export", run_dir, "--format", "ollama", "--out", tmp_path / "kept", "--keep-template")
+    assert result.returncode == 1, result.stderr + result.stdout
+    assert "ollama kept: rendering: 2 of 5 prompts differ" in result.stdout, result.stdout
+    assert 'TEMPLATE """' + TEMPLATE + '"""' in (tmp_path / "kept" / "Modelfile").read_text()
+
+
 def _edit_gguf_template(source: Path, out: Path, old: str, new: str) -> Path:
     """A copy of `source` whose embedded chat template has `old` replaced by `new` (same length, in place)."""
     import gguf
@@ -346,6 +403,8 @@ def test_unknown_hop_is_a_usage_error(chat_run):
     result = run_cli("verify", chat_run, "--hops", "fused,vllm")
     assert result.returncode == 2 and "unknown hop 'vllm'" in result.stderr
     assert re.search(r"hint: choose from fused, fused-q8", result.stderr)
+    result = run_cli("verify", chat_run, "--requantize", "8,3")
+    assert result.returncode == 2 and "--requantize 3: not a bit width" in result.stderr, result.stderr
     result = run_cli("verify", chat_run, "--hops", "gguf", "--gguf", chat_run.parent / "missing.gguf")
     assert result.returncode == 2 and "not found: " in result.stderr and "missing.gguf" in result.stderr
     bogus = chat_run.parent / "bogus.gguf"
