@@ -22,7 +22,7 @@ __all__ = ["is_gguf_reference", "pull_gguf", "OLLAMA_SETTINGS"]
 
 def default_name(source: GGUFSource, quantize: str | None, dtype: str | None = None) -> str:
     name = re.sub(r"[^A-Za-z0-9._+-]+", "-", source.base_name).strip("-.") or "gguf-model"
-    name += "-mlx" if quantize in (None, "none") else f"-mlx-q{quantize}"
+    name += "-mlx" if quantize is None else f"-mlx-q{quantize}"
     return name + f"-{DTYPE_TAGS[dtype or 'float16']}" if quantize == "none" or dtype else name
 
 
