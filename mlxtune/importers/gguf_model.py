@@ -254,7 +254,8 @@ def convert(path: Path, out: Path, quantize: str | None, dtype: str | None = Non
 def _exact_type_cost(quantize: str, dtype: str) -> str:
     """What an explicit -q costs for tensors the file holds in an exact type of another width (one line)."""
     if quantize == "none":
-        return (f"dequantized to {dtype} as -q none asks: the file's values exactly, in 2-4x the memory of the "
+        precision = "to float32 rounding" if dtype == "float32" else f"rounded to {dtype} (--dtype f32 keeps them)"
+        return (f"dequantized to {dtype} as -q none asks: the file's values {precision}, in 2-4x the memory of the "
                 "quantized import (leave -q out to keep them quantized)")
     if quantize == "4":
         return ("re-quantized to 4-bit as -q 4 asks: a second, 4-bit rounding on top of the file's 8-bit one "
