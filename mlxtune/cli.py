@@ -717,10 +717,10 @@ def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
 @click.argument("reference")
 @click.option("--quantize", "-q", type=click.Choice(QUANTIZE_CHOICES),
               help=f"Quantize the weights to 4 or 8 bits (QLoRA bases), or keep them [default: {DEFAULT_QUANTIZE}; "
-                   "GGUF: Q4_0/Q4_1/Q8_0 kept exactly, floats kept, K-quants to 8].")
+                   "GGUF: Q4_0/Q4_1/Q8_0 kept exactly, floats kept, K-quants to 8; an explicit -q applies to all].")
 @click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=str(DEFAULT_GROUP_SIZE), show_default=True,
               help="Weights per quantization group (smaller = more accurate, larger file; GGUF imports use 32).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Precision of unquantized tensors [default: the model's].")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), help="Precision of unquantized tensors [default: the model's; GGUF: f16].")
 @click.option("--revision", help="Hub branch, tag or commit.")
 @click.option("--name", help="Library name, a plain name like my-model-4bit [default: <repo name>-<quantization>].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model that ships its own Python code.")
@@ -746,7 +746,7 @@ def pull(reference, quantize, group_size, dtype, revision, name, trust_remote_co
 
     console = make_console(json_mode)
     if is_gguf_reference(reference):
-        entry = pull_gguf(reference, quantize=quantize, name=name, force=force, console=console)
+        entry = pull_gguf(reference, quantize=quantize, name=name, force=force, console=console, dtype=dtype)
     else:
         entry = pull_model(reference, quantize=quantize or DEFAULT_QUANTIZE, group_size=int(group_size), dtype=dtype,
                            revision=revision, trust_remote_code=trust_remote_code, name=name, force=force,

@@ -14,8 +14,8 @@ from mlxtune.model_config import (
     DEFAULT_GROUP_SIZE,
     DEFAULT_QUANTIZE,
     DTYPE_TAGS,
-    DTYPES,
     check_architecture,
+    check_dtype,
     check_model_dir,
     check_quantization,
     config_dtype,
@@ -101,10 +101,7 @@ def pull(reference: str, quantize: str = DEFAULT_QUANTIZE, group_size: int = DEF
     if name is not None:
         check_entry_name(name)  # first: a name that escapes the library must never reach a file operation
     quantize = check_quantization(quantize, group_size)
-    dtype = DTYPES.get(dtype, dtype) if dtype else None
-    if dtype is not None and dtype not in DTYPE_TAGS:
-        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}",
-                         "or leave it out to keep the model's own precision")
+    dtype = check_dtype(dtype)
 
     local = Path(str(reference)).expanduser()
     if name is not None and (local.exists() or HUB_ID.match(str(reference))):

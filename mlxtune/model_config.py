@@ -156,6 +156,14 @@ def check_quantization(quantize: str, group_size: int) -> str:
     return quantize
 
 
+def check_dtype(dtype: str | None, default: str = "the model's own precision") -> str | None:
+    """`dtype` as its long name ("float16"), None when not given; a UsageError for one we can't write."""
+    dtype = DTYPES.get(dtype, dtype) if dtype else None
+    if dtype is not None and dtype not in DTYPE_TAGS:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", f"or leave it out for {default}")
+    return dtype
+
+
 def config_dtype(config: dict) -> str:
     """The float dtype a config claims for its weights (float16 when it says nothing we know)."""
     dtype = config.get("torch_dtype") or config.get("dtype") or text_config(config).get("dtype")

@@ -13,31 +13,35 @@ from mlxtune.importers.gguf_model import convert
 from mlxtune.importers.gguf_tokenizer import build_tokenizer
 from mlxtune.importers.stores import GGUFSource, fingerprint, is_gguf_reference, resolve
 from mlxtune.library import ModelEntry, check_entry_name, library_dir, read_entry, write_entry
+from mlxtune.model_config import DTYPE_TAGS, check_dtype
 
 OLLAMA_SETTINGS = "ollama.json"
 
 __all__ = ["is_gguf_reference", "pull_gguf", "OLLAMA_SETTINGS"]
 
 
-def default_name(source: GGUFSource, quantize: str | None) -> str:
+def default_name(source: GGUFSource, quantize: str | None, dtype: str | None = None) -> str:
     name = re.sub(r"[^A-Za-z0-9._+-]+", "-", source.base_name).strip("-.") or "gguf-model"
-    return f"{name}-mlx" if quantize is None else f"{name}-mlx-q{quantize}"
+    name += "-mlx" if quantize is None else f"-mlx-q{quantize}"
+    return name + f"-{DTYPE_TAGS[dtype or 'float16']}" if quantize == "none" or dtype else name
 
 
 def pull_gguf(reference: str, quantize: str | None = None, name: str | None = None, force: bool = False,
-              console=None) -> ModelEntry:
+              console=None, dtype: str | None = None) -> ModelEntry:
     """Import the GGUF that `reference` names into the library. `quantize` ("4", "8", "none", None for the
-    default) decides what happens to tensors MLX can't hold exactly and to float tensors (see gguf_model)."""
+    default: exact types kept, see gguf_model) decides which tensors are quantized, `dtype` ("f16"/"float16" by
+    default, "f32", "bf16") the precision of the float ones."""
     from rich.console import Console
 
     from mlxtune.hub import describe_entry, existing_entry, input_fault
     from mlxtune.storage import staged
 
     console = console or Console(stderr=True)
+    dtype = check_dtype(dtype, "float16, as GGUF files hold their float tensors")
     if name is not None:
         check_entry_name(name)
     source = resolve(reference)
-    name = check_entry_name(name) if name is not None else default_name(source, quantize)
+    name = check_entry_name(name) if name is not None else default_name(source, quantize, dtype)
     dest = library_dir() / name
     # The same GGUF under another path (a second clone's venv, a copy) is the same source: compared by content.
     earlier = read_entry(dest) if dest.is_dir() else None
@@ -49,7 +53,7 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
     with staged(dest, overwrite=True, need=2 * source.path.stat().st_size) as staging:
         try:
             with console.status(f"converting {source.source} ({source.path.stat().st_size / 1e6:.0f} MB GGUF) to MLX"):
-                summary = convert(source.path, staging, quantize)
+                summary = convert(source.path, staging, quantize, dtype)
                 ids = build_tokenizer(summary["metadata"], staging)
             config = {**summary["config"], **{k: v for k, v in ids.items() if v is not None}}
             (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

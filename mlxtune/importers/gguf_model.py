@@ -1,8 +1,9 @@
 """A GGUF model file as an MLX model directory (config.json + model.safetensors), computing what llama.cpp computes.
 
 - Q4_0, Q4_1 and Q8_0 tensors stay quantized, converted exactly: MLX reads them natively as its affine format with
-  groups of 32 (Q4_1's scale and minimum are MLX's scale and bias; Q4_0 and Q8_0 get the bias -8·d and -128·d).
-- F32, F16 and BF16 tensors are kept as floats.
+  groups of 32 (Q4_1's scale and minimum are MLX's scale and bias; Q4_0 and Q8_0 get the bias -8·d and -128·d) —
+  unless -q asks otherwise: `none` dequantizes them, the other bit width re-quantizes them (saying what it costs).
+- F32, F16 and BF16 tensors are kept as floats (`dtype`, float16 by default), quantized only when -q 4/8 is given.
 - Other types (K-quants, IQ-quants, …) are dequantized with the `gguf` package and re-quantized to `quantize` bits
   (8 by default: close to the file; 4 is lossy on top of the file's own loss) or kept as floats (`none`).
 - Llama-family q/k projections are permuted back from llama.cpp's rotary layout (its converter permuted them).
@@ -86,7 +87,8 @@ def check_architecture(metadata: dict) -> str:
     return arch
 
 
-def hf_config(metadata: dict, arch: str, tied: bool, rope_freqs: np.ndarray | None) -> dict:
+def hf_config(metadata: dict, arch: str, tied: bool, rope_freqs: np.ndarray | None,
+              dtype: str = "float16") -> dict:
     """config.json for mlx-lm (and transformers) from the GGUF's hyperparameters."""
     def key(name, default=None):
         return metadata.get(f"{arch}.{name}", default)
@@ -107,7 +109,7 @@ def hf_config(metadata: dict, arch: str, tied: bool, rope_freqs: np.ndarray | No
         "max_position_embeddings": int(key("context_length", 2048)),
         "vocab_size": len(metadata["tokenizer.ggml.tokens"]),
         "tie_word_embeddings": tied,
-        "torch_dtype": "float16",
+        "torch_dtype": dtype,
     }
     if head_size != hidden // heads:
         config["head_dim"] = head_size
@@ -151,14 +153,17 @@ def _unpermute(array, n_head: int):
             .swapaxes(1, 2).reshape(array.shape))
 
 
-def convert(path: Path, out: Path, quantize: str | None) -> dict:
+def convert(path: Path, out: Path, quantize: str | None, dtype: str | None = None) -> dict:
     """Write the MLX model (weights + config.json, without the tokenizer) of the GGUF at `path` into `out`.
 
-    `quantize` ("4", "8", "none" or None for the default) applies to tensors that can't be kept exactly (K-quants
-    and the like), and to float tensors only when given. Returns a summary: config, the GGUF types found, notes."""
+    `quantize`: None (the default) keeps Q4_0/Q4_1/Q8_0 exactly, floats as floats, and re-quantizes other types to 8
+    bits; "none" dequantizes every tensor to `dtype`; "4"/"8" keeps the file's tensors of exactly that width and
+    (re-)quantizes all others to it. `dtype` ("float16" by default, "float32", "bfloat16") is the precision of the
+    float tensors. Returns a summary: config, the GGUF types found, notes."""
     import mlx.core as mx
     from gguf import GGMLQuantizationType as Q
 
+    dtype = dtype or "float16"
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     arch = check_architecture(metadata)
@@ -176,15 +181,26 @@ def convert(path: Path, out: Path, quantize: str | None) -> dict:
     if requantized:
         bits = quantize or "8"
         notes.append(f"{', '.join(requantized)} tensors have no exact MLX form: dequantized and "
-                     + ("kept as float16" if bits == "none" else
+                     + (f"kept as {dtype}" if bits == "none" else
                         f"re-quantized to {bits}-bit (group {GGUF_GROUP_SIZE})"
                         + ("; 4-bit on top of the file's own quantization loses more, -q 8 keeps it close"
                            if bits == "4" else "")))
+    # Exact types an explicit -q doesn't keep: dequantized (-q none) or re-quantized to the other width.
+    changed = sorted({t for t in types.values() if t in EXACT_TYPES and quantize is not None
+                      and (quantize == "none" or EXACT_TYPES[t] != int(quantize))})
+    if changed:
+        notes.append(f"{', '.join(changed)} tensors " + _exact_type_cost(quantize, dtype))
     float_bits = quantize if quantize not in (None, "none") else None
 
     if not requantized:
         # MLX reads GGUF natively: Q4_0/Q4_1/Q8_0 come back as (weight, scales, biases), exactly.
-        loaded = mx.load(str(path), format="gguf")  # Ollama blobs have no extension
+        loaded = dict(mx.load(str(path), format="gguf"))  # Ollama blobs have no extension
+        for scales in [n for n in loaded if n.endswith(".scales") and types[n[:-7] + ".weight"] in changed]:
+            base = scales[:-7]
+            loaded[f"{base}.weight"] = mx.dequantize(  # in float32: the file's values to float32 rounding
+                loaded[f"{base}.weight"], loaded.pop(scales).astype(mx.float32),
+                loaded.pop(f"{base}.biases").astype(mx.float32), group_size=GGUF_GROUP_SIZE,
+                bits=EXACT_TYPES[types[f"{base}.weight"]])
     else:
         loaded = _dequantized(reader)
     weights, per_layer = {}, {}
@@ -196,11 +212,11 @@ def convert(path: Path, out: Path, quantize: str | None) -> dict:
         if permute_qk and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
             array = _unpermute(array, heads if ".attn_q." in gguf_name else kv_heads)
         if mx.issubdtype(array.dtype, mx.floating):
-            array = array.astype(mx.float16)
+            array = array.astype(getattr(mx, dtype))
         weights[hf] = array
         module = hf.rsplit(".", 1)[0]
         kind = types[tensor]
-        if kind in EXACT_TYPES and not requantized:
+        if kind in EXACT_TYPES and not requantized and kind not in changed:
             per_layer[module] = EXACT_TYPES[kind]
     # Tensors to quantize now: dequantized ones per -q (default 8), float matrices only when -q was given.
     for hf in list(weights):
@@ -217,7 +233,10 @@ def convert(path: Path, out: Path, quantize: str | None) -> dict:
 
     tied = "lm_head.weight" not in weights
     rope_freqs = np.array(loaded["rope_freqs.weight"].astype(mx.float32)) if "rope_freqs.weight" in loaded else None
-    config = hf_config(metadata, arch, tied, rope_freqs)
+    config = hf_config(metadata, arch, tied, rope_freqs, dtype)
+    if dtype == "bfloat16" and any(types[_gguf_name(m + ".weight")] in EXACT_TYPES for m in per_layer):
+        notes.append("the scales of the Q4/Q8 layers kept quantized are rounded to bfloat16 (not exact): "
+                     "--dtype f16 or f32 keeps them exact")
     if per_layer:
         counts = {b: list(per_layer.values()).count(b) for b in set(per_layer.values())}
         main_bits = max(counts, key=counts.get)
@@ -230,6 +249,19 @@ def convert(path: Path, out: Path, quantize: str | None) -> dict:
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return {"config": config, "metadata": metadata, "types": sorted(set(types.values())), "notes": notes}
+
+
+def _exact_type_cost(quantize: str, dtype: str) -> str:
+    """What an explicit -q costs for tensors the file holds in an exact type of another width (one line)."""
+    if quantize == "none":
+        precision = "to float32 rounding" if dtype == "float32" else f"rounded to {dtype} (--dtype f32 keeps them)"
+        return (f"dequantized to {dtype} as -q none asks: the file's values {precision}, in 2-4x the memory of the "
+                "quantized import (leave -q out to keep them quantized)")
+    if quantize == "4":
+        return ("re-quantized to 4-bit as -q 4 asks: a second, 4-bit rounding on top of the file's 8-bit one "
+                "(leave -q out to keep them exactly)")
+    return ("re-quantized to 8-bit as -q 8 asks: close to the file's 4-bit values but not bit for bit, at about "
+            "twice the size, no accuracy gained (leave -q out to keep them exactly)")
 
 
 def _gguf_name(hf: str) -> str:
