@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-# Five chat prompts: the teacher-forced comparisons with llama.cpp run on these and llama.cpp's own continuations.
+# Chats for the teacher-forced comparisons with llama.cpp. The first five end with the user: they are continued by
+# llama.cpp's own greedy tokens. The rest end with a fixed assistant reply (no generation: single-token decoding is
+# the slow part of a reference) and have their own system prompt, several not in English, so that the distinct
+# contexts (token prefixes) number over 400 and one miss weighs ~0.2%, not ~0.5%.
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a helpful assistant."},
@@ -17,6 +20,26 @@ CHATS = [
     [{"role": "user", "content": "How many legs does a spider have?"}],
     [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
     [{"role": "user", "content": "Give me three tips for learning to code."}],
+    [{"role": "system", "content": "You are a patient math tutor."},
+     {"role": "user", "content": "What is 15% of 240?"},
+     {"role": "assistant", "content": "15% is 0.15, and 0.15 × 240 = 36. So 15% of 240 is 36."}],
+    [{"role": "system", "content": "Tu réponds toujours en français."},
+     {"role": "user", "content": "Quelle est la différence entre un café et un expresso ?"},
+     {"role": "assistant", "content": "Un expresso est un café très serré, préparé sous pression en une trentaine de "
+                                      "secondes."}],
+    [{"role": "system", "content": "You are a travel guide for Japan."},
+     {"role": "user", "content": "One sight in Kyoto (京都)?"},
+     {"role": "assistant", "content": "Fushimi Inari Taisha (伏見稲荷大社): thousands of red torii gates up the hill."}],
+    [{"role": "system", "content": "You write short, correct Python."},
+     {"role": "user", "content": "Check whether a word is a palindrome."},
+     {"role": "assistant", "content": "def is_palindrome(word):\n    return word == word[::-1]"}],
+    [{"role": "system", "content": "Eres un asistente breve."},
+     {"role": "user", "content": "¿Por qué el cielo es azul?"},
+     {"role": "assistant", "content": "Porque el aire dispersa más la luz azul que la roja (dispersión de Rayleigh)."}],
+    [{"role": "system", "content": "Du bist ein hilfreicher Assistent."},
+     {"role": "user", "content": "Wie entsteht ein Regenbogen?"},
+     {"role": "assistant", "content": "Sonnenlicht wird in Regentropfen gebrochen und gespiegelt; jede Farbe "
+                                      "tritt unter einem anderen Winkel aus. 🌈"}],
 ]
 
 
@@ -39,17 +62,19 @@ def imported_smollm2():
 
 
 def llama_cpp_reference(llama, tokenizer, continuation: int = 24) -> list:
-    """[(tokens, llama.cpp's logits at each position)] for each chat prompt followed by llama.cpp's own greedy
-    continuation (`llama` made with logits_all=True): what the teacher-forced comparisons are made against."""
+    """[(tokens, llama.cpp's logits at each position)] for each chat, a chat that ends with the user followed by
+    llama.cpp's own greedy continuation (`llama` made with logits_all=True): what the teacher-forced comparisons are
+    made against."""
     import numpy as np
 
     reference = []
     for chat in CHATS:
-        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        open_ended = chat[-1]["role"] != "assistant"
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=open_ended, tokenize=False)
         ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         llama.reset()
         tokens = []
-        for token in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        for token in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True) if open_ended else ():
             if len(tokens) == continuation or token == llama.token_eos():
                 break
             tokens.append(token)
@@ -70,8 +95,9 @@ def logits_of(model, reference: list) -> list:
 
 def agreement(reference: list, ours: list) -> tuple[int, int, float, list[float]]:
     """(contexts where the next-token argmax agrees, contexts, mean |Δlogit|, the reference's top-two gap at each
-    miss) between two lists of (tokens, logits). Each distinct context (token prefix) counts once: four of the five
-    chats open with SmolLM2's default system prompt, and counted per chat its positions weighed up to five times."""
+    miss) between two lists of (tokens, logits). Each distinct context (token prefix) counts once: four of the first
+    five chats open with SmolLM2's default system prompt, and counted per chat its positions weighed up to five
+    times."""
     import numpy as np
 
     seen, misses = set(), []
