@@ -51,7 +51,8 @@ def main() -> None:
         if kind != "Q4_1":
             gguf_file = work / f"smollm2-{kind}.gguf"
             params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.allow_requantize, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}"), True, 2
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+            params.allow_requantize, params.nthread = True, 2
             assert llama_cpp.llama_model_quantize(str(smollm2_gguf()).encode(), str(gguf_file).encode(),
                                                   ctypes.byref(params)) == 0
         entry = pull_gguf(str(gguf_file), name=f"smollm2-{kind.lower()}")
