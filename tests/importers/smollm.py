@@ -9,14 +9,39 @@ from pathlib import Path
 
 import pytest
 
-# Five chat prompts: the teacher-forced comparisons with llama.cpp run on these and llama.cpp's own continuations.
+# Chats for the teacher-forced comparisons with llama.cpp, each with a fixed assistant reply: no generation (a
+# reference is then one batched forward; single-token decoding was most of its time). The first five replies are the
+# Q4_1 file's own greedy continuations (24 tokens, as llama.cpp gave them); the rest have their own system prompt,
+# several not in English, so that the distinct contexts (token prefixes) number over 400 and one miss weighs ~0.2%,
+# not ~0.5% as with the first five alone.
 CHATS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "L'Étoile, la Marseillaise, la femme, la femme au martyre, la"}],
     [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Write a haiku about the sea."}],
-    [{"role": "user", "content": "How many legs does a spider have?"}],
-    [{"role": "user", "content": "Translate 'good morning' into Spanish."}],
-    [{"role": "user", "content": "Give me three tips for learning to code."}],
+     {"role": "user", "content": "Write a haiku about the sea."},
+     {"role": "assistant", "content": "The ocean's a mirror that reflects the soul, a canvas of endless blue, a canvas "
+                                      "of endless love, a canvas"}],
+    [{"role": "user", "content": "How many legs does a spider have?"},
+     {"role": "assistant", "content": "The answer to this classic question is: 8.\n\nSpider silk is incredibly strong "
+                                      "and flexible, allowing it"}],
+    [{"role": "user", "content": "Translate 'good morning' into Spanish."},
+     {"role": "assistant", "content": 'Hacer "morning" in Spanish is "morir" (to die).'}],
+    [{"role": "user", "content": "Give me three tips for learning to code."},
+     {"role": "assistant", "content": "1. **Code Breakers**: The best way to learn to code is to start with the basics "
+                                      "and gradually move to"}],
+    [{"role": "system", "content": "You are a patient math tutor."},
+     {"role": "user", "content": "What is 15% of 240?"},
+     {"role": "assistant", "content": "15% is 0.15, and 0.15 × 240 = 36. So 15% of 240 is 36."}],
+    [{"role": "system", "content": "Tu réponds toujours en français."},
+     {"role": "user", "content": "Quelle est la différence entre un café et un expresso ?"},
+     {"role": "assistant", "content": "Un expresso est un café très serré, préparé sous pression en une trentaine de "
+                                      "secondes."}],
+    [{"role": "system", "content": "You are a travel guide for Japan."},
+     {"role": "user", "content": "One sight in Kyoto (京都)?"},
+     {"role": "assistant", "content": "Fushimi Inari Taisha (伏見稲荷大社): thousands of red torii ⛩️ up the hill."}],
+    [{"role": "system", "content": "Eres un asistente breve."},
+     {"role": "user", "content": "¿Por qué el cielo es azul?"},
+     {"role": "assistant", "content": "Porque el aire dispersa más la luz azul que la roja (dispersión de Rayleigh)."}],
 ]
 
 
@@ -38,25 +63,18 @@ def imported_smollm2():
     return pull_gguf(str(smollm2_gguf()), name="smollm2-test")
 
 
-def llama_cpp_reference(llama, tokenizer, continuation: int = 24) -> list:
-    """[(tokens, llama.cpp's logits at each position)] for each chat prompt followed by llama.cpp's own greedy
-    continuation (`llama` made with logits_all=True): what the teacher-forced comparisons are made against."""
+def llama_cpp_reference(llama, tokenizer) -> list:
+    """[(tokens, llama.cpp's logits at each position)] for each chat rendered by `tokenizer`'s chat template (`llama`
+    made with logits_all=True): what the teacher-forced comparisons are made against."""
     import numpy as np
 
     reference = []
     for chat in CHATS:
-        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        ids = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         llama.reset()
-        tokens = []
-        for token in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            if len(tokens) == continuation or token == llama.token_eos():
-                break
-            tokens.append(token)
-        sequence = ids + tokens
-        llama.reset()
-        llama.eval(sequence)
-        reference.append((sequence, np.array(llama.scores[:len(sequence)], dtype=np.float32)))
+        llama.eval(ids)
+        reference.append((ids, np.array(llama.scores[:len(ids)], dtype=np.float32)))
     return reference
 
 
@@ -70,8 +88,9 @@ def logits_of(model, reference: list) -> list:
 
 def agreement(reference: list, ours: list) -> tuple[int, int, float, list[float]]:
     """(contexts where the next-token argmax agrees, contexts, mean |Δlogit|, the reference's top-two gap at each
-    miss) between two lists of (tokens, logits). Each distinct context (token prefix) counts once: four of the five
-    chats open with SmolLM2's default system prompt, and counted per chat its positions weighed up to five times."""
+    miss) between two lists of (tokens, logits). Each distinct context (token prefix) counts once: four of the first
+    five chats open with SmolLM2's default system prompt, and counted per chat its positions weighed up to five
+    times."""
     import numpy as np
 
     seen, misses = set(), []
@@ -91,9 +110,9 @@ def agreement(reference: list, ours: list) -> tuple[int, int, float, list[float]
     return agree, len(seen), delta, misses
 
 
-def teacher_forced_agreement(llama, model, tokenizer, continuation: int = 24) -> tuple[int, int, float, list[float]]:
-    """agreement() of the MLX `model` with llama.cpp on the chat prompts and llama.cpp's continuations."""
-    reference = llama_cpp_reference(llama, tokenizer, continuation)
+def teacher_forced_agreement(llama, model, tokenizer) -> tuple[int, int, float, list[float]]:
+    """agreement() of the MLX `model` with llama.cpp on the chats."""
+    reference = llama_cpp_reference(llama, tokenizer)
     return agreement(reference, logits_of(model, reference))
 
 

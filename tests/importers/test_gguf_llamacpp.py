@@ -55,7 +55,7 @@ def test_tokens_equal_llama_cpp(llama, mlx_model):
 
 def test_chat_template_and_stop_come_from_the_gguf(mlx_model):
     _, tokenizer = mlx_model
-    text = tokenizer.apply_chat_template(CHATS[0], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(CHATS[0][:1], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is the capital" in text
     assert "<|im_end|>" in {tokenizer.decode([i]) for i in tokenizer.eos_token_ids}
 
@@ -69,8 +69,8 @@ def test_dequantized_model_computes_the_imported_one(mlx_model, float_model):
 
 
 def test_next_token_agrees_with_llama_cpp(llama, mlx_model, float_model):
-    """Teacher-forced on chat prompts and llama.cpp's own continuations: llama.cpp quantizes activations to 8 bits
-    in its Q4/Q8 dot products, so near-ties may part; the argmax agrees at ≥95% of positions."""
+    """Teacher-forced on the chats (~500 distinct contexts): llama.cpp quantizes activations to 8 bits in its Q4/Q8
+    dot products, so near-ties may part; the argmax agrees at ≥95% of them (measured 95.9%, docs/MODELS.md)."""
     _, tokenizer = mlx_model
     agree, total, delta, misses = teacher_forced_agreement(llama, float_model, tokenizer)
     print(f"argmax agreement {agree}/{total} distinct contexts, mean |Δlogit| {delta:.3f}, misses' gaps {misses}")
