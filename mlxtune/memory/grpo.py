@@ -7,8 +7,8 @@ starts):
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
 - update: one chunk of the update — `UPDATE_ROWS` of the batch_size × G rows (objective.py runs the update's
   forward/backward chunk by chunk, one evaluated before the next) — of prompt + completion, the completion's
-  positions through the selective head: the same estimate as an SFT/DPO micro-batch of that shape (activations,
-  fused head's chunks).
+  positions (padded to a multiple of 128 as `make_batch` pads them: the padding goes through the head too) through
+  the selective head: the same estimate as an SFT/DPO micro-batch of that shape (activations, fused head's chunks).
 """
 
 from __future__ import annotations
