@@ -288,7 +288,7 @@ EVAL_CHUNKS_ARRAYS = 5  # two chunks or more on every stream: the next chunk's f
 FUSED_CHUNK_ARRAYS = 7
 # With at most one chunk per stream nothing of a next chunk overlaps: 3.0 chunk-sized arrays per stream measured on
 # a GRPO update chunk (4 rows × 32 completion tokens, 49k vocabulary, 2 streams: scripts/bench_grpo_memory.py); 4
-# keeps a margin (an update of 2 rows × 16 tokens is still under: docs/MEMORY.md, GRPO runs)
+# keeps a margin (an update of 2 rows × 16 tokens is 128 padded head positions, as make_batch pads them: memory/grpo.py)
 FUSED_ONE_CHUNK_ARRAYS = 4
 # [rows, hidden] float32 arrays at the fused loss's peak, measured on the loss alone with 2 streams: 7–10.5 over
 # hidden widths 512–4096 (the test shape, 2048 wide against an 8k vocabulary, was 16% under with 2)

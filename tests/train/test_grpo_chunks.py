@@ -84,6 +84,24 @@ def test_the_planner_estimates_one_chunk_of_the_update():
     assert update_shape(small, 32).rows == min(2, UPDATE_ROWS)
 
 
+def test_the_planner_update_shape_is_the_runs_chunk(setup):
+    """The planner's update chunk has the rows, length and head positions of the run's own chunks (update_chunks on
+    a real rollout): `make_batch` pads the supervised positions to a multiple of POSITIONS_MULTIPLE with zero
+    weights, and the padding goes through the head too (4 rows × 10 tokens: 128 positions, not 40). Counting 40
+    left the bench's 2 rows × 16 tokens update 16.8% under its measured peak (docs/MEMORY.md, GRPO runs)."""
+    from mlxtune.memory.grpo import update_shape
+    from mlxtune.settings import GrpoSettings
+
+    _, ids, rollout, advantages = setup
+    settings = GrpoSettings(group_size=ROWS // len(ids), batch_size=len(ids),
+                            max_completion_tokens=rollout.tokens.shape[1])
+    shape = update_shape(settings, max(len(p) for p in ids))
+    inputs, positions = zip(*((c.arrays[0], c.arrays[1]) for c in update_chunks(ids, rollout, advantages)))
+    assert max(a.shape[0] for a in inputs) == shape.rows
+    assert max(a.shape[1] for a in inputs) <= shape.length
+    assert max(p.shape[0] for p in positions) == shape.supervised
+
+
 def test_one_fused_loss_chunk_per_stream_counts_fewer_arrays():
     """An update chunk of 4 rows × 32 completion tokens is one fused-loss chunk per stream (2 streams): nothing of a
     next chunk overlaps, FUSED_ONE_CHUNK_ARRAYS per stream (the bench's case: 0.437 GB estimated with seven, 0.337
