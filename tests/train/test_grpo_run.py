@@ -249,7 +249,8 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
 
 def test_update_log_probs_line_up_with_the_rollout(prompts):
     """The update's per-token log-probs, recomputed through the selective head and laid out as [rows, T], equal the
-    rollout's own at the same weights (so the ratio starts at 1), and are 0 past each completion's end."""
+    rollout's own at the same weights (so the ratio starts at 1), and are 0 past each completion's end; the compiled
+    reference and πold passes give the uncompiled ones'."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm.utils import load
@@ -274,6 +275,26 @@ def test_update_log_probs_line_up_with_the_rollout(prompts):
     mask = np.array(rollout.mask)
     np.testing.assert_allclose(np.array(recomputed)[mask], np.array(rollout.log_probs)[mask], atol=1e-5)
     assert np.all(np.array(recomputed)[~mask] == 0)
+
+    # The compiled frozen passes (`frozen_log_probs`): the reference stays the base model after the adapter moved,
+    # whichever was traced first; πold follows the weights at each call (no stale adapter switch or weights).
+    from mlx.utils import tree_map
+
+    from mlxtune.settings import LoraSettings
+    from mlxtune.train.adapters import attach_adapters
+
+    attach_adapters(model, LoraSettings(rank=4, seed=0))
+    model.train()
+    loss = GrpoLoss(model, preset("grpo"))
+    for scale in (0.05, 0.1):
+        model.update(tree_map(lambda w: mx.full(w.shape, scale), model.trainable_parameters()))
+        old = np.array(loss.frozen_log_probs(model, batch, reference=False))
+        reference = np.array(loss.frozen_log_probs(model, batch, reference=True))
+        assert model.training
+        np.testing.assert_allclose(reference, np.array(recomputed), atol=1e-5)
+        expected = np.array(loss.token_log_probs(model, batch.arrays, batch.gather, differentiable=False))
+        np.testing.assert_allclose(old, expected, atol=1e-5)
+        assert np.abs(old - reference)[mask].max() > 1e-3
 
 
 def test_kl_clipping_and_several_updates_per_rollout(prompts, tmp_path):

@@ -80,6 +80,7 @@ class GrpoLoss:
         self.config = config
         self.old_policy = old_policy  # μ > 1: the ratio is taken against the sampling policy's log-probs
         self.logps = SequenceLogProbs(model, selective)
+        self._frozen: dict[bool, object] = {}  # reference (True) / πold (False): their compiled forward passes
 
     def token_log_probs(self, model, arrays, gather, differentiable: bool) -> mx.array:
         inputs, positions, targets = arrays[:3]
@@ -87,17 +88,40 @@ class GrpoLoss:
         return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
 
     def frozen_log_probs(self, model, batch: UpdateBatch, reference: bool) -> mx.array:
-        """Log-probs without gradient: the policy as it is (πold), or with its adapters off (the reference)."""
+        """Log-probs without gradient: the policy as it is (πold), or with its adapters off (the reference).
+        Both compiled, as the gradient is (uncompiled, this forward took as long as the compiled forward and
+        backward on the CPU backend: docs/BENCHMARKS.md, "Where mlxtune's step goes")."""
+        compiled = self._frozen.get(reference)
+        if compiled is None:
+            compiled = self._frozen[reference] = self._compile_frozen(model, reference)
+        inputs, positions, targets = batch.arrays[:3]
+        if not reference:
+            return mx.stop_gradient(compiled(inputs, positions, targets, batch.gather))
         was_training = model.training
-        if reference:
-            with adapters_off(model):
-                model.eval()
-                out = self.token_log_probs(model, batch.arrays, batch.gather, False)
-        else:
-            out = self.token_log_probs(model, batch.arrays, batch.gather, False)
-        if reference and was_training:
-            model.train()
+        with adapters_off(model):
+            model.eval()
+            try:
+                out = compiled(inputs, positions, targets, batch.gather)
+            finally:
+                if was_training:
+                    model.train()
         return mx.stop_gradient(out)
+
+    def _compile_frozen(self, model, reference: bool):
+        """One compiled forward per kind, each always called in the same state — the reference with the adapters
+        off and in eval mode, πold as the policy in training mode — since a trace bakes in the Python-side switches
+        (which layers are in the model, `model.training`, so dropout). The parameters are inputs, read when it is
+        called (so the adapters_off swap and every update are seen); πold's dropout draws from `mx.random.state`
+        as the uncompiled pass did (an input and an output, as in the compiled gradient)."""
+        from functools import partial
+
+        state = [model.state] if reference else [model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=[] if reference else [mx.random.state])
+        def log_probs(inputs, positions, targets, gather):
+            return self.token_log_probs(model, (inputs, positions, targets), gather, False)
+
+        return log_probs
 
     def loss_arrays(self, model, batch: UpdateBatch) -> tuple:
         # An unused πold or reference: a placeholder keeps the compiled function's arity fixed (two distinct arrays:
