@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from mlxtune.data.batching import PAD_MULTIPLE, POSITIONS_MULTIPLE, batch_plan, evaluation_batches, plan_epoch
+from mlxtune.data.batching import PAD_MULTIPLE, batch_plan, evaluation_batches, padded_positions, plan_epoch
 from mlxtune.memory.budget import GB, fmt_gb, memory_budget
 from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, RunShape, estimate
 from mlxtune.memory.limits import cpu_loss_streams
@@ -60,8 +60,7 @@ def _shape_of(rows: list[list[int]], lengths: list[int], supervised: list[int], 
     used = [sum(lengths[i] - 1 for i in row) for row in rows]
     length = PAD_MULTIPLE * math.ceil(max(used) / PAD_MULTIPLE)
     positions = sum(supervised[i] for row in rows for i in row)
-    return BatchShape(len(rows), length, POSITIONS_MULTIPLE * max(1, math.ceil(positions / POSITIONS_MULTIPLE)),
-                      packed)
+    return BatchShape(len(rows), length, padded_positions(positions, len(rows) * length), packed)
 
 
 def batch_shapes(lengths: list[int], supervised: list[int], plan, seed: int = 0,

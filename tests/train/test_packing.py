@@ -73,3 +73,18 @@ def test_every_example_appears_once_per_epoch_in_every_mode():
         # deterministic: the same (seed, step) gives the same batch
         a, b = training_batch(tokenizer_examples, plan, 1, 3), training_batch(tokenizer_examples, plan, 1, 3)
         assert np.array_equal(a.inputs, b.inputs)
+
+
+def test_position_list_is_padded_but_never_past_the_batch():
+    """The supervised-position list rounds up to 128 (few compiled shapes) but stops at rows × length: a 2×32 batch
+    scores 64 loss rows, not 128 (zero-weight rows cost the output head as much as real ones)."""
+    from mlxtune.data.template import TokenizedExample
+
+    def example(n):
+        return TokenizedExample(np.arange(1, n + 1, dtype=np.int32), np.ones(n, bool), "test")
+
+    small = make_batch([example(20), example(30)])  # 2 rows × 32, 48 supervised targets
+    assert small.inputs.shape == (2, 32) and len(small.positions) == 64
+    assert small.position_weights.sum() == 48
+    large = make_batch([example(150), example(100)])  # 2 × 160 cells, 248 supervised: rounded up to 256
+    assert large.inputs.shape == (2, 160) and len(large.positions) == 256
