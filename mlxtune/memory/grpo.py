@@ -7,7 +7,7 @@ starts):
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
 - update: one chunk of the update — `UPDATE_ROWS` of the batch_size × G rows (objective.py runs the update's
   forward/backward chunk by chunk, one evaluated before the next) — of prompt + completion, the completion's
-  positions (padded to a multiple of 128 as `make_batch` pads them: the padding goes through the head too) through
+  positions (padded as `make_batch` pads them, `padded_positions`: the padding goes through the head too) through
   the selective head: the same estimate as an SFT/DPO micro-batch of that shape (activations, fused head's chunks).
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mlxtune.data.batching import PAD_MULTIPLE, POSITIONS_MULTIPLE
+from mlxtune.data.batching import PAD_MULTIPLE, padded_positions
 from mlxtune.memory.budget import fmt_gb, memory_budget
 from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate, kv_cache_bytes
 from mlxtune.memory.planner import MemoryPlan, run_shape
@@ -53,11 +53,12 @@ def rollout_bytes(facts: ModelFacts, prompts: int, group_size: int, prompt: int,
 
 def update_shape(settings, longest_prompt: int) -> BatchShape:
     """The shape of one chunk of the update (the largest: all its rows run to --max-completion-tokens). Its
-    supervised positions are padded to a multiple of `POSITIONS_MULTIPLE` as `make_batch` pads them (zero weights):
-    the padding goes through the head too, so 2 rows × 16 tokens put 128 positions, not 32, through it."""
+    supervised positions are padded as `make_batch` pads them (`padded_positions`: zero weights, up to a multiple of
+    128 but never past the chunk's cells): the padding goes through the head too, so 2 rows × 16 completion tokens
+    after a 20-token prompt put 128 positions, not 32, through it."""
     rows = min(settings.batch_size * settings.group_size, UPDATE_ROWS)
     length = PAD_MULTIPLE * -(-(longest_prompt + settings.max_completion_tokens - 1) // PAD_MULTIPLE)
-    positions = POSITIONS_MULTIPLE * -(-(rows * settings.max_completion_tokens) // POSITIONS_MULTIPLE)
+    positions = padded_positions(rows * settings.max_completion_tokens, rows * length)
     return BatchShape(rows, length, positions)
 
 
