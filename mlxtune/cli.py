@@ -20,6 +20,7 @@ from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, G
 from mlxtune.models import DEFAULT_BASE_MODEL
 from mlxtune.cli_options import settings_options
 from mlxtune.settings import GRPO_PLAN_KEYS, GrpoSettings, LoraSettings, PreferenceSettings
+from mlxtune.serve import MAX_QUEUE as SERVE_MAX_QUEUE
 from mlxtune.storage import environment_error, redact
 from mlxtune.train.distributed import BACKENDS, DEFAULT_TIMEOUT
 from mlxtune.verify.run import DEFAULT_HOPS, HOPS, MAX_NEW_TOKENS, REQUANTIZED, SAMPLES
@@ -675,7 +676,7 @@ def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, 
 @click.option("--checkpoint", default="last", show_default=True, help="For a run: last, best or a step number.")
 @click.option("--api-key", envvar="MLXTUNE_API_KEY", show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every request (for a --host other than loopback).")
-@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1, 100_000),
+@click.option("--max-queue", default=SERVE_MAX_QUEUE, show_default=True, type=click.IntRange(1, 100_000),
               help="Requests waiting for the model beyond this get 503 + Retry-After.")
 @click.option("--verbose", is_flag=True, help="Log every request.")
 def serve(model_or_run, host, port, checkpoint, api_key, max_queue, verbose):
