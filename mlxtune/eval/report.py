@@ -126,7 +126,9 @@ def _comparison_rows(result) -> list[tuple[str, str, str, str]]:
     if loss is None:  # a GRPO run: the mean reward (not a share of examples)
         task = result.task
         return [(f"{task['metric']} ({task['examples']} prompts)", fmt(task["base"]), fmt(task["tuned"]),
-                 fmt(task["difference"], signed=True))]
+                 fmt(task["difference"], signed=True))] + [
+            (f"  {name}", fmt(each["base"]), fmt(each["tuned"]), fmt(each["difference"], signed=True))
+            for name, each in task.get("rewards", {}).items()]
     rows = [("loss (nats/token)", fmt(loss["base"]), fmt(loss["tuned"]), fmt(loss["difference"], signed=True)),
             ("perplexity", fmt(ppl["base"], digits=2), fmt(ppl["tuned"], digits=2), "")]
     if result.task:

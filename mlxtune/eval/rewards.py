@@ -53,8 +53,8 @@ def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int
     task = {"metric": METRIC, "examples": len(items), "base": mean_interval(base_totals).to_dict(),
             "tuned": mean_interval(tuned_totals).to_dict(),
             "difference": paired_ratio_difference(tuned_totals, base_totals, np.ones(len(items))).to_dict(),
-            "rewards": {name: {"base": base[f"reward_{name}"], "tuned": tuned[f"reward_{name}"]}
-                        for name in settings.reward or []}}
+            "rewards": {name: reward_intervals(base["values"][name], tuned["values"][name])
+                        for name in base["values"]}}  # by spec without its weight, as metrics.jsonl names them
     difference = Interval(**task["difference"])
     better, worse = difference.low > 0, difference.high < 0
     text = (f"mean reward: base {task['base']['value']:.3f} → tuned {task['tuned']['value']:.3f} "
@@ -70,6 +70,17 @@ def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int
             "verdict": {"better": better and not (own and split == "train"), "worse": worse, "trained_on": 0,
                         "beyond_interval": difference.excludes_zero(), "intervals_overlap": True, "text": text},
             "samples": []}
+
+
+def reward_intervals(base: list[float], tuned: list[float]) -> dict:
+    """One reward's base and tuned means with their intervals and the paired difference's, over the prompts it
+    applied to for both (a None, NaN here, leaves the prompt out)."""
+    base_values, tuned_values = np.array(base, dtype=np.float64), np.array(tuned, dtype=np.float64)
+    both = ~np.isnan(base_values) & ~np.isnan(tuned_values)
+    base_values, tuned_values = base_values[both], tuned_values[both]
+    return {"base": mean_interval(base_values).to_dict(), "tuned": mean_interval(tuned_values).to_dict(),
+            "difference": paired_ratio_difference(tuned_values, base_values, np.ones(len(base_values))).to_dict(),
+            "examples": int(both.sum())}
 
 
 def _files(source: Path) -> dict:

@@ -30,6 +30,9 @@ def print_summary(console: Console, result) -> None:
         task = result.task
         table.add_row(escape(task["metric"]), _interval(task["base"]), _interval(task["tuned"]),
                       _interval(task["difference"], signed=True))
+        for name, each in task.get("rewards", {}).items():  # each reward alone, unweighted, with its own interval
+            table.add_row(escape(f"  {name}"), _interval(each["base"]), _interval(each["tuned"]),
+                          _interval(each["difference"], signed=True))
     elif result.task:
         task = result.task
         table.add_row(escape(f"{task['metric']} %"), _interval(task["base"], 100, 1), _interval(task["tuned"], 100, 1),

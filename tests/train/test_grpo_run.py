@@ -93,6 +93,8 @@ def test_eval_reports_the_mean_reward_of_base_and_tuned(learned, tmp_path):
     assert base["value"] < 0.3 < 0.8 < tuned["value"]
     low, high = report["task"]["difference"]["low"], report["task"]["difference"]["high"]
     assert 0 < low <= high
+    contains = report["task"]["rewards"]["contains"]  # each reward alone, with its own paired interval
+    assert contains["examples"] == 8 and 0 < contains["difference"]["low"] <= contains["difference"]["high"]
 
 
 def test_the_run_fuses_like_any_other(learned, tmp_path):

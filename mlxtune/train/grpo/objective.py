@@ -364,7 +364,8 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
         totals.extend(scores.total.tolist())
         for name, row in zip(scores.names, scores.values):
             per_reward[name].extend(row.tolist())
-    out = {"reward": float(np.mean(totals)), "totals": totals}  # no validation loss: the reward is the measure
+    out = {"reward": float(np.mean(totals)), "totals": totals,  # no validation loss: the reward is the measure
+           "values": per_reward}  # per reward, per prompt (NaN: None), for eval's paired intervals
     for name, values in per_reward.items():
         values = np.array(values)
         applied = values[~np.isnan(values)]
