@@ -307,7 +307,7 @@ class GrpoObjective(Objective):
     def validate(self) -> dict:
         """Mean reward of one completion per held-out prompt, sampled with fixed keys (`best/` follows it)."""
         out = mean_reward(self, self.validation_prompts())
-        out.pop("totals")
+        out.pop("totals"), out.pop("values")  # per-prompt lists: eval's intervals, not metrics
         return out
 
     def summarise(self, loss_sum: float, count: float, stats) -> dict:
