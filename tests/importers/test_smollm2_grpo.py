@@ -13,11 +13,14 @@ from conftest import run_cli
 from smollm import imported_smollm2
 
 QUESTION = "What is {a} + {b}? Answer with the number after ####, like #### 7."
-STEPS = 5
-# 4 prompts × G 8 per step, up to 16 tokens, temperature 1, lr 5e-3 on the last 8 blocks
-LEARN = ["--reward", "format", "--group-size", 8, "--batch-size", 4, "--max-completion-tokens", 16,
+STEPS = 6
+# 2 prompts × G 8 per step, up to 16 tokens, temperature 1, lr 5e-3 on the last 8 blocks. Measured (seed 0, loaded
+# 2-core CPU): 0.06 → 0.19 → 0.75 → 1.0 → 0.94 → 1.0. Seed 1 drew no formatted sample in its first 4 steps (nothing
+# to learn from): the fixed seed is what makes this test deterministic; a higher base rate would make it robust.
+LEARN = ["--reward", "format", "--group-size", 8, "--batch-size", 2, "--max-completion-tokens", 16,
          "--temperature", 1.0, "--learning-rate", 5e-3, "--rank", 8, "--layers", 8, "--iters", STEPS,
-         "--report-every", 1, "--eval-every", STEPS, "--val-batches", 1, "--save-every", 100, "--memory", "64GB", "--seed", 0, "--sample-every", 1]
+         "--report-every", 1, "--eval-every", STEPS, "--val-batches", 1, "--save-every", 100, "--memory", "64GB",
+         "--seed", 0]
 
 
 def write_prompts(out: Path, train: int = 64, valid: int = 8, seed: int = 0) -> Path:
