@@ -80,29 +80,38 @@ def test_a_chunked_update_is_the_whole_batch(setup, name):
         np.testing.assert_allclose(grads[key], g, atol=1e-5 * max(1.0, np.abs(g).max()), rtol=1e-4, err_msg=key)
 
 
-def test_the_planner_estimates_one_chunk_of_the_update():
-    """The update's estimate is one chunk's rows, however many prompts × G the rollout decodes together."""
-    from mlxtune.memory.grpo import UPDATE_ROWS, update_shape
+def test_the_planner_estimates_one_piece_of_the_update():
+    """The update's estimate is one gradient piece's completions (split evenly: G 6 by 4 is 3 + 3) after one pass of
+    their prompt, however many prompts × G the rollout decodes together; the prompt counts once per piece."""
+    from mlxtune.memory.estimate import ModelFacts, RunShape
+    from mlxtune.memory.grpo import UPDATE_ROWS, update_passes, update_shape
     from mlxtune.settings import GrpoSettings
 
-    assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64), 32).rows == UPDATE_ROWS
-    small = GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)
-    assert update_shape(small, 32).rows == min(2, UPDATE_ROWS)
+    assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64)).rows == UPDATE_ROWS
+    assert update_shape(GrpoSettings(group_size=6, batch_size=1, max_completion_tokens=64)).rows == 3
+    assert update_shape(GrpoSettings(group_size=2, batch_size=1, max_completion_tokens=64)).rows == min(2, UPDATE_ROWS)
+    facts, settings = ModelFacts.from_dir(MODEL), GrpoSettings(group_size=8, batch_size=2, max_completion_tokens=32)
+    run = RunShape(on_cpu=True, fused_head=True, streams=2)
+    short, long = (update_passes(facts, run, settings, prompt)["gradient"] for prompt in (16, 160))
+    assert long.parts["shared prompt"] > short.parts["shared prompt"] > 0
+    assert long.total - short.total == long.parts["shared prompt"] - short.parts["shared prompt"]
 
 
 def test_the_planner_update_shape_is_the_runs_chunk(setup):
-    """The planner's update chunk has the rows, length and head positions of the run's own chunks (update_chunks on
-    a real rollout): `make_batch` pads the supervised positions to a multiple of POSITIONS_MULTIPLE with zero
-    weights, and the padding goes through the head too (4 rows × 10 tokens: 128 positions, not 40). Counting 40
-    left the bench's 2 rows × 16 tokens update 16.8% under its measured peak (docs/MEMORY.md, GRPO runs)."""
+    """The planner's update piece has the completion rows, input length and head positions of the run's own pieces
+    (update_chunks on a real rollout): `update_batch` pads the supervised positions to a multiple of
+    POSITIONS_MULTIPLE with zero weights, never past the piece's cells, and the padding goes through the head too.
+    Counting the unpadded positions left the bench's 2 rows × 16 tokens update 16.8% under its measured peak
+    (docs/MEMORY.md, GRPO runs)."""
     from mlxtune.memory.grpo import update_shape
     from mlxtune.settings import GrpoSettings
 
     _, ids, rollout, advantages = setup
     settings = GrpoSettings(group_size=ROWS // len(ids), batch_size=len(ids),
                             max_completion_tokens=rollout.tokens.shape[1])
-    shape = update_shape(settings, max(len(p) for p in ids))
-    inputs, positions = zip(*((c.arrays[0], c.arrays[1]) for c in update_chunks(ids, rollout, advantages)))
+    shape = update_shape(settings)
+    pieces = gradient_batches(update_chunks(ids, rollout, advantages))
+    inputs, positions = zip(*((c.arrays[1], c.arrays[2]) for c in pieces))  # the completions' inputs, positions
     assert max(a.shape[0] for a in inputs) == shape.rows
     assert max(a.shape[1] for a in inputs) <= shape.length
     assert max(p.shape[0] for p in positions) == shape.supervised

@@ -19,8 +19,9 @@ The update shares each prompt as the rollout does (train/grpo/prefix.py): a grou
 once and its completions as one batch attending to the prompt's keys and values — the same log-probs and gradient
 as G full prompt + completion rows, with the prompt's arithmetic and activations counted once per pass instead of G
 times (models whose caches are not plain KVCaches keep the full rows: `supports_shared_prompt`). The frozen passes
-(reference, πold) take a prompt's whole group in one forward; the gradient takes it `UPDATE_ROWS` completions at a
-time (`update_chunks`: each piece with its own prompt pass), one piece evaluated before the next
+(reference, πold) take a prompt's group in one forward (up to `FROZEN_ROWS` completions: nothing is kept for a
+backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`: each piece with its own
+prompt pass), one piece evaluated before the next
 (`PreferenceStep.accumulate`), so the update holds one piece's activations, not G × prompts rows'. The sum with a
 count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
 Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a piece's
@@ -39,7 +40,7 @@ from mlxtune.data.batching import make_batch, padded_positions
 from mlxtune.data.prompts import PromptRecord
 from mlxtune.train.engine import Objective
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
-from mlxtune.memory.grpo import UPDATE_ROWS
+from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
 from mlxtune.train.grpo.prefix import shared_prompt_states, supports_shared_prompt
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
@@ -72,8 +73,9 @@ class UpdateBatch:
 
     `arrays`: (prompt [1, P], completion inputs [rows, T − 1], positions, targets) when the rows share their prompt's
     pass, (inputs, positions, targets, weights, rows) as full prompt + completion rows (`make_batch`'s); positions
-    index the pass's flat [rows · length] states, padded to few shapes (`padded_positions`). A prompt's whole group
-    is one batch (its frozen passes); `pieces` are the gradient's batches of its rows (itself when small enough)."""
+    index the pass's flat [rows · length] states, padded to few shapes (`padded_positions`). A prompt's group (up to
+    FROZEN_ROWS rows) is one batch, for its frozen passes; `pieces` are the gradient's batches of its rows (itself
+    when small enough)."""
 
     arrays: tuple
     gather: mx.array  # [rows, T] index into the flat log-probs (pad: the appended 0)
@@ -193,26 +195,33 @@ def update_batch(prompt: list[int], tokens: np.ndarray, mask: np.ndarray, advant
     return UpdateBatch(arrays, mx.array(gather), mx.array(np.asarray(advantages, np.float32)), mx.array(mask))
 
 
+def even_split(rows: np.ndarray, most: int) -> list[np.ndarray]:
+    """`rows` in as few parts of at most `most` as it takes, as even as they come (8 by 4: 4 + 4; 6 by 4: 3 + 3)."""
+    count = -(-rows.size // max(1, most))
+    return np.array_split(rows, count) if count > 1 else [rows]
+
+
 def update_chunks(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray,
-                  rows_per_chunk: int = UPDATE_ROWS, shared: bool = True) -> list[UpdateBatch]:
-    """The rollout's rows as one batch per prompt (its G samples: the frozen passes run on it), each with its
-    `pieces` for the gradient: up to `rows_per_chunk` rows each, as even as they come (see the module docstring:
-    their loss sums and counts add up to the whole batch's)."""
+                  rows_per_chunk: int = UPDATE_ROWS, shared: bool = True,
+                  rows_per_group: int = FROZEN_ROWS) -> list[UpdateBatch]:
+    """The rollout's rows as batches of one prompt's rows (its G samples, split when more than `rows_per_group`:
+    the frozen passes run on them), each with its `pieces` for the gradient: up to `rows_per_chunk` rows, as even as
+    they come (see the module docstring: their loss sums and counts add up to the whole batch's)."""
     tokens, mask = np.array(rollout.tokens, np.int32), np.array(rollout.mask, bool)
     advantages = np.asarray(advantages, np.float32)
     owners = np.asarray(rollout.prompt_index)
+
+    def batch(prompt, rows):
+        return update_batch(prompt, tokens[rows], mask[rows], advantages[rows], shared)
+
     groups = []
     for number, prompt in enumerate(prompt_ids):
-        rows = np.flatnonzero(owners == number)
-        if not rows.size:
-            continue
-        group = update_batch(prompt, tokens[rows], mask[rows], advantages[rows], shared)
-        count = -(-rows.size // max(1, rows_per_chunk))
-        bounds = np.cumsum([0] + [rows.size // count + (k < rows.size % count) for k in range(count)])
-        group.pieces = [group] if count == 1 else [
-            update_batch(prompt, tokens[rows[a:b]], mask[rows[a:b]], advantages[rows[a:b]], shared)
-            for a, b in zip(bounds[:-1], bounds[1:])]
-        groups.append(group)
+        for rows in even_split(np.flatnonzero(owners == number), rows_per_group):
+            if rows.size:
+                group = batch(prompt, rows)
+                parts = even_split(rows, rows_per_chunk)
+                group.pieces = [group] if len(parts) == 1 else [batch(prompt, part) for part in parts]
+                groups.append(group)
     return groups
 
 
