@@ -27,7 +27,8 @@ from mlxtune.memory.planner import MemoryPlan, run_shape
 # fraction of a G × prompts batch's at little cost in update speed (a second prompt pass per 4 completions). A
 # constant, not a setting: the loss and the gradient are the whole batch's for any value.
 UPDATE_ROWS = 4
-FROZEN_ROWS = 16  # completions per reference/πold forward (nothing kept for a backward: a prompt's whole group)
+FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
+# probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
 KV_CACHE_STEP = 256  # mlx-lm's KVCache and BatchKVCache grow by this many positions (their `step`; tested equal)
 
