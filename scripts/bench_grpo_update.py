@@ -10,7 +10,8 @@ during the update (`mx.reset_peak_memory` before it; the weights included). LoRA
 layer; β 0.04; G and prompts as bench_grpo.py's.
 
 Usage: .venv/bin/python scripts/bench_grpo_update.py --model ~/.cache/mlxtune/models/smollm2-f32 [--rounds 3]
-       [--group 8] [--prompts 2] [--max-completion-tokens 32] [--beta 0.04] [--seed 0]
+       [--group 8] [--prompts 2] [--max-completion-tokens 32] [--beta 0.04] [--seed 0] [--rows 4,3]
+(`--rows`: the shared-prompt layout at each of these completions per gradient piece; full rows at UPDATE_ROWS.)
 Figures: docs/BENCHMARKS.md, "The update shares the prompt".
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--max-completion-tokens", type=int, default=32)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="", help="completions per gradient piece to compare (default UPDATE_ROWS)")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -51,6 +53,7 @@ def main() -> None:
     from mlxtune.settings import LoraSettings
     from mlxtune.train.adapters import attach_adapters
     from mlxtune.train.grpo.losses import preset
+    from mlxtune.memory.grpo import UPDATE_ROWS
     from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective, gradient_batches, update_chunks
     from mlxtune.train.grpo.rollout import generate_group, sample_keys
     from mlxtune.train.preference.run import PreferenceStep
@@ -68,23 +71,26 @@ def main() -> None:
     step = PreferenceStep(model, optim.Adam(learning_rate=0.0), 0.0, loss)
     objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
 
-    def update(shared: bool) -> tuple[float, float]:
+    def update(layout: tuple[bool, int]) -> tuple[float, float]:
+        shared, rows = layout
         mx.clear_cache()
         mx.reset_peak_memory()
         tic = time.perf_counter()
-        groups = update_chunks(ids, rollout, advantages, shared=shared)
+        groups = update_chunks(ids, rollout, advantages, rows, shared=shared)
         objective.frozen(groups)
         out = step.accumulate(gradient_batches(groups))
         mx.eval(out)
         return time.perf_counter() - tic, mx.get_peak_memory() / 1e9
 
-    layouts = {"full rows": False, "shared prompt": True}
-    for shared in layouts.values():
-        update(shared)  # compiles
+    layouts = {"full rows": (False, UPDATE_ROWS)}
+    for rows in [int(r) for r in args.rows.split(",") if r] or [UPDATE_ROWS]:
+        layouts["shared prompt" if rows == UPDATE_ROWS else f"shared prompt, {rows} rows"] = (True, rows)
+    for layout in layouts.values():
+        update(layout)  # compiles
     seconds = {name: [] for name in layouts}
     peaks = {name: [] for name in layouts}
     for number in range(args.rounds):
-        order = list(layouts) if number % 2 == 0 else list(reversed(layouts))
+        order = list(layouts) if number % 2 == 0 else list(reversed(list(layouts)))
         for name in order:
             s, peak = update(layouts[name])
             seconds[name].append(s)
@@ -93,8 +99,8 @@ def main() -> None:
            "seconds": seconds, "peak_gb": peaks,
            "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
            "peak_gb_max": {k: max(v) for k, v in peaks.items()}}
-    out["speedup"] = out["median_seconds"]["full rows"] / out["median_seconds"]["shared prompt"]
-    out["peak_ratio"] = out["peak_gb_max"]["shared prompt"] / out["peak_gb_max"]["full rows"]
+    out["speedup"] = {k: out["median_seconds"]["full rows"] / v for k, v in out["median_seconds"].items()}
+    out["peak_ratio"] = {k: v / out["peak_gb_max"]["full rows"] for k, v in out["peak_gb_max"].items()}
     print(json.dumps(out, indent=2))
 
 
