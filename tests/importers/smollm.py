@@ -63,13 +63,14 @@ def imported_smollm2():
     return pull_gguf(str(smollm2_gguf()), name="smollm2-test")
 
 
-def llama_cpp_reference(llama, tokenizer) -> list:
-    """[(tokens, llama.cpp's logits at each position)] for each chat rendered by `tokenizer`'s chat template (`llama`
-    made with logits_all=True): what the teacher-forced comparisons are made against."""
+def llama_cpp_reference(llama, tokenizer, chats: list | None = None) -> list:
+    """[(tokens, llama.cpp's logits at each position)] for each chat (all of CHATS by default) rendered by
+    `tokenizer`'s chat template (`llama` made with logits_all=True): what the teacher-forced comparisons are made
+    against."""
     import numpy as np
 
     reference = []
-    for chat in CHATS:
+    for chat in CHATS if chats is None else chats:
         text = tokenizer.apply_chat_template(chat, tokenize=False)
         ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         llama.reset()
