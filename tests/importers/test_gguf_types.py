@@ -7,6 +7,7 @@ logits already computed."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,7 +55,12 @@ def _llama_logits(path: Path, tokenizer, chats: list | None = None) -> list:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    return tmp_path_factory.mktemp("gguf-types")
+    """A folder for the GGUF files and the library they are imported into, removed at the end (~1.5 GB)."""
+    folder = tmp_path_factory.mktemp("gguf-types")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLXTUNE_HOME", str(folder / "home"))
+        yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
