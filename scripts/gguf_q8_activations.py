@@ -13,7 +13,7 @@ weights, Q8_K blocks of 256 for K-quant weights). Counted per distinct context (
 position on all nine chats, and per chat position on the first five (the issue's measure).
 
 Usage: .venv/bin/python scripts/gguf_q8_activations.py [--f16-cache] [TYPE ...]   (TYPE: Q4_0, Q4_1, Q4_K_M
-(default), F16; about 5 minutes a type on 2 loaded cores)
+(default), F16; 5-13 minutes a type on 2 loaded cores)
 """
 
 from __future__ import annotations
