@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -170,20 +171,21 @@ def input_fault(exc: Exception, dest: Path, message: str, hint: str) -> Exceptio
     return UsageError(f"{message}: {type(exc).__name__}: {exc}".splitlines()[0], hint)
 
 
-def existing_entry(dest: Path, source: str, force: bool, console, fingerprint: dict | None = None) -> ModelEntry | None:
+def existing_entry(dest: Path, source: str, force: bool, console,
+                   identify: Callable[[dict | None], dict] | None = None) -> ModelEntry | None:
     """The entry at `dest` when it already holds `source` (nothing to do); a UsageError when it holds something
     else and `force` is off; None when `dest` is free or may be replaced.
 
-    `fingerprint` (a source file's size and sha256, importers.stores.fingerprint): when the entry recorded one too,
-    the content decides, not the path: the same file copied elsewhere (another clone's venv) is the same source, a
-    changed file at the same path is not."""
+    `identify(recorded)` gives the source file's size and sha256 (importers.stores.fingerprint; `recorded` is the
+    entry's, whose digest it may reuse): when the entry recorded one, the content decides, not the path: the same
+    file copied elsewhere (another clone's venv) is the same source, a changed file at the same path is not."""
     clean_stale(dest)  # a killed pull's staging copy; an old entry a killed swap had moved aside is put back
     if force or not (dest.exists() or dest.is_symlink()):
         return None
     existing = read_entry(dest) if dest.is_dir() else None
     recorded = existing.extra.get("fingerprint") if existing else None
-    if fingerprint and recorded:
-        same = _content(recorded) == _content(fingerprint)
+    if identify and recorded:
+        same = _content(recorded) == _content(identify(recorded))
     else:
         same = existing is not None and existing.source == source
     if same:

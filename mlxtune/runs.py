@@ -307,9 +307,7 @@ def resume_command(where: Path) -> str | None:
 
 def explain_disk_full(error):
     """A `storage.DiskFull` inside a run: its hint names the run's `--resume` command instead of "run it again"."""
-    from mlxtune.storage import DISK_FULL_AGAIN
+    from mlxtune.storage import DiskFull
 
-    resume = resume_command(error.where) if getattr(error, "where", None) else None
-    if resume and error.hint:
-        error.hint = error.hint.replace(DISK_FULL_AGAIN, f"continue the run: {resume}")
-    return error
+    resume = resume_command(error.where) if isinstance(error, DiskFull) else None
+    return error.then(f"continue the run: {resume}") if resume else error

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from mlxtune.inference import Conversation, Sampling, context_window, encode_messages, stream_reply
 from mlxtune.errors import UsageError
+from mlxtune.faults import fault_point
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat request a local client sends
 DRAIN_BYTES = 16 << 20  # an oversize body up to this size is read and dropped before the 413
@@ -322,6 +323,7 @@ class Engine:
                     return
                 if piece:
                     job.events.put(("text", piece))
+                fault_point("serve.token")
         finally:
             replies.close()
         self.counters.add(served=1)

@@ -89,23 +89,28 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(existing_ancestor(path)).free
 
 
-DISK_FULL_AGAIN = "run the same command again"
-
-
 class DiskFull(RunFailed):
-    """The disk filled up while writing `where`; nothing written so far is lost. The CLI turns the hint into the
-    run's `--resume` command when `where` lies in a run (`runs.explain_disk_full`: the layout sits above storage)."""
+    """The disk filled up while writing `where`; nothing written so far is lost. Its hint ends with what to do once
+    space is free: "run the same command again", or (`then`) the run's `--resume` command when `where` lies in a
+    run (`runs.explain_disk_full`: the layout sits above storage)."""
 
-    def __init__(self, message: str, hint: str | None = None, where: Path | None = None):
-        super().__init__(message, hint)
+    REMEDY = "free some space (or choose an --out on another disk)"
+
+    def __init__(self, message: str, where: Path):
+        super().__init__(message, None)
         self.where = where
+        self.then("run the same command again")
+
+    def then(self, next_step: str) -> "DiskFull":
+        self.hint = f"{self.REMEDY}, then {next_step}"
+        return self
 
 
 def disk_full_error(where: Path, need: int | None = None) -> DiskFull:
     free = free_bytes(where)
     needs = f"; this step needs about {fmt_size(need)}" if need else ""
     return DiskFull(f"disk full writing {where} ({fmt_size(free)} free on {existing_ancestor(where)}{needs})",
-                    f"free some space (or choose an --out on another disk), then {DISK_FULL_AGAIN}", where=Path(where))
+                    Path(where))
 
 
 def not_writable_error(where: Path, reason: str) -> UsageError:

@@ -206,7 +206,7 @@ def print_data_report(console: Console, report, max_seq_length: int) -> None:
     else:
         console.print(escape(f"{report.path}: no usable records"))
     if report.template:
-        console.print(f"template: {report.template}")
+        console.print(escape(f"template: {report.template_name}"))
     if report.context_length:
         console.print(f"model context: {report.context_length} tokens")
     if report.unit == "characters" and report.splits:

@@ -4,7 +4,7 @@
 Each case runs `train_grpo` for a few steps in its own child process (a fresh peak) and measures each phase of every
 step apart: the rollout (the peak from the start of `GrpoObjective.rollout` to its end: sampling, rewards, the update
 rows) and the update (from there to the end of `GrpoObjective.gradients`: the reference and πold passes and every
-chunk's forward/backward), `mx.reset_peak_memory()` between them. Nothing of the run is changed: the two methods
+piece's forward/backward), `mx.reset_peak_memory()` between them. Nothing of the run is changed: the two methods
 are wrapped to read the peak. The estimate is `mlxtune plan --objective grpo`'s (memory/grpo.py's `grpo_phases`)
 for the same settings and prompts. Models: the bundled stories260K and a random-weight SmolLM-135M shape (4 blocks)
 with SmolLM2's 49k-token tokenizer (`--tokenizer`; without it, cases needing it are skipped).

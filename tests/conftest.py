@@ -92,3 +92,38 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     )
     assert result.returncode == 0, result.stderr
     return run_dir, json.loads(result.stdout)
+
+
+# Scheduling under pytest-xdist (scripts/test.sh: `-n 2 --dist loadfile`, one file = one unit of work). xdist's
+# default queue puts files with the most tests first, so the slowest files, which hold one to seven tests, started
+# last: one worker still ran a 70 s file while the other had finished. These files go first instead (longest first:
+# idle seconds, measured), and the rest keep xdist's order (most tests first). A new slow file belongs here.
+SLOWEST_FILES = [
+    "importers/test_smollm2_end_to_end.py",  # ~260 s
+    "train/test_distributed.py",  # ~150 s
+    "verify/test_verify.py",  # ~95 s
+    "train/test_memory.py",  # ~90 s
+    "reliability/test_kill_suite.py",  # ~70 s
+    "train/test_preference_run.py",  # ~65 s
+    "importers/test_gguf_types.py",  # ~40 s
+]
+
+
+def pytest_configure(config):
+    if getattr(config.option, "loadscopereorder", None) is not None:  # the xdist controller: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of SLOWEST_FILES first, in its order; then the others, most tests first (xdist's own order).
+    A stable sort: each file's tests stay together and in their order (module fixtures are made once)."""
+    tests = Path(__file__).resolve().parent
+    counts: dict = {}
+    for item in items:
+        counts[item.path] = counts.get(item.path, 0) + 1
+
+    def rank(item):
+        name = item.path.relative_to(tests).as_posix() if item.path.is_relative_to(tests) else ""
+        return (SLOWEST_FILES.index(name), 0) if name in SLOWEST_FILES else (len(SLOWEST_FILES), -counts[item.path])
+
+    items.sort(key=rank)

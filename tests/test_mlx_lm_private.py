@@ -57,3 +57,20 @@ def test_grad_checkpoint_patches_the_block_class_to_recompute(loaded):
         assert model.layers[1](x, mask="causal").shape == x.shape  # every block of the class is patched, still works
     finally:
         block_class.__call__ = original
+
+
+def test_attention_reads_the_cache_protocol_the_shared_prompt_update_uses(loaded):
+    # used by: train/grpo/prefix.py (GRPO's update runs a prompt once and its completions after it through
+    # mlx-lm's per-layer cache calls: `offset` for the rope, `update_and_fetch` for the keys, `make_mask`)
+    from mlxtune.train.grpo.prefix import shared_prompt_states, supports_shared_prompt
+
+    model, _ = loaded
+    prompt, completions = mx.array([[1, 45, 230, 17, 88]]), mx.array([[7, 300, 12], [9, 4, 100]])
+    states = shared_prompt_states(lambda x, cache: model.model(x, cache=cache), len(model.layers), prompt,
+                                  completions).reshape(2, 4, -1)
+    rows = mx.concatenate([mx.repeat(prompt, 2, axis=0), completions], axis=1)
+    expected = model.model(rows)[:, prompt.shape[1] - 1:]
+    assert supports_shared_prompt(model), "mlx_lm's make_prompt_cache no longer gives KVCache layers"
+    assert mx.abs(states - expected).max().item() < 1e-4, (
+        "mlx-lm's attention no longer reads the cache as train/grpo/prefix.py's caches expect (offset, "
+        "update_and_fetch, make_mask): fix the shared-prompt update there")

@@ -291,3 +291,21 @@ def test_a_busy_port_exits_2_with_one_line_before_loading(model_dir):
         result = run_cli("serve", model_dir, "--port", taken.getsockname()[1], timeout=60)
     assert result.returncode == 2, result.stderr
     assert "cannot listen" in result.stderr and "--port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_generation_that_fails_costs_one_request_not_the_server(trained_run):
+    """An error inside a generation (injected at its second token: no valid request makes MLX fail) answers that
+    request with a 500, and the worker goes on: the next request is answered as a fresh server answers it."""
+    process, port = _start_serve(trained_run[0], env={"MLXTUNE_FAULT": "serve.token:2:raise"})
+    try:
+        body = json.dumps(GREEDY).encode()
+        headers = {"Content-Type": "application/json"}
+        status, _, payload = _request(port, body=body, headers=headers, timeout=30)
+        assert status == 500 and payload["error"]["type"] == "server_error", payload
+        assert "generation failed: fault injected at serve.token" in payload["error"]["message"]
+        status, _, payload = _request(port, body=body, headers=headers, timeout=30)
+        assert status == 200 and payload["choices"][0]["message"]["content"], payload
+        assert _request(port, "GET", "/health")[2]["failed"] == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

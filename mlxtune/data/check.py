@@ -12,7 +12,7 @@ from mlxtune.data.dataset import fingerprint, load_datasets, read_splits, record
 from mlxtune.data.formats import RecordError, dataset_kind, find_splits
 from mlxtune.data.quality import (DataWarning, context_warnings, length_warnings, record_warnings, split_warnings,
                                   steps_warning)
-from mlxtune.data.template import TokenizedExample, choose_template, tokenize_records
+from mlxtune.data.template import TokenizedExample, choose_template, template_name, tokenize_records
 from mlxtune.data.preference_check import is_preference_data, preference_facts
 from mlxtune.data.prompts import is_prompt_only_data, prompt_facts
 from mlxtune.errors import UsageError
@@ -43,7 +43,7 @@ class DataReport:
     warnings: list[dict] = field(default_factory=list)  # {"code", "where", "message"}: records that would hurt
     notes: list[str] = field(default_factory=list)
     overlap_train_valid: int = 0
-    template: str | None = None
+    template: str | None = None  # the choice's origin key ("model", "fallback", "file:<path>", "none"), as in run.json
     examples: list[dict] = field(default_factory=list)  # rendered samples: [{"source", "segments": [(text, bool)]}]
     from_cache: bool = False
     context_length: int | None = None  # the model's (max_position_embeddings)
@@ -53,6 +53,11 @@ class DataReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def template_name(self) -> str | None:
+        """The template in the words every other command prints."""
+        return template_name(self.template) if self.template else None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -57,9 +57,14 @@ class TemplateChoice:
     @property
     def name(self) -> str:
         """The choice in words, the same in every command."""
-        if self.origin.startswith("file:"):
-            return f"the template file {self.origin[len('file:'):]}"
-        return TEMPLATE_NAMES[self.origin]
+        return template_name(self.origin)
+
+
+def template_name(origin: str) -> str:
+    """A template choice's origin ("model", "fallback", "file:<path>", "none") in the words every command prints."""
+    if origin.startswith("file:"):
+        return f"the template file {origin[len('file:'):]}"
+    return TEMPLATE_NAMES[origin]
 
 
 def _named(template: str, origin: str) -> TemplateChoice:

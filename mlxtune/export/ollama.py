@@ -189,6 +189,11 @@ def _parameter_lines(parameters: dict) -> list[str]:
     return lines
 
 
+def _stop_list(value) -> list[str]:
+    """A Modelfile `stop` parameter as a list: Ollama's params hold one string or a list of them."""
+    return value if isinstance(value, list) else [value] if value else []
+
+
 def _with_end_of_turn(stops: list[str], tokenizer, template: str | None) -> list[str]:
     """`stops` plus the text that ends an assistant turn in `template` (what verify checks Ollama stops on)."""
     from mlxtune.verify.compare import end_of_turn
@@ -219,15 +224,13 @@ def modelfile(gguf_name: str, tokenizer, template: str | None, model_dir: Path,
         if kept.get("system"):
             lines += ['SYSTEM """' + kept["system"] + '"""', ""]
         parameters = dict(kept.get("parameters") or {})
-        stops = parameters.get("stop") or []
-        parameters["stop"] = _with_end_of_turn(stops if isinstance(stops, list) else [stops], tokenizer, template)
+        parameters["stop"] = _with_end_of_turn(_stop_list(parameters.get("stop")), tokenizer, template)
     else:
         pieces = template_pieces(tokenizer, template) if template else None
         if pieces:
             lines += ['TEMPLATE """' + go_template(pieces) + '"""', ""]
         parameters = {**_parameters(model_dir), **((replaced or {}).get("parameters") or {})}
-        stops = parameters.get("stop") or []
-        stops = [*(stops if isinstance(stops, list) else [stops]), *stop_strings(tokenizer, pieces)]
+        stops = [*_stop_list(parameters.get("stop")), *stop_strings(tokenizer, pieces)]
         parameters = {"stop": _with_end_of_turn(stops, tokenizer, template),
                       **{k: v for k, v in parameters.items() if k != "stop"}}
     if context_length:

@@ -12,7 +12,7 @@ import re
 from mlxtune.importers.gguf_model import convert
 from mlxtune.importers.gguf_tokenizer import build_tokenizer
 from mlxtune.importers.stores import GGUFSource, fingerprint, is_gguf_reference, resolve
-from mlxtune.library import ModelEntry, check_entry_name, library_dir, read_entry, write_entry
+from mlxtune.library import ModelEntry, check_entry_name, library_dir, write_entry
 from mlxtune.model_config import DTYPE_TAGS, check_dtype
 
 OLLAMA_SETTINGS = "ollama.json"
@@ -44,11 +44,16 @@ def pull_gguf(reference: str, quantize: str | None = None, name: str | None = No
     name = check_entry_name(name) if name is not None else default_name(source, quantize, dtype)
     dest = library_dir() / name
     # The same GGUF under another path (a second clone's venv, a copy) is the same source: compared by content.
-    earlier = read_entry(dest) if dest.is_dir() else None
-    identity = fingerprint(source.path, earlier.extra.get("fingerprint") if earlier else None)
-    existing = existing_entry(dest, source.source, force, console, identity)
+    identity: dict = {}
+
+    def identify(recorded: dict | None) -> dict:  # an unchanged file reuses the entry's recorded digest
+        identity.update(fingerprint(source.path, recorded))
+        return identity
+
+    existing = existing_entry(dest, source.source, force, console, identify)
     if existing is not None:
         return existing
+    identity = identity or fingerprint(source.path)
     library_dir().mkdir(parents=True, exist_ok=True)
     with staged(dest, overwrite=True, need=2 * source.path.stat().st_size) as staging:
         try:

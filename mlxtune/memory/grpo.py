@@ -5,26 +5,30 @@ starts):
 - rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
   holds its own copy of its prompt's keys and values), the decode step's logits and sampling temporaries over the
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
-- update: one chunk of the update — `UPDATE_ROWS` of the batch_size × G rows (objective.py runs the update's
-  forward/backward chunk by chunk, one evaluated before the next) — of prompt + completion, the completion's
-  positions (padded as `make_batch` pads them, `padded_positions`: the padding goes through the head too) through
-  the selective head: the same estimate as an SFT/DPO micro-batch of that shape (activations, fused head's chunks).
+- update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after one pass of their shared
+  prompt (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py)
+  — the completions as an SFT/DPO micro-batch of that shape (activations, their positions through the fused head,
+  padded as `padded_positions` pads them) plus what the prompt's pass keeps for the backward (`shared_prompt_bytes`);
+  or, when larger, the frozen passes' forward over a prompt's group (up to `FROZEN_ROWS` completions).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from mlxtune.data.batching import PAD_MULTIPLE, padded_positions
+from mlxtune.data.batching import padded_positions
 from mlxtune.memory.budget import fmt_gb, memory_budget
-from mlxtune.memory.estimate import BatchShape, Estimate, ModelFacts, estimate, kv_cache_bytes
+from mlxtune.memory.estimate import (BatchShape, Estimate, ModelFacts, RunShape, _adapted, activation_bytes,
+                                     estimate, kv_cache_bytes)
 from mlxtune.memory.planner import MemoryPlan, run_shape
 
-# Rows per forward/backward of the update (and per reference/πold pass; objective.py's `update_chunks`). mlx-lm-lora
-# updates 2 rows at a time; 4 keeps the update's activations a fraction of a G × prompts batch's (the step's peak is
-# then the rollout's or the weights') at little cost in update speed. A constant, not a setting: the loss and the
-# gradient are the whole batch's for any value.
+# Completions per forward/backward of the update, each piece with its own pass of the prompt they share
+# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time; 4 keeps the update's activations a
+# fraction of a G × prompts batch's at little cost in update speed (a second prompt pass per 4 completions). A
+# constant, not a setting: the loss and the gradient are the whole batch's for any value.
 UPDATE_ROWS = 4
+FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
+# probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
 KV_CACHE_STEP = 256  # mlx-lm's KVCache and BatchKVCache grow by this many positions (their `step`; tested equal)
 
@@ -51,23 +55,55 @@ def rollout_bytes(facts: ModelFacts, prompts: int, group_size: int, prompt: int,
             "prefill logits": prompt * facts.vocab * 4}
 
 
-def update_shape(settings, longest_prompt: int) -> BatchShape:
-    """The shape of one chunk of the update (the largest: all its rows run to --max-completion-tokens). Its
-    supervised positions are padded as `make_batch` pads them (`padded_positions`: zero weights, up to a multiple of
-    128 but never past the chunk's cells): the padding goes through the head too, so 2 rows × 16 completion tokens
-    after a 20-token prompt put 128 positions, not 32, through it."""
-    rows = min(settings.batch_size * settings.group_size, UPDATE_ROWS)
-    length = PAD_MULTIPLE * -(-(longest_prompt + settings.max_completion_tokens - 1) // PAD_MULTIPLE)
-    positions = padded_positions(rows * settings.max_completion_tokens, rows * length)
-    return BatchShape(rows, length, positions)
+def piece_rows(group_size: int, most: int) -> int:
+    """The largest part when a prompt's G rows are split evenly into parts of at most `most` (objective.py's
+    `even_split`: 8 by 4 → 4, 6 by 4 → 3)."""
+    return -(-group_size // -(-group_size // max(1, most)))
+
+
+def update_shape(settings) -> BatchShape:
+    """The completions of one gradient piece (the largest: every row run to --max-completion-tokens): rows × the
+    completion's input positions (all its tokens but the last; the first is predicted from the prompt's last
+    position), their supervised positions padded as objective.py's `update_batch` pads them (`padded_positions`:
+    zero weights, up to a multiple of 128 but never past the piece's cells: the padding goes through the head too)."""
+    rows = piece_rows(settings.group_size, UPDATE_ROWS)
+    width = max(settings.max_completion_tokens, 2)
+    return BatchShape(rows, width - 1, padded_positions(rows * settings.max_completion_tokens, rows * width))
+
+
+def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int, completion: int) -> int:
+    """What a gradient piece keeps for the backward pass beyond its completions' own activations: the prompt's pass
+    (batch 1), and in each block the prompt's keys and values broadcast into every completion row's and (CPU
+    backend) the completions' attention probabilities over the prompt's positions."""
+    float_bytes = 4 if run.on_cpu else 2
+    own = activation_bytes(facts, run, BatchShape(1, prompt, 0))["activations"]
+    per_block = 2 * rows * facts.kv_heads * facts.head_dim * prompt * float_bytes
+    if run.on_cpu:
+        per_block += rows * facts.heads * completion * prompt * 4
+    blocks = 1 if run.grad_checkpoint else len(_adapted(facts, run))
+    return own + blocks * per_block
+
+
+def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: int) -> dict[str, Estimate]:
+    """The update's two kinds of pass: a gradient piece (its completions, plus what its prompt's pass keeps) and a
+    frozen forward over a prompt's group (the reference, πold; its prompt counted per row: a bound)."""
+    piece = update_shape(settings)
+    gradient = estimate(facts, run, [piece])
+    gradient.parts["shared prompt"] = shared_prompt_bytes(facts, run, piece.rows, longest_prompt, piece.length)
+    gradient.total += gradient.parts["shared prompt"]
+    rows = piece_rows(settings.group_size, FROZEN_ROWS)
+    frozen = estimate(facts, run, [], [BatchShape(rows, longest_prompt + piece.length, padded_positions(
+        rows * settings.max_completion_tokens, rows * (piece.length + 1)))])
+    return {"gradient": gradient, "frozen": frozen}
 
 
 def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
                 budget: int | None = None) -> dict[str, Estimate]:
     """The step's two phases, each with the weights and the trainable state: the rollout (all the micro-batch's
-    samples decoding as one batch) and the update (its largest chunk of `UPDATE_ROWS` rows)."""
+    samples decoding as one batch) and the update (its largest gradient piece of `UPDATE_ROWS` completions after
+    their prompt, or the frozen passes' forward when larger)."""
     run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
-    update = estimate(facts, run, [update_shape(settings, longest_prompt)])
+    update = max(update_passes(facts, run, settings, longest_prompt).values(), key=lambda phase: phase.total)
     fixed = {k: v for k, v in update.parts.items()
              if k in ("weights", "trainable + optimizer", "allowance") or k.startswith("dequantized")}
     rows, context = settings.batch_size * settings.group_size, longest_prompt + settings.max_completion_tokens

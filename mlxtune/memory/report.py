@@ -70,7 +70,7 @@ def grpo_plan_report(settings, model_path: Path, data_path: Path) -> dict:
 
     from mlxtune.data.prompts import PROMPT_KEY, read_prompt_splits
     from mlxtune.memory.estimate import ModelFacts
-    from mlxtune.memory.grpo import UPDATE_ROWS, grpo_phases, plan_for_prompts
+    from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS, grpo_phases, plan_for_prompts
     from mlxtune.train.grpo.run import longest_prompt, tokenize_prompts
 
     records, notes = read_prompt_splits(data_path, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
@@ -80,7 +80,7 @@ def grpo_plan_report(settings, model_path: Path, data_path: Path) -> dict:
     return {"model": str(model_path), "data": str(data_path), "objective": "grpo", **plan.to_dict(),
             "settings": {key: getattr(settings, key) for key in GRPO_SIZING_KEYS},
             "worst_batch": plan.estimate.to_dict()["worst_batch"], "device": "cpu" if on_cpu() else "gpu",
-            "longest_prompt": longest, "update_rows": UPDATE_ROWS,
+            "longest_prompt": longest, "update_rows": UPDATE_ROWS, "frozen_rows": FROZEN_ROWS,
             "phases": {name: {"estimate_gb": value.to_dict()["estimate_gb"],
                               "worst_batch": value.to_dict()["worst_batch"]} for name, value in phases.items()}}
 

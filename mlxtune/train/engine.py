@@ -266,6 +266,10 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
         metrics.write({"step": at_step, **{f"val_{k}": v for k, v in val.items()}})
         return val
 
+    # The optimizer's state made before the first compiled call (a no-op when a resume restored it): made by the
+    # first update instead, it changes the compiled functions' inputs and they re-trace at step 2 (a step's time).
+    run.optimizer.init(model.trainable_parameters())
+    mx.eval(run.optimizer.state)
     model.train()
     window = _new_window()
     with StopRequest() as stop, reporter.training(run.total_steps, step, None):

@@ -173,3 +173,9 @@ def test_random_file_bytes_never_crash(tmp_path_factory, content):
         read_records(path)
     except MlxtuneError:
         pass
+
+
+def test_data_check_names_the_template_as_the_other_commands_do():
+    result = run_cli("data", "check", WWDC25, "--model", MODEL)
+    assert result.returncode == 0, result.stderr
+    assert "template: mlxtune's fallback template (### User: / ### Assistant:)" in " ".join(result.stdout.split())

@@ -63,13 +63,14 @@ def imported_smollm2():
     return pull_gguf(str(smollm2_gguf()), name="smollm2-test")
 
 
-def llama_cpp_reference(llama, tokenizer) -> list:
-    """[(tokens, llama.cpp's logits at each position)] for each chat rendered by `tokenizer`'s chat template (`llama`
-    made with logits_all=True): what the teacher-forced comparisons are made against."""
+def llama_cpp_reference(llama, tokenizer, chats: list | None = None) -> list:
+    """[(tokens, llama.cpp's logits at each position)] for each chat (all of CHATS by default) rendered by
+    `tokenizer`'s chat template (`llama` made with logits_all=True): what the teacher-forced comparisons are made
+    against."""
     import numpy as np
 
     reference = []
-    for chat in CHATS:
+    for chat in CHATS if chats is None else chats:
         text = tokenizer.apply_chat_template(chat, tokenize=False)
         ids = llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         llama.reset()
@@ -116,9 +117,31 @@ def teacher_forced_agreement(llama, model, tokenizer) -> tuple[int, int, float, 
     return agreement(reference, logits_of(model, reference))
 
 
+def per_position(reference: list, ours: list, chats: int | None = None) -> tuple[int, int]:
+    """(positions where the next-token argmax agrees, positions) over the first `chats` chats (all by default), each
+    chat's positions counted: the issue's own measure ("five chat prompts and their continuations")."""
+    pairs = list(zip(reference, ours))[:chats]
+    agree = sum(int((theirs.argmax(-1) == mine.argmax(-1)).sum()) for (_, theirs), (_, mine) in pairs)
+    return agree, sum(len(sequence) for (sequence, _), _ in pairs)
+
+
+def llama_quantize(source: Path, out: Path, ftype: int) -> Path:
+    """`source` written as `out` by llama.cpp's own quantizer (re-quantizing a quantized file is allowed; ftype
+    LLAMA_FTYPE_ALL_F32 writes its exact weights as float32)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = ftype, True, 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
 def q8_0_round(x):
-    """`x` rounded as llama.cpp rounds the activations of its Q4_0/Q4_1/Q8_0 dot products on the CPU (Q8_0 along
-    the last axis: blocks of 32, int8 codes round(x·127/amax), one float16 scale amax/127)."""
+    """`x` rounded as llama.cpp rounds the activations of its Q4_0/Q4_1/Q5_0/Q8_0 dot products on the CPU (Q8_0, or
+    Q8_1 with the same codes, along the last axis: blocks of 32, int8 codes round(x·127/amax), one float16 scale
+    amax/127)."""
     import mlx.core as mx
 
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
@@ -127,24 +150,63 @@ def q8_0_round(x):
     return (codes * (amax / 127).astype(mx.float16).astype(x.dtype)).reshape(x.shape)
 
 
-def with_llama_cpp_activations(model):
-    """`model` (dequantized, float32) with every linear layer and the tied output projection fed q8_0_round()ed
-    inputs, as llama.cpp computes a file whose matrices are all Q4_0/Q4_1/Q8_0."""
+def q8_k_round(x):
+    """`x` rounded as llama.cpp rounds the activations of its K-quant (Q4_K/Q5_K/Q6_K) dot products on the CPU
+    (quantize_row_q8_K_ref): blocks of 256, int8 codes round(x·iscale) with iscale = -127/(the block's entry of
+    largest magnitude, signed), capped at 127, one float32 scale 1/iscale."""
+    import mlx.core as mx
+
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 256, 256)
+    largest = mx.take_along_axis(blocks, mx.abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
+    iscale = mx.where(largest != 0, -127 / mx.where(largest != 0, largest, 1), 0)
+    codes = mx.minimum(mx.round(blocks * iscale), 127)
+    return (codes * mx.where(iscale != 0, 1 / mx.where(iscale != 0, iscale, 1), 0)).reshape(x.shape)
+
+
+# The rounding of a CPU dot product's input in llama.cpp, by the weight's GGUF type (its `vec_dot_type`); float
+# weights (F32) take their input as it is.
+ACTIVATION_ROUNDING = {"Q4_0": q8_0_round, "Q4_1": q8_0_round, "Q5_0": q8_0_round, "Q5_1": q8_0_round,
+                       "Q8_0": q8_0_round, "Q4_K": q8_k_round, "Q5_K": q8_k_round, "Q6_K": q8_k_round}
+
+
+def with_llama_cpp_activations(model, gguf_types: dict[str, str] | None = None):
+    """`model` (dequantized, float32) with every linear layer and the tied output projection fed its input rounded
+    as llama.cpp rounds it for that weight's GGUF type (`gguf_types`: MLX module name → type, see gguf_types();
+    all Q8_0-rounded when not given, as a file whose matrices are all Q4_0/Q4_1/Q8_0)."""
     import mlx.nn as nn
     from mlx.utils import tree_unflatten
 
     class RoundedInput(nn.Module):
-        def __init__(self, inner):
+        def __init__(self, inner, rounding):
             super().__init__()
-            self.inner = inner
+            self.inner, self.rounding = inner, rounding
 
         def __call__(self, x):  # an embedding's token ids pass as they are
-            return self.inner(x) if isinstance(self.inner, nn.Embedding) else self.inner(q8_0_round(x))
+            return self.inner(x) if isinstance(self.inner, nn.Embedding) else self.inner(self.rounding(x))
 
         def as_linear(self, x):  # a tied embedding as the output projection
-            return self.inner.as_linear(q8_0_round(x))
+            return self.inner.as_linear(self.rounding(x))
 
-    wrapped = [(name, RoundedInput(module)) for name, module in model.named_modules()
+    def rounding(name):
+        if gguf_types is None:
+            return q8_0_round
+        return ACTIVATION_ROUNDING.get(gguf_types[name], lambda x: x)
+
+    wrapped = [(name, RoundedInput(module, rounding(name))) for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, nn.Embedding))]
     model.update_modules(tree_unflatten(wrapped))
     return model
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    """The GGUF type of each matrix of the file at `path`, by the MLX module name the import gives it."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from mlxtune.importers.gguf_model import _hf_name
+
+    names = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        hf = _hf_name(tensor.name)
+        if hf is not None and hf.endswith(".weight") and len(tensor.shape) == 2:
+            names[hf[:-len(".weight")]] = GGMLQuantizationType(tensor.tensor_type).name
+    return names

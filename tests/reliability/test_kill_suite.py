@@ -1,6 +1,8 @@
 """The kill suite: SIGKILL at randomized points — inside checkpoint writes, in evaluations, mid-step, in a fuse and
-in an export — then resume or rerun. After every kill no file of the run is corrupt; at the end the adapter (and
-best/) equal an uninterrupted run's to 1e-6, and the fuse and export finish without leftovers.
+in an export — then resume or rerun. Each of two chains kills the run once at every kind of point (each of the five
+checkpoint stages, a validation batch, a random moment after a step), in a random order at a random save, batch or
+moment. After every kill no file of the run is corrupt; at the end the adapter (and best/) equal an uninterrupted
+run's to 1e-6, and the fuse and export finish without leftovers.
 
 The points are drawn from MLXTUNE_KILL_SEED (random when unset; printed on failure to reproduce a draw):
     MLXTUNE_KILL_SEED=1234 pytest tests/reliability/test_kill_suite.py
@@ -28,10 +30,12 @@ from mlxtune.ui import make_console
 from reliability_tools import assert_run_intact, assert_same_adapter, cli, env_with, lora_args, settings
 
 SEED = int(os.environ.get("MLXTUNE_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
-KILLS_PER_CHAIN = 10  # two chains run side by side: 20 training kills, plus one in a fuse and one in an export
 RUN = dict(iters=10)  # the default 3e-3: a larger rate amplifies last-bit float differences past 1e-6
 CHECKPOINT_POINTS = ["checkpoint.adapter", "checkpoint.optimizer", "checkpoint.manifest", "checkpoint.rename",
                      "checkpoint.latest"]
+# Every chain kills once at each: two chains side by side give 14 training kills, every kind twice (20 kills drawn
+# at random left one of the checkpoint stages out of one run in three), plus one kill in a fuse and one in an export.
+KINDS = CHECKPOINT_POINTS + ["eval", "step"]
 
 
 def _step(run_dir: Path) -> int:
@@ -39,8 +43,9 @@ def _step(run_dir: Path) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
 
-def _launch(run_dir: Path, rng: random.Random) -> tuple[str, int]:
-    """Start (or resume) the run with one randomly drawn kill; returns what was drawn and the exit code."""
+def _launch(run_dir: Path, rng: random.Random, kind: str) -> tuple[str, int]:
+    """Start (or resume) the run with one kill of `kind` (a checkpoint stage at a random save, a random validation
+    batch, or a random moment after a step); returns what was drawn and the exit code."""
     if (run_dir / "config.yaml").is_file():
         args = ["lora", "--resume", str(run_dir)]
     else:  # killed before the run wrote its settings: the user reruns the same command
@@ -48,10 +53,9 @@ def _launch(run_dir: Path, rng: random.Random) -> tuple[str, int]:
     step = _step(run_dir)
     saves_left = (RUN["iters"] - step) // 2
     evals_left = saves_left + (1 if step == 0 else 0)
-    kind = rng.choice(["checkpoint"] * 3 + ["eval", "step"])
     fault = None
-    if kind == "checkpoint":
-        fault = f"{rng.choice(CHECKPOINT_POINTS)}:{rng.randint(1, max(1, saves_left))}"
+    if kind in CHECKPOINT_POINTS:
+        fault = f"{kind}:{rng.randint(1, max(1, saves_left))}"
     elif kind == "eval":
         fault = f"eval.batch:{rng.randint(1, max(1, evals_left))}"
     metrics = run_dir / "metrics.jsonl"
@@ -68,23 +72,27 @@ def _launch(run_dir: Path, rng: random.Random) -> tuple[str, int]:
             time.sleep(0.05)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode in (0, -signal.SIGKILL), f"{args} {fault}: {stderr[-2000:]}"
-    return f"{kind}:{fault or 'random moment'}@step{step}", process.returncode
+    return f"{fault or 'step:random moment'}@step{step}", process.returncode
 
 
 def _chain(run_dir: Path, seed: int) -> list[str]:
-    """Kill the run KILLS_PER_CHAIN times (starting over if it completes first), then let it finish."""
+    """Kill the run once at each of KINDS, in a random order (starting over if it completes first), then let it
+    finish."""
     rng = random.Random(seed)
+    todo = rng.sample(KINDS, len(KINDS))
     kills = []
-    while sum(not k.startswith("(") for k in kills) < KILLS_PER_CHAIN:
+    while todo:
+        assert len(kills) < 3 * len(KINDS), f"seed {seed}: no kill at {todo[0]} in {kills}"
         if _step(run_dir) == RUN["iters"]:  # killed after its last checkpoint: finished, start the run again
             kills.append("(finished at its last checkpoint)")
             shutil.rmtree(run_dir)
-        drawn, code = _launch(run_dir, rng)
-        if code == 0:  # finished before its kill point: extend nothing, just start the chain's run again
+        drawn, code = _launch(run_dir, rng, todo[0])
+        if code == 0:  # finished before its kill point: extend nothing, start the chain's run again, same kind
             kills.append(f"(finished: {drawn})")
             shutil.rmtree(run_dir)
             continue
         kills.append(drawn)
+        todo.pop(0)
         assert_run_intact(run_dir)
     if _step(run_dir) < RUN["iters"]:
         final = subprocess.run([*MLXTUNE, *(["lora", "--resume", str(run_dir)] if (run_dir / "config.yaml").is_file()
@@ -107,7 +115,10 @@ def test_randomized_kills_during_training_fuse_and_export(reference, tmp_path):
         drawn = list(pool.map(_chain, chains, [SEED, SEED + 1]))
     real_kills = [k for kills in drawn for k in kills if not k.startswith("(finished")]
     report = f"MLXTUNE_KILL_SEED={SEED}: " + "; ".join(k for kills in drawn for k in kills)
-    assert len(real_kills) >= 20, report
+    assert len(real_kills) == 2 * len(KINDS), report
+    for kind in KINDS:  # each kind killed the run in both chains
+        prefix = {"eval": "eval.batch:", "step": "step:"}.get(kind, f"{kind}:")
+        assert sum(k.startswith(prefix) for k in real_kills) == 2, (kind, report)
     ref_dir, ref = reference
     for run in chains:
         assert_run_intact(run)

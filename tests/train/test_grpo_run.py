@@ -203,14 +203,16 @@ def test_the_planner_refuses_settings_that_do_not_fit(prompts, tmp_path):
 
 def test_plan_shows_the_rollout_and_the_update_and_suggests_settings_that_fit(prompts):
     """`mlxtune plan --objective grpo`: both phases (the rollout decoding 8 prompts × G 64 as one batch, the update
-    in chunks of UPDATE_ROWS rows), the larger of them against the budget, and a refusal (exit 3) with settings that
-    fit — the run's own planner's."""
+    in pieces of UPDATE_ROWS completions after their prompt, or its frozen passes over FROZEN_ROWS of a prompt's
+    completions, whichever is larger), the larger of them against the budget, and a refusal (exit 3) with settings
+    that fit — the run's own planner's."""
     result = run_cli("plan", "--objective", "grpo", "--model", MODEL, "--data", prompts, "--group-size", 64,
                      "--batch-size", 8, "--max-completion-tokens", 256, "--memory", "0.1GB", "--json")
     assert result.returncode == 3, result.stderr
     report = json.loads(result.stdout)
     rollout, update = report["phases"]["rollout"], report["phases"]["update"]
-    assert rollout["worst_batch"]["rows"] == 8 * 64 and update["worst_batch"]["rows"] == report["update_rows"] == 4
+    assert rollout["worst_batch"]["rows"] == 8 * 64 and report["update_rows"] == 4 and report["frozen_rows"] == 8
+    assert update["worst_batch"]["rows"] in (report["update_rows"], report["frozen_rows"])
     assert report["estimate_gb"] == max(rollout["estimate_gb"], update["estimate_gb"]) > report["budget_gb"] == 0.1
     assert report["settings"]["group_size"] == 64 and report["parts_gb"]["kv cache"] > 0
     suggested = report["suggested"]
@@ -252,7 +254,8 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
 def test_update_log_probs_line_up_with_the_rollout(prompts):
     """The update's per-token log-probs, recomputed through the selective head and laid out as [rows, T], equal the
     rollout's own at the same weights (so the ratio starts at 1), and are 0 past each completion's end; the compiled
-    reference and πold passes give the uncompiled ones'."""
+    reference and πold passes give the uncompiled ones'. Each prompt's group is one batch, its prompt's pass shared
+    (train/grpo/prefix.py: a wrong rope offset or mask there moves these log-probs off the rollout's)."""
     import mlx.core as mx
     import numpy as np
     from mlx_lm.utils import load
@@ -260,7 +263,7 @@ def test_update_log_probs_line_up_with_the_rollout(prompts):
     from mlxtune.data.prompts import prompt_ids, read_prompt_records
     from mlxtune.data.template import choose_template
     from mlxtune.train.grpo.losses import preset
-    from mlxtune.train.grpo.objective import GrpoLoss, update_batch
+    from mlxtune.train.grpo.objective import GrpoLoss, update_chunks
     from mlxtune.train.grpo.rollout import generate_group, sample_keys
 
     model, tokenizer = load(str(MODEL))
@@ -271,11 +274,17 @@ def test_update_log_probs_line_up_with_the_rollout(prompts):
     stop = {first.completion(0)[4], first.completion(5)[2]}  # tokens the samples write: they stop unevenly
     rollout = generate_group(model, ids, keys, max_tokens=12, eos_token_ids=stop)
     assert len(set(rollout.lengths)) > 1
-    batch = update_batch(ids, rollout, np.zeros(12, np.float32))
+    groups = update_chunks(ids, rollout, np.zeros(12, np.float32))
     loss = GrpoLoss(model, preset("grpo"))
-    recomputed = loss.token_log_probs(model, batch.arrays, batch.gather, differentiable=False)
+    assert loss.shared_prompt and len(groups) == 3 and groups[0].arrays[0].shape == (1, len(ids[0]))
+
+    def each_group(log_probs):
+        return np.concatenate([np.array(log_probs(group)) for group in groups])
+
+    recomputed = each_group(lambda g: loss.token_log_probs(model, g.arrays, g.gather, differentiable=False))
     mask = np.array(rollout.mask)
-    np.testing.assert_allclose(np.array(recomputed)[mask], np.array(rollout.log_probs)[mask], atol=1e-5)
+    # float32 rounding: the rollout decodes one position at a time in a left-padded batch cache (measured ≤1.2e-5)
+    np.testing.assert_allclose(np.array(recomputed)[mask], np.array(rollout.log_probs)[mask], atol=1e-5, rtol=1e-5)
     assert np.all(np.array(recomputed)[~mask] == 0)
 
     # The compiled frozen passes (`frozen_log_probs`): the reference stays the base model after the adapter moved,
@@ -290,11 +299,11 @@ def test_update_log_probs_line_up_with_the_rollout(prompts):
     loss = GrpoLoss(model, preset("grpo"))
     for scale in (0.05, 0.1):
         model.update(tree_map(lambda w: mx.full(w.shape, scale), model.trainable_parameters()))
-        old = np.array(loss.frozen_log_probs(model, batch, reference=False))
-        reference = np.array(loss.frozen_log_probs(model, batch, reference=True))
+        old = each_group(lambda g: loss.frozen_log_probs(model, g, reference=False))
+        reference = each_group(lambda g: loss.frozen_log_probs(model, g, reference=True))
         assert model.training
         np.testing.assert_allclose(reference, np.array(recomputed), atol=1e-5)
-        expected = np.array(loss.token_log_probs(model, batch.arrays, batch.gather, differentiable=False))
+        expected = each_group(lambda g: loss.token_log_probs(model, g.arrays, g.gather, differentiable=False))
         np.testing.assert_allclose(old, expected, atol=1e-5)
         assert np.abs(old - reference)[mask].max() > 1e-3
 

@@ -15,11 +15,15 @@ the same weights with the adapters switched off (`adapters_off`, as DPO's).
 The loss the engine sees is a sum with a count, so accumulation and data-parallel sums give the batch's mean:
 `sequence` and `constant` aggregations count completions, `token` counts completion tokens.
 
-The rollout decodes a micro-batch's rows as one batch (the speed), but its update — the reference and πold passes
-and every forward/backward — runs `UPDATE_ROWS` rows at a time (`update_chunks`), one chunk evaluated before the
-next (`PreferenceStep.accumulate`), so the update holds one chunk's activations, not G × prompts rows'. The sum with
-a count makes that exact: a chunk returns its completions' (or tokens') loss sum and their count, so the step's
-Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a chunk's
+The update shares each prompt as the rollout does (train/grpo/prefix.py): a group's prompt runs through the blocks
+once and its completions as one batch attending to the prompt's keys and values — the same log-probs and gradient
+as G full prompt + completion rows, with the prompt's arithmetic and activations counted once per pass instead of G
+times (models whose caches are not plain KVCaches keep the full rows: `supports_shared_prompt`). The frozen passes
+(reference, πold) take a prompt's group in one forward (up to `FROZEN_ROWS` completions: nothing is kept for a
+backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`: each piece with its own
+prompt pass), one piece evaluated before the next (`PreferenceStep.accumulate`), so the update holds one piece's
+activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
+Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a piece's
 — and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
 """
 
@@ -31,12 +35,13 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from mlxtune.data.batching import make_batch
+from mlxtune.data.batching import make_batch, padded_positions
 from mlxtune.data.prompts import PromptRecord
 from mlxtune.train.engine import Objective
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
-from mlxtune.memory.grpo import UPDATE_ROWS
+from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
+from mlxtune.train.grpo.prefix import shared_prompt_states, supports_shared_prompt
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
 
@@ -63,7 +68,13 @@ class PromptBatch:
 
 @dataclass
 class UpdateBatch:
-    """The rows of one micro-batch's update: its padded batch arrays and what maps them to [rows, T]."""
+    """Rows of one prompt's update: the forward pass's arrays and what maps its log-probs to [rows, T].
+
+    `arrays`: (prompt [1, P], completion inputs [rows, T − 1], positions, targets) when the rows share their prompt's
+    pass, (inputs, positions, targets, weights, rows) as full prompt + completion rows (`make_batch`'s); positions
+    index the pass's flat [rows · length] states, padded to few shapes (`padded_positions`). A prompt's group (up to
+    FROZEN_ROWS rows) is one batch, for its frozen passes; `pieces` are the gradient's batches of its rows (itself
+    when small enough)."""
 
     arrays: tuple
     gather: mx.array  # [rows, T] index into the flat log-probs (pad: the appended 0)
@@ -71,6 +82,7 @@ class UpdateBatch:
     mask: mx.array
     old: mx.array | None = None
     reference: mx.array | None = None
+    pieces: list = field(default_factory=list)
 
 
 class GrpoLoss:
@@ -80,11 +92,18 @@ class GrpoLoss:
         self.config = config
         self.old_policy = old_policy  # μ > 1: the ratio is taken against the sampling policy's log-probs
         self.logps = SequenceLogProbs(model, selective)
+        self.shared_prompt = supports_shared_prompt(model)  # the layout `update_chunks` makes for this model
         self._frozen: dict[bool, object] = {}  # reference (True) / πold (False): their compiled forward passes
 
     def token_log_probs(self, model, arrays, gather, differentiable: bool) -> mx.array:
-        inputs, positions, targets = arrays[:3]
-        nll = self.logps.position_nll(model, inputs, positions, targets, differentiable)
+        if len(arrays) == 4:  # a prompt and its completions (UpdateBatch): the prompt's pass shared
+            prompt, completions, positions, targets = arrays
+            states = shared_prompt_states(lambda inputs, cache: self.logps.states(model, inputs, cache),
+                                          len(model.layers), prompt, completions)
+            nll = self.logps.states_nll(states, positions, targets, differentiable)
+        else:  # full prompt + completion rows
+            inputs, positions, targets = arrays[:3]
+            nll = self.logps.position_nll(model, inputs, positions, targets, differentiable)
         return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
 
     def frozen_log_probs(self, model, batch: UpdateBatch, reference: bool) -> mx.array:
@@ -94,14 +113,13 @@ class GrpoLoss:
         compiled = self._frozen.get(reference)
         if compiled is None:
             compiled = self._frozen[reference] = self._compile_frozen(model, reference)
-        inputs, positions, targets = batch.arrays[:3]
         if not reference:
-            return mx.stop_gradient(compiled(inputs, positions, targets, batch.gather))
+            return mx.stop_gradient(compiled(*batch.arrays, batch.gather))
         was_training = model.training
         with adapters_off(model):
             model.eval()
             try:
-                out = compiled(inputs, positions, targets, batch.gather)
+                out = compiled(*batch.arrays, batch.gather)
             finally:
                 if was_training:
                     model.train()
@@ -118,8 +136,8 @@ class GrpoLoss:
         state = [model.state] if reference else [model.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=[] if reference else [mx.random.state])
-        def log_probs(inputs, positions, targets, gather):
-            return self.token_log_probs(model, (inputs, positions, targets), gather, False)
+        def log_probs(*arrays):
+            return self.token_log_probs(model, arrays[:-1], arrays[-1], False)
 
         return log_probs
 
@@ -130,8 +148,9 @@ class GrpoLoss:
         reference = batch.reference if batch.reference is not None else mx.zeros((1,))
         return (*batch.arrays, batch.gather, batch.advantages, batch.mask, old, reference)
 
-    def __call__(self, model, inputs, positions, targets, weights, rows, gather, advantages, mask, old, reference):
-        log_probs = self.token_log_probs(model, (inputs, positions, targets), gather, True)
+    def __call__(self, model, *arrays):
+        forward, (gather, advantages, mask, old, reference) = arrays[:-5], arrays[-5:]
+        log_probs = self.token_log_probs(model, forward, gather, True)
         loss, stats = grpo_loss(log_probs, advantages, mask, self.config,
                                 old_log_probs=old if self.old_policy else None,
                                 reference_log_probs=reference if self.config.beta else None)
@@ -144,33 +163,70 @@ class GrpoLoss:
         return loss * count, count, mx.stop_gradient(sums)
 
 
-def update_batch(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray) -> UpdateBatch:
-    """The rollout's rows as one padded batch (prompt + completion, the completion supervised), with the index
-    that lays the flat per-position log-probs out as [rows, T] like the rollout's mask."""
-    return update_chunks(prompt_ids, rollout, advantages, len(rollout.prompt_index))[0]
+def update_batch(prompt: list[int], tokens: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
+                 shared: bool = True) -> UpdateBatch:
+    """One prompt's rows — completion tokens [rows, T] and their mask (each row's completion from column 0) — as
+    the update's arrays: the prompt once and the completions after it (`shared`), or full prompt + completion rows.
+    The rows' log-probs come back as [rows, T] through `gather`, like the rollout's mask."""
+    rows, width = tokens.shape
+    if shared:
+        columns = max(width, 2)  # at least one completion input position (the rest come from the prompt's last)
+        padded = np.zeros((rows, columns), np.int32)
+        padded[:, :width] = tokens
+        cells = np.zeros((rows, columns), bool)
+        cells[:, :width] = mask
+        supervised = np.flatnonzero(cells)  # row by row, column by column: the mask's own order
+        count = padded_positions(len(supervised), rows * columns)
+        positions, targets = np.zeros(count, np.int32), np.zeros(count, np.int32)
+        positions[:len(supervised)], targets[:len(supervised)] = supervised, padded.reshape(-1)[supervised]
+        arrays = (mx.array(np.asarray(prompt, np.int32)[None]), mx.array(padded[:, :-1]), mx.array(positions),
+                  mx.array(targets))
+    else:
+        lengths = mask.sum(axis=1)
+        examples = rollout_examples([prompt], Rollout(mx.array(tokens), mx.array(mask), None, [0] * rows, None, 0.0,
+                                                      int(lengths.sum())))
+        batch = make_batch(examples)
+        arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
+                  mx.array(batch.position_weights), mx.array(np.zeros(1, np.int32)))
+        count = batch.positions.shape[0]
+    gather = np.full(mask.shape, count, np.int32)  # the appended 0 after the padding
+    gather[mask] = np.arange(int(mask.sum()))  # a row's supervised targets, in order, are its masked tokens
+    return UpdateBatch(arrays, mx.array(gather), mx.array(np.asarray(advantages, np.float32)), mx.array(mask))
+
+
+def even_split(rows: np.ndarray, most: int) -> list[np.ndarray]:
+    """`rows` in as few parts of at most `most` as it takes, as even as they come (8 by 4: 4 + 4; 6 by 4: 3 + 3)."""
+    count = -(-rows.size // max(1, most))
+    return np.array_split(rows, count) if count > 1 else [rows]
 
 
 def update_chunks(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.ndarray,
-                  rows_per_chunk: int = UPDATE_ROWS) -> list[UpdateBatch]:
-    """The rollout's rows as padded batches of up to `rows_per_chunk` rows each, in order (see the module
-    docstring: their loss sums and counts add up to the whole batch's)."""
-    examples = rollout_examples(prompt_ids, rollout)
-    lengths = rollout.lengths
+                  rows_per_chunk: int = UPDATE_ROWS, shared: bool = True,
+                  rows_per_group: int = FROZEN_ROWS) -> list[UpdateBatch]:
+    """The rollout's rows as batches of one prompt's rows (its G samples, split when more than `rows_per_group`:
+    the frozen passes run on them), each with its `pieces` for the gradient: up to `rows_per_chunk` rows, as even as
+    they come (see the module docstring: their loss sums and counts add up to the whole batch's)."""
+    tokens, mask = np.array(rollout.tokens, np.int32), np.array(rollout.mask, bool)
     advantages = np.asarray(advantages, np.float32)
-    chunks = []
-    for start in range(0, len(examples), max(1, rows_per_chunk)):
-        stop = min(start + max(1, rows_per_chunk), len(examples))
-        batch = make_batch(examples[start:stop])
-        mask = rollout.mask[start:stop]
-        gather = np.full(mask.shape, batch.position_weights.shape[0], np.int32)  # the appended 0 after the padding
-        offset = 0
-        for row, length in enumerate(lengths[start:stop]):
-            gather[row, :length] = np.arange(offset, offset + length)
-            offset += length
-        arrays = (mx.array(batch.inputs), mx.array(batch.positions), mx.array(batch.position_targets),
-                  mx.array(batch.position_weights), mx.array(np.zeros(1, np.int32)))
-        chunks.append(UpdateBatch(arrays, mx.array(gather), mx.array(advantages[start:stop]), mask))
-    return chunks
+    owners = np.asarray(rollout.prompt_index)
+
+    def batch(prompt, rows):
+        return update_batch(prompt, tokens[rows], mask[rows], advantages[rows], shared)
+
+    groups = []
+    for number, prompt in enumerate(prompt_ids):
+        for rows in even_split(np.flatnonzero(owners == number), rows_per_group):
+            if rows.size:
+                group = batch(prompt, rows)
+                parts = even_split(rows, rows_per_chunk)
+                group.pieces = [group] if len(parts) == 1 else [batch(prompt, part) for part in parts]
+                groups.append(group)
+    return groups
+
+
+def gradient_batches(groups: list[UpdateBatch]) -> list[UpdateBatch]:
+    """The pieces the gradient runs on, in order."""
+    return [piece for group in groups for piece in group.pieces]
 
 
 class GrpoObjective(Objective):
@@ -244,7 +300,7 @@ class GrpoObjective(Objective):
         total = batch.scores.total
         grouped = total.reshape(-1, s.group_size)
         batch.advantages = np.array(group_advantages(mx.array(total), s.group_size, self.loss.config.scale_rewards))
-        updates = update_chunks(batch.ids, rollout, batch.advantages)
+        updates = update_chunks(batch.ids, rollout, batch.advantages, shared=self.loss.shared_prompt)
         batch.tokens = int(sum(len(p) for p in batch.ids) * s.group_size + rollout.generated_tokens)
         stats = [len(total), grouped.shape[0], float((grouped.std(axis=1) == 0).sum()), rollout.generated_tokens,
                  rollout.seconds, 0.0, 0.0, float(total.sum()), float((total ** 2).sum())]
@@ -274,9 +330,10 @@ class GrpoObjective(Objective):
             self.on_samples(micro[0].step + 1, [x for b in micro for x in self.samples(b)])
         tic = time.perf_counter()
         self.frozen(updates)
+        pieces = gradient_batches(updates)
         loss_stats = np.zeros(len(LOSS_STATS))
         for number in range(s.updates_per_batch):
-            loss_sum, count, step_stats, grads = self.trainer.accumulate(updates)
+            loss_sum, count, step_stats, grads = self.trainer.accumulate(pieces)
             loss_stats += np.array(step_stats)
             if number == s.updates_per_batch - 1 or not np.isfinite((loss_sum / count).item()):
                 break  # the last update is the engine's (as is a NaN: its guard stops the run)
@@ -286,16 +343,21 @@ class GrpoObjective(Objective):
         stats[ROLLOUT_STATS.index("update_tokens")] = sum(b.tokens for b in micro) * s.updates_per_batch
         return loss_sum, count, mx.array(np.concatenate([stats, loss_stats]).astype(np.float32)), grads
 
-    def frozen(self, updates: list[UpdateBatch]) -> None:
-        """The log-probs the updates compare with, chunk by chunk, each evaluated on its own: the reference's
-        (β > 0) and πold's (μ > 1: the sampling policy in training mode, before the first update)."""
-        for update in updates:
-            if self.loss.config.beta:
-                update.reference = self.loss.frozen_log_probs(self.model, update, reference=True)
-                mx.eval(update.reference)
-            if self.loss.old_policy:
-                update.old = self.loss.frozen_log_probs(self.model, update, reference=False)
-                mx.eval(update.old)
+    def frozen(self, groups: list[UpdateBatch]) -> None:
+        """The log-probs the updates compare with, a prompt's group at a time (one forward, no activations kept),
+        each evaluated on its own and handed to the group's pieces: the reference's (β > 0) and πold's (μ > 1: the
+        sampling policy in training mode, before the first update)."""
+        for group in groups:
+            for name, wanted in (("reference", self.loss.config.beta), ("old", self.loss.old_policy)):
+                if not wanted:
+                    continue
+                values = self.loss.frozen_log_probs(self.model, group, reference=name == "reference")
+                mx.eval(values)
+                start = 0
+                for piece in group.pieces:
+                    rows = piece.mask.shape[0]
+                    setattr(piece, name, values[start:start + rows] if piece is not group else values)
+                    start += rows
 
     def has_validation(self) -> bool:
         return bool(self.valid)
@@ -338,11 +400,11 @@ class GrpoObjective(Objective):
         rollout = Rollout(tokens, mx.ones(tokens.shape, mx.bool_), mx.zeros(tokens.shape),
                           [p for p in range(len(ids)) for _ in range(s.group_size)], mx.zeros((rows, 2)), 0.0,
                           rows * s.max_completion_tokens)
-        updates = update_chunks(ids, rollout, np.zeros(rows, np.float32))
+        updates = update_chunks(ids, rollout, np.zeros(rows, np.float32), shared=self.loss.shared_prompt)
         self.frozen(updates)
         self.trainer.optimizer.init(self.model.trainable_parameters())
         mx.eval(self.trainer.optimizer.state)
-        self.trainer.accumulate(updates)
+        self.trainer.accumulate(gradient_batches(updates))
 
 
 VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)

@@ -106,12 +106,20 @@ class SequenceLogProbs:
         self.max_rows = chunk_rows(vocab_size)
 
     def position_nll(self, model, inputs, positions, targets, differentiable: bool = False):
+        return self.states_nll(self.states(model, inputs), positions, targets, differentiable)
+
+    def states(self, model, inputs, cache=None) -> mx.array:
+        """[batch, length, width] what the head's rows are taken from: the last hidden states (selective head), or
+        the float32 logits (full logits). `cache`: mlx-lm's per-layer cache list (None: the plain causal pass)."""
         if not self.selective:
-            logits = model(inputs).astype(mx.float32)
-            rows = logits.reshape(-1, logits.shape[-1])[positions]
+            return model(inputs, cache=cache).astype(mx.float32)
+        return model.model(inputs, cache=cache if cache is not None else packing_cache(model, None))
+
+    def states_nll(self, states, positions, targets, differentiable: bool = False):
+        """−log p(target) at `positions` (flat indices into the states' [batch · length] rows)."""
+        rows = states.reshape(-1, states.shape[-1])[positions]
+        if not self.selective:
             return token_nll(rows, targets)[0]
-        hidden = model.model(inputs, cache=packing_cache(model, None))
-        rows = hidden.reshape(-1, hidden.shape[-1])[positions]
         count = positions.shape[0]
         # Under a gradient with a frozen head (LoRA and friends) the fused path keeps nothing vocabulary-sized for
         # the backward pass; a trainable head (full finetuning, an adapted head) needs the plain composition.

@@ -1,0 +1,89 @@
+"""The update's forward pass with each prompt run once: a group's samples share their prompt, as in the rollout.
+
+Causal attention makes the prompt's hidden states, keys and values independent of what follows it, so a group's
+prompt goes through the blocks once (batch 1) and its completions as one batch attending to the prompt's keys and
+values (broadcast to every row), their positions continuing after the prompt. The first completion token's log-prob
+comes from the prompt's last position. Under a gradient the completions' gradients all flow into the one prompt
+pass: the same function of the weights as G full prompt + completion rows, with the prompt's arithmetic and
+activations counted once instead of G times.
+
+Both passes are mlx-lm's own forward (`model.model(inputs, cache=…)`, so its attention, rope offset and mask), through
+mlx-lm's per-layer cache protocol — `offset`, `update_and_fetch`, `make_mask` — as train/loss.py's SegmentMaskCache
+does: `PromptCache` keeps the prompt's keys and values as the pass computes them (differentiable arrays, no
+preallocated buffer: mlx-lm's KVCache writes into zeros by slice assignment), `SharedPromptCache` hands the
+completion pass those keys and values ahead of its own. tests/test_mlx_lm_private.py checks that mlx-lm's attention
+still calls the cache this way. Models whose caches are not plain `KVCache`s (sliding windows, recurrent layers)
+keep the full-row update (`supports_shared_prompt`).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class PromptCache:
+    """Per layer: the prompt's keys and values as its pass makes them (offset 0, the ordinary causal pass)."""
+
+    offset = 0
+
+    def __init__(self):
+        self.keys = self.values = None
+
+    def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
+        from mlx_lm.models.base import create_causal_mask
+
+        if return_array or window_size is not None:
+            return create_causal_mask(length, 0, window_size=window_size)
+        return "causal" if length > 1 else None
+
+    def update_and_fetch(self, keys, values):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class SharedPromptCache:
+    """Per layer: a prompt's keys and values ahead of every completion row's own; positions start after the prompt."""
+
+    def __init__(self, prompt: PromptCache):
+        self.prompt_keys, self.prompt_values = prompt.keys, prompt.values
+        self.offset = prompt.keys.shape[2]  # mlx-lm's attention rotates queries and keys from here
+
+    def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
+        from mlx_lm.models.base import create_causal_mask
+
+        if return_array or window_size is not None:
+            return create_causal_mask(length, self.offset, window_size=window_size)
+        # MLX's "causal" aligns the last query with the last key: row i sees the prompt and completion tokens ≤ i
+        return "causal" if length > 1 else None
+
+    def update_and_fetch(self, keys, values):
+        rows = keys.shape[0]
+
+        def ahead(prompt, own):
+            return mx.concatenate([mx.broadcast_to(prompt, (rows, *prompt.shape[1:])), own], axis=2)
+
+        return ahead(self.prompt_keys, keys), ahead(self.prompt_values, values)
+
+
+def supports_shared_prompt(model) -> bool:
+    """True when every layer's mlx-lm cache is a plain KVCache (full causal attention, keys and values only)."""
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    try:
+        return all(type(cache) is KVCache for cache in make_prompt_cache(model))
+    except Exception:  # a model mlx-lm can't make a cache for
+        return False
+
+
+def shared_prompt_states(forward, layers: int, prompt: mx.array, completions: mx.array) -> mx.array:
+    """[rows · T, width] states that predict each completion token: `forward(inputs, cache)` (hidden states or
+    logits, [batch, length, width]) of the prompt ([1, P]) once, then of the completions' inputs ([rows, T − 1]: each
+    completion but its last token) after it. Row r's t-th state predicts completion token t: the prompt's last
+    position's for t = 0, the completion's position t − 1 after."""
+    caches = [PromptCache() for _ in range(layers)]
+    prompt_states = forward(prompt, caches)
+    rows = completions.shape[0]
+    completion_states = forward(completions, [SharedPromptCache(cache) for cache in caches])
+    last = mx.broadcast_to(prompt_states[:, -1:], (rows, 1, prompt_states.shape[-1]))
+    states = mx.concatenate([last, completion_states], axis=1)
+    return states.reshape(-1, states.shape[-1])
