@@ -76,3 +76,29 @@ def load_model(path: Path, adapter_path: Path | None = None):
     # Training chooses again with its memory plan once its adapters are attached (train/loop.py).
     accelerate_quantized(model)
     return model, tokenizer, config
+
+
+def compute_in_float32(model, budget: int | None = None) -> bool:
+    """On the CPU backend, upcast a half-precision model (and the float copies of its quantized layers) to float32
+    for computing, where it fits half the memory `budget` (None: this machine's); True when it did. MLX's CPU
+    backend has no BLAS for float16/bfloat16: a forward pass of the imported SmolLM2 (float16 scales and norms) took
+    ~12x longer than in float32 (docs/BENCHMARKS.md). Training upcasts the same way (train/engine.py), so a model
+    evaluated this way scores in the precision it was trained and validated in. Not for commands that save the
+    weights (fuse, export): they keep the stored dtype."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxtune.cpu_quantized import float_weight_bytes, match_dtype
+    from mlxtune.memory.budget import machine_budget
+
+    if mx.default_device() != mx.cpu:
+        return False  # Metal/CUDA: half precision is the fast path there
+    floats = [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    if not any(v.dtype in (mx.float16, mx.bfloat16) for v in floats):
+        return False
+    float32_bytes = sum(v.size * 4 for v in floats) + 2 * float_weight_bytes(model)  # float copies, then float32
+    if float32_bytes > (budget if budget is not None else machine_budget()[0]) // 2:
+        return False
+    model.set_dtype(mx.float32)
+    match_dtype(model)  # the quantized layers' float copies, made again in float32
+    return True

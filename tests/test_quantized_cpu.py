@@ -288,3 +288,29 @@ def test_match_dtype_makes_stale_float_copies_again_after_a_cast():
     x = mx.random.normal((4, 64))
     kernel = mx.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], group_size=32, bits=4)
     close(layer(x), kernel + layer["bias"])
+
+
+def test_inference_on_a_half_precision_base_computes_in_float32_where_it_fits(tmp_path):
+    """`mlxtune eval` upcasts a float16 base on the CPU backend (models.compute_in_float32): MLX has no fast float16
+    matmul there (the imported SmolLM2's eval ran ~7x longer in float16). The float copies follow, and the logits
+    are the float32 quantized kernel's; a budget too small for float32 leaves the model as it is."""
+    from mlxtune.models import compute_in_float32
+    from mlxtune.runs import open_for_inference
+    from mlxtune.synthetic import SHAPES, build_random_model
+
+    shape = dict(SHAPES["smollm-135m"], hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256)
+    path = build_random_model(shape, tmp_path / "model", layers=1, dtype="float16", bits=4, group_size=32)
+    loaded = open_for_inference(path)
+    assert not compute_in_float32(loaded.model, budget=1000)  # does not fit: stays float16
+    assert loaded.model.model.norm.weight.dtype == mx.float16
+    assert compute_in_float32(loaded.model)
+    floats = [v for _, v in tree_flatten(loaded.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    assert floats and all(v.dtype == mx.float32 for v in floats)
+    layers = [m for _, m in loaded.model.named_modules() if type(m) is DequantizedLinear]
+    assert layers and all(m.__dict__["_float_weight"].dtype == mx.float32 for m in layers)
+    prompt = mx.array([[1, 17, 42, 99, 7]])
+    logits = loaded.model(prompt)
+    use_path(loaded.model, "off")  # MLX's own quantized kernel, in float32 now
+    close(logits, loaded.model(prompt), scale=10)
+    assert not compute_in_float32(loaded.model)  # already float32: nothing to do
