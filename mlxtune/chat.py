@@ -83,7 +83,7 @@ def chat_session(
     """A multi-turn conversation: `read_line` returns the next user message (None at end of input), replies stream
     through `write`, speed and commands' results go to `on_notice`. Returns the history."""
     sampling = (sampling or Sampling(temperature=0.7, top_p=0.95)).check()
-    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run)
+    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run, float32_on_cpu=True)
     notice = on_notice or (lambda message: None)
     conversation = Conversation(loaded, system, sampling)
     notice(f"format: {conversation.format.description}")
@@ -142,8 +142,8 @@ def compare_session(
         raise UsageError(f"--compare needs a run directory, got {run_dir}",
                          "give the directory `mlxtune lora` wrote; it holds the base model and the adapter")
     sampling = (sampling or Sampling(temperature=0.7, top_p=0.95)).check()
-    base = open_for_inference(run_dir, adapter=False)
-    tuned = open_for_inference(run_dir, checkpoint)
+    base = open_for_inference(run_dir, adapter=False, float32_on_cpu=True)
+    tuned = open_for_inference(run_dir, checkpoint, float32_on_cpu=True)
     sides = [Conversation(base, system, sampling), Conversation(tuned, system, sampling)]
     titles = ["base", f"tuned ({checkpoint})"]
     console.print("[dim]" + escape(f"comparing {base.source} (base) with {tuned.source} (tuned) · "

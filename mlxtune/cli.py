@@ -522,7 +522,7 @@ def generate(model_or_run, prompt, max_tokens, temp, top_p, min_p, repetition_pe
     from mlxtune.ui import print_json
 
     sampling = _sampling(max_tokens, temp, top_p, min_p, repetition_penalty, seed)
-    loaded = open_for_inference(model_or_run, checkpoint)
+    loaded = open_for_inference(model_or_run, checkpoint, float32_on_cpu=True)
     stream = None if json_mode else (lambda text: click.echo(text, nl=False))
     text = generate_text(loaded, prompt, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                          top_p=sampling.top_p, min_p=sampling.min_p, repetition_penalty=sampling.repetition_penalty,
@@ -574,7 +574,7 @@ def chat(model_or_run, system, max_tokens, temp, top_p, min_p, repetition_penalt
 
     from mlxtune.runs import open_for_inference
 
-    loaded = open_for_inference(model_or_run, checkpoint)
+    loaded = open_for_inference(model_or_run, checkpoint, float32_on_cpu=True)
     if interactive:
         click.echo(f"chatting with {loaded.source} — /system, /save FILE, /reset, /exit or Ctrl-D", err=True)
 

@@ -236,11 +236,15 @@ class LoadedModel:
 
 
 def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, adapter: bool = True,
-                       console=None) -> LoadedModel:
+                       console=None, float32_on_cpu: bool = False) -> LoadedModel:
     """Load a run (its base model + the `checkpoint` adapter, unless `adapter` is False) or a model reference, with
     what the template choice needs: the run's saved template, the model's own (a model directory's
-    chat_template.jinja, as fuse writes it, wins over its tokenizer's) and the data kind trained on."""
-    from mlxtune.models import load_model, resolve_model  # loading sits above the layout this module owns
+    chat_template.jinja, as fuse writes it, wins over its tokenizer's) and the data kind trained on.
+
+    `float32_on_cpu`: on the CPU backend, compute a half-precision model in float32 where it fits
+    (`models.compute_in_float32`: MLX has no fast float16 matmul there, ~10× slower) — for the commands that only
+    compute (chat, generate, serve, eval, verify), never for those that write the weights (fuse, export)."""
+    from mlxtune.models import compute_in_float32, load_model, resolve_model  # loading sits above this layout
 
     if is_run_dir(model_or_run):
         run = open_run(model_or_run)
@@ -248,6 +252,8 @@ def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, ad
         model, tokenizer, config = load_model(run.base_model, adapter_dir)
         saved = run.path / TEMPLATE_FILE
         model.eval()
+        if float32_on_cpu:
+            compute_in_float32(model)
         source = f"{run.base_model} + {run.path}" if adapter else str(run.base_model)
         return LoadedModel(model, tokenizer, config, getattr(tokenizer, "chat_template", None),
                            saved if saved.is_file() else None, source, run.base_model, run, run.data_kind)
@@ -257,6 +263,8 @@ def open_for_inference(model_or_run: str | Path, checkpoint: str = "last", *, ad
     if (path / TEMPLATE_FILE).is_file():
         template = (path / TEMPLATE_FILE).read_text(encoding="utf-8")
     model.eval()
+    if float32_on_cpu:
+        compute_in_float32(model)
     # fused_data_kind: a model fused from a run trained on plain text continues raw text, as the run itself does
     return LoadedModel(model, tokenizer, config, template, None, str(path), path, data_kind=fused_data_kind(path))
 

@@ -284,7 +284,7 @@ class Engine:
 
         try:
             with quiet_stdout():
-                self.loaded = open_for_inference(model_or_run, checkpoint)
+                self.loaded = open_for_inference(model_or_run, checkpoint, float32_on_cpu=True)
             # Chat requests are rendered in the format the model/run was trained on; a model without a template
             # gets mlxtune's fallback template.
             self.chat_format = Conversation(self.loaded, None, Sampling()).format

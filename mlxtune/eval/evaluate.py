@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlxtune.inference import encode_messages, prompt_format
-from mlxtune.models import compute_in_float32
 from mlxtune.errors import UsageError
 from mlxtune.eval.cases import EvalData, load_cases
 from mlxtune.eval.metrics import Metric, parse_metric
@@ -174,8 +173,7 @@ def evaluate_run(
         return _write(EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, curves=_curves(run.path),
                                  **rewards), out_dir)
     with quiet_stdout():
-        tuned = open_for_inference(run.path, checkpoint)
-    compute_in_float32(tuned.model)  # the CPU backend: float16 has no fast matmul there (~12x slower on SmolLM2)
+        tuned = open_for_inference(run.path, checkpoint, float32_on_cpu=True)
     cases = load_cases(run, tuned.tokenizer, prompt_format(tuned).template, data, limit)
     has_references = any(case.reference is not None for case in cases.cases)
     if not has_references:
@@ -190,8 +188,7 @@ def evaluate_run(
         tuned_scores = _score(tuned, cases, parsed_metric, new_tokens, progress, "tuned")
         del tuned
         with quiet_stdout():
-            base = open_for_inference(run.path, adapter=False)
-        compute_in_float32(base.model)
+            base = open_for_inference(run.path, adapter=False, float32_on_cpu=True)
         base_scores = _score(base, cases, parsed_metric, new_tokens, progress, "base")
         del base
     finally:

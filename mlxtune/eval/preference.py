@@ -34,7 +34,7 @@ def preference_scores(run: Run, data: str | Path | None, checkpoint: str, limit:
     if not is_preference_data(find_splits(source)):
         return None
     with quiet_stdout():
-        loaded = open_for_inference(run.path, checkpoint)
+        loaded = open_for_inference(run.path, checkpoint, float32_on_cpu=True)
     settings = run.settings
     from mlxtune.train.preference.run import is_preference_run, load_preference_settings
 

@@ -40,7 +40,7 @@ def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int
     rewards = parse_rewards(settings.reward or [])
     check_fields(rewards, [r.fields for r in chosen], [r.source for r in chosen])
     with quiet_stdout():
-        loaded = open_for_inference(run.path, checkpoint)
+        loaded = open_for_inference(run.path, checkpoint, float32_on_cpu=True)
     template = prompt_format(loaded).template  # the run's saved template, else the model's: what it trained with
     items = [(r, prompt_ids(r, loaded.tokenizer, template)) for r in chosen]
     scorer = GrpoObjective(loaded.model, loaded.tokenizer, None, None, settings, rewards, [], [],

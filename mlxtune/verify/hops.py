@@ -75,7 +75,7 @@ class MlxHop:
         from mlxtune.ui import quiet_stdout
 
         with quiet_stdout():
-            self.loaded = open_for_inference(model_or_run, checkpoint)
+            self.loaded = open_for_inference(model_or_run, checkpoint, float32_on_cpu=True)
         self.name = name
         self.source = self.loaded.source
         self.format = prompt_format(self.loaded)

@@ -135,7 +135,7 @@ def _base_loss(run, checkpoint: str, reference: _Reference) -> float | None:
     from mlxtune.ui import quiet_stdout
 
     with quiet_stdout():
-        base = open_for_inference(run.path, checkpoint, adapter=False)
+        base = open_for_inference(run.path, checkpoint, adapter=False, float32_on_cpu=True)
     logits = [np.array(base.model(mx.array(e.ids.tolist())[None])[0].astype(mx.float32)) for e in reference.examples]
     del base
     return teacher_forced(reference.examples, reference.logits, logits)["loss"]
