@@ -13,9 +13,10 @@ from conftest import run_cli
 from smollm import imported_smollm2
 
 QUESTION = "What is {a} + {b}? Answer with the number after ####, like #### 7."
-STEPS = 6
+STEPS = 5
 # 2 prompts × G 8 per step, up to 16 tokens, temperature 1, lr 5e-3 on the last 8 blocks. Measured (seed 0, loaded
-# 2-core CPU): 0.06 → 0.19 → 0.75 → 1.0 → 0.94 → 1.0. Seed 1 drew no formatted sample in its first 4 steps (nothing
+# 2-core CPU): 0.06 → 0.19 → 0.69 → 0.94 → 1.0 in 5 steps, 42 s idle (6 steps: … 0.75 → 1.0 → 0.94 → 1.0; 4 steps end at
+# 0.94, one sample from the bar, so 5 are run). Seed 1 drew no formatted sample in its first 4 steps (nothing
 # to learn from): the fixed seed is what makes this test deterministic; a higher base rate would make it robust.
 LEARN = ["--reward", "format", "--group-size", 8, "--batch-size", 2, "--max-completion-tokens", 16,
          "--temperature", 1.0, "--learning-rate", 5e-3, "--rank", 8, "--layers", 8, "--iters", STEPS,
@@ -43,6 +44,7 @@ def test_a_format_reward_rises_above_0_9_on_smollm2(tmp_path):
     assert result.returncode == 0, result.stderr
     train = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["train_reward_format"] for r in train if "train_reward_format" in r]
+    print(f"format reward per step: {rewards}")
     assert len(rewards) == STEPS
     assert rewards[0] <= 0.5 and max(rewards[:2]) < 0.9, rewards  # the base's level: it rarely writes `#### N`
     assert rewards[-1] > 0.9, rewards
