@@ -1,7 +1,7 @@
 """Test-only fault injection: `MLXTUNE_FAULT=NAME[:N[:SIGNAL]]` sends this process SIGKILL (or SIGNAL, e.g. INT;
-or, with `raise`, raises `InjectedFault` there) the Nth time (default: the first) it reaches the point NAME. The reliability suite uses it to kill inside a
-checkpoint write, an evaluation or a fuse at exactly the moment it wants (docs/RELIABILITY.md lists the points).
-Unset, it costs one environment lookup.
+with `raise`, raises `InjectedFault` there instead) the Nth time (default: the first) it reaches the point NAME. The
+reliability suite uses it to kill inside a checkpoint write, an evaluation or a fuse at exactly the moment it wants,
+and to make a `serve` generation fail (docs/RELIABILITY.md lists the points). Unset, it costs one environment lookup.
 """
 
 from __future__ import annotations
