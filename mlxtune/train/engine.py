@@ -256,7 +256,6 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
         if not writes:
             return
         weights = trainable_weights(model)
-        run.optimizer.init(model.trainable_parameters())  # a no-op after the first update; gives step 0 its state
         save_adapter(run_dir, weights, run.adapter_config)
         save_checkpoint(run_dir, at_step, weights, run.adapter_config, run.optimizer,
                         progress.state(run.data_files, settings))
@@ -268,6 +267,7 @@ def train(run: TrainingRun, objective: Objective, reporter: TrainingReporter) ->
 
     # The optimizer's state made before the first compiled call (a no-op when a resume restored it): made by the
     # first update instead, it changes the compiled functions' inputs and they re-trace at step 2 (a step's time).
+    # Every checkpoint (step 0's too) and the fail-fast trial see it.
     run.optimizer.init(model.trainable_parameters())
     mx.eval(run.optimizer.state)
     model.train()

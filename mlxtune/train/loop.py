@@ -265,10 +265,8 @@ class SupervisedObjective(Objective):
         first = step * settings.grad_accumulation
         if first <= largest < first + settings.grad_accumulation:
             return
-        # The optimizer's state (AdamW's two moments, as large as the trainable weights: large for `full`) is made
-        # lazily by the first update; made now, it is part of the trial's peak as it is of every later step's.
-        self.trainer.optimizer.init(setup.model.trainable_parameters())
-        mx.eval(self.trainer.optimizer.state)
+        # The optimizer's state (AdamW's two moments, as large as the trainable weights: large for `full`) already
+        # exists (the engine makes it before the first step), so it is part of the trial's peak as of every step's.
         self.trainer.accumulate([training_batch(self.datasets.train, self.plan, settings.seed, largest,
                                                 self.parallel.rank, self.parallel.size)])
 

@@ -402,9 +402,7 @@ class GrpoObjective(Objective):
                           rows * s.max_completion_tokens)
         updates = update_chunks(ids, rollout, np.zeros(rows, np.float32), shared=self.loss.shared_prompt)
         self.frozen(updates)
-        self.trainer.optimizer.init(self.model.trainable_parameters())
-        mx.eval(self.trainer.optimizer.state)
-        self.trainer.accumulate(gradient_batches(updates))
+        self.trainer.accumulate(gradient_batches(updates))  # the optimizer's state exists: the engine made it
 
 
 VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)
