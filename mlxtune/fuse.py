@@ -35,7 +35,7 @@ from mlxtune.library import base_source, models_in_use
 from mlxtune.faults import fault_point
 from mlxtune.model_config import (DEFAULT_GROUP_SIZE, check_quantization, config_dtype, directory_size, read_config,
                                   weight_bytes, without_quantization)
-from mlxtune.models import load_model
+from mlxtune.models import floating_parameters, load_model
 from mlxtune.train.loss import Loss
 from mlxtune.runs import (FUSE_REPORT_FILE, MERGED_BASE, METRICS_FILE, TEMPLATE_FILE, Run, check_output,
                           open_for_inference, open_run)
@@ -161,11 +161,11 @@ def _as_float32(model) -> None:
 
 
 def _float32_bytes(model) -> int:
-    return sum(v.size * 4 for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+    return sum(v.size * 4 for v in floating_parameters(model))
 
 
 def _floating_dtypes(model) -> set:
-    return {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    return {v.dtype for v in floating_parameters(model)}
 
 
 def _tolerance(compared_dtypes: set) -> float:

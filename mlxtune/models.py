@@ -78,6 +78,14 @@ def load_model(path: Path, adapter_path: Path | None = None):
     return model, tokenizer, config
 
 
+def floating_parameters(model) -> list:
+    """Every floating-point parameter of `model` (frozen or trainable): what a dtype change would touch."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
 def compute_in_float32(model, budget: int | None = None) -> bool:
     """On the CPU backend, upcast a half-precision model (and the float copies of its quantized layers) to float32
     for computing, where it fits half the memory `budget` (None: this machine's); True when it did. MLX's CPU
@@ -86,14 +94,13 @@ def compute_in_float32(model, budget: int | None = None) -> bool:
     evaluated this way scores in the precision it was trained and validated in. Not for commands that save the
     weights (fuse, export): they keep the stored dtype."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from mlxtune.cpu_quantized import float_weight_bytes, match_dtype
     from mlxtune.memory.budget import machine_budget
 
     if mx.default_device() != mx.cpu:
         return False  # Metal/CUDA: half precision is the fast path there
-    floats = [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    floats = floating_parameters(model)
     if not any(v.dtype in (mx.float16, mx.bfloat16) for v in floats):
         return False
     float32_bytes = sum(v.size * 4 for v in floats) + 2 * float_weight_bytes(model)  # float copies, then float32

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from mlxtune.backend import set_blas_threads
 from mlxtune.errors import RunFailed
 from mlxtune.faults import fault_point
+from mlxtune.models import floating_parameters
 from mlxtune.runs import BEST_DIR, METRICS_FILE, PLOT_FILE, RESULT_FILE
 from mlxtune.storage import atomic_write_text
 from mlxtune.train.adapters import trainable_weights
@@ -211,11 +211,6 @@ def prepare_backend(settings, model, reporter: TrainingReporter) -> None:
     if cpu and any(v.dtype in (mx.float16, mx.bfloat16) for v in floating_parameters(model)):
         model.set_dtype(mx.float32)
         reporter.info("CPU backend: training in float32 (half-precision weights upcast)")
-
-
-def floating_parameters(model) -> list[mx.array]:
-    """Every floating-point parameter of `model` (frozen or trainable): what a dtype change would touch."""
-    return [v for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
 
 
 def grad_checkpoint(model) -> None:
