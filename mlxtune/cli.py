@@ -117,7 +117,7 @@ def _force_option(f):
 
 
 def _launcher_options(f):
-    """The data-parallel launcher's flags (lora, dpo, orpo)."""
+    """The data-parallel launcher's flags (lora, dpo, orpo, grpo)."""
     for option in reversed((
         click.option("--nproc", type=int, help="Data-parallel: N ranks on this machine (with --hosts: N per host), started by mlx.launch."),
         click.option("--hosts", help="Data-parallel across Macs: SSH names/IPs (mac1,mac2) or an mlx.launch hostfile (.json); this machine first."),
@@ -216,7 +216,7 @@ def plan_command(timed, json_mode, config_path, objective, **flags):
 
 
 def _launch_options(nproc, hosts, backend, rank_timeout, check) -> dict | None:
-    """The data-parallel launcher's flags (lora, dpo, orpo), checked; None for a single-process run."""
+    """The data-parallel launcher's flags (lora, dpo, orpo, grpo), checked; None for a single-process run."""
     if not 1 <= rank_timeout <= MAX_RANK_TIMEOUT:  # NaN fails both comparisons
         raise UsageError(f"--rank-timeout {rank_timeout:g} is not a number of seconds from 1 to {MAX_RANK_TIMEOUT:,}",
                          f"give --rank-timeout in seconds, e.g. --rank-timeout {DEFAULT_TIMEOUT:g}")
@@ -318,16 +318,16 @@ main.add_command(_preference_command(
 ))
 
 
-# `mlxtune grpo`: reinforcement learning with verifiable rewards, the engine's third objective (docs/RL.md). No
-# launcher flags: a GRPO run is one process.
+# `mlxtune grpo`: reinforcement learning with verifiable rewards, the engine's third objective (docs/RL.md).
 @main.command("grpo", context_settings={"show_default": True},
               short_help="Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.")
 @settings_options(GrpoSettings, "grpo", _SHOWN)
 @_config_option
 @_resume_option
+@_launcher_options
 @_force_option
 @_json_option
-def grpo(config_path, resume_dir, json_mode, force, **flags):
+def grpo(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_timeout, check, **flags):
     """Reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) on prompts.
 
     \b
@@ -344,6 +344,7 @@ def grpo(config_path, resume_dir, json_mode, force, **flags):
       mlxtune grpo --model SmolLM2-135M-Instruct --data ./arith --reward number --reward 0.5*format --iters 100
       mlxtune grpo --from runs/sft --data ./prompts --reward rewards.py:brevity --beta 0.04
       mlxtune grpo --resume runs/smollm-grpo --iters 200
+      mlxtune grpo --model ./my-model --data ./arith --reward number --nproc 2   # data-parallel (docs/DISTRIBUTED.md)
     """
     from mlxtune.fuse import merge_sft_run
     from mlxtune.settings import resolve_settings
@@ -351,12 +352,20 @@ def grpo(config_path, resume_dir, json_mode, force, **flags):
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
+    launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
     if resume_dir:
         if config_path:
             raise UsageError("--config and --resume don't go together", "a resumed run keeps its own config.yaml")
         settings = resume_grpo_settings(resume_dir, flags)
     else:
         settings = resolve_settings(config_path, flags, cls=GrpoSettings)
+    if launch:  # data-parallel, through the same launcher as lora and dpo
+        result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
+        if json_mode:
+            print_json(result)
+        if result.get("stopped") == "interrupted":
+            sys.exit(EXIT_INTERRUPTED)
+        return
     result = train_grpo(settings, resume=bool(resume_dir), force=bool(force), console=console,
                         start_from=lambda run_dir: merge_sft_run(settings.from_run, run_dir,
                                                                  settings.from_checkpoint, console))

@@ -28,7 +28,7 @@ _LAUNCH = {"config_path", "resume_dir", "nproc", "hosts", "backend", "rank_timeo
 # plan: --objective grpo and the GRPO settings that size its memory (GrpoSettings', checked in test_grpo_run.py)
 NOT_SETTINGS = {"lora": _LAUNCH, "plan": {"config_path", "timed", "json_mode", "objective", "group_size",
                                           "max_completion_tokens"}, "dpo": _LAUNCH, "orpo": _LAUNCH,
-                "grpo": {"config_path", "resume_dir", "force", "json_mode"}}  # grpo: one process, no launcher
+                "grpo": _LAUNCH}
 # The settings a command has no flag for, and why.
 NO_FLAG = {
     "lora": set(), "plan": set(),

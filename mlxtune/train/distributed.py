@@ -6,6 +6,7 @@ slot, `mx.distributed` (ring, JACCL or MPI) carries the collectives, train/paral
     mlxtune lora ... --hosts hosts.json        mlx.launch's hostfile (ssh names, IPs, RDMA devices, backend)
     mlxtune lora ... --hosts ... --check       preflight only: SSH, versions, model/data, backend, world size
     mlxtune dpo|orpo ... --nproc 2             the same for preference runs (PreferenceSettings: the objective)
+    mlxtune grpo ... --nproc 2                 and for GRPO (each rank rolls out its share of the step's prompts)
 
 The parent (this module's `train_distributed`) resolves everything once — model, data, run directory, settings —
 checks every host, then runs mlx.launch with a rank command that carries those settings (`mlxtune rank-worker`).
@@ -407,14 +408,19 @@ def _sync_run_dir(run_dir: Path, layout: Layout) -> None:
 
 
 def _command(settings: LoraSettings) -> str:
-    """The command a run belongs to: lora, or a preference objective (PreferenceSettings carries it)."""
+    """The command a run belongs to: lora, grpo (GrpoSettings), or a preference objective (PreferenceSettings
+    carries it)."""
+    from mlxtune.settings import GrpoSettings
+
+    if isinstance(settings, GrpoSettings):
+        return "grpo"
     return getattr(settings, "objective", None) or "lora"
 
 
 def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None, nproc: int | None,
                       backend: str = "ring", timeout: float = DEFAULT_TIMEOUT, console=None, json_mode: bool = False):
-    """Run `settings` (LoraSettings, or PreferenceSettings for dpo/orpo) as a data-parallel job; returns rank 0's
-    result (as a dict)."""
+    """Run `settings` (LoraSettings, PreferenceSettings for dpo/orpo, GrpoSettings for grpo) as a data-parallel
+    job; returns rank 0's result (as a dict)."""
     # Only light imports here: the ranks load MLX models; the parent just launches and watches them.
     from mlxtune.data.dataset import resolve_data_path
     from mlxtune.train.parallel import check_resume_ranks
@@ -460,7 +466,7 @@ def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None
     run_dir.mkdir(parents=True, exist_ok=True)
 
     resume_hint = f"continue with: mlxtune {command} --resume {run_dir} {_world_flags(hosts, nproc)}"
-    spec = {"settings": settings.to_dict(), "resume": resume, "world_size": layout.world_size,
+    spec = {"command": command, "settings": settings.to_dict(), "resume": resume, "world_size": layout.world_size,
             "backend": report.backend, "hosts": layout.hosts, "timeout": timeout, "resume_hint": resume_hint,
             "json": json_mode}
     outcome = _launch(layout, report.backend, _rank_command(spec), timeout, json_mode)
@@ -681,7 +687,13 @@ def _train_rank(spec: dict, group, watchdog, host: str) -> int:
     _watch_stdin_for_stop()
     console = make_console(spec.get("json", False), quiet=not parallel.is_main)
     # after the check: a refused rank stops before the heavy imports
-    if "objective" in spec["settings"]:  # dpo / orpo
+    if spec["command"] == "grpo":
+        from mlxtune.settings import GrpoSettings
+        from mlxtune.train.grpo.run import train_grpo
+
+        result = train_grpo(GrpoSettings(**spec["settings"]), resume=spec["resume"], console=console,
+                            parallel=parallel)
+    elif spec["command"] in ("dpo", "orpo"):
         from mlxtune.train.preference.run import PreferenceSettings, train_preference
 
         result = train_preference(PreferenceSettings(**spec["settings"]), resume=spec["resume"],

@@ -227,3 +227,41 @@ def test_dpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
     # Adam divides by the root of tiny second moments: summation order moves single elements in the 4th digit
     _assert_same_adapters(two, single, atol=1e-3)
     assert json.loads((two / "run.json").read_text())["ranks"] == 2
+
+
+def test_grpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
+    """`mlxtune grpo --nproc 2 --batch-size 1` = one rank with --batch-size 2: each rank rolls out its prompt with
+    the keys one rank would use for it, and the rollout statistics, loss sums and gradients are the world's. Three
+    validation prompts split 2/1 between the ranks (one per batch), with the same fixed keys as one rank's."""
+    from test_grpo_run import make_prompts
+
+    from mlxtune.settings import GrpoSettings
+    from mlxtune.train.grpo.run import train_grpo
+
+    prompts = make_prompts(tmp_path / "prompts", train=12, valid=3)
+    common = dict(reward="contains", group_size=4, max_completion_tokens=8, iters=3, val_batches=-1, eval_every=3,
+                  report_every=1, save_every=3, schedule="constant", warmup_steps=0, learning_rate=1e-2,
+                  sample_every=0, memory="64GB")
+    two = tmp_path / "two"
+    done = subprocess.run([*MLXTUNE, "grpo", "--model", str(MODEL), "--data", str(prompts), "--out", str(two),
+                           "--nproc", "2", "--batch-size", "1", *_flags(common)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 over ring (127.0.0.1 ×2)" in done.stdout and "2 prompts × G 4 per step" in done.stdout
+    single = tmp_path / "one"
+    train_grpo(GrpoSettings(model=str(MODEL), data=str(prompts), out=str(single), batch_size=2,
+                            **{**common, "reward": ["contains"]}), console=make_console(quiet=True))
+
+    def rows(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "train_loss" in r], [r for r in records if "val_reward" in r]
+
+    (train_two, val_two), (train_one, val_one) = rows(two), rows(single)
+    assert [r["train_completions"] for r in train_two] == [8, 8, 8]  # both ranks' samples counted
+    for got, want in zip(train_two, train_one, strict=True):
+        for key in ("train_reward", "train_completion_length", "train_zero_std_groups"):
+            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+        assert abs(got["train_loss"] - want["train_loss"]) <= 1e-5, (got["step"], got["train_loss"], want["train_loss"])
+    assert [r["val_reward"] for r in val_two] == [r["val_reward"] for r in val_one] and len(val_two) == 2
+    _assert_same_adapters(two, single, atol=1e-3)
+    assert json.loads((two / "run.json").read_text())["ranks"] == 2

@@ -38,6 +38,7 @@ import numpy as np
 from mlxtune.data.batching import make_batch, padded_positions
 from mlxtune.data.prompts import PromptRecord
 from mlxtune.train.engine import Objective
+from mlxtune.train.parallel import DataParallel
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
 from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
@@ -239,8 +240,11 @@ class GrpoObjective(Objective):
 
     def __init__(self, model, tokenizer, trainer, loss: GrpoLoss, settings, rewards: list[Reward],
                  train: list[tuple[PromptRecord, list[int]]], valid: list[tuple[PromptRecord, list[int]]],
-                 eos_token_ids, on_samples=None, save_settings=None):
+                 eos_token_ids, on_samples=None, save_settings=None, parallel: DataParallel | None = None):
         self.model, self.tokenizer, self.trainer, self.loss = model, tokenizer, trainer, loss
+        # Data-parallel: each rank rolls out and scores its share of the step's prompts (the same samples as one
+        # rank would draw for them: keys follow the prompt's place in the step); the engine sums the gradients.
+        self.parallel = parallel or DataParallel()
         self.settings, self.rewards, self.train, self.valid = settings, rewards, train, valid
         self.eos_token_ids = eos_token_ids
         self.on_samples = on_samples  # (step, list of sample dicts): where --sample-every's samples go
@@ -249,21 +253,25 @@ class GrpoObjective(Objective):
     # --- the step's prompts -------------------------------------------------------------------------------------
 
     def prompts_per_step(self) -> int:
-        return self.settings.batch_size * self.settings.grad_accumulation
+        """The whole world's: --batch-size per rank and micro-batch × accumulation × ranks."""
+        return self.settings.batch_size * self.settings.grad_accumulation * self.parallel.size
 
     def prompt_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.settings.seed, epoch]).permutation(len(self.train))
 
     def batches(self, step: int) -> list:
-        per_step, size = self.prompts_per_step(), self.settings.batch_size
+        """This rank's micro-batches of the step: micro-batch k of the world holds --batch-size prompts per rank,
+        rank r taking the r-th --batch-size of them (one rank: all of it)."""
+        per_step, size, world = self.prompts_per_step(), self.settings.batch_size, self.parallel.size
         start = step * per_step
         picked = []
         for index in range(start, start + per_step):
             epoch, within = divmod(index, len(self.train))
             picked.append(int(self.prompt_order(epoch)[within]))
+        mine = [k + self.parallel.rank * size for k in range(0, per_step, size * world)]
         return [PromptBatch([self.train[i][0] for i in picked[k:k + size]],
                             [self.train[i][1] for i in picked[k:k + size]], start + k, step)
-                for k in range(0, per_step, size)]
+                for k in mine]
 
     def keys(self, batch: PromptBatch) -> mx.array:
         """G sampling keys per prompt, from the prompt's place in the run (seed, step, position in the step): the
@@ -335,9 +343,13 @@ class GrpoObjective(Objective):
         for number in range(s.updates_per_batch):
             loss_sum, count, step_stats, grads = self.trainer.accumulate(pieces)
             loss_stats += np.array(step_stats)
-            if number == s.updates_per_batch - 1 or not np.isfinite((loss_sum / count).item()):
-                break  # the last update is the engine's (as is a NaN: its guard stops the run)
-            self.trainer.update(grads, count)
+            if number == s.updates_per_batch - 1:
+                break  # the last update is the engine's (it sums the ranks' gradients itself)
+            # an earlier update: the world's gradient sum here, as the engine's for the last (one rank: unchanged)
+            world_loss, world_count, _, world_grads = self.parallel.reduce_step(loss_sum, count, 0, grads)
+            if not np.isfinite((world_loss / world_count).item()):
+                break  # a NaN: the engine's guard stops the run (on every rank: it sees the same sums)
+            self.trainer.update(world_grads, world_count)
             mx.eval(self.trainer.state)
         stats[ROLLOUT_STATS.index("update_seconds")] = time.perf_counter() - tic
         stats[ROLLOUT_STATS.index("update_tokens")] = sum(b.tokens for b in micro) * s.updates_per_batch
@@ -368,9 +380,7 @@ class GrpoObjective(Objective):
 
     def validate(self) -> dict:
         """Mean reward of one completion per held-out prompt, sampled with fixed keys (`best/` follows it)."""
-        out = mean_reward(self, self.validation_prompts())
-        out.pop("totals"), out.pop("values")  # per-prompt lists: eval's intervals, not metrics
-        return out
+        return world_mean_reward(self, self.validation_prompts(), self.parallel)
 
     def summarise(self, loss_sum: float, count: float, stats) -> dict:
         return summarise(loss_sum, count, np.asarray(stats, np.float64), [r.spec for r in self.rewards])
@@ -409,28 +419,53 @@ VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every trai
 
 
 def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[int]]],
-                batch_size: int | None = None) -> dict:
+                batch_size: int | None = None, key_offsets: list[int] | None = None) -> dict:
     """One completion per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
     key is the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
     total reward, each reward's mean, and the per-prompt totals. Temperature 0 is greedy."""
     s = objective.settings
     batch_size = batch_size or s.batch_size
     totals, per_reward = [], {r.spec: [] for r in objective.rewards}
-    for start in range(0, len(items), batch_size):
+    for number, start in enumerate(range(0, len(items), batch_size)):
         chunk = items[start:start + batch_size]
-        keys = mx.stack([mx.random.key(VALIDATION_KEY + start + j) for j in range(len(chunk))])
+        offset = key_offsets[number] if key_offsets is not None else start  # the chunk's place in the whole list
+        keys = mx.stack([mx.random.key(VALIDATION_KEY + offset + j) for j in range(len(chunk))])
         rollout = objective.generate([item[1] for item in chunk], keys, s.temperature, s.top_p)
         _, scores = objective.score([item[0] for item in chunk], rollout)
         totals.extend(scores.total.tolist())
         for name, row in zip(scores.names, scores.values):
             per_reward[name].extend(row.tolist())
-    out = {"reward": float(np.mean(totals)), "totals": totals,  # no validation loss: the reward is the measure
+    out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals,  # no validation loss: the reward is the measure
            "values": per_reward}  # per reward, per prompt (NaN: None), for eval's paired intervals
     for name, values in per_reward.items():
         values = np.array(values)
         applied = values[~np.isnan(values)]
         out[f"reward_{name}"] = float(applied.mean()) if applied.size else None
     return out
+
+
+def world_mean_reward(objective: GrpoObjective, items: list, parallel: DataParallel) -> dict:
+    """`mean_reward`'s means without the per-prompt lists; data-parallel, each rank samples its share of the
+    batches (the same fixed keys as one rank) and the sums are added up."""
+    size = objective.settings.batch_size
+    starts = [start for number, start in enumerate(range(0, len(items), size)) if parallel.mine(number)]
+    out = mean_reward(objective, [item for start in starts for item in items[start:start + size]], size,
+                      key_offsets=starts)
+    if not parallel.distributed:
+        out.pop("totals"), out.pop("values")  # per-prompt lists: eval's intervals, not metrics
+        return out
+    names = list(out["values"])
+    sums = [float(np.sum(out["totals"])), float(len(out["totals"]))]
+    for name in names:
+        values = np.array(out["values"][name], np.float64)
+        applied = values[~np.isnan(values)]
+        sums += [float(applied.sum()), float(applied.size)]
+    world = [float(v.item()) for v in parallel.sum(*[mx.array(v, dtype=mx.float32) for v in sums])]
+    result = {"reward": world[0] / max(world[1], 1.0)}
+    for number, name in enumerate(names):
+        total, applied = world[2 + 2 * number], world[3 + 2 * number]
+        result[f"reward_{name}"] = total / applied if applied else None
+    return result
 
 
 def summarise(loss_sum: float, count: float, stats: np.ndarray, names: list[str]) -> dict:

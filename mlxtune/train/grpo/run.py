@@ -32,6 +32,7 @@ from mlxtune.train.engine import TrainingRun, finish, grad_checkpoint, prepare_b
 from mlxtune.train.grpo.losses import GRPOLossConfig, preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
 from mlxtune.train.grpo.rewards import check_fields, parse_rewards
+from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.preference.run import PreferenceStep
 from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
 from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
@@ -155,16 +156,24 @@ def _trim_samples(run_dir: Path, step: int) -> None:
 
 
 def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = False, console=None,
-               start_from=None) -> GrpoResult:
+               start_from=None, parallel: DataParallel | None = None) -> GrpoResult:
     """Train adapters with GRPO as `settings` say; with `resume`, continue `settings.out`. Settings the memory
     planner says won't fit are refused before training unless `force`. `start_from(run_dir) -> model path`: what
-    makes the starting model for `settings.from_run` (the CLI passes fuse.merge_sft_run)."""
+    makes the starting model for `settings.from_run` (the CLI passes fuse.merge_sft_run). With `parallel`, this
+    process is one rank of a data-parallel run (train/distributed.py starts those): each rank rolls out
+    --batch-size prompts per micro-batch, and rank 0 alone writes the run directory (samples.jsonl: its share)."""
     reporter = TrainingReporter(console or make_console())
     console = reporter.console
+    parallel = parallel or DataParallel()
+    writes = parallel.is_main
     settings = copy.deepcopy(settings).validate()
     requested_path()
     if not settings.data:
         raise UsageError("no data given", "pass --data with prompts ({\"prompt\": …, \"answer\": …} per line)")
+    if settings.from_run and not resume and parallel.distributed:
+        raise UsageError("--from is not available with --nproc/--hosts",
+                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
+                         "pass --model MODEL_DIR")
     rewards = parse_rewards(settings.reward or [])  # a bad reward spec or file fails before anything loads
     if settings.from_run and not resume and start_from is None:
         raise UsageError("--from needs its supervised run merged first",
@@ -173,9 +182,11 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     records, notes = read_prompt_splits(data_path, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
     for split in ("train", "valid"):
         check_fields(rewards, [r.fields for r in records.get(split, [])], [r.source for r in records.get(split, [])])
-    check_writable(Path(settings.out or "runs"))
+    if writes:
+        check_writable(Path(settings.out or "runs"))
+    # the other ranks are given rank 0's run directory (train/distributed.py): they neither create nor claim it
     run_dir, model_path = open_run_dir(settings, resume=resume, reporter=reporter, start_from=start_from,
-                                       kind="grpo")
+                                       kind="grpo", writes=writes)
     settings.data = str(data_path.resolve())
 
     reporter.start("grpo", model_path, run_dir)
@@ -185,23 +196,28 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     for note in sets.notes:
         reporter.note(note)
     memory_plan, adapter_cfg = plan_then_adapt(settings, model, run_dir, lambda: check_grpo_memory(
-        settings, model_path, sets, force=force or resume, console=console), reporter)
+        settings, model_path, sets, force=force or resume, console=console), reporter, writes=writes)
     total_steps = settings.iters or max(1, math.ceil(settings.epochs * len(sets.train) / (
-        settings.batch_size * settings.grad_accumulation)))
+        settings.batch_size * settings.grad_accumulation * parallel.size)))
     # The schedule counts optimizer updates: μ per step.
     optimizer = build_optimizer(settings, total_steps * settings.updates_per_batch)
     start_step, resumed = 0, None
     data_files = data_fingerprint(data_path)
     if resume:
+        check_resume_ranks(run_dir, parallel.size)  # a step's prompts are per rank: the same world resumes it
         start_step, resumed = restore(run_dir, total_steps, model, optimizer, data_files, settings, reporter, "grpo")
-        _trim_samples(run_dir, start_step)
-    save_grpo_settings(settings, run_dir)
-    info = {"base_model": str(model_path), "model_type": model_config.get("model_type"), "data_kind": "prompts",
-            "objective": "grpo", "template_origin": sets.template.origin, "train_examples": len(sets.train),
-            "valid_examples": len(sets.valid), "adapter": adapter_cfg, "from_run": settings.from_run}
-    if sets.template.template and sets.template.origin != "model":
-        atomic_write_text(run_dir / TEMPLATE_FILE, sets.template.template)
-    atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
+        if writes:
+            _trim_samples(run_dir, start_step)
+    parallel.broadcast_weights(model)  # every rank starts from rank 0's weights
+    if writes:
+        save_grpo_settings(settings, run_dir)
+        info = {"base_model": str(model_path), "model_type": model_config.get("model_type"), "data_kind": "prompts",
+                "objective": "grpo", "template_origin": sets.template.origin, "train_examples": len(sets.train),
+                "valid_examples": len(sets.valid), "adapter": adapter_cfg, "from_run": settings.from_run,
+                "ranks": parallel.size}  # data-parallel ranks: a resume needs as many (the step's prompts are per rank)
+        if sets.template.template and sets.template.origin != "model":
+            atomic_write_text(run_dir / TEMPLATE_FILE, sets.template.template)
+        atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2))
 
     loss = GrpoLoss(model, loss_config(settings), settings.selective_loss,
                     old_policy=settings.updates_per_batch > 1)
@@ -209,13 +225,13 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     if settings.grad_checkpoint:
         grad_checkpoint(model)
     _print_header(console, settings, sets, trainable, total, total_steps, model_config.get("quantization"),
-                  memory_plan)
+                  memory_plan, parallel)
     objective = GrpoObjective(model, tokenizer, PreferenceStep(model, optimizer, settings.grad_clip, loss), loss,
-                              settings, rewards, sets.train, sets.valid, eos_ids(tokenizer), _sample_writer(run_dir),
-                              save_grpo_settings)
+                              settings, rewards, sets.train, sets.valid, eos_ids(tokenizer),
+                              _sample_writer(run_dir) if writes else None, save_grpo_settings, parallel)
     run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,
                       f"{model_name(model_path)} · {run_dir.name} · GRPO", start_step, resume, resumed, data_files,
-                      memory_budget=memory_plan.budget)
+                      parallel, memory_budget=memory_plan.budget)
     progress = train(run, objective, reporter)
     result = GrpoResult.of(run_dir, progress, total_steps, memory_plan, trainable, total, sets.notes)
     finish(run, result)
@@ -237,15 +253,15 @@ def longest_prompt(sets: PromptSets) -> int:
 
 
 def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, total, steps, quantization,
-                  memory_plan) -> None:
+                  memory_plan, parallel: DataParallel) -> None:
     method = settings.method if not quantization or settings.method == "full" else f"Q{settings.method.upper()}"
     config = loss_config(settings)
     rows = [
         ("objective", f"{settings.loss_type} ({config.aggregation} mean), ε {config.epsilon_low:g}/"
                       f"{config.epsilon_high:g}, β {settings.beta:g}, μ {settings.updates_per_batch}"),
         ("rewards", ", ".join(settings.reward or [])),
-        ("rollouts", f"{settings.batch_size * settings.grad_accumulation} prompts × G {settings.group_size} per "
-                     f"step, up to {settings.max_completion_tokens} tokens, temperature {settings.temperature:g}, "
+        ("rollouts", f"{settings.batch_size * settings.grad_accumulation * parallel.size} prompts × G "
+                     f"{settings.group_size} per step, up to {settings.max_completion_tokens} tokens, temperature {settings.temperature:g}, "
                      f"top-p {settings.top_p:g}"),
         ("adapter", (f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else
                      "full") + f" · {trainable:,} of {total:,} parameters trained"),
@@ -256,6 +272,8 @@ def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, 
         ("memory", f"{memory_plan.verdict()} ({memory_plan.budget_source})"),
         ("device", str(mx.default_device())),
     ]
+    if parallel.distributed:
+        rows.append(("ranks", parallel.describe()))
     console.print(summary_table("grpo run", rows))
 
 
