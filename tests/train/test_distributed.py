@@ -241,7 +241,7 @@ def test_grpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
     prompts = make_prompts(tmp_path / "prompts", train=12, valid=3)
     common = dict(reward="contains", group_size=4, max_completion_tokens=8, iters=3, val_batches=-1, eval_every=3,
                   report_every=1, save_every=3, schedule="constant", warmup_steps=0, learning_rate=1e-2,
-                  sample_every=0, memory="64GB")
+                  sample_every=0, memory="64GB", updates_per_batch=2)  # μ 2: the first update is summed too
     two = tmp_path / "two"
     done = subprocess.run([*MLXTUNE, "grpo", "--model", str(MODEL), "--data", str(prompts), "--out", str(two),
                            "--nproc", "2", "--batch-size", "1", *_flags(common)], capture_output=True, text=True,
