@@ -454,7 +454,12 @@ def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None
                          "(or pick another --out)")
     settings.model, settings.data, settings.out = str(Path(model_path).resolve()), str(data_path), str(run_dir)
 
-    report = preflight(layout, layout.backend or backend, [settings.model, settings.data])
+    paths = [settings.model, settings.data]
+    if command == "grpo":  # a bad reward fails here, before any rank starts; its files must be on every host
+        from mlxtune.train.grpo.rewards import parse_rewards, reward_files
+
+        paths += reward_files(parse_rewards(settings.reward or []))
+    report = preflight(layout, layout.backend or backend, paths)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {note}")
     if not report.ok:

@@ -265,3 +265,13 @@ def test_grpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
     assert [r["val_reward"] for r in val_two] == [r["val_reward"] for r in val_one] and len(val_two) == 2
     _assert_same_adapters(two, single, atol=1e-3)
     assert json.loads((two / "run.json").read_text())["ranks"] == 2
+
+
+def test_grpo_with_a_bad_reward_fails_before_any_rank_starts(tmp_path):
+    from test_grpo_run import make_prompts
+
+    prompts = make_prompts(tmp_path / "prompts", train=4, valid=1)
+    done = run_cli("grpo", "--model", MODEL, "--data", prompts, "--out", tmp_path / "run", "--nproc", 2,
+                   "--reward", tmp_path / "missing.py:score")
+    assert done.returncode == 2 and "no file" in done.stderr and "rank" not in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()

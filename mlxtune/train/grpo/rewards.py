@@ -43,6 +43,7 @@ from mlxtune.errors import RunFailed, UsageError
 DEFAULT_FIELD = "answer"
 BUILTINS = ("exact", "contains", "number", "regex", "json", "format")
 WEIGHT = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\*(.+)$", re.DOTALL)
+USER_FUNCTION = re.compile(r"^[^:]+\.py:[A-Za-z_]\w*$")  # FILE.py:NAME
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 FINAL_ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 FORMATS = {
@@ -301,7 +302,7 @@ def parse_reward(spec: str) -> Reward:
     spec = spec.strip()
     if not spec:
         raise UsageError("empty --reward", "name a reward: exact, number, format, FILE.py:NAME, ...")
-    if re.match(r"^[^:]+\.py:[A-Za-z_]\w*$", spec):
+    if USER_FUNCTION.match(spec):
         return Reward(spec, weight, _user_function(spec))
     function, fields = _builtin(spec)
     return Reward(spec, weight, function, fields)
@@ -311,6 +312,18 @@ def parse_rewards(specs: list[str]) -> list[Reward]:
     if not specs:
         raise UsageError("no reward given", "pass --reward, e.g. --reward number --reward 0.5*format")
     return [parse_reward(spec) for spec in specs]
+
+
+def reward_files(rewards: list[Reward]) -> list[str]:
+    """The files the rewards read (user functions, JSON schemas), absolute: what every host of a data-parallel run
+    must have at the same path (train/distributed.py's preflight checks them)."""
+    files = []
+    for reward in rewards:
+        if USER_FUNCTION.match(reward.spec):
+            files.append(reward.spec.rpartition(":")[0])
+        elif reward.spec.startswith("json:"):
+            files.append(reward.spec.partition(":")[2])
+    return [str(Path(f).resolve()) for f in files]
 
 
 def check_fields(rewards: list[Reward], records: list[dict], sources: list[str]) -> None:
