@@ -231,15 +231,16 @@ def test_dpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
 
 def test_grpo_on_two_ranks_trains_like_one_rank_with_twice_the_batch(tmp_path):
     """`mlxtune grpo --nproc 2 --batch-size 1` = one rank with --batch-size 2: each rank rolls out its prompt with
-    the keys one rank would use for it, and the rollout statistics, loss sums and gradients are the world's. Three
-    validation prompts split 2/1 between the ranks (one per batch), with the same fixed keys as one rank's."""
+    the keys one rank would use for it, and the rollout statistics, loss sums and gradients are the world's (before
+    each of μ 2 updates). --val-batches 2 of the world's batch: 4 of the 5 validation prompts, split between the
+    ranks one per batch, with the same fixed keys as one rank's."""
     from test_grpo_run import make_prompts
 
     from mlxtune.settings import GrpoSettings
     from mlxtune.train.grpo.run import train_grpo
 
-    prompts = make_prompts(tmp_path / "prompts", train=12, valid=3)
-    common = dict(reward="contains", group_size=4, max_completion_tokens=8, iters=3, val_batches=-1, eval_every=3,
+    prompts = make_prompts(tmp_path / "prompts", train=12, valid=5)
+    common = dict(reward="contains", group_size=4, max_completion_tokens=8, iters=3, val_batches=2, eval_every=3,
                   report_every=1, save_every=3, schedule="constant", warmup_steps=0, learning_rate=1e-2,
                   sample_every=0, memory="64GB", updates_per_batch=2)  # μ 2: the first update is summed too
     two = tmp_path / "two"

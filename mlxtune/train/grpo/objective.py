@@ -375,7 +375,8 @@ class GrpoObjective(Objective):
         return bool(self.valid)
 
     def validation_prompts(self) -> list[tuple[PromptRecord, list[int]]]:
-        n = len(self.valid) if self.settings.val_batches < 0 else self.settings.val_batches * self.settings.batch_size
+        s = self.settings  # --val-batches of the world's batch (--batch-size per rank), as dpo's
+        n = len(self.valid) if s.val_batches < 0 else s.val_batches * s.batch_size * self.parallel.size
         return self.valid[:n]
 
     def validate(self) -> dict:
@@ -435,8 +436,8 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
         totals.extend(scores.total.tolist())
         for name, row in zip(scores.names, scores.values):
             per_reward[name].extend(row.tolist())
-    out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals,  # no validation loss: the reward is the measure
-           "values": per_reward}  # per reward, per prompt (NaN: None), for eval's paired intervals
+    # no validation loss: the reward is the measure; `values` per reward, per prompt (NaN: None), for eval's intervals
+    out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals, "values": per_reward}
     for name, values in per_reward.items():
         values = np.array(values)
         applied = values[~np.isnan(values)]
