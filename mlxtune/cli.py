@@ -651,9 +651,11 @@ def verify_command(run_dir, hops, requantize, checkpoint, fused, gguf, ollama, l
                    "regex:PATTERN (its first group is the answer, e.g. 'regex:####\\s*(-?[\\d.,]+)').")
 @click.option("--max-tokens", type=int, help="Most generated tokens per example [default: longest reference + 16, at most 256].")
 @click.option("--limit", type=int, help="Evaluate only the first N examples.")
+@click.option("--generations", default=1, show_default=True, type=int,
+              help="GRPO runs: sampled completions per prompt; a prompt's reward is their mean (a narrower interval).")
 @click.option("--out", type=click.Path(), help="Directory for eval.json and report.html [default: the run directory].")
 @_json_option
-def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, out, json_mode):
+def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, generations, out, json_mode):
     """Did it help? Base model vs tuned model on held-out data.
 
     Loss and perplexity on the supervised tokens with 95% bootstrap intervals and the paired
@@ -665,13 +667,14 @@ def eval_command(run_dir, data, checkpoint, samples, metric, max_tokens, limit, 
     Examples:
       mlxtune eval runs/demo
       mlxtune eval runs/math --data data/test.jsonl --metric 'regex:####\\s*(-?[\\d.,]+)' --samples 10
+      mlxtune eval runs/arith-grpo --generations 4        # GRPO: 4 sampled completions per prompt
     """
     from mlxtune.eval import evaluate_run, print_summary
     from mlxtune.ui import make_console, print_json
 
     console = make_console(json_mode)
     result = evaluate_run(run_dir, data=data, checkpoint=checkpoint, samples=samples, metric=metric,
-                          max_tokens=max_tokens, limit=limit, out=out, console=console)
+                          max_tokens=max_tokens, limit=limit, out=out, console=console, generations=generations)
     if json_mode:
         print_json(result.to_dict())
     else:

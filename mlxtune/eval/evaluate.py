@@ -149,6 +149,7 @@ def evaluate_run(
     limit: int | None = None,
     out: str | Path | None = None,
     console=None,
+    generations: int = 1,
 ) -> EvalResult:
     """Evaluate base vs tuned on the run's test split (else validation) or `data`; write eval.json and report.html
     into `out` (default: the run directory)."""
@@ -158,6 +159,8 @@ def evaluate_run(
         raise UsageError(f"--samples must be >= 0, got {samples}", "e.g. --samples 5")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}", "or leave it out to use every example")
+    if generations < 1:
+        raise UsageError(f"--generations must be at least 1, got {generations}", "e.g. --generations 4")
     parsed_metric = parse_metric(metric)
     run = open_run(run_dir)
     out_dir = Path(out) if out else run.path
@@ -168,7 +171,10 @@ def evaluate_run(
                                             preference["examples"]), samples=[],
                             curves=_curves(run.path), **preference)
         return _write(result, out_dir)
-    rewards = reward_scores(run, data, checkpoint, limit)
+    rewards = reward_scores(run, data, checkpoint, limit, generations, console)
+    if rewards is None and generations != 1:
+        raise UsageError("--generations is for GRPO runs (several sampled completions per prompt)",
+                         "leave it out: this run's task metric scores one greedy generation per example")
     if rewards is not None:  # a GRPO run: the mean reward of greedy completions is the task; no loss to compare
         return _write(EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, curves=_curves(run.path),
                                  **rewards), out_dir)

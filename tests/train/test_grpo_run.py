@@ -97,6 +97,20 @@ def test_eval_reports_the_mean_reward_of_base_and_tuned(learned, tmp_path):
     assert contains["examples"] == 8 and 0 < contains["difference"]["low"] <= contains["difference"]["high"]
 
 
+def test_eval_with_several_generations_per_prompt_averages_them(learned, tmp_path):
+    """--generations 4: each prompt's reward is the mean of 4 distinct samples (a fraction where they disagree), the
+    interval still over the 8 prompts."""
+    from mlxtune.eval import evaluate_run
+
+    run_dir, _ = learned
+    task = evaluate_run(run_dir, out=tmp_path, generations=4).to_dict()["task"]
+    assert task["generations"] == 4 and task["examples"] == 8
+    base, tuned = task["base"]["value"], task["tuned"]["value"]
+    assert base < 0.3 < 0.8 < tuned and 0 < task["difference"]["low"]
+    # 32 samples per model; four copies of one sample per prompt would make every prompt's mean 0 or 1 (× 8 whole)
+    assert abs(base * 32 - round(base * 32)) < 1e-9 and abs(base * 8 - round(base * 8)) > 1e-9, base
+
+
 def test_the_run_fuses_like_any_other(learned, tmp_path):
     """fuse checks the fused model on the run's held-out prompts' text (a GRPO run has no answers to score)."""
     from mlxtune.fuse import fuse_run

@@ -420,22 +420,31 @@ VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every trai
 
 
 def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[int]]],
-                batch_size: int | None = None, key_offsets: list[int] | None = None) -> dict:
-    """One completion per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
-    key is the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
-    total reward, each reward's mean, and the per-prompt totals. Temperature 0 is greedy."""
+                batch_size: int | None = None, key_offsets: list[int] | None = None, completions: int = 1,
+                advance=None) -> dict:
+    """`completions` per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
+    keys are the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
+    total reward, each reward's mean, and per prompt the mean of its completions' totals and rewards. Temperature 0
+    is greedy. `advance(n)`: called as each batch of n prompts is scored (a progress bar)."""
     s = objective.settings
     batch_size = batch_size or s.batch_size
     totals, per_reward = [], {r.spec: [] for r in objective.rewards}
     for number, start in enumerate(range(0, len(items), batch_size)):
         chunk = items[start:start + batch_size]
         offset = key_offsets[number] if key_offsets is not None else start  # the chunk's place in the whole list
-        keys = mx.stack([mx.random.key(VALIDATION_KEY + offset + j) for j in range(len(chunk))])
+        keys = [mx.random.key(VALIDATION_KEY + offset + j) for j in range(len(chunk))]
+        # one completion: the prompt's key itself (validation's since the first release); more: keys split from it
+        keys = mx.stack(keys) if completions == 1 else mx.concatenate([sample_keys(k, 1, completions) for k in keys])
         rollout = objective.generate([item[1] for item in chunk], keys, s.temperature, s.top_p)
         _, scores = objective.score([item[0] for item in chunk], rollout)
-        totals.extend(scores.total.tolist())
+        totals.extend(scores.total.reshape(len(chunk), completions).mean(axis=1).tolist())
         for name, row in zip(scores.names, scores.values):
-            per_reward[name].extend(row.tolist())
+            per_prompt = np.asarray(row, np.float64).reshape(len(chunk), completions)
+            applied = (~np.isnan(per_prompt)).sum(axis=1)  # None (NaN) leaves a completion out of its prompt's mean
+            sums = np.where(np.isnan(per_prompt), 0.0, per_prompt).sum(axis=1)
+            per_reward[name].extend(np.where(applied > 0, sums / np.maximum(applied, 1), np.nan).tolist())
+        if advance is not None:
+            advance(len(chunk))
     # no validation loss: the reward is the measure; `values` per reward, per prompt (NaN: None), for eval's intervals
     out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals, "values": per_reward}
     for name, values in per_reward.items():
