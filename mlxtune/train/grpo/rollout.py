@@ -29,6 +29,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
 from mlxtune.data.template import TokenizedExample
+from mlxtune.train.loss import loss_streams
 
 
 @dataclass
@@ -78,6 +79,22 @@ def _sample(logits: mx.array, keys: mx.array, temperature: float, top_p: float):
     return tokens.astype(mx.int32), chosen, keys
 
 
+def _sample_rows(logits: mx.array, keys: mx.array, temperature: float, top_p: float):
+    """`_sample` with the rows split over the loss streams (one per CPU core): MLX's CPU elementwise kernels — the
+    exp, log and random bits over the vocabulary that sampling is made of — are single-threaded. Each row's result is
+    the same bits as in one batch (a row's arithmetic does not depend on the others)."""
+    streams = loss_streams()
+    bounds = np.linspace(0, logits.shape[0], len(streams) + 1).astype(int)
+    parts = []
+    for stream, start, end in zip(streams, bounds[:-1], bounds[1:]):
+        if end > start:
+            with mx.stream(stream):
+                parts.append(_sample(logits[start:end], keys[start:end], temperature, top_p))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(mx.concatenate([part[i] for part in parts]) for i in range(3))
+
+
 def _prefill(model, prompt: list[int]):
     """The prompt's cache and the logits of its last position (one forward pass at batch 1)."""
     cache = make_prompt_cache(model)
@@ -106,17 +123,20 @@ def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_token
 
     tokens, log_probs, masks = [], [], []
     running = mx.ones((rows,), dtype=mx.bool_)
-    for _ in range(max_tokens):
-        token, log_prob, advanced = _sample(logits, keys, temperature, top_p)
+    for step in range(max_tokens):
+        token, log_prob, advanced = _sample_rows(logits, keys, temperature, top_p)
         keys = mx.where(running[:, None], advanced, keys)  # a stopped sample's key stays where it stopped
         tokens.append(mx.where(running, token, 0))
         log_probs.append(mx.where(running, log_prob, 0.0))
         masks.append(running)
         running = running & ~(token[:, None] == eos[None]).any(axis=1)
-        mx.eval(tokens[-1], log_probs[-1], running, keys)
-        if not running.any().item():
+        last = step == max_tokens - 1
+        if not last:  # the next step's forward is built and queued before this step's stop check waits: the graph
+            # building overlaps the computing (a step that every sample has stopped before is computed, not used)
+            logits = model(token[:, None], cache=cache)[:, -1, :]
+        mx.async_eval(tokens[-1], log_probs[-1], running, keys, *([] if last else [logits]))
+        if last or not running.any().item():
             break
-        logits = model(token[:, None], cache=cache)[:, -1, :]
     mask = mx.stack(masks, axis=1)
     rollout = Rollout(mx.stack(tokens, axis=1), mask, mx.stack(log_probs, axis=1),
                       [p for p in range(len(prompts)) for _ in range(group_size)], keys, 0.0, int(mask.sum().item()))
