@@ -3,7 +3,7 @@
 A step's peak is the larger of its two phases (the rollout's arrays are gone, but for the tokens, when the update
 starts):
 - rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
-  holds its own copy of its prompt's keys and values), the decode step's logits and sampling temporaries over the
+  holds its own copy of its prompt's keys and values; `cache_positions`), the decode step's logits and sampling temporaries over the
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
 - update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after one pass of their shared
   prompt (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py)
@@ -35,16 +35,15 @@ UPDATE_ROWS = 4
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
-KV_CACHE_STEP = 256  # mlx-lm's KVCache and BatchKVCache grow by this many positions (their `step`; tested equal)
+KV_CACHE_STEP = 256  # mlx-lm's KVCache grows by this many positions (its `step`; tested equal): the prefill's caches
 
 
 def cache_positions(prompt: int, completion: int) -> int:
     """Positions per sample in the rollout's batch cache at its peak. mlx-lm's BatchKVCache (`merge`d from the prompts'
-    caches: the longest prompt's length exactly) grows by KV_CACHE_STEP positions when full, concatenating the old
-    buffer with a new one: at the last growth both are alive. `completion − 1` positions are appended (the last
-    token is sampled, not fed)."""
-    growths = -(-(completion - 1) // KV_CACHE_STEP)
-    return prompt if growths <= 0 else 2 * prompt + KV_CACHE_STEP * (2 * growths - 1)
+    caches: the longest prompt's length exactly) grows when full by its `step`, which the rollout sets to the
+    `completion − 1` positions decoding appends (the last token is sampled, not fed): one growth, concatenating the
+    old buffer with the new one, both alive while it runs."""
+    return prompt if completion <= 1 else 2 * prompt + completion - 1
 
 
 def rollout_bytes(facts: ModelFacts, prompts: int, group_size: int, prompt: int, completion: int,

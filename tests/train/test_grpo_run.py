@@ -237,11 +237,11 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
     from mlxtune.memory.grpo import estimate_grpo, rollout_bytes
     from mlxtune.settings import GrpoSettings
 
-    from mlx_lm.models.cache import BatchKVCache, KVCache
+    from mlx_lm.models.cache import KVCache
 
     from mlxtune.memory.grpo import KV_CACHE_STEP
 
-    assert KV_CACHE_STEP == BatchKVCache.step == KVCache.step  # how mlx-lm's caches grow (the estimate's steps)
+    assert KV_CACHE_STEP == KVCache.step  # how the prefill caches grow (the batch cache: its own step, rollout.py)
     facts = ModelFacts.from_dir(MODEL)
     small = rollout_bytes(facts, 2, 4, prompt=16, completion=64, on_cpu=True)
     assert rollout_bytes(facts, 2, 8, prompt=16, completion=64, on_cpu=True)["kv cache"] > small["kv cache"]
