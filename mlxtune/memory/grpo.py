@@ -28,10 +28,11 @@ from mlxtune.model_config import read_config
 from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 
 # Completions per forward/backward of the update, each piece with its own pass of the prompt they share
-# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time; 4 keeps the update's activations a
-# fraction of a G × prompts batch's at little cost in update speed (a second prompt pass per 4 completions). A
-# constant, not a setting: the loss and the gradient are the whole batch's for any value.
-UPDATE_ROWS = 4
+# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32,
+# G 8, 32 tokens) a piece of 4 peaked at 0.912 GB, 0.60× mlx-lm-lora's step, and 3 at 0.844 GB, for one more
+# prompt pass per group of 8 (3 + 3 + 2: ≈ +15% of the gradient's positions; docs/BENCHMARKS.md). A constant, not
+# a setting: the loss and the gradient are the whole batch's for any value.
+UPDATE_ROWS = 3
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
