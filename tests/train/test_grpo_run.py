@@ -206,12 +206,14 @@ def test_plan_shows_the_rollout_and_the_update_and_suggests_settings_that_fit(pr
     in pieces of UPDATE_ROWS completions after their prompt, or its frozen passes over FROZEN_ROWS of a prompt's
     completions, whichever is larger), the larger of them against the budget, and a refusal (exit 3) with settings
     that fit — the run's own planner's."""
+    from mlxtune.memory.grpo import UPDATE_ROWS
+
     result = run_cli("plan", "--objective", "grpo", "--model", MODEL, "--data", prompts, "--group-size", 64,
                      "--batch-size", 8, "--max-completion-tokens", 256, "--memory", "0.1GB", "--json")
     assert result.returncode == 3, result.stderr
     report = json.loads(result.stdout)
     rollout, update = report["phases"]["rollout"], report["phases"]["update"]
-    assert rollout["worst_batch"]["rows"] == 8 * 64 and report["update_rows"] == 4 and report["frozen_rows"] == 8
+    assert rollout["worst_batch"]["rows"] == 8 * 64 and report["update_rows"] == UPDATE_ROWS and report["frozen_rows"] == 8
     assert update["worst_batch"]["rows"] in (report["update_rows"], report["frozen_rows"])
     assert report["estimate_gb"] == max(rollout["estimate_gb"], update["estimate_gb"]) > report["budget_gb"] == 0.1
     assert report["settings"]["group_size"] == 64 and report["parts_gb"]["kv cache"] > 0
