@@ -5,7 +5,11 @@ The prefill (the expensive part for long prompts) runs once per prompt at batch 
 (`make_prompt_cache`); the caches are then merged into one batch cache with mlx-lm's public `merge` classmethod
 (KVCache → BatchKVCache, left-padding prompts of different lengths), listing each prompt's cache G times. The
 merged cache holds G copies of the prompt's keys and values (decoding appends per sample), so the saving is the
-prefill compute, not the prompt's cache memory.
+prefill compute, not the prompt's cache memory; it grows once, by what decoding appends (`batch_cache`).
+
+Decoding a small model on a CPU is bound by reading the weights once per token, not by the batch: a step's sampling
+runs its rows on the loss streams (one per core: MLX's elementwise kernels are single-threaded) and the next step is
+queued before the stop check waits, so Python builds one graph while MLX computes the other.
 
 Sampling: temperature and top-p (mlx-lm's `apply_top_p`), by the Gumbel-max trick with one explicit
 `mx.random` key per sample, split at every step. A sample's tokens therefore depend only on its own key, not on
@@ -70,7 +74,7 @@ def _sample(logits: mx.array, keys: mx.array, temperature: float, top_p: float):
     if temperature == 0:
         tokens = mx.argmax(log_probs, axis=-1)
     else:
-        scores = log_probs / temperature
+        scores = log_probs / temperature if temperature != 1.0 else log_probs  # x / 1 is x: one vocabulary pass saved
         if top_p < 1.0:
             scores = apply_top_p(scores - mx.logsumexp(scores, axis=-1, keepdims=True), top_p)
         noise = mx.vmap(lambda k: mx.random.gumbel((scores.shape[-1],), key=k))(step_keys)
