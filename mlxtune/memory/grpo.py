@@ -3,43 +3,48 @@
 A step's peak is the larger of its two phases (the rollout's arrays are gone, but for the tokens, when the update
 starts):
 - rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
-  holds its own copy of its prompt's keys and values), the decode step's logits and sampling temporaries over the
+  holds its own copy of its prompt's keys and values; `cache_positions`), the decode step's logits and sampling temporaries over the
   vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
 - update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after one pass of their shared
   prompt (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py)
   — the completions as an SFT/DPO micro-batch of that shape (activations, their positions through the fused head,
   padded as `padded_positions` pads them) plus what the prompt's pass keeps for the backward (`shared_prompt_bytes`);
-  or, when larger, the frozen passes' forward over a prompt's group (up to `FROZEN_ROWS` completions).
+  or, when larger, the frozen passes' forward over a prompt's group (up to `FROZEN_ROWS` completions). Models whose
+  caches are not plain KVCaches (sliding windows, recurrent layers: `config_supports_shared_prompt`) run full
+  prompt + completion rows, `UPDATE_ROWS` a piece (`full_rows_shape`), and are planned so.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
-from mlxtune.data.batching import padded_positions
+from mlxtune.data.batching import PAD_MULTIPLE, padded_positions
 from mlxtune.memory.budget import fmt_gb, memory_budget
 from mlxtune.memory.estimate import (BatchShape, Estimate, ModelFacts, RunShape, _adapted, activation_bytes,
                                      estimate, kv_cache_bytes)
 from mlxtune.memory.planner import MemoryPlan, run_shape
+from mlxtune.model_config import read_config
+from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 
 # Completions per forward/backward of the update, each piece with its own pass of the prompt they share
-# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time; 4 keeps the update's activations a
-# fraction of a G × prompts batch's at little cost in update speed (a second prompt pass per 4 completions). A
-# constant, not a setting: the loss and the gradient are the whole batch's for any value.
-UPDATE_ROWS = 4
+# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32,
+# G 8, 32 tokens) a piece of 4 peaked at 0.912 GB, 0.60× mlx-lm-lora's step, and 3 at 0.844 GB, for one more
+# prompt pass per group of 8 (3 + 3 + 2: ≈ +15% of the gradient's positions; docs/BENCHMARKS.md). A constant, not
+# a setting: the loss and the gradient are the whole batch's for any value.
+UPDATE_ROWS = 3
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
-KV_CACHE_STEP = 256  # mlx-lm's KVCache and BatchKVCache grow by this many positions (their `step`; tested equal)
+KV_CACHE_STEP = 256  # mlx-lm's KVCache grows by this many positions (its `step`; tested equal): the prefill's caches
 
 
 def cache_positions(prompt: int, completion: int) -> int:
     """Positions per sample in the rollout's batch cache at its peak. mlx-lm's BatchKVCache (`merge`d from the prompts'
-    caches: the longest prompt's length exactly) grows by KV_CACHE_STEP positions when full, concatenating the old
-    buffer with a new one: at the last growth both are alive. `completion − 1` positions are appended (the last
-    token is sampled, not fed)."""
-    growths = -(-(completion - 1) // KV_CACHE_STEP)
-    return prompt if growths <= 0 else 2 * prompt + KV_CACHE_STEP * (2 * growths - 1)
+    caches: the longest prompt's length exactly) grows when full by its `step`, which the rollout sets to the
+    `completion − 1` positions decoding appends (the last token is sampled, not fed): one growth, concatenating the
+    old buffer with the new one, both alive while it runs."""
+    return prompt if completion <= 1 else 2 * prompt + completion - 1
 
 
 def rollout_bytes(facts: ModelFacts, prompts: int, group_size: int, prompt: int, completion: int,
@@ -71,6 +76,14 @@ def update_shape(settings) -> BatchShape:
     return BatchShape(rows, width - 1, padded_positions(rows * settings.max_completion_tokens, rows * width))
 
 
+def full_rows_shape(settings, prompt: int) -> BatchShape:
+    """A gradient piece of full prompt + completion rows (models without the shared prompt): `make_batch`'s rows,
+    padded to a multiple of PAD_MULTIPLE, every completion at --max-completion-tokens and supervised."""
+    rows = piece_rows(settings.group_size, UPDATE_ROWS)
+    length = PAD_MULTIPLE * -(-(prompt + settings.max_completion_tokens - 1) // PAD_MULTIPLE)
+    return BatchShape(rows, length, padded_positions(rows * settings.max_completion_tokens, rows * length))
+
+
 def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int, completion: int) -> int:
     """What a gradient piece keeps for the backward pass beyond its completions' own activations: the prompt's pass
     (batch 1), and in each block the prompt's keys and values broadcast into every completion row's and (CPU
@@ -84,26 +97,33 @@ def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int
     return own + blocks * per_block
 
 
-def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: int) -> dict[str, Estimate]:
-    """The update's two kinds of pass: a gradient piece (its completions, plus what its prompt's pass keeps) and a
-    frozen forward over a prompt's group (the reference, πold; its prompt counted per row: a bound)."""
+def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: int,
+                  shared: bool = True) -> dict[str, Estimate]:
+    """The update's two kinds of pass: a gradient piece (its completions, plus what its prompt's pass keeps; or
+    full prompt + completion rows when not `shared`) and a frozen forward over a prompt's group (the reference, πold;
+    its prompt counted per row: a bound)."""
+    rows = piece_rows(settings.group_size, FROZEN_ROWS)
+    if not shared:
+        piece = full_rows_shape(settings, longest_prompt)
+        group = BatchShape(rows, piece.length, padded_positions(rows * settings.max_completion_tokens,
+                                                                rows * piece.length))
+        return {"gradient": estimate(facts, run, [piece]), "frozen": estimate(facts, run, [], [group])}
     piece = update_shape(settings)
     gradient = estimate(facts, run, [piece])
     gradient.parts["shared prompt"] = shared_prompt_bytes(facts, run, piece.rows, longest_prompt, piece.length)
     gradient.total += gradient.parts["shared prompt"]
-    rows = piece_rows(settings.group_size, FROZEN_ROWS)
     frozen = estimate(facts, run, [], [BatchShape(rows, longest_prompt + piece.length, padded_positions(
         rows * settings.max_completion_tokens, rows * (piece.length + 1)))])
     return {"gradient": gradient, "frozen": frozen}
 
 
 def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
-                budget: int | None = None) -> dict[str, Estimate]:
+                budget: int | None = None, shared: bool = True) -> dict[str, Estimate]:
     """The step's two phases, each with the weights and the trainable state: the rollout (all the micro-batch's
     samples decoding as one batch) and the update (its largest gradient piece of `UPDATE_ROWS` completions after
-    their prompt, or the frozen passes' forward when larger)."""
+    their prompt — full prompt + completion rows when not `shared` —, or the frozen passes' forward when larger)."""
     run = replace(run_shape(settings, cpu, facts=facts, budget=budget), fused_head=settings.method != "full")
-    update = max(update_passes(facts, run, settings, longest_prompt).values(), key=lambda phase: phase.total)
+    update = max(update_passes(facts, run, settings, longest_prompt, shared).values(), key=lambda phase: phase.total)
     fixed = {k: v for k, v in update.parts.items()
              if k in ("weights", "trainable + optimizer", "allowance") or k.startswith("dequantized")}
     rows, context = settings.batch_size * settings.group_size, longest_prompt + settings.max_completion_tokens
@@ -113,18 +133,18 @@ def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool |
 
 
 def estimate_grpo(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,
-                  budget: int | None = None) -> Estimate:
+                  budget: int | None = None, shared: bool = True) -> Estimate:
     """A step's peak: the larger of its two phases (`grpo_phases`)."""
-    phases = grpo_phases(facts, settings, longest_prompt, cpu=cpu, budget=budget)
+    phases = grpo_phases(facts, settings, longest_prompt, cpu=cpu, budget=budget, shared=shared)
     return phases["rollout"] if phases["rollout"].total > phases["update"].total else phases["update"]
 
 
 def plan_grpo(facts: ModelFacts, settings, longest_prompt: int, budget: int, budget_source: str,
-              *, cpu: bool | None = None) -> MemoryPlan:
+              *, cpu: bool | None = None, shared: bool = True) -> MemoryPlan:
     """Estimate a GRPO run; when it doesn't fit, suggest --grad-checkpoint, then fewer prompts per micro-batch with
     more accumulation (the same prompts and samples per step)."""
     def of(trial):
-        return estimate_grpo(facts, trial, longest_prompt, cpu=cpu, budget=budget)
+        return estimate_grpo(facts, trial, longest_prompt, cpu=cpu, budget=budget, shared=shared)
 
     current = of(settings)
     plan = MemoryPlan(current.total <= budget, current, budget, budget_source)
@@ -151,4 +171,10 @@ def plan_for_prompts(settings, model_path, longest_prompt: int) -> MemoryPlan:
     """The plan of a GRPO run of `settings` on `model_path` whose longest prompt is `longest_prompt` tokens, against
     the budget of `settings.memory` (the run's check and `mlxtune plan --objective grpo` alike)."""
     budget, source = memory_budget(settings.memory)
-    return plan_grpo(ModelFacts.from_dir(model_path), settings, longest_prompt, budget, source)
+    return plan_grpo(ModelFacts.from_dir(model_path), settings, longest_prompt, budget, source,
+                     shared=shares_prompt(model_path))
+
+
+def shares_prompt(model_path) -> bool:
+    """Whether the run's update shares each prompt (objective.py's layout for this model), from its folder."""
+    return config_supports_shared_prompt(read_config(Path(model_path)))

@@ -70,13 +70,14 @@ def grpo_plan_report(settings, model_path: Path, data_path: Path) -> dict:
 
     from mlxtune.data.prompts import PROMPT_KEY, read_prompt_splits
     from mlxtune.memory.estimate import ModelFacts
-    from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS, grpo_phases, plan_for_prompts
+    from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS, grpo_phases, plan_for_prompts, shares_prompt
     from mlxtune.train.grpo.run import longest_prompt, tokenize_prompts
 
     records, notes = read_prompt_splits(data_path, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
     longest = longest_prompt(tokenize_prompts(records, load_tokenizer(model_path), settings, notes))
     plan = plan_for_prompts(settings, model_path, longest)
-    phases = grpo_phases(ModelFacts.from_dir(model_path), settings, longest, budget=plan.budget)
+    phases = grpo_phases(ModelFacts.from_dir(model_path), settings, longest, budget=plan.budget,
+                         shared=shares_prompt(model_path))
     return {"model": str(model_path), "data": str(data_path), "objective": "grpo", **plan.to_dict(),
             "settings": {key: getattr(settings, key) for key in GRPO_SIZING_KEYS},
             "worst_batch": plan.estimate.to_dict()["worst_batch"], "device": "cpu" if on_cpu() else "gpu",

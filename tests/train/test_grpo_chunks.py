@@ -131,3 +131,40 @@ def test_one_fused_loss_chunk_per_stream_counts_fewer_arrays():
     assert FUSED_ONE_CHUNK_ARRAYS < FUSED_CHUNK_ARRAYS
     assert fused_loss_phase_bytes(facts, run, BatchShape(4, 96, 128)) == 128 * rows + 2 * FUSED_ONE_CHUNK_ARRAYS * chunk
     assert fused_loss_phase_bytes(facts, run, BatchShape(4, 320, 256)) == 256 * rows + 2 * FUSED_CHUNK_ARRAYS * chunk
+
+
+def test_the_planner_counts_full_rows_where_the_prompt_is_not_shared(setup, tmp_path):
+    """A model whose caches are not all plain KVCaches (here: the story model with a sliding-window layer, mlx-lm's
+    RotatingKVCache) runs the update as full prompt + completion rows; the planner, which reads only the folder,
+    sees that and plans the run's full-row pieces (make_batch's padded rows), not the shared prompt's."""
+    import json
+    import shutil
+
+    from mlxtune.memory.estimate import ModelFacts, RunShape
+    from mlxtune.memory.grpo import full_rows_shape, plan_for_prompts, shares_prompt, update_passes
+    from mlxtune.settings import GrpoSettings
+
+    windowed = tmp_path / "windowed"
+    shutil.copytree(MODEL, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    config.update(layer_types=["sliding_attention"] + ["full_attention"] * (config["num_hidden_layers"] - 1),
+                  sliding_window=8)
+    (windowed / "config.json").write_text(json.dumps(config))
+    assert shares_prompt(MODEL) and not shares_prompt(windowed)
+
+    _, ids, rollout, advantages = setup
+    prompt = max(len(p) for p in ids)
+    settings = GrpoSettings(group_size=ROWS // len(ids), batch_size=len(ids),
+                            max_completion_tokens=rollout.tokens.shape[1])
+    shape = full_rows_shape(settings, prompt)
+    pieces = gradient_batches(update_chunks(ids, rollout, advantages, shared=False))
+    inputs, positions = zip(*((c.arrays[0], c.arrays[1]) for c in pieces))  # full rows: inputs, positions, …
+    assert max(a.shape[0] for a in inputs) == shape.rows
+    assert max(a.shape[1] for a in inputs) <= shape.length
+    assert max(p.shape[0] for p in positions) == shape.supervised
+
+    facts, run = ModelFacts.from_dir(MODEL), RunShape(on_cpu=True, fused_head=True, streams=2)
+    full, shared = (update_passes(facts, run, settings, prompt, flag)["gradient"] for flag in (False, True))
+    assert full.worst_batch == shape and full.total > shared.total
+    long = GrpoSettings(group_size=8, batch_size=1, max_completion_tokens=256, memory="64GB")
+    assert plan_for_prompts(long, windowed, 200).estimate.total > plan_for_prompts(long, MODEL, 200).estimate.total

@@ -101,3 +101,23 @@ def test_the_update_batch_recomputes_the_rollout_log_probs(story_model):
     recomputed = -np.array(nll)[: batch.supervised_tokens]
     sampled = np.concatenate([np.array(group.log_probs[r, :n]) for r, n in enumerate(group.lengths)])
     np.testing.assert_allclose(recomputed, sampled, atol=1e-5)
+
+
+def test_the_batch_cache_grows_once_by_what_decoding_appends(story_model):
+    """The merged cache is full at the longest prompt; it grows once, by the max_tokens − 1 tokens decoding feeds back
+    (memory/grpo.py's `cache_positions`), not by mlx-lm's 256-position step."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxtune.train.grpo.rollout import batch_cache
+
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer)
+    caches = []
+    for prompt in prompts:
+        caches.append(make_prompt_cache(model))
+        model(mx.array(prompt)[None], cache=caches[-1])
+    cache = batch_cache(caches, group_size=3, max_tokens=20)
+    longest = max(len(p) for p in prompts)
+    for _ in range(19):
+        model(mx.zeros((6, 1), mx.int32), cache=cache)
+    assert {layer.keys.shape[2] for layer in cache} == {longest + 19} and cache[0].keys.shape[0] == 6

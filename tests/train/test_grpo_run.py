@@ -220,12 +220,14 @@ def test_plan_shows_the_rollout_and_the_update_and_suggests_settings_that_fit(pr
     in pieces of UPDATE_ROWS completions after their prompt, or its frozen passes over FROZEN_ROWS of a prompt's
     completions, whichever is larger), the larger of them against the budget, and a refusal (exit 3) with settings
     that fit — the run's own planner's."""
+    from mlxtune.memory.grpo import UPDATE_ROWS
+
     result = run_cli("plan", "--objective", "grpo", "--model", MODEL, "--data", prompts, "--group-size", 64,
                      "--batch-size", 8, "--max-completion-tokens", 256, "--memory", "0.1GB", "--json")
     assert result.returncode == 3, result.stderr
     report = json.loads(result.stdout)
     rollout, update = report["phases"]["rollout"], report["phases"]["update"]
-    assert rollout["worst_batch"]["rows"] == 8 * 64 and report["update_rows"] == 4 and report["frozen_rows"] == 8
+    assert rollout["worst_batch"]["rows"] == 8 * 64 and report["update_rows"] == UPDATE_ROWS and report["frozen_rows"] == 8
     assert update["worst_batch"]["rows"] in (report["update_rows"], report["frozen_rows"])
     assert report["estimate_gb"] == max(rollout["estimate_gb"], update["estimate_gb"]) > report["budget_gb"] == 0.1
     assert report["settings"]["group_size"] == 64 and report["parts_gb"]["kv cache"] > 0
@@ -251,11 +253,11 @@ def test_rollout_memory_grows_with_the_group_and_the_completion():
     from mlxtune.memory.grpo import estimate_grpo, rollout_bytes
     from mlxtune.settings import GrpoSettings
 
-    from mlx_lm.models.cache import BatchKVCache, KVCache
+    from mlx_lm.models.cache import KVCache
 
     from mlxtune.memory.grpo import KV_CACHE_STEP
 
-    assert KV_CACHE_STEP == BatchKVCache.step == KVCache.step  # how mlx-lm's caches grow (the estimate's steps)
+    assert KV_CACHE_STEP == KVCache.step  # how the prefill caches grow (the batch cache: its own step, rollout.py)
     facts = ModelFacts.from_dir(MODEL)
     small = rollout_bytes(facts, 2, 4, prompt=16, completion=64, on_cpu=True)
     assert rollout_bytes(facts, 2, 8, prompt=16, completion=64, on_cpu=True)["kv cache"] > small["kv cache"]

@@ -75,6 +75,18 @@ def supports_shared_prompt(model) -> bool:
         return False
 
 
+def config_supports_shared_prompt(config: dict) -> bool:
+    """`supports_shared_prompt` for a model folder's config, without its weights (the planner's question): mlx-lm's
+    class for the config, built with parameters that are never evaluated (so never allocated), asked for its caches."""
+    from mlx_lm.utils import _get_classes  # private: tests/test_mlx_lm_private.py guards it (synthetic.py uses it)
+
+    try:
+        model_class, args_class = _get_classes(config)
+        return supports_shared_prompt(model_class(args_class.from_dict(config)))
+    except Exception:  # a config mlx-lm can't build a model for: plan the full rows (the larger)
+        return False
+
+
 def shared_prompt_states(forward, layers: int, prompt: mx.array, completions: mx.array) -> mx.array:
     """[rows · T, width] states that predict each completion token: `forward(inputs, cache)` (hidden states or
     logits, [batch, length, width]) of the prompt ([1, P]) once, then of the completions' inputs ([rows, T − 1]: each
