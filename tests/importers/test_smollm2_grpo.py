@@ -1,7 +1,7 @@
 """GRPO's reward bites on the real SmolLM2-135M-Instruct (the Q4_1 GGUF imported once per session, `smollm.py`),
 through the CLI: a format reward on arithmetic prompts — the last line must be `#### N` — rises from the base's level
 to above 0.9 within STEPS steps. (The `number` reward's rise needs 12 steps of 16 samples and an eval of 128 sampled
-completions, ~10 minutes on the loaded 2-core CPU, too long for CI: `scripts/grpo_smollm2.py` measures it with
+completions, 7.5 minutes on the shared 2-core CPU, too long for CI: `scripts/grpo_smollm2.py` measures it with
 `mlxtune eval`'s interval; figures in docs/RL.md.)"""
 
 from __future__ import annotations
