@@ -36,8 +36,9 @@ QUESTION = "What is {a} {op} {b}?"
 EXAMPLE = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7\n#### 7"}]
 
 # The settings measured in docs/RL.md ("On the real SmolLM2-135M-Instruct"): the number reward and half a format
-# reward, 4 prompts × G 4 per step, 16 new tokens (the worked answer takes 9–16), temperature 1 (what eval samples
-# at: the rise it measures is GRPO sharpening the sampled answers), GRPO's sequence-mean loss, β 0.04 to the base,
+# reward, 4 prompts × G 4 per step, 16 new tokens (the worked answer takes 9–16), temperature 1 (eval samples at
+# the run's temperature: what rises is the answer the tuned model samples — always in the worked form, where a third
+# of the base's samples ramble past 16 tokens — and, less, its sums), GRPO's sequence-mean loss, β 0.04 to the base,
 # LoRA rank 8 on every block, lr 1e-3 for 12 steps. lr 2e-3 overshoots (the number reward fell back, its interval
 # included zero); lr 2e-3 with Dr. GRPO's loss at temperature 0.7 collapsed every group onto one wrong answer.
 RECIPE = ["--reward", "number", "--reward", "0.5*format", "--group-size", 4, "--batch-size", 4,
