@@ -171,7 +171,7 @@ def evaluate_run(
                                             preference["examples"]), samples=[],
                             curves=_curves(run.path), **preference)
         return _write(result, out_dir)
-    rewards = reward_scores(run, data, checkpoint, limit, generations, console)
+    rewards = reward_scores(run, data, checkpoint, limit, generations, console, samples)
     if rewards is None and generations != 1:
         raise UsageError("--generations is for GRPO runs (several sampled completions per prompt)",
                          "leave it out: this run's task metric scores one greedy generation per example")

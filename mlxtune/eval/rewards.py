@@ -28,7 +28,7 @@ METRIC = "mean reward"
 
 
 def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int | None, generations: int = 1,
-                  console=None) -> dict | None:
+                  console=None, samples: int = 5) -> dict | None:
     """EvalResult's fields for a GRPO run; None for any other run. `generations` completions per prompt (each
     prompt's reward is their mean: the same paired interval over prompts, narrower)."""
     from mlxtune.train.grpo.objective import GrpoObjective, mean_reward
@@ -94,7 +94,25 @@ def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int
             "loss": None, "perplexity": None, "task": task, "metric": METRIC, "overlap": None,
             "verdict": {"better": better and not (own and split == "train"), "worse": worse, "trained_on": 0,
                         "beyond_interval": difference.excludes_zero(), "intervals_overlap": True, "text": text},
-            "samples": []}
+            "samples": [{"prompt": prompt_text(record.prompt), "reference": _reference(record.fields),
+                         "base": base_text, "tuned": tuned_text, "base_reward": base_total,
+                         "tuned_reward": tuned_total}
+                        for record, base_text, tuned_text, base_total, tuned_total in
+                        zip(chosen[:samples], base["texts"], tuned["texts"], base["firsts"], tuned["firsts"])]}
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as a person reads it in a sample: text as it is, a message list as its last user turn."""
+    if isinstance(prompt, list):
+        turns = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return str(turns[-1]) if turns else str(prompt)
+    return str(prompt)
+
+
+def _reference(fields: dict) -> str | None:
+    """The record's `answer` (what the built-in rewards compare with by default), when it has one."""
+    value = fields.get("answer")
+    return None if value is None else str(value)
 
 
 def reward_intervals(base: list[float], tuned: list[float]) -> dict:

@@ -46,8 +46,11 @@ def print_summary(console: Console, result) -> None:
         console.print(escape(verdict["task_text"]))
     console.print(overlap_line(result.overlap, result.examples), markup=False)
     for number, sample in enumerate(result.samples[:3], start=1):
+        rewards = ("tuned_reward" in sample and
+                   (f" (reward {sample['base_reward']:.3g})", f" (reward {sample['tuned_reward']:.3g})")) or ("", "")
         console.print(f"[dim]sample {number}[/] " + escape(f"reference: {sample['reference']!r}\n"
-                      f"          base:      {sample['base']!r}\n          tuned:     {sample['tuned']!r}"))
+                      f"          base:      {sample['base']!r}{rewards[0]}\n"
+                      f"          tuned:     {sample['tuned']!r}{rewards[1]}"))
     console.print(escape(f"written: {result.files['eval']}, {result.files['report']}"))
 
 

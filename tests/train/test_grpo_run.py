@@ -95,6 +95,15 @@ def test_eval_reports_the_mean_reward_of_base_and_tuned(learned, tmp_path):
     assert 0 < low <= high
     contains = report["task"]["rewards"]["contains"]  # each reward alone, with its own paired interval
     assert contains["examples"] == 8 and 0 < contains["difference"]["low"] <= contains["difference"]["high"]
+    # samples: each prompt's first completion from both models, with its reward (the report shows them)
+    samples = report["samples"]
+    assert len(samples) == 5 and all(s["reference"] == "she" for s in samples)
+    for sample in samples:
+        for model in ("base", "tuned"):
+            assert sample[f"{model}_reward"] == float("she" in sample[model]), (model, sample)
+    assert sum(s["tuned_reward"] for s in samples) > sum(s["base_reward"] for s in samples)
+    html = (tmp_path / "report.html").read_text()
+    assert "first completion" in html and html.count("reward ") >= 10
 
 
 def test_eval_with_several_generations_per_prompt_averages_them(learned, tmp_path):

@@ -424,11 +424,12 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
                 advance=None) -> dict:
     """`completions` per prompt of `items` at the run's temperature and top-p, with fixed keys (the i-th prompt's
     keys are the same at every evaluation, and for base and tuned: the comparisons are paired), scored: the mean
-    total reward, each reward's mean, and per prompt the mean of its completions' totals and rewards. Temperature 0
-    is greedy. `advance(n)`: called as each batch of n prompts is scored (a progress bar)."""
+    total reward, each reward's mean, per prompt the mean of its completions' totals and rewards, and its first
+    completion's text and total (`texts`, `firsts`: eval's samples). Temperature 0 is greedy. `advance(n)`: called as
+    each batch of n prompts is scored (a progress bar)."""
     s = objective.settings
     batch_size = batch_size or s.batch_size
-    totals, per_reward = [], {r.spec: [] for r in objective.rewards}
+    totals, per_reward, texts, firsts = [], {r.spec: [] for r in objective.rewards}, [], []
     for number, start in enumerate(range(0, len(items), batch_size)):
         chunk = items[start:start + batch_size]
         offset = key_offsets[number] if key_offsets is not None else start  # the chunk's place in the whole list
@@ -436,7 +437,9 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
         # one completion: the prompt's key itself (validation's since the first release); more: keys split from it
         keys = mx.stack(keys) if completions == 1 else mx.concatenate([sample_keys(k, 1, completions) for k in keys])
         rollout = objective.generate([item[1] for item in chunk], keys, s.temperature, s.top_p)
-        _, scores = objective.score([item[0] for item in chunk], rollout)
+        chunk_texts, scores = objective.score([item[0] for item in chunk], rollout)
+        texts.extend(chunk_texts[::completions])
+        firsts.extend(scores.total[::completions].tolist())
         totals.extend(scores.total.reshape(len(chunk), completions).mean(axis=1).tolist())
         for name, row in zip(scores.names, scores.values):
             per_prompt = np.asarray(row, np.float64).reshape(len(chunk), completions)
@@ -446,7 +449,8 @@ def mean_reward(objective: GrpoObjective, items: list[tuple[PromptRecord, list[i
         if advance is not None:
             advance(len(chunk))
     # no validation loss: the reward is the measure; `values` per reward, per prompt (NaN: None), for eval's intervals
-    out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals, "values": per_reward}
+    out = {"reward": float(np.mean(totals)) if totals else float("nan"), "totals": totals, "values": per_reward,
+           "texts": texts, "firsts": firsts}
     for name, values in per_reward.items():
         values = np.array(values)
         applied = values[~np.isnan(values)]
@@ -462,7 +466,8 @@ def world_mean_reward(objective: GrpoObjective, items: list, parallel: DataParal
     out = mean_reward(objective, [item for start in starts for item in items[start:start + size]], size,
                       key_offsets=starts)
     if not parallel.distributed:
-        out.pop("totals"), out.pop("values")  # per-prompt lists: eval's intervals, not metrics
+        for per_prompt in ("totals", "values", "texts", "firsts"):  # eval's intervals and samples, not metrics
+            out.pop(per_prompt)
         return out
     names = list(out["values"])
     sums = [float(np.sum(out["totals"])), float(len(out["totals"]))]
