@@ -153,7 +153,7 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
     """
     from mlxtune.settings import resolve_settings
     from mlxtune.memory.planner import sizes_given
-    from mlxtune.ui import make_console, print_json
+    from mlxtune.ui import make_console
 
     console = make_console(json_mode)
     launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
@@ -173,6 +173,13 @@ def lora(config_path, resume_dir, json_mode, nproc, hosts, backend, rank_timeout
         result = finetune(settings, resume=bool(resume_dir), console=console,
                           choose_sizes=not resume_dir and not sizes_given(config_path, flags),
                           force=bool(force)).to_dict()
+    _end_of_run(result, json_mode)
+
+
+def _end_of_run(result: dict, json_mode: bool) -> None:
+    """A training command's ending: the result as JSON with --json, exit code 130 when it was interrupted."""
+    from mlxtune.ui import print_json
+
     if json_mode:
         print_json(result)
     if result.get("stopped") == "interrupted":
@@ -248,7 +255,7 @@ def _preference_command(objective: str, summary: str, extra_help: str, extra_opt
     def command(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_timeout, check, **flags):
         from mlxtune.settings import PreferenceSettings, resolve_settings
         from mlxtune.train.preference.run import resume_preference_settings, train_preference
-        from mlxtune.ui import make_console, print_json
+        from mlxtune.ui import make_console
 
         console = make_console(json_mode)
         launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
@@ -259,11 +266,7 @@ def _preference_command(objective: str, summary: str, extra_help: str, extra_opt
         else:
             settings = resolve_settings(config_path, {**flags, "objective": objective}, cls=PreferenceSettings)
         if launch:  # data-parallel, through the same launcher as lora
-            result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
-            if json_mode:
-                print_json(result)
-            if result.get("stopped") == "interrupted":
-                sys.exit(EXIT_INTERRUPTED)
+            _end_of_run(_train_data_parallel(settings, bool(resume_dir), launch, console, json_mode), json_mode)
             return
         from mlxtune.fuse import merge_sft_run
 
@@ -272,10 +275,7 @@ def _preference_command(objective: str, summary: str, extra_help: str, extra_opt
 
         result = train_preference(settings, resume=bool(resume_dir), force=bool(force), console=console,
                                   start_from=start_from)
-        if json_mode:
-            print_json(result.to_dict())
-        if result.stopped == "interrupted":
-            sys.exit(EXIT_INTERRUPTED)
+        _end_of_run(result.to_dict(), json_mode)
 
     for decorate in reversed((settings_options(PreferenceSettings, objective, _SHOWN), _config_option,
                               _resume_option, _launcher_options, *extra_options, _force_option, _json_option)):
@@ -349,7 +349,7 @@ def grpo(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_
     from mlxtune.fuse import merge_sft_run
     from mlxtune.settings import resolve_settings
     from mlxtune.train.grpo.run import resume_grpo_settings, train_grpo
-    from mlxtune.ui import make_console, print_json
+    from mlxtune.ui import make_console
 
     console = make_console(json_mode)
     launch = _launch_options(nproc, hosts, backend, rank_timeout, check)
@@ -360,19 +360,12 @@ def grpo(config_path, resume_dir, json_mode, force, nproc, hosts, backend, rank_
     else:
         settings = resolve_settings(config_path, flags, cls=GrpoSettings)
     if launch:  # data-parallel, through the same launcher as lora and dpo
-        result = _train_data_parallel(settings, bool(resume_dir), launch, console, json_mode)
-        if json_mode:
-            print_json(result)
-        if result.get("stopped") == "interrupted":
-            sys.exit(EXIT_INTERRUPTED)
+        _end_of_run(_train_data_parallel(settings, bool(resume_dir), launch, console, json_mode), json_mode)
         return
     result = train_grpo(settings, resume=bool(resume_dir), force=bool(force), console=console,
                         start_from=lambda run_dir: merge_sft_run(settings.from_run, run_dir,
                                                                  settings.from_checkpoint, console))
-    if json_mode:
-        print_json(result.to_dict())
-    if result.stopped == "interrupted":
-        sys.exit(EXIT_INTERRUPTED)
+    _end_of_run(result.to_dict(), json_mode)
 
 
 @main.command("rank-worker", hidden=True)
