@@ -5,9 +5,10 @@ Each prompt gets one completion (`--generations K`: K) from each model, sampled 
 with fixed keys per prompt (the same for both models; temperature 0: greedy), scored by the run's own rewards
 (grpo.yaml) — what the run's validation measures. With K > 1 a prompt's reward is the mean of its K completions':
 the interval is still over prompts (the unit that was sampled), and narrower, since each prompt's reward under the
-sampling policy is estimated from K draws instead of one. The base is the run's model with its adapter switched off (one model in memory, as for
-preference runs), so both are scored on the same prompts with the same keys and the difference is paired. Prompts: `--data`, else the run's test split, else its validation split
-(held out of training: a file, or the fixed-seed 10% training held out).
+sampling policy is estimated from K draws instead of one. The base is the run's model with its adapter switched off
+(one model in memory, as for preference runs), so both are scored on the same prompts with the same keys and the
+difference is paired. Prompts: `--data`, else the run's test split, else its validation split (held out of
+training: a file, or the fixed-seed 10% training held out).
 """
 
 from __future__ import annotations
