@@ -3,8 +3,9 @@
 A step's peak is the larger of its two phases (the rollout's arrays are gone, but for the tokens, when the update
 starts):
 - rollout: the KV cache of batch_size × G samples of (longest prompt + max_completion_tokens) tokens (each sample
-  holds its own copy of its prompt's keys and values; `cache_positions`), the decode step's logits and sampling temporaries over the
-  vocabulary for every row, and one prompt's prefill logits (at batch 1, every position through the head);
+  holds its own copy of its prompt's keys and values; `cache_positions`), the decode step's logits and sampling
+  temporaries over the vocabulary for every row, and one prompt's prefill logits (at batch 1, every position
+  through the head);
 - update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after one pass of their shared
   prompt (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py)
   — the completions as an SFT/DPO micro-batch of that shape (activations, their positions through the fused head,

@@ -261,7 +261,8 @@ def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, 
                       f"{config.epsilon_high:g}, β {settings.beta:g}, μ {settings.updates_per_batch}"),
         ("rewards", ", ".join(settings.reward or [])),
         ("rollouts", f"{settings.batch_size * settings.grad_accumulation * parallel.size} prompts × G "
-                     f"{settings.group_size} per step, up to {settings.max_completion_tokens} tokens, temperature {settings.temperature:g}, "
+                     f"{settings.group_size} per step, up to {settings.max_completion_tokens} tokens, "
+                     f"temperature {settings.temperature:g}, "
                      f"top-p {settings.top_p:g}"),
         ("adapter", (f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else
                      "full") + f" · {trainable:,} of {total:,} parameters trained"),
