@@ -83,7 +83,8 @@ def chat_session(
     """A multi-turn conversation: `read_line` returns the next user message (None at end of input), replies stream
     through `write`, speed and commands' results go to `on_notice`. Returns the history."""
     sampling = (sampling or Sampling(temperature=0.7, top_p=0.95)).check()
-    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run, float32_on_cpu=True)
+    loaded = (model_or_run if isinstance(model_or_run, LoadedModel)
+              else open_for_inference(model_or_run, float32_on_cpu=True))
     notice = on_notice or (lambda message: None)
     conversation = Conversation(loaded, system, sampling)
     notice(f"format: {conversation.format.description}")

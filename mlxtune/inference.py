@@ -219,7 +219,8 @@ def generate_text(
     """One completion, in the format the model or run was trained on (see `prompt_format`): a run trained on
     plain text continues the prompt as raw text; otherwise it is a user turn in the chosen template."""
     sampling = Sampling(max_tokens, temperature, top_p, min_p, repetition_penalty, seed).check()
-    loaded = model_or_run if isinstance(model_or_run, LoadedModel) else open_for_inference(model_or_run, float32_on_cpu=True)
+    loaded = (model_or_run if isinstance(model_or_run, LoadedModel)
+              else open_for_inference(model_or_run, float32_on_cpu=True))
     fmt = prompt_format(loaded, use_template)
     ids = encode_messages(loaded, [{"role": "user", "content": prompt}], fmt)
     return run_reply(loaded, ids, sampling, fmt.stops, on_text).text

@@ -175,7 +175,7 @@ def evaluate_run(
     if rewards is None and generations != 1:
         raise UsageError("--generations is for GRPO runs (several sampled completions per prompt)",
                          "leave it out: this run's task metric scores one greedy generation per example")
-    if rewards is not None:  # a GRPO run: the mean reward of greedy completions is the task; no loss to compare
+    if rewards is not None:  # a GRPO run: the mean reward of sampled completions is the task; no loss to compare
         return _write(EvalResult(run=str(run.path), checkpoint=checkpoint, skipped=0, curves=_curves(run.path),
                                  **rewards), out_dir)
     with quiet_stdout():

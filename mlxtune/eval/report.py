@@ -166,22 +166,23 @@ def render_report(result) -> str:
         f"<tr><th>{e(name)}</th><td class=num>{e(base)}</td><td class=num>{e(tuned)}</td><td class=num>{e(diff)}</td></tr>"
         for name, base, tuned, diff in _comparison_rows(result))
     samples = ""
-    if result.samples and "tuned_reward" in result.samples[0]:  # a GRPO run: each completion with its reward
+    if result.samples:
+        rewarded = "tuned_reward" in result.samples[0]  # a GRPO run: each completion with its reward
+
+        def answer(sample, k):  # a model's cell: marked when it scored (GRPO) or equals the reference
+            text = sample[k] or ""
+            if rewarded:
+                hit, note = sample[k + "_reward"] > 0, f"<span class=num>reward {sample[k + '_reward']:.3g}</span>"
+            else:
+                hit, note = text.strip() == (sample["reference"] or "").strip(), ""
+            return f"<td class=\"{'hit' if hit else ''}\"><pre>{e(text)}</pre>{note}</td>"
+
         sample_rows = "".join(
             "<tr>" + "".join(f"<td><pre>{e(sample[k] or '')}</pre></td>" for k in ("prompt", "reference"))
-            + "".join(f"<td class=\"{'hit' if sample[k + '_reward'] > 0 else ''}\"><pre>{e(sample[k] or '')}</pre>"
-                      f"<span class=num>reward {sample[k + '_reward']:.3g}</span></td>" for k in ("base", "tuned"))
-            + "</tr>" for sample in result.samples)
-        samples = (f"<h2>Samples (each prompt's first completion, sampled at the run's temperature)</h2>"
-                   f"<table id=samples><thead><tr><th>prompt</th><th>answer</th><th>base</th><th>tuned</th></tr>"
-                   f"</thead><tbody>{sample_rows}</tbody></table>")
-    elif result.samples:
-        sample_rows = "".join(
-            "<tr>" + "".join(f"<td><pre>{e(sample[k] or '')}</pre></td>" for k in ("prompt", "reference"))
-            + "".join(f"<td class=\"{'hit' if (sample[k] or '').strip() == (sample['reference'] or '').strip() else ''}\">"
-                      f"<pre>{e(sample[k] or '')}</pre></td>" for k in ("base", "tuned")) + "</tr>"
-            for sample in result.samples)
-        samples = (f"<h2>Samples (greedy)</h2><table id=samples><thead><tr><th>prompt</th><th>reference</th>"
+            + "".join(answer(sample, k) for k in ("base", "tuned")) + "</tr>" for sample in result.samples)
+        title, reference = (("Samples (each prompt's first completion, sampled at the run's temperature)", "answer")
+                            if rewarded else ("Samples (greedy)", "reference"))
+        samples = (f"<h2>{title}</h2><table id=samples><thead><tr><th>prompt</th><th>{reference}</th>"
                    f"<th>base</th><th>tuned</th></tr></thead><tbody>{sample_rows}</tbody></table>")
     task_line = f"<p>{e(verdict['task_text'])}</p>" if verdict.get("task_text") else ""
     overlap = f"<p id=overlap>{e(overlap_line(result.overlap, result.examples))}</p>"

@@ -424,6 +424,7 @@ def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None
     # Only light imports here: the ranks load MLX models; the parent just launches and watches them.
     from mlxtune.data.dataset import resolve_data_path
     from mlxtune.train.parallel import check_resume_ranks
+    from mlxtune.train.runsetup import check_from_run
     from mlxtune.train.recovery import has_training
     from mlxtune.model_config import model_name
     from mlxtune.models import resolve_model
@@ -436,10 +437,7 @@ def train_distributed(settings: LoraSettings, *, resume: bool, hosts: str | None
         raise UsageError(f"unknown backend {backend!r}", f"use one of {', '.join(BACKENDS)}")
     layout = plan_layout(hosts, nproc)
     settings = type(settings)(**settings.to_dict()).validate()
-    if getattr(settings, "from_run", None) and not resume:
-        raise UsageError("--from is not available with --nproc/--hosts",
-                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
-                         "pass --model MODEL_DIR")
+    check_from_run(getattr(settings, "from_run", None), resume, distributed=True)
     if not settings.data:
         raise UsageError("no data given", "pass --data with a directory of train/valid .jsonl files or one file")
     model_path = resolve_model(settings.model, console=console) if settings.model else None

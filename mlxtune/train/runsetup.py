@@ -50,6 +50,20 @@ def load_split_settings(run_dir: Path, own_file: str, cls):
                   **read_yaml_config(Path(run_dir) / own_file, cls)})
 
 
+def check_from_run(from_run: str | None, resume: bool, *, distributed: bool, merges: bool = True) -> None:
+    """A new run `--from` a supervised run needs that run merged into its base first (`merges`: a `start_from`
+    given), which a data-parallel run can't do on every rank: refused there with the way round it."""
+    if not from_run or resume:
+        return
+    if distributed:
+        raise UsageError("--from is not available with --nproc/--hosts",
+                         f"fuse the supervised run first (mlxtune fuse {from_run} --out MODEL_DIR) and "
+                         "pass --model MODEL_DIR")
+    if not merges:
+        raise UsageError("--from needs its supervised run merged first",
+                         "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
+
+
 def open_run_dir(settings, *, resume: bool, reporter, start_from, kind: str, writes: bool = True
                  ) -> tuple[Path, Path]:
     """The run directory claimed and the model resolved (its files checked, held against `models rm`). With

@@ -276,3 +276,11 @@ def test_grpo_with_a_bad_reward_fails_before_any_rank_starts(tmp_path):
                    "--reward", tmp_path / "missing.py:score")
     assert done.returncode == 2 and "no file" in done.stderr and "rank" not in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["dpo", "grpo"])
+def test_from_a_supervised_run_is_refused_with_ranks_before_any_starts(command, tmp_path):
+    done = run_cli(command, "--from", tmp_path / "sft", "--data", tmp_path, "--nproc", 2,
+                   *(["--reward", "number"] if command == "grpo" else []))
+    assert done.returncode == 2 and "--from is not available with --nproc/--hosts" in done.stderr, done.stderr
+    assert f"mlxtune fuse {tmp_path / 'sft'} --out MODEL_DIR" in done.stderr and "rank" not in done.stderr

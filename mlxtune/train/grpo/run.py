@@ -35,8 +35,8 @@ from mlxtune.train.grpo.rewards import check_fields, parse_rewards
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.preference.run import PreferenceStep
 from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
-from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
-                                    restore, save_split_settings, verdict_or_refusal)
+from mlxtune.train.runsetup import (ObjectiveResult, check_from_run, load_split_settings, open_run_dir,
+                                    plan_then_adapt, restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.step import build_optimizer
 from mlxtune.ui import TrainingReporter, make_console, summary_table
 
@@ -170,14 +170,8 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
     requested_path()
     if not settings.data:
         raise UsageError("no data given", "pass --data with prompts ({\"prompt\": …, \"answer\": …} per line)")
-    if settings.from_run and not resume and parallel.distributed:
-        raise UsageError("--from is not available with --nproc/--hosts",
-                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
-                         "pass --model MODEL_DIR")
+    check_from_run(settings.from_run, resume, distributed=parallel.distributed, merges=start_from is not None)
     rewards = parse_rewards(settings.reward or [])  # a bad reward spec or file fails before anything loads
-    if settings.from_run and not resume and start_from is None:
-        raise UsageError("--from needs its supervised run merged first",
-                         "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
     data_path = resolve_data_path(settings.data)
     records, notes = read_prompt_splits(data_path, settings.seed, prompt_key=settings.prompt_key or PROMPT_KEY)
     for split in ("train", "valid"):
@@ -262,8 +256,7 @@ def _print_header(console, settings: GrpoSettings, sets: PromptSets, trainable, 
         ("rewards", ", ".join(settings.reward or [])),
         ("rollouts", f"{settings.batch_size * settings.grad_accumulation * parallel.size} prompts × G "
                      f"{settings.group_size} per step, up to {settings.max_completion_tokens} tokens, "
-                     f"temperature {settings.temperature:g}, "
-                     f"top-p {settings.top_p:g}"),
+                     f"temperature {settings.temperature:g}, top-p {settings.top_p:g}"),
         ("adapter", (f"{method} rank {settings.rank} alpha {settings.alpha:g}" if settings.method != "full" else
                      "full") + f" · {trainable:,} of {total:,} parameters trained"),
         ("data", f"prompts: {len(sets.train)} train / {len(sets.valid)} valid"),

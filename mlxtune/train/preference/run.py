@@ -37,8 +37,8 @@ from mlxtune.train.adapters import parameter_counts
 from mlxtune.train.engine import Objective, TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
 from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
-from mlxtune.train.runsetup import (ObjectiveResult, load_split_settings, open_run_dir, plan_then_adapt,
-                                    restore, save_split_settings, verdict_or_refusal)
+from mlxtune.train.runsetup import (ObjectiveResult, check_from_run, load_split_settings, open_run_dir,
+                                    plan_then_adapt, restore, save_split_settings, verdict_or_refusal)
 from mlxtune.train.preference.objective import (
     STAT_NAMES,
     PreferenceObjective,
@@ -258,13 +258,7 @@ def train_preference(settings: PreferenceSettings, *, resume: bool = False, forc
     requested_path()  # a bad MLXTUNE_DEQUANTIZE fails before anything is written
     if not settings.data:
         raise UsageError("no data given", "pass --data with preference pairs (prompt, chosen, rejected)")
-    if settings.from_run and not resume and parallel.distributed:
-        raise UsageError("--from is not available with --nproc/--hosts",
-                         f"fuse the supervised run first (mlxtune fuse {settings.from_run} --out MODEL_DIR) and "
-                         "pass --model MODEL_DIR")
-    if settings.from_run and not resume and start_from is None:
-        raise UsageError("--from needs its supervised run merged first",
-                         "call mlxtune.fuse.merge_sft_run as start_from (the CLI does)")
+    check_from_run(settings.from_run, resume, distributed=parallel.distributed, merges=start_from is not None)
     data_path = resolve_data_path(settings.data)
     # bad data fails before any model is loaded
     records = read_preference_splits(data_path, settings.seed, skip_invalid=settings.skip_invalid)
