@@ -3,6 +3,9 @@
 MLX's Linux CPU wheel ships a reference BLAS (≈4 GFLOP/s on 2 cores); a system OpenBLAS loaded with RTLD_GLOBAL
 before `mlx.core` is first imported takes its place (≈185 GFLOP/s). `MLXTUNE_BLAS=/path/lib.so` picks the library,
 `MLXTUNE_BLAS=none` turns the hook off. The first use checks a matmul against numpy.
+
+Also the command's start-up: `hide_torch` keeps transformers (which mlx-lm's tokenizer code imports) from importing
+PyTorch, which no command uses.
 """
 
 from __future__ import annotations
@@ -107,6 +110,33 @@ def set_blas_threads(threads: int) -> bool:
 
 def blas_status() -> dict:
     return dict(_state)
+
+
+IMPORT_TORCH = "MLXTUNE_IMPORT_TORCH"
+
+
+def hide_torch() -> bool:
+    """Mark torch absent for this process (`sys.modules["torch"] = None`: `importlib.util.find_spec` then answers
+    None and `import torch` fails). Transformers imports all of PyTorch whenever `find_spec("torch")` finds it —
+    1.2–1.5 s of CPU at every command's start, about half of it, for a library no command uses; marked absent,
+    it settles on "no torch" (tests/test_backend.py checks it still asks that way). Only the command's process
+    does this (`python -m mlxtune`, the console script); `MLXTUNE_IMPORT_TORCH=1` turns it off. True when marked."""
+    if "torch" in sys.modules or os.environ.get(IMPORT_TORCH) == "1":
+        return False
+    sys.modules["torch"] = None
+    return True
+
+
+def unhide_torch() -> None:
+    """Let user code loaded into the command (a reward function) import torch after all."""
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+        del sys.modules["torch"]
+
+
+def torch_was_hidden(exc: BaseException) -> bool:
+    """True for the ImportError `hide_torch` causes: a library imported torch without asking `find_spec` first (a
+    transformers upgrade, say); the command then starts again with `MLXTUNE_IMPORT_TORCH=1`."""
+    return isinstance(exc, ImportError) and sys.modules.get("torch", 0) is None and "torch" in str(exc)
 
 
 class BlasMismatch(RuntimeError):

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from mlxtune import __version__
-from mlxtune.backend import BlasMismatch
+from mlxtune.backend import IMPORT_TORCH, BlasMismatch, torch_was_hidden
 from mlxtune.errors import MlxtuneError, UsageError
 from mlxtune.export import FORMATS, OUTTYPES
 from mlxtune.model_config import DEFAULT_GROUP_SIZE, DEFAULT_QUANTIZE, DTYPES, GROUP_SIZES, QUANTIZE_CHOICES
@@ -42,11 +42,12 @@ class MlxtuneGroup(click.Group):
             # The system BLAS gave wrong numbers: start again without it (it can't be unloaded in-process).
             click.echo(f"warning: {exc} gave wrong matmul results; restarting without it (MLXTUNE_BLAS=none)",
                        err=True)
-            os.execve(sys.executable, [sys.executable, "-m", "mlxtune", *sys.argv[1:]],
-                      {**os.environ, "MLXTUNE_BLAS": "none"})
+            _restart_with("MLXTUNE_BLAS", "none")
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # a bug of ours: say so briefly, keep the details behind --debug
+            if torch_was_hidden(exc):  # a library imported torch without asking if it is there (backend.py)
+                _restart_with(IMPORT_TORCH, "1")
             environmental = environment_error(exc)  # disk full, read-only, out of memory: not a bug
             if environmental is not None:
                 _report(ctx, environmental)
@@ -55,6 +56,11 @@ class MlxtuneGroup(click.Group):
             click.echo(redact(f"internal error: {type(exc).__name__}: {exc}"), err=True)
             click.echo("hint: rerun with `mlxtune --debug ...` and report the traceback", err=True)
             ctx.exit(1)
+
+
+def _restart_with(variable: str, value: str) -> None:
+    """Run this same command again in a fresh process with one environment variable set."""
+    os.execve(sys.executable, [sys.executable, "-m", "mlxtune", *sys.argv[1:]], {**os.environ, variable: value})
 
 
 def _print_traceback() -> None:

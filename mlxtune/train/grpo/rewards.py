@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mlxtune.backend import unhide_torch
 from mlxtune.errors import RunFailed, UsageError
 
 DEFAULT_FIELD = "answer"
@@ -281,6 +282,7 @@ def _user_function(spec: str) -> Callable[..., Any]:
         raise UsageError(f"reward {spec!r}: no file {file}", "write FILE.py:FUNCTION with an existing file")
     module_spec = importlib.util.spec_from_file_location(f"mlxtune_reward_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
+    unhide_torch()  # the command hides torch from transformers (backend.py); a user's reward may import it
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # the user's file: any error it raises on import is theirs to see
