@@ -13,6 +13,11 @@ from smollm import imported_smollm2
 
 ARITH = ROOT / "examples" / "data" / "arith"  # the worked-example prompts of scripts/grpo_smollm2.py
 STEPS = 6
+# scripts/grpo_smollm2.py's recipe (4 prompts × G 4, 16 tokens, temperature 1, β 0.04, rank 8 on every block) with
+# its 12 cosine steps cut to 6 at a constant lr 1e-3 (about the same total step size). Eval of the 64 test prompts,
+# 2 completions each (seeds 0, 1, 2, 2026-12-07): number 0.320 → 0.570 / 0.422 / 0.469, intervals from +0.141 /
+# +0.016 / +0.070; format 0.562 → 0.992 / 0.992 / 0.969. Shorter or faster recipes failed on some seed (lr 3e-3 for
+# 3 steps: −0.344 on seed 0, every sum wrong), and easy sums leave the number no room (docs/RL.md).
 LEARN = ["--reward", "number", "--reward", "0.5*format", "--group-size", 4, "--batch-size", 4,
          "--max-completion-tokens", 16, "--temperature", 1.0, "--beta", 0.04, "--rank", 8,
          "--learning-rate", 1e-3, "--schedule", "constant", "--warmup-steps", 0, "--iters", STEPS,
@@ -35,5 +40,6 @@ def test_grpo_raises_the_format_and_number_rewards_on_smollm2(tmp_path):
     task = json.loads(result.stdout)["task"]
     number, format_ = task["rewards"]["number"], task["rewards"]["format"]
     print(f"eval number {number}\neval format {format_}")
-    assert format_["base"]["value"] < 0.8 and format_["tuned"]["value"] > 0.9, format_
+    assert format_["base"]["value"] < 0.8 and format_["tuned"]["value"] > 0.9, format_  # 128 samples each: the
+    # train format per step is 16 samples (seed 0's last step 0.81 after 1.0, 1.0), too noisy to hold to 0.9
     assert number["difference"]["low"] > 0, number
