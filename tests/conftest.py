@@ -100,8 +100,8 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
 # idle seconds, measured), and the rest keep xdist's order (most tests first). A new slow file belongs here.
 SLOWEST_FILES = [
     "importers/test_smollm2_end_to_end.py",  # ~260 s
+    "importers/test_smollm2_grpo.py",  # ~160 s alone (the GGUF import included)
     "train/test_distributed.py",  # ~150 s
-    "importers/test_smollm2_grpo.py",  # ~67 s (the GGUF import included)
     "verify/test_verify.py",  # ~95 s
     "train/test_memory.py",  # ~90 s
     "reliability/test_kill_suite.py",  # ~70 s
