@@ -20,7 +20,7 @@ from mlxtune.train.adapters import attach_adapters
 from mlxtune.train.grpo.losses import preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective, gradient_batches, update_chunks
 from mlxtune.train.grpo.rollout import generate_group, sample_keys
-from mlxtune.train.preference.run import PreferenceStep
+from mlxtune.train.grpo.update import GrpoStep
 
 ROWS = 12  # 3 prompts × G 4: the whole group at once, or pieces of 2 rows
 
@@ -52,13 +52,13 @@ def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int, shared: bo
     _moved(model, 0.02)  # πold: the policy before the update
     loss = GrpoLoss(model, preset(name, beta=0.1, max_completion_tokens=10), old_policy=True)
     loss.shared_prompt = shared
-    step = PreferenceStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
+    step = GrpoStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
     objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
     updates = update_chunks(*chunks, rows_per_chunk, shared=shared)
     objective.frozen(updates)
     _moved(model, 0.05)  # the update's weights: ratios off 1, some clipped
     pieces = gradient_batches(updates)
-    loss_sum, count, stats, grads = step.accumulate(pieces)
+    loss_sum, count, stats, grads = step.accumulate_groups(updates)
     assert len(updates) == 3 and len(pieces) == 3 * -(-ROWS // 3 // rows_per_chunk)
     return ((loss_sum / count).item(), np.array(stats),
             {k: np.array(v / count) for k, v in tree_flatten(grads)})

@@ -42,7 +42,7 @@ from mlxtune.train.parallel import DataParallel
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
 from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
-from mlxtune.train.grpo.prefix import shared_prompt_states, supports_shared_prompt
+from mlxtune.train.grpo.prefix import after_prompt, shared_prompt_states, supports_shared_prompt
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
 
@@ -151,7 +151,20 @@ class GrpoLoss:
 
     def __call__(self, model, *arrays):
         forward, (gather, advantages, mask, old, reference) = arrays[:-5], arrays[-5:]
-        log_probs = self.token_log_probs(model, forward, gather, True)
+        return self.loss_of(self.token_log_probs(model, forward, gather, True), advantages, mask, old, reference)
+
+    def after_prompt_loss(self, model, prompt_kv: list, last: mx.array, completions, positions, targets, gather,
+                          advantages, mask, old, reference):
+        """`__call__` of a shared-prompt piece given its prompt's pass (`prefix.prompt_pass`'s keys, values and last
+        state) instead of the prompt: the gradient can be taken with respect to that pass too (train/grpo/update.py)."""
+        states = after_prompt(lambda inputs, cache: self.logps.states(model, inputs, cache), prompt_kv, last,
+                              completions)
+        nll = self.logps.states_nll(states, positions, targets, True)
+        log_probs = mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
+        return self.loss_of(log_probs, advantages, mask, old, reference)
+
+    def loss_of(self, log_probs, advantages, mask, old, reference):
+        """(loss sum, count, statistics) of [rows, T] log-probs."""
         loss, stats = grpo_loss(log_probs, advantages, mask, self.config,
                                 old_log_probs=old if self.old_policy else None,
                                 reference_log_probs=reference if self.config.beta else None)
@@ -338,10 +351,9 @@ class GrpoObjective(Objective):
             self.on_samples(micro[0].step + 1, [x for b in micro for x in self.samples(b)])
         tic = time.perf_counter()
         self.frozen(updates)
-        pieces = gradient_batches(updates)
         loss_stats = np.zeros(len(LOSS_STATS))
         for number in range(s.updates_per_batch):
-            loss_sum, count, step_stats, grads = self.trainer.accumulate(pieces)
+            loss_sum, count, step_stats, grads = self.trainer.accumulate_groups(updates)
             loss_stats += np.array(step_stats)
             if number == s.updates_per_batch - 1:
                 break  # the last update is the engine's (it sums the ranks' gradients itself)
@@ -413,7 +425,7 @@ class GrpoObjective(Objective):
                           rows * s.max_completion_tokens)
         updates = update_chunks(ids, rollout, np.zeros(rows, np.float32), shared=self.loss.shared_prompt)
         self.frozen(updates)
-        self.trainer.accumulate(gradient_batches(updates))  # the optimizer's state exists: the engine made it
+        self.trainer.accumulate_groups(updates)  # the optimizer's state exists: the engine made it
 
 
 VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)
