@@ -7,7 +7,7 @@ the shared prompt; shared: the default), `GrpoObjective.frozen` (the reference, 
 compiled forward + backward, `UPDATE_ROWS` rows a piece, evaluated: `GrpoStep.accumulate_groups` (the run's: one
 prompt pass per group, train/grpo/update.py) or `PreferenceStep.accumulate` over the pieces ("a prompt pass per
 piece": the update before it; full rows always run so). Per layout:
-the median seconds per update over the rounds (after one untimed call of each, which compiles) and the MLX peak
+the median seconds per update over the rounds (wall, and the process's CPU seconds: steadier on a shared machine) (after one untimed call of each, which compiles) and the MLX peak
 during the update (`mx.reset_peak_memory` before it; the weights included). LoRA rank 8, scale 2, every linear
 layer; β 0.04; G and prompts as bench_grpo.py's.
 
@@ -77,16 +77,16 @@ def main() -> None:
     step = GrpoStep(model, optim.Adam(learning_rate=0.0), 0.0, loss)
     objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
 
-    def update(layout: tuple[bool, int, bool]) -> tuple[float, float]:
+    def update(layout: tuple[bool, int, bool]) -> tuple[float, float, float]:
         shared, rows, one_pass = layout
         mx.clear_cache()
         mx.reset_peak_memory()
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         groups = update_chunks(ids, rollout, advantages, rows, shared=shared)
         objective.frozen(groups)
         out = step.accumulate_groups(groups) if one_pass else step.accumulate(gradient_batches(groups))
         mx.eval(out)
-        return time.perf_counter() - tic, mx.get_peak_memory() / 1e9
+        return time.perf_counter() - tic, time.process_time() - cpu, mx.get_peak_memory() / 1e9
 
     layouts = {} if args.no_full_rows else {"full rows": (False, UPDATE_ROWS, False)}
     for rows in [int(r) for r in args.rows.split(",") if r] or [UPDATE_ROWS]:
@@ -97,16 +97,19 @@ def main() -> None:
     for layout in layouts.values():
         update(layout)  # compiles
     seconds = {name: [] for name in layouts}
+    cpu_seconds = {name: [] for name in layouts}
     peaks = {name: [] for name in layouts}
     for number in range(args.rounds):
         order = list(layouts) if number % 2 == 0 else list(reversed(list(layouts)))
         for name in order:
-            s, peak = update(layouts[name])
+            s, cpu, peak = update(layouts[name])
             seconds[name].append(s)
+            cpu_seconds[name].append(cpu)
             peaks[name].append(peak)
     out = {"prompt_tokens": [len(p) for p in ids], "completion_lengths": rollout.lengths,
-           "seconds": seconds, "peak_gb": peaks,
+           "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_gb": peaks,
            "median_seconds": {k: statistics.median(v) for k, v in seconds.items()},
+           "median_cpu_seconds": {k: statistics.median(v) for k, v in cpu_seconds.items()},
            "peak_gb_max": {k: max(v) for k, v in peaks.items()}}
     base = next(iter(layouts))  # the ratios' base: the first layout (full rows unless left out)
     out["speedup"] = {k: out["median_seconds"][base] / v for k, v in out["median_seconds"].items()}

@@ -20,9 +20,10 @@ once and its completions as one batch attending to the prompt's keys and values 
 as G full prompt + completion rows, with the prompt's arithmetic and activations counted once per pass instead of G
 times (models whose caches are not plain KVCaches keep the full rows: `supports_shared_prompt`). The frozen passes
 (reference, πold) take a prompt's group in one forward (up to `FROZEN_ROWS` completions: nothing is kept for a
-backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`: each piece with its own
-prompt pass), one piece evaluated before the next (`PreferenceStep.accumulate`), so the update holds one piece's
-activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
+backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`), one piece evaluated
+before the next after one pass of their prompt (`GrpoStep.accumulate_groups`, train/grpo/update.py: the pieces'
+gradients with respect to the prompt's keys and values summed, then one backward through the prompt), so the update
+holds one piece's activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
 Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a piece's
 — and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
 """

@@ -5,7 +5,8 @@ prompt goes through the blocks once (batch 1) and its completions as one batch a
 values (broadcast to every row), their positions continuing after the prompt. The first completion token's log-prob
 comes from the prompt's last position. Under a gradient the completions' gradients all flow into the one prompt
 pass: the same function of the weights as G full prompt + completion rows, with the prompt's arithmetic and
-activations counted once instead of G times.
+activations counted once instead of G times. The two halves are apart (`prompt_pass`, `after_prompt`) so that the
+gradient can run a group's completions in pieces after one prompt pass (train/grpo/update.py).
 
 Both passes are mlx-lm's own forward (`model.model(inputs, cache=…)`, so its attention, rope offset and mask), through
 mlx-lm's per-layer cache protocol — `offset`, `update_and_fetch`, `make_mask` — as train/loss.py's SegmentMaskCache
