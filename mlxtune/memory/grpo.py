@@ -30,11 +30,11 @@ from mlxtune.memory.planner import MemoryPlan, run_shape
 from mlxtune.model_config import read_config
 from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 
-# Completions per forward/backward of the update, each piece with its own pass of the prompt they share
-# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32,
-# G 8, 32 tokens) a piece of 4 peaked at 0.912 GB, 0.60× mlx-lm-lora's step, and 3 at 0.844 GB, for one more
-# prompt pass per group of 8 (3 + 3 + 2: ≈ +15% of the gradient's positions; docs/BENCHMARKS.md). A constant, not
-# a setting: the loss and the gradient are the whole batch's for any value.
+# Completions per forward/backward of the update, after one pass of the prompt they share (train/grpo/update.py).
+# mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32, G 8, 32 tokens) with one prompt pass
+# per group a piece of 3 peaked at 0.778 GB and one of 4 at 0.846 GB, and 4's two pieces per group of 8 (against
+# 3 + 3 + 2) were not measurably faster (the same arithmetic: the prompt runs once either way; docs/BENCHMARKS.md).
+# A constant, not a setting: the loss and the gradient are the whole batch's for any value.
 UPDATE_ROWS = 3
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)

@@ -1,5 +1,5 @@
-"""The GRPO update in pieces (objective.py's `update_chunks`: a prompt's rows a few at a time, each piece with its
-own pass of the shared prompt) gives the whole batch's loss, statistics and gradient — the same as every row run
+"""The GRPO update in pieces (objective.py's `update_chunks`: a prompt's rows a few at a time after one pass of the
+shared prompt, train/grpo/update.py) gives the whole batch's loss, statistics and gradient — the same as every row run
 in full (prompt + completion), one prompt's group at a time: per preset (sequence mean, DAPO's token level over the
 whole batch's tokens, Dr. GRPO's constant), with the KL to the reference and a ratio off 1 (πold from before the
 adapter moved), on the story model's real rollouts of uneven lengths; and the planner's estimate of the update is

@@ -97,16 +97,19 @@ class GrpoLoss:
         self.shared_prompt = supports_shared_prompt(model)  # the layout `update_chunks` makes for this model
         self._frozen: dict[bool, object] = {}  # reference (True) / πold (False): their compiled forward passes
 
+    def forward(self, model):
+        """`forward(inputs, cache)`: what the head's rows are taken from (train/grpo/prefix.py's passes)."""
+        return lambda inputs, cache: self.logps.states(model, inputs, cache)
+
     def token_log_probs(self, model, arrays, gather, differentiable: bool) -> mx.array:
         if len(arrays) == 4:  # a prompt and its completions (UpdateBatch): the prompt's pass shared
             prompt, completions, positions, targets = arrays
-            states = shared_prompt_states(lambda inputs, cache: self.logps.states(model, inputs, cache),
-                                          len(model.layers), prompt, completions)
+            states = shared_prompt_states(self.forward(model), len(model.layers), prompt, completions)
             nll = self.logps.states_nll(states, positions, targets, differentiable)
         else:  # full prompt + completion rows
             inputs, positions, targets = arrays[:3]
             nll = self.logps.position_nll(model, inputs, positions, targets, differentiable)
-        return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
+        return gathered(nll, gather)
 
     def frozen_log_probs(self, model, batch: UpdateBatch, reference: bool) -> mx.array:
         """Log-probs without gradient: the policy as it is (πold), or with its adapters off (the reference).
@@ -158,10 +161,8 @@ class GrpoLoss:
                           advantages, mask, old, reference):
         """`__call__` of a shared-prompt piece given its prompt's pass (`prefix.prompt_pass`'s keys, values and last
         state) instead of the prompt: the gradient can be taken with respect to that pass too (train/grpo/update.py)."""
-        states = after_prompt(lambda inputs, cache: self.logps.states(model, inputs, cache), prompt_kv, last,
-                              completions)
-        nll = self.logps.states_nll(states, positions, targets, True)
-        log_probs = mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
+        states = after_prompt(self.forward(model), prompt_kv, last, completions)
+        log_probs = gathered(self.logps.states_nll(states, positions, targets, True), gather)
         return self.loss_of(log_probs, advantages, mask, old, reference)
 
     def loss_of(self, log_probs, advantages, mask, old, reference):
@@ -176,6 +177,11 @@ class GrpoLoss:
                  else mx.array(float(mask.shape[0])))
         sums = mx.stack([stats["kl"] * tokens, stats["clip_low"] * tokens, stats["clip_high"] * tokens, tokens])
         return loss * count, count, mx.stop_gradient(sums)
+
+
+def gathered(nll: mx.array, gather: mx.array) -> mx.array:
+    """[rows, T] log-probs from a pass's flat −log-probs: `gather` indexes them, its padding the appended 0."""
+    return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
 
 
 def update_batch(prompt: list[int], tokens: np.ndarray, mask: np.ndarray, advantages: np.ndarray,

@@ -34,10 +34,7 @@ class GrpoStep(PreferenceStep):
 
     def __init__(self, model, optimizer, grad_clip: float, objective):
         super().__init__(model, optimizer, grad_clip, objective)
-        layers = len(model.layers)
-
-        def forward(inputs, cache):
-            return objective.logps.states(model, inputs, cache)
+        layers, forward = len(model.layers), objective.forward(model)
 
         @partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])
         def prompt_outputs(prompt):
