@@ -95,6 +95,12 @@ def test_the_planner_estimates_one_piece_of_the_update():
     short, long = (update_passes(facts, run, settings, prompt)["gradient"] for prompt in (16, 160))
     assert long.parts["shared prompt"] > short.parts["shared prompt"] > 0
     assert long.total - short.total == long.parts["shared prompt"] - short.parts["shared prompt"]
+    # G 8 is several pieces after one prompt pass of its own (train/grpo/update.py): the pieces keep its keys and
+    # values, not the pass, which is planned apart; G 2 is one piece holding its prompt's pass
+    split, whole = (update_passes(facts, run, GrpoSettings(group_size=g, batch_size=1, max_completion_tokens=32), 160)
+                    for g in (8, 2))
+    assert "prompt" in split and "prompt" not in whole
+    assert split["gradient"].parts["shared prompt"] < split["prompt"].parts["activations"]
 
 
 def test_the_planner_update_shape_is_the_runs_chunk(setup):
