@@ -6,11 +6,13 @@ starts):
   holds its own copy of its prompt's keys and values; `cache_positions`), the decode step's logits and sampling
   temporaries over the vocabulary for every row, and one prompt's prefill logits (at batch 1, every position
   through the head);
-- update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after one pass of their shared
-  prompt (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py)
-  — the completions as an SFT/DPO micro-batch of that shape (activations, their positions through the fused head,
-  padded as `padded_positions` pads them) plus what the prompt's pass keeps for the backward (`shared_prompt_bytes`);
-  or, when larger, the frozen passes' forward over a prompt's group (up to `FROZEN_ROWS` completions). Models whose
+- update: one piece of the gradient — `UPDATE_ROWS` of a prompt's G completions after their shared prompt
+  (objective.py runs the forward/backward piece by piece, one evaluated before the next; train/grpo/prefix.py) —
+  the completions as an SFT/DPO micro-batch of that shape (activations, their positions through the fused head,
+  padded as `padded_positions` pads them) plus what they keep of the prompt for the backward
+  (`shared_prompt_bytes`: the prompt's pass itself only when the group is one piece; split, the group's prompt runs
+  once, its forward and backward apart from the pieces: train/grpo/update.py); or, when larger, that prompt pass, or
+  the frozen passes' forward over a prompt's group (up to `FROZEN_ROWS` completions). Models whose
   caches are not plain KVCaches (sliding windows, recurrent layers: `config_supports_shared_prompt`) run full
   prompt + completion rows, `UPDATE_ROWS` a piece (`full_rows_shape`), and are planned so.
 """
@@ -28,11 +30,11 @@ from mlxtune.memory.planner import MemoryPlan, run_shape
 from mlxtune.model_config import read_config
 from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 
-# Completions per forward/backward of the update, each piece with its own pass of the prompt they share
-# (objective.py's `update_chunks`). mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32,
-# G 8, 32 tokens) a piece of 4 peaked at 0.912 GB, 0.60× mlx-lm-lora's step, and 3 at 0.844 GB, for one more
-# prompt pass per group of 8 (3 + 3 + 2: ≈ +15% of the gradient's positions; docs/BENCHMARKS.md). A constant, not
-# a setting: the loss and the gradient are the whole batch's for any value.
+# Completions per forward/backward of the update, after one pass of the prompt they share (train/grpo/update.py).
+# mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32, G 8, 32 tokens) with one prompt pass
+# per group a piece of 3 peaked at 0.778 GB and one of 4 at 0.846 GB, and 4's two pieces per group of 8 (against
+# 3 + 3 + 2) were not measurably faster (the same arithmetic: the prompt runs once either way; docs/BENCHMARKS.md).
+# A constant, not a setting: the loss and the gradient are the whole batch's for any value.
 UPDATE_ROWS = 3
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
@@ -85,24 +87,34 @@ def full_rows_shape(settings, prompt: int) -> BatchShape:
     return BatchShape(rows, length, padded_positions(rows * settings.max_completion_tokens, rows * length))
 
 
-def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int, completion: int) -> int:
-    """What a gradient piece keeps for the backward pass beyond its completions' own activations: the prompt's pass
-    (batch 1), and in each block the prompt's keys and values broadcast into every completion row's and (CPU
-    backend) the completions' attention probabilities over the prompt's positions."""
+def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int, completion: int,
+                        own_pass: bool = True) -> int:
+    """What a gradient piece keeps for the backward pass beyond its completions' own activations: in each block the
+    prompt's keys and values broadcast into every completion row's and (CPU backend) the completions' attention
+    probabilities over the prompt's positions; and the prompt's pass (batch 1) when the piece runs it (`own_pass`:
+    a group of one piece), else its keys and values three times (the pass's outputs, the piece's gradient with
+    respect to them and the group's running sum: train/grpo/update.py)."""
     float_bytes = 4 if run.on_cpu else 2
-    own = activation_bytes(facts, run, BatchShape(1, prompt, 0))["activations"]
     per_block = 2 * rows * facts.kv_heads * facts.head_dim * prompt * float_bytes
     if run.on_cpu:
         per_block += rows * facts.heads * completion * prompt * 4
     blocks = 1 if run.grad_checkpoint else len(_adapted(facts, run))
-    return own + blocks * per_block
+    prompt_pass = (activation_bytes(facts, run, BatchShape(1, prompt, 0))["activations"] if own_pass
+                   else 3 * prompt_kv_bytes(facts, run, prompt))
+    return prompt_pass + blocks * per_block
+
+
+def prompt_kv_bytes(facts: ModelFacts, run: RunShape, prompt: int) -> int:
+    """The keys and values of one prompt's pass, every layer (batch 1)."""
+    return facts.layers * 2 * facts.kv_heads * facts.head_dim * prompt * (4 if run.on_cpu else 2)
 
 
 def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: int,
                   shared: bool = True) -> dict[str, Estimate]:
-    """The update's two kinds of pass: a gradient piece (its completions, plus what its prompt's pass keeps; or
-    full prompt + completion rows when not `shared`) and a frozen forward over a prompt's group (the reference, πold;
-    its prompt counted per row: a bound)."""
+    """The update's kinds of pass: a gradient piece (its completions, plus what it keeps of its prompt's pass; or
+    full prompt + completion rows when not `shared`), a frozen forward over a prompt's group (the reference, πold;
+    its prompt counted per row: a bound) and, when a group takes more than one piece, the prompt's own forward and
+    backward (train/grpo/update.py)."""
     rows = piece_rows(settings.group_size, FROZEN_ROWS)
     if not shared:
         piece = full_rows_shape(settings, longest_prompt)
@@ -110,12 +122,20 @@ def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: in
                                                                 rows * piece.length))
         return {"gradient": estimate(facts, run, [piece]), "frozen": estimate(facts, run, [], [group])}
     piece = update_shape(settings)
+    one_piece = piece.rows >= settings.group_size  # the group's prompt pass inside its one piece
     gradient = estimate(facts, run, [piece])
-    gradient.parts["shared prompt"] = shared_prompt_bytes(facts, run, piece.rows, longest_prompt, piece.length)
+    gradient.parts["shared prompt"] = shared_prompt_bytes(facts, run, piece.rows, longest_prompt, piece.length,
+                                                          own_pass=one_piece)
     gradient.total += gradient.parts["shared prompt"]
     frozen = estimate(facts, run, [], [BatchShape(rows, longest_prompt + piece.length, padded_positions(
         rows * settings.max_completion_tokens, rows * (piece.length + 1)))])
-    return {"gradient": gradient, "frozen": frozen}
+    passes = {"gradient": gradient, "frozen": frozen}
+    if not one_piece:  # the prompt's backward from the pieces' summed key/value gradients (train/grpo/update.py)
+        prompt = estimate(facts, run, [BatchShape(1, longest_prompt, 0)])
+        prompt.parts["prompt keys and values"] = 2 * prompt_kv_bytes(facts, run, longest_prompt)
+        prompt.total += prompt.parts["prompt keys and values"]
+        passes["prompt"] = prompt
+    return passes
 
 
 def grpo_phases(facts: ModelFacts, settings, longest_prompt: int, *, cpu: bool | None = None,

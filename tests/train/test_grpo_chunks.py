@@ -1,5 +1,5 @@
-"""The GRPO update in pieces (objective.py's `update_chunks`: a prompt's rows a few at a time, each piece with its
-own pass of the shared prompt) gives the whole batch's loss, statistics and gradient — the same as every row run
+"""The GRPO update in pieces (objective.py's `update_chunks`: a prompt's rows a few at a time after one pass of the
+shared prompt, train/grpo/update.py) gives the whole batch's loss, statistics and gradient — the same as every row run
 in full (prompt + completion), one prompt's group at a time: per preset (sequence mean, DAPO's token level over the
 whole batch's tokens, Dr. GRPO's constant), with the KL to the reference and a ratio off 1 (πold from before the
 adapter moved), on the story model's real rollouts of uneven lengths; and the planner's estimate of the update is
@@ -20,7 +20,7 @@ from mlxtune.train.adapters import attach_adapters
 from mlxtune.train.grpo.losses import preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective, gradient_batches, update_chunks
 from mlxtune.train.grpo.rollout import generate_group, sample_keys
-from mlxtune.train.preference.run import PreferenceStep
+from mlxtune.train.grpo.update import GrpoStep
 
 ROWS = 12  # 3 prompts × G 4: the whole group at once, or pieces of 2 rows
 
@@ -52,13 +52,13 @@ def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int, shared: bo
     _moved(model, 0.02)  # πold: the policy before the update
     loss = GrpoLoss(model, preset(name, beta=0.1, max_completion_tokens=10), old_policy=True)
     loss.shared_prompt = shared
-    step = PreferenceStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
+    step = GrpoStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
     objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
     updates = update_chunks(*chunks, rows_per_chunk, shared=shared)
     objective.frozen(updates)
     _moved(model, 0.05)  # the update's weights: ratios off 1, some clipped
     pieces = gradient_batches(updates)
-    loss_sum, count, stats, grads = step.accumulate(pieces)
+    loss_sum, count, stats, grads = step.accumulate_groups(updates)
     assert len(updates) == 3 and len(pieces) == 3 * -(-ROWS // 3 // rows_per_chunk)
     return ((loss_sum / count).item(), np.array(stats),
             {k: np.array(v / count) for k, v in tree_flatten(grads)})
@@ -95,6 +95,12 @@ def test_the_planner_estimates_one_piece_of_the_update():
     short, long = (update_passes(facts, run, settings, prompt)["gradient"] for prompt in (16, 160))
     assert long.parts["shared prompt"] > short.parts["shared prompt"] > 0
     assert long.total - short.total == long.parts["shared prompt"] - short.parts["shared prompt"]
+    # G 8 is several pieces after one prompt pass of its own (train/grpo/update.py): the pieces keep its keys and
+    # values, not the pass, which is planned apart; G 2 is one piece holding its prompt's pass
+    split, whole = (update_passes(facts, run, GrpoSettings(group_size=g, batch_size=1, max_completion_tokens=32), 160)
+                    for g in (8, 2))
+    assert "prompt" in split and "prompt" not in whole
+    assert split["gradient"].parts["shared prompt"] < split["prompt"].parts["activations"]
 
 
 def test_the_planner_update_shape_is_the_runs_chunk(setup):
@@ -168,3 +174,44 @@ def test_the_planner_counts_full_rows_where_the_prompt_is_not_shared(setup, tmp_
     assert full.worst_batch == shape and full.total > shared.total
     long = GrpoSettings(group_size=8, batch_size=1, max_completion_tokens=256, memory="64GB")
     assert plan_for_prompts(long, windowed, 200).estimate.total > plan_for_prompts(long, MODEL, 200).estimate.total
+
+
+def test_the_prompt_backward_sees_the_dropout_masks_of_its_forward(setup):
+    """With LoRA dropout, the prompt's pass runs twice (outputs for the pieces, then recomputed under the gradient:
+    train/grpo/update.py): both must draw the same masks, or the prompt's share of the gradient is another function's.
+    The gradient along a direction equals the loss's central difference, every evaluation from the same seed (the
+    same masks throughout)."""
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model, ids, rollout, advantages = setup
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+    _moved(model, 0.05)
+    loss = GrpoLoss(model, preset("grpo", beta=0.1), old_policy=True)
+    step = GrpoStep(model, optim.SGD(learning_rate=0.0), 0.0, loss)
+    objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
+    updates = update_chunks(ids, rollout, advantages, 2)
+    objective.frozen(updates)  # πold and the reference without dropout; the gradient's passes with it
+    base = dict(tree_flatten(model.trainable_parameters()))
+    direction = {k: mx.array(np.random.default_rng(2).normal(size=v.shape).astype(np.float32)) for k, v in base.items()}
+
+    def at(scale: float):
+        model.load_weights([(k, v + scale * direction[k]) for k, v in base.items()], strict=False)
+        mx.random.seed(7)
+        loss_sum, count, _, grads = step.accumulate_groups(updates)
+        return (loss_sum / count).item(), {k: v / count for k, v in tree_flatten(grads)}
+
+    try:
+        for layer in layers:
+            layer.dropout = nn.Dropout(0.5)
+        model.train()
+        _, grads = at(0.0)
+        eps = 1e-3
+        difference = (at(eps)[0] - at(-eps)[0]) / (2 * eps)
+        along = sum((grads[k] * direction[k]).sum().item() for k in base)
+    finally:
+        for layer in layers:
+            layer.dropout = nn.Dropout(0.0)
+        model.load_weights(list(base.items()), strict=False)
+    assert abs(along) > 1e-2
+    assert abs(difference - along) <= 5e-2 * abs(along), (difference, along)  # measured 0.5%; masks apart: 24%

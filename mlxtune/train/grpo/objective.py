@@ -20,9 +20,10 @@ once and its completions as one batch attending to the prompt's keys and values 
 as G full prompt + completion rows, with the prompt's arithmetic and activations counted once per pass instead of G
 times (models whose caches are not plain KVCaches keep the full rows: `supports_shared_prompt`). The frozen passes
 (reference, πold) take a prompt's group in one forward (up to `FROZEN_ROWS` completions: nothing is kept for a
-backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`: each piece with its own
-prompt pass), one piece evaluated before the next (`PreferenceStep.accumulate`), so the update holds one piece's
-activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
+backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`), one piece evaluated
+before the next after one pass of their prompt (`GrpoStep.accumulate_groups`, train/grpo/update.py: the pieces'
+gradients with respect to the prompt's keys and values summed, then one backward through the prompt), so the update
+holds one piece's activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
 Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a piece's
 — and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
 """
@@ -42,7 +43,7 @@ from mlxtune.train.parallel import DataParallel
 from mlxtune.train.grpo.losses import GRPOLossConfig, group_advantages, grpo_loss
 from mlxtune.memory.grpo import FROZEN_ROWS, UPDATE_ROWS
 from mlxtune.train.grpo.rewards import Reward, as_completions, score
-from mlxtune.train.grpo.prefix import shared_prompt_states, supports_shared_prompt
+from mlxtune.train.grpo.prefix import after_prompt, shared_prompt_states, supports_shared_prompt
 from mlxtune.train.grpo.rollout import Rollout, generate_group, rollout_examples, sample_keys
 from mlxtune.train.preference.objective import SequenceLogProbs, adapters_off
 
@@ -96,16 +97,19 @@ class GrpoLoss:
         self.shared_prompt = supports_shared_prompt(model)  # the layout `update_chunks` makes for this model
         self._frozen: dict[bool, object] = {}  # reference (True) / πold (False): their compiled forward passes
 
+    def forward(self, model):
+        """`forward(inputs, cache)`: what the head's rows are taken from (train/grpo/prefix.py's passes)."""
+        return lambda inputs, cache: self.logps.states(model, inputs, cache)
+
     def token_log_probs(self, model, arrays, gather, differentiable: bool) -> mx.array:
         if len(arrays) == 4:  # a prompt and its completions (UpdateBatch): the prompt's pass shared
             prompt, completions, positions, targets = arrays
-            states = shared_prompt_states(lambda inputs, cache: self.logps.states(model, inputs, cache),
-                                          len(model.layers), prompt, completions)
+            states = shared_prompt_states(self.forward(model), len(model.layers), prompt, completions)
             nll = self.logps.states_nll(states, positions, targets, differentiable)
         else:  # full prompt + completion rows
             inputs, positions, targets = arrays[:3]
             nll = self.logps.position_nll(model, inputs, positions, targets, differentiable)
-        return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
+        return gathered(nll, gather)
 
     def frozen_log_probs(self, model, batch: UpdateBatch, reference: bool) -> mx.array:
         """Log-probs without gradient: the policy as it is (πold), or with its adapters off (the reference).
@@ -151,7 +155,18 @@ class GrpoLoss:
 
     def __call__(self, model, *arrays):
         forward, (gather, advantages, mask, old, reference) = arrays[:-5], arrays[-5:]
-        log_probs = self.token_log_probs(model, forward, gather, True)
+        return self.loss_of(self.token_log_probs(model, forward, gather, True), advantages, mask, old, reference)
+
+    def after_prompt_loss(self, model, prompt_kv: list, last: mx.array, completions, positions, targets, gather,
+                          advantages, mask, old, reference):
+        """`__call__` of a shared-prompt piece given its prompt's pass (`prefix.prompt_pass`'s keys, values and last
+        state) instead of the prompt: the gradient can be taken with respect to that pass too (train/grpo/update.py)."""
+        states = after_prompt(self.forward(model), prompt_kv, last, completions)
+        log_probs = gathered(self.logps.states_nll(states, positions, targets, True), gather)
+        return self.loss_of(log_probs, advantages, mask, old, reference)
+
+    def loss_of(self, log_probs, advantages, mask, old, reference):
+        """(loss sum, count, statistics) of [rows, T] log-probs."""
         loss, stats = grpo_loss(log_probs, advantages, mask, self.config,
                                 old_log_probs=old if self.old_policy else None,
                                 reference_log_probs=reference if self.config.beta else None)
@@ -162,6 +177,11 @@ class GrpoLoss:
                  else mx.array(float(mask.shape[0])))
         sums = mx.stack([stats["kl"] * tokens, stats["clip_low"] * tokens, stats["clip_high"] * tokens, tokens])
         return loss * count, count, mx.stop_gradient(sums)
+
+
+def gathered(nll: mx.array, gather: mx.array) -> mx.array:
+    """[rows, T] log-probs from a pass's flat −log-probs: `gather` indexes them, its padding the appended 0."""
+    return mx.concatenate([-nll, mx.zeros((1,), nll.dtype)])[gather]
 
 
 def update_batch(prompt: list[int], tokens: np.ndarray, mask: np.ndarray, advantages: np.ndarray,
@@ -338,10 +358,9 @@ class GrpoObjective(Objective):
             self.on_samples(micro[0].step + 1, [x for b in micro for x in self.samples(b)])
         tic = time.perf_counter()
         self.frozen(updates)
-        pieces = gradient_batches(updates)
         loss_stats = np.zeros(len(LOSS_STATS))
         for number in range(s.updates_per_batch):
-            loss_sum, count, step_stats, grads = self.trainer.accumulate(pieces)
+            loss_sum, count, step_stats, grads = self.trainer.accumulate_groups(updates)
             loss_stats += np.array(step_stats)
             if number == s.updates_per_batch - 1:
                 break  # the last update is the engine's (it sums the ranks' gradients itself)
@@ -413,7 +432,7 @@ class GrpoObjective(Objective):
                           rows * s.max_completion_tokens)
         updates = update_chunks(ids, rollout, np.zeros(rows, np.float32), shared=self.loss.shared_prompt)
         self.frozen(updates)
-        self.trainer.accumulate(gradient_batches(updates))  # the optimizer's state exists: the engine made it
+        self.trainer.accumulate_groups(updates)  # the optimizer's state exists: the engine made it
 
 
 VALIDATION_KEY = 2**31 - 1  # validation samples are keyed apart from every training sample (seed · 1_000_003 + i)

@@ -5,7 +5,8 @@ prompt goes through the blocks once (batch 1) and its completions as one batch a
 values (broadcast to every row), their positions continuing after the prompt. The first completion token's log-prob
 comes from the prompt's last position. Under a gradient the completions' gradients all flow into the one prompt
 pass: the same function of the weights as G full prompt + completion rows, with the prompt's arithmetic and
-activations counted once instead of G times.
+activations counted once instead of G times. The two halves are apart (`prompt_pass`, `after_prompt`) so that the
+gradient can run a group's completions in pieces after one prompt pass (train/grpo/update.py).
 
 Both passes are mlx-lm's own forward (`model.model(inputs, cache=…)`, so its attention, rope offset and mask), through
 mlx-lm's per-layer cache protocol — `offset`, `update_and_fetch`, `make_mask` — as train/loss.py's SegmentMaskCache
@@ -44,9 +45,9 @@ class PromptCache:
 class SharedPromptCache:
     """Per layer: a prompt's keys and values ahead of every completion row's own; positions start after the prompt."""
 
-    def __init__(self, prompt: PromptCache):
-        self.prompt_keys, self.prompt_values = prompt.keys, prompt.values
-        self.offset = prompt.keys.shape[2]  # mlx-lm's attention rotates queries and keys from here
+    def __init__(self, keys: mx.array, values: mx.array):
+        self.prompt_keys, self.prompt_values = keys, values
+        self.offset = keys.shape[2]  # mlx-lm's attention rotates queries and keys from here
 
     def make_mask(self, length: int, return_array: bool = False, window_size: int | None = None):
         from mlx_lm.models.base import create_causal_mask
@@ -87,15 +88,25 @@ def config_supports_shared_prompt(config: dict) -> bool:
         return False
 
 
-def shared_prompt_states(forward, layers: int, prompt: mx.array, completions: mx.array) -> mx.array:
-    """[rows · T, width] states that predict each completion token: `forward(inputs, cache)` (hidden states or
-    logits, [batch, length, width]) of the prompt ([1, P]) once, then of the completions' inputs ([rows, T − 1]: each
-    completion but its last token) after it. Row r's t-th state predicts completion token t: the prompt's last
-    position's for t = 0, the completion's position t − 1 after."""
+def prompt_pass(forward, layers: int, prompt: mx.array) -> tuple[list, mx.array]:
+    """The prompt's ([1, P]) pass: per layer its (keys, values), and the state of its last position ([1, 1, width]:
+    what predicts the first completion token). `forward(inputs, cache)`: hidden states or logits, [batch, length,
+    width]."""
     caches = [PromptCache() for _ in range(layers)]
-    prompt_states = forward(prompt, caches)
+    states = forward(prompt, caches)
+    return [(cache.keys, cache.values) for cache in caches], states[:, -1:]
+
+
+def after_prompt(forward, prompt_kv: list, last: mx.array, completions: mx.array) -> mx.array:
+    """[rows · T, width] states that predict each completion token, from the prompt's pass (`prompt_pass`) and the
+    completions' inputs ([rows, T − 1]: each completion but its last token) run after it. Row r's t-th state
+    predicts completion token t: the prompt's last position's for t = 0, the completion's position t − 1 after."""
     rows = completions.shape[0]
-    completion_states = forward(completions, [SharedPromptCache(cache) for cache in caches])
-    last = mx.broadcast_to(prompt_states[:, -1:], (rows, 1, prompt_states.shape[-1]))
-    states = mx.concatenate([last, completion_states], axis=1)
+    completion_states = forward(completions, [SharedPromptCache(keys, values) for keys, values in prompt_kv])
+    states = mx.concatenate([mx.broadcast_to(last, (rows, 1, last.shape[-1])), completion_states], axis=1)
     return states.reshape(-1, states.shape[-1])
+
+
+def shared_prompt_states(forward, layers: int, prompt: mx.array, completions: mx.array) -> mx.array:
+    """`after_prompt` of the prompt's own pass: the prompt ([1, P]) once, then the completions ([rows, T − 1])."""
+    return after_prompt(forward, *prompt_pass(forward, layers, prompt), completions)

@@ -31,9 +31,9 @@ from mlxtune.train.adapters import parameter_counts
 from mlxtune.train.engine import TrainingRun, finish, grad_checkpoint, prepare_backend, train
 from mlxtune.train.grpo.losses import GRPOLossConfig, preset
 from mlxtune.train.grpo.objective import GrpoLoss, GrpoObjective
+from mlxtune.train.grpo.update import GrpoStep
 from mlxtune.train.grpo.rewards import check_fields, parse_rewards
 from mlxtune.train.parallel import DataParallel, check_resume_ranks
-from mlxtune.train.preference.run import PreferenceStep
 from mlxtune.train.recovery import apply_resume_flags, data_fingerprint
 from mlxtune.train.runsetup import (ObjectiveResult, check_from_run, load_split_settings, open_run_dir,
                                     plan_then_adapt, restore, save_split_settings, verdict_or_refusal)
@@ -220,7 +220,7 @@ def train_grpo(settings: GrpoSettings, *, resume: bool = False, force: bool = Fa
         grad_checkpoint(model)
     _print_header(console, settings, sets, trainable, total, total_steps, model_config.get("quantization"),
                   memory_plan, parallel)
-    objective = GrpoObjective(model, tokenizer, PreferenceStep(model, optimizer, settings.grad_clip, loss), loss,
+    objective = GrpoObjective(model, tokenizer, GrpoStep(model, optimizer, settings.grad_clip, loss), loss,
                               settings, rewards, sets.train, sets.valid, eos_ids(tokenizer),
                               _sample_writer(run_dir) if writes else None, save_grpo_settings, parallel)
     run = TrainingRun(run_dir, model, optimizer, adapter_cfg, settings, total_steps,

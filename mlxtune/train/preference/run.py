@@ -122,17 +122,24 @@ class PreferenceStep:
             # temporaries would be alive at the same time as the policy's (a third more peak memory).
             arrays = self.objective.loss_arrays(self.model, batch)
             mx.eval(arrays[-2:])
-            out = self.gradients(*arrays)
-            total = out if total is None else tuple(
-                tree_map(mx.add, a, b) if isinstance(a, dict) else a + b for a, b in zip(total, out))
+            total = add_step(total, self.gradients(*arrays))
             # One micro-batch at a time (as train/step.py): together they would hold all their activations at
             # once, and gradient accumulation would save no memory.
             mx.eval(*total)
-        if total is None:
-            total = (mx.array(0.0), mx.array(0.0), mx.zeros(len(STAT_NAMES)),
-                     tree_map(mx.zeros_like, self.model.trainable_parameters()))
-            mx.eval(*total)
+        return total if total is not None else self.nothing()
+
+    def nothing(self) -> tuple:
+        """The step's sums when it has no batch: zeros."""
+        total = (mx.array(0.0), mx.array(0.0), mx.zeros(len(STAT_NAMES)),
+                 tree_map(mx.zeros_like, self.model.trainable_parameters()))
+        mx.eval(*total)
         return total
+
+
+def add_step(total: tuple | None, out: tuple) -> tuple:
+    """Running sums of (loss sum, count, statistics, gradients): `out` added to `total` (None: nothing yet)."""
+    return out if total is None else tuple(
+        tree_map(mx.add, a, b) if isinstance(a, dict) else a + b for a, b in zip(total, out))
 
 
 def _pair_batch_at(pairs, plan: BatchPlan, seed: int, index: int, references, rank: int = 0, ranks: int = 1):
