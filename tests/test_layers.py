@@ -21,7 +21,7 @@ LAYERS = [
     ("training components", ["train", "memory.planner", "memory.guard"]),
     # Training knows nothing of the commands that use its runs: `dpo --from` merges (fuse) before it starts.
     ("training commands", ["train.loop", "train.preference", "train.distributed", "memory.preference",
-                           "memory.report", "memory.grpo", "train.grpo.objective", "train.grpo.run"]),
+                           "memory.report", "memory.grpo", "train.grpo.objective", "train.grpo.update", "train.grpo.run"]),
     # Prompt formats, generation and conversations: what chat, serve, eval, verify and export share.
     ("inference", ["inference"]),
     ("commands", ["fuse", "chat", "serve", "export", "importers", "eval", "doctor", "data.check", "verify"]),
