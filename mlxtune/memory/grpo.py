@@ -94,8 +94,7 @@ def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int
     probabilities over the prompt's positions; and the prompt's pass (batch 1) when the piece runs it (`own_pass`:
     a group of one piece), else its keys and values three times (the pass's outputs, the piece's gradient with
     respect to them and the group's running sum: train/grpo/update.py)."""
-    float_bytes = 4 if run.on_cpu else 2
-    per_block = 2 * rows * facts.kv_heads * facts.head_dim * prompt * float_bytes
+    per_block = rows * prompt_kv_bytes(facts, run, prompt, layers=1)
     if run.on_cpu:
         per_block += rows * facts.heads * completion * prompt * 4
     blocks = 1 if run.grad_checkpoint else len(_adapted(facts, run))
@@ -104,9 +103,10 @@ def shared_prompt_bytes(facts: ModelFacts, run: RunShape, rows: int, prompt: int
     return prompt_pass + blocks * per_block
 
 
-def prompt_kv_bytes(facts: ModelFacts, run: RunShape, prompt: int) -> int:
-    """The keys and values of one prompt's pass, every layer (batch 1)."""
-    return facts.layers * 2 * facts.kv_heads * facts.head_dim * prompt * (4 if run.on_cpu else 2)
+def prompt_kv_bytes(facts: ModelFacts, run: RunShape, prompt: int, layers: int | None = None) -> int:
+    """The keys and values of one prompt's pass (batch 1) in `layers` layers (default: every layer)."""
+    layers = facts.layers if layers is None else layers
+    return layers * 2 * facts.kv_heads * facts.head_dim * prompt * (4 if run.on_cpu else 2)
 
 
 def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: int,
