@@ -94,7 +94,8 @@ constant = 1 + random.random()  # a kernel never compiled before: its name holds
 x = mx.random.normal((1000,))
 compiled = mx.compile(lambda a: mx.exp(a) * constant)(x)
 kernels = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
-newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so")), key=os.path.getmtime)
+newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so") and "Exp" in f),
+             key=os.path.getmtime)
 print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(), "tmp_before": before,
                   "path0": os.environ["PATH"].split(os.pathsep)[0], "kernel": newest,
                   "error": float(mx.abs(compiled - mx.exp(x) * constant).max())}))
