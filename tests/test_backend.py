@@ -85,20 +85,19 @@ def test_the_command_starts_without_importing_torch_and_user_code_still_can():
 
 
 FLAGGED_KERNEL = """
-import json, os, random, sys, tempfile
+import json, os, sys, tempfile
 before = tempfile.gettempdir()
 from mlxtune.backend import enable_fast_jit, jit_status
 directory = enable_fast_jit()
 import mlx.core as mx
-constant = 1 + random.random()  # a kernel never compiled before: its name holds the constant
 x = mx.random.normal((1000,))
-compiled = mx.compile(lambda a: mx.exp(a) * constant)(x)
+compiled = mx.compile(lambda a: mx.exp(a) * 1.5)(x)
 kernels = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
 newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so") and "Exp" in f),
              key=os.path.getmtime)
 print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(), "tmp_before": before,
                   "path0": os.environ["PATH"].split(os.pathsep)[0], "kernel": newest,
-                  "error": float(mx.abs(compiled - mx.exp(x) * constant).max())}))
+                  "error": float(mx.abs(compiled - mx.exp(x) * 1.5).max())}))
 """
 
 
@@ -110,16 +109,18 @@ def _vector_cpu_with_compiler() -> bool:
 
 
 @pytest.mark.skipif(not _vector_cpu_with_compiler(), reason="needs Linux x86-64 with AVX2/FMA, g++ and objdump")
-def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions():
+def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path):
     """enable_fast_jit: a new MLX kernel lands in mlxtune's directory, built with FMA instructions (a plain build
     calls libm's fmaf instead), with the same numbers; Python's own temporary files stay where they were. And the
     command turns it on: doctor reports it."""
     env = {k: v for k, v in os.environ.items() if k != "MLXTUNE_JIT"}
-    done = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL], capture_output=True, text=True, env=env,
+    fresh = dict(env, XDG_CACHE_HOME=str(tmp_path))  # an empty kernel directory: every kernel compiled here
+    done = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL], capture_output=True, text=True, env=fresh,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["status"]["reason"] == "enabled" and report["kernel"].startswith(report["directory"])
+    assert report["status"]["reason"] == "enabled" and report["directory"].startswith(str(tmp_path))
+    assert report["kernel"].startswith(report["directory"])
     assert report["tmp_after"] == report["tmp_before"] and report["path0"].startswith(report["directory"])
     assert report["error"] <= 1e-5
     assembly = subprocess.run(["objdump", "-d", report["kernel"]], capture_output=True, text=True).stdout
