@@ -122,6 +122,7 @@ def blas_status() -> dict:
 # MLX's CPU kernel compiler
 
 JIT_ENV = "MLXTUNE_JIT"  # "off": MLX compiles its CPU kernels as it always does
+USER_TMPDIR_ENV = "MLXTUNE_USER_TMPDIR"  # the temporary directory the command started with
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what MLX's own command adds when MLX itself was built for AVX2
 JIT_CPU_FLAGS = {"avx2", "fma", "f16c"}
 _jit = {"flags": None, "directory": None, "reason": "not attempted"}
@@ -151,10 +152,11 @@ def enable_fast_jit() -> str | None:
     `exp` ran at ≈20 ns an element here, ≈4.5 ns with them, and the SwiGLU of every block (cpu_activations.py)
     with it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps its
     kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, so that no
-    kernel compiled without them is reused. Python's own temporary files stay where they were (`tempfile` keeps
-    the directory it first found). Only on Linux x86-64 CPUs that have the instructions, where g++ is installed;
-    `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing changes there.
-    The command's process calls it (`__main__.run`), before MLX compiles anything; child processes inherit it."""
+    kernel compiled without them is reused. Python's own temporary files stay in the directory the command started
+    with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
+    where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing
+    changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child processes
+    inherit it. (Other programs the command starts see TMPDIR = this directory: a private one, so harmless.)"""
     if _jit["directory"] is not None:
         return _jit["directory"]
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -186,7 +188,11 @@ def enable_fast_jit() -> str | None:
     except OSError as exc:
         _jit["reason"] = f"could not write {shim}: {exc.strerror or exc}"
         return None
-    tempfile.gettempdir()  # Python's temporary files: decided now, before TMPDIR changes
+    # Python's temporary files stay in the user's directory: decided now, before TMPDIR changes, and handed down to
+    # child processes (a distributed rank, a reward's sandbox), which inherit the changed TMPDIR.
+    user_tmp = os.environ.get(USER_TMPDIR_ENV) or tempfile.gettempdir()
+    tempfile.tempdir = user_tmp
+    os.environ[USER_TMPDIR_ENV] = user_tmp
     os.environ["TMPDIR"] = str(directory)
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != str(shim.parent):  # a child command inherits it already in place
