@@ -172,7 +172,11 @@ def enable_fast_jit() -> str | None:
     if compiler is None:
         _jit["reason"] = "no g++ (MLX then runs its CPU kernels uncompiled)"
         return None
-    directory = jit_directory()
+    try:
+        directory = jit_directory()
+    except (RuntimeError, KeyError):  # no home directory to keep them in (Path.home)
+        _jit["reason"] = "no home directory for the kernels"
+        return None
     shim = directory / "bin" / "g++"
     script = f'#!/bin/sh\n# mlxtune (backend.py, enable_fast_jit): MLX\'s CPU kernels with vector instructions\n' \
              f'exec {shlex.quote(compiler)} {" ".join(JIT_FLAGS)} "$@"\n'
