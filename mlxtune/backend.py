@@ -4,18 +4,24 @@ MLX's Linux CPU wheel ships a reference BLAS (≈4 GFLOP/s on 2 cores); a system
 before `mlx.core` is first imported takes its place (≈185 GFLOP/s). `MLXTUNE_BLAS=/path/lib.so` picks the library,
 `MLXTUNE_BLAS=none` turns the hook off. The first use checks a matmul against numpy.
 
-Also the command's start-up: `hide_torch` keeps transformers (which mlx-lm's tokenizer code imports) from importing
-PyTorch, which no command uses.
+Also MLX's CPU kernel compiler: `enable_fast_jit` has it use the CPU's vector instructions. And the command's
+start-up: `hide_torch` keeps transformers (which mlx-lm's tokenizer code imports) from importing PyTorch, which no
+command uses.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 import platform
+import shlex
+import stat
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 CANDIDATES = (
     "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -110,6 +116,122 @@ def set_blas_threads(threads: int) -> bool:
 
 def blas_status() -> dict:
     return dict(_state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLX's CPU kernel compiler
+
+JIT_ENV = "MLXTUNE_JIT"  # "off": MLX compiles its CPU kernels as it always does
+USER_TMPDIR_ENV = "MLXTUNE_USER_TMPDIR"  # the temporary directory the command started with
+JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what MLX's own command adds when MLX itself was built for AVX2
+JIT_CPU_FLAGS = {"avx2", "fma", "f16c"}
+_jit = {"flags": None, "directory": None, "reason": "not attempted"}
+
+
+SHIM_MARK = "# mlxtune (backend.py, enable_fast_jit): MLX's CPU kernels with vector instructions"
+
+
+def _shim_script(compiler: str) -> str:
+    return f'#!/bin/sh\n{SHIM_MARK}\nexec {shlex.quote(compiler)} {" ".join(JIT_FLAGS)} "$@"\n'
+
+
+def jit_directory(compiler: str) -> Path:
+    """Where the kernels built by `compiler` with the flags are kept: the user's cache (not MLXTUNE_HOME: every model
+    library on this machine shares them), apart from MLX's own `$TMPDIR/mlx`, whose kernels were compiled without the
+    flags. Named by the whole compiler command: MLX finds a kernel by its name alone, so a directory holds only
+    kernels one command built (another compiler or other flags, another directory)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    command = hashlib.sha256(_shim_script(compiler).encode()).hexdigest()[:12]
+    return Path(cache) / "mlxtune" / "mlx-jit" / f"{'-'.join(flag[2:] for flag in JIT_FLAGS)}-{command}"
+
+
+def _real_compiler() -> str | None:
+    """The first `g++` on PATH that is not one of our shims (a child process inherits the PATH its parent set)."""
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(entry or ".") / "g++"
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        try:
+            with open(candidate, "rb") as head:
+                if SHIM_MARK.encode() in head.read(256):
+                    continue
+        except OSError:
+            continue
+        return str(candidate.resolve())
+    return None
+
+
+def _private_directory(path: Path) -> bool:
+    """`path` exists (made if needed) as a real directory of this user that no one else can write to: the compiler
+    shim and the kernels MLX loads from it run as this user's code."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def enable_fast_jit() -> str | None:
+    """Have MLX compile its fused CPU kernels with the CPU's vector instructions. Returns the kernel directory.
+
+    `mx.compile` on the CPU backend writes each fused elementwise kernel as C++ and builds it with
+    `g++ -std=c++17 -O3 -fPIC -shared`, adding `-mavx2 -mfma -mf16c` only when MLX itself was built for AVX2 — the
+    Linux wheel (0.32.4) is not. Without them every `fma` in the kernels' `exp` is a call into libm: a compiled
+    `exp` ran at ≈20 ns an element here, ≈4.5 ns with them, and the SwiGLU of every block (cpu_activations.py)
+    with it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps its
+    kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, so that no
+    kernel compiled without them is reused. Python's own temporary files stay in the directory the command started
+    with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
+    where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing
+    changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child processes
+    inherit it. (Other programs the command starts see TMPDIR = this directory: a private one, so harmless.)"""
+    if _jit["directory"] is not None:
+        return _jit["directory"]
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        _jit["reason"] = "not Linux on x86-64 (MLX's own compiler flags)"
+        return None
+    if os.environ.get(JIT_ENV, "").strip().lower() in ("off", "none", "0"):
+        _jit["reason"] = f"disabled by {JIT_ENV}"
+        return None
+    if not JIT_CPU_FLAGS <= _cpu_flags():
+        _jit["reason"] = f"this CPU lacks {', '.join(sorted(JIT_CPU_FLAGS - _cpu_flags()))}"
+        return None
+    compiler = _real_compiler()
+    if compiler is None:
+        _jit["reason"] = "no g++ (MLX then runs its CPU kernels uncompiled)"
+        return None
+    try:
+        directory = jit_directory(compiler)
+    except (RuntimeError, KeyError):  # no home directory to keep them in (Path.home)
+        _jit["reason"] = "no home directory for the kernels"
+        return None
+    shim = directory / "bin" / "g++"
+    script = _shim_script(compiler)
+    try:
+        if not (_private_directory(directory) and _private_directory(shim.parent)):
+            _jit["reason"] = f"{directory} is not a private directory of this user"
+            return None
+        if not shim.is_file() or shim.read_text(encoding="utf-8") != script:
+            partial = shim.with_name(f".g++.{os.getpid()}")
+            partial.write_text(script, encoding="utf-8")
+            partial.chmod(0o700)
+            os.replace(partial, shim)
+    except OSError as exc:
+        _jit["reason"] = f"could not write {shim}: {exc.strerror or exc}"
+        return None
+    # Python's temporary files stay in the user's directory: decided now, before TMPDIR changes, and handed down to
+    # child processes (a distributed rank, a reward's sandbox), which inherit the changed TMPDIR.
+    user_tmp = os.environ.get(USER_TMPDIR_ENV) or tempfile.gettempdir()
+    tempfile.tempdir = user_tmp
+    os.environ[USER_TMPDIR_ENV] = user_tmp
+    os.environ["TMPDIR"] = str(directory)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != str(shim.parent):  # a child command inherits it already in place
+        os.environ["PATH"] = f"{shim.parent}{os.pathsep}{path}"
+    _jit.update(flags=" ".join(JIT_FLAGS), directory=str(directory), reason="enabled")
+    return str(directory)
+
+
+def jit_status() -> dict:
+    return dict(_jit)
 
 
 IMPORT_TORCH = "MLXTUNE_IMPORT_TORCH"

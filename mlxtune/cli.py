@@ -838,6 +838,12 @@ def models_rm(name, force, json_mode):
         make_console().print(f"removed {entry.name} ({fmt_bytes(entry.size_bytes)} freed)")
 
 
+def _cpu_kernels_line(kernels: dict) -> str:
+    built = (f"compiled with {kernels['compiler_flags']} ({kernels['directory']})" if kernels["compiler_flags"]
+             else f"MLX's own compiler flags — {kernels['status']}")
+    return built + (" · SwiGLU through exp" if kernels["fast_swiglu"] else "")
+
+
 @main.command()
 @click.option("--no-measure", is_flag=True, help="Skip the matmul speed measurement.")
 @_json_option
@@ -869,6 +875,7 @@ def doctor(no_measure, json_mode):
         ("quantized layers", report["quantized_layers"]),
         ("blas", f"{blas['library'] or 'MLX built-in'} — {blas['status']}"
                  + (f" (kernel {blas['openblas_coretype']})" if blas["openblas_coretype"] else "")),
+        ("cpu kernels", _cpu_kernels_line(report["mlx_cpu_kernels"])),
     ]
     if "matmul_gflops" in report:
         rows.append(("matmul", f"{report['matmul_gflops']:.1f} GFLOP/s (float32, 1024²)"))

@@ -7,7 +7,7 @@ import platform
 import time
 from importlib import metadata
 
-from mlxtune.backend import blas_status, check_blas
+from mlxtune.backend import blas_status, check_blas, jit_status
 from mlxtune.paths import mlxtune_home
 
 LIBRARIES = ("mlx", "mlx-lm", "numpy", "transformers", "huggingface-hub", "click", "rich", "PyYAML")
@@ -54,6 +54,19 @@ def measure_matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def mlx_cpu_kernels() -> dict:
+    """How MLX's compiled CPU kernels are built here (backend.py's `enable_fast_jit`) and whether the blocks' SwiGLU
+    goes through the exp form (cpu_activations.py)."""
+    import mlx.core as mx
+
+    from mlxtune.cpu_activations import ENV
+
+    jit = jit_status()
+    on_cpu = mx.default_device() == mx.cpu
+    return {"compiler_flags": jit["flags"], "directory": jit["directory"], "status": jit["reason"],
+            "fast_swiglu": on_cpu and os.environ.get(ENV, "").strip().lower() not in ("off", "none", "0")}
+
+
 def diagnose(measure: bool = True) -> dict:
     import mlx.core as mx
 
@@ -86,6 +99,7 @@ def diagnose(measure: bool = True) -> dict:
         "metal": metal,
         "blas": {"library": blas["library"], "status": blas["reason"], "openblas_coretype": blas["coretype"]
                  or os.environ.get("OPENBLAS_CORETYPE")},
+        "mlx_cpu_kernels": mlx_cpu_kernels(),
         "versions": versions,
         "model_library": str(mlxtune_home() / "models"),
         "hf_cache": hf_cache,

@@ -11,6 +11,7 @@ import difflib
 import os
 from pathlib import Path
 
+from mlxtune.cpu_activations import use_fast_swiglu
 from mlxtune.cpu_quantized import accelerate_quantized
 from mlxtune.errors import UsageError
 from mlxtune.storage import environment_error
@@ -75,6 +76,7 @@ def load_model(path: Path, adapter_path: Path | None = None):
     # backend a quantized base computes through dequantized weights, ~35x faster; Metal/CUDA keep MLX's kernels.
     # Training chooses again with its memory plan once its adapters are attached (train/loop.py).
     accelerate_quantized(model)
+    use_fast_swiglu(model)  # on the CPU backend, the blocks' SwiGLU through a kernel MLX compiles well there
     return model, tokenizer, config
 
 

@@ -20,6 +20,12 @@ atexit.register(shutil.rmtree, os.environ["MLXTUNE_HOME"], ignore_errors=True)
 import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is imported)
 import pytest
 
+from mlxtune.backend import enable_fast_jit
+
+# MLX's CPU kernels compiled as the command compiles them (backend.py): a result computed in this process and one
+# made by a `mlxtune` subprocess come from the same kernels, bit for bit (MLX keeps a kernel by its name only).
+enable_fast_jit()
+
 from mlxtune.synthetic import corrupt_answer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from conftest import MODEL, WIKISQL
-from mlxtune.backend import find_blas
+from mlxtune.backend import USER_TMPDIR_ENV, find_blas
 
 TRAIN_FIVE_STEPS = f"""
 import json, mlxtune
@@ -81,3 +84,69 @@ def test_the_command_starts_without_importing_torch_and_user_code_still_can():
     assert started.returncode == 0, started.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in started.stderr.splitlines() if line.startswith("import time")}
     assert "transformers" in imported and "torch" not in imported
+
+
+FLAGGED_KERNEL = """
+import json, os, sys, tempfile
+before = tempfile.gettempdir()
+from mlxtune.backend import enable_fast_jit, jit_status
+directory = enable_fast_jit()
+import mlx.core as mx
+x = mx.random.normal((1000,))
+compiled = mx.compile(lambda a: mx.exp(a) * 1.5)(x)
+mx.eval(compiled)
+kernels = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
+newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so") and "Exp" in f),
+             key=os.path.getmtime)
+print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(), "tmp_before": before,
+                  "path0": os.environ["PATH"].split(os.pathsep)[0], "kernel": newest,
+                  "error": float(mx.abs(compiled - mx.exp(x) * 1.5).max())}))
+"""
+
+
+def _vector_cpu_with_compiler() -> bool:
+    from mlxtune.backend import JIT_CPU_FLAGS, _cpu_flags
+
+    return (platform.system() == "Linux" and platform.machine() == "x86_64" and JIT_CPU_FLAGS <= _cpu_flags()
+            and shutil.which("g++") is not None and shutil.which("objdump") is not None)
+
+
+@pytest.mark.skipif(not _vector_cpu_with_compiler(), reason="needs Linux x86-64 with AVX2/FMA, g++ and objdump")
+def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path):
+    """enable_fast_jit: a new MLX kernel lands in mlxtune's directory, built with FMA instructions (a plain build
+    calls libm's fmaf instead), with the same numbers; Python's own temporary files stay where they were. And the
+    command turns it on: doctor reports it."""
+    env = {k: v for k, v in os.environ.items() if k != "MLXTUNE_JIT"}
+    # as from the user's shell: this test process has the JIT on (conftest.py), and its children inherit that
+    shell = {k: v for k, v in env.items() if k != USER_TMPDIR_ENV}
+    shell["TMPDIR"] = os.environ.get(USER_TMPDIR_ENV, tempfile.gettempdir())
+    shell["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "mlx-jit" not in p)
+    fresh = dict(shell, XDG_CACHE_HOME=str(tmp_path))  # an empty kernel directory: every kernel compiled here
+    done = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL], capture_output=True, text=True, env=fresh,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["status"]["reason"] == "enabled" and report["directory"].startswith(str(tmp_path))
+    assert report["kernel"].startswith(report["directory"])
+    assert report["tmp_after"] == report["tmp_before"] and report["path0"].startswith(report["directory"])
+    assert report["error"] <= 1e-5
+    assembly = subprocess.run(["objdump", "-d", report["kernel"]], capture_output=True, text=True).stdout
+    assert "vfmadd" in assembly and "fmaf@plt" not in assembly
+    shim = Path(report["directory"], "bin", "g++").read_text()
+    # A child of a process that has it on (a distributed rank, this test's own children) sees the shim first on PATH:
+    # it still builds with the real compiler — the same directory, the shim unchanged (not a shim calling itself) —
+    # and its temporary files stay in the user's directory
+    child = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL.replace("exp(a) * 1.5", "exp(a) * a").replace("exp(x) * 1.5", "exp(x) * x")],
+                           capture_output=True, text=True, env=dict(env, XDG_CACHE_HOME=str(tmp_path)), timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    inherited = json.loads(child.stdout.strip().splitlines()[-1])
+    assert inherited["directory"] == report["directory"] and inherited["kernel"] != report["kernel"]
+    assert Path(report["directory"], "bin", "g++").read_text() == shim and "mlx-jit" not in shim.split("exec")[1]
+    assert inherited["tmp_after"] == os.environ.get(USER_TMPDIR_ENV, tempfile.gettempdir())
+    doctor = subprocess.run([sys.executable, "-m", "mlxtune", "doctor", "--json", "--no-measure"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    kernels = json.loads(doctor.stdout)["mlx_cpu_kernels"]
+    assert kernels["compiler_flags"] == "-mavx2 -mfma -mf16c" and kernels["fast_swiglu"] is True
+    off = subprocess.run([sys.executable, "-m", "mlxtune", "doctor", "--json", "--no-measure"], capture_output=True,
+                         text=True, env=dict(env, MLXTUNE_JIT="off"), timeout=300)
+    assert json.loads(off.stdout)["mlx_cpu_kernels"]["status"] == "disabled by MLXTUNE_JIT"

@@ -15,7 +15,7 @@ LAYERS = [
     ("foundation", ["errors", "paths", "ui", "backend", "synthetic", "model_config", "settings", "cli_options", "storage", "faults"]),
     # memory/: the budget, the limits and the estimate sit with the model facts; its planner and guard with the
     # training components; the plans of preference runs and of `mlxtune plan` with the training commands.
-    ("model facts", ["memory", "cpu_quantized", "library", "hub", "models"]),
+    ("model facts", ["memory", "cpu_quantized", "cpu_activations", "library", "hub", "models"]),
     ("run layout", ["runs"]),
     ("data", ["data"]),
     ("training components", ["train", "memory.planner", "memory.guard"]),

@@ -74,3 +74,18 @@ def test_attention_reads_the_cache_protocol_the_shared_prompt_update_uses(loaded
     assert mx.abs(states - expected).max().item() < 1e-4, (
         "mlx-lm's attention no longer reads the cache as train/grpo/prefix.py's caches expect (offset, "
         "update_and_fetch, make_mask): fix the shared-prompt update there")
+
+
+def test_model_modules_bind_swiglu_from_activations_and_call_it_by_that_name(loaded):
+    # used by: cpu_activations.py (the exp-form SwiGLU on the CPU backend replaces the module-level name `swiglu` in
+    # mlx_lm/models/activations.py and in each model module that imported it)
+    import inspect
+    import sys
+
+    from mlx_lm.models import activations
+
+    model = loaded[0]
+    mlp = type(model.layers[0].mlp)
+    module = sys.modules[mlp.__module__]
+    assert hasattr(activations, "swiglu") and hasattr(module, "swiglu")
+    assert "swiglu(" in inspect.getsource(mlp.__call__)
