@@ -136,8 +136,9 @@ def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path
     # A child of a process that has it on (a distributed rank, this test's own children) sees the shim first on PATH:
     # it still builds with the real compiler — the same directory, the shim unchanged (not a shim calling itself) —
     # and its temporary files stay in the user's directory
-    child = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL.replace("exp(a) * 1.5", "exp(a) * a").replace("exp(x) * 1.5", "exp(x) * x")],
-                           capture_output=True, text=True, env=dict(env, XDG_CACHE_HOME=str(tmp_path)), timeout=120)
+    other = FLAGGED_KERNEL.replace("exp(a) * 1.5", "exp(a) * a").replace("exp(x) * 1.5", "exp(x) * x")
+    child = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True,
+                           env=dict(env, XDG_CACHE_HOME=str(tmp_path)), timeout=120)
     assert child.returncode == 0, child.stderr[-2000:]
     inherited = json.loads(child.stdout.strip().splitlines()[-1])
     assert inherited["directory"] == report["directory"] and inherited["kernel"] != report["kernel"]
