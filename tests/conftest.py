@@ -21,10 +21,14 @@ import mlxtune  # noqa: F401  (first: binds MLX to the system BLAS before mlx is
 import pytest
 
 from mlxtune.backend import enable_fast_jit
+from mlxtune.cpu_activations import use_fast_swiglu
 
-# MLX's CPU kernels compiled as the command compiles them (backend.py): a result computed in this process and one
-# made by a `mlxtune` subprocess come from the same kernels, bit for bit (MLX keeps a kernel by its name only).
+# MLX's CPU kernels compiled as the command compiles them (backend.py), and the blocks' SwiGLU as every command's
+# model computes it (cpu_activations.py, also for models loaded here with mlx-lm's own `load`): a result computed in
+# this process and one made by a `mlxtune` subprocess come from the same kernels, bit for bit (MLX keeps a compiled
+# kernel by its name only), whatever order the tests run in.
 enable_fast_jit()
+use_fast_swiglu()
 
 from mlxtune.synthetic import corrupt_answer
 
