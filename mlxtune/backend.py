@@ -123,7 +123,7 @@ def blas_status() -> dict:
 
 JIT_ENV = "MLXTUNE_JIT"  # "off": MLX compiles its CPU kernels as it always does
 USER_TMPDIR_ENV = "MLXTUNE_USER_TMPDIR"  # the temporary directory the command started with
-JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what MLX's own command adds when MLX itself was built for AVX2
+JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")  # what MLX's own command adds when MLX itself was built for AVX2
 JIT_CPU_FLAGS = {"avx2", "fma", "f16c"}
 _jit = {"flags": None, "directory": None, "reason": "not attempted"}
 
@@ -142,7 +142,7 @@ def jit_directory(compiler: str) -> Path:
     kernels one command built (another compiler or other flags, another directory)."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     command = hashlib.sha256(_shim_script(compiler).encode()).hexdigest()[:12]
-    return Path(cache) / "mlxtune" / "mlx-jit" / f"{'-'.join(flag[2:] for flag in JIT_FLAGS)}-{command}"
+    return Path(cache) / "mlxtune" / "mlx-jit" / f"avx2-fma-{command}"
 
 
 def _real_compiler() -> str | None:

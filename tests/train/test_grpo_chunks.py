@@ -71,16 +71,17 @@ def test_a_chunked_update_is_the_whole_batch(setup, name):
     whole_loss, whole_stats, whole_grads = _loss_and_gradient(model, name, chunks, ROWS, shared=False)
     loss, stats, grads = _loss_and_gradient(model, name, chunks, 2, shared=True)
     assert whole_stats[0] > 0 and whole_stats[1] + whole_stats[2] > 0  # the KL and the clip both bite
-    # float32 rounding through the 8 blocks, the same terms summed in another order: measured 5.7e-6 relative with
-    # MLX's own CPU kernels, 1.03e-5 with FMA ones (backend.py's compiler flags); a row dropped or a piece normalised
-    # on its own is off by percents
+    # float32 rounding, the same terms summed in another order (the loss and the KL sum are differences of sums of
+    # thousands): measured 5.7e-6 relative with mlx-lm's SwiGLU, 1.9e-5 with the exp form every command computes on
+    # the CPU (cpu_activations.py; 8e-7 between the whole batch with and without the shared prompt); a row dropped or
+    # a piece normalised on its own is off by percents
     assert abs(loss - whole_loss) <= 5e-5 * max(1.0, abs(whole_loss)), (loss, whole_loss)
     np.testing.assert_allclose(stats, whole_stats, rtol=5e-5, atol=1e-5)  # the KL sum: the same rounding
     assert max(np.abs(g).max() for g in whole_grads.values()) > 1e-4
     for key, g in whole_grads.items():
         # float32 rounding at the gradient's scale (up to ~12 here): the shared prompt sums the same terms in
-        # another order (measured: within 2.5e-6 of the largest entry)
-        np.testing.assert_allclose(grads[key], g, atol=1e-5 * max(1.0, np.abs(g).max()), rtol=1e-4, err_msg=key)
+        # another order (measured: within 2.5e-6 of the largest entry with mlx-lm's SwiGLU, 1.2e-5 with the exp form)
+        np.testing.assert_allclose(grads[key], g, atol=3e-5 * max(1.0, np.abs(g).max()), rtol=1e-4, err_msg=key)
 
 
 def test_the_planner_estimates_one_piece_of_the_update():
