@@ -87,20 +87,21 @@ def test_the_command_starts_without_importing_torch_and_user_code_still_can():
 
 
 FLAGGED_KERNEL = """
-import json, os, sys, tempfile
+import hashlib, json, os, sys, tempfile
+import numpy as np
 before = tempfile.gettempdir()
 from mlxtune.backend import enable_fast_jit, jit_status
 directory = enable_fast_jit()
 import mlx.core as mx
-x = mx.random.normal((1000,))
-compiled = mx.compile(lambda a: mx.exp(a) * 1.5)(x)
+x = mx.random.normal((1000,), key=mx.random.key(0)) * 4
+compiled = mx.compile(lambda a: mx.exp(a) * 1.5 + a * a)(x)  # a*a+… FMA would contract, unless told not to
 mx.eval(compiled)
 kernels = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
 newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so") and "Exp" in f),
              key=os.path.getmtime)
 print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(), "tmp_before": before,
                   "path0": os.environ["PATH"].split(os.pathsep)[0], "kernel": newest,
-                  "error": float(mx.abs(compiled - mx.exp(x) * 1.5).max())}))
+                  "bits": hashlib.sha256(np.array(compiled).tobytes()).hexdigest()}))
 """
 
 
@@ -114,7 +115,7 @@ def _vector_cpu_with_compiler() -> bool:
 @pytest.mark.skipif(not _vector_cpu_with_compiler(), reason="needs Linux x86-64 with AVX2/FMA, g++ and objdump")
 def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path):
     """enable_fast_jit: a new MLX kernel lands in mlxtune's directory, built with FMA instructions (a plain build
-    calls libm's fmaf instead), with the same numbers; Python's own temporary files stay where they were. And the
+    calls libm's fmaf instead), with the same numbers bit for bit; Python's own temporary files stay where they were. And the
     command turns it on: doctor reports it."""
     env = {k: v for k, v in os.environ.items() if k != "MLXTUNE_JIT"}
     # as from the user's shell: this test process has the JIT on (conftest.py), and its children inherit that
@@ -129,14 +130,19 @@ def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path
     assert report["status"]["reason"] == "enabled" and report["directory"].startswith(str(tmp_path))
     assert report["kernel"].startswith(report["directory"])
     assert report["tmp_after"] == report["tmp_before"] and report["path0"].startswith(report["directory"])
-    assert report["error"] <= 1e-5
+    # bit for bit what MLX's own kernel computes: FMA only where its code calls fma (libm's fmaf computes the same)
+    (tmp_path / "plain").mkdir()
+    plain = subprocess.run([sys.executable, "-c", FLAGGED_KERNEL], capture_output=True, text=True,
+                           env=dict(fresh, MLXTUNE_JIT="off", TMPDIR=str(tmp_path / "plain")), timeout=300)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert json.loads(plain.stdout.strip().splitlines()[-1])["bits"] == report["bits"]
     assembly = subprocess.run(["objdump", "-d", report["kernel"]], capture_output=True, text=True).stdout
     assert "vfmadd" in assembly and "fmaf@plt" not in assembly
     shim = Path(report["directory"], "bin", "g++").read_text()
     # A child of a process that has it on (a distributed rank, this test's own children) sees the shim first on PATH:
     # it still builds with the real compiler — the same directory, the shim unchanged (not a shim calling itself) —
     # and its temporary files stay in the user's directory
-    other = FLAGGED_KERNEL.replace("exp(a) * 1.5", "exp(a) * a").replace("exp(x) * 1.5", "exp(x) * x")
+    other = FLAGGED_KERNEL.replace("exp(a) * 1.5", "exp(a) * a")
     child = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True,
                            env=dict(env, XDG_CACHE_HOME=str(tmp_path)), timeout=120)
     assert child.returncode == 0, child.stderr[-2000:]
@@ -147,7 +153,7 @@ def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path
     doctor = subprocess.run([sys.executable, "-m", "mlxtune", "doctor", "--json", "--no-measure"],
                             capture_output=True, text=True, env=env, timeout=300)
     kernels = json.loads(doctor.stdout)["mlx_cpu_kernels"]
-    assert kernels["compiler_flags"] == "-mavx2 -mfma -mf16c" and kernels["fast_swiglu"] is True
+    assert kernels["compiler_flags"] == "-mavx2 -mfma -mf16c -ffp-contract=off" and kernels["fast_swiglu"] is True
     off = subprocess.run([sys.executable, "-m", "mlxtune", "doctor", "--json", "--no-measure"], capture_output=True,
                          text=True, env=dict(env, MLXTUNE_JIT="off"), timeout=300)
     assert json.loads(off.stdout)["mlx_cpu_kernels"]["status"] == "disabled by MLXTUNE_JIT"
