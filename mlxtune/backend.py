@@ -123,7 +123,8 @@ def blas_status() -> dict:
 
 JIT_ENV = "MLXTUNE_JIT"  # "off": MLX compiles its CPU kernels as it always does
 USER_TMPDIR_ENV = "MLXTUNE_USER_TMPDIR"  # the temporary directory the command started with
-JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")  # what MLX's own command adds when MLX itself was built for AVX2
+# what MLX's own command adds when MLX itself was built for AVX2, and no multiply-add fused unless the code says fma
+JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 JIT_CPU_FLAGS = {"avx2", "fma", "f16c"}
 _jit = {"flags": None, "directory": None, "reason": "not attempted"}
 
@@ -176,9 +177,12 @@ def enable_fast_jit() -> str | None:
     `g++ -std=c++17 -O3 -fPIC -shared`, adding `-mavx2 -mfma -mf16c` only when MLX itself was built for AVX2 — the
     Linux wheel (0.32.4) is not. Without them every `fma` in the kernels' `exp` is a call into libm: a compiled
     `exp` ran at ≈20 ns an element here, ≈4.5 ns with them, and the SwiGLU of every block (cpu_activations.py)
-    with it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps its
-    kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, so that no
-    kernel compiled without them is reused. Python's own temporary files stay in the directory the command started
+    with it. `-ffp-contract=off` as well: the compiler then uses FMA only where MLX's code calls `fma` (libm's
+    `fmaf` rounds exactly as the instruction does) and never fuses a multiply and an add by itself, so each kernel
+    computes bit for bit what MLX's own build computes (tests/test_backend.py) — a run with it resumes exactly a
+    run without it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps
+    its kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, named by
+    the whole compiler command (`jit_directory`). Python's own temporary files stay in the directory the command started
     with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
     where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing
     changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child processes
