@@ -51,7 +51,13 @@ def test_calibration_cases_within_tolerance(tmp_path):
     most 15% (or 16 MB) above it."""
     bench = _bench()
     data = bench.make_data(tmp_path / "data")
-    for name in ("stories-lora-short", "stories-dora-long-fullloss", "smollm-lora-short"):
+    cases = ("stories-lora-short", "stories-dora-long-fullloss", "smollm-lora-short")
+    # MLX's compiled CPU kernels on disk first, as on every run but a machine's first: a process that compiles them
+    # itself peaked lower (stories-lora-short: 61.5 against 70.8 MB, with MLX's own compiler flags too), and the
+    # estimate is for the higher peak
+    for name in cases:
+        bench.run_case(name, data, tmp_path / "models", tmp_path / "warm", iters=1)
+    for name in cases:
         row = bench.run_case(name, data, tmp_path / "models", tmp_path / "runs", iters=1)
         assert bench.within_tolerance(row), row
 
