@@ -182,8 +182,8 @@ def enable_fast_jit() -> str | None:
     computes bit for bit what MLX's own build computes (tests/test_backend.py) — a run with it resumes exactly a
     run without it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps
     its kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, named by
-    the whole compiler command (`jit_directory`). Python's own temporary files stay in the directory the command started
-    with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
+    the whole compiler command (`jit_directory`). Python's own temporary files stay in the directory the command
+    started with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
     where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing
     changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child processes
     inherit it. (Other programs the command starts see TMPDIR = this directory: a private one, so harmless.)"""

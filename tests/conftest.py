@@ -25,8 +25,8 @@ from mlxtune.cpu_activations import use_fast_swiglu
 
 # MLX's CPU kernels compiled as the command compiles them (backend.py), and the blocks' SwiGLU as every command's
 # model computes it (cpu_activations.py, also for models loaded here with mlx-lm's own `load`): a result computed in
-# this process and one made by a `mlxtune` subprocess come from the same kernels, bit for bit (MLX keeps a compiled
-# kernel by its name only), whatever order the tests run in.
+# this process and one made by a `mlxtune` subprocess come from the same functions and kernels, whatever order the
+# tests run in.
 enable_fast_jit()
 use_fast_swiglu()
 

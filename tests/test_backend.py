@@ -99,7 +99,8 @@ mx.eval(compiled)
 kernels = os.path.join(os.environ["TMPDIR"], "mlx", mx.__version__, "cpu")
 newest = max((os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".so") and "Exp" in f),
              key=os.path.getmtime)
-print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(), "tmp_before": before,
+print(json.dumps({"directory": directory, "status": jit_status(), "tmp_after": tempfile.gettempdir(),
+                  "tmp_before": before,
                   "path0": os.environ["PATH"].split(os.pathsep)[0], "kernel": newest,
                   "bits": hashlib.sha256(np.array(compiled).tobytes()).hexdigest()}))
 """
@@ -115,8 +116,9 @@ def _vector_cpu_with_compiler() -> bool:
 @pytest.mark.skipif(not _vector_cpu_with_compiler(), reason="needs Linux x86-64 with AVX2/FMA, g++ and objdump")
 def test_mlx_compiles_its_cpu_kernels_with_the_cpus_vector_instructions(tmp_path):
     """enable_fast_jit: a new MLX kernel lands in mlxtune's directory, built with FMA instructions (a plain build
-    calls libm's fmaf instead), with the same numbers bit for bit; Python's own temporary files stay where they were. And the
-    command turns it on: doctor reports it."""
+    calls libm's fmaf instead), with the same numbers bit for bit; Python's own temporary files stay where they
+    were; a child of a process that has it on builds with the real compiler. And the command turns it on: doctor
+    reports it."""
     env = {k: v for k, v in os.environ.items() if k != "MLXTUNE_JIT"}
     # as from the user's shell: this test process has the JIT on (conftest.py), and its children inherit that
     shell = {k: v for k, v in env.items() if k != USER_TMPDIR_ENV}
