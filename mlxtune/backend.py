@@ -129,6 +129,11 @@ JIT_CPU_FLAGS = {"avx2", "fma", "f16c"}
 _jit = {"flags": None, "directory": None, "reason": "not attempted"}
 
 
+def switched_off(variable: str) -> bool:
+    """True when the environment variable turns a speed-up off (`off`, `none` or `0`)."""
+    return os.environ.get(variable, "").strip().lower() in ("off", "none", "0")
+
+
 SHIM_MARK = "# mlxtune (backend.py, enable_fast_jit): MLX's CPU kernels with vector instructions"
 
 
@@ -183,16 +188,17 @@ def enable_fast_jit() -> str | None:
     run without it. So, for MLX only: a `g++` that adds the flags comes first on PATH, and TMPDIR (where MLX keeps
     its kernels, `$TMPDIR/mlx/<version>/cpu`, looked up at each compile) points at a directory of our own, named by
     the whole compiler command (`jit_directory`). Python's own temporary files stay in the directory the command
-    started with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the instructions,
-    where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels: nothing
-    changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child processes
-    inherit it. (Other programs the command starts see TMPDIR = this directory: a private one, so harmless.)"""
+    started with, in its child processes too (MLXTUNE_USER_TMPDIR). Only on Linux x86-64 CPUs that have the
+    instructions, where g++ is installed; `MLXTUNE_JIT=off` turns it off. Metal and CUDA don't compile CPU kernels:
+    nothing changes there. The command's process calls it (`__main__.run`), before MLX compiles anything; child
+    processes inherit it. (Other programs the command starts see TMPDIR = this directory: a private one, so
+    harmless.)"""
     if _jit["directory"] is not None:
         return _jit["directory"]
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         _jit["reason"] = "not Linux on x86-64 (MLX's own compiler flags)"
         return None
-    if os.environ.get(JIT_ENV, "").strip().lower() in ("off", "none", "0"):
+    if switched_off(JIT_ENV):
         _jit["reason"] = f"disabled by {JIT_ENV}"
         return None
     if not JIT_CPU_FLAGS <= _cpu_flags():

@@ -21,11 +21,12 @@ keep mlx-lm's function exactly. `MLXTUNE_FAST_SWIGLU=off` keeps it everywhere.
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import partial
 
 import mlx.core as mx
+
+from mlxtune.backend import switched_off
 
 ENV = "MLXTUNE_FAST_SWIGLU"
 
@@ -62,10 +63,15 @@ def _mlx_lm_swiglu():
     return getattr(activations, "_mlxtune_original_swiglu", activations.swiglu)
 
 
+def fast_swiglu_wanted() -> bool:
+    """On the CPU backend, unless MLXTUNE_FAST_SWIGLU turns it off."""
+    return mx.default_device() == mx.cpu and not switched_off(ENV)
+
+
 def use_fast_swiglu(model=None) -> bool:
     """On the CPU backend, mlx-lm's `swiglu` becomes `swiglu` above: for model modules imported from now on and for
     those `model`'s layers come from. True when it is in use."""
-    if mx.default_device() != mx.cpu or os.environ.get(ENV, "").strip().lower() in ("off", "none", "0"):
+    if not fast_swiglu_wanted():
         return False
     from mlx_lm.models import activations
 

@@ -57,14 +57,11 @@ def measure_matmul_gflops(size: int = 1024, repeats: int = 3) -> float:
 def mlx_cpu_kernels() -> dict:
     """How MLX's compiled CPU kernels are built here (backend.py's `enable_fast_jit`) and whether the blocks' SwiGLU
     goes through the exp form (cpu_activations.py)."""
-    import mlx.core as mx
-
-    from mlxtune.cpu_activations import ENV
+    from mlxtune.cpu_activations import fast_swiglu_wanted
 
     jit = jit_status()
-    on_cpu = mx.default_device() == mx.cpu
     return {"compiler_flags": jit["flags"], "directory": jit["directory"], "status": jit["reason"],
-            "fast_swiglu": on_cpu and os.environ.get(ENV, "").strip().lower() not in ("off", "none", "0")}
+            "fast_swiglu": fast_swiglu_wanted()}
 
 
 def diagnose(measure: bool = True) -> dict:
