@@ -90,13 +90,11 @@ def _token_nll_vjp(primals, cotangents, outputs):
 
 
 def forward_nll(logits, targets):
-    """−log p(target) per row, for a forward pass only (no softmax array, nothing kept for a backward pass). The
-    log-sum-exp written out (max, then exp of the shifted logits summed) rather than `mx.logsumexp`: inside a compiled
-    pass (the GRPO frozen passes) the exp is one of MLX's compiled kernels, ≈4× faster on the CPU backend with
-    backend.py's compiler flags than the built-in's scalar exp."""
-    picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
-    top = logits.max(axis=-1, keepdims=True)
-    return (top + mx.log(mx.exp(logits - top).sum(axis=-1, keepdims=True))).squeeze(-1) - picked
+    """−log p(target) per row, for a forward pass only (nothing kept for a backward pass): `softmax_nll`'s loss,
+    its softmax output never evaluated (MLX computes only what is asked for). Its log-sum-exp is written out rather
+    than `mx.logsumexp`: inside a compiled pass (the GRPO frozen passes) the exp is one of MLX's compiled kernels,
+    ≈4× faster on the CPU backend with backend.py's compiler flags than the built-in's scalar exp."""
+    return softmax_nll(logits, targets)[0]
 
 
 class SequenceLogProbs:
