@@ -31,11 +31,12 @@ from mlxtune.model_config import read_config
 from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 
 # Completions per forward/backward of the update, after one pass of the prompt they share (train/grpo/update.py).
-# mlx-lm-lora updates 2 rows at a time. 3 rather than 4: on SmolLM2 (float32, G 8, 32 tokens) with one prompt pass
-# per group a piece of 3 peaked at 0.778 GB and one of 4 at 0.846 GB, and 4's two pieces per group of 8 (against
-# 3 + 3 + 2) were not measurably faster (the same arithmetic: the prompt runs once either way; docs/BENCHMARKS.md).
+# mlx-lm-lora updates 2 rows at a time. 4: on SmolLM2 (float32, G 8, 32 tokens, one prompt pass per group) two
+# pieces of 4 per group (against 3 + 3 + 2) made the gradient 15% faster and the whole step 10% (4 interleaved pairs
+# on an idle machine, 2026-12-07: each piece has a fixed cost — a pass over the weights in each direction — of
+# about 0.17 s there) for 63 MB more peak (0.853 against 0.790 GB; a piece of 8 peaked at 1.155 GB; docs/BENCHMARKS.md).
 # A constant, not a setting: the loss and the gradient are the whole batch's for any value.
-UPDATE_ROWS = 3
+UPDATE_ROWS = 4
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
 SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
