@@ -3,7 +3,7 @@ values summed, then one backward through the prompt.
 
 A group's completions are run a few at a time (`UPDATE_ROWS`, objective.py's `update_chunks`: one piece's
 activations in memory, not the group's), all after the same prompt (train/grpo/prefix.py). Run piece by piece with
-the prompt inside each piece's gradient, the prompt's forward and backward were repeated per piece (3 of them per
+the prompt inside each piece's gradient, the prompt's forward and backward were repeated per piece (two or three per
 group of 8). Here the prompt's pass runs once without gradient (`prompt_pass`: per layer its keys and values, and
 its last position's state); each piece's gradient is taken with respect to the weights *and* that pass's outputs;
 the outputs' gradients (cotangents) are summed over the pieces, and one backward through the prompt's pass — its
