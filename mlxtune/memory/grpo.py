@@ -136,6 +136,12 @@ def update_passes(facts: ModelFacts, run: RunShape, settings, longest_prompt: in
         prompt.parts["prompt keys and values"] = 2 * prompt_kv_bytes(facts, run, longest_prompt)
         prompt.total += prompt.parts["prompt keys and values"]
         passes["prompt"] = prompt
+        # the rollout's prompt passes, kept through the update for its first use (GrpoObjective.keeps_prompt_passes:
+        # each prompt's keys and values, one group's counted in the piece's too — a bound)
+        held = settings.batch_size * prompt_kv_bytes(facts, run, longest_prompt)
+        for phase in passes.values():
+            phase.parts["rollout's prompt passes"] = held
+            phase.total += held
     return passes
 
 

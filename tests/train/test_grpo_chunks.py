@@ -46,9 +46,11 @@ def _moved(model, scale: float):
                           model.trainable_parameters()))
 
 
-def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int, shared: bool):
+def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int, shared: bool, rollout_passes: str = ""):
     """(loss, statistics, gradient) of one update, through the run's own passes: the frozen reference and πold
-    (a prompt's group at a time) and the compiled accumulation over the pieces, from the same weights each time."""
+    (a prompt's group at a time) and the compiled accumulation over the pieces, from the same weights each time.
+    `rollout_passes` "update"/"old": the groups carry their prompt's pass from a rollout's prefill at the update's
+    weights (as a run's first update does) / at πold's (wrong: a test that they are used)."""
     _moved(model, 0.02)  # πold: the policy before the update
     loss = GrpoLoss(model, preset(name, beta=0.1, max_completion_tokens=10), old_policy=True)
     loss.shared_prompt = shared
@@ -56,9 +58,15 @@ def _loss_and_gradient(model, name: str, chunks, rows_per_chunk: int, shared: bo
     objective = GrpoObjective(model, None, step, loss, None, [], [], [], set())
     updates = update_chunks(*chunks, rows_per_chunk, shared=shared)
     objective.frozen(updates)
+    passes = _prefill_passes(model, loss, chunks[0]) if rollout_passes == "old" else None
     _moved(model, 0.05)  # the update's weights: ratios off 1, some clipped
+    if rollout_passes:
+        passes = passes or _prefill_passes(model, loss, chunks[0])
+        for group, prompt_pass in zip(updates, passes):
+            group.prompt_pass = prompt_pass
     pieces = gradient_batches(updates)
     loss_sum, count, stats, grads = step.accumulate_groups(updates)
+    assert all(group.prompt_pass is None for group in updates)  # used by the first update, then dropped
     assert len(updates) == 3 and len(pieces) == 3 * -(-ROWS // 3 // rows_per_chunk)
     return ((loss_sum / count).item(), np.array(stats),
             {k: np.array(v / count) for k, v in tree_flatten(grads)})
@@ -84,11 +92,37 @@ def test_a_chunked_update_is_the_whole_batch(setup, name):
         np.testing.assert_allclose(grads[key], g, atol=3e-5 * max(1.0, np.abs(g).max()), rtol=1e-4, err_msg=key)
 
 
+def _prefill_passes(model, loss, ids):
+    """Each prompt's pass as a rollout keeps it (`generate_group`'s `head`), at the model's current weights."""
+    model.eval()
+    try:
+        return generate_group(model, ids, sample_keys(mx.random.key(0), len(ids), 1), max_tokens=1,
+                              eos_token_ids={0}, head=loss.logps.head).prompt_passes
+    finally:
+        model.train()
+
+
+def test_the_rollouts_prompt_pass_stands_in_for_the_updates(setup):
+    """A run's first update takes each prompt's pass from the rollout's prefill (GrpoObjective.keeps_prompt_passes)
+    instead of running it again: the same loss and gradient as the whole batch's, at float32 rounding; passes from
+    other weights (πold's) give another gradient."""
+    model, ids, rollout, advantages = setup
+    chunks = (ids, rollout, advantages)
+    whole_loss, _, whole_grads = _loss_and_gradient(model, "grpo", chunks, ROWS, shared=False)
+    loss, _, grads = _loss_and_gradient(model, "grpo", chunks, 2, shared=True, rollout_passes="update")
+    assert abs(loss - whole_loss) <= 5e-5 * max(1.0, abs(whole_loss)), (loss, whole_loss)
+    for key, g in whole_grads.items():
+        np.testing.assert_allclose(grads[key], g, atol=3e-5 * max(1.0, np.abs(g).max()), rtol=1e-4, err_msg=key)
+    _, _, stale = _loss_and_gradient(model, "grpo", chunks, 2, shared=True, rollout_passes="old")
+    worst = max(np.abs(stale[k] - g).max() / max(1.0, np.abs(g).max()) for k, g in whole_grads.items())
+    assert worst > 1e-3, worst
+
+
 def test_the_planner_estimates_one_piece_of_the_update():
     """The update's estimate is one gradient piece's completions (split evenly: G 6 by 4 is 3 + 3) after one pass of
     their prompt, however many prompts × G the rollout decodes together; the prompt counts once per piece."""
     from mlxtune.memory.estimate import ModelFacts, RunShape
-    from mlxtune.memory.grpo import UPDATE_ROWS, update_passes, update_shape
+    from mlxtune.memory.grpo import UPDATE_ROWS, prompt_kv_bytes, update_passes, update_shape
     from mlxtune.settings import GrpoSettings
 
     assert update_shape(GrpoSettings(group_size=8, batch_size=4, max_completion_tokens=64)).rows == UPDATE_ROWS
@@ -98,12 +132,16 @@ def test_the_planner_estimates_one_piece_of_the_update():
     run = RunShape(on_cpu=True, fused_head=True, streams=2)
     short, long = (update_passes(facts, run, settings, prompt)["gradient"] for prompt in (16, 160))
     assert long.parts["shared prompt"] > short.parts["shared prompt"] > 0
-    assert long.total - short.total == long.parts["shared prompt"] - short.parts["shared prompt"]
+    prompt_parts = ("shared prompt", "rollout's prompt passes")
+    assert long.total - short.total == sum(long.parts[k] - short.parts[k] for k in prompt_parts)
     # G 8 is several pieces after one prompt pass of its own (train/grpo/update.py): the pieces keep its keys and
     # values, not the pass, which is planned apart; G 2 is one piece holding its prompt's pass
     split, whole = (update_passes(facts, run, GrpoSettings(group_size=g, batch_size=1, max_completion_tokens=32), 160)
                     for g in (8, 2))
     assert "prompt" in split and "prompt" not in whole
+    # the rollout's prompt passes (one prompt here) are kept through the update when a group is several pieces
+    assert split["gradient"].parts["rollout's prompt passes"] == prompt_kv_bytes(facts, run, 160)
+    assert "rollout's prompt passes" not in whole["gradient"].parts
     assert split["gradient"].parts["shared prompt"] < split["prompt"].parts["activations"]
 
 

@@ -85,6 +85,7 @@ class UpdateBatch:
     old: mx.array | None = None
     reference: mx.array | None = None
     pieces: list = field(default_factory=list)
+    prompt_pass: tuple | None = None  # the rollout's pass of the prompt (`Rollout.prompt_passes`), until used
 
 
 class GrpoLoss:
@@ -226,7 +227,8 @@ def update_chunks(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.
                   rows_per_group: int = FROZEN_ROWS) -> list[UpdateBatch]:
     """The rollout's rows as batches of one prompt's rows (its G samples, split when more than `rows_per_group`:
     the frozen passes run on them), each with its `pieces` for the gradient: up to `rows_per_chunk` rows, as even as
-    they come (see the module docstring: their loss sums and counts add up to the whole batch's)."""
+    they come (see the module docstring: their loss sums and counts add up to the whole batch's). A group of several
+    pieces carries its prompt's pass from the rollout, when the rollout kept them (`GrpoObjective.rollout`)."""
     tokens, mask = np.array(rollout.tokens, np.int32), np.array(rollout.mask, bool)
     advantages = np.asarray(advantages, np.float32)
     owners = np.asarray(rollout.prompt_index)
@@ -241,6 +243,8 @@ def update_chunks(prompt_ids: list[list[int]], rollout: Rollout, advantages: np.
                 group = batch(prompt, rows)
                 parts = even_split(rows, rows_per_chunk)
                 group.pieces = [group] if len(parts) == 1 else [batch(prompt, part) for part in parts]
+                if shared and rollout.prompt_passes is not None and len(parts) > 1:
+                    group.prompt_pass = rollout.prompt_passes[number]
                 groups.append(group)
     return groups
 
@@ -302,12 +306,15 @@ class GrpoObjective(Objective):
 
     # --- rollouts and rewards -----------------------------------------------------------------------------------
 
-    def generate(self, ids: list[list[int]], keys: mx.array, temperature: float, top_p: float) -> Rollout:
+    def generate(self, ids: list[list[int]], keys: mx.array, temperature: float, top_p: float,
+                 prompt_passes: bool = False) -> Rollout:
+        """`prompt_passes`: keep each prompt's pass for the update (`keeps_prompt_passes`)."""
         was_training = self.model.training
         self.model.eval()
         try:
             return generate_group(self.model, ids, keys, max_tokens=self.settings.max_completion_tokens,
-                                  eos_token_ids=self.eos_token_ids, temperature=temperature, top_p=top_p)
+                                  eos_token_ids=self.eos_token_ids, temperature=temperature, top_p=top_p,
+                                  head=self.loss.logps.head if prompt_passes else None)
         finally:
             if was_training:
                 self.model.train()
@@ -320,10 +327,20 @@ class GrpoObjective(Objective):
         return texts, score(self.rewards, prompts, as_completions(texts, prompts), [r.fields for r in owners],
                             [r.source for r in owners])
 
+    def keeps_prompt_passes(self) -> bool:
+        """Whether the rollout's prefill stands in for the update's prompt pass (train/grpo/update.py): the same
+        function at the same weights — the blocks as the selective head's pass runs them, no dropout (the rollout runs
+        in eval mode, the update in training mode), and a group of several gradient pieces (one piece runs its prompt
+        inside its own gradient). The first update only: later ones (μ > 1) see other weights."""
+        s = self.settings
+        return (self.loss.shared_prompt and self.loss.logps.selective and not s.dropout
+                and s.group_size > UPDATE_ROWS)
+
     def rollout(self, batch: PromptBatch) -> tuple[list[UpdateBatch], np.ndarray]:
         """The micro-batch's samples, rewards and update rows (in chunks), and its rollout statistics."""
         s = self.settings
-        batch.rollout = rollout = self.generate(batch.ids, self.keys(batch), s.temperature, s.top_p)
+        batch.rollout = rollout = self.generate(batch.ids, self.keys(batch), s.temperature, s.top_p,
+                                                self.keeps_prompt_passes())
         batch.texts, batch.scores = self.score(batch.records, rollout)
         total = batch.scores.total
         grouped = total.reshape(-1, s.group_size)

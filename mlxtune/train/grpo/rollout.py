@@ -47,6 +47,9 @@ class Rollout:
     next_keys: mx.array  # [rows, 2] each sample's key after its last step (for resuming)
     seconds: float  # wall time, prefill included
     generated_tokens: int  # masked tokens, summed over rows
+    # per prompt its pass as the update's shared prompt takes it (train/grpo/prefix.py's `prompt_pass`: per layer its
+    # keys and values, and its last position's hidden state), when asked for (`generate_group`'s `head`)
+    prompt_passes: list | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -99,12 +102,28 @@ def _sample_rows(logits: mx.array, keys: mx.array, temperature: float, top_p: fl
     return tuple(mx.concatenate([part[i] for part in parts]) for i in range(3))
 
 
-def _prefill(model, prompt: list[int]):
-    """The prompt's cache and the logits of its last position (one forward pass at batch 1)."""
+def _prefill(model, prompt: list[int], head=None):
+    """The prompt's cache and the logits of its last position (one forward pass at batch 1). With `head`
+    (train/loss.py's `output_head`: hidden states → logits, the selective head) the blocks run as `model.model` and
+    only the last position goes through the head; its hidden state is returned too (else None)."""
     cache = make_prompt_cache(model)
-    logits = model(mx.array(prompt, dtype=mx.int32)[None], cache=cache)[:, -1, :]
-    mx.eval(logits, [c.state for c in cache])
-    return cache, logits
+    inputs = mx.array(prompt, dtype=mx.int32)[None]
+    if head is None:
+        last, logits = None, model(inputs, cache=cache)[:, -1, :]
+    else:
+        last = model.model(inputs, cache=cache)[:, -1:]
+        logits = head(last)[:, -1, :]
+    mx.eval(logits, [c.state for c in cache], *([] if last is None else [last]))
+    return cache, logits, last
+
+
+def prompt_pass_of(cache: list, last: mx.array) -> tuple[list, mx.array]:
+    """A prefill's cache and last hidden state as train/grpo/prefix.py's `prompt_pass` returns a prompt's pass: per
+    layer (keys, values) of the prompt's positions — what the pass hands its cache, copied out of mlx-lm's
+    preallocated buffer — and the last position's state. Only plain KVCaches (the models that share the prompt)."""
+    kv = [(mx.contiguous(c.keys[..., :c.offset, :]), mx.contiguous(c.values[..., :c.offset, :])) for c in cache]
+    mx.eval(kv)
+    return kv, last
 
 
 def batch_cache(prompt_caches: list, group_size: int, max_tokens: int) -> list:
@@ -122,18 +141,22 @@ def batch_cache(prompt_caches: list, group_size: int, max_tokens: int) -> list:
 
 
 def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_tokens: int, eos_token_ids,
-                   temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
-    """len(keys) // len(prompts) samples of each prompt (token ids), decoded as one batch."""
+                   temperature: float = 1.0, top_p: float = 1.0, head=None) -> Rollout:
+    """len(keys) // len(prompts) samples of each prompt (token ids), decoded as one batch. With `head` (the selective
+    head of a model whose caches are plain KVCaches) the rollout also returns each prompt's pass (`prompt_passes`):
+    the update's shared prompt pass at the same weights, so that the update need not run it again."""
     group_size = keys.shape[0] // len(prompts)
     if group_size * len(prompts) != keys.shape[0] or group_size < 1:
         raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts: give group_size keys per prompt")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     start = time.perf_counter()
-    prefills = [_prefill(model, prompt) for prompt in prompts]
+    prefills = [_prefill(model, prompt, head) for prompt in prompts]
     rows = len(prompts) * group_size
-    cache = batch_cache([prompt_cache for prompt_cache, _ in prefills], group_size, max_tokens)
-    logits = mx.concatenate([mx.repeat(last, group_size, axis=0) for _, last in prefills], axis=0)
+    passes = None if head is None else [prompt_pass_of(prompt_cache, last) for prompt_cache, _, last in prefills]
+    cache = batch_cache([prompt_cache for prompt_cache, _, _ in prefills], group_size, max_tokens)
+    logits = mx.concatenate([mx.repeat(last, group_size, axis=0) for _, last, _ in prefills], axis=0)
+    del prefills  # the prompts' own caches: merged into the batch's (copied)
     eos = mx.array(sorted(set(eos_token_ids)), dtype=mx.int32)
 
     tokens, log_probs, masks = [], [], []
@@ -154,7 +177,8 @@ def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_token
             break
     mask = mx.stack(masks, axis=1)
     rollout = Rollout(mx.stack(tokens, axis=1), mask, mx.stack(log_probs, axis=1),
-                      [p for p in range(len(prompts)) for _ in range(group_size)], keys, 0.0, int(mask.sum().item()))
+                      [p for p in range(len(prompts)) for _ in range(group_size)], keys, 0.0, int(mask.sum().item()),
+                      passes)
     rollout.seconds = time.perf_counter() - start
     return rollout
 

@@ -80,8 +80,10 @@ class GrpoStep(PreferenceStep):
             prompt = group.arrays[0]
             seed = mx.random.randint(0, 2**31 - 1).item()  # the prompt's two passes draw the same dropout masks
             mx.random.seed(seed)
-            outputs = self.prompt_outputs(prompt)
-            mx.eval(outputs)
+            outputs, group.prompt_pass = group.prompt_pass, None  # the rollout's prefill: for the first update only
+            if outputs is None:  # (later updates run at other weights)
+                outputs = self.prompt_outputs(prompt)
+                mx.eval(outputs)
             cotangents = None
             for piece in group.pieces:
                 arrays = self.objective.loss_arrays(self.model, piece)
