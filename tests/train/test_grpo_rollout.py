@@ -121,3 +121,30 @@ def test_the_batch_cache_grows_once_by_what_decoding_appends(story_model):
     for _ in range(19):
         model(mx.zeros((6, 1), mx.int32), cache=cache)
     assert {layer.keys.shape[2] for layer in cache} == {longest + 19} and cache[0].keys.shape[0] == 6
+
+
+def test_the_prefill_keeps_the_updates_prompt_pass(story_model):
+    """With the selective head, the rollout's prefill runs the blocks and the head apart (only the last position
+    through the head) and keeps each prompt's pass: the samples are those of the plain prefill, and the pass is what
+    train/grpo/prefix.py's `prompt_pass` computes for the update (keys and values per layer, the last hidden state)."""
+    from mlxtune.train.grpo.prefix import prompt_pass
+    from mlxtune.train.loss import output_head
+
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer)
+    keys = sample_keys(mx.random.key(5), 2, 3)
+    plain = generate_group(model, prompts, keys, max_tokens=12, eos_token_ids={tokenizer.eos_token_id})
+    kept = generate_group(model, prompts, keys, max_tokens=12, eos_token_ids={tokenizer.eos_token_id},
+                          head=output_head(model))
+    assert plain.prompt_passes is None and len(kept.prompt_passes) == 2
+    assert np.array_equal(np.array(plain.tokens), np.array(kept.tokens))
+    np.testing.assert_allclose(np.array(kept.log_probs), np.array(plain.log_probs), atol=1e-5)
+    for prompt, (kv, last) in zip(prompts, kept.prompt_passes):
+        want_kv, want_last = prompt_pass(lambda inputs, cache: model.model(inputs, cache=cache), len(model.layers),
+                                         mx.array(prompt)[None])
+        assert len(kv) == len(want_kv) and last.shape == want_last.shape == (1, 1, want_last.shape[-1])
+        np.testing.assert_allclose(np.array(last), np.array(want_last), atol=1e-5)
+        for (keys_, values), (want_keys, want_values) in zip(kv, want_kv):
+            assert keys_.shape == want_keys.shape and keys_.shape[2] == len(prompt)
+            np.testing.assert_allclose(np.array(keys_), np.array(want_keys), atol=1e-5)
+            np.testing.assert_allclose(np.array(values), np.array(want_values), atol=1e-5)
