@@ -23,9 +23,11 @@ times (models whose caches are not plain KVCaches keep the full rows: `supports_
 backward pass); the gradient takes it `UPDATE_ROWS` completions at a time (`update_chunks`), one piece evaluated
 before the next after one pass of their prompt (`GrpoStep.accumulate_groups`, train/grpo/update.py: the pieces'
 gradients with respect to the prompt's keys and values summed, then one backward through the prompt), so the update
-holds one piece's activations, not G × prompts rows'. The sum with a count makes that exact: a piece returns its completions' (or tokens') loss sum and their count, so the step's
-Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a piece's
-— and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
+holds one piece's activations, not G × prompts rows'. The first update's prompt pass is the rollout's prefill
+(`keeps_prompt_passes`: the same weights, no dropout): the rollout keeps it, the update does not run it again. The sum
+with a count makes the pieces exact: a piece returns its completions' (or tokens') loss sum and their count, so the
+step's Σ sums / Σ counts is the whole batch's loss — DAPO's denominator is every masked token of the batch, not a
+piece's — and its gradient the whole batch's (tests/train/test_grpo_chunks.py).
 """
 
 from __future__ import annotations
