@@ -257,3 +257,24 @@ def test_the_prompt_backward_sees_the_dropout_masks_of_its_forward(setup):
         model.load_weights(list(base.items()), strict=False)
     assert abs(along) > 1e-2
     assert abs(difference - along) <= 5e-2 * abs(along), (difference, along)  # measured 0.5%; masks apart: 24%
+
+
+def test_the_rollout_keeps_prompt_passes_only_where_they_are_the_updates(setup):
+    """The prefill stands in for the update's prompt pass only where it is the same function: no LoRA dropout (the
+    rollout runs in eval mode), the prompt shared, the selective head, and groups of several pieces (G > UPDATE_ROWS;
+    one piece runs its prompt inside its gradient)."""
+    from mlxtune.memory.grpo import UPDATE_ROWS
+    from mlxtune.settings import GrpoSettings
+
+    model = setup[0]
+
+    def keeps(shared=True, **settings):
+        loss = GrpoLoss(model, preset("grpo", beta=0.1))
+        loss.shared_prompt = shared
+        objective = GrpoObjective(model, None, None, loss, GrpoSettings(**settings), [], [], [], set())
+        return objective.keeps_prompt_passes()
+
+    assert keeps(group_size=UPDATE_ROWS + 1)
+    assert not keeps(group_size=UPDATE_ROWS + 1, dropout=0.1)
+    assert not keeps(group_size=UPDATE_ROWS)
+    assert not keeps(shared=False, group_size=UPDATE_ROWS + 1)
