@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlxtune.train.grpo.losses import selected_log_probs
-from mlxtune.train.grpo.rollout import generate_group, rollout_examples, sample_keys
+from mlxtune.train.grpo.rollout import SAMPLE_BLOCK, _sample, generate_group, rollout_examples, sample_keys
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,33 @@ def test_group_equals_each_sample_alone(story_model, temperature, top_p):
         assert completion[-1] in stop or len(completion) == 24
         assert not np.array(group.mask[row, lengths[row]:]).any()
         assert np.all(np.array(group.tokens[row, lengths[row]:]) == 0)
+
+
+@pytest.mark.parametrize("vocab,temperature", [(3 * SAMPLE_BLOCK + 100, 1.0), (2 * SAMPLE_BLOCK, 0.7)])
+def test_the_two_level_draw_samples_the_softmax(vocab, temperature):
+    """The draw (a block by its mass, then an entry of it) has softmax(logits / T)'s distribution: over many keys the
+    token counts pass a chi-square test against it (a vocabulary padded to whole blocks, and one that is not), and
+    each returned log-prob is log softmax(logits) at the token."""
+    logits = mx.random.normal((vocab,), key=mx.random.key(11)) * 2.0
+    expected = np.array(mx.softmax(logits / temperature)) if temperature != 1.0 else np.array(mx.softmax(logits))
+    log_softmax = np.array(logits - mx.logsumexp(logits))
+    draws, chunk = 60_000, 10_000
+    keys = mx.random.split(mx.random.key(12), draws)
+    counts = np.zeros(vocab)
+    for start in range(0, draws, chunk):
+        tokens, chosen, _ = _sample(mx.broadcast_to(logits[None], (chunk, vocab)), keys[start:start + chunk],
+                                    temperature, 1.0)
+        tokens = np.array(tokens)
+        np.testing.assert_allclose(np.array(chosen), log_softmax[tokens], atol=1e-5)
+        counts += np.bincount(tokens, minlength=vocab)
+    assert counts.sum() == draws and counts.size == vocab  # no token past the vocabulary (the padding)
+    # chi-square over the entries expected ≥ 5 times, the rest as one bin
+    mean = expected * draws
+    big = mean >= 5
+    observed, predicted = np.append(counts[big], counts[~big].sum()), np.append(mean[big], mean[~big].sum())
+    statistic = float((((observed - predicted) ** 2) / predicted).sum())
+    freedom = observed.size - 1
+    assert statistic < freedom + 5 * np.sqrt(2 * freedom), (statistic, freedom)  # 5 standard deviations
 
 
 def test_log_probs_are_the_models_own(story_model):
