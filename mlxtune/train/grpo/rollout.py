@@ -1,9 +1,13 @@
 """Group rollouts: each prompt is prefilled once, its KV cache copied to its G samples, and every sample of every
 prompt decodes as one batch.
 
-The prefill (the expensive part for long prompts) runs once per prompt at batch 1 in mlx-lm's own cache
-(`make_prompt_cache`); the caches are then merged into one batch cache with mlx-lm's public `merge` classmethod
-(KVCache → BatchKVCache, left-padding prompts of different lengths), listing each prompt's cache G times. The
+The prefill (the expensive part for long prompts) runs once per prompt: all the prompts as one left-padded batch in
+mlx-lm's `BatchKVCache` (its mask hides the padding, its per-row offsets start each prompt's positions at 0, as its
+own batch generation does), each prompt's cache then taken out of it (`extract`); models whose caches are not plain
+KVCaches prefill each prompt alone in mlx-lm's own cache (`make_prompt_cache`). One pass for all the prompts reads
+the weights once instead of once a prompt (SmolLM2 on the CPU, 2 prompts of 55 tokens: 0.26 s against 0.30–0.33).
+The caches are then merged into one batch cache with mlx-lm's public `merge` classmethod (KVCache → BatchKVCache,
+left-padding prompts of different lengths), listing each prompt's cache G times. The
 merged cache holds G copies of the prompt's keys and values (decoding appends per sample), so the saving is the
 prefill compute, not the prompt's cache memory; it grows once, by what decoding appends (`batch_cache`).
 
@@ -38,6 +42,7 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
 
 from mlxtune.data.template import TokenizedExample
+from mlxtune.train.grpo.prefix import supports_shared_prompt
 from mlxtune.train.loss import loss_streams
 
 
@@ -158,6 +163,27 @@ def _prefill(model, prompt: list[int], head=None):
     return cache, logits, last
 
 
+def _prefill_all(model, prompts: list[list[int]], head=None) -> list:
+    """`_prefill` of every prompt, in one forward pass when the model's caches are plain KVCaches: the prompts
+    left-padded to the longest in a BatchKVCache per layer (mlx-lm's batch generation does the same), then each
+    prompt's KVCache taken out of it without its padding (`extract`)."""
+    if len(prompts) == 1 or not supports_shared_prompt(model):
+        return [_prefill(model, prompt, head) for prompt in prompts]
+    longest = max(len(prompt) for prompt in prompts)
+    padding = [longest - len(prompt) for prompt in prompts]
+    inputs = mx.array([[0] * pad + list(prompt) for prompt, pad in zip(prompts, padding)], dtype=mx.int32)
+    batch = [BatchKVCache(padding) for _ in make_prompt_cache(model)]
+    if head is None:
+        last, logits = None, model(inputs, cache=batch)[:, -1, :]
+    else:
+        last = model.model(inputs, cache=batch)[:, -1:]
+        logits = head(last)[:, -1, :]
+    caches = [[layer.extract(row) for layer in batch] for row in range(len(prompts))]
+    mx.eval(logits, [c.state for cache in caches for c in cache], *([] if last is None else [last]))
+    return [(cache, logits[row:row + 1], None if last is None else last[row:row + 1])
+            for row, cache in enumerate(caches)]
+
+
 def prompt_pass_of(cache: list, last: mx.array) -> tuple[list, mx.array]:
     """A prefill's cache and last hidden state as train/grpo/prefix.py's `prompt_pass` returns a prompt's pass: per
     layer (keys, values) of the prompt's positions — what the pass hands its cache, copied out of mlx-lm's
@@ -192,7 +218,7 @@ def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_token
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     start = time.perf_counter()
-    prefills = [_prefill(model, prompt, head) for prompt in prompts]
+    prefills = _prefill_all(model, prompts, head)
     rows = len(prompts) * group_size
     passes = None if head is None else [prompt_pass_of(prompt_cache, last) for prompt_cache, _, last in prefills]
     cache = batch_cache([prompt_cache for prompt_cache, _, _ in prefills], group_size, max_tokens)
