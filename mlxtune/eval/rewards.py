@@ -79,7 +79,9 @@ def reward_scores(run: Run, data: str | Path | None, checkpoint: str, limit: int
             "tuned": mean_interval(tuned_totals).to_dict(),
             "difference": paired_ratio_difference(tuned_totals, base_totals, np.ones(len(items))).to_dict(),
             "rewards": {name: reward_intervals(base["values"][name], tuned["values"][name])
-                        for name in base["values"]}}  # by spec without its weight, as metrics.jsonl names them
+                        for name in base["values"]},  # by spec without its weight, as metrics.jsonl names them
+            # each prompt's mean total reward (over its completions), in the data's order: which prompts moved
+            "per_prompt": {"base": base_totals.tolist(), "tuned": tuned_totals.tolist()}}
     difference = Interval(**task["difference"])
     better, worse = difference.low > 0, difference.high < 0
     per_prompt = f" ({generations} completions per prompt)" if generations > 1 else ""

@@ -117,7 +117,11 @@ def test_eval_with_several_generations_per_prompt_averages_them(learned, tmp_pat
     base, tuned = task["base"]["value"], task["tuned"]["value"]
     assert base < 0.3 < 0.8 < tuned and 0 < task["difference"]["low"]
     # 32 samples per model; four copies of one sample per prompt would make every prompt's mean 0 or 1 (× 8 whole)
-    assert abs(base * 32 - round(base * 32)) < 1e-9 and abs(base * 8 - round(base * 8)) > 1e-9, base
+    assert abs(base * 32 - round(base * 32)) < 1e-9, base  # 32 samples
+    per_prompt = task["per_prompt"]
+    assert len(per_prompt["base"]) == len(per_prompt["tuned"]) == 8 and abs(sum(per_prompt["base"]) / 8 - base) < 1e-9
+    # four copies of one sample per prompt would make every prompt's mean 0 or 1
+    assert any(0 < value < 1 for value in per_prompt["base"] + per_prompt["tuned"]), per_prompt
 
 
 def test_the_run_fuses_like_any_other(learned, tmp_path):
