@@ -43,7 +43,7 @@ EXAMPLE = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", 
 # included zero); lr 2e-3 with Dr. GRPO's loss at temperature 0.7 collapsed every group onto one wrong answer.
 RECIPE = ["--reward", "number", "--reward", "0.5*format", "--group-size", 4, "--batch-size", 4,
           "--max-completion-tokens", 16, "--temperature", 1.0, "--loss-type", "grpo", "--beta", 0.04,
-          "--rank", 8, "--learning-rate", 1e-3, "--iters", 12, "--eval-every", 12, "--val-batches", 1,
+          "--rank", 8, "--learning-rate", 7e-4, "--iters", 12, "--eval-every", 12, "--val-batches", 1,
           "--report-every", 1, "--sample-every", 2, "--save-every", 4, "--memory", "64GB"]
 
 
