@@ -97,7 +97,8 @@ def _prefill_passes(model, loss, ids):
     model.eval()
     try:
         return generate_group(model, ids, sample_keys(mx.random.key(0), len(ids), 1), max_tokens=1,
-                              eos_token_ids={0}, head=loss.logps.head).prompt_passes
+                              eos_token_ids={0}, head=loss.logps.head,
+                              keep_prompt_passes=True).prompt_passes
     finally:
         model.train()
 

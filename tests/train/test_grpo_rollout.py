@@ -24,21 +24,27 @@ def _prompts(tokenizer):
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
-def test_group_equals_each_sample_alone(story_model, temperature, top_p):
+@pytest.mark.parametrize("selective", [False, True])
+def test_group_equals_each_sample_alone(story_model, temperature, top_p, selective):
+    """Each sample of a group is what generating it alone gives; `selective`: with the head, as GRPO runs, the two
+    prompts' prefill is one left-padded batch (`_prefill_all`)."""
+    from mlxtune.train.loss import output_head
+
     model, tokenizer = story_model
     prompts = _prompts(tokenizer)
     assert len(prompts[0]) != len(prompts[1])  # the batch left-pads the shorter prompt
     stop = {tokenizer.eos_token_id, tokenizer.encode(".", add_special_tokens=False)[-1]}  # stop early and unevenly
     keys = sample_keys(mx.random.key(7), len(prompts), 4)
+    head = output_head(model) if selective else None
     group = generate_group(model, prompts, keys, max_tokens=24, eos_token_ids=stop, temperature=temperature,
-                           top_p=top_p)
+                           top_p=top_p, head=head)
     assert group.tokens.shape[0] == 8 and group.prompt_index == [0, 0, 0, 0, 1, 1, 1, 1]
     lengths = group.lengths
     assert len(set(lengths)) > 1, "the samples should stop at different lengths"
     assert len({tuple(group.completion(r)) for r in range(8)}) > 2, "sampling should differ between samples"
     for row in range(8):
         alone = generate_group(model, [prompts[group.prompt_index[row]]], keys[row:row + 1], max_tokens=24,
-                               eos_token_ids=stop, temperature=temperature, top_p=top_p)
+                               eos_token_ids=stop, temperature=temperature, top_p=top_p, head=head)
         assert alone.completion(0) == group.completion(row), f"sample {row} differs when decoded alone"
         np.testing.assert_allclose(np.array(alone.log_probs[0, :lengths[row]]),
                                    np.array(group.log_probs[row, :lengths[row]]), atol=1e-5)
@@ -162,7 +168,7 @@ def test_the_prefill_keeps_the_updates_prompt_pass(story_model):
     keys = sample_keys(mx.random.key(5), 2, 3)
     plain = generate_group(model, prompts, keys, max_tokens=12, eos_token_ids={tokenizer.eos_token_id})
     kept = generate_group(model, prompts, keys, max_tokens=12, eos_token_ids={tokenizer.eos_token_id},
-                          head=output_head(model))
+                          head=output_head(model), keep_prompt_passes=True)
     assert plain.prompt_passes is None and len(kept.prompt_passes) == 2
     assert np.array_equal(np.array(plain.tokens), np.array(kept.tokens))
     np.testing.assert_allclose(np.array(kept.log_probs), np.array(plain.log_probs), atol=1e-5)
@@ -175,3 +181,24 @@ def test_the_prefill_keeps_the_updates_prompt_pass(story_model):
             assert keys_.shape == want_keys.shape and keys_.shape[2] == len(prompt)
             np.testing.assert_allclose(np.array(keys_), np.array(want_keys), atol=1e-5)
             np.testing.assert_allclose(np.array(values), np.array(want_values), atol=1e-5)
+
+
+def test_the_prefill_batches_short_prompts_only(story_model, monkeypatch):
+    """Prompts go through the prefill together up to PREFILL_BATCH_TOKENS (count × longest): each prompt's cache and
+    last logits are the same batched, split in batches, or alone."""
+    from mlxtune.train.grpo import rollout
+    from mlxtune.train.loss import output_head
+
+    model, tokenizer = story_model
+    prompts = _prompts(tokenizer) + [tokenizer.encode("The sun was hot and the sky was blue.")]
+    head = output_head(model)
+    results = {}
+    for bound in (10_000, 2 * max(map(len, prompts)), 1):  # one batch of 3; a batch of 2 and one alone; each alone
+        monkeypatch.setattr(rollout, "PREFILL_BATCH_TOKENS", bound)
+        results[bound] = rollout._prefill_all(model, prompts, head)
+    for bound, each in results.items():
+        for (cache, logits, last), (want_cache, want_logits, want_last), prompt in zip(each, results[1], prompts):
+            assert cache[0].offset == want_cache[0].offset == len(prompt), bound
+            np.testing.assert_allclose(np.array(logits), np.array(want_logits), atol=1e-4)
+            np.testing.assert_allclose(np.array(cache[-1].keys[..., :len(prompt), :]),
+                                       np.array(want_cache[-1].keys[..., :len(prompt), :]), atol=1e-5)

@@ -310,13 +310,17 @@ class GrpoObjective(Objective):
 
     def generate(self, ids: list[list[int]], keys: mx.array, temperature: float, top_p: float,
                  prompt_passes: bool = False) -> Rollout:
-        """`prompt_passes`: keep each prompt's pass for the update (`keeps_prompt_passes`)."""
+        """`prompt_passes`: keep each prompt's pass for the update (`keeps_prompt_passes`). A run's rollouts give the
+        prefill the selective head (only each prompt's last position through it; short prompts batched); a scorer
+        without a loss (eval's) prefills each prompt through the model's own forward."""
+        selective = self.loss is not None and self.loss.logps.selective
         was_training = self.model.training
         self.model.eval()
         try:
             return generate_group(self.model, ids, keys, max_tokens=self.settings.max_completion_tokens,
                                   eos_token_ids=self.eos_token_ids, temperature=temperature, top_p=top_p,
-                                  head=self.loss.logps.head if prompt_passes else None)
+                                  head=self.loss.logps.head if selective else None,
+                                  keep_prompt_passes=prompt_passes)
         finally:
             if was_training:
                 self.model.train()

@@ -1,11 +1,14 @@
 """Group rollouts: each prompt is prefilled once, its KV cache copied to its G samples, and every sample of every
 prompt decodes as one batch.
 
-The prefill (the expensive part for long prompts) runs once per prompt: all the prompts as one left-padded batch in
-mlx-lm's `BatchKVCache` (its mask hides the padding, its per-row offsets start each prompt's positions at 0, as its
-own batch generation does), each prompt's cache then taken out of it (`extract`); models whose caches are not plain
-KVCaches prefill each prompt alone in mlx-lm's own cache (`make_prompt_cache`). One pass for all the prompts reads
-the weights once instead of once a prompt (SmolLM2 on the CPU, 2 prompts of 55 tokens: 0.26 s against 0.30–0.33).
+The prefill (the expensive part for long prompts) runs once per prompt. Given the selective head (hidden state →
+logits, so that only each prompt's last position goes through it), short prompts go together: up to
+`PREFILL_BATCH_TOKENS` (prompts × the longest) as one left-padded batch in mlx-lm's `BatchKVCache` (its mask hides
+the padding, its per-row offsets start each prompt's positions at 0, as its own batch generation does), each
+prompt's cache then taken out of it (`extract`). One pass for several prompts reads the weights once instead of once
+a prompt (SmolLM2 on the CPU, 2 prompts of 55 tokens: 0.26 s against 0.30–0.33); the bound keeps the batch's
+attention scores small, and longer prompts, models whose caches are not plain KVCaches and calls without the head
+prefill each prompt alone in mlx-lm's own cache (`make_prompt_cache`), as the memory planner counts them.
 The caches are then merged into one batch cache with mlx-lm's public `merge` classmethod (KVCache → BatchKVCache,
 left-padding prompts of different lengths), listing each prompt's cache G times. The
 merged cache holds G copies of the prompt's keys and values (decoding appends per sample), so the saving is the
@@ -163,25 +166,38 @@ def _prefill(model, prompt: list[int], head=None):
     return cache, logits, last
 
 
+PREFILL_BATCH_TOKENS = 512  # prompts × longest prompt per batched prefill (`_prefill_all`)
+
+
 def _prefill_all(model, prompts: list[list[int]], head=None) -> list:
-    """`_prefill` of every prompt, in one forward pass when the model's caches are plain KVCaches: the prompts
-    left-padded to the longest in a BatchKVCache per layer (mlx-lm's batch generation does the same), then each
-    prompt's KVCache taken out of it without its padding (`extract`)."""
-    if len(prompts) == 1 or not supports_shared_prompt(model):
+    """`_prefill` of every prompt, short ones together: with the head, and a model whose caches are plain KVCaches,
+    consecutive prompts go in batches of at most PREFILL_BATCH_TOKENS (count × longest), each left-padded to its
+    longest in a BatchKVCache per layer (as mlx-lm's batch generation does), each prompt's KVCache then taken out
+    without its padding (`extract`)."""
+    if head is None or len(prompts) == 1 or not supports_shared_prompt(model):
         return [_prefill(model, prompt, head) for prompt in prompts]
+    batches, current = [], []
+    for prompt in prompts:
+        if current and (len(current) + 1) * max(len(prompt), *map(len, current)) > PREFILL_BATCH_TOKENS:
+            batches.append(current)
+            current = []
+        current.append(prompt)
+    batches.append(current)
+    return [each for batch in batches for each in _prefill_batch(model, batch, head)]
+
+
+def _prefill_batch(model, prompts: list[list[int]], head) -> list:
+    if len(prompts) == 1:
+        return [_prefill(model, prompts[0], head)]
     longest = max(len(prompt) for prompt in prompts)
     padding = [longest - len(prompt) for prompt in prompts]
     inputs = mx.array([[0] * pad + list(prompt) for prompt, pad in zip(prompts, padding)], dtype=mx.int32)
     batch = [BatchKVCache(padding) for _ in make_prompt_cache(model)]
-    if head is None:
-        last, logits = None, model(inputs, cache=batch)[:, -1, :]
-    else:
-        last = model.model(inputs, cache=batch)[:, -1:]
-        logits = head(last)[:, -1, :]
+    last = model.model(inputs, cache=batch)[:, -1:]
+    logits = head(last)[:, -1, :]
     caches = [[layer.extract(row) for layer in batch] for row in range(len(prompts))]
-    mx.eval(logits, [c.state for cache in caches for c in cache], *([] if last is None else [last]))
-    return [(cache, logits[row:row + 1], None if last is None else last[row:row + 1])
-            for row, cache in enumerate(caches)]
+    mx.eval(logits, last, [c.state for cache in caches for c in cache])
+    return [(cache, logits[row:row + 1], last[row:row + 1]) for row, cache in enumerate(caches)]
 
 
 def prompt_pass_of(cache: list, last: mx.array) -> tuple[list, mx.array]:
@@ -208,10 +224,15 @@ def batch_cache(prompt_caches: list, group_size: int, max_tokens: int) -> list:
 
 
 def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_tokens: int, eos_token_ids,
-                   temperature: float = 1.0, top_p: float = 1.0, head=None) -> Rollout:
-    """len(keys) // len(prompts) samples of each prompt (token ids), decoded as one batch. With `head` (the selective
-    head of a model whose caches are plain KVCaches) the rollout also returns each prompt's pass (`prompt_passes`):
-    the update's shared prompt pass at the same weights, so that the update need not run it again."""
+                   temperature: float = 1.0, top_p: float = 1.0, head=None,
+                   keep_prompt_passes: bool = False) -> Rollout:
+    """len(keys) // len(prompts) samples of each prompt (token ids), decoded as one batch. `head`: the model's
+    selective head (train/loss.py's `output_head`, where `supports_selective_loss`): the prefill sends only each
+    prompt's last position through it, and batches short prompts. With it and `keep_prompt_passes` (a model whose
+    caches are plain KVCaches) the rollout also returns each prompt's pass (`prompt_passes`): the update's shared
+    prompt pass at the same weights, so that the update need not run it again."""
+    if keep_prompt_passes and head is None:
+        raise ValueError("keep_prompt_passes needs the selective head (head=)")
     group_size = keys.shape[0] // len(prompts)
     if group_size * len(prompts) != keys.shape[0] or group_size < 1:
         raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts: give group_size keys per prompt")
@@ -220,7 +241,7 @@ def generate_group(model, prompts: list[list[int]], keys: mx.array, *, max_token
     start = time.perf_counter()
     prefills = _prefill_all(model, prompts, head)
     rows = len(prompts) * group_size
-    passes = None if head is None else [prompt_pass_of(prompt_cache, last) for prompt_cache, _, last in prefills]
+    passes = [prompt_pass_of(prompt_cache, last) for prompt_cache, _, last in prefills] if keep_prompt_passes else None
     cache = batch_cache([prompt_cache for prompt_cache, _, _ in prefills], group_size, max_tokens)
     logits = mx.concatenate([mx.repeat(last, group_size, axis=0) for _, last, _ in prefills], axis=0)
     del prefills  # the prompts' own caches: merged into the batch's (copied)
