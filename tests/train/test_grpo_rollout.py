@@ -192,10 +192,16 @@ def test_the_prefill_batches_short_prompts_only(story_model, monkeypatch):
     model, tokenizer = story_model
     prompts = _prompts(tokenizer) + [tokenizer.encode("The sun was hot and the sky was blue.")]
     head = output_head(model)
-    results = {}
+    batches, prefill_batch = [], rollout._prefill_batch
+    monkeypatch.setattr(rollout, "_prefill_batch", lambda model, batch, head: (
+        batches.append(len(batch)), prefill_batch(model, batch, head))[1])  # the real one, its batch sizes noted
+    results, sizes = {}, {}
     for bound in (10_000, 2 * max(map(len, prompts)), 1):  # one batch of 3; a batch of 2 and one alone; each alone
         monkeypatch.setattr(rollout, "PREFILL_BATCH_TOKENS", bound)
+        batches.clear()
         results[bound] = rollout._prefill_all(model, prompts, head)
+        sizes[bound] = list(batches)
+    assert list(sizes.values()) == [[3], [2, 1], [1, 1, 1]], sizes
     for bound, each in results.items():
         for (cache, logits, last), (want_cache, want_logits, want_last), prompt in zip(each, results[1], prompts):
             assert cache[0].offset == want_cache[0].offset == len(prompt), bound
