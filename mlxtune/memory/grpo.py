@@ -39,7 +39,8 @@ from mlxtune.train.grpo.prefix import config_supports_shared_prompt
 UPDATE_ROWS = 4
 FROZEN_ROWS = 8  # completions per reference/πold forward (nothing kept for a backward; more, and its attention
 # probabilities outgrow a gradient piece's kept activations on long completions: G 64 × 256 tokens on stories260K)
-SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, log-probs, tempered scores, Gumbel noise
+SAMPLING_ARRAYS = 4  # [rows, vocab] float32 per decode step: logits, their exps, tempered and padded copies (the
+# two-level draw, train/grpo/rollout.py; with top-p: log-probs, sorted scores, noise)
 KV_CACHE_STEP = 256  # mlx-lm's KVCache grows by this many positions (its `step`; tested equal): the prefill's caches
 
 

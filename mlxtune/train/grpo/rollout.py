@@ -23,8 +23,8 @@ Sampling: temperature and top-p (mlx-lm's `apply_top_p`), by the Gumbel-max tric
 the batch it decodes in — which makes a rollout resumable (the keys are returned) and lets the test compare a
 group against each sample generated alone. Temperature 0 is greedy. Without top-p the draw takes two levels
 (`_two_level_draw`): a block of `SAMPLE_BLOCK` vocabulary entries by its probability mass, then a token of that
-block — the same distribution, P(block) · P(token | block) = P(token), from 448 Gumbel numbers a row instead of one
-per vocabulary entry (49,152 for SmolLM2). On the CPU backend the full-vocabulary noise and MLX's uncompiled `exp`
+block — the same distribution, P(block) · P(token | block) = P(token), from V / 256 + 256 Gumbel numbers a row
+instead of V (448 instead of 49,152 for SmolLM2). On the CPU backend the full-vocabulary noise and MLX's uncompiled `exp`
 were ≈15 ms of each ≈125 ms decoding step; the two-level draw, its one `exp` pass compiled, ≈2 ms.
 
 Returned log-probs are those of the sampled tokens under the model's untempered distribution (log softmax of the
