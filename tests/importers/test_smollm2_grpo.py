@@ -40,5 +40,5 @@ def test_grpo_raises_the_format_and_number_rewards_on_smollm2(tmp_path):
     number, format_ = task["rewards"]["number"], task["rewards"]["format"]
     print(f"eval number {number}\neval format {format_}")
     assert format_["base"]["value"] < 0.8 and format_["tuned"]["value"] > 0.9, format_  # 128 samples each: the
-    # train format per step is 16 samples (seed 0's last step 0.81 after 1.0, 1.0), too noisy to hold to 0.9
+    # train format per step is 16 samples (seed 0: 0.62, 0.88, 1.0, 0.94, 1.0, 0.88, 1.0, …), too noisy to hold to 0.9
     assert number["difference"]["low"] > 0, number
