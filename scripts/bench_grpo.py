@@ -243,10 +243,12 @@ def child_mlxtune_components(spec: dict) -> dict:
 
 
 def child_mlxtune_cli(spec: dict, accumulate: bool = False) -> dict:
-    """`mlxtune grpo` as a user runs it, one metrics line per step (`--report-every 1`). Seconds per step: the wall
-    time between consecutive lines, watched as the run writes them (the same measure as mlx-lm-lora's per-step
-    report); rollout tok/s, reward and MLX peak from the lines themselves. `accumulate`: the step's P prompts as P
-    micro-batches of one prompt (`--batch-size 1 --grad-accumulation P`): G rows per rollout and per update."""
+    """`mlxtune grpo` as a user runs it, one metrics line per step (`--report-every 1`). Seconds per step: the time
+    between consecutive lines, from each line's own `time` (when mlxtune wrote it; the same measure as mlx-lm-lora's
+    per-step report, taken in its process). Not by watching the file: a watcher polling it every 20 ms on these 2
+    cores slowed mlxtune's steps by ≈10% (docs/BENCHMARKS.md). Rollout tok/s, reward and MLX peak from the lines
+    themselves. `accumulate`: the step's P prompts as P micro-batches of one prompt (`--batch-size 1
+    --grad-accumulation P`): G rows per rollout and per update."""
     prompts, micro = (1, spec["prompts_per_step"]) if accumulate else (spec["prompts_per_step"], 1)
     out = Path(spec["out"]) / "run"
     command = [sys.executable, "-m", "mlxtune", "grpo", "--model", spec["model"], "--data", spec["data"],
@@ -258,22 +260,14 @@ def child_mlxtune_cli(spec: dict, accumulate: bool = False) -> dict:
                "--schedule", "constant", "--warmup-steps", "0", "--beta", str(spec["beta"]),
                "--seed", str(spec["seed"]), "--report-every", "1", "--sample-every", "0", "--out", str(out), "--json"]
     metrics = out / "metrics.jsonl"
-    seen, stamps = 0, []
-    with tempfile.TemporaryFile("w+") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        while child.poll() is None:
-            lines = sum('"train_reward"' in line for line in metrics.read_text().splitlines(keepends=True)
-                        if line.endswith("\n")) if metrics.is_file() else 0
-            stamps += [time.perf_counter()] * (lines - seen)
-            seen = lines
-            time.sleep(0.02)
-        log.seek(0)
-        tail = (log.read().strip().splitlines() or ["no output"])[-1]
-    if child.returncode != 0 or not metrics.is_file():
-        return {"error": f"mlxtune grpo exit {child.returncode}: {tail}"}
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0 or not metrics.is_file():
+        tail = (done.stdout.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"mlxtune grpo exit {done.returncode}: {tail}"}
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "train_reward" in r]
-    return {"step_seconds": [None] + [b - a for a, b in zip(stamps, stamps[1:])],  # step 1's start is not seen
+    stamps = [r["time"] for r in train]
+    return {"step_seconds": [None] + [b - a for a, b in zip(stamps, stamps[1:])],  # step 1's start is not logged
             "rewards": [r["train_reward"] for r in train],
             "rollout_seconds": [r["train_completion_length"] * r["train_completions"]
                                 / r["train_rollout_tokens_per_second"] for r in train],

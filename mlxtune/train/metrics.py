@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from mlxtune.errors import UsageError
@@ -55,15 +56,18 @@ class MetricsLog:
             self._wandb = wandb.init(project="mlxtune", name=run_name, config=config or {}, dir=str(path.parent))
 
     def write(self, record: dict) -> None:
+        """Appends `record` with `time`: when it was written (Unix seconds), so that a reader can time the steps
+        from the log itself instead of watching it being written (scripts/bench_grpo.py)."""
         if self.path is None:
             return
+        record = {**record, "time": round(time.time(), 3)}
         # appended, never through a link (O_NOFOLLOW): the log is the run's own file
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=record["step"])
 
     def trim(self, after_step: int) -> None:
         """On resume, forget what was logged after the checkpoint we restart from."""

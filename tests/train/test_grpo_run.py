@@ -67,6 +67,12 @@ def test_the_reward_rises_from_its_base_level(learned):
                 "train_update_tokens_per_second"):
         assert key in train[-1], key
     assert 1 <= train[-1]["train_completion_length"] <= 16
+    # every record says when it was written (scripts/bench_grpo.py times the steps by it): one after the other,
+    # the last one when the log was last written
+    times = [r["time"] for r in _records(run_dir)]
+    steps = [r["time"] for r in train]
+    assert times == sorted(times) and all(a < b for a, b in zip(steps, steps[1:])), times
+    assert abs(times[-1] - (run_dir / "metrics.jsonl").stat().st_mtime) < 2
 
 
 def test_samples_and_settings_are_in_the_run_directory(learned):
