@@ -10,6 +10,7 @@ import re
 import select
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -98,31 +99,52 @@ def _read_until(fd, pattern: str, timeout: float) -> str:
     raise AssertionError(f"no {pattern!r} within {timeout}s; got:\n{seen[-2000:]}")
 
 
-def test_chat_compare_streams_base_and_tuned_side_by_side_in_a_terminal(trained_run):
-    run_dir, _ = trained_run
+def _in_its_own_terminal():
+    """The child's own session with the pty as its controlling terminal: Ctrl-C typed there (\\x03) is a SIGINT to
+    it, from the terminal, as a user's is — with SIGINT's default action, as a terminal's shell gives it (a test run
+    started in the background by a non-interactive shell has SIGINT ignored, and a child inherits that)."""
+    import fcntl
+    import signal
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextmanager
+def _chat_in_a_terminal(*args):
+    """`mlxtune chat ARGS` in a 140 × 40 terminal of its own (a pty); yields the terminal's other end. Leaving the
+    block types /exit and expects exit code 0."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen([*MLXTUNE, "chat", str(run_dir), "--compare", "--temp", "0", "--max-tokens", "64"],
-                               stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+    process = subprocess.Popen([*MLXTUNE, "chat", *map(str, args)], stdin=follower, stdout=follower, stderr=follower,
+                               close_fds=True, preexec_fn=_in_its_own_terminal,
                                env=dict(os.environ, COLUMNS="140", LINES="40", TERM="xterm-256color"))
     os.close(follower)
     try:
-        header = _read_until(leader, r">>> ", 120)
-        os.write(leader, b"Once upon a time\n")
-        screen = _read_until(leader, r"tok/s.*tok/s.*>>> ", 120)
-        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", header + screen)
-        # the columns were redrawn as tokens arrived (streamed), not printed once: the display redraws at 12 Hz, so
-        # the replies are long enough (2 × 64 tokens) to span several redraws even at this CPU's fastest (12 tokens
-        # at 250 tok/s gave 3 redraws, not 4, in about one run in three)
-        assert screen.count("\x1b[2K") >= 4
-        assert "base" in plain and "tuned (last)" in plain and "format: plain text" in plain
-        # two columns: one line of the panel frame holds both titles
-        assert any("base" in line and "tuned (last)" in line for line in plain.splitlines())
+        yield leader
         os.write(leader, b"/exit\n")
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
         os.close(leader)
+
+
+def test_chat_compare_streams_base_and_tuned_side_by_side_in_a_terminal(trained_run):
+    run_dir, _ = trained_run
+    with _chat_in_a_terminal(run_dir, "--compare", "--temp", "0", "--max-tokens", "64") as terminal:
+        header = _read_until(terminal, r">>> ", 120)
+        os.write(terminal, b"Once upon a time\n")
+        screen = _read_until(terminal, r"tok/s.*tok/s.*>>> ", 120)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", header + screen)
+    # the columns were redrawn as tokens arrived (streamed), not printed once: the display redraws at 12 Hz, so the
+    # replies are long enough (2 × 64 tokens) to span several redraws even at this CPU's fastest (12 tokens at 250
+    # tok/s gave 3 redraws, not 4, in about one run in three)
+    assert screen.count("\x1b[2K") >= 4
+    assert "base" in plain and "tuned (last)" in plain and "format: plain text" in plain
+    # two columns: one line of the panel frame holds both titles
+    assert any("base" in line and "tuned (last)" in line for line in plain.splitlines())
 
 
 def test_prompt_completion_run_renders_with_its_training_template_and_says_so(trained_run, tmp_path):
@@ -147,42 +169,20 @@ def test_prompt_completion_run_renders_with_its_training_template_and_says_so(tr
     assert text.endswith("### User:\nHow many yards?\n\n### Assistant:\n")
 
 
-def _in_its_own_terminal():
-    """The child's own session with the pty as its controlling terminal: Ctrl-C typed there (\\x03) is a SIGINT to
-    it, from the terminal, as a user's is."""
-    import fcntl
-    import termios
-
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 def test_ctrl_c_stops_the_reply_and_keeps_the_session(model_dir):
     """Ctrl-C typed in the terminal of `mlxtune chat` while the reply streams stops that reply (a real SIGINT from
     the terminal to a fresh process) and the session goes on: a new prompt, then /exit quits with exit code 0.
     (The second Ctrl-C at the prompt, which quits, is not asserted here: in about one try in five it was not acted
     on until Enter — the signal, handled on another thread than the one blocked reading the terminal, does not
     interrupt that read; an in-process version of this test lost its first Ctrl-C the same way in the full suite.)"""
-    leader, follower = pty.openpty()
-    process = subprocess.Popen([*MLXTUNE, "chat", str(model_dir), "--temp", "0", "--max-tokens", "400"],
-                               stdin=follower, stdout=follower, stderr=follower, close_fds=True,
-                               preexec_fn=_in_its_own_terminal,
-                               env=dict(os.environ, COLUMNS="140", LINES="40", TERM="xterm-256color"))
-    os.close(follower)
-    try:
-        _read_until(leader, r">>> ", 120)
-        os.write(leader, b"Once upon a time\n")
-        _read_until(leader, r"Once upon a time\r?\n.*\w", 120)  # the reply has begun streaming
-        os.write(leader, b"\x03")
-        stopped = _read_until(leader, r"reply stopped.*>>> ", 60)
-        plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stopped)
-        assert "Ctrl-C at the prompt quits" in plain and "Traceback" not in plain
-        os.write(leader, b"/exit\n")
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(leader)
+    with _chat_in_a_terminal(model_dir, "--temp", "0", "--max-tokens", "400") as terminal:
+        _read_until(terminal, r">>> ", 120)
+        os.write(terminal, b"Once upon a time\n")
+        _read_until(terminal, r"Once upon a time\r?\n.*\w", 120)  # the reply has begun streaming
+        os.write(terminal, b"\x03")
+        stopped = _read_until(terminal, r"reply stopped.*>>> ", 60)
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stopped)
+    assert "Ctrl-C at the prompt quits" in plain and "Traceback" not in plain
 
 
 def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(model_dir):
