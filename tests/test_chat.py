@@ -169,20 +169,25 @@ def test_prompt_completion_run_renders_with_its_training_template_and_says_so(tr
     assert text.endswith("### User:\nHow many yards?\n\n### Assistant:\n")
 
 
-def test_ctrl_c_stops_the_reply_and_keeps_the_session(model_dir):
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(model_dir, tmp_path):
     """Ctrl-C typed in the terminal of `mlxtune chat` while the reply streams stops that reply (a real SIGINT from
-    the terminal to a fresh process) and the session goes on: a new prompt, then /exit quits with exit code 0.
-    (The second Ctrl-C at the prompt, which quits, is not asserted here: in about one try in five it was not acted
-    on until Enter — the signal, handled on another thread than the one blocked reading the terminal, does not
-    interrupt that read; an in-process version of this test lost its first Ctrl-C the same way in the full suite.)"""
+    the terminal to a fresh process) and the session goes on: what was said is kept (/save), a new prompt, then /exit
+    quits with exit code 0. (The second Ctrl-C at the prompt, which quits, is not asserted: in about one try in five
+    it was not acted on until Enter — a signal taken by another thread than the one blocked reading the terminal
+    does not interrupt that read.)"""
     with _chat_in_a_terminal(model_dir, "--temp", "0", "--max-tokens", "400") as terminal:
         _read_until(terminal, r">>> ", 120)
         os.write(terminal, b"Once upon a time\n")
         _read_until(terminal, r"Once upon a time\r?\n.*\w", 120)  # the reply has begun streaming
         os.write(terminal, b"\x03")
         stopped = _read_until(terminal, r"reply stopped.*>>> ", 60)
+        os.write(terminal, f"/save {tmp_path / 'chat.jsonl'}\n".encode())
+        _read_until(terminal, r"saved to.*>>> ", 60)
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stopped)
     assert "Ctrl-C at the prompt quits" in plain and "Traceback" not in plain
+    messages = json.loads((tmp_path / "chat.jsonl").read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"]  # the cut reply is kept
+    assert "400 tokens" not in plain  # stopped, not run to its end
 
 
 def test_a_character_cut_by_max_tokens_never_streams_as_a_replacement_character(model_dir):
